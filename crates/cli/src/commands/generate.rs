@@ -1,0 +1,141 @@
+//! `burnish generate`: continue a prompt (or answer it through the model's chat template with
+//! `--chat`) and print only the generated text, streamed as it is produced.
+
+use std::io::Write;
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use burn::tensor::backend::Backend;
+use burnish_data::{ChatTemplate, Message, Tokenizer};
+use burnish_model::{GenerateOptions, Pretrained, generate};
+use clap::Args;
+
+use crate::device::{DeviceArg, Job, run_on};
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Model directory (config.json, safetensors weights, tokenizer files).
+    #[arg(long)]
+    model: PathBuf,
+    /// The prompt text.
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt as a user turn in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 decodes greedily.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long)]
+    top_p: Option<f32>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value = "auto")]
+    device: DeviceArg,
+}
+
+struct Generate {
+    args: GenerateArgs,
+}
+
+impl Job for Generate {
+    type Output = ();
+
+    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+        let args = self.args;
+        let tokenizer = Tokenizer::from_dir(&args.model)?;
+        let prompt_ids = if args.chat {
+            let template = ChatTemplate::from_dir(&args.model)?;
+            let text = template.render(
+                &[Message::new("user", &args.prompt)],
+                true,
+                &tokenizer.special,
+            )?;
+            // apply_chat_template tokenizes without the post-processor: the template holds BOS.
+            tokenizer.encode(&text, false)?
+        } else {
+            tokenizer.encode(&args.prompt, true)?
+        };
+        let pretrained = Pretrained::<B>::load(&args.model, &device)
+            .with_context(|| format!("loading {}", args.model.display()))?;
+
+        let mut stop_tokens = pretrained.eos_token_ids();
+        if let Some(id) = tokenizer
+            .special
+            .eos_token
+            .as_deref()
+            .and_then(|t| tokenizer.token_to_id(t))
+        {
+            stop_tokens.push(id);
+        }
+        let options = GenerateOptions {
+            max_new_tokens: args.max_new_tokens,
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            seed: args.seed,
+            stop_tokens,
+        };
+
+        let mut stream = TextStream::new(&tokenizer);
+        let mut decode_error = None;
+        generate(
+            &pretrained.model,
+            &prompt_ids,
+            &options,
+            |token| match stream.push(token) {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(e) => {
+                    decode_error = Some(e);
+                    ControlFlow::Break(())
+                }
+            },
+        )?;
+        if let Some(e) = decode_error {
+            return Err(e);
+        }
+        println!();
+        Ok(())
+    }
+}
+
+/// Prints decoded text as tokens arrive, holding back text that may still change (an
+/// incomplete UTF-8 sequence decodes to U+FFFD until its last byte arrives).
+struct TextStream<'a> {
+    tokenizer: &'a Tokenizer,
+    tokens: Vec<u32>,
+    printed: usize,
+}
+
+impl<'a> TextStream<'a> {
+    fn new(tokenizer: &'a Tokenizer) -> Self {
+        Self {
+            tokenizer,
+            tokens: Vec::new(),
+            printed: 0,
+        }
+    }
+
+    fn push(&mut self, token: u32) -> Result<()> {
+        self.tokens.push(token);
+        let text = self.tokenizer.decode(&self.tokens, true)?;
+        if text.ends_with('\u{FFFD}') || text.len() < self.printed {
+            return Ok(());
+        }
+        let mut out = std::io::stdout().lock();
+        out.write_all(&text.as_bytes()[self.printed..])?;
+        out.flush()?;
+        self.printed = text.len();
+        Ok(())
+    }
+}
+
+pub fn run(args: GenerateArgs) -> Result<()> {
+    let device = args.device;
+    run_on(device, Generate { args })
+}

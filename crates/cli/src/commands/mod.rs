@@ -1,0 +1,5 @@
+//! One module per `burnish` subcommand.
+
+pub mod bench;
+pub mod generate;
+pub mod score;

@@ -1,0 +1,81 @@
+//! `burnish score`: the log-probability of each token of a text (or id list) given its prefix.
+//! With `--json` it prints exactly one object, `{"token_ids", "logprobs", "sum"}`, where
+//! `logprobs[i] = log p(token_ids[i+1] | token_ids[..=i])`. This interface is kept stable: it is
+//! our log-likelihood tool and parity probe.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::backend::Backend;
+use burnish_data::Tokenizer;
+use burnish_model::{Pretrained, token_logprobs};
+use clap::Args;
+
+use crate::device::{DeviceArg, Job, run_on};
+
+#[derive(Debug, Args)]
+pub struct ScoreArgs {
+    /// Model directory (config.json, safetensors weights, tokenizer files).
+    #[arg(long)]
+    model: PathBuf,
+    /// Text to score, tokenized without special tokens.
+    #[arg(long, conflicts_with = "ids", required_unless_present = "ids")]
+    text: Option<String>,
+    /// Token ids to score, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    ids: Option<Vec<u32>>,
+    #[arg(long, default_value = "auto")]
+    device: DeviceArg,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+struct Score {
+    args: ScoreArgs,
+}
+
+impl Job for Score {
+    type Output = ();
+
+    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+        let args = self.args;
+        let tokenizer = match &args.text {
+            Some(_) => Some(Tokenizer::from_dir(&args.model)?),
+            None => None,
+        };
+        let ids = match (&args.text, &tokenizer, args.ids) {
+            (Some(text), Some(tok), _) => tok.encode(text, false)?,
+            (_, _, Some(ids)) => ids,
+            _ => bail!("give --text or --ids"),
+        };
+        let pretrained = Pretrained::<B>::load(&args.model, &device)
+            .with_context(|| format!("loading {}", args.model.display()))?;
+        let logprobs = token_logprobs(&pretrained.model, &ids)?;
+        let sum: f64 = logprobs.iter().map(|&l| f64::from(l)).sum();
+        if args.json {
+            let out = serde_json::json!({"token_ids": ids, "logprobs": logprobs, "sum": sum});
+            println!("{out}");
+            return Ok(());
+        }
+        println!("{:>6}  {:>8}  {:>10}  token", "pos", "id", "logprob");
+        for (i, (id, lp)) in ids.iter().skip(1).zip(&logprobs).enumerate() {
+            let piece = match &tokenizer {
+                Some(tok) => format!("{:?}", tok.decode(&[*id], false)?),
+                None => String::new(),
+            };
+            println!("{:>6}  {:>8}  {:>10.4}  {piece}", i + 1, id, lp);
+        }
+        let mean = sum / logprobs.len() as f64;
+        println!(
+            "sum {sum:.4}  mean {mean:.4}  perplexity {:.3}",
+            (-mean).exp()
+        );
+        Ok(())
+    }
+}
+
+pub fn run(args: ScoreArgs) -> Result<()> {
+    let device = args.device;
+    run_on(device, Score { args })
+}

@@ -1,0 +1,114 @@
+//! Device selection: parsing `--device auto|cpu|cuda[:N]|wgpu` and running a job on the burn
+//! backend that device needs. The CPU backend is always compiled in; CUDA and wgpu only with the
+//! `cuda` and `wgpu` cargo features. This is the only place in burnish that picks a backend.
+
+use std::str::FromStr;
+
+use anyhow::{Result, bail};
+use burn::tensor::backend::Backend;
+
+/// The CPU backend (see the README for why this one).
+pub type Cpu = burn::backend::Flex;
+
+/// A device as named on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceArg {
+    /// CUDA if compiled in and a driver is present, then wgpu if compiled in, then CPU.
+    Auto,
+    Cpu,
+    Cuda(usize),
+    Wgpu,
+}
+
+impl FromStr for DeviceArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "wgpu" => Ok(Self::Wgpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Ok(Self::Cuda(n)),
+                _ => Err(format!(
+                    "unknown device `{s}`; use auto, cpu, cuda, cuda:N or wgpu"
+                )),
+            },
+        }
+    }
+}
+
+/// Work that runs on any backend; the device decides which.
+pub trait Job {
+    type Output;
+    fn run<B: Backend>(self, device: B::Device) -> Result<Self::Output>;
+}
+
+/// Whether an NVIDIA driver is loaded, checked without touching CUDA (creating a CUDA context
+/// without a driver aborts the process).
+fn nvidia_driver_present() -> bool {
+    std::path::Path::new("/proc/driver/nvidia/version").exists()
+}
+
+/// Resolves `auto` to a concrete device among those compiled in.
+pub fn resolve(arg: DeviceArg) -> DeviceArg {
+    match arg {
+        DeviceArg::Auto if cfg!(feature = "cuda") && nvidia_driver_present() => DeviceArg::Cuda(0),
+        DeviceArg::Auto if cfg!(feature = "wgpu") => DeviceArg::Wgpu,
+        DeviceArg::Auto => DeviceArg::Cpu,
+        other => other,
+    }
+}
+
+/// Runs `job` on the backend of `arg`.
+pub fn run_on<J: Job>(arg: DeviceArg, job: J) -> Result<J::Output> {
+    match resolve(arg) {
+        DeviceArg::Cpu | DeviceArg::Auto => job.run::<Cpu>(Default::default()),
+        DeviceArg::Cuda(index) => run_cuda(index, job),
+        DeviceArg::Wgpu => run_wgpu(job),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn run_cuda<J: Job>(index: usize, job: J) -> Result<J::Output> {
+    if !nvidia_driver_present() {
+        bail!("--device cuda: no NVIDIA driver is loaded on this machine; use --device cpu");
+    }
+    job.run::<burn::backend::Cuda>(burn::backend::cuda::CudaDevice::new(index))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_cuda<J: Job>(_index: usize, _job: J) -> Result<J::Output> {
+    bail!("--device cuda: this burnish was built without CUDA; rebuild with `--features cuda`")
+}
+
+#[cfg(feature = "wgpu")]
+fn run_wgpu<J: Job>(job: J) -> Result<J::Output> {
+    job.run::<burn::backend::Wgpu>(Default::default())
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn run_wgpu<J: Job>(_job: J) -> Result<J::Output> {
+    bail!("--device wgpu: this burnish was built without wgpu; rebuild with `--features wgpu`")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_names_parse() {
+        assert_eq!("cuda:2".parse(), Ok(DeviceArg::Cuda(2)));
+        assert_eq!("cuda".parse(), Ok(DeviceArg::Cuda(0)));
+        assert_eq!("cpu".parse(), Ok(DeviceArg::Cpu));
+        assert!("tpu".parse::<DeviceArg>().unwrap_err().contains("tpu"));
+    }
+
+    #[test]
+    fn auto_without_gpu_features_is_cpu() {
+        if !cfg!(feature = "cuda") && !cfg!(feature = "wgpu") {
+            assert_eq!(resolve(DeviceArg::Auto), DeviceArg::Cpu);
+        }
+    }
+}

@@ -1,0 +1,37 @@
+//! `burnish`: fine-tune open LLMs with LoRA from the command line. This binary is glue: it parses
+//! arguments, picks the device, and calls the library crates.
+
+mod commands;
+mod device;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "burnish", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Log-probability of each token given its prefix (perplexity, parity checks).
+    Score(commands::score::ScoreArgs),
+    /// Generate text from a prompt.
+    Generate(commands::generate::GenerateArgs),
+    /// Measure speed and memory on a random-weight model of a real shape.
+    Bench(commands::bench::BenchArgs),
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("BURNISH_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Score(args) => commands::score::run(args),
+        Command::Generate(args) => commands::generate::run(args),
+        Command::Bench(args) => commands::bench::run(args),
+    }
+}

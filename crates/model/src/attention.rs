@@ -1,0 +1,135 @@
+//! Grouped-query self-attention with rotary embeddings, an optional sliding window, and the
+//! key/value cache used for incremental decoding.
+
+use burn::module::Module;
+use burn::tensor::backend::Backend;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Bool, Tensor, TensorData};
+use burnish_peft::AdaptableLinear;
+
+use crate::rope::apply_rotary;
+
+/// Keys and values of one layer for the positions seen so far, before the GQA head repeat.
+#[derive(Debug, Clone)]
+pub struct LayerCache<B: Backend> {
+    /// `[batch, kv_heads, seen, head_dim]`
+    pub keys: Tensor<B, 4>,
+    /// `[batch, kv_heads, seen, head_dim]`
+    pub values: Tensor<B, 4>,
+}
+
+/// Self-attention of a Llama-style layer (`self_attn.{q,k,v,o}_proj`).
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    pub q_proj: AdaptableLinear<B>,
+    pub k_proj: AdaptableLinear<B>,
+    pub v_proj: AdaptableLinear<B>,
+    pub o_proj: AdaptableLinear<B>,
+    #[module(skip)]
+    pub num_heads: usize,
+    #[module(skip)]
+    pub num_kv_heads: usize,
+    #[module(skip)]
+    pub head_dim: usize,
+    #[module(skip)]
+    pub sliding_window: Option<usize>,
+}
+
+impl<B: Backend> Attention<B> {
+    /// Attends the new positions `start..start + seq` to themselves and to the cached ones.
+    /// When `cache` is given, it must hold exactly `start` positions and is extended.
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]`
+    /// - cos, sin: `[seq, head_dim]` for positions `start..start + seq`
+    /// - output: `[batch, seq, hidden]`
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        cos: &Tensor<B, 2>,
+        sin: &Tensor<B, 2>,
+        cache: Option<&mut Option<LayerCache<B>>>,
+    ) -> Tensor<B, 3> {
+        let [batch, seq, _] = x.dims();
+        let heads = |t: Tensor<B, 3>, n: usize| {
+            // [batch, seq, n * head_dim] -> [batch, n, seq, head_dim]
+            t.reshape([batch, seq, n, self.head_dim]).swap_dims(1, 2)
+        };
+        let q = heads(self.q_proj.forward(x.clone()), self.num_heads);
+        let k = heads(self.k_proj.forward(x.clone()), self.num_kv_heads);
+        let v = heads(self.v_proj.forward(x), self.num_kv_heads);
+        let q = apply_rotary(q, cos, sin);
+        let k = apply_rotary(k, cos, sin);
+
+        let (k, v) = match cache {
+            None => (k, v),
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    None => (k, v),
+                    Some(past) => (
+                        Tensor::cat(vec![past.keys, k], 2),
+                        Tensor::cat(vec![past.values, v], 2),
+                    ),
+                };
+                *slot = Some(LayerCache {
+                    keys: k.clone(),
+                    values: v.clone(),
+                });
+                (k, v)
+            }
+        };
+        let seen = k.dims()[2];
+        let k = self.repeat_kv(k);
+        let v = self.repeat_kv(v);
+
+        let mask = self.sliding_window.filter(|&w| seen > w).map(|w| {
+            window_mask::<B>(seq, seen, w, &q.device()).expand([batch, self.num_heads, seq, seen])
+        });
+        let options = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: true,
+        };
+        let out = attention(q, k, v, mask, None, options);
+        // [batch, heads, seq, head_dim] -> [batch, seq, heads * head_dim]
+        let out = out
+            .swap_dims(1, 2)
+            .reshape([batch, seq, self.num_heads * self.head_dim]);
+        self.o_proj.forward(out)
+    }
+
+    /// Repeats each key/value head for the query heads that share it (HF's `repeat_kv`).
+    ///
+    /// # Shapes
+    /// - input: `[batch, kv_heads, seq, head_dim]`
+    /// - output: `[batch, heads, seq, head_dim]`
+    fn repeat_kv(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let groups = self.num_heads / self.num_kv_heads;
+        if groups == 1 {
+            return x;
+        }
+        let [batch, kv_heads, seq, head_dim] = x.dims();
+        x.unsqueeze_dim::<5>(2)
+            .expand([batch, kv_heads, groups, seq, head_dim])
+            .reshape([batch, kv_heads * groups, seq, head_dim])
+    }
+}
+
+/// The positions a sliding window hides: query `i` (absolute position `seen - seq + i`) may see
+/// key `j` only if `pos - window < j`. Causality is applied separately.
+///
+/// # Shapes
+/// - output: `[1, 1, seq, seen]`, `true` where masked
+fn window_mask<B: Backend>(
+    seq: usize,
+    seen: usize,
+    window: usize,
+    device: &B::Device,
+) -> Tensor<B, 4, Bool> {
+    let offset = seen - seq;
+    let data: Vec<bool> = (0..seq)
+        .flat_map(|i| (0..seen).map(move |j| j + window <= offset + i))
+        .collect();
+    Tensor::from_data(TensorData::new(data, [1, 1, seq, seen]), device)
+}

@@ -1,0 +1,113 @@
+//! Assembling a [`Decoder`] from a config and a [`TensorSource`], under Hugging Face key names.
+
+use burn::module::Param;
+use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
+use burnish_peft::AdaptableLinear;
+
+use crate::attention::Attention;
+use crate::config::DecoderConfig;
+use crate::decoder::{Decoder, DecoderLayer};
+use crate::error::Result;
+use crate::mlp::Mlp;
+use crate::norm::RmsNorm;
+use crate::rope::Rope;
+use crate::weights::TensorSource;
+
+fn tensor<B: Backend, const D: usize>(
+    source: &dyn TensorSource,
+    name: &str,
+    shape: [usize; D],
+    device: &B::Device,
+) -> Result<Tensor<B, D>> {
+    Ok(Tensor::from_data(source.read(name, &shape)?, device))
+}
+
+fn linear<B: Backend>(
+    source: &dyn TensorSource,
+    prefix: &str,
+    d_in: usize,
+    d_out: usize,
+    bias: bool,
+    device: &B::Device,
+) -> Result<AdaptableLinear<B>> {
+    let weight = tensor(source, &format!("{prefix}.weight"), [d_out, d_in], device)?;
+    let bias_name = format!("{prefix}.bias");
+    // A bias is used when the config asks for one (then it must exist) or the weights hold one.
+    let bias = if bias || source.contains(&bias_name) {
+        Some(tensor(source, &bias_name, [d_out], device)?)
+    } else {
+        None
+    };
+    Ok(AdaptableLinear::new(weight, bias))
+}
+
+/// Builds the decoder described by `config` from `weights`, on `device`.
+pub fn build_decoder<B: Backend>(
+    c: &DecoderConfig,
+    weights: &dyn TensorSource,
+    device: &B::Device,
+) -> Result<Decoder<B>> {
+    let hidden = c.hidden_size;
+    let q_dim = c.num_heads * c.head_dim;
+    let kv_dim = c.num_kv_heads * c.head_dim;
+    let norm = |name: &str| -> Result<RmsNorm<B>> {
+        Ok(RmsNorm::new(
+            tensor(weights, name, [hidden], device)?,
+            c.rms_norm_eps,
+        ))
+    };
+
+    let mut layers = Vec::with_capacity(c.num_layers);
+    for i in 0..c.num_layers {
+        let p = format!("model.layers.{i}");
+        let lin = |name: &str, d_in, d_out, bias| {
+            linear(weights, &format!("{p}.{name}"), d_in, d_out, bias, device)
+        };
+        layers.push(DecoderLayer {
+            input_layernorm: norm(&format!("{p}.input_layernorm.weight"))?,
+            self_attn: Attention {
+                q_proj: lin("self_attn.q_proj", hidden, q_dim, c.qkv_bias)?,
+                k_proj: lin("self_attn.k_proj", hidden, kv_dim, c.qkv_bias)?,
+                v_proj: lin("self_attn.v_proj", hidden, kv_dim, c.qkv_bias)?,
+                o_proj: lin("self_attn.o_proj", q_dim, hidden, c.o_bias)?,
+                num_heads: c.num_heads,
+                num_kv_heads: c.num_kv_heads,
+                head_dim: c.head_dim,
+                sliding_window: c.sliding_window,
+            },
+            post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
+            mlp: Mlp {
+                gate_proj: lin("mlp.gate_proj", hidden, c.intermediate_size, c.mlp_bias)?,
+                up_proj: lin("mlp.up_proj", hidden, c.intermediate_size, c.mlp_bias)?,
+                down_proj: lin("mlp.down_proj", c.intermediate_size, hidden, c.mlp_bias)?,
+            },
+        });
+    }
+
+    let lm_head = if c.tie_word_embeddings {
+        None
+    } else {
+        Some(linear(
+            weights,
+            "lm_head",
+            hidden,
+            c.vocab_size,
+            false,
+            device,
+        )?)
+    };
+    Ok(Decoder {
+        embed_tokens: Param::from_tensor(tensor(
+            weights,
+            "model.embed_tokens.weight",
+            [c.vocab_size, hidden],
+            device,
+        )?),
+        layers,
+        norm: norm("model.norm.weight")?,
+        lm_head,
+        rope: Rope::new(c.head_dim, c.rope_theta, &c.rope_scaling),
+        config: c.clone(),
+    })
+}

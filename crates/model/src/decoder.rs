@@ -1,0 +1,129 @@
+//! The Llama-style decoder (Llama, Mistral, Qwen2 and their derivatives): token embedding,
+//! pre-norm layers of attention and SwiGLU, final RMSNorm and the LM head (tied or not).
+//! Field names follow the checkpoint keys, so `model.layers.3.mlp.up_proj.weight` is
+//! `layers[3].mlp.up_proj.weight`.
+
+use burn::module::{Module, Param};
+use burn::tensor::backend::Backend;
+use burn::tensor::module::embedding;
+use burn::tensor::{Int, Tensor};
+use burnish_peft::AdaptableLinear;
+
+use crate::attention::{Attention, LayerCache};
+use crate::config::DecoderConfig;
+use crate::mlp::Mlp;
+use crate::norm::RmsNorm;
+use crate::rope::Rope;
+
+/// One transformer block: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    pub input_layernorm: RmsNorm<B>,
+    pub self_attn: Attention<B>,
+    pub post_attention_layernorm: RmsNorm<B>,
+    pub mlp: Mlp<B>,
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    /// # Shapes
+    /// - x, output: `[batch, seq, hidden]`
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        cos: &Tensor<B, 2>,
+        sin: &Tensor<B, 2>,
+        cache: Option<&mut Option<LayerCache<B>>>,
+    ) -> Tensor<B, 3> {
+        let h = x.clone()
+            + self
+                .self_attn
+                .forward(self.input_layernorm.forward(x), cos, sin, cache);
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    }
+}
+
+/// The keys and values of every layer for the positions decoded so far.
+#[derive(Debug, Clone)]
+pub struct KvCache<B: Backend> {
+    layers: Vec<Option<LayerCache<B>>>,
+    len: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// An empty cache for a model of `num_layers` layers.
+    pub fn new(num_layers: usize) -> Self {
+        Self {
+            layers: (0..num_layers).map(|_| None).collect(),
+            len: 0,
+        }
+    }
+
+    /// Number of positions already held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no position is held yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// A decoder-only causal language model.
+#[derive(Module, Debug)]
+pub struct Decoder<B: Backend> {
+    /// `[vocab, hidden]`
+    pub embed_tokens: Param<Tensor<B, 2>>,
+    pub layers: Vec<DecoderLayer<B>>,
+    pub norm: RmsNorm<B>,
+    /// `None` when the head is tied to `embed_tokens`.
+    pub lm_head: Option<AdaptableLinear<B>>,
+    #[module(skip)]
+    pub config: DecoderConfig,
+    #[module(skip)]
+    pub rope: Rope,
+}
+
+impl<B: Backend> Decoder<B> {
+    /// Next-token logits for every position of `ids`, from scratch.
+    ///
+    /// # Shapes
+    /// - ids: `[batch, seq]`
+    /// - output: `[batch, seq, vocab]`
+    pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.run(ids, 0, None)
+    }
+
+    /// Logits for the new positions `ids`, which follow the `cache.len()` positions in `cache`;
+    /// the cache is extended with them.
+    ///
+    /// # Shapes
+    /// - ids: `[batch, new]`
+    /// - output: `[batch, new, vocab]`
+    pub fn forward_cached(&self, ids: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
+        let start = cache.len;
+        cache.len += ids.dims()[1];
+        self.run(ids, start, Some(&mut cache.layers))
+    }
+
+    fn run(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        start: usize,
+        mut cache: Option<&mut Vec<Option<LayerCache<B>>>>,
+    ) -> Tensor<B, 3> {
+        let seq = ids.dims()[1];
+        let device = ids.device();
+        let (cos, sin) = self.rope.tables::<B>(start, seq, &device);
+        let mut x = embedding(self.embed_tokens.val(), ids);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|layers| &mut layers[i]);
+            x = layer.forward(x, &cos, &sin, slot);
+        }
+        let x = self.norm.forward(x);
+        match &self.lm_head {
+            Some(head) => head.forward(x),
+            None => x.matmul(self.embed_tokens.val().transpose().unsqueeze::<3>()),
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! The decoder-only transformer family (Llama, Mistral, Qwen2 and checkpoints of those types)
+//! on burn: `config.json` resolution, Hugging Face safetensors loading and saving, the model
+//! itself, and generation with a KV cache. Tokenization and chat templates live in
+//! `burnish-data`; adapters in `burnish-peft`.
+
+mod attention;
+mod build;
+mod config;
+mod decoder;
+mod error;
+mod generate;
+mod generation_config;
+mod mlp;
+mod norm;
+mod pretrained;
+mod rope;
+mod save;
+mod score;
+mod weights;
+
+pub use attention::{Attention, LayerCache};
+pub use build::build_decoder;
+pub use config::{DecoderConfig, HfConfig, SUPPORTED_MODEL_TYPES, TokenIds};
+pub use decoder::{Decoder, DecoderLayer, KvCache};
+pub use error::{ModelError, Result};
+pub use generate::{GenerateOptions, argmax, generate};
+pub use generation_config::GenerationConfig;
+pub use mlp::Mlp;
+pub use norm::RmsNorm;
+pub use pretrained::Pretrained;
+pub use rope::{Rope, RopeScaling};
+pub use save::{SaveDtype, named_weights, save_decoder, write_atomic};
+pub use score::token_logprobs;
+pub use weights::{RandomWeights, TensorSource, Weights};

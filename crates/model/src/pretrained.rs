@@ -1,0 +1,49 @@
+//! A checkpoint directory as transformers writes it, loaded into a ready [`Decoder`].
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::Backend;
+
+use crate::build::build_decoder;
+use crate::config::HfConfig;
+use crate::decoder::Decoder;
+use crate::error::Result;
+use crate::generation_config::GenerationConfig;
+use crate::weights::Weights;
+
+/// A decoder loaded from a local directory, with the configs it came with.
+#[derive(Debug)]
+pub struct Pretrained<B: Backend> {
+    pub model: Decoder<B>,
+    pub config: HfConfig,
+    pub generation: GenerationConfig,
+    pub dir: PathBuf,
+}
+
+impl<B: Backend> Pretrained<B> {
+    /// Loads `config.json`, `generation_config.json` (if any) and the safetensors weights of
+    /// `dir` onto `device`.
+    pub fn load(dir: &Path, device: &B::Device) -> Result<Self> {
+        let config = HfConfig::from_file(&dir.join("config.json"))?;
+        let generation =
+            GenerationConfig::from_file_or_default(&dir.join("generation_config.json"))?;
+        let weights = Weights::open(dir)?;
+        let model = build_decoder(&config.decoder, &weights, device)?;
+        tracing::debug!(dir = %dir.display(), model_type = %config.decoder.model_type, "loaded checkpoint");
+        Ok(Self {
+            model,
+            config,
+            generation,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// The tokens that end generation: `generation_config.json`'s `eos_token_id`, else
+    /// `config.json`'s.
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        match &self.generation.eos_token_id {
+            Some(ids) => ids.to_vec(),
+            None => self.config.decoder.eos_token_ids.clone(),
+        }
+    }
+}

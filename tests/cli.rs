@@ -1,0 +1,158 @@
+//! The `burnish` binary end to end: `score --json` keeps its interface and agrees with the
+//! golden log-probs; `generate` prints only the continuation; bad arguments are clear errors.
+
+use std::process::Command;
+
+use crate::fixtures::{golden, model_dir};
+
+fn burnish(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_burnish"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn score_json_is_one_object_matching_transformers() {
+    let case = &golden("qwen2").score[0];
+    let dir = model_dir("qwen2");
+    let out = burnish(&[
+        "score",
+        "--model",
+        dir.to_str().unwrap(),
+        "--text",
+        case.text.as_deref().unwrap(),
+        "--device",
+        "cpu",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let value: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let ids: Vec<u32> = serde_json::from_value(value["token_ids"].clone()).unwrap();
+    let logprobs: Vec<f32> = serde_json::from_value(value["logprobs"].clone()).unwrap();
+    assert_eq!(ids, case.token_ids);
+    assert_eq!(logprobs.len(), ids.len() - 1);
+    for (a, b) in logprobs.iter().zip(&case.logprobs) {
+        assert!((a - b).abs() <= 1e-4, "{a} vs {b}");
+    }
+    assert!((value["sum"].as_f64().unwrap() - case.sum).abs() < 1e-3);
+}
+
+#[test]
+fn score_by_ids_agrees_with_golden() {
+    let case = &golden("mistral").score[2];
+    let ids = case
+        .token_ids
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let dir = model_dir("mistral");
+    let out = burnish(&[
+        "score",
+        "--model",
+        dir.to_str().unwrap(),
+        "--ids",
+        &ids,
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let value: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!((value["sum"].as_f64().unwrap() - case.sum).abs() < 1e-3);
+}
+
+#[test]
+fn generate_prints_the_greedy_continuation() {
+    let dir = model_dir("llama");
+    let case = &golden("llama").greedy[0];
+    let tokenizer = burnish_data::Tokenizer::from_dir(&dir).unwrap();
+    let prompt = tokenizer.decode(&case.prompt_ids, false).unwrap();
+    let out = burnish(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        &prompt,
+        "--max-new-tokens",
+        "32",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let expected = tokenizer.decode(&case.new_ids, true).unwrap();
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        format!("{expected}\n")
+    );
+}
+
+#[test]
+fn chat_generation_uses_the_template_and_stops_at_end_of_turn() {
+    let dir = model_dir("llama");
+    let out = burnish(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "Hi!",
+        "--chat",
+        "--max-new-tokens",
+        "32",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The golden chat case is the ChatML render of "Hi!" with the generation prompt.
+    let case = &golden("llama").greedy[1];
+    let tokenizer = burnish_data::Tokenizer::from_dir(&dir).unwrap();
+    let expected = tokenizer.decode(&case.new_ids, true).unwrap();
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        format!("{expected}\n")
+    );
+}
+
+#[test]
+fn bad_arguments_are_clear_errors() {
+    let out = burnish(&[
+        "score",
+        "--model",
+        "/nonexistent",
+        "--ids",
+        "1,2",
+        "--device",
+        "cpu",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/config.json"));
+
+    let out = burnish(&["score", "--model", "x", "--ids", "1,2", "--device", "tpu"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown device `tpu`"));
+
+    let dir = model_dir("llama");
+    let out = burnish(&[
+        "score",
+        "--model",
+        dir.to_str().unwrap(),
+        "--ids",
+        "1,99999",
+        "--device",
+        "cpu",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("99999"));
+}

@@ -1,0 +1,44 @@
+//! Access to the committed fixture models and their `golden.json` reference outputs.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// The CPU backend the tests run on.
+pub type B = burn::backend::Flex;
+
+/// Every fixture model directory under `tests/fixtures/models/`.
+pub const MODELS: &[&str] = &["llama", "mistral", "qwen2", "llama-linear"];
+
+pub fn model_dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/models")
+        .join(name)
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ScoreCase {
+    pub text: Option<String>,
+    pub token_ids: Vec<u32>,
+    pub logprobs: Vec<f32>,
+    pub sum: f64,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct GreedyCase {
+    pub prompt_ids: Vec<u32>,
+    pub new_ids: Vec<u32>,
+}
+
+/// Reference outputs of transformers for one fixture.
+#[derive(Debug, Deserialize)]
+pub struct Golden {
+    pub score: Vec<ScoreCase>,
+    pub greedy: Vec<GreedyCase>,
+}
+
+pub fn golden(name: &str) -> Golden {
+    let path = model_dir(name).join("golden.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}

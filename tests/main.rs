@@ -1,0 +1,9 @@
+//! Cross-crate tests of burnish against the committed fixtures in `tests/fixtures/`: parity
+//! with transformers, checkpoint round trips, bad-input errors, and the `burnish` binary.
+//! Expected numbers come from `scripts/golden/make_models.py` (transformers 5.24, torch 2.15).
+
+mod bad_checkpoints;
+mod cli;
+mod fixtures;
+mod parity;
+mod roundtrip;

@@ -1,0 +1,109 @@
+//! Parity with transformers on the fixture checkpoints: per-token log-probs within 1e-4
+//! (f32, CPU), identical greedy generations, tokenization identical to the reference, and
+//! KV-cache decoding equal to full recomputation.
+
+use burn::tensor::{Int, Tensor, TensorData, Tolerance};
+use burnish_data::Tokenizer;
+use burnish_model::{GenerateOptions, Pretrained, generate, token_logprobs};
+
+use crate::fixtures::{B, MODELS, golden, model_dir};
+
+/// Absolute tolerance on each log-probability, against transformers in f32.
+const LOGPROB_TOLERANCE: f32 = 1e-4;
+
+#[test]
+fn logprobs_match_transformers() {
+    for name in MODELS {
+        let model = Pretrained::<B>::load(&model_dir(name), &Default::default()).unwrap();
+        for (i, case) in golden(name).score.iter().enumerate() {
+            let ours = token_logprobs(&model.model, &case.token_ids).unwrap();
+            assert_eq!(ours.len(), case.logprobs.len(), "{name} case {i}");
+            let worst = ours
+                .iter()
+                .zip(&case.logprobs)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(
+                worst <= LOGPROB_TOLERANCE,
+                "{name} case {i}: max |Δ logprob| = {worst:e}"
+            );
+            let sum: f64 = ours.iter().map(|&l| f64::from(l)).sum();
+            assert!(
+                (sum - case.sum).abs() < 1e-3,
+                "{name} case {i}: sum {sum} vs {}",
+                case.sum
+            );
+        }
+    }
+}
+
+#[test]
+fn tokenization_matches_transformers() {
+    for name in MODELS {
+        let tokenizer = Tokenizer::from_dir(&model_dir(name)).unwrap();
+        for case in golden(name).score.iter().filter(|c| c.text.is_some()) {
+            let text = case.text.as_deref().unwrap();
+            assert_eq!(
+                tokenizer.encode(text, false).unwrap(),
+                case.token_ids,
+                "{name}: {text:?}"
+            );
+            assert_eq!(
+                tokenizer.decode(&case.token_ids, false).unwrap(),
+                text,
+                "{name}"
+            );
+        }
+    }
+}
+
+#[test]
+fn greedy_generation_matches_transformers() {
+    for name in MODELS {
+        let model = Pretrained::<B>::load(&model_dir(name), &Default::default()).unwrap();
+        let options = GenerateOptions {
+            max_new_tokens: 32,
+            stop_tokens: model.eos_token_ids(),
+            ..Default::default()
+        };
+        for (i, case) in golden(name).greedy.iter().enumerate() {
+            let ours = generate(&model.model, &case.prompt_ids, &options, |_| {
+                std::ops::ControlFlow::Continue(())
+            })
+            .unwrap();
+            assert_eq!(ours, case.new_ids, "{name} greedy case {i}");
+        }
+    }
+}
+
+#[test]
+fn kv_cache_decoding_equals_full_recomputation() {
+    for name in MODELS {
+        let model = Pretrained::<B>::load(&model_dir(name), &Default::default())
+            .unwrap()
+            .model;
+        let ids: Vec<i64> = golden(name).score[1]
+            .token_ids
+            .iter()
+            .map(|&t| t as i64)
+            .collect();
+        let n = ids.len();
+        let device = Default::default();
+        let tensor = |s: &[i64]| {
+            Tensor::<B, 2, Int>::from_data(TensorData::new(s.to_vec(), [1, s.len()]), &device)
+        };
+        let full = model.forward(tensor(&ids));
+
+        // A 5-token prefill, then one token at a time, past the sliding window.
+        let mut cache = burnish_model::KvCache::new(model.layers.len());
+        let mut pieces = vec![model.forward_cached(tensor(&ids[..5]), &mut cache)];
+        for t in 5..n {
+            pieces.push(model.forward_cached(tensor(&ids[t..t + 1]), &mut cache));
+        }
+        assert_eq!(cache.len(), n);
+        let incremental = Tensor::cat(pieces, 1);
+        incremental
+            .into_data()
+            .assert_approx_eq::<f32>(&full.into_data(), Tolerance::absolute(1e-4));
+    }
+}
