@@ -70,27 +70,28 @@ fn score_by_ids_agrees_with_golden() {
     assert!((value["sum"].as_f64().unwrap() - case.sum).abs() < 1e-3);
 }
 
-#[test]
-fn generate_prints_the_greedy_continuation() {
+/// Runs `burnish generate` on the llama fixture and checks it prints exactly the text of the
+/// golden greedy case `case`, followed by a newline.
+fn assert_generates_golden(prompt_args: &[&str], case: usize) {
     let dir = model_dir("llama");
-    let case = &golden("llama").greedy[0];
-    let tokenizer = burnish_data::Tokenizer::from_dir(&dir).unwrap();
-    let prompt = tokenizer.decode(&case.prompt_ids, false).unwrap();
-    let out = burnish(&[
+    let mut args = vec![
         "generate",
         "--model",
         dir.to_str().unwrap(),
-        "--prompt",
-        &prompt,
         "--max-new-tokens",
         "32",
-    ]);
+    ];
+    args.extend_from_slice(prompt_args);
+    let out = burnish(&args);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let expected = tokenizer.decode(&case.new_ids, true).unwrap();
+    let tokenizer = burnish_data::Tokenizer::from_dir(&dir).unwrap();
+    let expected = tokenizer
+        .decode(&golden("llama").greedy[case].new_ids, true)
+        .unwrap();
     assert_eq!(
         String::from_utf8(out.stdout).unwrap(),
         format!("{expected}\n")
@@ -98,31 +99,19 @@ fn generate_prints_the_greedy_continuation() {
 }
 
 #[test]
-fn chat_generation_uses_the_template_and_stops_at_end_of_turn() {
+fn generate_prints_the_greedy_continuation() {
     let dir = model_dir("llama");
-    let out = burnish(&[
-        "generate",
-        "--model",
-        dir.to_str().unwrap(),
-        "--prompt",
-        "Hi!",
-        "--chat",
-        "--max-new-tokens",
-        "32",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // The golden chat case is the ChatML render of "Hi!" with the generation prompt.
-    let case = &golden("llama").greedy[1];
     let tokenizer = burnish_data::Tokenizer::from_dir(&dir).unwrap();
-    let expected = tokenizer.decode(&case.new_ids, true).unwrap();
-    assert_eq!(
-        String::from_utf8(out.stdout).unwrap(),
-        format!("{expected}\n")
-    );
+    let prompt = tokenizer
+        .decode(&golden("llama").greedy[0].prompt_ids, false)
+        .unwrap();
+    assert_generates_golden(&["--prompt", &prompt], 0);
+}
+
+#[test]
+fn chat_generation_uses_the_template_and_stops_at_end_of_turn() {
+    // Golden case 1 is the ChatML render of "Hi!" with the generation prompt; it stops on EOS.
+    assert_generates_golden(&["--prompt", "Hi!", "--chat"], 1);
 }
 
 #[test]

@@ -75,7 +75,7 @@ fn run_cuda<J: Job>(index: usize, job: J) -> Result<J::Output> {
     if !nvidia_driver_present() {
         bail!("--device cuda: no NVIDIA driver is loaded on this machine; use --device cpu");
     }
-    job.run::<burn::backend::Cuda>(burn::backend::cuda::CudaDevice::new(index))
+    job.run::<burn::backend::Cuda>(burn::backend::cuda::CudaDevice { index })
 }
 
 #[cfg(not(feature = "cuda"))]
