@@ -2,6 +2,7 @@
 //! with transformers, checkpoint round trips, bad-input errors, and the `burnish` binary.
 //! Expected numbers come from `scripts/golden/make_models.py` (transformers 5.24, torch 2.15).
 
+mod adapters;
 mod bad_checkpoints;
 mod cli;
 mod fixtures;

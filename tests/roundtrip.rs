@@ -4,8 +4,9 @@
 use std::collections::BTreeSet;
 
 use burnish_model::{
-    Pretrained, SaveDtype, TensorSource, Weights, named_weights, save_decoder, token_logprobs,
+    Pretrained, TensorSource, Weights, named_weights, save_decoder, token_logprobs,
 };
+use burnish_peft::SaveDtype;
 use safetensors::SafeTensors;
 
 use crate::fixtures::{B, MODELS, golden, model_dir};

@@ -7,7 +7,9 @@ use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::embedding;
 use burn::tensor::{Int, Tensor};
-use burnish_peft::AdaptableLinear;
+use std::path::Path;
+
+use burnish_peft::{AdaptableLinear, LoraConfig, Selected, attach_lora, load_adapter};
 
 use crate::attention::{Attention, LayerCache};
 use crate::config::DecoderConfig;
@@ -104,6 +106,97 @@ impl<B: Backend> Decoder<B> {
         let start = cache.len;
         cache.len += ids.dims()[1];
         self.run(ids, start, Some(&mut cache.layers))
+    }
+
+    /// Every linear layer with its module name (`model.layers.0.self_attn.q_proj`, ...,
+    /// `lm_head` when untied), in checkpoint order: what adapters attach to.
+    pub fn linears(&self) -> Vec<(String, &AdaptableLinear<B>)> {
+        let mut out = Vec::with_capacity(self.layers.len() * 7 + 1);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (a, m) = (&layer.self_attn, &layer.mlp);
+            for (name, linear) in [
+                ("self_attn.q_proj", &a.q_proj),
+                ("self_attn.k_proj", &a.k_proj),
+                ("self_attn.v_proj", &a.v_proj),
+                ("self_attn.o_proj", &a.o_proj),
+                ("mlp.gate_proj", &m.gate_proj),
+                ("mlp.up_proj", &m.up_proj),
+                ("mlp.down_proj", &m.down_proj),
+            ] {
+                out.push((format!("model.layers.{i}.{name}"), linear));
+            }
+        }
+        if let Some(head) = &self.lm_head {
+            out.push(("lm_head".to_string(), head));
+        }
+        out
+    }
+
+    /// [`Decoder::linears`], mutably.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut AdaptableLinear<B>)> {
+        let mut out = Vec::with_capacity(self.layers.len() * 7 + 1);
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let (a, m) = (&mut layer.self_attn, &mut layer.mlp);
+            for (name, linear) in [
+                ("self_attn.q_proj", &mut a.q_proj),
+                ("self_attn.k_proj", &mut a.k_proj),
+                ("self_attn.v_proj", &mut a.v_proj),
+                ("self_attn.o_proj", &mut a.o_proj),
+                ("mlp.gate_proj", &mut m.gate_proj),
+                ("mlp.up_proj", &mut m.up_proj),
+                ("mlp.down_proj", &mut m.down_proj),
+            ] {
+                out.push((format!("model.layers.{i}.{name}"), linear));
+            }
+        }
+        if let Some(head) = &mut self.lm_head {
+            out.push(("lm_head".to_string(), head));
+        }
+        out
+    }
+
+    /// Freezes every base weight, then attaches fresh LoRA adapters (B = 0, so outputs do not
+    /// change) to the modules `config` targets: afterwards only adapter tensors are trainable.
+    pub fn with_lora(
+        self,
+        config: &LoraConfig,
+        seed: u64,
+    ) -> burnish_peft::Result<(Self, Vec<Selected>)> {
+        let mut model = self.no_grad();
+        let selected = attach_lora(&mut model.linears_mut(), config, seed)?;
+        Ok((model, selected))
+    }
+
+    /// Freezes every base weight, then loads the PEFT-format adapter in `dir` onto its modules.
+    pub fn with_adapter(self, dir: &Path) -> burnish_peft::Result<(Self, LoraConfig)> {
+        let mut model = self.no_grad();
+        let config = load_adapter(dir, &mut model.linears_mut())?;
+        Ok((model, config))
+    }
+
+    /// Switches every adapter on or off; off, the model computes exactly its base.
+    pub fn set_adapters_enabled(&mut self, enabled: bool) {
+        for (_, linear) in self.linears_mut() {
+            linear.adapter_enabled = enabled;
+        }
+    }
+
+    /// Folds every adapter into its base weight and drops it (PEFT's `merge_and_unload`).
+    /// All or nothing: if any merged weight would not be finite, the model is left unchanged.
+    pub fn merge_and_unload(&mut self) -> burnish_peft::Result<()> {
+        let merged = self
+            .linears()
+            .into_iter()
+            .map(|(name, linear)| linear.merged_weight(&name))
+            .collect::<burnish_peft::Result<Vec<_>>>()?;
+        for ((_, linear), weight) in self.linears_mut().into_iter().zip(merged) {
+            if let Some(weight) = weight {
+                linear.set_merged_weight(weight);
+            }
+            linear.lora = None;
+            linear.merged = false;
+        }
+        Ok(())
     }
 
     fn run(

@@ -29,6 +29,6 @@ pub use mlp::Mlp;
 pub use norm::RmsNorm;
 pub use pretrained::Pretrained;
 pub use rope::{Rope, RopeScaling};
-pub use save::{SaveDtype, named_weights, save_decoder, write_atomic};
+pub use save::{named_weights, save_decoder};
 pub use score::token_logprobs;
 pub use weights::{RandomWeights, TensorSource, Weights};

@@ -6,8 +6,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use burn::tensor::TensorData;
+use burnish_peft::decode_f32;
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use safetensors::{Dtype, SafeTensors};
+use safetensors::SafeTensors;
 use serde::Deserialize;
 
 use crate::error::{ModelError, Result};
@@ -127,28 +128,11 @@ impl TensorSource for Weights {
                 found: view.shape().to_vec(),
             });
         }
-        let raw = view.data();
-        let values: Vec<f32> = match view.dtype() {
-            Dtype::F32 => raw
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::BF16 => raw
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::F16 => raw
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            other => {
-                return Err(ModelError::UnsupportedDtype {
-                    path: path.clone(),
-                    name: name.to_string(),
-                    dtype: format!("{other:?}"),
-                });
-            }
-        };
+        let values = decode_f32(&view).map_err(|dtype| ModelError::UnsupportedDtype {
+            path: path.clone(),
+            name: name.to_string(),
+            dtype: format!("{dtype:?}"),
+        })?;
         Ok(TensorData::new(values, shape.to_vec()))
     }
 }

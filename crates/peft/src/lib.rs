@@ -1,7 +1,25 @@
-//! Adapter modules for burnish. This crate owns the adaptable linear layer that every model
-//! projection is built from, so adapters plug into a model without a second copy of its code.
-//! It knows nothing of any particular model architecture.
+//! Adapter modules for burnish: the adaptable linear layer every model projection is built from,
+//! LoRA adapters that attach to it (PEFT's targeting rules, initialisation and on-disk format),
+//! merging an adapter into its base, and merging several adapters or models into one.
+//! This crate knows nothing of any particular model architecture: a model hands it its linear
+//! layers by name.
 
+mod adapter;
+mod config;
+mod error;
 mod linear;
+mod lora;
+pub mod merge_methods;
+mod target;
+mod tensor_io;
 
+pub use adapter::{
+    ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, NamedLinears, attach_lora, load_adapter,
+    save_adapter, trainable_parameters,
+};
+pub use config::{LoraConfig, LoraInit};
+pub use error::{PeftError, Result};
 pub use linear::AdaptableLinear;
+pub use lora::Lora;
+pub use target::{LM_HEAD, Selected, Targets, resolved_target_names, select_targets};
+pub use tensor_io::{SaveDtype, decode_f32, serialize, write_atomic};

@@ -1,18 +1,30 @@
-//! The adaptable linear layer: a frozen-able base projection in Hugging Face layout
-//! (`weight` is `[out, in]`, optional `bias` is `[out]`) that adapters attach to.
+//! The adaptable linear layer: a base projection in Hugging Face layout (`weight` `[out, in]`,
+//! optional `bias` `[out]`) to which a LoRA adapter attaches. With an adapter attached the base
+//! is frozen (no gradient, so no optimizer state); the adapter can be switched off, which turns
+//! the same model into its own DPO reference, and merged into the base or unmerged again.
 
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, module::linear};
+use burn::tensor::{ElementConversion, Tensor, module::linear};
 
-/// A linear projection `y = x·Wᵀ + b` whose weight is stored as `[out, in]`, exactly as the
-/// checkpoint holds it, so loading and saving need no transposes.
+use crate::error::{PeftError, Result};
+use crate::lora::Lora;
+
+/// A linear projection `y = x·Wᵀ + b (+ LoRA)` whose weight is stored as `[out, in]`, exactly
+/// as the checkpoint holds it, so loading and saving need no transposes.
 #[derive(Module, Debug)]
 pub struct AdaptableLinear<B: Backend> {
     /// `[out, in]`
     pub weight: Param<Tensor<B, 2>>,
     /// `[out]`
     pub bias: Option<Param<Tensor<B, 1>>>,
+    pub lora: Option<Lora<B>>,
+    /// When false the adapter is skipped (the base model alone).
+    #[module(skip)]
+    pub adapter_enabled: bool,
+    /// True while the adapter's update is folded into `weight`.
+    #[module(skip)]
+    pub merged: bool,
 }
 
 impl<B: Backend> AdaptableLinear<B> {
@@ -21,6 +33,9 @@ impl<B: Backend> AdaptableLinear<B> {
         Self {
             weight: Param::from_tensor(weight),
             bias: bias.map(Param::from_tensor),
+            lora: None,
+            adapter_enabled: true,
+            merged: false,
         }
     }
 
@@ -34,15 +49,70 @@ impl<B: Backend> AdaptableLinear<B> {
         self.weight.shape().dims::<2>()[0]
     }
 
+    /// Attaches `lora` and freezes the base weight and bias.
+    pub fn attach(&mut self, lora: Lora<B>) {
+        self.weight = Param::from_tensor(self.weight.val()).set_require_grad(false);
+        self.bias = self
+            .bias
+            .take()
+            .map(|b| Param::from_tensor(b.val()).set_require_grad(false));
+        self.lora = Some(lora);
+        self.merged = false;
+    }
+
     /// # Shapes
     /// - input: `[..., in]`
     /// - output: `[..., out]`
     pub fn forward<const D: usize>(&self, input: Tensor<B, D>) -> Tensor<B, D> {
-        linear(
-            input,
+        let base = linear(
+            input.clone(),
             self.weight.val().transpose(),
             self.bias.as_ref().map(Param::val),
-        )
+        );
+        match &self.lora {
+            Some(lora) if self.adapter_enabled && !self.merged => base + lora.forward(input),
+            _ => base,
+        }
+    }
+
+    /// The base weight with the adapter's update `s·B·A` folded in, when an unmerged adapter is
+    /// attached; an error naming `name` if any merged value would not be finite.
+    pub fn merged_weight(&self, name: &str) -> Result<Option<Tensor<B, 2>>> {
+        let Some(lora) = self.lora.as_ref().filter(|_| !self.merged) else {
+            return Ok(None);
+        };
+        let merged = self.weight.val() + lora.delta_weight();
+        let all_finite: i64 = merged.clone().is_finite().all().int().into_scalar().elem();
+        if all_finite == 0 {
+            return Err(PeftError::NonFinite {
+                module: name.into(),
+            });
+        }
+        Ok(Some(merged))
+    }
+
+    /// Folds the adapter into the base weight (`W + s·B·A`); forward then skips the adapter.
+    /// Refuses, leaving the layer unchanged, if the result would not be finite.
+    pub fn merge(&mut self, name: &str) -> Result<()> {
+        if let Some(weight) = self.merged_weight(name)? {
+            self.set_merged_weight(weight);
+        }
+        Ok(())
+    }
+
+    /// Installs a weight computed by [`AdaptableLinear::merged_weight`].
+    pub fn set_merged_weight(&mut self, weight: Tensor<B, 2>) {
+        self.weight = Param::from_tensor(weight).set_require_grad(false);
+        self.merged = true;
+    }
+
+    /// Takes a merged adapter's update back out of the base weight.
+    pub fn unmerge(&mut self) {
+        if let (Some(lora), true) = (&self.lora, self.merged) {
+            let weight = self.weight.val() - lora.delta_weight();
+            self.weight = Param::from_tensor(weight).set_require_grad(false);
+            self.merged = false;
+        }
     }
 }
 
@@ -66,5 +136,60 @@ mod tests {
             Tolerance::absolute(1e-6),
         );
         assert_eq!((layer.d_in(), layer.d_out()), (2, 3));
+    }
+
+    #[test]
+    fn lora_adds_scaled_low_rank_update_and_merges_to_the_same_output() {
+        let device = Default::default();
+        let weight = Tensor::<Flex, 2>::from_floats([[1.0, 0.0], [0.0, 1.0]], &device);
+        let mut layer = AdaptableLinear::new(weight, None);
+        // A = [[1, 1]] (r = 1), B = [[2], [0]], s = 0.5: ΔW = [[1, 1], [0, 0]].
+        let a = Tensor::<Flex, 2>::from_floats([[1.0, 1.0]], &device);
+        let b = Tensor::<Flex, 2>::from_floats([[2.0], [0.0]], &device);
+        layer.attach(Lora::new(a, b, 0.5, 0.0));
+        let x = Tensor::<Flex, 2>::from_floats([[3.0, 4.0]], &device);
+        let expected = TensorData::from([[10.0f32, 4.0]]);
+        layer
+            .forward(x.clone())
+            .into_data()
+            .assert_approx_eq::<f32>(&expected, Tolerance::absolute(1e-6));
+
+        layer.adapter_enabled = false;
+        layer
+            .forward(x.clone())
+            .into_data()
+            .assert_approx_eq::<f32>(
+                &TensorData::from([[3.0f32, 4.0]]),
+                Tolerance::absolute(1e-6),
+            );
+        layer.adapter_enabled = true;
+
+        layer.merge("m").unwrap();
+        layer
+            .forward(x.clone())
+            .into_data()
+            .assert_approx_eq::<f32>(&expected, Tolerance::absolute(1e-6));
+        layer.unmerge();
+        layer.weight.val().into_data().assert_approx_eq::<f32>(
+            &TensorData::from([[1.0f32, 0.0], [0.0, 1.0]]),
+            Tolerance::absolute(1e-6),
+        );
+    }
+
+    #[test]
+    fn merging_refuses_non_finite_weights() {
+        let device = Default::default();
+        let weight = Tensor::<Flex, 2>::from_floats([[1.0, 0.0]], &device);
+        let mut layer = AdaptableLinear::new(weight, None);
+        let a = Tensor::<Flex, 2>::from_floats([[f32::INFINITY, 0.0]], &device);
+        let b = Tensor::<Flex, 2>::from_floats([[1.0]], &device);
+        layer.attach(Lora::new(a, b, 1.0, 0.0));
+        let err = layer.merge("model.layers.0.mlp.up_proj").unwrap_err();
+        assert!(err.to_string().contains("model.layers.0.mlp.up_proj"));
+        assert!(!layer.merged);
+        assert_eq!(
+            layer.weight.val().into_data().to_vec::<f32>().unwrap(),
+            vec![1.0, 0.0]
+        );
     }
 }

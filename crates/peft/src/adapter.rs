@@ -1,0 +1,197 @@
+//! Attaching LoRA adapters to a model's named linear layers, and PEFT's on-disk adapter format:
+//! `adapter_config.json` plus `adapter_model.safetensors` with keys
+//! `base_model.model.<module>.lora_A.weight` `[r, in]` and `...lora_B.weight` `[out, r]`.
+//! The model is seen only as a list of `(module name, &mut AdaptableLinear)`.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use safetensors::SafeTensors;
+
+use crate::config::LoraConfig;
+use crate::error::{PeftError, Result};
+use crate::linear::AdaptableLinear;
+use crate::lora::Lora;
+use crate::target::{Selected, resolved_target_names, select_targets};
+use crate::tensor_io::{SaveDtype, decode_f32, serialize, write_atomic};
+
+pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
+pub const ADAPTER_WEIGHTS_FILE: &str = "adapter_model.safetensors";
+
+/// A model's linear layers by module name, as the model crate lists them.
+pub type NamedLinears<'a, B> = Vec<(String, &'a mut AdaptableLinear<B>)>;
+
+fn key(module: &str, matrix: &str) -> String {
+    format!("base_model.model.{module}.{matrix}.weight")
+}
+
+/// A per-module seed, so adding a module does not shift the others' initial values.
+fn module_seed(seed: u64, name: &str) -> u64 {
+    name.bytes().fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// Attaches fresh adapters (B = 0, so outputs are unchanged) to the modules `config` targets,
+/// freezing their base weights. Returns the modules chosen.
+pub fn attach_lora<B: Backend>(
+    linears: &mut NamedLinears<'_, B>,
+    config: &LoraConfig,
+    seed: u64,
+) -> Result<Vec<Selected>> {
+    let names: Vec<String> = linears.iter().map(|(n, _)| n.clone()).collect();
+    let selected = select_targets(&names, config)?;
+    for s in &selected {
+        let (_, layer) = linears
+            .iter_mut()
+            .find(|(n, _)| *n == s.name)
+            .expect("selected from these names");
+        let device = layer.weight.device();
+        let lora = Lora::init(
+            layer.d_in(),
+            layer.d_out(),
+            s.r,
+            config.scale(s.r, s.alpha),
+            config.lora_dropout,
+            config.init,
+            module_seed(seed, &s.name),
+            &device,
+        );
+        layer.attach(lora);
+    }
+    Ok(selected)
+}
+
+/// Number of trainable adapter values: `Σ r · (in + out)` over adapted modules.
+pub fn trainable_parameters<B: Backend>(linears: &[(String, &AdaptableLinear<B>)]) -> usize {
+    linears
+        .iter()
+        .filter_map(|(_, l)| {
+            l.lora
+                .as_ref()
+                .map(|lora| lora.rank() * (l.d_in() + l.d_out()))
+        })
+        .sum()
+}
+
+/// Writes the adapters of `linears` in PEFT's format into `dir` (created if needed); each file
+/// goes through a temporary name and a rename.
+pub fn save_adapter<B: Backend>(
+    dir: &Path,
+    config: &LoraConfig,
+    linears: &[(String, &AdaptableLinear<B>)],
+) -> Result<()> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| PeftError::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let mut tensors = Vec::new();
+    let mut selected = Vec::new();
+    for (name, layer) in linears {
+        let Some(lora) = &layer.lora else { continue };
+        for (matrix, t) in [("lora_A", lora.lora_a.val()), ("lora_B", lora.lora_b.val())] {
+            let shape = t.dims().to_vec();
+            let values = t
+                .into_data()
+                .convert::<f32>()
+                .to_vec::<f32>()
+                .expect("converted to f32 just before");
+            tensors.push((key(name, matrix), shape, values));
+        }
+        selected.push(Selected {
+            name: name.clone(),
+            r: lora.rank(),
+            alpha: config.lora_alpha,
+        });
+    }
+    if selected.is_empty() {
+        return Err(PeftError::Merge("the model has no adapter to save".into()));
+    }
+    let weights_path = dir.join(ADAPTER_WEIGHTS_FILE);
+    let bytes = serialize(&tensors, SaveDtype::F32).map_err(|e| PeftError::Safetensors {
+        path: weights_path.clone(),
+        detail: e.to_string(),
+    })?;
+    write_atomic(&weights_path, &bytes).map_err(io(&weights_path))?;
+    let config_path = dir.join(ADAPTER_CONFIG_FILE);
+    let json = config.to_json(&resolved_target_names(&selected));
+    let text = serde_json::to_string_pretty(&json).expect("a JSON value always serializes");
+    write_atomic(&config_path, text.as_bytes()).map_err(io(&config_path))
+}
+
+/// Reads a PEFT-format adapter from `dir` (written by PEFT or by burnish) and attaches it to the
+/// modules its config targets. Every tensor in the file must be used and have the right shape.
+pub fn load_adapter<B: Backend>(
+    dir: &Path,
+    linears: &mut NamedLinears<'_, B>,
+) -> Result<LoraConfig> {
+    let config = LoraConfig::from_file(&dir.join(ADAPTER_CONFIG_FILE))?;
+    let path = dir.join(ADAPTER_WEIGHTS_FILE);
+    let bytes = std::fs::read(&path).map_err(|source| PeftError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let file = SafeTensors::deserialize(&bytes).map_err(|e| PeftError::Safetensors {
+        path: path.clone(),
+        detail: e.to_string(),
+    })?;
+    let names: Vec<String> = linears.iter().map(|(n, _)| n.clone()).collect();
+    let selected = select_targets(&names, &config)?;
+
+    let mut used = BTreeSet::new();
+    let mut loras = Vec::with_capacity(selected.len());
+    for s in &selected {
+        let (_, layer) = linears
+            .iter()
+            .find(|(n, _)| *n == s.name)
+            .expect("selected from these names");
+        let device = layer.weight.device();
+        let mut read = |matrix: &str, shape: [usize; 2]| -> Result<Tensor<B, 2>> {
+            let name = key(&s.name, matrix);
+            let view = file.tensor(&name).map_err(|_| PeftError::MissingTensor {
+                path: path.clone(),
+                name: name.clone(),
+            })?;
+            if view.shape() != shape {
+                return Err(PeftError::ShapeMismatch {
+                    path: path.clone(),
+                    name,
+                    expected: shape.to_vec(),
+                    found: view.shape().to_vec(),
+                });
+            }
+            let values = decode_f32(&view).map_err(|dtype| PeftError::UnsupportedDtype {
+                path: path.clone(),
+                name: name.clone(),
+                dtype: format!("{dtype:?}"),
+            })?;
+            used.insert(name);
+            Ok(Tensor::from_data(TensorData::new(values, shape), &device))
+        };
+        let a = read("lora_A", [s.r, layer.d_in()])?;
+        let b = read("lora_B", [layer.d_out(), s.r])?;
+        loras.push(Lora::new(
+            a,
+            b,
+            config.scale(s.r, s.alpha),
+            config.lora_dropout,
+        ));
+    }
+    if let Some(extra) = file.names().into_iter().find(|n| !used.contains(*n)) {
+        return Err(PeftError::UnexpectedTensor {
+            path,
+            name: extra.to_string(),
+        });
+    }
+    for (s, lora) in selected.iter().zip(loras) {
+        let (_, layer) = linears
+            .iter_mut()
+            .find(|(n, _)| *n == s.name)
+            .expect("selected from these names");
+        layer.attach(lora);
+    }
+    Ok(config)
+}

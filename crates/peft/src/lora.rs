@@ -1,0 +1,98 @@
+//! The LoRA adapter of one linear layer: `s · (dropout(x) · Aᵀ) · Bᵀ`, computed factored, with
+//! A `[r, in]` and B `[out, r]` as PEFT stores them. The dense `s · B · A` is formed only to merge.
+
+use burn::module::{Module, Param};
+use burn::nn::{Dropout, DropoutConfig};
+use burn::tensor::backend::Backend;
+use burn::tensor::module::linear;
+use burn::tensor::{Tensor, TensorData};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+use crate::config::LoraInit;
+
+/// Low-rank update of a linear layer.
+#[derive(Module, Debug)]
+pub struct Lora<B: Backend> {
+    /// `[r, in]`
+    pub lora_a: Param<Tensor<B, 2>>,
+    /// `[out, r]`
+    pub lora_b: Param<Tensor<B, 2>>,
+    /// Applied to the adapter's input while training only.
+    pub dropout: Dropout,
+    /// `alpha / r` (or `alpha / √r` with rsLoRA).
+    #[module(skip)]
+    pub scale: f64,
+}
+
+impl<B: Backend> Lora<B> {
+    /// Wraps given matrices (A `[r, in]`, B `[out, r]`).
+    pub fn new(lora_a: Tensor<B, 2>, lora_b: Tensor<B, 2>, scale: f64, dropout: f64) -> Self {
+        Self {
+            lora_a: Param::from_tensor(lora_a),
+            lora_b: Param::from_tensor(lora_b),
+            dropout: DropoutConfig::new(dropout).init(),
+            scale,
+        }
+    }
+
+    /// A fresh adapter: A drawn from `seed` as `init` says, B zero, so it adds nothing yet.
+    pub fn init(
+        d_in: usize,
+        d_out: usize,
+        r: usize,
+        scale: f64,
+        dropout: f64,
+        init: LoraInit,
+        seed: u64,
+        device: &B::Device,
+    ) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let values: Vec<f32> = match init {
+            LoraInit::Kaiming => {
+                // kaiming_uniform_(a = √5) on [r, in]: gain √(1/3), bound = gain·√3/√in = 1/√in.
+                let bound = 1.0 / (d_in as f32).sqrt();
+                (0..r * d_in)
+                    .map(|_| rng.random_range(-bound..bound))
+                    .collect()
+            }
+            LoraInit::Gaussian => {
+                let std = 1.0 / r as f32;
+                (0..r * d_in)
+                    .map(|_| std * standard_normal(&mut rng))
+                    .collect()
+            }
+        };
+        let a = Tensor::from_data(TensorData::new(values, [r, d_in]), device);
+        let b = Tensor::zeros([d_out, r], device);
+        Self::new(a, b, scale, dropout)
+    }
+
+    /// Rank of the adapter.
+    pub fn rank(&self) -> usize {
+        self.lora_a.shape().dims::<2>()[0]
+    }
+
+    /// # Shapes
+    /// - input: `[..., in]`
+    /// - output: `[..., out]`
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let x = self.dropout.forward(x);
+        let down = linear(x, self.lora_a.val().transpose(), None);
+        linear(down, self.lora_b.val().transpose(), None).mul_scalar(self.scale)
+    }
+
+    /// The dense update `s · B · A` `[out, in]`, for merging.
+    pub fn delta_weight(&self) -> Tensor<B, 2> {
+        self.lora_b
+            .val()
+            .matmul(self.lora_a.val())
+            .mul_scalar(self.scale)
+    }
+}
+
+/// One draw from N(0, 1) (Box–Muller).
+fn standard_normal(rng: &mut StdRng) -> f32 {
+    let u1: f32 = rng.random_range(f32::EPSILON..1.0);
+    let u2: f32 = rng.random();
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+}

@@ -1,0 +1,103 @@
+//! Safetensors element conversion and atomic file writes, shared by model checkpoints and
+//! adapter files: F32 / BF16 / F16 bytes to f32 values and back.
+
+use std::path::Path;
+
+use safetensors::Dtype;
+use safetensors::tensor::TensorView;
+
+/// The element type tensors are written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaveDtype {
+    F32,
+    BF16,
+    F16,
+}
+
+impl SaveDtype {
+    /// The name transformers uses in `config.json`'s `dtype` / `torch_dtype`.
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            Self::F32 => "float32",
+            Self::BF16 => "bfloat16",
+            Self::F16 => "float16",
+        }
+    }
+
+    /// Little-endian bytes of `values` in this type.
+    pub fn encode(self, values: &[f32]) -> (Dtype, Vec<u8>) {
+        match self {
+            Self::F32 => (
+                Dtype::F32,
+                values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
+            Self::BF16 => (
+                Dtype::BF16,
+                values
+                    .iter()
+                    .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                    .collect(),
+            ),
+            Self::F16 => (
+                Dtype::F16,
+                values
+                    .iter()
+                    .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                    .collect(),
+            ),
+        }
+    }
+}
+
+/// The values of a F32, BF16 or F16 tensor as f32; any other dtype is returned as the error.
+pub fn decode_f32(view: &TensorView<'_>) -> Result<Vec<f32>, Dtype> {
+    let raw = view.data();
+    Ok(match view.dtype() {
+        Dtype::F32 => raw
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::BF16 => raw
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::F16 => raw
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        other => return Err(other),
+    })
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so a
+/// crash never leaves a half-written file under the final name.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{file_name}.tmp-{}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Serializes named tensors `(name, shape, f32 values)` into safetensors bytes in `dtype`, with
+/// the `{"format": "pt"}` metadata transformers expects.
+pub fn serialize(
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    dtype: SaveDtype,
+) -> Result<Vec<u8>, safetensors::SafeTensorError> {
+    let encoded: Vec<(Dtype, Vec<u8>)> = tensors.iter().map(|(_, _, v)| dtype.encode(v)).collect();
+    let views = tensors
+        .iter()
+        .zip(&encoded)
+        .map(|((name, shape, _), (dt, bytes))| {
+            TensorView::new(*dt, shape.clone(), bytes).map(|v| (name.clone(), v))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let metadata = Some(std::collections::HashMap::from([(
+        "format".to_string(),
+        "pt".to_string(),
+    )]));
+    safetensors::serialize(views, metadata)
+}

@@ -1,0 +1,174 @@
+#!/usr/bin/env python3
+"""Build PEFT LoRA adapters on the fixture models and the reference outputs burnish is held to.
+
+Writes, under tests/fixtures/adapters/:
+  <name>/adapter_config.json, <name>/adapter_model.safetensors   saved by PEFT
+  <name>/golden.json      PEFT's trainable-parameter count and per-token log-probs of
+                          model + adapter on the model's score cases
+  <name>/merged.safetensors  the adapted weights after PEFT's merge_and_unload (f32)
+and tests/fixtures/merges/golden.safetensors + golden.json: PEFT's merge_utils (task
+arithmetic, TIES, DARE) and the linear / SLERP formulas on small random task tensors.
+
+Adapters are created with init_lora_weights=False so B is non-zero and the adapter really
+changes the outputs. Run after make_models.py, from the repository root:
+
+    .venv/bin/python scripts/golden/make_adapters.py
+
+`check_adapter_in_peft.py` is the other direction: it loads an adapter burnish wrote into PEFT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import merge_utils
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# Relative paths, so the base_model_name_or_path PEFT records names the fixture, not this machine.
+MODELS = Path("tests") / "fixtures" / "models"
+ADAPTERS = Path("tests") / "fixtures" / "adapters"
+MERGES = Path("tests") / "fixtures" / "merges"
+
+# name -> (base model fixture, LoraConfig keyword arguments)
+ADAPTER_SPECS = {
+    # The common case: attention q/v only.
+    "llama-qv": ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])),
+    # all-linear with rsLoRA and per-module rank / alpha overrides, on biased projections.
+    "qwen2-all": (
+        "qwen2",
+        dict(
+            r=4,
+            lora_alpha=16,
+            target_modules="all-linear",
+            use_rslora=True,
+            rank_pattern={"down_proj": 2},
+            alpha_pattern={"q_proj": 4},
+        ),
+    ),
+    # A list restricted to one layer, with a regex-free suffix list.
+    "mistral-layer1": (
+        "mistral",
+        dict(r=2, lora_alpha=4, target_modules=["gate_proj", "up_proj", "o_proj"], layers_to_transform=[1]),
+    ),
+}
+
+
+def load_base(name: str):
+    model = AutoModelForCausalLM.from_pretrained(
+        MODELS / name, dtype=torch.float32, attn_implementation="eager"
+    )
+    return model.eval()
+
+
+def token_logprobs(model, ids: list[int]) -> list[float]:
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    return [logprobs[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
+
+
+def make_adapter(name: str, base_name: str, kwargs: dict) -> None:
+    out = ADAPTERS / name
+    if out.exists():
+        shutil.rmtree(out)
+    torch.manual_seed(1234)
+    model = load_base(base_name)
+    config = LoraConfig(task_type="CAUSAL_LM", lora_dropout=0.0, init_lora_weights=False, **kwargs)
+    peft_model = get_peft_model(model, config)
+    peft_model.save_pretrained(out)
+    (out / "README.md").unlink()  # PEFT's model card template; not needed by the tests
+    trainable, _ = peft_model.get_nb_trainable_parameters()
+
+    # Reload from disk, exactly as a user would, before computing references.
+    reloaded = PeftModel.from_pretrained(load_base(base_name), out).eval()
+    cases = json.loads((MODELS / base_name / "golden.json").read_text())["score"]
+    score = [
+        {"token_ids": c["token_ids"], "logprobs": token_logprobs(reloaded, c["token_ids"])}
+        for c in cases
+    ]
+    base_model = reloaded.get_base_model()
+    adapted = sorted(n.removesuffix(".base_layer") for n, m in base_model.named_modules() if hasattr(m, "lora_A"))
+    merged = reloaded.merge_and_unload()
+    state = merged.state_dict()
+    merged_weights = {f"{n}.weight": state[f"{n}.weight"].contiguous() for n in adapted}
+    save_file(merged_weights, out / "merged.safetensors", metadata={"format": "pt"})
+    golden = {
+        "base_model": base_name,
+        "trainable_parameters": trainable,
+        "adapted_modules": adapted,
+        "score": score,
+    }
+    (out / "golden.json").write_text(json.dumps(golden, indent=1) + "\n")
+    print(f"{name}: {len(adapted)} modules, {trainable} trainable parameters")
+
+
+def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995) -> torch.Tensor:
+    """Spherical interpolation of two weight tensors as mergekit defines it: the angle comes
+    from the normalised tensors, the interpolation applies to the originals, and nearly
+    parallel tensors fall back to linear interpolation."""
+    n0 = v0 / v0.norm()
+    n1 = v1 / v1.norm()
+    dot = (n0 * n1).sum()
+    if dot.abs() > dot_threshold:
+        return (1 - t) * v0 + t * v1
+    theta_0 = torch.arccos(dot)
+    theta_t = theta_0 * t
+    s0 = torch.sin(theta_0 - theta_t) / torch.sin(theta_0)
+    s1 = torch.sin(theta_t) / torch.sin(theta_0)
+    return s0 * v0 + s1 * v1
+
+
+def make_merges() -> None:
+    """PEFT's merge_utils on three random task tensors, plus linear and SLERP."""
+    MERGES.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(7)
+    tasks = [torch.randn(6, 10, generator=gen, dtype=torch.float64).float() for _ in range(3)]
+    weights = torch.tensor([0.5, 0.3, 0.8])
+    density = 0.4
+    tensors = {f"task_{i}": t for i, t in enumerate(tasks)}
+    tensors["task_arithmetic"] = merge_utils.task_arithmetic(tasks, weights)
+    tensors["magnitude_prune"] = merge_utils.magnitude_prune(tasks, weights, density)
+    tensors["ties_total"] = merge_utils.ties(tasks, weights, density, "total")
+    tensors["ties_frequency"] = merge_utils.ties(tasks, weights, density, "frequency")
+    # DARE draws its masks with torch's RNG; record them so the rest of the computation can be
+    # compared exactly (burnish draws its own masks from its seed).
+    torch.manual_seed(11)
+    masks = [torch.bernoulli(torch.full_like(t, density)) for t in tasks]
+    torch.manual_seed(11)
+    tensors["dare_linear"] = merge_utils.dare_linear(tasks, weights, density)
+    torch.manual_seed(11)
+    tensors["dare_ties"] = merge_utils.dare_ties(tasks, weights, density, "total")
+    for i, m in enumerate(masks):
+        tensors[f"dare_mask_{i}"] = m
+    # Full-weight merges of two "models" (base + task).
+    base = torch.randn(6, 10, generator=gen, dtype=torch.float64).float()
+    tensors["base"] = base
+    models = [base + t for t in tasks]
+    tensors["linear"] = sum(w * m for w, m in zip(weights, models)) / weights.sum()
+    tensors["slerp_0.3"] = slerp(0.3, models[0], models[1])
+    tensors["slerp_parallel"] = slerp(0.6, models[0], 2.0 * models[0])
+    save_file({k: v.contiguous() for k, v in tensors.items()}, MERGES / "golden.safetensors")
+    (MERGES / "golden.json").write_text(
+        json.dumps({"weights": weights.tolist(), "density": density, "slerp_t": 0.3}, indent=1) + "\n"
+    )
+    print(f"merges: {len(tensors)} tensors")
+
+
+def main() -> None:
+    os.chdir(REPO_ROOT)
+    torch.set_num_threads(1)
+    ADAPTERS.mkdir(parents=True, exist_ok=True)
+    for name, (base_name, kwargs) in ADAPTER_SPECS.items():
+        make_adapter(name, base_name, kwargs)
+    make_merges()
+
+
+if __name__ == "__main__":
+    main()

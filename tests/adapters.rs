@@ -1,0 +1,329 @@
+//! LoRA against PEFT 0.21 (fixtures from `scripts/golden/make_adapters.py`): PEFT-saved adapters
+//! reproduce PEFT's log-probs (1e-4) and merged weights (1e-6), trainable-parameter counts equal
+//! PEFT's, fresh adapters leave the model unchanged, only adapter tensors get gradients, the
+//! on/off switch restores the base, our writer reproduces PEFT's files, and bad configs fail.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use burn::backend::Autodiff;
+use burn::tensor::{Int, Tensor, TensorData};
+use burnish_model::{Pretrained, token_logprobs};
+use burnish_peft::{
+    LoraConfig, Targets, decode_f32, load_adapter, save_adapter, trainable_parameters,
+};
+use safetensors::SafeTensors;
+use serde::Deserialize;
+
+use crate::fixtures::{B, golden, model_dir};
+
+const ADAPTERS: &[&str] = &["llama-qv", "qwen2-all", "mistral-layer1"];
+
+fn adapter_dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/adapters")
+        .join(name)
+}
+
+#[derive(Deserialize)]
+struct AdapterGolden {
+    base_model: String,
+    trainable_parameters: usize,
+    adapted_modules: Vec<String>,
+    score: Vec<ScoreCase>,
+}
+
+#[derive(Deserialize)]
+struct ScoreCase {
+    token_ids: Vec<u32>,
+    logprobs: Vec<f32>,
+}
+
+fn adapter_golden(name: &str) -> AdapterGolden {
+    let text = std::fs::read_to_string(adapter_dir(name).join("golden.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn read_tensors(path: &std::path::Path) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    file.tensors()
+        .into_iter()
+        .map(|(name, view)| (name, (view.shape().to_vec(), decode_f32(&view).unwrap())))
+        .collect()
+}
+
+fn with_adapter(name: &str) -> Pretrained<B> {
+    let golden = adapter_golden(name);
+    let mut model =
+        Pretrained::<B>::load(&model_dir(&golden.base_model), &Default::default()).unwrap();
+    load_adapter(&adapter_dir(name), &mut model.model.linears_mut()).unwrap();
+    model
+}
+
+#[test]
+fn peft_adapters_reproduce_peft_logprobs_and_parameter_counts() {
+    for name in ADAPTERS {
+        let golden = adapter_golden(name);
+        let model = with_adapter(name);
+        let linears = model.model.linears();
+        let adapted: Vec<&String> = linears
+            .iter()
+            .filter(|(_, l)| l.lora.is_some())
+            .map(|(n, _)| n)
+            .collect();
+        let mut expected = golden.adapted_modules.iter().collect::<Vec<_>>();
+        expected.sort();
+        let mut adapted_sorted = adapted.clone();
+        adapted_sorted.sort();
+        assert_eq!(adapted_sorted, expected, "{name}");
+        assert_eq!(
+            trainable_parameters(&linears),
+            golden.trainable_parameters,
+            "{name}"
+        );
+        for (i, case) in golden.score.iter().enumerate() {
+            let ours = token_logprobs(&model.model, &case.token_ids).unwrap();
+            let worst = ours
+                .iter()
+                .zip(&case.logprobs)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(
+                worst <= 1e-4,
+                "{name} case {i}: max |Δ logprob| = {worst:e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn merged_weights_match_peft_merge_and_unload() {
+    for name in ADAPTERS {
+        let mut model = with_adapter(name);
+        let case = &adapter_golden(name).score[0];
+        let before = token_logprobs(&model.model, &case.token_ids).unwrap();
+        model.model.merge_and_unload().unwrap();
+        assert!(model.model.linears().iter().all(|(_, l)| l.lora.is_none()));
+        let expected = read_tensors(&adapter_dir(name).join("merged.safetensors"));
+        let ours: BTreeMap<_, _> = burnish_model::named_weights(&model.model)
+            .into_iter()
+            .map(|(n, s, v)| (n, (s, v)))
+            .collect();
+        for (key, (shape, values)) in &expected {
+            let (our_shape, our_values) = &ours[key];
+            assert_eq!(our_shape, shape, "{name} {key}");
+            let worst = our_values
+                .iter()
+                .zip(values)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(worst <= 1e-6, "{name} {key}: max |Δ| = {worst:e}");
+        }
+        // The merged model scores like base + adapter.
+        let after = token_logprobs(&model.model, &case.token_ids).unwrap();
+        let worst = before
+            .iter()
+            .zip(&after)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst <= 1e-4, "{name}: merged vs unmerged {worst:e}");
+    }
+}
+
+#[test]
+fn switching_adapters_off_gives_the_base_model_back() {
+    let golden = adapter_golden("qwen2-all");
+    let base = Pretrained::<B>::load(&model_dir("qwen2"), &Default::default()).unwrap();
+    let ids = &golden.score[0].token_ids;
+    let base_scores = token_logprobs(&base.model, ids).unwrap();
+    let mut model = with_adapter("qwen2-all");
+    assert_ne!(token_logprobs(&model.model, ids).unwrap(), base_scores);
+    model.model.set_adapters_enabled(false);
+    assert_eq!(token_logprobs(&model.model, ids).unwrap(), base_scores);
+}
+
+#[test]
+fn fresh_adapters_change_nothing_and_match_peft_counts() {
+    // Same configs as the PEFT fixtures; PEFT's counts come from get_nb_trainable_parameters.
+    for (name, targets, base) in [
+        (
+            "llama-qv",
+            Targets::List(vec!["q_proj".into(), "v_proj".into()]),
+            "llama",
+        ),
+        ("qwen2-all", Targets::AllLinear, "qwen2"),
+    ] {
+        let golden = adapter_golden(name);
+        let peft_config =
+            LoraConfig::from_file(&adapter_dir(name).join("adapter_config.json")).unwrap();
+        let config = LoraConfig {
+            targets,
+            ..peft_config
+        };
+        let model = Pretrained::<B>::load(&model_dir(base), &Default::default())
+            .unwrap()
+            .model;
+        let ids = &golden.score[1].token_ids;
+        let before = token_logprobs(&model, ids).unwrap();
+        let (model, _) = model.with_lora(&config, 42).unwrap();
+        assert_eq!(
+            trainable_parameters(&model.linears()),
+            golden.trainable_parameters,
+            "{name}"
+        );
+        assert_eq!(
+            token_logprobs(&model, ids).unwrap(),
+            before,
+            "{name}: step 0 must equal the base"
+        );
+    }
+}
+
+#[test]
+fn only_adapter_tensors_receive_gradients() {
+    type AD = Autodiff<B>;
+    let device = Default::default();
+    let model = Pretrained::<AD>::load(&model_dir("llama"), &device)
+        .unwrap()
+        .model;
+    let config = LoraConfig {
+        r: 2,
+        lora_alpha: 4.0,
+        targets: Targets::List(vec!["q_proj".into(), "down_proj".into()]),
+        ..Default::default()
+    };
+    let (mut model, _) = model.with_lora(&config, 0).unwrap();
+    // Make B non-zero so A's gradient is non-zero too.
+    for (_, linear) in model.linears_mut() {
+        if let Some(lora) = &mut linear.lora {
+            let b = lora.lora_b.val().inner().ones_like().mul_scalar(0.01);
+            lora.lora_b = burn::module::Param::from_tensor(Tensor::from_inner(b).require_grad());
+        }
+    }
+    let ids =
+        Tensor::<AD, 2, Int>::from_data(TensorData::new(vec![3i64, 17, 40, 9, 2], [1, 5]), &device);
+    let grads = model.forward(ids).sum().backward();
+    assert!(
+        model.embed_tokens.val().grad(&grads).is_none(),
+        "embeddings must be frozen"
+    );
+    assert!(
+        model.norm.weight.val().grad(&grads).is_none(),
+        "norms must be frozen"
+    );
+    let mut adapted = 0;
+    for (name, linear) in model.linears() {
+        assert!(
+            linear.weight.val().grad(&grads).is_none(),
+            "{name}: frozen base weight got a gradient"
+        );
+        if let Some(lora) = &linear.lora {
+            adapted += 1;
+            for (m, t) in [("A", lora.lora_a.val()), ("B", lora.lora_b.val())] {
+                let g = t
+                    .grad(&grads)
+                    .unwrap_or_else(|| panic!("{name}.{m} got no gradient"));
+                assert!(
+                    g.abs().sum().into_scalar() > 0.0,
+                    "{name}.{m} gradient is zero"
+                );
+            }
+        }
+    }
+    assert_eq!(adapted, 4, "q_proj and down_proj of both layers");
+}
+
+#[test]
+fn our_writer_reproduces_peft_files() {
+    for name in ADAPTERS {
+        let model = with_adapter(name);
+        let config = LoraConfig::from_file(&adapter_dir(name).join("adapter_config.json")).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        save_adapter(out.path(), &config, &model.model.linears()).unwrap();
+        let theirs = read_tensors(&adapter_dir(name).join("adapter_model.safetensors"));
+        let ours = read_tensors(&out.path().join("adapter_model.safetensors"));
+        assert_eq!(theirs, ours, "{name}: tensors differ");
+        // Our config reads back to the same settings, and loads into the model identically.
+        let reread = LoraConfig::from_file(&out.path().join("adapter_config.json")).unwrap();
+        assert_eq!(
+            (reread.r, reread.lora_alpha, reread.use_rslora),
+            (config.r, config.lora_alpha, config.use_rslora)
+        );
+        assert_eq!(
+            (&reread.rank_pattern, &reread.alpha_pattern),
+            (&config.rank_pattern, &config.alpha_pattern)
+        );
+        let golden = adapter_golden(name);
+        let mut again =
+            Pretrained::<B>::load(&model_dir(&golden.base_model), &Default::default()).unwrap();
+        load_adapter(out.path(), &mut again.model.linears_mut()).unwrap();
+        let ids = &golden.score[0].token_ids;
+        assert_eq!(
+            token_logprobs(&again.model, ids).unwrap(),
+            token_logprobs(&model.model, ids).unwrap()
+        );
+    }
+}
+
+#[test]
+fn bad_adapters_are_clear_errors() {
+    let copy = || {
+        let out = tempfile::tempdir().unwrap();
+        for f in ["adapter_config.json", "adapter_model.safetensors"] {
+            std::fs::copy(adapter_dir("llama-qv").join(f), out.path().join(f)).unwrap();
+        }
+        out
+    };
+    let edit = |dir: &std::path::Path, key: &str, value: serde_json::Value| {
+        let path = dir.join("adapter_config.json");
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        v[key] = value;
+        std::fs::write(&path, v.to_string()).unwrap();
+    };
+    let load = |dir: &std::path::Path| {
+        let mut model = Pretrained::<B>::load(&model_dir("llama"), &Default::default()).unwrap();
+        load_adapter(dir, &mut model.model.linears_mut())
+            .unwrap_err()
+            .to_string()
+    };
+
+    let dir = copy();
+    edit(dir.path(), "use_dora", true.into());
+    assert!(load(dir.path()).contains("use_dora"));
+
+    let dir = copy();
+    edit(dir.path(), "r", 8.into());
+    let msg = load(dir.path());
+    assert!(
+        msg.contains("lora_A.weight") && msg.contains("[8, 64]"),
+        "{msg}"
+    );
+
+    let dir = copy();
+    edit(dir.path(), "target_modules", serde_json::json!(["c_attn"]));
+    let msg = load(dir.path());
+    assert!(msg.contains("c_attn") && msg.contains("q_proj"), "{msg}");
+
+    let dir = copy();
+    edit(dir.path(), "target_modules", serde_json::json!(["q_proj"]));
+    let msg = load(dir.path());
+    assert!(
+        msg.contains("v_proj.lora_A.weight") && msg.contains("does not belong"),
+        "{msg}"
+    );
+
+    let dir = copy();
+    std::fs::write(dir.path().join("adapter_model.safetensors"), b"garbage").unwrap();
+    assert!(load(dir.path()).contains("adapter_model.safetensors"));
+}
+
+#[test]
+fn golden_fixture_sanity() {
+    // The adapter fixtures are built on the model fixtures' own score cases.
+    assert_eq!(
+        adapter_golden("llama-qv").score[0].token_ids,
+        golden("llama").score[0].token_ids
+    );
+}
