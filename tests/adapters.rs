@@ -241,6 +241,15 @@ fn our_writer_reproduces_peft_files() {
         let config = LoraConfig::from_file(&adapter_dir(name).join("adapter_config.json")).unwrap();
         let out = tempfile::tempdir().unwrap();
         save_adapter(out.path(), &config, &model.model.linears()).unwrap();
+        // For scripts/golden/check_adapter_in_peft.py, which loads these into PEFT.
+        if let Some(export) = std::env::var_os("BURNISH_EXPORT_ADAPTERS") {
+            save_adapter(
+                &PathBuf::from(export).join(name),
+                &config,
+                &model.model.linears(),
+            )
+            .unwrap();
+        }
         let theirs = read_tensors(&adapter_dir(name).join("adapter_model.safetensors"));
         let ours = read_tensors(&out.path().join("adapter_model.safetensors"));
         assert_eq!(theirs, ours, "{name}: tensors differ");

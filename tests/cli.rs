@@ -145,3 +145,147 @@ fn bad_arguments_are_clear_errors() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("99999"));
 }
+
+/// `burnish score --json` on `model` (plus `extra` arguments): the log-probs.
+fn score_logprobs(model: &std::path::Path, ids: &[u32], extra: &[&str]) -> Vec<f32> {
+    let ids = ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    let mut args = vec![
+        "score",
+        "--model",
+        model.to_str().unwrap(),
+        "--ids",
+        &ids,
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let out = burnish(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let value: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    serde_json::from_value(value["logprobs"].clone()).unwrap()
+}
+
+/// The PEFT reference log-probs of the llama-qv adapter's first score case.
+fn llama_qv_reference() -> (Vec<u32>, Vec<f32>) {
+    let path = model_dir("llama").join("../../adapters/llama-qv/golden.json");
+    let golden: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let case = &golden["score"][0];
+    (
+        serde_json::from_value(case["token_ids"].clone()).unwrap(),
+        serde_json::from_value(case["logprobs"].clone()).unwrap(),
+    )
+}
+
+fn assert_logprobs_close(ours: &[f32], theirs: &[f32]) {
+    assert_eq!(ours.len(), theirs.len());
+    let worst = ours
+        .iter()
+        .zip(theirs)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst <= 1e-4, "max |Δ logprob| = {worst:e}");
+}
+
+#[test]
+fn score_with_a_peft_adapter_matches_peft() {
+    let (ids, expected) = llama_qv_reference();
+    let adapter = model_dir("llama").join("../../adapters/llama-qv");
+    let ours = score_logprobs(
+        &model_dir("llama"),
+        &ids,
+        &["--adapter", adapter.to_str().unwrap()],
+    );
+    assert_logprobs_close(&ours, &expected);
+}
+
+#[test]
+fn merged_models_score_like_base_plus_adapter() {
+    let (ids, expected) = llama_qv_reference();
+    let adapter = model_dir("llama").join("../../adapters/llama-qv");
+    let work = tempfile::tempdir().unwrap();
+
+    let folded = work.path().join("folded");
+    let out = burnish(&[
+        "merge",
+        "--model",
+        model_dir("llama").to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        folded.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "generation_config.json",
+    ] {
+        assert!(
+            folded.join(file).exists(),
+            "{file} missing from the merged model"
+        );
+    }
+    assert_logprobs_close(&score_logprobs(&folded, &ids, &[]), &expected);
+
+    // Task arithmetic with one adapter at weight 1 is the same fold.
+    let merged = work.path().join("task-arithmetic");
+    let out = burnish(&[
+        "merge",
+        "--method",
+        "task-arithmetic",
+        "--base",
+        model_dir("llama").to_str().unwrap(),
+        "--inputs",
+        &format!("{}:1.0", adapter.display()),
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_logprobs_close(&score_logprobs(&merged, &ids, &[]), &expected);
+
+    // Nothing is overwritten, and a bad merge leaves nothing behind.
+    let out = burnish(&[
+        "merge",
+        "--model",
+        model_dir("llama").to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        folded.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+    let slerp = work.path().join("slerp");
+    let out = burnish(&[
+        "merge",
+        "--method",
+        "slerp",
+        "--base",
+        model_dir("llama").to_str().unwrap(),
+        "--inputs",
+        adapter.to_str().unwrap(),
+        "--out",
+        slerp.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("exactly two"));
+    assert!(!slerp.exists());
+    assert_eq!(
+        std::fs::read_dir(work.path()).unwrap().count(),
+        2,
+        "no temporary directory may remain"
+    );
+}

@@ -6,5 +6,6 @@ mod adapters;
 mod bad_checkpoints;
 mod cli;
 mod fixtures;
+mod merges;
 mod parity;
 mod roundtrip;

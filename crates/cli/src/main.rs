@@ -20,6 +20,8 @@ enum Command {
     Score(commands::score::ScoreArgs),
     /// Generate text from a prompt.
     Generate(commands::generate::GenerateArgs),
+    /// Fold an adapter into its base model, or merge several adapters or models.
+    Merge(commands::merge::MergeArgs),
     /// Measure speed and memory on a random-weight model of a real shape.
     Bench(commands::bench::BenchArgs),
 }
@@ -32,6 +34,7 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Score(args) => commands::score::run(args),
         Command::Generate(args) => commands::generate::run(args),
+        Command::Merge(args) => commands::merge::run(args),
         Command::Bench(args) => commands::bench::run(args),
     }
 }

@@ -55,7 +55,9 @@ pub enum ModelError {
     },
     #[error("{path}: tensor `{name}` holds non-finite values; refusing to write it")]
     NonFinite { path: PathBuf, name: String },
-    /// Bad arguments to scoring or generation.
+    #[error("adapter: {0}")]
+    Adapter(#[from] burnish_peft::PeftError),
+    /// Bad arguments to scoring, generation or merging.
     #[error("{0}")]
     Input(String),
 }

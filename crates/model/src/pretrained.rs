@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
+use burnish_peft::SaveDtype;
 
 use crate::build::build_decoder;
 use crate::config::HfConfig;
@@ -36,6 +37,37 @@ impl<B: Backend> Pretrained<B> {
             generation,
             dir: dir.to_path_buf(),
         })
+    }
+
+    /// Loads the base model in `dir` and, when given, the PEFT-format adapter in `adapter` on
+    /// top of it (the base is then frozen).
+    pub fn load_with_adapter(
+        dir: &Path,
+        adapter: Option<&Path>,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let mut loaded = Self::load(dir, device)?;
+        if let Some(adapter) = adapter {
+            let (model, _) = loaded.model.with_adapter(adapter)?;
+            loaded.model = model;
+        }
+        Ok(loaded)
+    }
+
+    /// The dtype `config.json` declares for the weights (`dtype` or `torch_dtype`), if it is one
+    /// burnish writes.
+    pub fn declared_dtype(&self) -> Option<SaveDtype> {
+        let raw = &self.config.raw;
+        match raw
+            .get("dtype")
+            .or_else(|| raw.get("torch_dtype"))
+            .and_then(|v| v.as_str())
+        {
+            Some("float32") => Some(SaveDtype::F32),
+            Some("bfloat16") => Some(SaveDtype::BF16),
+            Some("float16") => Some(SaveDtype::F16),
+            _ => None,
+        }
     }
 
     /// The tokens that end generation: `generation_config.json`'s `eos_token_id`, else

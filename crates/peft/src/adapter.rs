@@ -50,8 +50,7 @@ pub fn attach_lora<B: Backend>(
             .expect("selected from these names");
         let device = layer.weight.device();
         let lora = Lora::init(
-            layer.d_in(),
-            layer.d_out(),
+            [layer.d_out(), layer.d_in()],
             s.r,
             config.scale(s.r, s.alpha),
             config.lora_dropout,
@@ -180,7 +179,9 @@ pub fn load_adapter<B: Backend>(
             config.lora_dropout,
         ));
     }
-    if let Some(extra) = file.names().into_iter().find(|n| !used.contains(*n)) {
+    let mut names = file.names();
+    names.sort_unstable();
+    if let Some(extra) = names.into_iter().find(|n| !used.contains(*n)) {
         return Err(PeftError::UnexpectedTensor {
             path,
             name: extra.to_string(),

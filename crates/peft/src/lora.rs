@@ -35,10 +35,10 @@ impl<B: Backend> Lora<B> {
         }
     }
 
-    /// A fresh adapter: A drawn from `seed` as `init` says, B zero, so it adds nothing yet.
+    /// A fresh adapter for a base weight of shape `[d_out, d_in]`: A drawn from `seed` as `init`
+    /// says, B zero, so it adds nothing yet.
     pub fn init(
-        d_in: usize,
-        d_out: usize,
+        [d_out, d_in]: [usize; 2],
         r: usize,
         scale: f64,
         dropout: f64,

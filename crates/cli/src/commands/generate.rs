@@ -35,6 +35,9 @@ pub struct GenerateArgs {
     top_p: Option<f32>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// A LoRA adapter directory in PEFT's format to apply on top of the model.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     #[arg(long, default_value = "auto")]
     device: DeviceArg,
 }
@@ -61,8 +64,9 @@ impl Job for Generate {
         } else {
             tokenizer.encode(&args.prompt, true)?
         };
-        let pretrained = Pretrained::<B>::load(&args.model, &device)
-            .with_context(|| format!("loading {}", args.model.display()))?;
+        let pretrained =
+            Pretrained::<B>::load_with_adapter(&args.model, args.adapter.as_deref(), &device)
+                .with_context(|| format!("loading {}", args.model.display()))?;
 
         let mut stop_tokens = pretrained.eos_token_ids();
         if let Some(id) = tokenizer

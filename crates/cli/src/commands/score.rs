@@ -24,6 +24,9 @@ pub struct ScoreArgs {
     /// Token ids to score, comma-separated.
     #[arg(long, value_delimiter = ',')]
     ids: Option<Vec<u32>>,
+    /// A LoRA adapter directory in PEFT's format to apply on top of the model.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     #[arg(long, default_value = "auto")]
     device: DeviceArg,
     /// Print one JSON object instead of a table.
@@ -49,8 +52,9 @@ impl Job for Score {
             (_, _, Some(ids)) => ids,
             _ => bail!("give --text or --ids"),
         };
-        let pretrained = Pretrained::<B>::load(&args.model, &device)
-            .with_context(|| format!("loading {}", args.model.display()))?;
+        let pretrained =
+            Pretrained::<B>::load_with_adapter(&args.model, args.adapter.as_deref(), &device)
+                .with_context(|| format!("loading {}", args.model.display()))?;
         let logprobs = token_logprobs(&pretrained.model, &ids)?;
         let sum: f64 = logprobs.iter().map(|&l| f64::from(l)).sum();
         if args.json {
