@@ -398,6 +398,57 @@ mod tests {
     }
 
     #[test]
+    fn invalid_values_name_their_key() {
+        let ok = LoraConfig {
+            targets: Targets::List(vec!["q_proj".into()]),
+            ..Default::default()
+        };
+        let cases = [
+            ("r", LoraConfig { r: 0, ..ok.clone() }),
+            (
+                "lora_dropout",
+                LoraConfig {
+                    lora_dropout: 1.0,
+                    ..ok.clone()
+                },
+            ),
+            (
+                "lora_alpha",
+                LoraConfig {
+                    lora_alpha: -1.0,
+                    ..ok.clone()
+                },
+            ),
+            (
+                "target_modules",
+                LoraConfig {
+                    targets: Targets::Regex("(".into()),
+                    ..ok.clone()
+                },
+            ),
+            (
+                "target_modules",
+                LoraConfig {
+                    targets: Targets::List(vec![]),
+                    ..ok.clone()
+                },
+            ),
+            (
+                "rank_pattern",
+                LoraConfig {
+                    rank_pattern: vec![("q_proj".into(), 0)],
+                    ..ok.clone()
+                },
+            ),
+        ];
+        for (key, config) in cases {
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
+        ok.validate().unwrap();
+    }
+
+    #[test]
     fn other_task_types_are_refused() {
         let err = parse(
             json!({"peft_type": "LORA", "task_type": "SEQ_CLS", "target_modules": ["q_proj"]}),

@@ -96,3 +96,41 @@ fn standard_normal(rng: &mut StdRng) -> f32 {
     let u2: f32 = rng.random();
     (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+
+    fn a_values(init: LoraInit, d_in: usize, r: usize) -> Vec<f32> {
+        let lora = Lora::<Flex>::init([8, d_in], r, 1.0, 0.0, init, 3, &Default::default());
+        assert_eq!(
+            lora.lora_b.val().abs().sum().into_scalar(),
+            0.0,
+            "B starts at zero"
+        );
+        lora.lora_a.val().into_data().to_vec::<f32>().unwrap()
+    }
+
+    #[test]
+    fn kaiming_init_is_uniform_within_one_over_root_fan_in() {
+        let values = a_values(LoraInit::Kaiming, 400, 16);
+        let bound = 1.0 / 20.0;
+        assert!(values.iter().all(|v| v.abs() <= bound));
+        // U(-b, b) has standard deviation b/√3.
+        let std = (values.iter().map(|v| v * v).sum::<f32>() / values.len() as f32).sqrt();
+        assert!((std - bound / 3f32.sqrt()).abs() < 0.002, "std {std}");
+    }
+
+    #[test]
+    fn gaussian_init_has_std_one_over_rank() {
+        let values = a_values(LoraInit::Gaussian, 400, 8);
+        let mean = values.iter().sum::<f32>() / values.len() as f32;
+        let std =
+            (values.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / values.len() as f32).sqrt();
+        assert!(
+            mean.abs() < 0.01 && (std - 0.125).abs() < 0.005,
+            "mean {mean}, std {std}"
+        );
+    }
+}
