@@ -1,6 +1,8 @@
-//! Training objectives against the references (`scripts/golden/make_losses.py`): the masked SFT
-//! loss equals transformers' `-100`-label loss on the llama fixture (1e-5), and every DPO loss
-//! and reward metric equals TRL 1.16's formulas on the same log-probs (1e-6, relative above 1).
+//! Training numerics against the references (`scripts/golden/make_losses.py`): the masked SFT
+//! loss equals transformers' `-100`-label loss on the llama fixture (1e-5); every DPO loss and
+//! reward metric equals TRL 1.16's formulas on the same log-probs (1e-6, relative above 1); three
+//! AdamW steps with global-norm clipping reproduce PEFT + torch's adapter (1e-5); learning-rate
+//! schedules equal transformers' `get_scheduler` (1e-12).
 
 use burn::tensor::{Int, Tensor, TensorData};
 use burnish_align::{DpoLoss, PairLogps, dpo_loss, masked_token_loss};
@@ -128,6 +130,138 @@ fn dpo_losses_and_metrics_equal_trl() {
             assert!(
                 (value - reference).abs() <= 1e-6 * reference.abs().max(1.0),
                 "{key}: {value} vs TRL {reference}"
+            );
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct AdamWGolden {
+    lr: f64,
+    betas: (f64, f64),
+    eps: f64,
+    weight_decay: f64,
+    max_grad_norm: f64,
+    losses: Vec<f64>,
+    grad_norms: Vec<f64>,
+}
+
+#[test]
+fn three_adamw_steps_reproduce_peft_and_torch() {
+    use burn::backend::Autodiff;
+    use burn::optim::GradientsParams;
+    use burnish_align::{AdamW, AdamWConfig};
+    type AD = Autodiff<B>;
+
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    let g: AdamWGolden =
+        serde_json::from_slice(&std::fs::read(dir.join("losses/adamw_steps.json")).unwrap())
+            .unwrap();
+    let sft = golden().sft;
+    let device = Default::default();
+    let base = Pretrained::<AD>::load(&model_dir("llama"), &device)
+        .unwrap()
+        .model;
+    let (mut model, _) = base.with_adapter(&dir.join("adapters/llama-qv")).unwrap();
+
+    let (rows, len) = (sft.input_ids.len(), sft.input_ids[0].len());
+    let flat: Vec<i64> = sft.input_ids.iter().flatten().copied().collect();
+    let labels: Vec<i64> = sft.labels.iter().flatten().copied().collect();
+    let ids = Tensor::<AD, 2, Int>::from_data(TensorData::new(flat, [rows, len]), &device);
+    let mask: Vec<f32> = (0..rows)
+        .flat_map(|r| (1..len).map(move |t| (r, t)))
+        .map(|(r, t)| {
+            if labels[r * len + t] == -100 {
+                0.0
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    let mask = Tensor::<AD, 2>::from_data(TensorData::new(mask, [rows, len - 1]), &device);
+
+    let mut optimizer = AdamW::<AD>::new(AdamWConfig {
+        beta1: g.betas.0,
+        beta2: g.betas.1,
+        eps: g.eps,
+        weight_decay: g.weight_decay,
+        max_grad_norm: Some(g.max_grad_norm),
+    });
+    for step in 0..3 {
+        let logits = model.forward(ids.clone()).narrow(1, 0, len - 1);
+        let loss =
+            masked_token_loss(logits, ids.clone().narrow(1, 1, len - 1), mask.clone()).mean();
+        let value = loss.clone().into_scalar() as f64;
+        assert!(
+            (value - g.losses[step]).abs() <= 1e-5,
+            "step {step}: loss {value} vs torch {}",
+            g.losses[step]
+        );
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let (next, report) = optimizer.step(g.lr, model, &grads);
+        model = next;
+        let reference = g.grad_norms[step];
+        assert!(
+            (report.grad_norm - reference).abs() <= 1e-4 * reference,
+            "step {step}: grad norm {} vs {reference}",
+            report.grad_norm
+        );
+    }
+    assert_eq!(
+        optimizer.tracked_parameters(),
+        8,
+        "state for the 8 adapter matrices only"
+    );
+
+    let bytes = std::fs::read(dir.join("losses/adamw_steps.safetensors")).unwrap();
+    let expected = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    for (name, linear) in model.linears() {
+        let Some(lora) = &linear.lora else { continue };
+        for (matrix, tensor) in [("lora_A", lora.lora_a.val()), ("lora_B", lora.lora_b.val())] {
+            let key = format!("{name}.{matrix}.weight");
+            let theirs = burnish_peft::decode_f32(&expected.tensor(&key).unwrap()).unwrap();
+            let ours = tensor.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+            let worst = ours
+                .iter()
+                .zip(&theirs)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(
+                worst <= 1e-5,
+                "{key}: max |Δ| = {worst:e} after three steps"
+            );
+        }
+    }
+}
+
+#[test]
+fn schedules_equal_transformers_get_scheduler() {
+    use burnish_align::{Schedule, ScheduleKind};
+    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/losses/golden.json");
+    let g: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let g = &g["schedules"];
+    assert_eq!(
+        Schedule::warmup_from_ratio(0.25, 10),
+        g["warmup_ratio_0.25_of_10"].as_u64().unwrap() as usize
+    );
+    for (name, kind) in [
+        ("constant", ScheduleKind::Constant),
+        ("linear", ScheduleKind::Linear),
+        ("cosine", ScheduleKind::Cosine),
+    ] {
+        let schedule = Schedule {
+            kind,
+            peak_lr: g["peak_lr"].as_f64().unwrap(),
+            warmup_steps: 3,
+            total_steps: 10,
+        };
+        let expected: Vec<f64> = serde_json::from_value(g[name].clone()).unwrap();
+        for (step, lr) in expected.iter().enumerate() {
+            assert!(
+                (schedule.lr(step) - lr).abs() <= 1e-12,
+                "{name} step {step}: {} vs {lr}",
+                schedule.lr(step)
             );
         }
     }

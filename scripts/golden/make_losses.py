@@ -4,6 +4,10 @@
 - `sft`: transformers' causal-LM loss (labels with -100 on untrained positions) of a fixed
   two-sequence batch on the llama fixture, in float32: the mean over every trained token of the
   batch.
+- `schedules`: learning rates of transformers' `get_scheduler` (constant with warmup, linear,
+  cosine) at every step of a 10-step run with 3 warmup steps.
+- `adamw_steps.*`: three LoRA SFT steps with PEFT + torch AdamW and global-norm clipping from the
+  llama-qv adapter on the `sft` batch: the adapter after the third step, losses and gradient norms.
 - `dpo`: TRL 1.16's DPO losses and reward metrics (`DPOTrainer._compute_loss`), evaluated on fixed
   sequence log-probs with the same formulas: sigmoid, hinge, ipo (log-ratios averaged per
   completion token), robust; plus the label-smoothed sigmoid (conservative DPO) that older TRL
@@ -94,13 +98,75 @@ def dpo_cases() -> dict:
     }
 
 
+def schedules() -> dict:
+    """transformers' get_scheduler multipliers over 10 steps with 3 warmup steps, and the warmup
+    that warmup_ratio 0.25 of 10 steps gives."""
+    from transformers import get_scheduler
+
+    out = {"peak_lr": 2e-4, "total_steps": 10, "warmup_steps": 3}
+    for name, kind in [("constant", "constant_with_warmup"), ("linear", "linear"), ("cosine", "cosine")]:
+        param = torch.nn.Parameter(torch.zeros(1))
+        optimizer = torch.optim.AdamW([param], lr=out["peak_lr"])
+        scheduler = get_scheduler(kind, optimizer, num_warmup_steps=3, num_training_steps=10)
+        lrs = []
+        for _ in range(10):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        out[name] = lrs
+    from transformers import TrainingArguments
+
+    # transformers 5 takes a warmup ratio as a warmup_steps value below 1.
+    args = TrainingArguments(output_dir="/tmp/unused", warmup_steps=0.25, report_to=[])
+    out["warmup_ratio_0.25_of_10"] = args.get_warmup_steps(10)
+    return out
+
+
 def main() -> None:
     torch.set_num_threads(1)
     OUT.mkdir(parents=True, exist_ok=True)
-    golden = {"sft": sft_case(), "dpo": dpo_cases()}
+    golden = {"sft": sft_case(), "dpo": dpo_cases(), "schedules": schedules()}
     (OUT / "golden.json").write_text(json.dumps(golden, indent=1) + "\n")
     print("sft loss", golden["sft"]["loss"], "| dpo", golden["dpo"]["losses"])
 
 
+def adamw_steps() -> None:
+    """Three LoRA SFT steps with PEFT + torch AdamW and global-norm clipping, from the llama-qv
+    adapter, on the `sft` batch: the adapter after each step and the gradient norms."""
+    from peft import PeftModel
+    from safetensors.torch import save_file
+
+    model_dir = REPO_ROOT / "tests" / "fixtures" / "models" / "llama"
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    model = PeftModel.from_pretrained(base, REPO_ROOT / "tests/fixtures/adapters/llama-qv", is_trainable=True)
+    model.train()  # lora_dropout is 0, so training mode changes nothing numerically
+    golden = json.loads((OUT / "golden.json").read_text())["sft"]
+    ids, labels = torch.tensor(golden["input_ids"]), torch.tensor(golden["labels"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    settings = {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01, "max_grad_norm": 1.0}
+    optimizer = torch.optim.AdamW(
+        params, lr=settings["lr"], betas=settings["betas"], eps=settings["eps"], weight_decay=settings["weight_decay"]
+    )
+    grad_norms, losses = [], []
+    for _ in range(3):
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        grad_norms.append(torch.nn.utils.clip_grad_norm_(params, settings["max_grad_norm"]).item())
+        losses.append(loss.item())
+        optimizer.step()
+        optimizer.zero_grad()
+    state = {
+        n.replace("base_model.model.", "").replace(".default", ""): p.detach().contiguous()
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
+    save_file(state, OUT / "adamw_steps.safetensors")
+    (OUT / "adamw_steps.json").write_text(
+        json.dumps({**settings, "losses": losses, "grad_norms": grad_norms}, indent=1) + "\n"
+    )
+    print("adamw: losses", losses, "grad norms", grad_norms)
+
+
 if __name__ == "__main__":
     main()
+    adamw_steps()
