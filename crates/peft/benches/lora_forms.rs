@@ -26,28 +26,48 @@ const TOKENS: usize = 256;
 const RANK: usize = 16;
 
 /// One layer's projections as `(d_out, d_in)`: q, k, v, o, gate, up, down.
-const SHAPES: [(usize, usize); 7] =
-    [(HIDDEN, HIDDEN), (KV, HIDDEN), (KV, HIDDEN), (HIDDEN, HIDDEN), (FFN, HIDDEN), (FFN, HIDDEN), (HIDDEN, FFN)];
+const SHAPES: [(usize, usize); 7] = [
+    (HIDDEN, HIDDEN),
+    (KV, HIDDEN),
+    (KV, HIDDEN),
+    (HIDDEN, HIDDEN),
+    (FFN, HIDDEN),
+    (FFN, HIDDEN),
+    (HIDDEN, FFN),
+];
 
 fn projection(d_out: usize, d_in: usize, device: &burn::tensor::Device<B>) -> AdaptableLinear<B> {
     let weight = Tensor::random([d_out, d_in], Distribution::Normal(0.0, 0.02), device);
     let mut layer = AdaptableLinear::new(weight, None);
     let mut lora = Lora::init([d_out, d_in], RANK, 2.0, 0.0, LoraInit::Kaiming, 0, device);
     // A non-zero B, as after some training.
-    lora.lora_b = Param::from_tensor(Tensor::random([d_out, RANK], Distribution::Normal(0.0, 0.02), device));
+    lora.lora_b = Param::from_tensor(Tensor::random(
+        [d_out, RANK],
+        Distribution::Normal(0.0, 0.02),
+        device,
+    ));
     layer.attach(lora);
     layer
 }
 
 /// The dense form: the update is added to the frozen weight, then one matmul.
 fn dense_forward(layer: &AdaptableLinear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
-    let lora = layer.lora.as_ref().expect("every projection has an adapter");
+    let lora = layer
+        .lora
+        .as_ref()
+        .expect("every projection has an adapter");
     let weight = layer.weight.val() + lora.delta_weight();
     linear(x, weight.transpose(), None)
 }
 
 fn step(layers: &[Vec<AdaptableLinear<B>>], x: &Tensor<B, 2>, dense: bool) {
-    let apply = |l: &AdaptableLinear<B>, x: Tensor<B, 2>| if dense { dense_forward(l, x) } else { l.forward(x) };
+    let apply = |l: &AdaptableLinear<B>, x: Tensor<B, 2>| {
+        if dense {
+            dense_forward(l, x)
+        } else {
+            l.forward(x)
+        }
+    };
     let mut h = x.clone();
     for p in layers {
         let q = apply(&p[0], h.clone());
@@ -78,15 +98,24 @@ fn peak_rss_mib() -> f64 {
 }
 
 fn main() {
-    let form = std::env::args().skip(1).find(|a| a == "factored" || a == "dense");
+    let form = std::env::args()
+        .skip(1)
+        .find(|a| a == "factored" || a == "dense");
     let Some(form) = form else {
-        eprintln!("usage: cargo bench --profile dev -p burnish-peft --bench lora_forms -- factored|dense");
+        eprintln!(
+            "usage: cargo bench --profile dev -p burnish-peft --bench lora_forms -- factored|dense"
+        );
         return;
     };
     let dense = form == "dense";
     let device = Default::default();
     let layers: Vec<Vec<AdaptableLinear<B>>> = (0..LAYERS)
-        .map(|_| SHAPES.iter().map(|&(o, i)| projection(o, i, &device)).collect())
+        .map(|_| {
+            SHAPES
+                .iter()
+                .map(|&(o, i)| projection(o, i, &device))
+                .collect()
+        })
         .collect();
     let x = Tensor::<B, 2>::random([TOKENS, HIDDEN], Distribution::Normal(0.0, 1.0), &device);
     step(&layers, &x, dense);
