@@ -10,3 +10,4 @@ mod losses;
 mod merges;
 mod parity;
 mod roundtrip;
+mod trainer;

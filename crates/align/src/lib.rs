@@ -4,11 +4,17 @@
 //! reward metrics) and the optimizer (AdamW with global-norm clipping).
 
 mod dpo;
+mod error;
 mod optimizer;
 mod schedule;
+mod strategy;
 mod token_loss;
+mod trainer;
 
 pub use dpo::{DpoLoss, DpoMetrics, DpoOutput, PairLogps, dpo_loss};
-pub use optimizer::{AdamW, AdamWConfig, StepReport};
+pub use error::TrainError;
+pub use optimizer::{AdamW, AdamWConfig, StepReport, global_grad_norm};
 pub use schedule::{Schedule, ScheduleKind};
+pub use strategy::{Dpo, PairBatch, Sft, StepOutput, Strategy, TokenBatch};
 pub use token_loss::{TokenLoss, masked_token_logprobs, masked_token_loss};
+pub use trainer::{StepMetrics, optimizer_step};

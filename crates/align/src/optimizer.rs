@@ -117,6 +117,20 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Update<'_, B> {
     }
 }
 
+/// The L2 norm of all gradients of `module` taken together.
+pub fn global_grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
+    module: &M,
+    grads: &GradientsParams,
+) -> f64 {
+    let mut norm = SquaredNorm::<B> {
+        grads,
+        total: 0.0,
+        _backend: std::marker::PhantomData,
+    };
+    module.visit(&mut norm);
+    norm.total.sqrt()
+}
+
 impl<B: AutodiffBackend> AdamW<B> {
     pub fn new(config: AdamWConfig) -> Self {
         Self {
@@ -138,13 +152,7 @@ impl<B: AutodiffBackend> AdamW<B> {
         module: M,
         grads: &GradientsParams,
     ) -> (M, StepReport) {
-        let mut norm = SquaredNorm::<B> {
-            grads,
-            total: 0.0,
-            _backend: std::marker::PhantomData,
-        };
-        module.visit(&mut norm);
-        let grad_norm = norm.total.sqrt();
+        let grad_norm = global_grad_norm(&module, grads);
         let grad_scale = match self.config.max_grad_norm {
             Some(max) => (max / (grad_norm + 1e-6)).min(1.0),
             None => 1.0,

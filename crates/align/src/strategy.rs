@@ -1,0 +1,140 @@
+//! Strategies: what a trainer optimises, the only seam between trainer kinds. A strategy turns
+//! a batch into a *summed* loss and the number of units it sums over (trained tokens for SFT and
+//! instruction tuning, preference pairs for DPO); the loop divides by the units of the whole
+//! accumulated batch, so gradient accumulation never averages per-micro-batch means.
+
+use burn::module::AutodiffModule;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Int, Tensor};
+use burnish_model::Decoder;
+
+use crate::dpo::{DpoLoss, PairLogps, dpo_loss};
+use crate::token_loss::{masked_token_logprobs, masked_token_loss};
+
+/// Token ids with the positions that are trained.
+#[derive(Debug, Clone)]
+pub struct TokenBatch<B: Backend> {
+    /// `[batch, seq]`: the model's input.
+    pub inputs: Tensor<B, 2, Int>,
+    /// `[batch, seq]`: the token each position must predict.
+    pub targets: Tensor<B, 2, Int>,
+    /// `[batch, seq]`: 1.0 where the target is trained.
+    pub mask: Tensor<B, 2>,
+    /// Number of 1.0 entries in `mask`.
+    pub trained_tokens: usize,
+}
+
+/// Chosen and rejected completions of the same prompts, row for row; the masks cover the
+/// completion tokens only.
+#[derive(Debug, Clone)]
+pub struct PairBatch<B: Backend> {
+    pub chosen: TokenBatch<B>,
+    pub rejected: TokenBatch<B>,
+}
+
+/// A batch's summed loss, the units it sums over, and named metrics (batch means).
+#[derive(Debug, Clone)]
+pub struct StepOutput<B: Backend> {
+    /// `[1]`
+    pub loss_sum: Tensor<B, 1>,
+    pub units: f64,
+    pub metrics: Vec<(&'static str, f64)>,
+}
+
+/// What a trainer optimises.
+pub trait Strategy<B: AutodiffBackend> {
+    type Batch;
+    /// The units `batch` contributes (known before any forward pass).
+    fn units(&self, batch: &Self::Batch) -> f64;
+    /// The summed loss of `batch` under `model`.
+    fn loss(&self, model: &Decoder<B>, batch: &Self::Batch) -> StepOutput<B>;
+}
+
+/// Masked next-token cross-entropy: chat SFT and instruction tuning.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sft;
+
+impl<B: AutodiffBackend> Strategy<B> for Sft {
+    type Batch = TokenBatch<B>;
+
+    fn units(&self, batch: &TokenBatch<B>) -> f64 {
+        batch.trained_tokens as f64
+    }
+
+    fn loss(&self, model: &Decoder<B>, batch: &TokenBatch<B>) -> StepOutput<B> {
+        let logits = model.forward(batch.inputs.clone());
+        let loss = masked_token_loss(logits, batch.targets.clone(), batch.mask.clone());
+        StepOutput {
+            loss_sum: loss.sum,
+            units: loss.tokens as f64,
+            metrics: Vec::new(),
+        }
+    }
+}
+
+/// Direct preference optimisation; the reference is the same model with its adapters switched
+/// off, run without gradient tracking (no second copy of the weights).
+#[derive(Debug, Clone, Copy)]
+pub struct Dpo {
+    pub loss: DpoLoss,
+    pub beta: f64,
+}
+
+/// Summed completion log-probs per row.
+fn sequence_logps<B: Backend>(model: &Decoder<B>, batch: &TokenBatch<B>) -> Tensor<B, 1> {
+    let logits = model.forward(batch.inputs.clone());
+    masked_token_logprobs(logits, batch.targets.clone(), batch.mask.clone())
+        .sum_dim(1)
+        .squeeze_dim::<1>(1)
+}
+
+fn inner_batch<B: AutodiffBackend>(batch: &TokenBatch<B>) -> TokenBatch<B::InnerBackend> {
+    TokenBatch {
+        inputs: batch.inputs.clone().inner(),
+        targets: batch.targets.clone().inner(),
+        mask: batch.mask.clone().inner(),
+        trained_tokens: batch.trained_tokens,
+    }
+}
+
+impl<B: AutodiffBackend> Strategy<B> for Dpo {
+    type Batch = PairBatch<B>;
+
+    fn units(&self, batch: &PairBatch<B>) -> f64 {
+        batch.chosen.inputs.dims()[0] as f64
+    }
+
+    fn loss(&self, model: &Decoder<B>, batch: &PairBatch<B>) -> StepOutput<B> {
+        let mut reference = model.valid();
+        reference.set_adapters_enabled(false);
+        let reference_chosen = sequence_logps(&reference, &inner_batch(&batch.chosen));
+        let reference_rejected = sequence_logps(&reference, &inner_batch(&batch.rejected));
+        let count = |b: &TokenBatch<B>| b.mask.clone().sum_dim(1).squeeze_dim::<1>(1);
+        let pairs = batch.chosen.inputs.dims()[0];
+        let out = dpo_loss(
+            self.loss,
+            self.beta,
+            PairLogps {
+                policy_chosen: sequence_logps(model, &batch.chosen),
+                policy_rejected: sequence_logps(model, &batch.rejected),
+                reference_chosen: Tensor::from_inner(reference_chosen),
+                reference_rejected: Tensor::from_inner(reference_rejected),
+                chosen_tokens: count(&batch.chosen),
+                rejected_tokens: count(&batch.rejected),
+            },
+        );
+        let m = out.metrics;
+        StepOutput {
+            loss_sum: out.loss.mul_scalar(pairs as f64),
+            units: pairs as f64,
+            metrics: vec![
+                ("rewards/chosen", m.rewards_chosen),
+                ("rewards/rejected", m.rewards_rejected),
+                ("rewards/accuracies", m.rewards_accuracies),
+                ("rewards/margins", m.rewards_margins),
+                ("logps/chosen", m.logps_chosen),
+                ("logps/rejected", m.logps_rejected),
+            ],
+        }
+    }
+}

@@ -1,0 +1,97 @@
+//! One optimizer step, written once for every strategy: the micro-batches of an accumulated
+//! batch are each scaled by the units (tokens or pairs) of the whole accumulated batch, their
+//! gradients summed, the result checked for non-finite values, clipped and applied with AdamW at
+//! the schedule's learning rate.
+
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::backend::AutodiffBackend;
+use burnish_model::Decoder;
+
+use crate::error::TrainError;
+use crate::optimizer::{AdamW, global_grad_norm};
+use crate::schedule::Schedule;
+use crate::strategy::Strategy;
+
+/// What one optimizer step reports (the strategy's metrics are averaged over micro-batches).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepMetrics {
+    /// 1-based optimizer step.
+    pub step: usize,
+    /// Loss per unit over the whole accumulated batch.
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    /// Tokens or pairs the loss averaged over.
+    pub units: f64,
+    pub metrics: Vec<(&'static str, f64)>,
+}
+
+/// Runs one optimizer step of `strategy` over `micro_batches` (one accumulated batch).
+pub fn optimizer_step<B, S>(
+    model: Decoder<B>,
+    strategy: &S,
+    micro_batches: &[S::Batch],
+    optimizer: &mut AdamW<B>,
+    schedule: &Schedule,
+) -> Result<(Decoder<B>, StepMetrics), TrainError>
+where
+    B: AutodiffBackend,
+    S: Strategy<B>,
+{
+    let step = optimizer.steps + 1;
+    let total_units: f64 = micro_batches.iter().map(|b| strategy.units(b)).sum();
+    if total_units <= 0.0 {
+        return Err(TrainError::EmptyBatch { step });
+    }
+
+    // One micro-batch graph at a time: forward, scale by the whole batch's units, backward.
+    let mut accumulator = GradientsAccumulator::<Decoder<B>>::new();
+    let mut loss = 0.0;
+    let mut metrics: Vec<(&'static str, f64)> = Vec::new();
+    for batch in micro_batches {
+        let output = strategy.loss(&model, batch);
+        let scaled = output.loss_sum.div_scalar(total_units);
+        let value: f64 = scaled
+            .clone()
+            .into_data()
+            .convert::<f64>()
+            .to_vec::<f64>()
+            .map(|v| v[0])
+            .unwrap_or(f64::NAN);
+        if !value.is_finite() {
+            return Err(TrainError::NonFiniteLoss { step, loss: value });
+        }
+        loss += value;
+        for (name, v) in output.metrics {
+            match metrics.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, sum)) => *sum += v,
+                None => metrics.push((name, v)),
+            }
+        }
+        let grads = GradientsParams::from_grads(scaled.backward(), &model);
+        accumulator.accumulate(&model, grads);
+    }
+    let count = micro_batches.len() as f64;
+    for (_, v) in &mut metrics {
+        *v /= count;
+    }
+
+    let lr = schedule.lr(step - 1);
+    let grads = accumulator.grads();
+    let norm = global_grad_norm(&model, &grads);
+    if !norm.is_finite() {
+        return Err(TrainError::NonFiniteGradient { step, norm });
+    }
+    let (model, report) = optimizer.step(lr, model, &grads);
+    Ok((
+        model,
+        StepMetrics {
+            step,
+            loss,
+            lr,
+            grad_norm: report.grad_norm,
+            units: total_units,
+            metrics,
+        },
+    ))
+}

@@ -1,0 +1,201 @@
+//! The optimizer step shared by every strategy: gradient accumulation averages over the whole
+//! accumulated batch (not per micro-batch), training lowers the loss, DPO's reference is the
+//! model with adapters off and its rewards move the right way, and non-finite losses stop the
+//! run with a message naming the step.
+
+use burn::backend::Autodiff;
+use burn::tensor::{Int, Tensor, TensorData};
+use burnish_align::{
+    AdamW, AdamWConfig, Dpo, DpoLoss, PairBatch, Schedule, ScheduleKind, Sft, TokenBatch,
+    optimizer_step,
+};
+use burnish_model::{Decoder, Pretrained, named_weights};
+use burnish_peft::{LoraConfig, Targets};
+
+use crate::fixtures::{B, golden, model_dir};
+
+type AD = Autodiff<B>;
+
+/// Rows of token ids, each trained from `trained_from` on, as one batch.
+fn token_batch(rows: &[(&[u32], usize)]) -> TokenBatch<AD> {
+    let device = Default::default();
+    let len = rows[0].0.len() - 1;
+    assert!(rows.iter().all(|(r, _)| r.len() == len + 1));
+    let mut inputs = Vec::new();
+    let mut targets = Vec::new();
+    let mut mask = Vec::new();
+    for (ids, from) in rows {
+        inputs.extend(ids[..len].iter().map(|&t| t as i64));
+        targets.extend(ids[1..].iter().map(|&t| t as i64));
+        mask.extend((0..len).map(|t| if t + 1 >= *from { 1.0f32 } else { 0.0 }));
+    }
+    let trained_tokens = mask.iter().filter(|&&m| m > 0.0).count();
+    let n = rows.len();
+    TokenBatch {
+        inputs: Tensor::<AD, 2, Int>::from_data(TensorData::new(inputs, [n, len]), &device),
+        targets: Tensor::<AD, 2, Int>::from_data(TensorData::new(targets, [n, len]), &device),
+        mask: Tensor::<AD, 2>::from_data(TensorData::new(mask, [n, len]), &device),
+        trained_tokens,
+    }
+}
+
+fn lora_model(seed: u64) -> Decoder<AD> {
+    let base = Pretrained::<AD>::load(&model_dir("llama"), &Default::default())
+        .unwrap()
+        .model;
+    let config = LoraConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        targets: Targets::AllLinear,
+        ..Default::default()
+    };
+    base.with_lora(&config, seed).unwrap().0
+}
+
+fn constant(lr: f64) -> Schedule {
+    Schedule {
+        kind: ScheduleKind::Constant,
+        peak_lr: lr,
+        warmup_steps: 0,
+        total_steps: 100,
+    }
+}
+
+fn adapter_values(model: &Decoder<AD>) -> Vec<f32> {
+    model
+        .linears()
+        .iter()
+        .filter_map(|(_, l)| l.lora.as_ref())
+        .flat_map(|l| {
+            let mut v = l.lora_a.val().into_data().to_vec::<f32>().unwrap();
+            v.extend(l.lora_b.val().into_data().to_vec::<f32>().unwrap());
+            v
+        })
+        .collect()
+}
+
+#[test]
+fn accumulation_averages_over_the_whole_batch() {
+    let ids = golden("llama").score[1].token_ids.clone();
+    // Two rows with very different numbers of trained tokens.
+    let (a, b) = (&ids[..20], &ids[20..40]);
+    let rows = [(a, 3usize), (b, 15usize)];
+    let config = AdamWConfig {
+        max_grad_norm: None,
+        ..Default::default()
+    };
+
+    let mut one = AdamW::new(config);
+    let (whole, m1) = optimizer_step(
+        lora_model(1),
+        &Sft,
+        &[token_batch(&rows)],
+        &mut one,
+        &constant(1e-2),
+    )
+    .unwrap();
+    let mut two = AdamW::new(config);
+    let micro = [token_batch(&rows[..1]), token_batch(&rows[1..])];
+    let (split, m2) =
+        optimizer_step(lora_model(1), &Sft, &micro, &mut two, &constant(1e-2)).unwrap();
+
+    assert!(
+        (m1.loss - m2.loss).abs() < 1e-5,
+        "{} vs {}",
+        m1.loss,
+        m2.loss
+    );
+    assert_eq!(m1.units, m2.units);
+    let worst = adapter_values(&whole)
+        .iter()
+        .zip(adapter_values(&split))
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst < 1e-6, "accumulated update differs by {worst:e}");
+}
+
+#[test]
+fn sft_steps_lower_the_loss_and_leave_the_base_untouched() {
+    let ids = golden("llama").score[1].token_ids.clone();
+    let batch = [token_batch(&[(&ids[..32], 8)])];
+    let mut model = lora_model(2);
+    let base_before = named_weights(&model);
+    let mut optimizer = AdamW::new(AdamWConfig::default());
+    let mut losses = Vec::new();
+    for _ in 0..15 {
+        let (next, metrics) =
+            optimizer_step(model, &Sft, &batch, &mut optimizer, &constant(2e-2)).unwrap();
+        model = next;
+        losses.push(metrics.loss);
+    }
+    assert!(losses[14] < 0.5 * losses[0], "loss {:?}", losses);
+    assert_eq!(
+        named_weights(&model),
+        base_before,
+        "the frozen base changed"
+    );
+}
+
+#[test]
+fn dpo_starts_at_log_two_and_learns_the_preference() {
+    let ids = golden("llama").score[1].token_ids.clone();
+    let prompt = &ids[..10];
+    let chosen: Vec<u32> = prompt.iter().chain(&ids[10..20]).copied().collect();
+    let rejected: Vec<u32> = prompt.iter().chain(&ids[30..40]).copied().collect();
+    let pairs = [PairBatch {
+        chosen: token_batch(&[(&chosen, 10)]),
+        rejected: token_batch(&[(&rejected, 10)]),
+    }];
+    let dpo = Dpo {
+        loss: DpoLoss::Sigmoid {
+            label_smoothing: 0.0,
+        },
+        beta: 0.1,
+    };
+    let mut model = lora_model(3);
+    let mut optimizer = AdamW::new(AdamWConfig::default());
+    let mut first = None;
+    let mut last = None;
+    for _ in 0..10 {
+        let (next, metrics) =
+            optimizer_step(model, &dpo, &pairs, &mut optimizer, &constant(2e-2)).unwrap();
+        model = next;
+        first.get_or_insert(metrics.clone());
+        last = Some(metrics);
+    }
+    let (first, last) = (first.unwrap(), last.unwrap());
+    // With B = 0 the policy equals the reference: loss ln 2, rewards 0.
+    assert!(
+        (first.loss - std::f64::consts::LN_2).abs() < 1e-6,
+        "{}",
+        first.loss
+    );
+    let metric = |m: &burnish_align::StepMetrics, k: &str| {
+        m.metrics.iter().find(|(n, _)| *n == k).unwrap().1
+    };
+    assert_eq!(metric(&first, "rewards/chosen"), 0.0);
+    assert!(last.loss < first.loss);
+    assert_eq!(metric(&last, "rewards/accuracies"), 1.0);
+    assert!(metric(&last, "rewards/margins") > 0.0);
+}
+
+#[test]
+fn a_non_finite_loss_stops_and_names_the_step() {
+    let ids = golden("llama").score[0].token_ids.clone();
+    let batch = [token_batch(&[(&ids[..16], 4)])];
+    let mut model = lora_model(4);
+    // Poison one adapter matrix.
+    for (_, linear) in model.linears_mut() {
+        if let Some(lora) = &mut linear.lora {
+            let nan = lora.lora_b.val().inner().add_scalar(f32::NAN);
+            lora.lora_b = burn::module::Param::from_tensor(Tensor::from_inner(nan).require_grad());
+            break;
+        }
+    }
+    let mut optimizer = AdamW::new(AdamWConfig::default());
+    let err = optimizer_step(model, &Sft, &batch, &mut optimizer, &constant(1e-3)).unwrap_err();
+    assert!(
+        err.to_string().starts_with("step 1:") && err.to_string().contains("NaN"),
+        "{err}"
+    );
+}
