@@ -107,3 +107,42 @@ fn kv_cache_decoding_equals_full_recomputation() {
             .assert_approx_eq::<f32>(&full.into_data(), Tolerance::absolute(1e-4));
     }
 }
+
+#[test]
+fn packed_documents_score_exactly_as_alone() {
+    use burn::tensor::activation::log_softmax;
+    for name in MODELS {
+        let model = Pretrained::<B>::load(&model_dir(name), &Default::default())
+            .unwrap()
+            .model;
+        let ids = &golden(name).score[1].token_ids;
+        let (doc_a, doc_b, doc_c) = (&ids[..13], &ids[13..33], &ids[40..50]);
+        // Row 0: a then b; row 1: c then padding (segment 0).
+        let seq = doc_a.len() + doc_b.len();
+        let mut tokens: Vec<i64> = doc_a.iter().chain(doc_b).map(|&t| t as i64).collect();
+        tokens.extend(doc_c.iter().map(|&t| t as i64));
+        tokens.extend(std::iter::repeat_n(0, seq - doc_c.len()));
+        let mut positions: Vec<usize> = (0..doc_a.len()).chain(0..doc_b.len()).collect();
+        positions.extend((0..doc_c.len()).chain(std::iter::repeat_n(0, seq - doc_c.len())));
+        let mut segments = vec![1u32; doc_a.len()];
+        segments.extend(std::iter::repeat_n(2, doc_b.len()));
+        segments.extend(std::iter::repeat_n(1, doc_c.len()));
+        segments.extend(std::iter::repeat_n(0, seq - doc_c.len()));
+        let device = Default::default();
+        let packed_ids = Tensor::<B, 2, Int>::from_data(TensorData::new(tokens, [2, seq]), &device);
+        let packed = log_softmax(model.forward_packed(packed_ids, &positions, &segments), 2);
+
+        for (row, start, doc) in [(0, 0, doc_a), (0, doc_a.len(), doc_b), (1, 0, doc_c)] {
+            let alone_ids: Vec<i64> = doc.iter().map(|&t| t as i64).collect();
+            let alone = model.forward(Tensor::<B, 2, Int>::from_data(
+                TensorData::new(alone_ids, [1, doc.len()]),
+                &device,
+            ));
+            let alone = log_softmax(alone, 2);
+            let slice = packed.clone().narrow(0, row, 1).narrow(1, start, doc.len());
+            slice
+                .into_data()
+                .assert_approx_eq::<f32>(&alone.into_data(), Tolerance::absolute(1e-5));
+        }
+    }
+}

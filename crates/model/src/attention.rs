@@ -40,15 +40,19 @@ impl<B: Backend> Attention<B> {
     /// Attends the new positions `start..start + seq` to themselves and to the cached ones.
     /// When `cache` is given, it must hold exactly `start` positions and is extended.
     ///
+    /// `segments`, when given, hides keys of other documents (packed rows).
+    ///
     /// # Shapes
     /// - x: `[batch, seq, hidden]`
-    /// - cos, sin: `[seq, head_dim]` for positions `start..start + seq`
+    /// - cos, sin: `[1 or batch, 1, seq, head_dim]`
+    /// - segments: `[batch, 1, seq, seq]`, `true` where a query must not see a key
     /// - output: `[batch, seq, hidden]`
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
-        cos: &Tensor<B, 2>,
-        sin: &Tensor<B, 2>,
+        cos: &Tensor<B, 4>,
+        sin: &Tensor<B, 4>,
+        segments: Option<&Tensor<B, 4, Bool>>,
         cache: Option<&mut Option<LayerCache<B>>>,
     ) -> Tensor<B, 3> {
         let [batch, seq, _] = x.dims();
@@ -83,9 +87,23 @@ impl<B: Backend> Attention<B> {
         let k = self.repeat_kv(k);
         let v = self.repeat_kv(v);
 
-        let mask = self.sliding_window.filter(|&w| seen > w).map(|w| {
-            window_mask::<B>(seq, seen, w, &q.device()).expand([batch, self.num_heads, seq, seen])
-        });
+        let window = self
+            .sliding_window
+            .filter(|&w| seen > w)
+            .map(|w| window_mask::<B>(seq, seen, w, &q.device()));
+        let mask = match (window, segments) {
+            (None, None) => None,
+            (Some(w), None) => Some(w.expand([batch, self.num_heads, seq, seen])),
+            (None, Some(s)) => Some(s.clone().expand([batch, self.num_heads, seq, seen])),
+            (Some(w), Some(s)) => {
+                Some(s.clone().bool_or(w.expand([batch, 1, seq, seen])).expand([
+                    batch,
+                    self.num_heads,
+                    seq,
+                    seen,
+                ]))
+            }
+        };
         let options = AttentionModuleOptions {
             scale: None,
             softcap: None,

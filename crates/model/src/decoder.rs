@@ -6,7 +6,7 @@
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::embedding;
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{Bool, Int, Tensor, TensorData};
 use std::path::Path;
 
 use burnish_peft::{AdaptableLinear, LoraConfig, Selected, attach_lora, load_adapter};
@@ -32,14 +32,15 @@ impl<B: Backend> DecoderLayer<B> {
     fn forward(
         &self,
         x: Tensor<B, 3>,
-        cos: &Tensor<B, 2>,
-        sin: &Tensor<B, 2>,
+        cos: &Tensor<B, 4>,
+        sin: &Tensor<B, 4>,
+        segments: Option<&Tensor<B, 4, Bool>>,
         cache: Option<&mut Option<LayerCache<B>>>,
     ) -> Tensor<B, 3> {
         let h = x.clone()
             + self
                 .self_attn
-                .forward(self.input_layernorm.forward(x), cos, sin, cache);
+                .forward(self.input_layernorm.forward(x), cos, sin, segments, cache);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }
@@ -93,7 +94,38 @@ impl<B: Backend> Decoder<B> {
     /// - ids: `[batch, seq]`
     /// - output: `[batch, seq, vocab]`
     pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        self.run(ids, 0, None)
+        let (cos, sin) = self.rope.tables::<B>(0, ids.dims()[1], &ids.device());
+        self.run(ids, &cos, &sin, None, None)
+    }
+
+    /// Next-token logits for rows that each hold several documents back to back: `positions`
+    /// restart at 0 for every document and `segments` number the documents of a row (equal
+    /// ids attend to each other, causally; different ids never do). Both are `batch × seq`,
+    /// row-major. Every document gets exactly the logits it would get alone.
+    ///
+    /// # Shapes
+    /// - ids: `[batch, seq]`
+    /// - output: `[batch, seq, vocab]`
+    pub fn forward_packed(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        positions: &[usize],
+        segments: &[u32],
+    ) -> Tensor<B, 3> {
+        let [batch, seq] = ids.dims();
+        assert_eq!(positions.len(), batch * seq, "one position per token");
+        assert_eq!(segments.len(), batch * seq, "one segment id per token");
+        let device = ids.device();
+        let (cos, sin) = self.rope.tables_at::<B>(positions, batch, &device);
+        let hidden: Vec<bool> = (0..batch)
+            .flat_map(|b| {
+                let row = &segments[b * seq..(b + 1) * seq];
+                (0..seq).flat_map(move |q| (0..seq).map(move |k| row[q] != row[k]))
+            })
+            .collect();
+        let mask =
+            Tensor::<B, 4, Bool>::from_data(TensorData::new(hidden, [batch, 1, seq, seq]), &device);
+        self.run(ids, &cos, &sin, Some(&mask), None)
     }
 
     /// Logits for the new positions `ids`, which follow the `cache.len()` positions in `cache`;
@@ -104,8 +136,10 @@ impl<B: Backend> Decoder<B> {
     /// - output: `[batch, new, vocab]`
     pub fn forward_cached(&self, ids: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
         let start = cache.len;
-        cache.len += ids.dims()[1];
-        self.run(ids, start, Some(&mut cache.layers))
+        let new = ids.dims()[1];
+        cache.len += new;
+        let (cos, sin) = self.rope.tables::<B>(start, new, &ids.device());
+        self.run(ids, &cos, &sin, None, Some(&mut cache.layers))
     }
 
     /// Every linear layer with its module name (`model.layers.0.self_attn.q_proj`, ...,
@@ -202,16 +236,15 @@ impl<B: Backend> Decoder<B> {
     fn run(
         &self,
         ids: Tensor<B, 2, Int>,
-        start: usize,
+        cos: &Tensor<B, 4>,
+        sin: &Tensor<B, 4>,
+        segments: Option<&Tensor<B, 4, Bool>>,
         mut cache: Option<&mut Vec<Option<LayerCache<B>>>>,
     ) -> Tensor<B, 3> {
-        let seq = ids.dims()[1];
-        let device = ids.device();
-        let (cos, sin) = self.rope.tables::<B>(start, seq, &device);
         let mut x = embedding(self.embed_tokens.val(), ids);
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|layers| &mut layers[i]);
-            x = layer.forward(x, &cos, &sin, slot);
+            x = layer.forward(x, cos, sin, segments, slot);
         }
         let x = self.norm.forward(x);
         match &self.lm_head {

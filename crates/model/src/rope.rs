@@ -118,27 +118,43 @@ impl Rope {
         }
     }
 
-    /// cos and sin for positions `start..start + len`.
+    /// cos and sin for positions `start..start + len`, shared by every row.
     ///
     /// # Shapes
-    /// - output: two `[len, head_dim]` tensors (each half repeated, as HF's `cat(freqs, freqs)`)
+    /// - output: two `[1, 1, len, head_dim]` tensors (each half repeated, as HF's
+    ///   `cat(freqs, freqs)`)
     pub fn tables<B: Backend>(
         &self,
         start: usize,
         len: usize,
         device: &B::Device,
-    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let positions: Vec<usize> = (start..start + len).collect();
+        self.tables_at(&positions, 1, device)
+    }
+
+    /// cos and sin for explicit per-row positions (`positions` is `rows × seq`, row-major), as
+    /// packed sequences need: positions restart at 0 for every document.
+    ///
+    /// # Shapes
+    /// - output: two `[rows, 1, seq, head_dim]` tensors
+    pub fn tables_at<B: Backend>(
+        &self,
+        positions: &[usize],
+        rows: usize,
+        device: &B::Device,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(len * half * 2);
-        let mut sin = Vec::with_capacity(len * half * 2);
-        for pos in start..start + len {
+        let mut cos = Vec::with_capacity(positions.len() * half * 2);
+        let mut sin = Vec::with_capacity(positions.len() * half * 2);
+        for &pos in positions {
             let angles: Vec<f32> = self.inv_freq.iter().map(|f| pos as f32 * f).collect();
             for _ in 0..2 {
                 cos.extend(angles.iter().map(|a| a.cos()));
                 sin.extend(angles.iter().map(|a| a.sin()));
             }
         }
-        let shape = [len, half * 2];
+        let shape = [rows, 1, positions.len() / rows.max(1), half * 2];
         (
             Tensor::from_data(TensorData::new(cos, shape), device),
             Tensor::from_data(TensorData::new(sin, shape), device),
@@ -150,21 +166,19 @@ impl Rope {
 ///
 /// # Shapes
 /// - x: `[batch, heads, seq, head_dim]`
-/// - cos, sin: `[seq, head_dim]`
+/// - cos, sin: `[1 or batch, 1, seq, head_dim]`
 /// - output: `[batch, heads, seq, head_dim]`
 pub fn apply_rotary<B: Backend>(
     x: Tensor<B, 4>,
-    cos: &Tensor<B, 2>,
-    sin: &Tensor<B, 2>,
+    cos: &Tensor<B, 4>,
+    sin: &Tensor<B, 4>,
 ) -> Tensor<B, 4> {
     let [_, _, _, head_dim] = x.dims();
     let half = head_dim / 2;
     let x1 = x.clone().narrow(3, 0, half);
     let x2 = x.clone().narrow(3, half, half);
     let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    let cos = cos.clone().unsqueeze::<4>();
-    let sin = sin.clone().unsqueeze::<4>();
-    x * cos + rotated * sin
+    x * cos.clone() + rotated * sin.clone()
 }
 
 #[cfg(test)]
