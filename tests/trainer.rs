@@ -36,6 +36,7 @@ fn token_batch(rows: &[(&[u32], usize)]) -> TokenBatch<AD> {
         targets: Tensor::<AD, 2, Int>::from_data(TensorData::new(targets, [n, len]), &device),
         mask: Tensor::<AD, 2>::from_data(TensorData::new(mask, [n, len]), &device),
         trained_tokens,
+        packing: None,
     }
 }
 
@@ -112,6 +113,67 @@ fn accumulation_averages_over_the_whole_batch() {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0f32, f32::max);
     assert!(worst < 1e-6, "accumulated update differs by {worst:e}");
+}
+
+#[test]
+fn packed_rows_train_like_separate_rows() {
+    let ids = golden("llama").score[1].token_ids.clone();
+    let (a, b) = (&ids[..12], &ids[12..30]);
+    // Separate rows, each trained from its fourth token.
+    let separate = [token_batch(&[(a, 3)]), token_batch(&[(b, 3)])];
+    // One packed row of both documents, the same tokens marked.
+    let packed_ids: Vec<u32> = a.iter().chain(b).copied().collect();
+    let trained: Vec<bool> = (0..a.len())
+        .map(|i| i >= 3)
+        .chain((0..b.len()).map(|i| i >= 3))
+        .collect();
+    let positions: Vec<u32> = (0..a.len() as u32).chain(0..b.len() as u32).collect();
+    let segments: Vec<u32> = std::iter::repeat_n(1, a.len())
+        .chain(std::iter::repeat_n(2, b.len()))
+        .collect();
+    let packed = TokenBatch::<AD>::from_rows(
+        1,
+        packed_ids.len(),
+        &packed_ids,
+        &trained,
+        &positions,
+        &segments,
+        &Default::default(),
+    );
+    assert_eq!(
+        packed.trained_tokens,
+        separate.iter().map(|b| b.trained_tokens).sum::<usize>()
+    );
+
+    let config = AdamWConfig::default();
+    let (_, m1) = optimizer_step(
+        lora_model(5),
+        &Sft,
+        &separate,
+        &mut AdamW::new(config),
+        &constant(1e-2),
+    )
+    .unwrap();
+    let (_, m2) = optimizer_step(
+        lora_model(5),
+        &Sft,
+        &[packed],
+        &mut AdamW::new(config),
+        &constant(1e-2),
+    )
+    .unwrap();
+    assert!(
+        (m1.loss - m2.loss).abs() < 1e-5,
+        "separate {} vs packed {}",
+        m1.loss,
+        m2.loss
+    );
+    assert!(
+        (m1.grad_norm - m2.grad_norm).abs() < 1e-4 * m1.grad_norm,
+        "{} vs {}",
+        m1.grad_norm,
+        m2.grad_norm
+    );
 }
 
 #[test]

@@ -5,7 +5,7 @@
 
 use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{Int, Tensor, TensorData};
 use burnish_model::Decoder;
 
 use crate::dpo::{DpoLoss, PairLogps, dpo_loss};
@@ -22,6 +22,67 @@ pub struct TokenBatch<B: Backend> {
     pub mask: Tensor<B, 2>,
     /// Number of 1.0 entries in `mask`.
     pub trained_tokens: usize,
+    /// For packed rows: per-token positions and document ids of the inputs (`batch × seq`,
+    /// row-major); `None` for one document per row starting at position 0.
+    pub packing: Option<(Vec<usize>, Vec<u32>)>,
+}
+
+impl<B: Backend> TokenBatch<B> {
+    /// Builds a batch from `rows` rows of `len` tokens (row-major): `ids`, `trained` (token `i`
+    /// is a trained target), and the rows' `positions` and `segments` (document ids, 0 for
+    /// padding). Position `t` predicts token `t + 1`; a target is trained only if it is marked
+    /// and belongs to the same document as its input, so packed documents never learn across
+    /// their boundary.
+    pub fn from_rows(
+        rows: usize,
+        len: usize,
+        ids: &[u32],
+        trained: &[bool],
+        positions: &[u32],
+        segments: &[u32],
+        device: &B::Device,
+    ) -> Self {
+        assert!(len >= 2, "a row needs at least two tokens to train on");
+        let n = len - 1;
+        let mut inputs = Vec::with_capacity(rows * n);
+        let mut targets = Vec::with_capacity(rows * n);
+        let mut mask = Vec::with_capacity(rows * n);
+        let mut pos = Vec::with_capacity(rows * n);
+        let mut seg = Vec::with_capacity(rows * n);
+        for r in 0..rows {
+            let at = |t: usize| r * len + t;
+            for t in 0..n {
+                inputs.push(i64::from(ids[at(t)]));
+                targets.push(i64::from(ids[at(t + 1)]));
+                let same_document = segments[at(t)] == segments[at(t + 1)] && segments[at(t)] != 0;
+                mask.push(if trained[at(t + 1)] && same_document {
+                    1.0f32
+                } else {
+                    0.0
+                });
+                pos.push(positions[at(t)] as usize);
+                seg.push(segments[at(t)]);
+            }
+        }
+        let trained_tokens = mask.iter().filter(|&&m| m > 0.0).count();
+        Self {
+            inputs: Tensor::from_data(TensorData::new(inputs, [rows, n]), device),
+            targets: Tensor::from_data(TensorData::new(targets, [rows, n]), device),
+            mask: Tensor::from_data(TensorData::new(mask, [rows, n]), device),
+            trained_tokens,
+            packing: Some((pos, seg)),
+        }
+    }
+}
+
+/// Logits of every position of `batch`, packed rows kept apart.
+fn logits<B: Backend>(model: &Decoder<B>, batch: &TokenBatch<B>) -> Tensor<B, 3> {
+    match &batch.packing {
+        Some((positions, segments)) => {
+            model.forward_packed(batch.inputs.clone(), positions, segments)
+        }
+        None => model.forward(batch.inputs.clone()),
+    }
 }
 
 /// Chosen and rejected completions of the same prompts, row for row; the masks cover the
@@ -62,8 +123,11 @@ impl<B: AutodiffBackend> Strategy<B> for Sft {
     }
 
     fn loss(&self, model: &Decoder<B>, batch: &TokenBatch<B>) -> StepOutput<B> {
-        let logits = model.forward(batch.inputs.clone());
-        let loss = masked_token_loss(logits, batch.targets.clone(), batch.mask.clone());
+        let loss = masked_token_loss(
+            logits(model, batch),
+            batch.targets.clone(),
+            batch.mask.clone(),
+        );
         StepOutput {
             loss_sum: loss.sum,
             units: loss.tokens as f64,
@@ -82,10 +146,13 @@ pub struct Dpo {
 
 /// Summed completion log-probs per row.
 fn sequence_logps<B: Backend>(model: &Decoder<B>, batch: &TokenBatch<B>) -> Tensor<B, 1> {
-    let logits = model.forward(batch.inputs.clone());
-    masked_token_logprobs(logits, batch.targets.clone(), batch.mask.clone())
-        .sum_dim(1)
-        .squeeze_dim::<1>(1)
+    masked_token_logprobs(
+        logits(model, batch),
+        batch.targets.clone(),
+        batch.mask.clone(),
+    )
+    .sum_dim(1)
+    .squeeze_dim::<1>(1)
 }
 
 fn inner_batch<B: AutodiffBackend>(batch: &TokenBatch<B>) -> TokenBatch<B::InnerBackend> {
@@ -94,6 +161,7 @@ fn inner_batch<B: AutodiffBackend>(batch: &TokenBatch<B>) -> TokenBatch<B::Inner
         targets: batch.targets.clone().inner(),
         mask: batch.mask.clone().inner(),
         trained_tokens: batch.trained_tokens,
+        packing: batch.packing.clone(),
     }
 }
 
