@@ -1,9 +1,9 @@
-//! The data crate's error type: each variant names the file (and where it can, the key) it is
-//! about.
+//! The data crate's error type: each variant names the file (and where it can, the line or key)
+//! it is about, and what to do.
 
 use std::path::PathBuf;
 
-/// Errors from reading tokenizers and chat templates.
+/// Errors from reading tokenizers, chat templates and datasets.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     #[error("{path}: cannot read: {source}")]
@@ -26,6 +26,18 @@ pub enum DataError {
     NoChatTemplate { dir: PathBuf },
     #[error("chat template `{name}`: {detail}")]
     Template { name: String, detail: String },
+    #[error("no built-in chat template `{name}`; built-ins: {}", crate::BUILTIN_TEMPLATES.join(", "))]
+    UnknownTemplate { name: String },
+    /// A dataset row that cannot become an example (with `on_bad_row = "error"`).
+    #[error("{path}:{line}: {reason} (set on_bad_row = \"skip\" to skip such rows)")]
+    BadRow {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
+    /// A setting that cannot work.
+    #[error("data config: `{key}`: {detail}")]
+    Config { key: String, detail: String },
 }
 
 /// Shorthand for results in this crate.

@@ -1,59 +1,84 @@
-//! Chat templates: the checkpoint's own Jinja template (`chat_template.jinja`, or
-//! `tokenizer_config.json`'s `chat_template`, a string or a list of named templates) rendered with
-//! minijinja in the dialect of transformers' `apply_chat_template`: trimmed and left-stripped
-//! blocks, `raise_exception`, a `tojson` that leaves text unescaped, Python string methods.
-//! Rendering is sandboxed: templates see only the values passed in, and a fuel limit bounds them.
+//! Chat templates: where a checkpoint keeps its template (`chat_template.jinja`, or
+//! `tokenizer_config.json`'s `chat_template`, a string or a list of named templates), compiling it
+//! once, and rendering conversations as transformers' `apply_chat_template` does, with the byte
+//! spans of `{% generation %}` blocks. The Jinja dialect itself is in `jinja.rs`; named built-in
+//! templates are in `builtin.rs`.
 
+use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::Path;
+use std::sync::Arc;
 
-use minijinja::syntax::SyntaxConfig;
 use minijinja::value::Serde;
-use minijinja::{Environment, Error, ErrorKind, Value, context};
-use serde::{Deserialize, Serialize};
+use minijinja::{Environment, Error, Value};
 
 use crate::error::{DataError, Result};
+use crate::jinja::{self, GENERATION_END, GENERATION_START};
+use crate::message::{Content, Message};
 use crate::tokenizer::{SpecialTokens, TokenizerConfig};
 
-/// One turn of a conversation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Message {
-    pub role: String,
-    pub content: String,
-}
+/// The name the compiled template is stored under in its environment.
+const ENTRY: &str = "chat_template";
 
-impl Message {
-    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Self {
-            role: role.into(),
-            content: content.into(),
-        }
-    }
-}
-
-/// Upper bound on template work, so a hostile template cannot loop forever.
-const TEMPLATE_FUEL: u64 = 50_000_000;
-
-/// A chat template's source and the name it is reported under.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A compiled chat template and the name errors report it under.
+///
+/// ```
+/// use burnish_data::{ChatTemplate, Message, SpecialTokens};
+/// let t = ChatTemplate::builtin("chatml").unwrap();
+/// let text = t.render(&[Message::new("user", "Hi")], true, &SpecialTokens::default()).unwrap();
+/// assert_eq!(text, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+/// ```
+#[derive(Debug, Clone)]
 pub struct ChatTemplate {
-    pub name: String,
-    pub source: String,
+    name: String,
+    source: String,
+    has_generation: bool,
+    env: Arc<Environment<'static>>,
+}
+
+/// A rendered conversation: the text, and the byte ranges of its `{% generation %}` blocks (empty
+/// when the template has none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    pub text: String,
+    pub generation_spans: Vec<Range<usize>>,
 }
 
 impl ChatTemplate {
+    /// Compiles `source`; `name` is what errors call it (a path or a built-in's name).
+    pub fn new(name: impl Into<String>, source: impl Into<String>) -> Result<Self> {
+        let name = name.into();
+        let source = source.into();
+        let (compiled, has_generation) = jinja::rewrite_generation_tags(&source);
+        let mut env = jinja::environment();
+        env.add_template_owned(ENTRY, compiled)
+            .map_err(|e| DataError::Template {
+                name: name.clone(),
+                detail: describe(&e),
+            })?;
+        Ok(Self {
+            name,
+            source,
+            has_generation,
+            env: Arc::new(env),
+        })
+    }
+
+    /// Reads a template file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let source = std::fs::read_to_string(path).map_err(|source| DataError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::new(path.display().to_string(), source)
+    }
+
     /// The template a checkpoint directory ships: `chat_template.jinja` (transformers 5) first,
     /// then `tokenizer_config.json`'s `chat_template` (its `default` entry when it is a list).
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let jinja = dir.join("chat_template.jinja");
         if jinja.exists() {
-            let source = std::fs::read_to_string(&jinja).map_err(|source| DataError::Io {
-                path: jinja.clone(),
-                source,
-            })?;
-            return Ok(Self {
-                name: jinja.display().to_string(),
-                source,
-            });
+            return Self::from_file(&jinja);
         }
         let name = dir.join("tokenizer_config.json").display().to_string();
         let source = match TokenizerConfig::from_dir(dir)?.chat_template {
@@ -74,7 +99,30 @@ impl ChatTemplate {
                 });
             }
         };
-        Ok(Self { name, source })
+        Self::new(name, source)
+    }
+
+    /// A named built-in template (see [`crate::BUILTIN_TEMPLATES`]).
+    pub fn builtin(name: &str) -> Result<Self> {
+        let source = crate::builtin::source(name).ok_or_else(|| DataError::UnknownTemplate {
+            name: name.to_string(),
+        })?;
+        Self::new(name, source)
+    }
+
+    /// The name errors report this template under.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The template source as written.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Whether the template marks generated text with `{% generation %}` blocks.
+    pub fn has_generation_blocks(&self) -> bool {
+        self.has_generation
     }
 
     /// Renders `messages` as `apply_chat_template(messages, tokenize=False,
@@ -85,23 +133,84 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         special: &SpecialTokens,
     ) -> Result<String> {
-        let fail = |e: Error| DataError::Template {
-            name: self.name.clone(),
-            detail: describe(&e),
-        };
-        let env = environment();
-        let template = env.template_from_str(&self.source).map_err(fail)?;
-        template
-            .render(context! {
-                messages => Value::from(Serde(messages)),
-                add_generation_prompt => add_generation_prompt,
-                bos_token => &special.bos_token,
-                eos_token => &special.eos_token,
-                pad_token => &special.pad_token,
-                unk_token => &special.unk_token,
-            })
-            .map_err(fail)
+        Ok(self
+            .render_spans(
+                messages,
+                add_generation_prompt,
+                special,
+                &Default::default(),
+            )?
+            .text)
     }
+
+    /// Renders with extra template variables (`extra`, e.g. `date_string` or `enable_thinking`,
+    /// passed like `apply_chat_template`'s keyword arguments) and returns the generation spans.
+    pub fn render_spans(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        special: &SpecialTokens,
+        extra: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Rendered> {
+        let fail = |detail: String| DataError::Template {
+            name: self.name.clone(),
+            detail,
+        };
+        if self.has_generation && messages.iter().any(holds_marker) {
+            return Err(fail(
+                "a message contains a reserved private-use character (U+F0000 or U+F0001)".into(),
+            ));
+        }
+        // The variables `apply_chat_template` passes: special tokens first (only those that are
+        // set), then keyword arguments over them, then messages, tools, documents and the prompt flag.
+        let mut vars: BTreeMap<String, Value> = BTreeMap::new();
+        for (key, token) in [
+            ("bos_token", &special.bos_token),
+            ("eos_token", &special.eos_token),
+            ("unk_token", &special.unk_token),
+            ("pad_token", &special.pad_token),
+        ] {
+            if let Some(t) = token {
+                vars.insert(key.into(), Value::from(t.as_str()));
+            }
+        }
+        for (k, v) in extra {
+            vars.insert(k.clone(), Value::from(Serde(v)));
+        }
+        vars.insert("messages".into(), Value::from(Serde(messages)));
+        vars.insert("tools".into(), Value::from(()));
+        vars.insert("documents".into(), Value::from(()));
+        vars.insert(
+            "add_generation_prompt".into(),
+            Value::from(add_generation_prompt),
+        );
+        let ctx = Value::from(vars);
+        let template = self
+            .env
+            .get_template(ENTRY)
+            .map_err(|e| fail(describe(&e)))?;
+        let text = template.render(ctx).map_err(|e| fail(describe(&e)))?;
+        if !self.has_generation {
+            return Ok(Rendered {
+                text,
+                generation_spans: Vec::new(),
+            });
+        }
+        let (text, generation_spans) = jinja::extract_generation_spans(&text).map_err(fail)?;
+        Ok(Rendered {
+            text,
+            generation_spans,
+        })
+    }
+}
+
+fn holds_marker(m: &Message) -> bool {
+    let has = |s: &str| s.contains([GENERATION_START, GENERATION_END]);
+    has(&m.role)
+        || match &m.content {
+            Content::Text(t) => has(t),
+            Content::Parts(parts) => parts.iter().any(|p| has(&p.text) || has(&p.kind)),
+        }
 }
 
 /// A template error with its cause chain, which carries `raise_exception`'s message.
@@ -115,70 +224,6 @@ fn describe(e: &Error) -> String {
     text
 }
 
-fn environment() -> Environment<'static> {
-    let mut env = Environment::new();
-    env.set_syntax(
-        SyntaxConfig::builder()
-            .trim_blocks(true)
-            .lstrip_blocks(true)
-            .build()
-            .expect("the default delimiters are valid"),
-    );
-    env.set_fuel(Some(TEMPLATE_FUEL));
-    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function(
-        "raise_exception",
-        |message: String| -> std::result::Result<Value, Error> {
-            Err(Error::new(ErrorKind::InvalidOperation, message))
-        },
-    );
-    env.add_filter("tojson", tojson);
-    env
-}
-
-/// `tojson` as transformers defines it: `json.dumps(value, ensure_ascii=False, indent=indent)`,
-/// without the HTML escaping of minijinja's built-in filter.
-fn tojson(value: Value, indent: Option<usize>) -> std::result::Result<Value, Error> {
-    let json = serde_json::to_value(&value)
-        .map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
-    let text = match indent {
-        None => python_compact_json(&json),
-        Some(n) => {
-            let indent = " ".repeat(n);
-            let mut out = Vec::new();
-            let formatter = serde_json::ser::PrettyFormatter::with_indent(indent.as_bytes());
-            let mut ser = serde_json::Serializer::with_formatter(&mut out, formatter);
-            serde::Serialize::serialize(&json, &mut ser)
-                .map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
-            String::from_utf8(out).expect("serde_json writes UTF-8")
-        }
-    };
-    Ok(Value::from_safe_string(text))
-}
-
-/// Python's default `json.dumps` separators: `", "` and `": "`.
-fn python_compact_json(v: &serde_json::Value) -> String {
-    use serde_json::Value as J;
-    match v {
-        J::Array(items) => format!(
-            "[{}]",
-            items
-                .iter()
-                .map(python_compact_json)
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-        J::Object(map) => format!(
-            "{{{}}}",
-            map.iter()
-                .map(|(k, v)| format!("{}: {}", J::String(k.clone()), python_compact_json(v)))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-        other => other.to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,10 +231,7 @@ mod tests {
     const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
     fn template(source: &str) -> ChatTemplate {
-        ChatTemplate {
-            name: "test".into(),
-            source: source.into(),
-        }
+        ChatTemplate::new("test", source).unwrap()
     }
 
     #[test]
@@ -248,5 +290,66 @@ mod tests {
         .render(&[], false, &SpecialTokens::default())
         .unwrap_err();
         assert!(err.to_string().contains("test"), "{err}");
+    }
+
+    #[test]
+    fn generation_blocks_give_spans_and_leave_no_trace() {
+        let source = "{% for m in messages %}{% if m.role == 'assistant' %}A: {% generation %}{{ m.content }}!{% endgeneration %}\n{% else %}U: {{ m.content }}\n{% endif %}{% endfor %}";
+        let r = template(source)
+            .render_spans(
+                &[Message::new("user", "hi"), Message::new("assistant", "yo")],
+                false,
+                &SpecialTokens::default(),
+                &Default::default(),
+            )
+            .unwrap();
+        // As in Jinja2, trim_blocks eats the newline after `{% endgeneration %}`.
+        assert_eq!(r.text, "U: hi\nA: yo!");
+        assert_eq!(&r.text[r.generation_spans[0].clone()], "yo!");
+        let err = template(source)
+            .render_spans(
+                &[Message::new("assistant", "\u{F0001}")],
+                false,
+                &SpecialTokens::default(),
+                &Default::default(),
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("private-use"), "{err}");
+    }
+
+    #[test]
+    fn tokenizer_config_list_of_templates_uses_default() {
+        let dir = std::env::temp_dir().join(format!("burnish-tpl-list-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = serde_json::json!({"chat_template": [
+            {"name": "tool_use", "template": "T"},
+            {"name": "default", "template": "D{{ messages | length }}"}
+        ]});
+        std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
+        let t = ChatTemplate::from_dir(&dir).unwrap();
+        assert_eq!(
+            t.render(&[], false, &SpecialTokens::default()).unwrap(),
+            "D0"
+        );
+        std::fs::write(dir.join("tokenizer_config.json"), "{}").unwrap();
+        let err = ChatTemplate::from_dir(&dir).unwrap_err();
+        std::fs::remove_dir_all(&dir).ok();
+        assert!(matches!(err, DataError::NoChatTemplate { .. }), "{err}");
+    }
+
+    #[test]
+    fn templates_cannot_reach_outside() {
+        for source in [
+            "{% include '/etc/passwd' %}",
+            "{% import 'x' as y %}",
+            "{% extends 'base' %}",
+        ] {
+            let out = template(source).render(&[], false, &SpecialTokens::default());
+            assert!(out.is_err(), "{source}: {out:?}");
+        }
+        let out = template("{{ env }}{{ environ }}{{ os }}")
+            .render(&[], false, &SpecialTokens::default())
+            .unwrap();
+        assert_eq!(out, "");
     }
 }

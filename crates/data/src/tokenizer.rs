@@ -8,6 +8,9 @@ use serde_json::Value;
 
 use crate::error::{DataError, Result};
 
+/// A token's byte range in the text it came from.
+pub type Offsets = (usize, usize);
+
 /// Special tokens as `tokenizer_config.json` declares them (each may be absent).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SpecialTokens {
@@ -88,6 +91,20 @@ impl Tokenizer {
             .encode(text, add_special_tokens)
             .map_err(|e| DataError::Encode(e.to_string()))?;
         Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Token ids of `text` and each token's byte range in `text` (`(0, 0)` for tokens the
+    /// post-processor adds).
+    pub fn encode_with_offsets(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> Result<(Vec<u32>, Vec<Offsets>)> {
+        let encoding = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| DataError::Encode(e.to_string()))?;
+        Ok((encoding.get_ids().to_vec(), encoding.get_offsets().to_vec()))
     }
 
     /// The text of `ids`.

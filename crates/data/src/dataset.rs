@@ -1,0 +1,305 @@
+//! A dataset end to end: the data settings of a recipe ([`DataConfig`]), and [`load`], which
+//! reads the files, turns rows into samples, renders and tokenizes them in parallel, applies
+//! `max_length`, and reports what happened (rows, tokens, trained tokens, truncated rows, rejected
+//! rows with file, line and reason). Bad rows are errors or counted skips, as configured.
+
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::batch::{shuffle, split_eval};
+use crate::error::{DataError, Result};
+use crate::example::{Encoded, Encoder, Example, PairExample, TrainOn};
+use crate::format::{AlpacaStyle, Fields, RowFormat, parse_row};
+use crate::reader::read_rows;
+
+/// What to do with a row that cannot become an example.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnBadRow {
+    /// Stop with an error naming the file, line and reason.
+    #[default]
+    Error,
+    /// Skip it, count it, and list it in the report.
+    Skip,
+}
+
+/// What to do with an example longer than `max_length`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Truncation {
+    /// Keep the first `max_length` tokens (counted as truncated).
+    #[default]
+    KeepStart,
+    /// Reject the row (a bad row, so `on_bad_row` applies).
+    Drop,
+}
+
+/// The data settings of a recipe. Every field has a default; unknown keys are errors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Row shape (default `auto`: decided per row).
+    pub format: RowFormat,
+    /// Field names (default: the usual names of each shape).
+    pub fields: Fields,
+    /// How Alpaca rows are rendered (default `chat`).
+    pub alpaca_style: AlpacaStyle,
+    /// Which tokens are trained (default `assistant`).
+    pub train_on: TrainOn,
+    /// Longest example in tokens (default: no limit).
+    pub max_length: Option<usize>,
+    /// What to do above `max_length` (default `keep-start`).
+    pub truncation: Truncation,
+    /// What to do with bad rows (default `error`).
+    pub on_bad_row: OnBadRow,
+    /// Fraction of examples held out for evaluation when there is no eval file (default 0);
+    /// see [`Dataset::split_eval`].
+    pub eval_ratio: f64,
+    /// Seed of the shuffle before splitting and of the batch order (default 0).
+    pub seed: u64,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            format: RowFormat::Auto,
+            fields: Fields::default(),
+            alpaca_style: AlpacaStyle::Chat,
+            train_on: TrainOn::Assistant,
+            max_length: None,
+            truncation: Truncation::KeepStart,
+            on_bad_row: OnBadRow::Error,
+            eval_ratio: 0.0,
+            seed: 0,
+        }
+    }
+}
+
+impl DataConfig {
+    /// Checks values serde cannot.
+    pub fn validate(&self) -> Result<()> {
+        if !(0.0..1.0).contains(&self.eval_ratio) {
+            return Err(DataError::Config {
+                key: "eval_ratio".into(),
+                detail: format!("must be in [0, 1), got {}", self.eval_ratio),
+            });
+        }
+        if self.max_length == Some(0) {
+            return Err(DataError::Config {
+                key: "max_length".into(),
+                detail: "must be at least 1".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A skipped row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Rejection {
+    pub path: PathBuf,
+    pub line: usize,
+    pub reason: String,
+}
+
+/// What loading did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Report {
+    /// Rows read.
+    pub rows: usize,
+    /// Tokens in the kept examples (both sequences of a pair, prompt counted twice).
+    pub tokens: usize,
+    /// Trained tokens in the kept examples.
+    pub trained_tokens: usize,
+    /// Rows cut to `max_length`.
+    pub truncated: usize,
+    /// Rows skipped, with why.
+    pub rejected: Vec<Rejection>,
+}
+
+/// Where a row came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Source {
+    pub path: PathBuf,
+    pub line: usize,
+}
+
+/// Examples of a dataset and what loading them did: `examples[i]` came from
+/// `example_sources[i]`, `pairs[i]` from `pair_sources[i]`.
+#[derive(Debug, Clone, Default)]
+pub struct Dataset {
+    pub examples: Vec<Example>,
+    pub example_sources: Vec<Source>,
+    pub pairs: Vec<PairExample>,
+    pub pair_sources: Vec<Source>,
+    pub report: Report,
+}
+
+impl Dataset {
+    /// Shuffles with `seed`, then holds out `eval_ratio` of the examples and of the pairs:
+    /// `(train, eval)`. The report stays with the training part. For a split by file, load the
+    /// eval file on its own instead.
+    pub fn split_eval(self, eval_ratio: f64, seed: u64) -> (Dataset, Dataset) {
+        fn part<T, U>(
+            items: Vec<T>,
+            sources: Vec<U>,
+            ratio: f64,
+            seed: u64,
+        ) -> [(Vec<T>, Vec<U>); 2] {
+            let mut both: Vec<(T, U)> = items.into_iter().zip(sources).collect();
+            shuffle(&mut both, seed);
+            let (train, eval) = split_eval(both, ratio);
+            [train.into_iter().unzip(), eval.into_iter().unzip()]
+        }
+        let [
+            (examples, example_sources),
+            (eval_examples, eval_example_sources),
+        ] = part(self.examples, self.example_sources, eval_ratio, seed);
+        let [(pairs, pair_sources), (eval_pairs, eval_pair_sources)] =
+            part(self.pairs, self.pair_sources, eval_ratio, seed);
+        (
+            Dataset {
+                examples,
+                example_sources,
+                pairs,
+                pair_sources,
+                report: self.report,
+            },
+            Dataset {
+                examples: eval_examples,
+                example_sources: eval_example_sources,
+                pairs: eval_pairs,
+                pair_sources: eval_pair_sources,
+                report: Report::default(),
+            },
+        )
+    }
+}
+
+/// A row's outcome, with its file and line.
+type RowOutcome<'a> = (
+    std::result::Result<(Encoded, bool), String>,
+    &'a PathBuf,
+    usize,
+);
+
+/// Reads, renders and tokenizes every row of `paths` (in parallel; the order is the files').
+pub fn load(paths: &[&Path], encoder: &Encoder, config: &DataConfig) -> Result<Dataset> {
+    config.validate()?;
+    let mut rows = Vec::new();
+    for p in paths {
+        rows.extend(read_rows(p)?);
+    }
+    let results: Vec<RowOutcome> = rows
+        .par_iter()
+        .map(|row| {
+            let out = row
+                .parse()
+                .and_then(|v| parse_row(&v, config.format, &config.fields, config.alpaca_style))
+                .and_then(|s| encoder.encode(&s))
+                .and_then(|e| limit(e, config));
+            (out, &row.path, row.line)
+        })
+        .collect();
+    let mut ds = Dataset {
+        report: Report {
+            rows: rows.len(),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    for (result, path, line) in results {
+        match result {
+            Ok((encoded, truncated)) => {
+                ds.report.truncated += truncated as usize;
+                match encoded {
+                    Encoded::Single(e) => {
+                        ds.report.tokens += e.len();
+                        ds.report.trained_tokens += e.trained();
+                        ds.examples.push(e);
+                        ds.example_sources.push(Source {
+                            path: path.clone(),
+                            line,
+                        });
+                    }
+                    Encoded::Pair(p) => {
+                        ds.report.tokens +=
+                            2 * p.prompt_ids.len() + p.chosen_ids.len() + p.rejected_ids.len();
+                        ds.report.trained_tokens += p.chosen_ids.len() + p.rejected_ids.len();
+                        ds.pairs.push(p);
+                        ds.pair_sources.push(Source {
+                            path: path.clone(),
+                            line,
+                        });
+                    }
+                }
+            }
+            Err(reason) => match config.on_bad_row {
+                OnBadRow::Error => {
+                    return Err(DataError::BadRow {
+                        path: path.clone(),
+                        line,
+                        reason,
+                    });
+                }
+                OnBadRow::Skip => {
+                    tracing::warn!("{}:{line}: skipped: {reason}", path.display());
+                    ds.report.rejected.push(Rejection {
+                        path: path.clone(),
+                        line,
+                        reason,
+                    });
+                }
+            },
+        }
+    }
+    Ok(ds)
+}
+
+/// Applies `max_length`: `(example, was truncated)` or the reason the row is rejected.
+fn limit(encoded: Encoded, config: &DataConfig) -> std::result::Result<(Encoded, bool), String> {
+    let Some(max) = config.max_length else {
+        return Ok((encoded, false));
+    };
+    let len = match &encoded {
+        Encoded::Single(e) => e.len(),
+        Encoded::Pair(p) => p.prompt_ids.len() + p.chosen_ids.len().max(p.rejected_ids.len()),
+    };
+    if len <= max {
+        return Ok((encoded, false));
+    }
+    if config.truncation == Truncation::Drop {
+        return Err(format!(
+            "{len} tokens, longer than max_length = {max} (truncation = \"drop\")"
+        ));
+    }
+    let encoded = match encoded {
+        Encoded::Single(mut e) => {
+            e.input_ids.truncate(max);
+            e.labels_mask.truncate(max);
+            if e.trained() == 0 {
+                return Err(format!(
+                    "no trained token left in the first max_length = {max} of {len} tokens"
+                ));
+            }
+            Encoded::Single(e)
+        }
+        Encoded::Pair(mut p) => {
+            let room = max
+                .checked_sub(p.prompt_ids.len())
+                .filter(|&r| r > 0)
+                .ok_or_else(|| {
+                    format!(
+                        "the prompt alone has {} tokens, max_length = {max}",
+                        p.prompt_ids.len()
+                    )
+                })?;
+            p.chosen_ids.truncate(room);
+            p.rejected_ids.truncate(room);
+            Encoded::Pair(p)
+        }
+    };
+    Ok((encoded, true))
+}

@@ -1,0 +1,501 @@
+//! Row shapes: how one JSON row becomes a [`Sample`] (a conversation, a prompt/completion text, or
+//! a preference pair). Shapes are `messages` (OpenAI style), ShareGPT (`conversations` with
+//! `from`/`value`), Alpaca (`instruction`/`input`/`output`), `prompt`/`completion` and preference
+//! pairs (`prompt` + `chosen`/`rejected`, or full `chosen`/`rejected` conversations sharing a
+//! prefix). Field names are configurable. Every problem is a reason string; the caller adds the
+//! file and line.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::message::{Content, ContentPart, Message, ROLES};
+
+/// Which shape rows have.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RowFormat {
+    /// Decided per row from the fields present (preference, messages, ShareGPT, Alpaca,
+    /// prompt/completion, in that order).
+    #[default]
+    Auto,
+    Messages,
+    Sharegpt,
+    Alpaca,
+    PromptCompletion,
+    Preference,
+}
+
+/// How Alpaca rows are rendered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AlpacaStyle {
+    /// As a user turn (instruction, then input after a blank line) and an assistant turn,
+    /// through the chat template.
+    #[default]
+    Chat,
+    /// As the plain Stanford Alpaca prompt (`### Instruction:` … `### Response:`), no template.
+    Plain,
+}
+
+/// Field names of each row shape; every one defaults to the usual name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Fields {
+    pub messages: String,
+    pub role: String,
+    pub content: String,
+    pub conversations: String,
+    pub from: String,
+    pub value: String,
+    pub instruction: String,
+    pub input: String,
+    pub output: String,
+    pub prompt: String,
+    pub completion: String,
+    pub chosen: String,
+    pub rejected: String,
+}
+
+impl Default for Fields {
+    fn default() -> Self {
+        let s = String::from;
+        Self {
+            messages: s("messages"),
+            role: s("role"),
+            content: s("content"),
+            conversations: s("conversations"),
+            from: s("from"),
+            value: s("value"),
+            instruction: s("instruction"),
+            input: s("input"),
+            output: s("output"),
+            prompt: s("prompt"),
+            completion: s("completion"),
+            chosen: s("chosen"),
+            rejected: s("rejected"),
+        }
+    }
+}
+
+/// What one row is, before templating and tokenization.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sample {
+    /// A conversation; `prompt_len` messages form the prompt when the row said so
+    /// (prompt/completion rows), else the prompt is everything before the last assistant turn.
+    Chat {
+        messages: Vec<Message>,
+        prompt_len: Option<usize>,
+    },
+    /// Plain text, no template: `prompt` then `completion` (EOS is appended when encoding).
+    Text { prompt: String, completion: String },
+    /// A preference pair of conversations: shared prompt messages, then each completion's.
+    Pair {
+        prompt: Vec<Message>,
+        chosen: Vec<Message>,
+        rejected: Vec<Message>,
+    },
+    /// A preference pair of plain texts.
+    TextPair {
+        prompt: String,
+        chosen: String,
+        rejected: String,
+    },
+}
+
+/// The Stanford Alpaca preambles.
+const ALPACA_WITH_INPUT: &str = "Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.\n\n";
+const ALPACA_NO_INPUT: &str = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n";
+
+/// Turns one JSON row into a sample.
+pub fn parse_row(
+    row: &Value,
+    format: RowFormat,
+    fields: &Fields,
+    alpaca: AlpacaStyle,
+) -> Result<Sample, String> {
+    let obj = row
+        .as_object()
+        .ok_or_else(|| format!("a row must be a JSON object, found {}", kind(row)))?;
+    let has = |k: &str| obj.contains_key(k);
+    let format = match format {
+        RowFormat::Auto if has(&fields.chosen) && has(&fields.rejected) => RowFormat::Preference,
+        RowFormat::Auto if has(&fields.messages) => RowFormat::Messages,
+        RowFormat::Auto if has(&fields.conversations) => RowFormat::Sharegpt,
+        RowFormat::Auto if has(&fields.instruction) && has(&fields.output) => RowFormat::Alpaca,
+        RowFormat::Auto if has(&fields.prompt) && has(&fields.completion) => {
+            RowFormat::PromptCompletion
+        }
+        RowFormat::Auto => {
+            return Err(format!(
+                "cannot tell the row's shape from its fields ({}); set `format`",
+                obj.keys().cloned().collect::<Vec<_>>().join(", ")
+            ));
+        }
+        f => f,
+    };
+    let field = |k: &str| obj.get(k).ok_or_else(|| format!("missing field `{k}`"));
+    match format {
+        RowFormat::Messages => {
+            let messages = messages(field(&fields.messages)?, &fields.messages, fields, false)?;
+            nonempty(&messages, &fields.messages)?;
+            Ok(Sample::Chat {
+                messages,
+                prompt_len: None,
+            })
+        }
+        RowFormat::Sharegpt => {
+            let messages = messages(
+                field(&fields.conversations)?,
+                &fields.conversations,
+                fields,
+                true,
+            )?;
+            nonempty(&messages, &fields.conversations)?;
+            Ok(Sample::Chat {
+                messages,
+                prompt_len: None,
+            })
+        }
+        RowFormat::Alpaca => {
+            let instruction = text(field(&fields.instruction)?, &fields.instruction)?;
+            let input = match obj.get(&fields.input) {
+                None | Some(Value::Null) => String::new(),
+                Some(v) => text(v, &fields.input)?,
+            };
+            let output = text(field(&fields.output)?, &fields.output)?;
+            Ok(match alpaca {
+                AlpacaStyle::Chat => {
+                    let user = if input.is_empty() {
+                        instruction
+                    } else {
+                        format!("{instruction}\n\n{input}")
+                    };
+                    Sample::Chat {
+                        messages: vec![
+                            Message::new("user", user),
+                            Message::new("assistant", output),
+                        ],
+                        prompt_len: Some(1),
+                    }
+                }
+                AlpacaStyle::Plain if input.is_empty() => Sample::Text {
+                    prompt: format!(
+                        "{ALPACA_NO_INPUT}### Instruction:\n{instruction}\n\n### Response:\n"
+                    ),
+                    completion: output,
+                },
+                AlpacaStyle::Plain => Sample::Text {
+                    prompt: format!(
+                        "{ALPACA_WITH_INPUT}### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+                    ),
+                    completion: output,
+                },
+            })
+        }
+        RowFormat::PromptCompletion => {
+            let (p, c) = (field(&fields.prompt)?, field(&fields.completion)?);
+            match (p, c) {
+                (Value::String(p), Value::String(c)) => Ok(Sample::Text {
+                    prompt: p.clone(),
+                    completion: c.clone(),
+                }),
+                _ => {
+                    let mut all = turns(p, &fields.prompt, fields)?;
+                    let prompt_len = all.len();
+                    all.extend(turns(c, &fields.completion, fields)?);
+                    nonempty(&all, &fields.prompt)?;
+                    Ok(Sample::Chat {
+                        messages: all,
+                        prompt_len: Some(prompt_len),
+                    })
+                }
+            }
+        }
+        RowFormat::Preference => preference(obj, fields),
+        RowFormat::Auto => unreachable!("resolved above"),
+    }
+}
+
+fn preference(obj: &serde_json::Map<String, Value>, fields: &Fields) -> Result<Sample, String> {
+    let get = |k: &str| obj.get(k).ok_or_else(|| format!("missing field `{k}`"));
+    let (chosen, rejected) = (get(&fields.chosen)?, get(&fields.rejected)?);
+    let prompt = obj.get(&fields.prompt);
+    let sample = match (prompt, chosen, rejected) {
+        (Some(Value::String(p)), Value::String(c), Value::String(r)) => Sample::TextPair {
+            prompt: p.clone(),
+            chosen: c.clone(),
+            rejected: r.clone(),
+        },
+        (Some(p), c, r) => Sample::Pair {
+            prompt: turns(p, &fields.prompt, fields)?,
+            chosen: turns(c, &fields.chosen, fields)?,
+            rejected: turns(r, &fields.rejected, fields)?,
+        },
+        (None, c, r) => {
+            // Full conversations sharing a prefix: the shared messages are the prompt.
+            let c = messages(c, &fields.chosen, fields, false)?;
+            let r = messages(r, &fields.rejected, fields, false)?;
+            let shared = c.iter().zip(&r).take_while(|(a, b)| a == b).count();
+            if shared == 0 {
+                return Err(format!(
+                    "`{}` and `{}` share no prompt messages and there is no `{}`",
+                    fields.chosen, fields.rejected, fields.prompt
+                ));
+            }
+            Sample::Pair {
+                prompt: c[..shared].to_vec(),
+                chosen: c[shared..].to_vec(),
+                rejected: r[shared..].to_vec(),
+            }
+        }
+    };
+    match &sample {
+        Sample::TextPair {
+            chosen, rejected, ..
+        } if chosen == rejected => Err("`chosen` is identical to `rejected`".into()),
+        Sample::Pair {
+            chosen, rejected, ..
+        } if chosen == rejected => Err("`chosen` is identical to `rejected`".into()),
+        Sample::Pair {
+            chosen, rejected, ..
+        } if chosen.is_empty() || rejected.is_empty() => {
+            Err("a completion of the pair has no messages".into())
+        }
+        _ => Ok(sample),
+    }
+}
+
+/// A prompt or completion given as text (one user or assistant turn) or as messages.
+fn turns(v: &Value, key: &str, fields: &Fields) -> Result<Vec<Message>, String> {
+    match v {
+        Value::String(s) => {
+            let role = if key == fields.prompt {
+                "user"
+            } else {
+                "assistant"
+            };
+            Ok(vec![Message::new(role, s.clone())])
+        }
+        other => messages(other, key, fields, false),
+    }
+}
+
+fn nonempty(messages: &[Message], key: &str) -> Result<(), String> {
+    if messages.is_empty() {
+        Err(format!("`{key}` is an empty conversation"))
+    } else {
+        Ok(())
+    }
+}
+
+/// A list of messages; `sharegpt` reads `from`/`value` and maps ShareGPT's role names.
+fn messages(v: &Value, key: &str, fields: &Fields, sharegpt: bool) -> Result<Vec<Message>, String> {
+    let list = v
+        .as_array()
+        .ok_or_else(|| format!("`{key}` must be a list of messages, found {}", kind(v)))?;
+    let (role_key, content_key) = if sharegpt {
+        (&fields.from, &fields.value)
+    } else {
+        (&fields.role, &fields.content)
+    };
+    list.iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let at = format!("`{key}[{i}]`");
+            let role = m
+                .get(role_key)
+                .ok_or_else(|| format!("{at} has no `{role_key}`"))?
+                .as_str()
+                .ok_or_else(|| format!("{at}.{role_key} must be a string"))?;
+            let role = if sharegpt {
+                match role {
+                    "human" | "user" => "user",
+                    "gpt" | "assistant" | "chatgpt" | "bing" | "bard" => "assistant",
+                    "system" => "system",
+                    "tool" | "function" | "observation" => "tool",
+                    other => return Err(format!("{at} has unknown ShareGPT role `{other}`")),
+                }
+            } else if ROLES.contains(&role) {
+                role
+            } else {
+                return Err(format!(
+                    "{at} has unknown role `{role}` (expected one of {})",
+                    ROLES.join(", ")
+                ));
+            };
+            let content = match m.get(content_key) {
+                Some(Value::String(s)) => Content::Text(s.clone()),
+                Some(Value::Array(parts)) => Content::Parts(
+                    parts
+                        .iter()
+                        .map(|p| match (p.get("type").and_then(Value::as_str), p.get("text")) {
+                            (Some("text"), Some(Value::String(t))) => Ok(ContentPart {
+                                kind: "text".into(),
+                                text: t.clone(),
+                            }),
+                            _ => Err(format!(
+                                "{at}.{content_key}: only {{\"type\": \"text\", \"text\": ...}} parts are supported"
+                            )),
+                        })
+                        .collect::<Result<_, _>>()?,
+                ),
+                Some(other) => {
+                    return Err(format!(
+                        "{at}.{content_key} must be a string or a list of text parts, found {}",
+                        kind(other)
+                    ));
+                }
+                None => return Err(format!("{at} has no `{content_key}`")),
+            };
+            Ok(Message {
+                role: role.to_string(),
+                content,
+            })
+        })
+        .collect()
+}
+
+fn text(v: &Value, key: &str) -> Result<String, String> {
+    v.as_str()
+        .map(String::from)
+        .ok_or_else(|| format!("`{key}` must be a string, found {}", kind(v)))
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(row: Value) -> Result<Sample, String> {
+        parse_row(&row, RowFormat::Auto, &Fields::default(), AlpacaStyle::Chat)
+    }
+
+    #[test]
+    fn every_shape_is_recognised() {
+        let chat = parse(json!({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": [{"type": "text", "text": "b"}]}]})).unwrap();
+        assert!(
+            matches!(chat, Sample::Chat { ref messages, prompt_len: None } if messages[1].text() == "b")
+        );
+        let share = parse(json!({"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]})).unwrap();
+        assert_eq!(
+            share,
+            Sample::Chat {
+                messages: vec![Message::new("user", "a"), Message::new("assistant", "b")],
+                prompt_len: None
+            }
+        );
+        let alpaca = parse(json!({"instruction": "Do", "input": "x", "output": "done"})).unwrap();
+        assert_eq!(
+            alpaca,
+            Sample::Chat {
+                messages: vec![
+                    Message::new("user", "Do\n\nx"),
+                    Message::new("assistant", "done")
+                ],
+                prompt_len: Some(1)
+            }
+        );
+        let plain = parse_row(
+            &json!({"instruction": "Do", "output": "done"}),
+            RowFormat::Alpaca,
+            &Fields::default(),
+            AlpacaStyle::Plain,
+        )
+        .unwrap();
+        assert!(
+            matches!(plain, Sample::Text { ref prompt, ref completion } if prompt.ends_with("### Instruction:\nDo\n\n### Response:\n") && completion == "done")
+        );
+        let pc = parse(json!({"prompt": "p", "completion": "c"})).unwrap();
+        assert_eq!(
+            pc,
+            Sample::Text {
+                prompt: "p".into(),
+                completion: "c".into()
+            }
+        );
+        let pcm = parse(json!({"prompt": [{"role": "user", "content": "p"}], "completion": [{"role": "assistant", "content": "c"}]})).unwrap();
+        assert!(
+            matches!(pcm, Sample::Chat { prompt_len: Some(1), ref messages } if messages.len() == 2)
+        );
+        let pair = parse(json!({"prompt": "p", "chosen": "c", "rejected": "r"})).unwrap();
+        assert!(matches!(pair, Sample::TextPair { .. }));
+        let implicit = parse(json!({
+            "chosen": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "good"}],
+            "rejected": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "bad"}]
+        }))
+        .unwrap();
+        assert_eq!(
+            implicit,
+            Sample::Pair {
+                prompt: vec![Message::new("user", "p")],
+                chosen: vec![Message::new("assistant", "good")],
+                rejected: vec![Message::new("assistant", "bad")],
+            }
+        );
+    }
+
+    #[test]
+    fn field_names_are_configurable() {
+        let fields: Fields = serde_json::from_value(
+            json!({"messages": "dialog", "role": "speaker", "content": "text"}),
+        )
+        .unwrap();
+        let s = parse_row(
+            &json!({"dialog": [{"speaker": "user", "text": "a"}]}),
+            RowFormat::Messages,
+            &fields,
+            AlpacaStyle::Chat,
+        )
+        .unwrap();
+        assert!(
+            matches!(s, Sample::Chat { ref messages, .. } if messages[0] == Message::new("user", "a"))
+        );
+        assert!(serde_json::from_value::<Fields>(json!({"mesages": "x"})).is_err());
+    }
+
+    #[test]
+    fn bad_rows_say_why() {
+        let cases = [
+            (json!([1]), "must be a JSON object"),
+            (json!({"messages": "hi"}), "must be a list of messages"),
+            (json!({"messages": []}), "empty conversation"),
+            (
+                json!({"messages": [{"role": "robot", "content": "a"}]}),
+                "unknown role `robot`",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": 3}]}),
+                "must be a string or a list",
+            ),
+            (json!({"messages": [{"role": "user"}]}), "has no `content`"),
+            (
+                json!({"conversations": [{"from": "alien", "value": "a"}]}),
+                "unknown ShareGPT role",
+            ),
+            (
+                json!({"instruction": 1, "output": "x"}),
+                "`instruction` must be a string",
+            ),
+            (
+                json!({"prompt": "p", "chosen": "same", "rejected": "same"}),
+                "identical",
+            ),
+            (json!({"text": "x"}), "cannot tell the row's shape"),
+        ];
+        for (row, reason) in cases {
+            let err = parse(row.clone()).unwrap_err();
+            assert!(err.contains(reason), "{row}: {err}");
+        }
+    }
+}

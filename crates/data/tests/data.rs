@@ -1,0 +1,544 @@
+//! burnish-data against transformers: renders of the chat templates shipped with trl, and token
+//! ids and assistant masks, compared byte for byte with the goldens that
+//! `scripts/golden/make_templates.py` wrote (transformers 5.24, jinja2 3.1).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use burnish_data::{
+    AlpacaStyle, Batch, ChatTemplate, DataConfig, Encoded, Encoder, Example, Message, OnBadRow,
+    Sample, SpecialTokens, Tokenizer, TrainOn, Truncation, load, mask_from_spans,
+    pack_best_fit_decreasing,
+};
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+struct Golden {
+    json: Value,
+    conversations: BTreeMap<String, Vec<Message>>,
+    special: SpecialTokens,
+    extra: serde_json::Map<String, Value>,
+}
+
+fn golden() -> Golden {
+    let dir = fixtures().join("data/templates");
+    let json: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let convs: Vec<Value> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("conversations.json")).unwrap())
+            .unwrap();
+    let conversations = convs
+        .into_iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap().to_string(),
+                serde_json::from_value(c["messages"].clone()).unwrap(),
+            )
+        })
+        .collect();
+    let tok = |k: &str| json["special_tokens"][k].as_str().map(String::from);
+    let special = SpecialTokens {
+        bos_token: tok("bos_token"),
+        eos_token: tok("eos_token"),
+        pad_token: tok("pad_token"),
+        unk_token: tok("unk_token"),
+    };
+    let mut extra = serde_json::Map::new();
+    extra.insert("date_string".into(), json["date_string"].clone());
+    Golden {
+        json,
+        conversations,
+        special,
+        extra,
+    }
+}
+
+fn template(name: &str) -> ChatTemplate {
+    ChatTemplate::from_file(&fixtures().join(format!("data/templates/{name}.jinja"))).unwrap()
+}
+
+/// Every template x conversation x add_generation_prompt renders byte for byte as transformers
+/// renders it, and raises where it raises.
+#[test]
+fn trl_templates_render_byte_exact() {
+    let g = golden();
+    let texts = g.json["texts"].as_array().unwrap();
+    let mut templates = BTreeMap::new();
+    let (mut exact, mut raised_both, mut failures) = (0, 0, Vec::new());
+    let renders = g.json["renders"].as_array().unwrap();
+    for r in renders {
+        let name = r["template"].as_str().unwrap();
+        let conv = r["conversation"].as_str().unwrap();
+        let agp = r["add_generation_prompt"].as_bool().unwrap();
+        let t = templates.entry(name).or_insert_with(|| template(name));
+        let ours = t.render_spans(&g.conversations[conv], agp, &g.special, &g.extra);
+        match (r.get("text"), ours) {
+            (Some(i), Ok(ours)) if ours.text == texts[i.as_u64().unwrap() as usize] => exact += 1,
+            (None, Err(_)) => raised_both += 1,
+            (expected, ours) => failures.push(format!(
+                "{name} × {conv} (agp={agp}): expected {:?}, got {:?}",
+                expected
+                    .map(|i| &texts[i.as_u64().unwrap() as usize])
+                    .or(r.get("error")),
+                ours.map(|o| o.text)
+            )),
+        }
+    }
+    eprintln!(
+        "{} templates × {} conversations × 2: {exact} renders byte-exact, {raised_both} raise in both, {} differ",
+        templates.len(),
+        g.conversations.len(),
+        failures.len()
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert_eq!(exact + raised_both, renders.len());
+}
+
+fn golden_tokenizer(g: &Golden) -> Tokenizer {
+    let mut t = Tokenizer::from_dir(&fixtures().join("models/llama")).unwrap();
+    t.special = g.special.clone();
+    t
+}
+
+fn golden_text<'a>(g: &'a Golden, template: &str, conv: &str, agp: bool) -> Option<&'a str> {
+    let r = g.json["renders"].as_array().unwrap().iter().find(|r| {
+        r["template"] == template && r["conversation"] == conv && r["add_generation_prompt"] == agp
+    })?;
+    let i = r.get("text")?.as_u64()? as usize;
+    g.json["texts"][i].as_str()
+}
+
+fn mask_string(mask: &[bool]) -> String {
+    mask.iter().map(|&m| if m { '1' } else { '0' }).collect()
+}
+
+/// Token ids and assistant masks of templates with `{% generation %}` blocks equal
+/// `apply_chat_template(..., return_assistant_tokens_mask=True)`; templates without markers give
+/// the same masks by prefix rendering wherever they render the same text as their training variant.
+#[test]
+fn assistant_masks_match_transformers() {
+    let g = golden();
+    let tokenizer = golden_tokenizer(&g);
+    let (mut exact, mut derived_same, mut derived_checked) = (0, 0, 0);
+    let mut failures = Vec::new();
+    let mut differing = std::collections::BTreeSet::new();
+    let masks = g.json["masks"].as_array().unwrap();
+    for m in masks {
+        let name = m["template"].as_str().unwrap();
+        let conv = m["conversation"].as_str().unwrap();
+        let ids: Vec<u32> = m["input_ids"]
+            .as_str()
+            .unwrap()
+            .split(' ')
+            .filter(|s| !s.is_empty())
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let expected = m["assistant_masks"].as_str().unwrap();
+        let messages = &g.conversations[conv];
+        let mut encoder = Encoder::new(tokenizer.clone(), template(name), TrainOn::Assistant);
+        encoder.template_vars = g.extra.clone();
+        let rendered = encoder
+            .template
+            .render_spans(messages, false, &g.special, &g.extra)
+            .unwrap();
+        let (our_ids, offsets) = tokenizer
+            .encode_with_offsets(&rendered.text, false)
+            .unwrap();
+        let ours = mask_string(&mask_from_spans(&offsets, &rendered.generation_spans));
+        if our_ids != ids || ours != expected {
+            failures.push(format!("{name} × {conv}: mask {ours} != {expected}"));
+            continue;
+        }
+        if expected.contains('1') {
+            // The encoder's output for a training row is the same.
+            let sample = Sample::Chat {
+                messages: messages.clone(),
+                prompt_len: None,
+            };
+            match encoder.encode(&sample) {
+                Ok(Encoded::Single(e))
+                    if e.input_ids == ids && mask_string(&e.labels_mask) == expected => {}
+                other => failures.push(format!("{name} × {conv}: encoder gave {other:?}")),
+            }
+        }
+        exact += 1;
+        // The original template, without markers, through prefix rendering.
+        let Some(base) = name.strip_suffix("_training") else {
+            continue;
+        };
+        if !expected.contains('1')
+            || golden_text(&g, base, conv, false) != Some(rendered.text.as_str())
+        {
+            continue;
+        }
+        derived_checked += 1;
+        let mut plain = Encoder::new(tokenizer.clone(), template(base), TrainOn::Assistant);
+        plain.template_vars = g.extra.clone();
+        let sample = Sample::Chat {
+            messages: messages.clone(),
+            prompt_len: None,
+        };
+        match plain.encode(&sample) {
+            Ok(Encoded::Single(e)) if mask_string(&e.labels_mask) == expected => derived_same += 1,
+            _ => {
+                differing.insert(base);
+            }
+        }
+    }
+    eprintln!(
+        "{exact}/{} token+mask goldens exact; prefix-derived masks equal the training template's on {derived_same}/{derived_checked} (differ or not prefix-stable: {differing:?})",
+        masks.len()
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The named built-ins render exactly what the model families' own templates render.
+#[test]
+fn builtins_render_like_the_originals() {
+    let g = golden();
+    let mut compared = 0;
+    for (builtin, original) in [("llama3", "llama3"), ("gemma", "gemma"), ("phi3", "phi3")] {
+        let t = ChatTemplate::builtin(builtin).unwrap();
+        for (conv, messages) in &g.conversations {
+            for agp in [false, true] {
+                let Some(expected) = golden_text(&g, original, conv, agp) else {
+                    continue;
+                };
+                if messages
+                    .iter()
+                    .any(|m| matches!(m.content, burnish_data::Content::Parts(_)))
+                {
+                    continue;
+                }
+                let ours = t.render(messages, agp, &g.special).unwrap();
+                assert_eq!(ours, expected, "{builtin} × {conv} agp={agp}");
+                compared += 1;
+            }
+        }
+    }
+    assert!(compared >= 30, "{compared}");
+}
+
+// ---- datasets: row shapes, train_on modes, bad rows -------------------------------------------
+
+fn chatml_encoder(train_on: TrainOn) -> Encoder {
+    let dir = fixtures().join("models/llama");
+    Encoder::new(
+        Tokenizer::from_dir(&dir).unwrap(),
+        ChatTemplate::from_dir(&dir).unwrap(),
+        train_on,
+    )
+}
+
+fn rows(name: &str) -> PathBuf {
+    fixtures().join("data/rows").join(name)
+}
+
+/// The text of each run of trained tokens.
+fn trained_text(tokenizer: &Tokenizer, e: &Example) -> Vec<String> {
+    let mut runs: Vec<Vec<u32>> = Vec::new();
+    let mut prev = false;
+    for (&id, &m) in e.input_ids.iter().zip(&e.labels_mask) {
+        if m && !prev {
+            runs.push(Vec::new());
+        }
+        if m {
+            runs.last_mut().unwrap().push(id);
+        }
+        prev = m;
+    }
+    runs.iter()
+        .map(|r| tokenizer.decode(r, false).unwrap())
+        .collect()
+}
+
+#[test]
+fn every_row_shape_loads_with_exact_masks() {
+    let enc = chatml_encoder(TrainOn::Assistant);
+    let cfg = DataConfig::default();
+    let tok = &enc.tokenizer;
+    let ds = load(&[&rows("messages.jsonl")], &enc, &cfg).unwrap();
+    assert_eq!(ds.examples.len(), 1);
+    assert_eq!(
+        trained_text(tok, &ds.examples[0]),
+        vec!["Hello!<|im_end|>\n", "Goodbye.<|im_end|>\n"]
+    );
+    let ds = load(&[&rows("sharegpt.json")], &enc, &cfg).unwrap();
+    assert_eq!(
+        ds.example_sources[1].line, 3,
+        "line of the second row of the data array"
+    );
+    assert_eq!(trained_text(tok, &ds.examples[1]), vec!["9<|im_end|>\n"]);
+    let ds = load(&[&rows("alpaca.json")], &enc, &cfg).unwrap();
+    assert_eq!(trained_text(tok, &ds.examples[0]), vec!["chat<|im_end|>\n"]);
+    assert!(
+        tok.decode(&ds.examples[0].input_ids, false)
+            .unwrap()
+            .contains("Translate to French\n\ncat")
+    );
+    let plain = DataConfig {
+        alpaca_style: AlpacaStyle::Plain,
+        ..Default::default()
+    };
+    let ds = load(&[&rows("alpaca.json")], &enc, &plain).unwrap();
+    let text = tok.decode(&ds.examples[1].input_ids, false).unwrap();
+    assert!(text.ends_with("### Response:\nhi<|im_end|>"), "{text}");
+    assert_eq!(trained_text(tok, &ds.examples[1]), vec!["hi<|im_end|>"]);
+    let ds = load(&[&rows("prompt_completion.jsonl")], &enc, &cfg).unwrap();
+    assert_eq!(trained_text(tok, &ds.examples[0]), vec![" blue.<|im_end|>"]);
+    assert_eq!(
+        trained_text(tok, &ds.examples[1]),
+        vec!["Green.<|im_end|>\n"]
+    );
+    let ds = load(&[&rows("preference.jsonl")], &enc, &cfg).unwrap();
+    assert_eq!(ds.pairs.len(), 3);
+    let text = |ids: &[u32]| tok.decode(ids, false).unwrap();
+    assert_eq!(text(&ds.pairs[0].chosen_ids), "Paris.<|im_end|>\n");
+    assert_eq!(text(&ds.pairs[0].rejected_ids), "Lyon.<|im_end|>\n");
+    assert!(text(&ds.pairs[1].prompt_ids).ends_with("2+2?<|im_end|>\n<|im_start|>assistant\n"));
+    assert_eq!(text(&ds.pairs[1].rejected_ids), "5<|im_end|>\n");
+    assert_eq!(text(&ds.pairs[2].chosen_ids), " blue<|im_end|>");
+    let chosen = ds.pairs[0].chosen();
+    assert_eq!(chosen.trained(), ds.pairs[0].chosen_ids.len());
+    assert_eq!(ds.report.rows, 3);
+    assert!(ds.report.rejected.is_empty());
+}
+
+#[test]
+fn train_on_modes_select_the_right_tokens() {
+    let path = rows("messages.jsonl");
+    let run = |mode| {
+        let enc = chatml_encoder(mode);
+        let ds = load(&[&path], &enc, &DataConfig::default()).unwrap();
+        (
+            trained_text(&enc.tokenizer, &ds.examples[0]),
+            ds.examples[0].clone(),
+        )
+    };
+    let (all, e) = run(TrainOn::All);
+    assert_eq!(e.trained(), e.len());
+    assert_eq!(all.len(), 1);
+    assert_eq!(
+        run(TrainOn::Assistant).0,
+        vec!["Hello!<|im_end|>\n", "Goodbye.<|im_end|>\n"]
+    );
+    assert_eq!(run(TrainOn::LastTurn).0, vec!["Goodbye.<|im_end|>\n"]);
+    assert_eq!(run(TrainOn::Completion).0, vec!["Goodbye.<|im_end|>\n"]);
+    // The end-of-turn token is trained in every mode.
+    let eot = chatml_encoder(TrainOn::Assistant)
+        .tokenizer
+        .token_to_id("<|im_end|>")
+        .unwrap();
+    for mode in [
+        TrainOn::All,
+        TrainOn::Assistant,
+        TrainOn::LastTurn,
+        TrainOn::Completion,
+    ] {
+        let e = run(mode).1;
+        let last_eot = e.input_ids.iter().rposition(|&i| i == eot).unwrap();
+        assert!(e.labels_mask[last_eot], "{mode:?}");
+    }
+}
+
+#[test]
+fn bad_rows_are_errors_or_counted_skips_with_file_and_line() {
+    let enc = chatml_encoder(TrainOn::Assistant);
+    let path = rows("bad.jsonl");
+    let err = load(&[&path], &enc, &DataConfig::default()).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("bad.jsonl:2: invalid JSON"), "{msg}");
+    let cfg = DataConfig {
+        on_bad_row: OnBadRow::Skip,
+        max_length: Some(24),
+        truncation: Truncation::Drop,
+        ..Default::default()
+    };
+    let ds = load(&[&path], &enc, &cfg).unwrap();
+    assert_eq!(ds.examples.len(), 1);
+    let got: Vec<(usize, &str)> = ds
+        .report
+        .rejected
+        .iter()
+        .map(|r| (r.line, r.reason.as_str()))
+        .collect();
+    let expect = [
+        (2, "invalid JSON"),
+        (3, "unknown role `wizard`"),
+        (4, "empty conversation"),
+        (5, "no assistant turn to train on"),
+        (6, "must be a string or a list of text parts"),
+        (7, "identical"),
+        (8, "longer than max_length = 24"),
+    ];
+    assert_eq!(got.len(), expect.len(), "{got:?}");
+    for ((line, reason), (eline, ereason)) in got.iter().zip(expect) {
+        assert_eq!(*line, eline);
+        assert!(reason.contains(ereason), "line {line}: {reason}");
+    }
+    assert!(ds.report.rejected.iter().all(|r| r.path == path));
+    // keep-start truncation is counted, never silent.
+    let keep = DataConfig {
+        on_bad_row: OnBadRow::Skip,
+        max_length: Some(24),
+        ..Default::default()
+    };
+    let ds = load(&[&path], &enc, &keep).unwrap();
+    assert_eq!(ds.report.truncated, 1);
+    assert!(ds.examples.iter().all(|e| e.len() <= 24));
+    // A template that raises is a bad row too.
+    let raising = Encoder::new(
+        enc.tokenizer.clone(),
+        ChatTemplate::new("strict", "{{ raise_exception('no thanks') }}").unwrap(),
+        TrainOn::Assistant,
+    );
+    let err = load(&[&rows("messages.jsonl")], &raising, &DataConfig::default()).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("messages.jsonl:1: chat template `strict`"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("no thanks"), "{err}");
+    // Config typos are errors naming the key.
+    let typo = serde_json::from_str::<DataConfig>(r#"{"max_lenght": 5}"#).unwrap_err();
+    assert!(typo.to_string().contains("max_lenght"), "{typo}");
+}
+
+/// A tokenizer whose post-processor adds BOS: the template's own BOS is not doubled, and a
+/// template without one gets exactly one from the post-processor.
+#[test]
+fn bos_appears_exactly_once() {
+    let src = fixtures().join("models/llama");
+    let dir = std::env::temp_dir().join(format!("burnish-data-bos-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut json: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer.json")).unwrap())
+            .unwrap();
+    json["post_processor"] = serde_json::json!({
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [0], "tokens": ["<|endoftext|>"]}}
+    });
+    std::fs::write(dir.join("tokenizer.json"), json.to_string()).unwrap();
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        r#"{"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>"}"#,
+    )
+    .unwrap();
+    let tokenizer = Tokenizer::from_dir(&dir).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    let sample = Sample::Chat {
+        messages: vec![Message::new("user", "Hi"), Message::new("assistant", "Yo")],
+        prompt_len: None,
+    };
+    for template in ["llama3", "chatml"] {
+        let enc = Encoder::new(
+            tokenizer.clone(),
+            ChatTemplate::builtin(template).unwrap(),
+            TrainOn::Assistant,
+        );
+        let Encoded::Single(e) = enc.encode(&sample).unwrap() else {
+            panic!("a conversation gives one example")
+        };
+        assert_eq!(e.input_ids[0], 0, "{template}");
+        assert_eq!(
+            e.input_ids.iter().filter(|&&i| i == 0).count(),
+            1,
+            "{template}"
+        );
+        assert!(!e.labels_mask[0]);
+    }
+}
+
+/// Packing keeps every document's tokens, masks and positions as if it were alone.
+#[test]
+fn packed_batches_keep_documents_apart() {
+    let enc = chatml_encoder(TrainOn::Assistant);
+    let cfg = DataConfig::default();
+    let mut examples = Vec::new();
+    for f in [
+        "messages.jsonl",
+        "sharegpt.json",
+        "alpaca.json",
+        "prompt_completion.jsonl",
+    ] {
+        examples.extend(load(&[&rows(f)], &enc, &cfg).unwrap().examples);
+    }
+    let lengths: Vec<usize> = examples.iter().map(|e| e.len()).collect();
+    let cap = *lengths.iter().max().unwrap() + 8;
+    let bins = pack_best_fit_decreasing(&lengths, cap);
+    assert!(bins.len() < examples.len());
+    let rows_: Vec<Vec<&Example>> = bins
+        .iter()
+        .map(|b| b.iter().map(|&i| &examples[i]).collect())
+        .collect();
+    let batch = Batch::from_rows(&rows_, 0);
+    for (r, bin) in bins.iter().enumerate() {
+        let mut at = r * batch.seq_len;
+        for &i in bin {
+            let e = &examples[i];
+            let span = at..at + e.len();
+            assert_eq!(batch.input_ids[span.clone()], e.input_ids[..]);
+            assert_eq!(batch.labels_mask[span.clone()], e.labels_mask[..]);
+            assert_eq!(
+                batch.position_ids[span.clone()],
+                (0..e.len() as u32).collect::<Vec<_>>()[..]
+            );
+            let seg = batch.segment_ids[at];
+            assert!(batch.segment_ids[span.clone()].iter().all(|&s| s == seg));
+            at += e.len();
+        }
+    }
+}
+
+#[test]
+fn seeded_split_is_reproducible_and_keeps_sources() {
+    let enc = chatml_encoder(TrainOn::Assistant);
+    let paths = [
+        rows("messages.jsonl"),
+        rows("sharegpt.json"),
+        rows("alpaca.json"),
+        rows("prompt_completion.jsonl"),
+        rows("preference.jsonl"),
+    ];
+    let refs: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
+    let ds = load(&refs, &enc, &DataConfig::default()).unwrap();
+    assert_eq!((ds.examples.len(), ds.pairs.len()), (7, 3));
+    let (train, eval) = ds.clone().split_eval(0.3, 7);
+    let (train2, eval2) = ds.clone().split_eval(0.3, 7);
+    assert_eq!(train.examples, train2.examples);
+    assert_eq!(eval.example_sources, eval2.example_sources);
+    assert_eq!((train.examples.len(), eval.examples.len()), (5, 2));
+    assert_eq!((train.pairs.len(), eval.pairs.len()), (2, 1));
+    for (e, s) in eval.examples.iter().zip(&eval.example_sources) {
+        let i = ds.example_sources.iter().position(|x| x == s).unwrap();
+        assert_eq!(&ds.examples[i], e);
+    }
+}
+
+/// A BPE merge across the start of a generation block (` t` + `he` = ` the`) is trained, as in
+/// transformers (expected ids and mask from `apply_chat_template(..., return_assistant_tokens_mask=True)`
+/// with the fixture tokenizer, transformers 5.24).
+#[test]
+fn a_token_straddling_the_boundary_is_trained() {
+    let tokenizer = Tokenizer::from_dir(&fixtures().join("models/llama")).unwrap();
+    let template = ChatTemplate::new(
+        "straddle",
+        "{{ 'user: t' }}{% generation %}{{ 'he end' }}{% endgeneration %}",
+    )
+    .unwrap();
+    let enc = Encoder::new(tokenizer, template, TrainOn::Assistant);
+    let sample = Sample::Chat {
+        messages: vec![Message::new("user", "x")],
+        prompt_len: None,
+    };
+    let Ok(Encoded::Single(e)) = enc.encode(&sample) else {
+        panic!("the template marks a generation span")
+    };
+    assert_eq!(e.input_ids, vec![87, 85, 264, 28, 261, 223, 389]);
+    assert_eq!(mask_string(&e.labels_mask), "0000111");
+}
