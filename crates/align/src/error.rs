@@ -10,3 +10,18 @@ pub enum TrainError {
     #[error("step {step}: the accumulated batch trains no token")]
     EmptyBatch { step: usize },
 }
+
+/// Errors reading a recipe; each names the file and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum RecipeError {
+    #[error("{path}: cannot read: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {detail}")]
+    Invalid {
+        path: std::path::PathBuf,
+        detail: String,
+    },
+}

@@ -1,0 +1,545 @@
+//! Recipes: the TOML file a training run is described by, parsed into typed sections with every
+//! default resolved and every value checked before anything is loaded or allocated. Unknown keys
+//! are errors naming the key; `--set key=value` overrides apply dotted paths to the TOML before
+//! it is read. The `[data]` section is the data loader's own configuration plus the files.
+
+use std::path::{Path, PathBuf};
+
+use burnish_data::DataConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::dpo::DpoLoss;
+use crate::error::RecipeError;
+use crate::schedule::ScheduleKind;
+
+/// `[model]`: the base checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// A local checkpoint directory (required).
+    pub base: PathBuf,
+}
+
+/// `[adapter]`: LoRA settings; without this section the whole model is trained.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdapterSection {
+    /// Rank (default 16).
+    pub r: usize,
+    /// Scale numerator: updates are scaled by `alpha / r` (default 32).
+    pub alpha: f64,
+    /// Dropout on the adapter input while training (default 0.05).
+    pub dropout: f64,
+    /// Module names or suffixes, a regex string, or `"all-linear"` (default `"all-linear"`).
+    pub target_modules: TargetModules,
+    /// Only these layer indices (default: all).
+    pub layers_to_transform: Option<Vec<usize>>,
+    /// Scale by `alpha / √r` (default false).
+    pub use_rslora: bool,
+    /// `kaiming` (PEFT's default) or `gaussian` (default `kaiming`).
+    pub init: AdapterInit,
+    /// Start from this PEFT-format adapter instead of a fresh one (default: none).
+    pub init_from: Option<PathBuf>,
+}
+
+impl Default for AdapterSection {
+    fn default() -> Self {
+        Self {
+            r: 16,
+            alpha: 32.0,
+            dropout: 0.05,
+            target_modules: TargetModules::Named("all-linear".into()),
+            layers_to_transform: None,
+            use_rslora: false,
+            init: AdapterInit::Kaiming,
+            init_from: None,
+        }
+    }
+}
+
+/// `target_modules` as a list or a single string (`all-linear` or a regex).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TargetModules {
+    List(Vec<String>),
+    Named(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AdapterInit {
+    Kaiming,
+    Gaussian,
+}
+
+/// What the run optimises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StrategyKind {
+    /// Chat SFT on conversations.
+    Sft,
+    /// Instruction tuning on instruction/response data (Alpaca and prompt/completion rows).
+    Instruct,
+    /// Direct preference optimisation on chosen/rejected pairs.
+    Dpo,
+}
+
+/// `[train]`: the loop.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    /// `sft`, `instruct` or `dpo` (default `sft`).
+    pub strategy: StrategyKind,
+    /// Passes over the training data (default 1); ignored when `max_steps` is set.
+    pub epochs: usize,
+    /// Stop after this many optimizer steps (default: run the epochs).
+    pub max_steps: Option<usize>,
+    /// Rows per forward pass (default 4).
+    pub micro_batch_size: usize,
+    /// Micro-batches per optimizer step (default 1).
+    pub gradient_accumulation: usize,
+    /// Peak learning rate (default 2e-4).
+    pub lr: f64,
+    /// `constant`, `linear` or `cosine` after warmup (default `cosine`).
+    pub schedule: ScheduleName,
+    /// Warmup optimizer steps (default 0); exclusive with `warmup_ratio`.
+    pub warmup_steps: Option<usize>,
+    /// Warmup as a fraction of all steps, rounded up (default 0).
+    pub warmup_ratio: Option<f64>,
+    /// AdamW decoupled weight decay on matrices (default 0).
+    pub weight_decay: f64,
+    /// AdamW betas (default 0.9, 0.999).
+    pub betas: (f64, f64),
+    /// AdamW epsilon (default 1e-8).
+    pub eps: f64,
+    /// Clip the global gradient norm (default 1.0; 0 disables).
+    pub max_grad_norm: f64,
+    /// Pack several examples into rows of `data.max_length` tokens (default false).
+    pub pack: bool,
+    /// Evaluate every this many optimizer steps (default 0: only at the end).
+    pub eval_every: usize,
+    /// Seed of adapter initialisation, shuffling and dropout (default 0).
+    pub seed: u64,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        Self {
+            strategy: StrategyKind::Sft,
+            epochs: 1,
+            max_steps: None,
+            micro_batch_size: 4,
+            gradient_accumulation: 1,
+            lr: 2e-4,
+            schedule: ScheduleName::Cosine,
+            warmup_steps: None,
+            warmup_ratio: None,
+            weight_decay: 0.0,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            max_grad_norm: 1.0,
+            pack: false,
+            eval_every: 0,
+            seed: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ScheduleName {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+impl From<ScheduleName> for ScheduleKind {
+    fn from(s: ScheduleName) -> Self {
+        match s {
+            ScheduleName::Constant => Self::Constant,
+            ScheduleName::Linear => Self::Linear,
+            ScheduleName::Cosine => Self::Cosine,
+        }
+    }
+}
+
+/// `[dpo]`: preference optimisation settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DpoSection {
+    /// Strength of the KL penalty (default 0.1).
+    pub beta: f64,
+    /// `sigmoid`, `hinge`, `ipo` or `robust` (default `sigmoid`).
+    pub loss: DpoLossName,
+    /// Assumed label noise for `sigmoid` and `robust` (default 0).
+    pub label_smoothing: f64,
+}
+
+impl Default for DpoSection {
+    fn default() -> Self {
+        Self {
+            beta: 0.1,
+            loss: DpoLossName::Sigmoid,
+            label_smoothing: 0.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DpoLossName {
+    Sigmoid,
+    Hinge,
+    Ipo,
+    Robust,
+}
+
+impl DpoSection {
+    /// The loss these settings describe.
+    pub fn loss(&self) -> DpoLoss {
+        let e = self.label_smoothing;
+        match self.loss {
+            DpoLossName::Sigmoid => DpoLoss::Sigmoid { label_smoothing: e },
+            DpoLossName::Hinge => DpoLoss::Hinge,
+            DpoLossName::Ipo => DpoLoss::Ipo,
+            DpoLossName::Robust => DpoLoss::Robust { label_smoothing: e },
+        }
+    }
+}
+
+/// `[data]`: the files and the data loader's settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataSection {
+    /// Training files, JSONL or JSON (required).
+    pub train: Vec<PathBuf>,
+    /// Evaluation files (default: none; see `eval_ratio`).
+    pub eval: Vec<PathBuf>,
+    /// The loader's own settings (`format`, `train_on`, `max_length`, ...).
+    pub loader: DataConfig,
+}
+
+/// `[output]`: where the run is written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSection {
+    /// The run directory (required).
+    pub dir: PathBuf,
+}
+
+/// A complete, validated recipe.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recipe {
+    pub model: ModelSection,
+    pub adapter: Option<AdapterSection>,
+    pub data: DataSection,
+    pub train: TrainSection,
+    pub dpo: DpoSection,
+    pub output: OutputSection,
+}
+
+/// The recipe file as written, sections still untyped where they need special handling.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecipeFile {
+    model: ModelSection,
+    adapter: Option<AdapterSection>,
+    data: toml::Table,
+    #[serde(default)]
+    train: TrainSection,
+    dpo: Option<DpoSection>,
+    output: OutputSection,
+}
+
+/// One path or a list of them.
+fn paths(value: Option<toml::Value>, key: &str) -> Result<Vec<PathBuf>, String> {
+    match value {
+        None => Ok(Vec::new()),
+        Some(toml::Value::String(s)) => Ok(vec![PathBuf::from(s)]),
+        Some(toml::Value::Array(items)) => items
+            .into_iter()
+            .map(|v| match v {
+                toml::Value::String(s) => Ok(PathBuf::from(s)),
+                other => Err(format!("`data.{key}` entries must be paths, found {other}")),
+            })
+            .collect(),
+        Some(other) => Err(format!(
+            "`data.{key}` must be a path or a list of paths, found {other}"
+        )),
+    }
+}
+
+/// Applies one `key.path=value` override; the value is read as TOML (`0.5`, `true`, `["a"]`)
+/// and otherwise taken as a string.
+fn apply_override(doc: &mut toml::Table, spec: &str) -> Result<(), String> {
+    let (key, raw) = spec
+        .split_once('=')
+        .ok_or_else(|| format!("--set {spec}: expected key=value"))?;
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    let (last, parents) = parts.split_last().expect("split always yields one part");
+    let mut table = doc;
+    for part in parents {
+        let entry = table
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("--set {spec}: `{part}` is not a section"))?;
+    }
+    table.insert(last.to_string(), value);
+    Ok(())
+}
+
+impl Recipe {
+    /// Reads `path`, applies `overrides` (`key.path=value`), and validates everything.
+    pub fn from_file(path: &Path, overrides: &[String]) -> Result<Self, RecipeError> {
+        let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text, overrides, path)
+    }
+
+    /// Parses recipe text; `path` names it in errors and anchors its relative paths.
+    pub fn from_toml(text: &str, overrides: &[String], path: &Path) -> Result<Self, RecipeError> {
+        let invalid = |detail: String| RecipeError::Invalid {
+            path: path.to_path_buf(),
+            detail,
+        };
+        let mut doc: toml::Table = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        for spec in overrides {
+            apply_override(&mut doc, spec).map_err(invalid)?;
+        }
+        let file: RecipeFile = toml::Value::Table(doc)
+            .try_into()
+            .map_err(|e: toml::de::Error| invalid(e.to_string()))?;
+
+        let mut data = file.data;
+        let train = paths(data.remove("train"), "train").map_err(invalid)?;
+        let eval = paths(data.remove("eval"), "eval").map_err(invalid)?;
+        let loader: DataConfig = toml::Value::Table(data)
+            .try_into()
+            .map_err(|e: toml::de::Error| invalid(format!("[data]: {e}")))?;
+
+        // Relative paths are relative to the recipe file.
+        let base = path.parent().unwrap_or(Path::new(""));
+        let anchor = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        let mut adapter = file.adapter;
+        if let Some(a) = &mut adapter {
+            a.init_from = a.init_from.take().map(anchor);
+        }
+        let recipe = Self {
+            model: ModelSection {
+                base: anchor(file.model.base),
+            },
+            adapter,
+            data: DataSection {
+                train: train.into_iter().map(anchor).collect(),
+                eval: eval.into_iter().map(anchor).collect(),
+                loader,
+            },
+            train: file.train,
+            dpo: file.dpo.unwrap_or_default(),
+            output: OutputSection {
+                dir: anchor(file.output.dir),
+            },
+        };
+        recipe.validate().map_err(invalid)?;
+        Ok(recipe)
+    }
+
+    /// Every check that needs no file or tensor.
+    fn validate(&self) -> Result<(), String> {
+        let t = &self.train;
+        let positive = [
+            ("train.micro_batch_size", t.micro_batch_size),
+            ("train.gradient_accumulation", t.gradient_accumulation),
+        ];
+        if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("`{key}` must be at least 1"));
+        }
+        if t.max_steps.is_none() && t.epochs == 0 {
+            return Err("`train.epochs` must be at least 1 (or set `train.max_steps`)".into());
+        }
+        if t.max_steps == Some(0) {
+            return Err("`train.max_steps` must be at least 1".into());
+        }
+        if !(t.lr.is_finite() && t.lr > 0.0) {
+            return Err("`train.lr` must be a positive number".into());
+        }
+        if t.warmup_steps.is_some() && t.warmup_ratio.is_some() {
+            return Err("set `train.warmup_steps` or `train.warmup_ratio`, not both".into());
+        }
+        if let Some(r) = t.warmup_ratio
+            && !(0.0..1.0).contains(&r)
+        {
+            return Err("`train.warmup_ratio` must be in [0, 1)".into());
+        }
+        if !(0.0..1.0).contains(&t.betas.0) || !(0.0..1.0).contains(&t.betas.1) {
+            return Err("`train.betas` must each be in [0, 1)".into());
+        }
+        if t.max_grad_norm < 0.0 || t.weight_decay < 0.0 || t.eps <= 0.0 {
+            return Err(
+                "`train.max_grad_norm` and `train.weight_decay` must be >= 0, `train.eps` > 0"
+                    .into(),
+            );
+        }
+        if t.pack && self.data.loader.max_length.is_none() {
+            return Err("`train.pack` needs `data.max_length` (the packed row length)".into());
+        }
+        if t.pack && t.strategy == StrategyKind::Dpo {
+            return Err("`train.pack` is for sft and instruct; DPO pairs are not packed".into());
+        }
+        if self.data.train.is_empty() {
+            return Err("`data.train` names no file".into());
+        }
+        if let Some(a) = &self.adapter {
+            if a.r == 0 {
+                return Err("`adapter.r` must be at least 1".into());
+            }
+            if !(0.0..1.0).contains(&a.dropout) {
+                return Err("`adapter.dropout` must be in [0, 1)".into());
+            }
+            if let TargetModules::List(list) = &a.target_modules
+                && list.is_empty()
+            {
+                return Err("`adapter.target_modules` is empty".into());
+            }
+        }
+        let d = &self.dpo;
+        if d.beta <= 0.0 {
+            return Err("`dpo.beta` must be positive".into());
+        }
+        if !(0.0..0.5).contains(&d.label_smoothing) {
+            return Err("`dpo.label_smoothing` must be in [0, 0.5)".into());
+        }
+        self.data.loader.validate().map_err(|e| e.to_string())
+    }
+}
+
+impl Recipe {
+    /// The resolved recipe, every default written out, as TOML (what a run directory keeps).
+    pub fn to_toml(&self) -> String {
+        fn section<T: Serialize>(value: &T) -> toml::Value {
+            toml::Value::try_from(value).expect("recipe sections serialize to TOML")
+        }
+        let mut doc = toml::Table::new();
+        doc.insert("model".into(), section(&self.model));
+        if let Some(a) = &self.adapter {
+            doc.insert("adapter".into(), section(a));
+        }
+        let mut data = match section(&self.data.loader) {
+            toml::Value::Table(t) => t,
+            _ => toml::Table::new(),
+        };
+        let list = |p: &[PathBuf]| {
+            toml::Value::Array(
+                p.iter()
+                    .map(|p| toml::Value::String(p.display().to_string()))
+                    .collect(),
+            )
+        };
+        data.insert("train".into(), list(&self.data.train));
+        data.insert("eval".into(), list(&self.data.eval));
+        doc.insert("data".into(), toml::Value::Table(data));
+        doc.insert("train".into(), section(&self.train));
+        doc.insert("dpo".into(), section(&self.dpo));
+        doc.insert("output".into(), section(&self.output));
+        toml::to_string_pretty(&doc).expect("a TOML table always serializes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[model]
+base = "models/llama"
+
+[adapter]
+r = 8
+
+[data]
+train = "data/train.jsonl"
+
+[output]
+dir = "runs/first"
+"#;
+
+    fn parse(text: &str, overrides: &[&str]) -> Result<Recipe, String> {
+        let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        Recipe::from_toml(text, &overrides, Path::new("recipes/r.toml")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_fill_every_key_and_paths_are_relative_to_the_recipe() {
+        let r = parse(MINIMAL, &[]).unwrap();
+        assert_eq!(r.model.base, PathBuf::from("recipes/models/llama"));
+        assert_eq!(
+            r.data.train,
+            vec![PathBuf::from("recipes/data/train.jsonl")]
+        );
+        let a = r.adapter.as_ref().unwrap();
+        assert_eq!((a.r, a.alpha, a.dropout), (8, 32.0, 0.05));
+        assert_eq!(r.train, TrainSection::default());
+        assert_eq!(r.dpo, DpoSection::default());
+        // The resolved recipe reads back to the same recipe.
+        let again = Recipe::from_toml(&r.to_toml(), &[], Path::new("r.toml")).unwrap();
+        assert_eq!(again, r);
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = parse(&MINIMAL.replace("r = 8", "rank = 8"), &[]).unwrap_err();
+        assert!(
+            err.contains("rank") && err.contains("recipes/r.toml"),
+            "{err}"
+        );
+        let err = parse(&MINIMAL.replace("train = ", "max_len = 3\ntrain = "), &[]).unwrap_err();
+        assert!(err.contains("max_len"), "{err}");
+    }
+
+    #[test]
+    fn overrides_use_dotted_paths() {
+        let r = parse(
+            MINIMAL,
+            &[
+                "train.lr=0.001",
+                "train.strategy=dpo",
+                "dpo.beta=0.5",
+                "adapter.target_modules=[\"q_proj\"]",
+            ],
+        )
+        .unwrap();
+        assert_eq!(r.train.lr, 0.001);
+        assert_eq!(r.train.strategy, StrategyKind::Dpo);
+        assert_eq!(r.dpo.beta, 0.5);
+        assert_eq!(
+            r.adapter.unwrap().target_modules,
+            TargetModules::List(vec!["q_proj".into()])
+        );
+        assert!(
+            parse(MINIMAL, &["train.lr"])
+                .unwrap_err()
+                .contains("key=value")
+        );
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        for (set, key) in [
+            ("train.micro_batch_size=0", "train.micro_batch_size"),
+            ("train.pack=true", "train.pack"),
+            ("train.lr=-1.0", "train.lr"),
+            ("dpo.label_smoothing=0.7", "dpo.label_smoothing"),
+            ("adapter.dropout=1.5", "adapter.dropout"),
+        ] {
+            let err = parse(MINIMAL, &[set]).unwrap_err();
+            assert!(err.contains(key), "{set}: {err}");
+        }
+    }
+}
