@@ -10,4 +10,5 @@ mod losses;
 mod merges;
 mod parity;
 mod roundtrip;
+mod train;
 mod trainer;

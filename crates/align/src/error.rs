@@ -25,3 +25,24 @@ pub enum RecipeError {
         detail: String,
     },
 }
+
+/// Errors of a training run, from any stage.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Data(#[from] burnish_data::DataError),
+    #[error(transparent)]
+    Model(#[from] burnish_model::ModelError),
+    #[error(transparent)]
+    Adapter(#[from] burnish_peft::PeftError),
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    #[error("{path}: cannot write: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    /// The recipe and the data do not fit together.
+    #[error("{0}")]
+    Mismatch(String),
+}

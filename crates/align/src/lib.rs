@@ -7,18 +7,20 @@ mod dpo;
 mod error;
 mod optimizer;
 mod recipe;
+mod run;
 mod schedule;
 mod strategy;
 mod token_loss;
 mod trainer;
 
 pub use dpo::{DpoLoss, DpoMetrics, DpoOutput, PairLogps, dpo_loss};
-pub use error::{RecipeError, TrainError};
+pub use error::{RecipeError, RunError, TrainError};
 pub use optimizer::{AdamW, AdamWConfig, StepReport, global_grad_norm};
 pub use recipe::{
     AdapterInit, AdapterSection, DataSection, DpoLossName, DpoSection, ModelSection, OutputSection,
     Recipe, ScheduleName, StrategyKind, TargetModules, TrainSection,
 };
+pub use run::{RunEvent, RunSummary, lora_config, train};
 pub use schedule::{Schedule, ScheduleKind};
 pub use strategy::{Dpo, PairBatch, Sft, StepOutput, Strategy, TokenBatch};
 pub use token_loss::{TokenLoss, masked_token_logprobs, masked_token_loss};

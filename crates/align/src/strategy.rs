@@ -22,6 +22,8 @@ pub struct TokenBatch<B: Backend> {
     pub mask: Tensor<B, 2>,
     /// Number of 1.0 entries in `mask`.
     pub trained_tokens: usize,
+    /// Input tokens that are not padding (what throughput is counted in).
+    pub tokens: usize,
     /// For packed rows: per-token positions and document ids of the inputs (`batch × seq`,
     /// row-major); `None` for one document per row starting at position 0.
     pub packing: Option<(Vec<usize>, Vec<u32>)>,
@@ -65,11 +67,13 @@ impl<B: Backend> TokenBatch<B> {
             }
         }
         let trained_tokens = mask.iter().filter(|&&m| m > 0.0).count();
+        let tokens = seg.iter().filter(|&&s| s != 0).count();
         Self {
             inputs: Tensor::from_data(TensorData::new(inputs, [rows, n]), device),
             targets: Tensor::from_data(TensorData::new(targets, [rows, n]), device),
             mask: Tensor::from_data(TensorData::new(mask, [rows, n]), device),
             trained_tokens,
+            tokens,
             packing: Some((pos, seg)),
         }
     }
@@ -161,6 +165,7 @@ fn inner_batch<B: AutodiffBackend>(batch: &TokenBatch<B>) -> TokenBatch<B::Inner
         targets: batch.targets.clone().inner(),
         mask: batch.mask.clone().inner(),
         trained_tokens: batch.trained_tokens,
+        tokens: batch.tokens,
         packing: batch.packing.clone(),
     }
 }

@@ -20,6 +20,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Train an adapter (or a whole model) from a recipe.
+    Train(commands::train::TrainArgs),
     /// Log-probability of each token given its prefix (perplexity, parity checks).
     Score(commands::score::ScoreArgs),
     /// Generate text from a prompt.
@@ -42,6 +44,7 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Command::Train(args) => commands::train::run(args),
         Command::Score(args) => commands::score::run(args),
         Command::Generate(args) => commands::generate::run(args),
         Command::Merge(args) => commands::merge::run(args),

@@ -6,3 +6,4 @@ pub mod generate;
 pub mod merge;
 pub mod score;
 pub mod template;
+pub mod train;

@@ -1,0 +1,497 @@
+//! A whole training run from a validated recipe: load the base and the adapter, prepare the data
+//! with the shared loader, run the optimizer steps of the recipe's strategy over epochs or
+//! `max_steps`, evaluate, and write the run directory (resolved recipe, `metrics.jsonl`, the
+//! adapter in PEFT's format or the full model, and a model card).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::tensor::backend::AutodiffBackend;
+use burnish_data::{
+    Batch, BatchConfig, ChatTemplate, Dataset, Encoder, Example, Tokenizer, load, make_batches,
+    shuffle,
+};
+use burnish_model::{Decoder, Pretrained, save_decoder};
+use burnish_peft::{LoraConfig, LoraInit, SaveDtype, Targets, save_adapter};
+use serde_json::json;
+
+use crate::error::RunError;
+use crate::optimizer::{AdamW, AdamWConfig};
+use crate::recipe::{AdapterInit, AdapterSection, Recipe, StrategyKind, TargetModules};
+use crate::schedule::Schedule;
+use crate::strategy::{Dpo, PairBatch, Sft, Strategy, TokenBatch};
+use crate::trainer::{StepMetrics, optimizer_step};
+
+/// Files a model directory carries besides weights and config.
+const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+];
+
+/// What happened during a run, reported to the caller as it goes.
+#[derive(Debug, Clone)]
+pub enum RunEvent {
+    /// Data prepared: examples (or pairs) for training and evaluation, optimizer steps planned.
+    Prepared {
+        train: usize,
+        eval: usize,
+        steps: usize,
+    },
+    Step(StepMetrics),
+    /// Evaluation after `step`: the loss per unit and the strategy's metrics.
+    Eval {
+        step: usize,
+        loss: f64,
+        metrics: Vec<(&'static str, f64)>,
+    },
+}
+
+/// The final numbers of a run.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub steps: usize,
+    pub final_loss: f64,
+    pub eval_loss: Option<f64>,
+    pub eval_metrics: Vec<(&'static str, f64)>,
+    pub dir: PathBuf,
+}
+
+/// The PEFT configuration of a recipe's `[adapter]` section.
+pub fn lora_config(section: &AdapterSection, base: &Path) -> LoraConfig {
+    LoraConfig {
+        r: section.r,
+        lora_alpha: section.alpha,
+        lora_dropout: section.dropout,
+        targets: match &section.target_modules {
+            TargetModules::List(list) => Targets::List(list.clone()),
+            TargetModules::Named(name) if name == "all-linear" => Targets::AllLinear,
+            TargetModules::Named(regex) => Targets::Regex(regex.clone()),
+        },
+        layers_to_transform: section.layers_to_transform.clone(),
+        use_rslora: section.use_rslora,
+        init: match section.init {
+            AdapterInit::Kaiming => LoraInit::Kaiming,
+            AdapterInit::Gaussian => LoraInit::Gaussian,
+        },
+        base_model_name_or_path: Some(base.display().to_string()),
+        ..Default::default()
+    }
+}
+
+/// Token batches for SFT and instruction tuning, one `Vec` per optimizer step.
+fn token_batches<B: AutodiffBackend>(batches: &[Batch], device: &B::Device) -> Vec<TokenBatch<B>> {
+    batches
+        .iter()
+        .filter(|b| b.seq_len >= 2)
+        .map(|b| {
+            TokenBatch::from_rows(
+                b.rows,
+                b.seq_len,
+                &b.input_ids,
+                &b.labels_mask,
+                &b.position_ids,
+                &b.segment_ids,
+                device,
+            )
+        })
+        .collect()
+}
+
+/// Pair batches for DPO: chosen and rejected rows padded separately, row for row.
+fn pair_batches<B: AutodiffBackend>(
+    data: &Dataset,
+    micro: usize,
+    pad_id: u32,
+    seed: u64,
+    device: &B::Device,
+) -> Vec<PairBatch<B>> {
+    let mut order: Vec<usize> = (0..data.pairs.len()).collect();
+    shuffle(&mut order, seed);
+    order
+        .chunks(micro)
+        .map(|chunk| {
+            let chosen: Vec<Example> = chunk.iter().map(|&i| data.pairs[i].chosen()).collect();
+            let rejected: Vec<Example> = chunk.iter().map(|&i| data.pairs[i].rejected()).collect();
+            let to_tokens = |examples: &[Example]| {
+                let refs: Vec<&Example> = examples.iter().collect();
+                let b = Batch::padded(&refs, pad_id);
+                TokenBatch::from_rows(
+                    b.rows,
+                    b.seq_len,
+                    &b.input_ids,
+                    &b.labels_mask,
+                    &b.position_ids,
+                    &b.segment_ids,
+                    device,
+                )
+            };
+            PairBatch {
+                chosen: to_tokens(&chosen),
+                rejected: to_tokens(&rejected),
+            }
+        })
+        .collect()
+}
+
+/// Mean loss per unit and mean metrics of `strategy` over `batches`.
+fn evaluate<B: AutodiffBackend, S: Strategy<B>>(
+    model: &Decoder<B>,
+    strategy: &S,
+    batches: &[S::Batch],
+) -> (f64, Vec<(&'static str, f64)>) {
+    let (mut sum, mut units) = (0.0, 0.0);
+    let mut metrics: Vec<(&'static str, f64)> = Vec::new();
+    for batch in batches {
+        let out = strategy.loss(model, batch);
+        sum += out
+            .loss_sum
+            .into_data()
+            .convert::<f64>()
+            .to_vec::<f64>()
+            .map(|v| v[0])
+            .unwrap_or(f64::NAN);
+        units += out.units;
+        for (name, v) in out.metrics {
+            match metrics.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, s)) => *s += v / batches.len() as f64,
+                None => metrics.push((name, v / batches.len() as f64)),
+            }
+        }
+    }
+    (sum / units.max(1.0), metrics)
+}
+
+fn files(paths: &[PathBuf]) -> Vec<&Path> {
+    paths.iter().map(PathBuf::as_path).collect()
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RunError + '_ {
+    move |source| RunError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Runs the recipe on `device`, reporting progress to `on_event`.
+pub fn train<B: AutodiffBackend>(
+    recipe: &Recipe,
+    device: &B::Device,
+    mut on_event: impl FnMut(&RunEvent),
+) -> Result<RunSummary, RunError> {
+    let base = &recipe.model.base;
+    let t = &recipe.train;
+
+    // Data first: it is cheap, and its errors should not wait for the model.
+    let tokenizer = Tokenizer::from_dir(base)?;
+    let pad_id = [&tokenizer.special.pad_token, &tokenizer.special.eos_token]
+        .into_iter()
+        .flatten()
+        .find_map(|t| tokenizer.token_to_id(t))
+        .unwrap_or(0);
+    let encoder = Encoder::new(
+        tokenizer,
+        ChatTemplate::from_dir(base)?,
+        recipe.data.loader.train_on,
+    );
+    let loaded = load(&files(&recipe.data.train), &encoder, &recipe.data.loader)?;
+    let (train_data, eval_data) = if !recipe.data.eval.is_empty() {
+        (
+            loaded,
+            load(&files(&recipe.data.eval), &encoder, &recipe.data.loader)?,
+        )
+    } else if recipe.data.loader.eval_ratio > 0.0 {
+        loaded.split_eval(recipe.data.loader.eval_ratio, recipe.data.loader.seed)
+    } else {
+        (loaded, Dataset::default())
+    };
+    let dpo = t.strategy == StrategyKind::Dpo;
+    let (count, other) = if dpo {
+        (train_data.pairs.len(), train_data.examples.len())
+    } else {
+        (train_data.examples.len(), train_data.pairs.len())
+    };
+    if count == 0 {
+        let (want, have) = if dpo {
+            ("preference pairs", "examples")
+        } else {
+            ("examples", "preference pairs")
+        };
+        return Err(RunError::Mismatch(format!(
+            "`train.strategy = {:?}` needs {want}, but the training files hold none ({other} {have}); check `train.strategy` and `data.format`",
+            t.strategy
+        )));
+    }
+
+    // Then the model, its adapter, and the optimizer.
+    let pretrained = Pretrained::<B>::load(base, device)?;
+    let config = pretrained.config.clone();
+    let mut adapter_config = None;
+    let mut model = match &recipe.adapter {
+        None => pretrained.model,
+        Some(section) => match &section.init_from {
+            Some(dir) => {
+                let (model, loaded) = pretrained.model.with_adapter(dir)?;
+                adapter_config = Some(loaded);
+                model
+            }
+            None => {
+                let lora = lora_config(section, base);
+                let (model, _) = pretrained.model.with_lora(&lora, t.seed)?;
+                adapter_config = Some(lora);
+                model
+            }
+        },
+    };
+
+    let micro = t.micro_batch_size;
+    let batches_per_epoch = count.div_ceil(micro);
+    let steps_per_epoch = batches_per_epoch.div_ceil(t.gradient_accumulation);
+    let total_steps = t.max_steps.unwrap_or(t.epochs * steps_per_epoch);
+    let warmup = match (t.warmup_steps, t.warmup_ratio) {
+        (Some(s), _) => s,
+        (None, Some(r)) => Schedule::warmup_from_ratio(r, total_steps),
+        (None, None) => 0,
+    };
+    let schedule = Schedule {
+        kind: t.schedule.into(),
+        peak_lr: t.lr,
+        warmup_steps: warmup,
+        total_steps,
+    };
+    let mut optimizer = AdamW::<B>::new(AdamWConfig {
+        beta1: t.betas.0,
+        beta2: t.betas.1,
+        eps: t.eps,
+        weight_decay: t.weight_decay,
+        max_grad_norm: (t.max_grad_norm > 0.0).then_some(t.max_grad_norm),
+    });
+    let eval_count = if dpo {
+        eval_data.pairs.len()
+    } else {
+        eval_data.examples.len()
+    };
+    on_event(&RunEvent::Prepared {
+        train: count,
+        eval: eval_count,
+        steps: total_steps,
+    });
+
+    let dir = &recipe.output.dir;
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let recipe_path = dir.join("recipe.toml");
+    burnish_peft::write_atomic(&recipe_path, recipe.to_toml().as_bytes())
+        .map_err(io_err(&recipe_path))?;
+    let metrics_path = dir.join("metrics.jsonl");
+    let mut metrics_file = std::fs::File::create(&metrics_path).map_err(io_err(&metrics_path))?;
+    let mut log = |line: serde_json::Value| -> Result<(), RunError> {
+        writeln!(metrics_file, "{line}").map_err(io_err(&metrics_path))
+    };
+    let metric_map = |m: &[(&'static str, f64)]| {
+        m.iter()
+            .map(|(k, v)| (k.to_string(), json!(v)))
+            .collect::<serde_json::Map<_, _>>()
+    };
+
+    let pack = t.pack.then_some(recipe.data.loader.max_length).flatten();
+    let sft_batches = |examples: &[Example], seed: u64| {
+        let config = BatchConfig {
+            batch_size: micro,
+            pack_length: pack,
+            pad_id,
+            seed,
+        };
+        token_batches::<B>(&make_batches(examples, &config), device)
+    };
+    let strategy_dpo = Dpo {
+        loss: recipe.dpo.loss(),
+        beta: recipe.dpo.beta,
+    };
+    let eval_sft = if dpo {
+        Vec::new()
+    } else {
+        sft_batches(&eval_data.examples, t.seed)
+    };
+    let eval_pairs = if dpo {
+        pair_batches::<B>(&eval_data, micro, pad_id, t.seed, device)
+    } else {
+        Vec::new()
+    };
+    let run_eval = |model: &Decoder<B>| -> Option<(f64, Vec<(&'static str, f64)>)> {
+        if dpo && !eval_pairs.is_empty() {
+            Some(evaluate(model, &strategy_dpo, &eval_pairs))
+        } else if !dpo && !eval_sft.is_empty() {
+            Some(evaluate(model, &Sft, &eval_sft))
+        } else {
+            None
+        }
+    };
+
+    let mut step = 0;
+    let mut final_loss = f64::NAN;
+    let mut trained_tokens = 0usize;
+    let mut eval_result = None;
+    let mut epoch = 0u64;
+    'epochs: while step < total_steps {
+        let seed = t.seed.wrapping_add(epoch);
+        // One epoch of micro-batches, grouped into optimizer steps.
+        let (sft, pairs) = if dpo {
+            (
+                Vec::new(),
+                pair_batches::<B>(&train_data, micro, pad_id, seed, device),
+            )
+        } else {
+            (sft_batches(&train_data.examples, seed), Vec::new())
+        };
+        let groups = if dpo { pairs.len() } else { sft.len() }.div_ceil(t.gradient_accumulation);
+        for g in 0..groups {
+            if step >= total_steps {
+                break 'epochs;
+            }
+            let range = g * t.gradient_accumulation..((g + 1) * t.gradient_accumulation);
+            let started = Instant::now();
+            let (next, metrics, tokens) = if dpo {
+                let slice = &pairs[range.start..range.end.min(pairs.len())];
+                trained_tokens += slice
+                    .iter()
+                    .map(|p| p.chosen.trained_tokens + p.rejected.trained_tokens)
+                    .sum::<usize>();
+                let tokens = slice
+                    .iter()
+                    .map(|p| p.chosen.tokens + p.rejected.tokens)
+                    .sum::<usize>();
+                let (next, metrics) =
+                    optimizer_step(model, &strategy_dpo, slice, &mut optimizer, &schedule)?;
+                (next, metrics, tokens)
+            } else {
+                let slice = &sft[range.start..range.end.min(sft.len())];
+                trained_tokens += slice.iter().map(|b| b.trained_tokens).sum::<usize>();
+                let tokens = slice.iter().map(|b| b.tokens).sum::<usize>();
+                let (next, metrics) =
+                    optimizer_step(model, &Sft, slice, &mut optimizer, &schedule)?;
+                (next, metrics, tokens)
+            };
+            model = next;
+            step = metrics.step;
+            final_loss = metrics.loss;
+            let seconds = started.elapsed().as_secs_f64();
+            let mut line = json!({
+                "step": step,
+                "epoch": epoch as f64 + (g + 1) as f64 / groups as f64,
+                "loss": metrics.loss,
+                "lr": metrics.lr,
+                "grad_norm": metrics.grad_norm,
+                "trained_tokens": trained_tokens,
+                "tokens_per_s": tokens as f64 / seconds,
+                "step_seconds": seconds,
+            });
+            line.as_object_mut()
+                .expect("a JSON object")
+                .extend(metric_map(&metrics.metrics));
+            log(line)?;
+            on_event(&RunEvent::Step(metrics));
+
+            let last = step == total_steps;
+            let due = (t.eval_every > 0 && step.is_multiple_of(t.eval_every)) || last;
+            if let Some((loss, m)) = due.then(|| run_eval(&model)).flatten() {
+                let mut line = json!({"eval_step": step, "eval_loss": loss});
+                line.as_object_mut()
+                    .expect("a JSON object")
+                    .extend(metric_map(&m));
+                log(line)?;
+                on_event(&RunEvent::Eval {
+                    step,
+                    loss,
+                    metrics: m.clone(),
+                });
+                eval_result = Some((loss, m));
+            }
+        }
+        epoch += 1;
+    }
+
+    // Outputs: the adapter (or the whole model), tokenizer files, and a model card.
+    match &adapter_config {
+        Some(lora) => save_adapter(dir, lora, &model.linears())?,
+        None => {
+            save_decoder(&model, &config, dir, SaveDtype::F32)?;
+            for file in TOKENIZER_FILES {
+                let from = base.join(file);
+                if from.exists() {
+                    std::fs::copy(&from, dir.join(file)).map_err(io_err(&from))?;
+                }
+            }
+        }
+    }
+    let (eval_loss, eval_metrics) = match eval_result {
+        Some((l, m)) => (Some(l), m),
+        None => (None, Vec::new()),
+    };
+    let card = model_card(recipe, step, final_loss, eval_loss, &eval_metrics);
+    let card_path = dir.join("README.md");
+    burnish_peft::write_atomic(&card_path, card.as_bytes()).map_err(io_err(&card_path))?;
+    Ok(RunSummary {
+        steps: step,
+        final_loss,
+        eval_loss,
+        eval_metrics,
+        dir: dir.clone(),
+    })
+}
+
+/// The run's `README.md`: Hub metadata, what was trained on what, and the final numbers.
+fn model_card(
+    recipe: &Recipe,
+    steps: usize,
+    final_loss: f64,
+    eval_loss: Option<f64>,
+    eval_metrics: &[(&'static str, f64)],
+) -> String {
+    let base = recipe.model.base.display();
+    let datasets: Vec<String> = recipe
+        .data
+        .train
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    let kind = match recipe.train.strategy {
+        StrategyKind::Sft => "chat SFT",
+        StrategyKind::Instruct => "instruction tuning",
+        StrategyKind::Dpo => "DPO",
+    };
+    let library = if recipe.adapter.is_some() {
+        "library_name: peft\n"
+    } else {
+        ""
+    };
+    let mut card = format!(
+        "---\nbase_model: {base}\n{library}pipeline_tag: text-generation\ntags:\n- burnish\n- {}\n---\n\n# {}\n\n{} of `{base}` with burnish on {}.\n\n## Results\n\n| metric | value |\n|---|---|\n| optimizer steps | {steps} |\n| final training loss | {final_loss:.4} |\n",
+        if recipe.adapter.is_some() {
+            "lora"
+        } else {
+            "full-fine-tune"
+        },
+        recipe
+            .output
+            .dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        kind,
+        datasets.join(", "),
+    );
+    if let Some(l) = eval_loss {
+        card.push_str(&format!("| eval loss | {l:.4} |\n"));
+    }
+    for (k, v) in eval_metrics {
+        card.push_str(&format!("| eval {k} | {v:.4} |\n"));
+    }
+    card.push_str(&format!(
+        "\n## Recipe\n\n```toml\n{}```\n",
+        recipe.to_toml()
+    ));
+    card
+}

@@ -1,0 +1,180 @@
+//! `burnish train` end to end on the llama fixture: an SFT run and a DPO run from recipe files,
+//! each learning its task on the CPU in seconds, writing a run directory whose adapter PEFT's
+//! format readers (ours included) load; recipe errors name the key.
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::{Value, json};
+
+use crate::fixtures::model_dir;
+
+const WORDS: &[&str] = &[
+    "red", "blue", "green", "cat", "dog", "bird", "sun", "moon", "tree", "fish",
+];
+
+fn burnish(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_burnish"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn write_jsonl(path: &Path, rows: &[Value]) {
+    let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
+    std::fs::write(path, text).unwrap();
+}
+
+fn metrics(run: &Path) -> Vec<Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn recipe(dir: &Path, body: &str) -> std::path::PathBuf {
+    let path = dir.join("recipe.toml");
+    let text = format!(
+        "[model]\nbase = \"{}\"\n\n[output]\ndir = \"run\"\n\n{body}",
+        model_dir("llama").display()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn sft_run_learns_and_writes_a_peft_adapter() {
+    let work = tempfile::tempdir().unwrap();
+    // Answer with the word after the one asked about.
+    let rows: Vec<Value> = (0..8)
+        .map(|i| {
+            json!({"messages": [
+                {"role": "user", "content": format!("after {}?", WORDS[i])},
+                {"role": "assistant", "content": WORDS[i + 1]},
+            ]})
+        })
+        .collect();
+    write_jsonl(&work.path().join("train.jsonl"), &rows);
+    let path = recipe(
+        work.path(),
+        "[adapter]\nr = 8\nalpha = 16\ndropout = 0.0\n\n[data]\ntrain = \"train.jsonl\"\neval = \"train.jsonl\"\n\n[train]\nmax_steps = 25\nmicro_batch_size = 4\nlr = 2e-2\nschedule = \"constant\"\neval_every = 25\n",
+    );
+    let out = burnish(&["train", path.to_str().unwrap(), "--device", "cpu"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let run = work.path().join("run");
+    let lines = metrics(&run);
+    let steps: Vec<&Value> = lines.iter().filter(|l| l.get("step").is_some()).collect();
+    assert_eq!(steps.len(), 25);
+    let first = steps[0]["loss"].as_f64().unwrap();
+    let eval = lines
+        .iter()
+        .find_map(|l| l.get("eval_loss"))
+        .and_then(Value::as_f64)
+        .unwrap();
+    assert!(
+        eval < 0.5 * first,
+        "eval loss {eval} did not fall well below the first step's {first}"
+    );
+    for key in ["epoch", "lr", "grad_norm", "trained_tokens", "tokens_per_s"] {
+        assert!(steps[0].get(key).is_some(), "metrics.jsonl lacks {key}");
+    }
+    for file in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "recipe.toml",
+        "README.md",
+    ] {
+        assert!(
+            run.join(file).exists(),
+            "{file} missing from the run directory"
+        );
+    }
+    // The run directory is a PEFT adapter: it loads with `--adapter` and changes the scores.
+    let model = model_dir("llama");
+    let score = |extra: &[&str]| -> f64 {
+        let mut args = vec![
+            "score",
+            "--model",
+            model.to_str().unwrap(),
+            "--ids",
+            "40,41,42,43",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let out = burnish(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()["sum"]
+            .as_f64()
+            .unwrap()
+    };
+    assert_ne!(score(&["--adapter", run.to_str().unwrap()]), score(&[]));
+}
+
+#[test]
+fn dpo_run_prefers_the_chosen_answers() {
+    let work = tempfile::tempdir().unwrap();
+    let rows: Vec<Value> = (0..8)
+        .map(|i| {
+            json!({
+                "prompt": [{"role": "user", "content": format!("is the {} big?", WORDS[i])}],
+                "chosen": [{"role": "assistant", "content": "yes, very big"}],
+                "rejected": [{"role": "assistant", "content": "no"}],
+            })
+        })
+        .collect();
+    write_jsonl(&work.path().join("pairs.jsonl"), &rows);
+    let path = recipe(
+        work.path(),
+        "[adapter]\nr = 8\nalpha = 16\ndropout = 0.0\n\n[data]\ntrain = \"pairs.jsonl\"\neval = \"pairs.jsonl\"\n\n[train]\nstrategy = \"dpo\"\nmax_steps = 15\nmicro_batch_size = 4\nlr = 1e-2\nschedule = \"constant\"\n\n[dpo]\nbeta = 0.1\n",
+    );
+    let out = burnish(&["train", path.to_str().unwrap(), "--device", "cpu"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = metrics(&work.path().join("run"));
+    let first = &lines[0];
+    assert!(
+        (first["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-4,
+        "DPO starts at ln 2"
+    );
+    let eval = lines.iter().find(|l| l.get("eval_loss").is_some()).unwrap();
+    assert!(
+        eval["rewards/accuracies"].as_f64().unwrap() >= 0.9,
+        "{eval}"
+    );
+    assert!(eval["rewards/margins"].as_f64().unwrap() > 0.0, "{eval}");
+}
+
+#[test]
+fn recipe_and_data_mismatches_are_errors_naming_the_key() {
+    let work = tempfile::tempdir().unwrap();
+    let rows = vec![json!({"prompt": "q", "chosen": "a", "rejected": "b"})];
+    write_jsonl(&work.path().join("pairs.jsonl"), &rows);
+    let path = recipe(work.path(), "[data]\ntrain = \"pairs.jsonl\"\n");
+    let out = burnish(&["train", path.to_str().unwrap(), "--device", "cpu"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("train.strategy"), "{err}");
+
+    let out = burnish(&[
+        "train",
+        path.to_str().unwrap(),
+        "--set",
+        "train.micro_batch_size=0",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("train.micro_batch_size"));
+    let out = burnish(&["train", path.to_str().unwrap(), "--set", "trian.lr=1"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("trian"));
+}
