@@ -289,3 +289,47 @@ fn merged_models_score_like_base_plus_adapter() {
         "no temporary directory may remain"
     );
 }
+
+#[test]
+fn template_render_prints_exactly_the_template_output() {
+    let work = tempfile::tempdir().unwrap();
+    let messages = work.path().join("messages.json");
+    std::fs::write(&messages, r#"[{"role": "user", "content": "Hi!"}]"#).unwrap();
+    let dir = model_dir("llama");
+    let out = burnish(&[
+        "template",
+        "render",
+        "--model",
+        dir.to_str().unwrap(),
+        "--messages",
+        messages.to_str().unwrap(),
+        "--add-generation-prompt",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n"
+    );
+
+    // A template that raises exits non-zero with the template's message.
+    let raising = work.path().join("raising.jinja");
+    std::fs::write(
+        &raising,
+        "{{ raise_exception('Conversation roles must alternate') }}",
+    )
+    .unwrap();
+    let out = burnish(&[
+        "template",
+        "render",
+        "--template",
+        raising.to_str().unwrap(),
+        "--messages",
+        messages.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Conversation roles must alternate"));
+}
