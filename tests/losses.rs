@@ -44,6 +44,20 @@ fn golden() -> Golden {
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
 }
 
+/// The trained positions of `-100`-style labels, shifted as causal-LM losses shift them:
+/// position `t` predicts token `t + 1` and is trained where that label is not -100.
+fn shifted_mask<BB: burn::tensor::backend::Backend>(
+    labels: &[Vec<i64>],
+    device: &BB::Device,
+) -> Tensor<BB, 2> {
+    let (rows, len) = (labels.len(), labels[0].len());
+    let mask: Vec<f32> = labels
+        .iter()
+        .flat_map(|row| row[1..].iter().map(|&l| if l == -100 { 0.0 } else { 1.0 }))
+        .collect();
+    Tensor::from_data(TensorData::new(mask, [rows, len - 1]), device)
+}
+
 fn scalar(t: Tensor<B, 1>) -> f64 {
     t.into_data().convert::<f64>().to_vec::<f64>().unwrap()[0]
 }
@@ -59,20 +73,8 @@ fn sft_loss_equals_transformers_with_ignored_labels() {
     let flat = |v: &[Vec<i64>]| v.iter().flatten().copied().collect::<Vec<_>>();
     let ids =
         Tensor::<B, 2, Int>::from_data(TensorData::new(flat(&g.input_ids), [rows, len]), &device);
-    // Position t predicts token t + 1; it is trained where that label is not -100.
     let targets = ids.clone().narrow(1, 1, len - 1);
-    let labels = flat(&g.labels);
-    let mask: Vec<f32> = (0..rows)
-        .flat_map(|r| (1..len).map(move |t| (r, t)))
-        .map(|(r, t)| {
-            if labels[r * len + t] == -100 {
-                0.0
-            } else {
-                1.0
-            }
-        })
-        .collect();
-    let mask = Tensor::<B, 2>::from_data(TensorData::new(mask, [rows, len - 1]), &device);
+    let mask = shifted_mask::<B>(&g.labels, &device);
     let logits = model.forward(ids).narrow(1, 0, len - 1);
     let loss = masked_token_loss(logits, targets, mask);
     assert_eq!(loss.tokens, (len - 1 - 4) + (len - 1 - 11 - 2));
@@ -166,19 +168,8 @@ fn three_adamw_steps_reproduce_peft_and_torch() {
 
     let (rows, len) = (sft.input_ids.len(), sft.input_ids[0].len());
     let flat: Vec<i64> = sft.input_ids.iter().flatten().copied().collect();
-    let labels: Vec<i64> = sft.labels.iter().flatten().copied().collect();
     let ids = Tensor::<AD, 2, Int>::from_data(TensorData::new(flat, [rows, len]), &device);
-    let mask: Vec<f32> = (0..rows)
-        .flat_map(|r| (1..len).map(move |t| (r, t)))
-        .map(|(r, t)| {
-            if labels[r * len + t] == -100 {
-                0.0
-            } else {
-                1.0
-            }
-        })
-        .collect();
-    let mask = Tensor::<AD, 2>::from_data(TensorData::new(mask, [rows, len - 1]), &device);
+    let mask = shifted_mask::<AD>(&sft.labels, &device);
 
     let mut optimizer = AdamW::<AD>::new(AdamWConfig {
         beta1: g.betas.0,

@@ -87,17 +87,7 @@ fn token_batches<B: AutodiffBackend>(batches: &[Batch], device: &B::Device) -> V
     batches
         .iter()
         .filter(|b| b.seq_len >= 2)
-        .map(|b| {
-            TokenBatch::from_rows(
-                b.rows,
-                b.seq_len,
-                &b.input_ids,
-                &b.labels_mask,
-                &b.position_ids,
-                &b.segment_ids,
-                device,
-            )
-        })
+        .map(|b| TokenBatch::from_batch(b, device))
         .collect()
 }
 
@@ -118,16 +108,7 @@ fn pair_batches<B: AutodiffBackend>(
             let rejected: Vec<Example> = chunk.iter().map(|&i| data.pairs[i].rejected()).collect();
             let to_tokens = |examples: &[Example]| {
                 let refs: Vec<&Example> = examples.iter().collect();
-                let b = Batch::padded(&refs, pad_id);
-                TokenBatch::from_rows(
-                    b.rows,
-                    b.seq_len,
-                    &b.input_ids,
-                    &b.labels_mask,
-                    &b.position_ids,
-                    &b.segment_ids,
-                    device,
-                )
+                TokenBatch::from_batch(&Batch::padded(&refs, pad_id), device)
             };
             PairBatch {
                 chosen: to_tokens(&chosen),

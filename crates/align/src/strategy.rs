@@ -79,6 +79,21 @@ impl<B: Backend> TokenBatch<B> {
     }
 }
 
+impl<B: Backend> TokenBatch<B> {
+    /// The tensors of a padded or packed batch from the data loader.
+    pub fn from_batch(batch: &burnish_data::Batch, device: &B::Device) -> Self {
+        Self::from_rows(
+            batch.rows,
+            batch.seq_len,
+            &batch.input_ids,
+            &batch.labels_mask,
+            &batch.position_ids,
+            &batch.segment_ids,
+            device,
+        )
+    }
+}
+
 /// Logits of every position of `batch`, packed rows kept apart.
 fn logits<B: Backend>(model: &Decoder<B>, batch: &TokenBatch<B>) -> Tensor<B, 3> {
     match &batch.packing {
