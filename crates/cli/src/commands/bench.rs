@@ -1,27 +1,37 @@
-//! `burnish bench`: builds a random-weight model of a real shape and measures it. Today it
-//! times forward passes (tokens/s, step time, peak memory); training steps come with the trainer.
-//! Speed is measured here, never in tests.
+//! `burnish bench`: builds a random-weight model of a real shape and measures it: forward passes,
+//! or full LoRA training steps (forward, backward, AdamW) with r on all seven projections, SFT or
+//! DPO, the same measurement as `peer_lora.py` makes with transformers + PEFT. Reports tokens/s,
+//! step time and peak memory. Speed is measured here, never in tests.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use burn::tensor::backend::Backend;
+use burn::backend::Autodiff;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
+use burnish_align::{
+    AdamW, AdamWConfig, Dpo, DpoLoss, PairBatch, Schedule, ScheduleKind, Sft, TokenBatch,
+    optimizer_step,
+};
 use burnish_model::{HfConfig, RandomWeights, build_decoder};
+use burnish_peft::{LoraConfig, Targets};
 use clap::{Args, ValueEnum};
 
 use crate::device::{DeviceArg, Job, run_on};
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// A named shape (fixture, smollm2-135m, smollm2-360m, tinyllama-1.1b) or a config.json path.
+    /// A named shape (tiny, fixture, smollm2-135m, smollm2-360m, tinyllama-1.1b) or a config.json path.
     #[arg(long, default_value = "smollm2-135m")]
     shape: String,
     #[arg(long, value_enum, default_value_t = Mode::Forward)]
     mode: Mode,
     #[arg(long, default_value_t = 1)]
     batch: usize,
+    /// LoRA rank for the training modes (alpha is twice the rank).
+    #[arg(long, default_value_t = 16)]
+    rank: usize,
     #[arg(long, default_value_t = 256)]
     seq: usize,
     /// Untimed passes before measuring.
@@ -37,15 +47,26 @@ pub struct BenchArgs {
     json: bool,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Mode {
     /// Full-sequence forward passes without gradients (prefill / scoring).
     Forward,
+    /// LoRA SFT steps on batch × seq tokens, every token trained.
+    Sft,
+    /// LoRA DPO steps on batch pairs of seq tokens (chosen and rejected), sigmoid loss, the
+    /// reference being the same model with its adapter off.
+    Dpo,
 }
 
 /// Configurations of the shapes people tune, as their `config.json` states them.
 fn named_shape(name: &str) -> Option<&'static str> {
     Some(match name {
+        // transformers + PEFT's peer benchmark's smallest shape.
+        "tiny" => {
+            r#"{"model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0}"#
+        }
         "fixture" => {
             r#"{"model_type": "llama", "vocab_size": 400, "hidden_size": 64, "intermediate_size": 160,
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -106,34 +127,42 @@ impl Job for Bench {
             &RandomWeights { seed: 0, std: 0.02 },
             &device,
         )?;
-        let vocab = config.decoder.vocab_size as i64;
-        let ids: Vec<i64> = (0..a.batch * a.seq)
-            .map(|i| (i as i64 * 7919) % vocab)
+        let vocab = config.decoder.vocab_size as u32;
+        // Two fixed pseudo-random sequences per row: inputs (chosen) and rejected.
+        let ids: Vec<u32> = (0..a.batch * a.seq)
+            .map(|i| (i as u32).wrapping_mul(7919) % vocab)
             .collect();
-        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [a.batch, a.seq]), &device);
+        let rejected: Vec<u32> = (0..a.batch * a.seq)
+            .map(|i| (i as u32).wrapping_mul(104_729) % vocab)
+            .collect();
 
-        let pass = || -> Result<()> {
-            let logits = match a.mode {
-                Mode::Forward => model.forward(ids.clone()),
-            };
-            // Reading one value back waits for the device to finish.
-            let _ = logits.narrow(1, 0, 1).sum().into_scalar();
-            Ok(())
+        let step_s = if a.mode == Mode::Forward {
+            let input = Tensor::<B, 2, Int>::from_data(
+                TensorData::new(
+                    ids.iter().map(|&t| i64::from(t)).collect(),
+                    [a.batch, a.seq],
+                ),
+                &device,
+            );
+            time_steps(a.warmup, a.steps, || {
+                // Reading one value back waits for the device to finish.
+                let _ = model
+                    .forward(input.clone())
+                    .narrow(1, 0, 1)
+                    .sum()
+                    .into_scalar();
+                Ok(())
+            })?
+        } else {
+            train_steps::<Autodiff<B>>(&a, &config, &ids, &rejected, &device)?
         };
-        for _ in 0..a.warmup {
-            pass()?;
-        }
-        let start = Instant::now();
-        for _ in 0..a.steps {
-            pass()?;
-        }
-        let step_s = start.elapsed().as_secs_f64() / a.steps as f64;
-        let tokens_per_s = (a.batch * a.seq) as f64 / step_s;
+        let tokens = a.batch * a.seq * if a.mode == Mode::Dpo { 2 } else { 1 };
+        let tokens_per_s = tokens as f64 / step_s;
         let peak = peak_rss_bytes();
         if a.json {
             let out = serde_json::json!({
                 "shape": a.shape, "mode": format!("{:?}", a.mode).to_lowercase(),
-                "batch": a.batch, "seq": a.seq, "steps": a.steps,
+                "batch": a.batch, "seq": a.seq, "steps": a.steps, "rank": a.rank,
                 "tokens_per_s": tokens_per_s, "step_ms": step_s * 1e3,
                 "peak_memory_bytes": peak, "memory": "peak resident set of the process",
             });
@@ -153,6 +182,78 @@ impl Job for Bench {
         }
         Ok(())
     }
+}
+
+/// Mean seconds per call of `step` over `steps` calls, after `warmup` untimed ones.
+fn time_steps(warmup: usize, steps: usize, mut step: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..warmup {
+        step()?;
+    }
+    let start = Instant::now();
+    for _ in 0..steps {
+        step()?;
+    }
+    Ok(start.elapsed().as_secs_f64() / steps as f64)
+}
+
+/// Seconds per LoRA training step (forward, backward, AdamW) in `a.mode`.
+fn train_steps<AD: AutodiffBackend>(
+    a: &BenchArgs,
+    config: &HfConfig,
+    ids: &[u32],
+    rejected: &[u32],
+    device: &AD::Device,
+) -> Result<f64> {
+    let base = build_decoder::<AD>(
+        &config.decoder,
+        &RandomWeights { seed: 0, std: 0.02 },
+        device,
+    )?;
+    let lora = LoraConfig {
+        r: a.rank,
+        lora_alpha: 2.0 * a.rank as f64,
+        targets: Targets::AllLinear,
+        ..Default::default()
+    };
+    let (model, _) = base.with_lora(&lora, 0)?;
+    let mut model = Some(model);
+    let rows = |tokens: &[u32]| {
+        let trained = vec![true; tokens.len()];
+        let positions: Vec<u32> = (0..a.batch).flat_map(|_| 0..a.seq as u32).collect();
+        let segments = vec![1u32; tokens.len()];
+        TokenBatch::<AD>::from_rows(
+            a.batch, a.seq, tokens, &trained, &positions, &segments, device,
+        )
+    };
+    let sft = [rows(ids)];
+    let pairs = [PairBatch {
+        chosen: rows(ids),
+        rejected: rows(rejected),
+    }];
+    let dpo = Dpo {
+        loss: DpoLoss::Sigmoid {
+            label_smoothing: 0.0,
+        },
+        beta: 0.1,
+    };
+    let schedule = Schedule {
+        kind: ScheduleKind::Constant,
+        peak_lr: 1e-4,
+        warmup_steps: 0,
+        total_steps: usize::MAX,
+    };
+    let mut optimizer = AdamW::<AD>::new(AdamWConfig::default());
+    time_steps(a.warmup, a.steps, || {
+        let current = model
+            .take()
+            .expect("the model is put back after every step");
+        let (next, _) = match a.mode {
+            Mode::Dpo => optimizer_step(current, &dpo, &pairs, &mut optimizer, &schedule)?,
+            _ => optimizer_step(current, &Sft, &sft, &mut optimizer, &schedule)?,
+        };
+        model = Some(next);
+        Ok(())
+    })
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
