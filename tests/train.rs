@@ -178,3 +178,64 @@ fn recipe_and_data_mismatches_are_errors_naming_the_key() {
     let out = burnish(&["train", path.to_str().unwrap(), "--set", "trian.lr=1"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("trian"));
 }
+
+#[test]
+fn non_finite_steps_stop_the_run_or_are_skipped() {
+    use burnish_model::Pretrained;
+    use burnish_peft::{LoraConfig, save_adapter};
+    type B = crate::fixtures::B;
+
+    let work = tempfile::tempdir().unwrap();
+    // An adapter whose B holds a NaN: every step's loss is NaN.
+    let adapter = model_dir("llama").join("../../adapters/llama-qv");
+    let base = Pretrained::<B>::load(&model_dir("llama"), &Default::default())
+        .unwrap()
+        .model;
+    let (mut model, config): (_, LoraConfig) = base.with_adapter(&adapter).unwrap();
+    for (_, linear) in model.linears_mut() {
+        if let Some(lora) = &mut linear.lora {
+            lora.lora_b = burn::module::Param::from_tensor(lora.lora_b.val().add_scalar(f32::NAN));
+            break;
+        }
+    }
+    let poisoned = work.path().join("poisoned");
+    save_adapter(&poisoned, &config, &model.linears()).unwrap();
+
+    let rows = vec![
+        json!({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "red"}]}),
+    ];
+    write_jsonl(&work.path().join("train.jsonl"), &rows);
+    let path = recipe(
+        work.path(),
+        "[adapter]\ninit_from = \"poisoned\"\n\n[data]\ntrain = \"train.jsonl\"\n\n[train]\nmax_steps = 3\n",
+    );
+    let out = burnish(&["train", path.to_str().unwrap(), "--device", "cpu"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("step 1") && err.contains("on_nonfinite"),
+        "{err}"
+    );
+
+    let out = burnish(&[
+        "train",
+        path.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--set",
+        "train.on_nonfinite=skip",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let skipped = metrics(&work.path().join("run"))
+        .iter()
+        .filter(|l| l.get("skipped_step").is_some())
+        .count();
+    assert_eq!(
+        skipped, 3,
+        "every step is skipped and counted towards max_steps"
+    );
+}

@@ -3,7 +3,9 @@
 /// Errors of the training loop.
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
-    #[error("step {step}: the loss is {loss}; lower the learning rate or check the data")]
+    #[error(
+        "step {step}: the loss is {loss}; lower the learning rate, check the data, or set train.on_nonfinite = \"skip\""
+    )]
     NonFiniteLoss { step: usize, loss: f64 },
     #[error("step {step}: the gradient norm is {norm}; lower the learning rate or clip harder")]
     NonFiniteGradient { step: usize, norm: f64 },

@@ -17,8 +17,8 @@ pub use dpo::{DpoLoss, DpoMetrics, DpoOutput, PairLogps, dpo_loss};
 pub use error::{RecipeError, RunError, TrainError};
 pub use optimizer::{AdamW, AdamWConfig, StepReport, global_grad_norm};
 pub use recipe::{
-    AdapterInit, AdapterSection, DataSection, DpoLossName, DpoSection, ModelSection, OutputSection,
-    Recipe, ScheduleName, StrategyKind, TargetModules, TrainSection,
+    AdapterInit, AdapterSection, DataSection, DpoLossName, DpoSection, ModelSection, OnNonFinite,
+    OutputSection, Recipe, ScheduleName, StrategyKind, TargetModules, TrainSection,
 };
 pub use run::{RunEvent, RunSummary, lora_config, train};
 pub use schedule::{Schedule, ScheduleKind};

@@ -120,6 +120,16 @@ pub struct TrainSection {
     pub eval_every: usize,
     /// Seed of adapter initialisation, shuffling and dropout (default 0).
     pub seed: u64,
+    /// A step whose loss or gradient is not finite: `stop` the run, or `skip` the step (it is
+    /// logged and counts towards `max_steps`) (default `stop`).
+    pub on_nonfinite: OnNonFinite,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnNonFinite {
+    Stop,
+    Skip,
 }
 
 impl Default for TrainSection {
@@ -141,6 +151,7 @@ impl Default for TrainSection {
             pack: false,
             eval_every: 0,
             seed: 0,
+            on_nonfinite: OnNonFinite::Stop,
         }
     }
 }

@@ -16,9 +16,11 @@ use burnish_model::{Decoder, Pretrained, save_decoder};
 use burnish_peft::{LoraConfig, LoraInit, SaveDtype, Targets, save_adapter};
 use serde_json::json;
 
-use crate::error::RunError;
+use crate::error::{RunError, TrainError};
 use crate::optimizer::{AdamW, AdamWConfig};
-use crate::recipe::{AdapterInit, AdapterSection, Recipe, StrategyKind, TargetModules};
+use crate::recipe::{
+    AdapterInit, AdapterSection, OnNonFinite, Recipe, StrategyKind, TargetModules,
+};
 use crate::schedule::Schedule;
 use crate::strategy::{Dpo, PairBatch, Sft, Strategy, TokenBatch};
 use crate::trainer::{StepMetrics, optimizer_step};
@@ -316,7 +318,8 @@ pub fn train<B: AutodiffBackend>(
     let mut trained_tokens = 0usize;
     let mut eval_result = None;
     let mut epoch = 0u64;
-    'epochs: while step < total_steps {
+    let mut skipped = 0;
+    'epochs: while step + skipped < total_steps {
         let seed = t.seed.wrapping_add(epoch);
         // One epoch of micro-batches, grouped into optimizer steps.
         let (sft, pairs) = if dpo {
@@ -329,32 +332,45 @@ pub fn train<B: AutodiffBackend>(
         };
         let groups = if dpo { pairs.len() } else { sft.len() }.div_ceil(t.gradient_accumulation);
         for g in 0..groups {
-            if step >= total_steps {
+            if step + skipped >= total_steps {
                 break 'epochs;
             }
             let range = g * t.gradient_accumulation..((g + 1) * t.gradient_accumulation);
             let started = Instant::now();
-            let (next, metrics, tokens) = if dpo {
+            let backup = model.clone();
+            let (result, tokens) = if dpo {
                 let slice = &pairs[range.start..range.end.min(pairs.len())];
-                trained_tokens += slice
-                    .iter()
-                    .map(|p| p.chosen.trained_tokens + p.rejected.trained_tokens)
-                    .sum::<usize>();
                 let tokens = slice
                     .iter()
                     .map(|p| p.chosen.tokens + p.rejected.tokens)
                     .sum::<usize>();
-                let (next, metrics) =
-                    optimizer_step(model, &strategy_dpo, slice, &mut optimizer, &schedule)?;
-                (next, metrics, tokens)
+                let trained = slice
+                    .iter()
+                    .map(|p| p.chosen.trained_tokens + p.rejected.trained_tokens)
+                    .sum::<usize>();
+                let result = optimizer_step(model, &strategy_dpo, slice, &mut optimizer, &schedule);
+                (result.map(|r| (r, trained)), tokens)
             } else {
                 let slice = &sft[range.start..range.end.min(sft.len())];
-                trained_tokens += slice.iter().map(|b| b.trained_tokens).sum::<usize>();
                 let tokens = slice.iter().map(|b| b.tokens).sum::<usize>();
-                let (next, metrics) =
-                    optimizer_step(model, &Sft, slice, &mut optimizer, &schedule)?;
-                (next, metrics, tokens)
+                let trained = slice.iter().map(|b| b.trained_tokens).sum::<usize>();
+                let result = optimizer_step(model, &Sft, slice, &mut optimizer, &schedule);
+                (result.map(|r| (r, trained)), tokens)
             };
+            let ((next, metrics), trained) = match result {
+                Ok(done) => done,
+                Err(
+                    e @ (TrainError::NonFiniteLoss { .. } | TrainError::NonFiniteGradient { .. }),
+                ) if t.on_nonfinite == OnNonFinite::Skip => {
+                    // The update was never applied: go on from the weights before it.
+                    model = backup;
+                    skipped += 1;
+                    log(json!({"skipped_step": step + 1, "reason": e.to_string()}))?;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            trained_tokens += trained;
             model = next;
             step = metrics.step;
             final_loss = metrics.loss;
@@ -375,7 +391,7 @@ pub fn train<B: AutodiffBackend>(
             log(line)?;
             on_event(&RunEvent::Step(metrics));
 
-            let last = step == total_steps;
+            let last = step + skipped == total_steps;
             let due = (t.eval_every > 0 && step.is_multiple_of(t.eval_every)) || last;
             if let Some((loss, m)) = due.then(|| run_eval(&model)).flatten() {
                 let mut line = json!({"eval_step": step, "eval_loss": loss});
