@@ -35,6 +35,7 @@ struct Dpo {
     chosen_tokens: Vec<f32>,
     rejected_tokens: Vec<f32>,
     losses: std::collections::BTreeMap<String, f64>,
+    sft_term: f64,
     metrics: std::collections::BTreeMap<String, f64>,
 }
 
@@ -99,6 +100,15 @@ fn dpo_losses_and_metrics_equal_trl() {
         chosen_tokens: t(&g.chosen_tokens),
         rejected_tokens: t(&g.rejected_tokens),
     };
+    let rpo = scalar(burnish_align::chosen_nll(
+        t(&g.policy_chosen),
+        t(&g.chosen_tokens),
+    ));
+    assert!(
+        (rpo - g.sft_term).abs() <= 1e-6 * g.sft_term.abs().max(1.0),
+        "RPO term {rpo} vs TRL {}",
+        g.sft_term
+    );
     let e = g.label_smoothing;
     for (name, kind) in [
         (

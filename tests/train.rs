@@ -155,6 +155,30 @@ fn dpo_run_prefers_the_chosen_answers() {
         "{eval}"
     );
     assert!(eval["rewards/margins"].as_f64().unwrap() > 0.0, "{eval}");
+
+    // RPO adds the chosen answers' NLL to the loss: the first step is above ln 2 by that much.
+    let out = burnish(&[
+        "train",
+        path.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--set",
+        "dpo.rpo_alpha=1.0",
+        "--set",
+        "train.max_steps=1",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let first = metrics(&work.path().join("run"))[0]["loss"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        first > std::f64::consts::LN_2 + 1.0,
+        "RPO loss {first} lacks its NLL term"
+    );
 }
 
 #[test]

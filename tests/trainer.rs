@@ -214,6 +214,7 @@ fn dpo_starts_at_log_two_and_learns_the_preference() {
             label_smoothing: 0.0,
         },
         beta: 0.1,
+        rpo_alpha: None,
     };
     let mut model = lora_model(3);
     let mut optimizer = AdamW::new(AdamWConfig::default());

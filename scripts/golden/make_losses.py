@@ -74,6 +74,9 @@ def dpo_cases() -> dict:
             (-(1 - eps) * F.logsigmoid(beta * delta) - (-eps * F.logsigmoid(-beta * delta))) / (1 - 2 * eps)
         ).mean(),
     }
+    # TRL 1.16's "sft" loss type (the RPO term when combined with "sigmoid" through
+    # loss_weights): mean negative log-likelihood over every chosen completion token of the batch.
+    sft_term = -(policy_chosen.sum() / chosen_tokens.sum())
     chosen_rewards = beta * chosen_ratio
     rejected_rewards = beta * rejected_ratio
     metrics = {
@@ -94,6 +97,7 @@ def dpo_cases() -> dict:
         "chosen_tokens": chosen_tokens.tolist(),
         "rejected_tokens": rejected_tokens.tolist(),
         "losses": {k: v.item() for k, v in losses.items()},
+        "sft_term": sft_term.item(),
         "metrics": metrics,
     }
 

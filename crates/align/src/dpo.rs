@@ -61,6 +61,19 @@ fn mean_of<B: Backend>(t: Tensor<B, 1>) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// The mean negative log-likelihood of the chosen completions over all their tokens: the SFT
+/// term that RPO adds to DPO (TRL's `"sft"` loss type).
+///
+/// # Shapes
+/// - policy_chosen, chosen_tokens: `[pairs]`
+/// - output: `[1]`
+pub fn chosen_nll<B: Backend>(
+    policy_chosen: Tensor<B, 1>,
+    chosen_tokens: Tensor<B, 1>,
+) -> Tensor<B, 1> {
+    policy_chosen.sum().neg() / chosen_tokens.sum().clamp_min(1.0)
+}
+
 /// The DPO loss of `logps` with strength `beta`. Gradients flow through the policy log-probs only.
 pub fn dpo_loss<B: Backend>(kind: DpoLoss, beta: f64, logps: PairLogps<B>) -> DpoOutput<B> {
     let reference_chosen = logps.reference_chosen.detach();

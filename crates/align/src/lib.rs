@@ -13,7 +13,7 @@ mod strategy;
 mod token_loss;
 mod trainer;
 
-pub use dpo::{DpoLoss, DpoMetrics, DpoOutput, PairLogps, dpo_loss};
+pub use dpo::{DpoLoss, DpoMetrics, DpoOutput, PairLogps, chosen_nll, dpo_loss};
 pub use error::{RecipeError, RunError, TrainError};
 pub use optimizer::{AdamW, AdamWConfig, StepReport, global_grad_norm};
 pub use recipe::{

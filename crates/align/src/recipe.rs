@@ -184,6 +184,8 @@ pub struct DpoSection {
     pub loss: DpoLossName,
     /// Assumed label noise for `sigmoid` and `robust` (default 0).
     pub label_smoothing: f64,
+    /// Add this times the chosen completions' mean NLL to the loss (RPO; default: none).
+    pub rpo_alpha: Option<f64>,
 }
 
 impl Default for DpoSection {
@@ -192,6 +194,7 @@ impl Default for DpoSection {
             beta: 0.1,
             loss: DpoLossName::Sigmoid,
             label_smoothing: 0.0,
+            rpo_alpha: None,
         }
     }
 }
@@ -423,6 +426,9 @@ impl Recipe {
         let d = &self.dpo;
         if d.beta <= 0.0 {
             return Err("`dpo.beta` must be positive".into());
+        }
+        if d.rpo_alpha.is_some_and(|a| !(a.is_finite() && a >= 0.0)) {
+            return Err("`dpo.rpo_alpha` must be a number >= 0".into());
         }
         if !(0.0..0.5).contains(&d.label_smoothing) {
             return Err("`dpo.label_smoothing` must be in [0, 0.5)".into());

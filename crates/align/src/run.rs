@@ -292,6 +292,7 @@ pub fn train<B: AutodiffBackend>(
     let strategy_dpo = Dpo {
         loss: recipe.dpo.loss(),
         beta: recipe.dpo.beta,
+        rpo_alpha: recipe.dpo.rpo_alpha,
     };
     let eval_sft = if dpo {
         Vec::new()

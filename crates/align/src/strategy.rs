@@ -8,7 +8,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use burnish_model::Decoder;
 
-use crate::dpo::{DpoLoss, PairLogps, dpo_loss};
+use crate::dpo::{DpoLoss, PairLogps, chosen_nll, dpo_loss};
 use crate::token_loss::{masked_token_logprobs, masked_token_loss};
 
 /// Token ids with the positions that are trained.
@@ -161,6 +161,8 @@ impl<B: AutodiffBackend> Strategy<B> for Sft {
 pub struct Dpo {
     pub loss: DpoLoss,
     pub beta: f64,
+    /// Weight of the chosen completions' NLL added to the loss (RPO); `None` for plain DPO.
+    pub rpo_alpha: Option<f64>,
 }
 
 /// Summed completion log-probs per row.
@@ -199,21 +201,30 @@ impl<B: AutodiffBackend> Strategy<B> for Dpo {
         let reference_rejected = sequence_logps(&reference, &inner_batch(&batch.rejected));
         let count = |b: &TokenBatch<B>| b.mask.clone().sum_dim(1).squeeze_dim::<1>(1);
         let pairs = batch.chosen.inputs.dims()[0];
+        let policy_chosen = sequence_logps(model, &batch.chosen);
+        let chosen_tokens = count(&batch.chosen);
+        let rpo = self.rpo_alpha.map(|alpha| {
+            chosen_nll(policy_chosen.clone(), chosen_tokens.clone()).mul_scalar(alpha)
+        });
         let out = dpo_loss(
             self.loss,
             self.beta,
             PairLogps {
-                policy_chosen: sequence_logps(model, &batch.chosen),
+                policy_chosen,
                 policy_rejected: sequence_logps(model, &batch.rejected),
                 reference_chosen: Tensor::from_inner(reference_chosen),
                 reference_rejected: Tensor::from_inner(reference_rejected),
-                chosen_tokens: count(&batch.chosen),
+                chosen_tokens,
                 rejected_tokens: count(&batch.rejected),
             },
         );
+        let loss = match rpo {
+            Some(term) => out.loss + term,
+            None => out.loss,
+        };
         let m = out.metrics;
         StepOutput {
-            loss_sum: out.loss.mul_scalar(pairs as f64),
+            loss_sum: loss.mul_scalar(pairs as f64),
             units: pairs as f64,
             metrics: vec![
                 ("rewards/chosen", m.rewards_chosen),

@@ -235,6 +235,7 @@ fn train_steps<AD: AutodiffBackend>(
             label_smoothing: 0.0,
         },
         beta: 0.1,
+        rpo_alpha: None,
     };
     let schedule = Schedule {
         kind: ScheduleKind::Constant,
