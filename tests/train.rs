@@ -263,3 +263,33 @@ fn non_finite_steps_stop_the_run_or_are_skipped() {
         "every step is skipped and counted towards max_steps"
     );
 }
+
+#[test]
+fn instruction_tuning_on_alpaca_rows_learns() {
+    let work = tempfile::tempdir().unwrap();
+    let rows: Vec<Value> = (0..8)
+        .map(|i| json!({"instruction": "Name the next word.", "input": WORDS[i], "output": WORDS[i + 1]}))
+        .collect();
+    write_jsonl(&work.path().join("alpaca.jsonl"), &rows);
+    let path = recipe(
+        work.path(),
+        "[adapter]\nr = 8\nalpha = 16\ndropout = 0.0\n\n[data]\ntrain = \"alpaca.jsonl\"\neval = \"alpaca.jsonl\"\nformat = \"alpaca\"\n\n[train]\nstrategy = \"instruct\"\nmax_steps = 25\nmicro_batch_size = 4\nlr = 2e-2\nschedule = \"constant\"\n",
+    );
+    let out = burnish(&["train", path.to_str().unwrap(), "--device", "cpu"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = metrics(&work.path().join("run"));
+    let first = lines[0]["loss"].as_f64().unwrap();
+    let eval = lines
+        .iter()
+        .find_map(|l| l.get("eval_loss"))
+        .and_then(Value::as_f64)
+        .unwrap();
+    assert!(
+        eval < 0.5 * first,
+        "eval loss {eval} did not fall well below the first step's {first}"
+    );
+}

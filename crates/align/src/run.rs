@@ -43,7 +43,11 @@ pub enum RunEvent {
         eval: usize,
         steps: usize,
     },
-    Step(StepMetrics),
+    /// An optimizer step, with the tokens per second it ran at.
+    Step {
+        metrics: StepMetrics,
+        tokens_per_s: f64,
+    },
     /// Evaluation after `step`: the loss per unit and the strategy's metrics.
     Eval {
         step: usize,
@@ -376,6 +380,7 @@ pub fn train<B: AutodiffBackend>(
             step = metrics.step;
             final_loss = metrics.loss;
             let seconds = started.elapsed().as_secs_f64();
+            let tokens_per_s = tokens as f64 / seconds;
             let mut line = json!({
                 "step": step,
                 "epoch": epoch as f64 + (g + 1) as f64 / groups as f64,
@@ -383,14 +388,17 @@ pub fn train<B: AutodiffBackend>(
                 "lr": metrics.lr,
                 "grad_norm": metrics.grad_norm,
                 "trained_tokens": trained_tokens,
-                "tokens_per_s": tokens as f64 / seconds,
+                "tokens_per_s": tokens_per_s,
                 "step_seconds": seconds,
             });
             line.as_object_mut()
                 .expect("a JSON object")
                 .extend(metric_map(&metrics.metrics));
             log(line)?;
-            on_event(&RunEvent::Step(metrics));
+            on_event(&RunEvent::Step {
+                metrics,
+                tokens_per_s,
+            });
 
             let last = step + skipped == total_steps;
             let due = (t.eval_every > 0 && step.is_multiple_of(t.eval_every)) || last;
