@@ -293,3 +293,120 @@ fn instruction_tuning_on_alpaca_rows_learns() {
         "eval loss {eval} did not fall well below the first step's {first}"
     );
 }
+
+/// metrics.jsonl without the timing fields, which differ from run to run.
+fn metrics_without_timing(run: &Path) -> Vec<Value> {
+    metrics(run)
+        .into_iter()
+        .map(|mut l| {
+            if let Some(o) = l.as_object_mut() {
+                o.remove("step_seconds");
+                o.remove("tokens_per_s");
+            }
+            l
+        })
+        .collect()
+}
+
+fn chat_rows(dir: &Path) {
+    let rows: Vec<Value> = (0..6)
+        .map(|i| json!({"messages": [{"role": "user", "content": WORDS[i]}, {"role": "assistant", "content": WORDS[i + 1]}]}))
+        .collect();
+    write_jsonl(&dir.join("train.jsonl"), &rows);
+}
+
+#[test]
+fn resuming_from_a_checkpoint_equals_an_uninterrupted_run() {
+    let work = tempfile::tempdir().unwrap();
+    chat_rows(work.path());
+    // Dropout on, cosine schedule with warmup, accumulation: everything resume must restore.
+    let path = recipe(
+        work.path(),
+        "[adapter]\nr = 4\nalpha = 8\ndropout = 0.1\n\n[data]\ntrain = \"train.jsonl\"\n\n[train]\nmax_steps = 6\nmicro_batch_size = 2\ngradient_accumulation = 2\nlr = 1e-2\nwarmup_steps = 2\nsave_every = 2\nkeep_checkpoints = 5\n",
+    );
+    let run = work.path().join("run");
+    let out = burnish(&["train", path.to_str().unwrap(), "--device", "cpu"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let uninterrupted = std::fs::read(run.join("adapter_model.safetensors")).unwrap();
+    let uninterrupted_metrics = metrics_without_timing(&run);
+
+    // As if the run had died after its step-2 checkpoint.
+    std::fs::remove_dir_all(run.join("checkpoints/step-000004")).unwrap();
+    std::fs::remove_file(run.join("adapter_model.safetensors")).unwrap();
+    let out = burnish(&[
+        "train",
+        path.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--resume",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read(run.join("adapter_model.safetensors")).unwrap(),
+        uninterrupted,
+        "adapters differ"
+    );
+    assert_eq!(metrics_without_timing(&run), uninterrupted_metrics);
+}
+
+#[test]
+fn killing_a_run_leaves_a_checkpoint_it_resumes_from() {
+    let work = tempfile::tempdir().unwrap();
+    chat_rows(work.path());
+    let path = recipe(
+        work.path(),
+        "[adapter]\nr = 4\n\n[data]\ntrain = \"train.jsonl\"\n\n[train]\nmax_steps = 2000\nmicro_batch_size = 2\nsave_every = 1\nkeep_checkpoints = 2\n",
+    );
+    let run = work.path().join("run");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_burnish"))
+        .args(["train", path.to_str().unwrap(), "--device", "cpu"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while burnish_align::checkpoints(&run).len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoints appeared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // Kill it mid-run, most likely while it writes a checkpoint.
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let latest = burnish_align::checkpoints(&run)
+        .pop()
+        .expect("a complete checkpoint survives");
+    let (progress, _) = burnish_align::read_checkpoint(&latest).unwrap();
+    assert!(progress.step >= 2);
+    let out = burnish(&[
+        "train",
+        path.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--resume",
+        "--set",
+        &format!("train.max_steps={}", progress.step + 2),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let steps = metrics(&run)
+        .iter()
+        .filter(|l| l.get("step").is_some())
+        .count();
+    assert_eq!(steps, progress.step + 2);
+    assert!(run.join("adapter_model.safetensors").exists());
+}

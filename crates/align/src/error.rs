@@ -44,6 +44,8 @@ pub enum RunError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
     /// The recipe and the data do not fit together.
     #[error("{0}")]
     Mismatch(String),

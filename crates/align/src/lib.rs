@@ -3,6 +3,7 @@
 //! next-token loss of SFT and instruction tuning, the DPO family of preference losses with TRL's
 //! reward metrics) and the optimizer (AdamW with global-norm clipping).
 
+mod checkpoint;
 mod dpo;
 mod error;
 mod optimizer;
@@ -13,9 +14,12 @@ mod strategy;
 mod token_loss;
 mod trainer;
 
+pub use checkpoint::{Progress, checkpoints, read_checkpoint, save_checkpoint};
 pub use dpo::{DpoLoss, DpoMetrics, DpoOutput, PairLogps, chosen_nll, dpo_loss};
 pub use error::{RecipeError, RunError, TrainError};
-pub use optimizer::{AdamW, AdamWConfig, StepReport, global_grad_norm};
+pub use optimizer::{
+    AdamW, AdamWConfig, SavedMoments, StepReport, global_grad_norm, parameter_paths,
+};
 pub use recipe::{
     AdapterInit, AdapterSection, DataSection, DpoLossName, DpoSection, ModelSection, OnNonFinite,
     OutputSection, Recipe, ScheduleName, StrategyKind, TargetModules, TrainSection,

@@ -6,10 +6,10 @@
 
 use std::collections::HashMap;
 
-use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Tensor};
+use burn::tensor::{ElementConversion, Tensor, TensorData};
 
 /// AdamW's settings (PyTorch's defaults except the weight decay, which recipes set).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -167,5 +167,108 @@ impl<B: AutodiffBackend> AdamW<B> {
             step: self.steps as i32,
         };
         (module.map(&mut update), StepReport { grad_norm })
+    }
+}
+
+/// Records the dotted field path of every float parameter (`layers.0.self_attn.q_proj.lora.lora_a`):
+/// stable across runs, unlike parameter ids, so optimizer state can be saved and restored.
+struct ParamPaths {
+    stack: Vec<String>,
+    paths: HashMap<ParamId, String>,
+}
+
+impl<B: Backend> ModuleVisitor<B> for ParamPaths {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.stack.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.stack.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        self.paths.insert(param.id, self.stack.join("."));
+    }
+}
+
+/// The field path of every float parameter of `module`, by parameter id.
+pub fn parameter_paths<B: Backend, M: Module<B>>(module: &M) -> HashMap<ParamId, String> {
+    let mut visitor = ParamPaths {
+        stack: Vec::new(),
+        paths: HashMap::new(),
+    };
+    module.visit(&mut visitor);
+    visitor.paths
+}
+
+/// One parameter's moments, flattened, by field path.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SavedMoments {
+    pub path: String,
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+impl<B: AutodiffBackend> AdamW<B> {
+    /// The optimizer's moments under the field paths of `module`'s parameters, sorted by path.
+    pub fn export_state<M: AutodiffModule<B>>(&self, module: &M) -> Vec<SavedMoments> {
+        let paths = parameter_paths::<B, M>(module);
+        let values = |t: &Tensor<B::InnerBackend, 1>| {
+            t.clone()
+                .into_data()
+                .convert::<f32>()
+                .to_vec::<f32>()
+                .expect("converted to f32 just before")
+        };
+        let mut out: Vec<SavedMoments> = self
+            .state
+            .iter()
+            .filter_map(|(id, moments)| {
+                paths.get(id).map(|path| SavedMoments {
+                    path: path.clone(),
+                    m: values(&moments.m),
+                    v: values(&moments.v),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.path.cmp(&b.path));
+        out
+    }
+
+    /// Restores moments saved by [`AdamW::export_state`] onto `module`'s parameters, and the
+    /// step count. Every saved path must exist in `module`.
+    pub fn import_state<M: AutodiffModule<B>>(
+        &mut self,
+        module: &M,
+        steps: usize,
+        saved: Vec<SavedMoments>,
+        device: &burn::tensor::Device<B::InnerBackend>,
+    ) -> Result<(), String> {
+        let by_path: HashMap<String, ParamId> = parameter_paths::<B, M>(module)
+            .into_iter()
+            .map(|(id, path)| (path, id))
+            .collect();
+        self.state.clear();
+        for s in saved {
+            let id = by_path.get(&s.path).ok_or_else(|| {
+                format!(
+                    "optimizer state for `{}`, which the model does not have",
+                    s.path
+                )
+            })?;
+            let tensor = |v: Vec<f32>| {
+                let n = v.len();
+                Tensor::<B::InnerBackend, 1>::from_data(TensorData::new(v, [n]), device)
+            };
+            self.state.insert(
+                *id,
+                Moments {
+                    m: tensor(s.m),
+                    v: tensor(s.v),
+                },
+            );
+        }
+        self.steps = steps;
+        Ok(())
     }
 }

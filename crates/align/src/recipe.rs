@@ -123,6 +123,10 @@ pub struct TrainSection {
     /// A step whose loss or gradient is not finite: `stop` the run, or `skip` the step (it is
     /// logged and counts towards `max_steps`) (default `stop`).
     pub on_nonfinite: OnNonFinite,
+    /// Write a checkpoint every this many optimizer steps (default 0: never).
+    pub save_every: usize,
+    /// Keep the newest this many checkpoints (default 2).
+    pub keep_checkpoints: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,6 +156,8 @@ impl Default for TrainSection {
             eval_every: 0,
             seed: 0,
             on_nonfinite: OnNonFinite::Stop,
+            save_every: 0,
+            keep_checkpoints: 2,
         }
     }
 }
@@ -371,6 +377,7 @@ impl Recipe {
         let positive = [
             ("train.micro_batch_size", t.micro_batch_size),
             ("train.gradient_accumulation", t.gradient_accumulation),
+            ("train.keep_checkpoints", t.keep_checkpoints),
         ];
         if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("`{key}` must be at least 1"));

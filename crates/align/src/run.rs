@@ -16,6 +16,9 @@ use burnish_model::{Decoder, Pretrained, save_decoder};
 use burnish_peft::{LoraConfig, LoraInit, SaveDtype, Targets, save_adapter};
 use serde_json::json;
 
+use crate::checkpoint::{
+    Progress, checkpoints, read_checkpoint, remove_partial_checkpoints, save_checkpoint,
+};
 use crate::error::{RunError, TrainError};
 use crate::optimizer::{AdamW, AdamWConfig};
 use crate::recipe::{
@@ -48,6 +51,8 @@ pub enum RunEvent {
         metrics: StepMetrics,
         tokens_per_s: f64,
     },
+    /// A checkpoint was written after `step`.
+    Checkpoint { step: usize, path: PathBuf },
     /// Evaluation after `step`: the loss per unit and the strategy's metrics.
     Eval {
         step: usize,
@@ -152,6 +157,21 @@ fn evaluate<B: AutodiffBackend, S: Strategy<B>>(
     (sum / units.max(1.0), metrics)
 }
 
+/// `metrics.jsonl`, one JSON object per line, counting what it has written.
+struct MetricsLog {
+    file: std::fs::File,
+    path: PathBuf,
+    lines: usize,
+}
+
+impl MetricsLog {
+    fn write(&mut self, line: serde_json::Value) -> Result<(), RunError> {
+        writeln!(self.file, "{line}").map_err(io_err(&self.path))?;
+        self.lines += 1;
+        Ok(())
+    }
+}
+
 fn files(paths: &[PathBuf]) -> Vec<&Path> {
     paths.iter().map(PathBuf::as_path).collect()
 }
@@ -163,10 +183,13 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RunError + '_ {
     }
 }
 
-/// Runs the recipe on `device`, reporting progress to `on_event`.
+/// Runs the recipe on `device`, reporting progress to `on_event`. With `resume`, the run continues
+/// from the newest complete checkpoint in its output directory, to the same numbers as an
+/// uninterrupted run.
 pub fn train<B: AutodiffBackend>(
     recipe: &Recipe,
     device: &B::Device,
+    resume: bool,
     mut on_event: impl FnMut(&RunEvent),
 ) -> Result<RunSummary, RunError> {
     let base = &recipe.model.base;
@@ -214,12 +237,32 @@ pub fn train<B: AutodiffBackend>(
     }
 
     // Then the model, its adapter, and the optimizer.
+    let dir = &recipe.output.dir;
+    let checkpoint = if resume {
+        let latest = checkpoints(dir).pop().ok_or_else(|| {
+            RunError::Checkpoint(format!(
+                "{}: no complete checkpoint to resume from; run without --resume",
+                dir.join("checkpoints").display()
+            ))
+        })?;
+        let (progress, moments) = read_checkpoint(&latest)?;
+        Some((latest, progress, moments))
+    } else {
+        None
+    };
     let pretrained = Pretrained::<B>::load(base, device)?;
     let config = pretrained.config.clone();
     let mut adapter_config = None;
-    let mut model = match &recipe.adapter {
-        None => pretrained.model,
-        Some(section) => match &section.init_from {
+    let resumed_from = checkpoint.as_ref().map(|(path, _, _)| path.as_path());
+    let mut model = match (&recipe.adapter, resumed_from) {
+        (None, None) => pretrained.model,
+        (None, Some(path)) => Pretrained::<B>::load(path, device)?.model,
+        (Some(_), Some(path)) => {
+            let (model, loaded) = pretrained.model.with_adapter(path)?;
+            adapter_config = Some(loaded);
+            model
+        }
+        (Some(section), None) => match &section.init_from {
             Some(dir) => {
                 let (model, loaded) = pretrained.model.with_adapter(dir)?;
                 adapter_config = Some(loaded);
@@ -232,6 +275,14 @@ pub fn train<B: AutodiffBackend>(
                 model
             }
         },
+    };
+    let mut progress = Progress {
+        step: 0,
+        skipped: 0,
+        epoch: 0,
+        next_group: 0,
+        trained_tokens: 0,
+        metrics_lines: 0,
     };
 
     let micro = t.micro_batch_size;
@@ -256,6 +307,13 @@ pub fn train<B: AutodiffBackend>(
         weight_decay: t.weight_decay,
         max_grad_norm: (t.max_grad_norm > 0.0).then_some(t.max_grad_norm),
     });
+    if let Some((_, saved, moments)) = checkpoint {
+        let inner_device = model.embed_tokens.val().inner().device();
+        optimizer
+            .import_state(&model, saved.step, moments, &inner_device)
+            .map_err(RunError::Checkpoint)?;
+        progress = saved;
+    }
     let eval_count = if dpo {
         eval_data.pairs.len()
     } else {
@@ -267,15 +325,29 @@ pub fn train<B: AutodiffBackend>(
         steps: total_steps,
     });
 
-    let dir = &recipe.output.dir;
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    remove_partial_checkpoints(dir)?;
     let recipe_path = dir.join("recipe.toml");
     burnish_peft::write_atomic(&recipe_path, recipe.to_toml().as_bytes())
         .map_err(io_err(&recipe_path))?;
     let metrics_path = dir.join("metrics.jsonl");
+    // On resume, keep exactly the lines written up to the checkpoint.
+    let kept: String = match std::fs::read_to_string(&metrics_path) {
+        Ok(text) if resume => text
+            .lines()
+            .take(progress.metrics_lines)
+            .map(|l| format!("{l}\n"))
+            .collect(),
+        _ => String::new(),
+    };
     let mut metrics_file = std::fs::File::create(&metrics_path).map_err(io_err(&metrics_path))?;
-    let mut log = |line: serde_json::Value| -> Result<(), RunError> {
-        writeln!(metrics_file, "{line}").map_err(io_err(&metrics_path))
+    metrics_file
+        .write_all(kept.as_bytes())
+        .map_err(io_err(&metrics_path))?;
+    let mut metrics_log = MetricsLog {
+        file: metrics_file,
+        path: metrics_path,
+        lines: progress.metrics_lines,
     };
     let metric_map = |m: &[(&'static str, f64)]| {
         m.iter()
@@ -318,12 +390,13 @@ pub fn train<B: AutodiffBackend>(
         }
     };
 
-    let mut step = 0;
+    let mut step = progress.step;
     let mut final_loss = f64::NAN;
-    let mut trained_tokens = 0usize;
+    let mut trained_tokens = progress.trained_tokens;
     let mut eval_result = None;
-    let mut epoch = 0u64;
-    let mut skipped = 0;
+    let mut epoch = progress.epoch;
+    let mut skipped = progress.skipped;
+    let mut first_group = progress.next_group;
     'epochs: while step + skipped < total_steps {
         let seed = t.seed.wrapping_add(epoch);
         // One epoch of micro-batches, grouped into optimizer steps.
@@ -336,10 +409,12 @@ pub fn train<B: AutodiffBackend>(
             (sft_batches(&train_data.examples, seed), Vec::new())
         };
         let groups = if dpo { pairs.len() } else { sft.len() }.div_ceil(t.gradient_accumulation);
-        for g in 0..groups {
+        for g in std::mem::take(&mut first_group)..groups {
             if step + skipped >= total_steps {
                 break 'epochs;
             }
+            // Dropout draws from a stream fixed by the step, so a resumed run draws the same.
+            B::seed(device, t.seed.wrapping_add((step + skipped) as u64));
             let range = g * t.gradient_accumulation..((g + 1) * t.gradient_accumulation);
             let started = Instant::now();
             let backup = model.clone();
@@ -370,7 +445,8 @@ pub fn train<B: AutodiffBackend>(
                     // The update was never applied: go on from the weights before it.
                     model = backup;
                     skipped += 1;
-                    log(json!({"skipped_step": step + 1, "reason": e.to_string()}))?;
+                    metrics_log
+                        .write(json!({"skipped_step": step + 1, "reason": e.to_string()}))?;
                     continue;
                 }
                 Err(e) => return Err(e.into()),
@@ -394,7 +470,7 @@ pub fn train<B: AutodiffBackend>(
             line.as_object_mut()
                 .expect("a JSON object")
                 .extend(metric_map(&metrics.metrics));
-            log(line)?;
+            metrics_log.write(line)?;
             on_event(&RunEvent::Step {
                 metrics,
                 tokens_per_s,
@@ -407,13 +483,33 @@ pub fn train<B: AutodiffBackend>(
                 line.as_object_mut()
                     .expect("a JSON object")
                     .extend(metric_map(&m));
-                log(line)?;
+                metrics_log.write(line)?;
                 on_event(&RunEvent::Eval {
                     step,
                     loss,
                     metrics: m.clone(),
                 });
                 eval_result = Some((loss, m));
+            }
+            if t.save_every > 0 && step.is_multiple_of(t.save_every) && !last {
+                let at = Progress {
+                    step,
+                    skipped,
+                    epoch,
+                    next_group: g + 1,
+                    trained_tokens,
+                    metrics_lines: metrics_log.lines,
+                };
+                let path = save_checkpoint(
+                    dir,
+                    &model,
+                    adapter_config.as_ref(),
+                    &config,
+                    &optimizer,
+                    &at,
+                    t.keep_checkpoints,
+                )?;
+                on_event(&RunEvent::Checkpoint { step, path });
             }
         }
         epoch += 1;

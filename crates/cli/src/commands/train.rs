@@ -22,12 +22,16 @@ pub struct TrainArgs {
     /// Override a recipe key: `--set train.lr=1e-4` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
+    /// Continue from the newest checkpoint in the run directory (`train.save_every`).
+    #[arg(long)]
+    resume: bool,
     #[arg(long, default_value = "auto")]
     device: DeviceArg,
 }
 
 struct Train {
     recipe: Recipe,
+    resume: bool,
 }
 
 impl Job for Train {
@@ -35,7 +39,9 @@ impl Job for Train {
 
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
         let mut progress = Progress::new();
-        let summary = train::<Autodiff<B>>(&self.recipe, &device, |event| progress.show(event))?;
+        let summary = train::<Autodiff<B>>(&self.recipe, &device, self.resume, |event| {
+            progress.show(event)
+        })?;
         progress.finish();
         eprintln!("wrote {}", summary.dir.display());
         Ok(())
@@ -107,6 +113,9 @@ impl Progress {
                     None => eprintln!("step {}/{}  {text}", m.step, self.total),
                 }
             }
+            RunEvent::Checkpoint { step, path } => {
+                self.line(format!("checkpoint after step {step}: {}", path.display()))
+            }
             RunEvent::Eval {
                 step,
                 loss,
@@ -127,5 +136,11 @@ impl Progress {
 
 pub fn run(args: TrainArgs) -> Result<()> {
     let recipe = Recipe::from_file(&args.recipe, &args.overrides)?;
-    run_on(args.device, Train { recipe })
+    run_on(
+        args.device,
+        Train {
+            recipe,
+            resume: args.resume,
+        },
+    )
 }
