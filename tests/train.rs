@@ -410,3 +410,55 @@ fn killing_a_run_leaves_a_checkpoint_it_resumes_from() {
     assert_eq!(steps, progress.step + 2);
     assert!(run.join("adapter_model.safetensors").exists());
 }
+
+#[test]
+fn full_fine_tuning_writes_a_complete_model_directory() {
+    let work = tempfile::tempdir().unwrap();
+    chat_rows(work.path());
+    let path = recipe(
+        work.path(),
+        "[data]\ntrain = \"train.jsonl\"\neval = \"train.jsonl\"\n\n[train]\nmax_steps = 10\nmicro_batch_size = 3\nlr = 3e-3\nschedule = \"constant\"\n",
+    );
+    let out = burnish(&["train", path.to_str().unwrap(), "--device", "cpu"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = work.path().join("run");
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "README.md",
+    ] {
+        assert!(
+            run.join(file).exists(),
+            "{file} missing from a full fine-tune's run directory"
+        );
+    }
+    assert!(!run.join("adapter_config.json").exists());
+    let lines = metrics(&run);
+    let first = lines[0]["loss"].as_f64().unwrap();
+    let eval = lines
+        .iter()
+        .find_map(|l| l.get("eval_loss"))
+        .and_then(Value::as_f64)
+        .unwrap();
+    assert!(eval < 0.5 * first, "eval loss {eval} vs first step {first}");
+    // The written model is a checkpoint like any other.
+    let out = burnish(&[
+        "score",
+        "--model",
+        run.to_str().unwrap(),
+        "--ids",
+        "3,4,5",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
