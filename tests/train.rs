@@ -156,6 +156,38 @@ fn dpo_run_prefers_the_chosen_answers() {
     );
     assert!(eval["rewards/margins"].as_f64().unwrap() > 0.0, "{eval}");
 
+    // Reference log-probs computed once before training give the same run.
+    let run = work.path().join("run");
+    let without = metrics_without_timing(&run);
+    let out = burnish(&[
+        "train",
+        path.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--set",
+        "dpo.precompute_ref=true",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let with = metrics_without_timing(&run);
+    assert_eq!(with.len(), without.len());
+    for (a, b) in with.iter().zip(&without) {
+        for key in ["loss", "eval_loss", "rewards/margins"] {
+            if let (Some(x), Some(y)) = (
+                a.get(key).and_then(Value::as_f64),
+                b.get(key).and_then(Value::as_f64),
+            ) {
+                assert!(
+                    (x - y).abs() < 1e-5,
+                    "{key}: {x} with precomputed reference, {y} without"
+                );
+            }
+        }
+    }
+
     // RPO adds the chosen answers' NLL to the loss: the first step is above ln 2 by that much.
     let out = burnish(&[
         "train",

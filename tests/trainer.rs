@@ -208,6 +208,7 @@ fn dpo_starts_at_log_two_and_learns_the_preference() {
     let pairs = [PairBatch {
         chosen: token_batch(&[(&chosen, 10)]),
         rejected: token_batch(&[(&rejected, 10)]),
+        reference: None,
     }];
     let dpo = Dpo {
         loss: DpoLoss::Sigmoid {

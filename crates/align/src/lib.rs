@@ -26,6 +26,6 @@ pub use recipe::{
 };
 pub use run::{RunEvent, RunSummary, lora_config, train};
 pub use schedule::{Schedule, ScheduleKind};
-pub use strategy::{Dpo, PairBatch, Sft, StepOutput, Strategy, TokenBatch};
+pub use strategy::{Dpo, PairBatch, Sft, StepOutput, Strategy, TokenBatch, reference_logps};
 pub use token_loss::{TokenLoss, masked_token_logprobs, masked_token_loss};
 pub use trainer::{StepMetrics, optimizer_step};

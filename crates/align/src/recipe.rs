@@ -192,6 +192,9 @@ pub struct DpoSection {
     pub label_smoothing: f64,
     /// Add this times the chosen completions' mean NLL to the loss (RPO; default: none).
     pub rpo_alpha: Option<f64>,
+    /// Compute the reference log-probs once before training instead of at every step
+    /// (default false).
+    pub precompute_ref: bool,
 }
 
 impl Default for DpoSection {
@@ -201,6 +204,7 @@ impl Default for DpoSection {
             loss: DpoLossName::Sigmoid,
             label_smoothing: 0.0,
             rpo_alpha: None,
+            precompute_ref: false,
         }
     }
 }

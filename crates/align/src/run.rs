@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{Tensor, TensorData};
 use burnish_data::{
     Batch, BatchConfig, ChatTemplate, Dataset, Encoder, Example, Tokenizer, load, make_batches,
     shuffle,
@@ -25,7 +26,7 @@ use crate::recipe::{
     AdapterInit, AdapterSection, OnNonFinite, Recipe, StrategyKind, TargetModules,
 };
 use crate::schedule::Schedule;
-use crate::strategy::{Dpo, PairBatch, Sft, Strategy, TokenBatch};
+use crate::strategy::{Dpo, PairBatch, Sft, Strategy, TokenBatch, reference_logps};
 use crate::trainer::{StepMetrics, optimizer_step};
 
 /// Files a model directory carries besides weights and config.
@@ -103,15 +104,20 @@ fn token_batches<B: AutodiffBackend>(batches: &[Batch], device: &B::Device) -> V
 }
 
 /// Pair batches for DPO: chosen and rejected rows padded separately, row for row.
+/// `reference`, when given, holds each pair's precomputed reference log-probs (chosen,
+/// rejected) by pair index; `seed` `None` keeps the data's order.
 fn pair_batches<B: AutodiffBackend>(
     data: &Dataset,
     micro: usize,
     pad_id: u32,
-    seed: u64,
+    seed: Option<u64>,
+    reference: Option<&[(f32, f32)]>,
     device: &B::Device,
 ) -> Vec<PairBatch<B>> {
     let mut order: Vec<usize> = (0..data.pairs.len()).collect();
-    shuffle(&mut order, seed);
+    if let Some(seed) = seed {
+        shuffle(&mut order, seed);
+    }
     order
         .chunks(micro)
         .map(|chunk| {
@@ -121,10 +127,45 @@ fn pair_batches<B: AutodiffBackend>(
                 let refs: Vec<&Example> = examples.iter().collect();
                 TokenBatch::from_batch(&Batch::padded(&refs, pad_id), device)
             };
+            let precomputed = reference.map(|r| {
+                let column = |pick: fn(&(f32, f32)) -> f32| {
+                    let values: Vec<f32> = chunk.iter().map(|&i| pick(&r[i])).collect();
+                    let n = values.len();
+                    Tensor::from_data(TensorData::new(values, [n]), device)
+                };
+                (column(|p| p.0), column(|p| p.1))
+            });
             PairBatch {
                 chosen: to_tokens(&chosen),
                 rejected: to_tokens(&rejected),
+                reference: precomputed,
             }
+        })
+        .collect()
+}
+
+/// Every pair's reference log-probs (chosen, rejected), computed once, in pair order.
+fn precompute_reference<B: AutodiffBackend>(
+    model: &Decoder<B>,
+    data: &Dataset,
+    micro: usize,
+    pad_id: u32,
+    device: &B::Device,
+) -> Vec<(f32, f32)> {
+    let values = |t: Tensor<B, 1>| {
+        t.into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .expect("f32 data")
+    };
+    pair_batches::<B>(data, micro, pad_id, None, None, device)
+        .iter()
+        .flat_map(|batch| {
+            let (chosen, rejected) = reference_logps(model, batch);
+            values(chosen)
+                .into_iter()
+                .zip(values(rejected))
+                .collect::<Vec<_>>()
         })
         .collect()
 }
@@ -376,7 +417,18 @@ pub fn train<B: AutodiffBackend>(
         sft_batches(&eval_data.examples, t.seed)
     };
     let eval_pairs = if dpo {
-        pair_batches::<B>(&eval_data, micro, pad_id, t.seed, device)
+        let reference = recipe
+            .dpo
+            .precompute_ref
+            .then(|| precompute_reference(&model, &eval_data, micro, pad_id, device));
+        pair_batches::<B>(
+            &eval_data,
+            micro,
+            pad_id,
+            Some(t.seed),
+            reference.as_deref(),
+            device,
+        )
     } else {
         Vec::new()
     };
@@ -390,6 +442,8 @@ pub fn train<B: AutodiffBackend>(
         }
     };
 
+    let train_reference = (dpo && recipe.dpo.precompute_ref)
+        .then(|| precompute_reference(&model, &train_data, micro, pad_id, device));
     let mut step = progress.step;
     let mut final_loss = f64::NAN;
     let mut trained_tokens = progress.trained_tokens;
@@ -403,7 +457,14 @@ pub fn train<B: AutodiffBackend>(
         let (sft, pairs) = if dpo {
             (
                 Vec::new(),
-                pair_batches::<B>(&train_data, micro, pad_id, seed, device),
+                pair_batches::<B>(
+                    &train_data,
+                    micro,
+                    pad_id,
+                    Some(seed),
+                    train_reference.as_deref(),
+                    device,
+                ),
             )
         } else {
             (sft_batches(&train_data.examples, seed), Vec::new())

@@ -110,6 +110,22 @@ fn logits<B: Backend>(model: &Decoder<B>, batch: &TokenBatch<B>) -> Tensor<B, 3>
 pub struct PairBatch<B: Backend> {
     pub chosen: TokenBatch<B>,
     pub rejected: TokenBatch<B>,
+    /// The reference's summed completion log-probs (chosen, rejected), each `[pairs]`, when they
+    /// were computed once before training; `None` to compute them at every step.
+    pub reference: Option<(Tensor<B, 1>, Tensor<B, 1>)>,
+}
+
+/// The reference's summed completion log-probs of `batch` (chosen, rejected): the same model
+/// with its adapters off, without gradient tracking.
+pub fn reference_logps<B: AutodiffBackend>(
+    model: &Decoder<B>,
+    batch: &PairBatch<B>,
+) -> (Tensor<B, 1>, Tensor<B, 1>) {
+    let mut reference = model.valid();
+    reference.set_adapters_enabled(false);
+    let chosen = sequence_logps(&reference, &inner_batch(&batch.chosen));
+    let rejected = sequence_logps(&reference, &inner_batch(&batch.rejected));
+    (Tensor::from_inner(chosen), Tensor::from_inner(rejected))
 }
 
 /// A batch's summed loss, the units it sums over, and named metrics (batch means).
@@ -195,10 +211,10 @@ impl<B: AutodiffBackend> Strategy<B> for Dpo {
     }
 
     fn loss(&self, model: &Decoder<B>, batch: &PairBatch<B>) -> StepOutput<B> {
-        let mut reference = model.valid();
-        reference.set_adapters_enabled(false);
-        let reference_chosen = sequence_logps(&reference, &inner_batch(&batch.chosen));
-        let reference_rejected = sequence_logps(&reference, &inner_batch(&batch.rejected));
+        let (reference_chosen, reference_rejected) = match &batch.reference {
+            Some(precomputed) => precomputed.clone(),
+            None => reference_logps(model, batch),
+        };
         let count = |b: &TokenBatch<B>| b.mask.clone().sum_dim(1).squeeze_dim::<1>(1);
         let pairs = batch.chosen.inputs.dims()[0];
         let policy_chosen = sequence_logps(model, &batch.chosen);
@@ -212,8 +228,8 @@ impl<B: AutodiffBackend> Strategy<B> for Dpo {
             PairLogps {
                 policy_chosen,
                 policy_rejected: sequence_logps(model, &batch.rejected),
-                reference_chosen: Tensor::from_inner(reference_chosen),
-                reference_rejected: Tensor::from_inner(reference_rejected),
+                reference_chosen,
+                reference_rejected,
                 chosen_tokens,
                 rejected_tokens: count(&batch.rejected),
             },

@@ -229,6 +229,7 @@ fn train_steps<AD: AutodiffBackend>(
     let pairs = [PairBatch {
         chosen: rows(ids),
         rejected: rows(rejected),
+        reference: None,
     }];
     let dpo = Dpo {
         loss: DpoLoss::Sigmoid {
