@@ -329,6 +329,19 @@ fn bad_adapters_are_clear_errors() {
 }
 
 #[test]
+fn module_names_are_known_from_the_config_alone() {
+    for name in crate::fixtures::MODELS {
+        let model = Pretrained::<B>::load(&model_dir(name), &Default::default()).unwrap();
+        let from_model: Vec<String> = model.model.linears().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(
+            burnish_model::linear_module_names(&model.config.decoder),
+            from_model,
+            "{name}"
+        );
+    }
+}
+
+#[test]
 fn golden_fixture_sanity() {
     // The adapter fixtures are built on the model fixtures' own score cases.
     assert_eq!(

@@ -233,6 +233,19 @@ fn recipe_and_data_mismatches_are_errors_naming_the_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("train.micro_batch_size"));
     let out = burnish(&["train", path.to_str().unwrap(), "--set", "trian.lr=1"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("trian"));
+
+    // A target module the model does not have is named with the ones it has.
+    let out = burnish(&[
+        "train",
+        path.to_str().unwrap(),
+        "--set",
+        "adapter.target_modules=[\"c_attn\"]",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("c_attn") && err.contains("q_proj"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -13,8 +13,8 @@ use burnish_data::{
     Batch, BatchConfig, ChatTemplate, Dataset, Encoder, Example, Tokenizer, load, make_batches,
     shuffle,
 };
-use burnish_model::{Decoder, Pretrained, save_decoder};
-use burnish_peft::{LoraConfig, LoraInit, SaveDtype, Targets, save_adapter};
+use burnish_model::{Decoder, HfConfig, Pretrained, linear_module_names, save_decoder};
+use burnish_peft::{LoraConfig, LoraInit, SaveDtype, Targets, save_adapter, select_targets};
 use serde_json::json;
 
 use crate::checkpoint::{
@@ -236,7 +236,16 @@ pub fn train<B: AutodiffBackend>(
     let base = &recipe.model.base;
     let t = &recipe.train;
 
-    // Data first: it is cheap, and its errors should not wait for the model.
+    // The adapter's targets are checked against the config before anything is loaded.
+    let hf_config = HfConfig::from_file(&base.join("config.json"))?;
+    if let Some(section) = recipe.adapter.as_ref().filter(|a| a.init_from.is_none()) {
+        select_targets(
+            &linear_module_names(&hf_config.decoder),
+            &lora_config(section, base),
+        )?;
+    }
+
+    // Data next: it is cheap, and its errors should not wait for the model.
     let tokenizer = Tokenizer::from_dir(base)?;
     let pad_id = [&tokenizer.special.pad_token, &tokenizer.special.eos_token]
         .into_iter()

@@ -17,6 +17,33 @@ use crate::mlp::Mlp;
 use crate::norm::RmsNorm;
 use crate::rope::Rope;
 
+/// The projections of every layer, in checkpoint order, by their name within the layer.
+pub const LAYER_PROJECTIONS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
+/// The module names of every linear layer of a decoder with this config, as
+/// [`Decoder::linears`] names them: known before any weight is loaded.
+pub fn linear_module_names(c: &DecoderConfig) -> Vec<String> {
+    let mut names: Vec<String> = (0..c.num_layers)
+        .flat_map(|i| {
+            LAYER_PROJECTIONS
+                .iter()
+                .map(move |p| format!("model.layers.{i}.{p}"))
+        })
+        .collect();
+    if !c.tie_word_embeddings {
+        names.push("lm_head".into());
+    }
+    names
+}
+
 /// One transformer block: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
 #[derive(Module, Debug)]
 pub struct DecoderLayer<B: Backend> {
@@ -148,15 +175,16 @@ impl<B: Backend> Decoder<B> {
         let mut out = Vec::with_capacity(self.layers.len() * 7 + 1);
         for (i, layer) in self.layers.iter().enumerate() {
             let (a, m) = (&layer.self_attn, &layer.mlp);
-            for (name, linear) in [
-                ("self_attn.q_proj", &a.q_proj),
-                ("self_attn.k_proj", &a.k_proj),
-                ("self_attn.v_proj", &a.v_proj),
-                ("self_attn.o_proj", &a.o_proj),
-                ("mlp.gate_proj", &m.gate_proj),
-                ("mlp.up_proj", &m.up_proj),
-                ("mlp.down_proj", &m.down_proj),
-            ] {
+            let layers = [
+                &a.q_proj,
+                &a.k_proj,
+                &a.v_proj,
+                &a.o_proj,
+                &m.gate_proj,
+                &m.up_proj,
+                &m.down_proj,
+            ];
+            for (name, linear) in LAYER_PROJECTIONS.iter().zip(layers) {
                 out.push((format!("model.layers.{i}.{name}"), linear));
             }
         }
@@ -171,15 +199,16 @@ impl<B: Backend> Decoder<B> {
         let mut out = Vec::with_capacity(self.layers.len() * 7 + 1);
         for (i, layer) in self.layers.iter_mut().enumerate() {
             let (a, m) = (&mut layer.self_attn, &mut layer.mlp);
-            for (name, linear) in [
-                ("self_attn.q_proj", &mut a.q_proj),
-                ("self_attn.k_proj", &mut a.k_proj),
-                ("self_attn.v_proj", &mut a.v_proj),
-                ("self_attn.o_proj", &mut a.o_proj),
-                ("mlp.gate_proj", &mut m.gate_proj),
-                ("mlp.up_proj", &mut m.up_proj),
-                ("mlp.down_proj", &mut m.down_proj),
-            ] {
+            let layers = [
+                &mut a.q_proj,
+                &mut a.k_proj,
+                &mut a.v_proj,
+                &mut a.o_proj,
+                &mut m.gate_proj,
+                &mut m.up_proj,
+                &mut m.down_proj,
+            ];
+            for (name, linear) in LAYER_PROJECTIONS.iter().zip(layers) {
                 out.push((format!("model.layers.{i}.{name}"), linear));
             }
         }

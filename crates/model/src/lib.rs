@@ -22,7 +22,7 @@ mod weights;
 pub use attention::{Attention, LayerCache};
 pub use build::build_decoder;
 pub use config::{DecoderConfig, HfConfig, SUPPORTED_MODEL_TYPES, TokenIds};
-pub use decoder::{Decoder, DecoderLayer, KvCache};
+pub use decoder::{Decoder, DecoderLayer, KvCache, LAYER_PROJECTIONS, linear_module_names};
 pub use error::{ModelError, Result};
 pub use generate::{GenerateOptions, argmax, generate};
 pub use generation_config::GenerationConfig;
