@@ -20,6 +20,13 @@ fn burnish(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// `burnish train RECIPE --device cpu EXTRA...`.
+fn train(recipe: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["train", recipe.to_str().unwrap(), "--device", "cpu"];
+    args.extend_from_slice(extra);
+    burnish(&args)
+}
+
 fn write_jsonl(path: &Path, rows: &[Value]) {
     let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
     std::fs::write(path, text).unwrap();
@@ -60,7 +67,7 @@ fn sft_run_learns_and_writes_a_peft_adapter() {
         work.path(),
         "[adapter]\nr = 8\nalpha = 16\ndropout = 0.0\n\n[data]\ntrain = \"train.jsonl\"\neval = \"train.jsonl\"\n\n[train]\nmax_steps = 25\nmicro_batch_size = 4\nlr = 2e-2\nschedule = \"constant\"\neval_every = 25\n",
     );
-    let out = burnish(&["train", path.to_str().unwrap(), "--device", "cpu"]);
+    let out = train(&path, &[]);
     assert!(
         out.status.success(),
         "{}",
@@ -137,7 +144,7 @@ fn dpo_run_prefers_the_chosen_answers() {
         work.path(),
         "[adapter]\nr = 8\nalpha = 16\ndropout = 0.0\n\n[data]\ntrain = \"pairs.jsonl\"\neval = \"pairs.jsonl\"\n\n[train]\nstrategy = \"dpo\"\nmax_steps = 15\nmicro_batch_size = 4\nlr = 1e-2\nschedule = \"constant\"\n\n[dpo]\nbeta = 0.1\n",
     );
-    let out = burnish(&["train", path.to_str().unwrap(), "--device", "cpu"]);
+    let out = train(&path, &[]);
     assert!(
         out.status.success(),
         "{}",
@@ -159,14 +166,7 @@ fn dpo_run_prefers_the_chosen_answers() {
     // Reference log-probs computed once before training give the same run.
     let run = work.path().join("run");
     let without = metrics_without_timing(&run);
-    let out = burnish(&[
-        "train",
-        path.to_str().unwrap(),
-        "--device",
-        "cpu",
-        "--set",
-        "dpo.precompute_ref=true",
-    ]);
+    let out = train(&path, &["--set", "dpo.precompute_ref=true"]);
     assert!(
         out.status.success(),
         "{}",
@@ -189,16 +189,10 @@ fn dpo_run_prefers_the_chosen_answers() {
     }
 
     // RPO adds the chosen answers' NLL to the loss: the first step is above ln 2 by that much.
-    let out = burnish(&[
-        "train",
-        path.to_str().unwrap(),
-        "--device",
-        "cpu",
-        "--set",
-        "dpo.rpo_alpha=1.0",
-        "--set",
-        "train.max_steps=1",
-    ]);
+    let out = train(
+        &path,
+        &["--set", "dpo.rpo_alpha=1.0", "--set", "train.max_steps=1"],
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -219,7 +213,7 @@ fn recipe_and_data_mismatches_are_errors_naming_the_key() {
     let rows = vec![json!({"prompt": "q", "chosen": "a", "rejected": "b"})];
     write_jsonl(&work.path().join("pairs.jsonl"), &rows);
     let path = recipe(work.path(), "[data]\ntrain = \"pairs.jsonl\"\n");
-    let out = burnish(&["train", path.to_str().unwrap(), "--device", "cpu"]);
+    let out = train(&path, &[]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("train.strategy"), "{err}");
@@ -278,7 +272,7 @@ fn non_finite_steps_stop_the_run_or_are_skipped() {
         work.path(),
         "[adapter]\ninit_from = \"poisoned\"\n\n[data]\ntrain = \"train.jsonl\"\n\n[train]\nmax_steps = 3\n",
     );
-    let out = burnish(&["train", path.to_str().unwrap(), "--device", "cpu"]);
+    let out = train(&path, &[]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -286,14 +280,7 @@ fn non_finite_steps_stop_the_run_or_are_skipped() {
         "{err}"
     );
 
-    let out = burnish(&[
-        "train",
-        path.to_str().unwrap(),
-        "--device",
-        "cpu",
-        "--set",
-        "train.on_nonfinite=skip",
-    ]);
+    let out = train(&path, &["--set", "train.on_nonfinite=skip"]);
     assert!(
         out.status.success(),
         "{}",
@@ -320,7 +307,7 @@ fn instruction_tuning_on_alpaca_rows_learns() {
         work.path(),
         "[adapter]\nr = 8\nalpha = 16\ndropout = 0.0\n\n[data]\ntrain = \"alpaca.jsonl\"\neval = \"alpaca.jsonl\"\nformat = \"alpaca\"\n\n[train]\nstrategy = \"instruct\"\nmax_steps = 25\nmicro_batch_size = 4\nlr = 2e-2\nschedule = \"constant\"\n",
     );
-    let out = burnish(&["train", path.to_str().unwrap(), "--device", "cpu"]);
+    let out = train(&path, &[]);
     assert!(
         out.status.success(),
         "{}",
@@ -370,7 +357,7 @@ fn resuming_from_a_checkpoint_equals_an_uninterrupted_run() {
         "[adapter]\nr = 4\nalpha = 8\ndropout = 0.1\n\n[data]\ntrain = \"train.jsonl\"\n\n[train]\nmax_steps = 6\nmicro_batch_size = 2\ngradient_accumulation = 2\nlr = 1e-2\nwarmup_steps = 2\nsave_every = 2\nkeep_checkpoints = 5\n",
     );
     let run = work.path().join("run");
-    let out = burnish(&["train", path.to_str().unwrap(), "--device", "cpu"]);
+    let out = train(&path, &[]);
     assert!(
         out.status.success(),
         "{}",
@@ -382,13 +369,7 @@ fn resuming_from_a_checkpoint_equals_an_uninterrupted_run() {
     // As if the run had died after its step-2 checkpoint.
     std::fs::remove_dir_all(run.join("checkpoints/step-000004")).unwrap();
     std::fs::remove_file(run.join("adapter_model.safetensors")).unwrap();
-    let out = burnish(&[
-        "train",
-        path.to_str().unwrap(),
-        "--device",
-        "cpu",
-        "--resume",
-    ]);
+    let out = train(&path, &["--resume"]);
     assert!(
         out.status.success(),
         "{}",
@@ -434,15 +415,14 @@ fn killing_a_run_leaves_a_checkpoint_it_resumes_from() {
         .expect("a complete checkpoint survives");
     let (progress, _) = burnish_align::read_checkpoint(&latest).unwrap();
     assert!(progress.step >= 2);
-    let out = burnish(&[
-        "train",
-        path.to_str().unwrap(),
-        "--device",
-        "cpu",
-        "--resume",
-        "--set",
-        &format!("train.max_steps={}", progress.step + 2),
-    ]);
+    let out = train(
+        &path,
+        &[
+            "--resume",
+            "--set",
+            &format!("train.max_steps={}", progress.step + 2),
+        ],
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -464,7 +444,7 @@ fn full_fine_tuning_writes_a_complete_model_directory() {
         work.path(),
         "[data]\ntrain = \"train.jsonl\"\neval = \"train.jsonl\"\n\n[train]\nmax_steps = 10\nmicro_batch_size = 3\nlr = 3e-3\nschedule = \"constant\"\n",
     );
-    let out = burnish(&["train", path.to_str().unwrap(), "--device", "cpu"]);
+    let out = train(&path, &[]);
     assert!(
         out.status.success(),
         "{}",
