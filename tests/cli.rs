@@ -333,3 +333,48 @@ fn template_render_prints_exactly_the_template_output() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("Conversation roles must alternate"));
 }
+
+#[test]
+fn chat_streams_replies_and_resets_the_conversation() {
+    use std::io::Write;
+    let dir = model_dir("llama");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_burnish"))
+        .args([
+            "chat",
+            "--model",
+            dir.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "32",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Two turns, a reset, the first turn again, then /exit: what follows is never read.
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Hi!\nHi!\n/reset\nHi!\n/exit\nHi!\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let replies: Vec<&str> = stdout.lines().collect();
+    assert_eq!(replies.len(), 3, "{stdout:?}");
+    // The first reply is transformers' greedy answer to the ChatML render of "Hi!".
+    let tokenizer = burnish_data::Tokenizer::from_dir(&dir).unwrap();
+    let expected = tokenizer
+        .decode(&golden("llama").greedy[1].new_ids, true)
+        .unwrap();
+    assert_eq!(replies[0], expected);
+    // After /reset the conversation starts over, so the same turn gets the same reply.
+    assert_eq!(replies[2], replies[0]);
+}

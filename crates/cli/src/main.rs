@@ -26,6 +26,8 @@ enum Command {
     Score(commands::score::ScoreArgs),
     /// Generate text from a prompt.
     Generate(commands::generate::GenerateArgs),
+    /// Chat with a model (and adapter) in the terminal.
+    Chat(commands::chat::ChatArgs),
     /// Fold an adapter into its base model, or merge several adapters or models.
     Merge(commands::merge::MergeArgs),
     /// Measure speed and memory on a random-weight model of a real shape.
@@ -47,6 +49,7 @@ fn main() -> Result<()> {
         Command::Train(args) => commands::train::run(args),
         Command::Score(args) => commands::score::run(args),
         Command::Generate(args) => commands::generate::run(args),
+        Command::Chat(args) => commands::chat::run(args),
         Command::Merge(args) => commands::merge::run(args),
         Command::Bench(args) => commands::bench::run(args),
         Command::Template(cmd) => commands::template::run(cmd),

@@ -1,16 +1,15 @@
 //! `burnish generate`: continue a prompt (or answer it through the model's chat template with
 //! `--chat`) and print only the generated text, streamed as it is produced.
 
-use std::io::Write;
-use std::ops::ControlFlow;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use burn::tensor::backend::Backend;
 use burnish_data::{ChatTemplate, Message, Tokenizer};
-use burnish_model::{GenerateOptions, Pretrained, generate};
+use burnish_model::{GenerateOptions, Pretrained};
 use clap::Args;
 
+use crate::commands::stream::{generate_to_stdout, stop_tokens};
 use crate::device::{DeviceArg, Job, run_on};
 
 #[derive(Debug, Args)]
@@ -68,73 +67,16 @@ impl Job for Generate {
             Pretrained::<B>::load_with_adapter(&args.model, args.adapter.as_deref(), &device)
                 .with_context(|| format!("loading {}", args.model.display()))?;
 
-        let mut stop_tokens = pretrained.eos_token_ids();
-        if let Some(id) = tokenizer
-            .special
-            .eos_token
-            .as_deref()
-            .and_then(|t| tokenizer.token_to_id(t))
-        {
-            stop_tokens.push(id);
-        }
         let options = GenerateOptions {
             max_new_tokens: args.max_new_tokens,
             temperature: args.temperature,
             top_k: args.top_k,
             top_p: args.top_p,
             seed: args.seed,
-            stop_tokens,
+            stop_tokens: stop_tokens(&pretrained, &tokenizer),
         };
-
-        let mut stream = TextStream::new(&tokenizer);
-        let mut decode_error = None;
-        generate(
-            &pretrained.model,
-            &prompt_ids,
-            &options,
-            |token| match stream.push(token) {
-                Ok(()) => ControlFlow::Continue(()),
-                Err(e) => {
-                    decode_error = Some(e);
-                    ControlFlow::Break(())
-                }
-            },
-        )?;
-        if let Some(e) = decode_error {
-            return Err(e);
-        }
+        generate_to_stdout(&pretrained.model, &tokenizer, &prompt_ids, &options)?;
         println!();
-        Ok(())
-    }
-}
-
-/// Prints decoded text as tokens arrive, holding back text that may still change (an
-/// incomplete UTF-8 sequence decodes to U+FFFD until its last byte arrives).
-struct TextStream<'a> {
-    tokenizer: &'a Tokenizer,
-    tokens: Vec<u32>,
-    printed: usize,
-}
-
-impl<'a> TextStream<'a> {
-    fn new(tokenizer: &'a Tokenizer) -> Self {
-        Self {
-            tokenizer,
-            tokens: Vec::new(),
-            printed: 0,
-        }
-    }
-
-    fn push(&mut self, token: u32) -> Result<()> {
-        self.tokens.push(token);
-        let text = self.tokenizer.decode(&self.tokens, true)?;
-        if text.ends_with('\u{FFFD}') || text.len() < self.printed {
-            return Ok(());
-        }
-        let mut out = std::io::stdout().lock();
-        out.write_all(&text.as_bytes()[self.printed..])?;
-        out.flush()?;
-        self.printed = text.len();
         Ok(())
     }
 }

@@ -1,0 +1,112 @@
+//! `burnish chat`: an interactive conversation with a model (and optionally an adapter) through
+//! its own chat template, replies streamed as they are generated. Each line read is a user turn;
+//! `/reset` starts the conversation over, `/exit` (or end of input) leaves. On a terminal a
+//! `> ` prompt is shown on stderr; replies alone go to stdout, one per line.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use burn::tensor::backend::Backend;
+use burnish_data::{ChatTemplate, Message, Tokenizer};
+use burnish_model::{GenerateOptions, Pretrained};
+use clap::Args;
+
+use crate::commands::stream::{generate_to_stdout, stop_tokens};
+use crate::device::{DeviceArg, Job, run_on};
+
+#[derive(Debug, Args)]
+pub struct ChatArgs {
+    /// Model directory (config.json, safetensors weights, tokenizer files, chat template).
+    #[arg(long)]
+    model: PathBuf,
+    /// A LoRA adapter directory in PEFT's format to apply on top of the model.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// A system message opening every conversation.
+    #[arg(long)]
+    system: Option<String>,
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 decodes greedily.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long)]
+    top_p: Option<f32>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value = "auto")]
+    device: DeviceArg,
+}
+
+struct Chat {
+    args: ChatArgs,
+}
+
+impl Job for Chat {
+    type Output = ();
+
+    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+        let args = self.args;
+        let tokenizer = Tokenizer::from_dir(&args.model)?;
+        let template = ChatTemplate::from_dir(&args.model)?;
+        let pretrained =
+            Pretrained::<B>::load_with_adapter(&args.model, args.adapter.as_deref(), &device)
+                .with_context(|| format!("loading {}", args.model.display()))?;
+        let options = GenerateOptions {
+            max_new_tokens: args.max_new_tokens,
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            seed: args.seed,
+            stop_tokens: stop_tokens(&pretrained, &tokenizer),
+        };
+        let opening: Vec<Message> = args
+            .system
+            .iter()
+            .map(|s| Message::new("system", s))
+            .collect();
+        let mut history = opening.clone();
+        let interactive = std::io::stdin().is_terminal();
+        let prompt = || -> Result<()> {
+            if interactive {
+                eprint!("> ");
+                std::io::stderr().flush()?;
+            }
+            Ok(())
+        };
+
+        prompt()?;
+        for line in std::io::stdin().lock().lines() {
+            let line = line?;
+            match line.trim() {
+                "/exit" => break,
+                "/reset" => {
+                    history = opening.clone();
+                    if interactive {
+                        eprintln!("(conversation reset)");
+                    }
+                }
+                "" => {}
+                text => {
+                    history.push(Message::new("user", text));
+                    let rendered = template.render(&history, true, &tokenizer.special)?;
+                    // apply_chat_template tokenizes without the post-processor: the template holds BOS.
+                    let ids = tokenizer.encode(&rendered, false)?;
+                    let reply = generate_to_stdout(&pretrained.model, &tokenizer, &ids, &options)?;
+                    println!();
+                    history.push(Message::new("assistant", reply));
+                }
+            }
+            prompt()?;
+        }
+        Ok(())
+    }
+}
+
+pub fn run(args: ChatArgs) -> Result<()> {
+    let device = args.device;
+    run_on(device, Chat { args })
+}
