@@ -9,10 +9,10 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use burn::tensor::backend::Backend;
 use burnish_data::{ChatTemplate, Message, Tokenizer};
-use burnish_model::{GenerateOptions, Pretrained};
+use burnish_model::Pretrained;
 use clap::Args;
 
-use crate::commands::stream::{generate_to_stdout, stop_tokens};
+use crate::commands::stream::{SamplingArgs, generate_to_stdout};
 use crate::device::{DeviceArg, Job, run_on};
 
 #[derive(Debug, Args)]
@@ -26,17 +26,8 @@ pub struct ChatArgs {
     /// A system message opening every conversation.
     #[arg(long)]
     system: Option<String>,
-    #[arg(long, default_value_t = 256)]
-    max_new_tokens: usize,
-    /// Sampling temperature; 0 decodes greedily.
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    #[arg(long)]
-    top_k: Option<usize>,
-    #[arg(long)]
-    top_p: Option<f32>,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    sampling: SamplingArgs,
     #[arg(long, default_value = "auto")]
     device: DeviceArg,
 }
@@ -55,14 +46,7 @@ impl Job for Chat {
         let pretrained =
             Pretrained::<B>::load_with_adapter(&args.model, args.adapter.as_deref(), &device)
                 .with_context(|| format!("loading {}", args.model.display()))?;
-        let options = GenerateOptions {
-            max_new_tokens: args.max_new_tokens,
-            temperature: args.temperature,
-            top_k: args.top_k,
-            top_p: args.top_p,
-            seed: args.seed,
-            stop_tokens: stop_tokens(&pretrained, &tokenizer),
-        };
+        let options = args.sampling.options(&pretrained, &tokenizer);
         let opening: Vec<Message> = args
             .system
             .iter()

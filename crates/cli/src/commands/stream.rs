@@ -9,9 +9,47 @@ use anyhow::Result;
 use burn::tensor::backend::Backend;
 use burnish_data::Tokenizer;
 use burnish_model::{Decoder, GenerateOptions, Pretrained, generate};
+use clap::Args;
+
+/// How replies are decoded: the options `generate` and `chat` share.
+#[derive(Debug, Args)]
+pub struct SamplingArgs {
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 decodes greedily.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Keep only the K most likely tokens.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Keep the smallest set of most likely tokens reaching probability P.
+    #[arg(long)]
+    top_p: Option<f32>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl SamplingArgs {
+    /// Generation options that stop on the model's and the tokenizer's end tokens.
+    pub fn options<B: Backend>(
+        &self,
+        model: &Pretrained<B>,
+        tokenizer: &Tokenizer,
+    ) -> GenerateOptions {
+        GenerateOptions {
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+            stop_tokens: stop_tokens(model, tokenizer),
+        }
+    }
+}
 
 /// The tokens that end a reply: the model's EOS ids and the tokenizer's EOS token.
-pub fn stop_tokens<B: Backend>(model: &Pretrained<B>, tokenizer: &Tokenizer) -> Vec<u32> {
+fn stop_tokens<B: Backend>(model: &Pretrained<B>, tokenizer: &Tokenizer) -> Vec<u32> {
     let mut stop = model.eos_token_ids();
     if let Some(id) = tokenizer
         .special
