@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use crate::fixtures::{golden, model_dir};
+use crate::fixtures::{assert_success, golden, model_dir};
 
 fn burnish(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_burnish"))
@@ -26,11 +26,7 @@ fn score_json_is_one_object_matching_transformers() {
         "cpu",
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let stdout = String::from_utf8(out.stdout).unwrap();
     let value: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     let ids: Vec<u32> = serde_json::from_value(value["token_ids"].clone()).unwrap();
@@ -61,11 +57,7 @@ fn score_by_ids_agrees_with_golden() {
         &ids,
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let value: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!((value["sum"].as_f64().unwrap() - case.sum).abs() < 1e-3);
 }
@@ -83,11 +75,7 @@ fn assert_generates_golden(prompt_args: &[&str], case: usize) {
     ];
     args.extend_from_slice(prompt_args);
     let out = burnish(&args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let tokenizer = burnish_data::Tokenizer::from_dir(&dir).unwrap();
     let expected = tokenizer
         .decode(&golden("llama").greedy[case].new_ids, true)
@@ -159,11 +147,7 @@ fn score_logprobs(model: &std::path::Path, ids: &[u32], extra: &[&str]) -> Vec<f
     ];
     args.extend_from_slice(extra);
     let out = burnish(&args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let value: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     serde_json::from_value(value["logprobs"].clone()).unwrap()
 }
@@ -208,20 +192,18 @@ fn merged_models_score_like_base_plus_adapter() {
     let work = tempfile::tempdir().unwrap();
 
     let folded = work.path().join("folded");
-    let out = burnish(&[
-        "merge",
-        "--model",
-        model_dir("llama").to_str().unwrap(),
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--out",
-        folded.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let fold = || {
+        burnish(&[
+            "merge",
+            "--model",
+            model_dir("llama").to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--out",
+            folded.to_str().unwrap(),
+        ])
+    };
+    assert_success(&fold());
     for file in [
         "config.json",
         "model.safetensors",
@@ -249,23 +231,11 @@ fn merged_models_score_like_base_plus_adapter() {
         "--out",
         merged.to_str().unwrap(),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     assert_logprobs_close(&score_logprobs(&merged, &ids, &[]), &expected);
 
     // Nothing is overwritten, and a bad merge leaves nothing behind.
-    let out = burnish(&[
-        "merge",
-        "--model",
-        model_dir("llama").to_str().unwrap(),
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--out",
-        folded.to_str().unwrap(),
-    ]);
+    let out = fold();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
     let slerp = work.path().join("slerp");
@@ -305,11 +275,7 @@ fn template_render_prints_exactly_the_template_output() {
         messages.to_str().unwrap(),
         "--add-generation-prompt",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     assert_eq!(
         String::from_utf8(out.stdout).unwrap(),
         "<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n"
@@ -361,11 +327,7 @@ fn chat_streams_replies_and_resets_the_conversation() {
         .write_all(b"Hi!\nHi!\n/reset\nHi!\n/exit\nHi!\n")
         .unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let stdout = String::from_utf8(out.stdout).unwrap();
     let replies: Vec<&str> = stdout.lines().collect();
     assert_eq!(replies.len(), 3, "{stdout:?}");

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use serde_json::{Value, json};
 
-use crate::fixtures::model_dir;
+use crate::fixtures::{assert_success, model_dir};
 
 const WORDS: &[&str] = &[
     "red", "blue", "green", "cat", "dog", "bird", "sun", "moon", "tree", "fish",
@@ -68,11 +68,7 @@ fn sft_run_learns_and_writes_a_peft_adapter() {
         "[adapter]\nr = 8\nalpha = 16\ndropout = 0.0\n\n[data]\ntrain = \"train.jsonl\"\neval = \"train.jsonl\"\n\n[train]\nmax_steps = 25\nmicro_batch_size = 4\nlr = 2e-2\nschedule = \"constant\"\neval_every = 25\n",
     );
     let out = train(&path, &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
 
     let run = work.path().join("run");
     let lines = metrics(&run);
@@ -115,11 +111,7 @@ fn sft_run_learns_and_writes_a_peft_adapter() {
         ];
         args.extend_from_slice(extra);
         let out = burnish(&args);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_success(&out);
         serde_json::from_slice::<Value>(&out.stdout).unwrap()["sum"]
             .as_f64()
             .unwrap()
@@ -145,11 +137,7 @@ fn dpo_run_prefers_the_chosen_answers() {
         "[adapter]\nr = 8\nalpha = 16\ndropout = 0.0\n\n[data]\ntrain = \"pairs.jsonl\"\neval = \"pairs.jsonl\"\n\n[train]\nstrategy = \"dpo\"\nmax_steps = 15\nmicro_batch_size = 4\nlr = 1e-2\nschedule = \"constant\"\n\n[dpo]\nbeta = 0.1\n",
     );
     let out = train(&path, &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let lines = metrics(&work.path().join("run"));
     let first = &lines[0];
     assert!(
@@ -167,11 +155,7 @@ fn dpo_run_prefers_the_chosen_answers() {
     let run = work.path().join("run");
     let without = metrics_without_timing(&run);
     let out = train(&path, &["--set", "dpo.precompute_ref=true"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let with = metrics_without_timing(&run);
     assert_eq!(with.len(), without.len());
     for (a, b) in with.iter().zip(&without) {
@@ -193,11 +177,7 @@ fn dpo_run_prefers_the_chosen_answers() {
         &path,
         &["--set", "dpo.rpo_alpha=1.0", "--set", "train.max_steps=1"],
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let first = metrics(&work.path().join("run"))[0]["loss"]
         .as_f64()
         .unwrap();
@@ -281,11 +261,7 @@ fn non_finite_steps_stop_the_run_or_are_skipped() {
     );
 
     let out = train(&path, &["--set", "train.on_nonfinite=skip"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let skipped = metrics(&work.path().join("run"))
         .iter()
         .filter(|l| l.get("skipped_step").is_some())
@@ -308,11 +284,7 @@ fn instruction_tuning_on_alpaca_rows_learns() {
         "[adapter]\nr = 8\nalpha = 16\ndropout = 0.0\n\n[data]\ntrain = \"alpaca.jsonl\"\neval = \"alpaca.jsonl\"\nformat = \"alpaca\"\n\n[train]\nstrategy = \"instruct\"\nmax_steps = 25\nmicro_batch_size = 4\nlr = 2e-2\nschedule = \"constant\"\n",
     );
     let out = train(&path, &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let lines = metrics(&work.path().join("run"));
     let first = lines[0]["loss"].as_f64().unwrap();
     let eval = lines
@@ -358,11 +330,7 @@ fn resuming_from_a_checkpoint_equals_an_uninterrupted_run() {
     );
     let run = work.path().join("run");
     let out = train(&path, &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let uninterrupted = std::fs::read(run.join("adapter_model.safetensors")).unwrap();
     let uninterrupted_metrics = metrics_without_timing(&run);
 
@@ -370,11 +338,7 @@ fn resuming_from_a_checkpoint_equals_an_uninterrupted_run() {
     std::fs::remove_dir_all(run.join("checkpoints/step-000004")).unwrap();
     std::fs::remove_file(run.join("adapter_model.safetensors")).unwrap();
     let out = train(&path, &["--resume"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     assert_eq!(
         std::fs::read(run.join("adapter_model.safetensors")).unwrap(),
         uninterrupted,
@@ -423,11 +387,7 @@ fn killing_a_run_leaves_a_checkpoint_it_resumes_from() {
             &format!("train.max_steps={}", progress.step + 2),
         ],
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let steps = metrics(&run)
         .iter()
         .filter(|l| l.get("step").is_some())
@@ -445,11 +405,7 @@ fn full_fine_tuning_writes_a_complete_model_directory() {
         "[data]\ntrain = \"train.jsonl\"\neval = \"train.jsonl\"\n\n[train]\nmax_steps = 10\nmicro_batch_size = 3\nlr = 3e-3\nschedule = \"constant\"\n",
     );
     let out = train(&path, &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let run = work.path().join("run");
     for file in [
         "config.json",
@@ -481,9 +437,5 @@ fn full_fine_tuning_writes_a_complete_model_directory() {
         "3,4,5",
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
 }
