@@ -439,3 +439,41 @@ fn full_fine_tuning_writes_a_complete_model_directory() {
     ]);
     assert_success(&out);
 }
+
+#[test]
+fn every_shipped_recipe_validates_and_the_fixture_recipes_run() {
+    let recipes = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../recipes");
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&recipes).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            burnish_align::Recipe::from_file(&path, &[]).unwrap_or_else(|e| panic!("{e}"));
+            names.push(path);
+        }
+    }
+    assert!(!names.is_empty());
+    let work = tempfile::tempdir().unwrap();
+    for path in names.iter().filter(|p| {
+        p.file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("fixture-")
+    }) {
+        let out_dir = work.path().join(path.file_stem().unwrap());
+        let out = train(
+            path,
+            &[
+                "--set",
+                &format!("output.dir=\"{}\"", out_dir.display()),
+                "--set",
+                "train.max_steps=3",
+            ],
+        );
+        assert_success(&out);
+        assert!(
+            out_dir.join("adapter_model.safetensors").exists(),
+            "{}",
+            path.display()
+        );
+    }
+}
