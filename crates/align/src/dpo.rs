@@ -7,6 +7,7 @@
 use burn::tensor::Tensor;
 use burn::tensor::activation::{log_sigmoid, relu};
 use burn::tensor::backend::Backend;
+use burnish_peft::first_value;
 
 /// The preference loss and its settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -53,12 +54,7 @@ pub struct DpoOutput<B: Backend> {
 }
 
 fn mean_of<B: Backend>(t: Tensor<B, 1>) -> f64 {
-    t.mean()
-        .into_data()
-        .convert::<f64>()
-        .to_vec::<f64>()
-        .map(|v| v[0])
-        .unwrap_or(f64::NAN)
+    first_value(t.mean())
 }
 
 /// The mean negative log-likelihood of the chosen completions over all their tokens: the SFT

@@ -10,6 +10,7 @@ use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, P
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor, TensorData};
+use burnish_peft::f32_values;
 
 /// AdamW's settings (PyTorch's defaults except the weight decay, which recipes set).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -213,21 +214,14 @@ impl<B: AutodiffBackend> AdamW<B> {
     /// The optimizer's moments under the field paths of `module`'s parameters, sorted by path.
     pub fn export_state<M: AutodiffModule<B>>(&self, module: &M) -> Vec<SavedMoments> {
         let paths = parameter_paths::<B, M>(module);
-        let values = |t: &Tensor<B::InnerBackend, 1>| {
-            t.clone()
-                .into_data()
-                .convert::<f32>()
-                .to_vec::<f32>()
-                .expect("converted to f32 just before")
-        };
         let mut out: Vec<SavedMoments> = self
             .state
             .iter()
             .filter_map(|(id, moments)| {
                 paths.get(id).map(|path| SavedMoments {
                     path: path.clone(),
-                    m: values(&moments.m),
-                    v: values(&moments.v),
+                    m: f32_values(moments.m.clone()),
+                    v: f32_values(moments.v.clone()),
                 })
             })
             .collect();

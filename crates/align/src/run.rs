@@ -14,7 +14,9 @@ use burnish_data::{
     shuffle,
 };
 use burnish_model::{Decoder, HfConfig, Pretrained, linear_module_names, save_decoder};
-use burnish_peft::{LoraConfig, LoraInit, SaveDtype, Targets, save_adapter, select_targets};
+use burnish_peft::{
+    LoraConfig, LoraInit, SaveDtype, Targets, f32_values, first_value, save_adapter, select_targets,
+};
 use serde_json::json;
 
 use crate::checkpoint::{
@@ -152,19 +154,13 @@ fn precompute_reference<B: AutodiffBackend>(
     pad_id: u32,
     device: &B::Device,
 ) -> Vec<(f32, f32)> {
-    let values = |t: Tensor<B, 1>| {
-        t.into_data()
-            .convert::<f32>()
-            .to_vec::<f32>()
-            .expect("f32 data")
-    };
     pair_batches::<B>(data, micro, pad_id, None, None, device)
         .iter()
         .flat_map(|batch| {
             let (chosen, rejected) = reference_logps(model, batch);
-            values(chosen)
+            f32_values(chosen)
                 .into_iter()
-                .zip(values(rejected))
+                .zip(f32_values(rejected))
                 .collect::<Vec<_>>()
         })
         .collect()
@@ -180,13 +176,7 @@ fn evaluate<B: AutodiffBackend, S: Strategy<B>>(
     let mut metrics: Vec<(&'static str, f64)> = Vec::new();
     for batch in batches {
         let out = strategy.loss(model, batch);
-        sum += out
-            .loss_sum
-            .into_data()
-            .convert::<f64>()
-            .to_vec::<f64>()
-            .map(|v| v[0])
-            .unwrap_or(f64::NAN);
+        sum += first_value(out.loss_sum);
         units += out.units;
         for (name, v) in out.metrics {
             match metrics.iter_mut().find(|(n, _)| *n == name) {

@@ -6,6 +6,7 @@
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
+use burnish_peft::first_value;
 
 /// The summed negative log-likelihood of a batch and the number of tokens it covers.
 #[derive(Debug, Clone)]
@@ -51,14 +52,7 @@ pub fn masked_token_loss<B: Backend>(
     targets: Tensor<B, 2, Int>,
     mask: Tensor<B, 2>,
 ) -> TokenLoss<B> {
-    let tokens = mask
-        .clone()
-        .sum()
-        .into_data()
-        .convert::<f32>()
-        .to_vec::<f32>()
-        .map(|v| v[0].round() as usize)
-        .unwrap_or(0);
+    let tokens = first_value(mask.clone().sum()).round() as usize;
     let sum = masked_token_logprobs(logits, targets, mask).sum().neg();
     TokenLoss { sum, tokens }
 }

@@ -6,6 +6,7 @@
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
 use burnish_model::Decoder;
+use burnish_peft::first_value;
 
 use crate::error::TrainError;
 use crate::optimizer::{AdamW, global_grad_norm};
@@ -51,13 +52,7 @@ where
     for batch in micro_batches {
         let output = strategy.loss(&model, batch);
         let scaled = output.loss_sum.div_scalar(total_units);
-        let value: f64 = scaled
-            .clone()
-            .into_data()
-            .convert::<f64>()
-            .to_vec::<f64>()
-            .map(|v| v[0])
-            .unwrap_or(f64::NAN);
+        let value = first_value(scaled.clone());
         if !value.is_finite() {
             return Err(TrainError::NonFiniteLoss { step, loss: value });
         }

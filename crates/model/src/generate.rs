@@ -6,6 +6,7 @@ use std::ops::ControlFlow;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
+use burnish_peft::f32_values;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use crate::decoder::{Decoder, KvCache};
@@ -88,12 +89,7 @@ pub fn generate<B: Backend>(
         );
         let logits = model.forward_cached(ids, &mut cache);
         let [_, seq, _] = logits.dims();
-        let last = logits
-            .narrow(1, seq - 1, 1)
-            .into_data()
-            .convert::<f32>()
-            .to_vec::<f32>()
-            .map_err(|e| ModelError::Input(format!("{e:?}")))?;
+        let last = f32_values(logits.narrow(1, seq - 1, 1));
         let token = choose(&last, options, &mut rng);
         out.push(token);
         if options.stop_tokens.contains(&token) || on_token(token).is_break() {

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use burnish_peft::{SaveDtype, serialize, write_atomic};
+use burnish_peft::{SaveDtype, f32_values, serialize, write_atomic};
 
 use crate::config::HfConfig;
 use crate::decoder::Decoder;
@@ -19,13 +19,7 @@ pub fn named_weights<B: Backend>(model: &Decoder<B>) -> Vec<(String, Vec<usize>,
         name: String,
         t: Tensor<B, D>,
     ) -> (String, Vec<usize>, Vec<f32>) {
-        let shape = t.dims().to_vec();
-        let values = t
-            .into_data()
-            .convert::<f32>()
-            .to_vec::<f32>()
-            .expect("converted to f32 just before");
-        (name, shape, values)
+        (name, t.dims().to_vec(), f32_values(t))
     }
     let mut out = vec![values(
         "model.embed_tokens.weight".into(),

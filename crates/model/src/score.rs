@@ -5,6 +5,8 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
+use burnish_peft::f32_values;
+
 use crate::decoder::Decoder;
 use crate::error::{ModelError, Result};
 
@@ -34,10 +36,5 @@ pub fn token_logprobs<B: Backend>(model: &Decoder<B>, ids: &[u32]) -> Result<Vec
     let logprobs = log_softmax(logits, 2);
     // [1, n-1, 1]
     let targets = to_tensor(&ids[1..]).unsqueeze_dim::<3>(2);
-    logprobs
-        .gather(2, targets)
-        .into_data()
-        .convert::<f32>()
-        .to_vec::<f32>()
-        .map_err(|e| ModelError::Input(format!("{e:?}")))
+    Ok(f32_values(logprobs.gather(2, targets)))
 }

@@ -15,7 +15,7 @@ use crate::error::{PeftError, Result};
 use crate::linear::AdaptableLinear;
 use crate::lora::Lora;
 use crate::target::{Selected, resolved_target_names, select_targets};
-use crate::tensor_io::{SaveDtype, decode_f32, serialize, write_atomic};
+use crate::tensor_io::{SaveDtype, decode_f32, f32_values, serialize, write_atomic};
 
 pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
 pub const ADAPTER_WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -92,13 +92,7 @@ pub fn save_adapter<B: Backend>(
     for (name, layer) in linears {
         let Some(lora) = &layer.lora else { continue };
         for (matrix, t) in [("lora_A", lora.lora_a.val()), ("lora_B", lora.lora_b.val())] {
-            let shape = t.dims().to_vec();
-            let values = t
-                .into_data()
-                .convert::<f32>()
-                .to_vec::<f32>()
-                .expect("converted to f32 just before");
-            tensors.push((key(name, matrix), shape, values));
+            tensors.push((key(name, matrix), t.dims().to_vec(), f32_values(t)));
         }
         selected.push(Selected {
             name: name.clone(),

@@ -3,6 +3,9 @@
 
 use std::path::Path;
 
+use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
+
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
 
@@ -49,7 +52,21 @@ impl SaveDtype {
     }
 }
 
-/// The values of a F32, BF16 or F16 tensor as f32; any other dtype is returned as the error.
+/// A tensor's values on the host as f32, in row-major order.
+pub fn f32_values<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> Vec<f32> {
+    tensor
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .expect("data converted to f32 reads back as f32")
+}
+
+/// The first value of a tensor (a scalar result) as f64.
+pub fn first_value<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> f64 {
+    f64::from(f32_values(tensor.flatten::<1>(0, D - 1).narrow(0, 0, 1))[0])
+}
+
+/// The values of a F32, BF16 or F16 safetensors tensor as f32; any other dtype is returned as the error.
 pub fn decode_f32(view: &TensorView<'_>) -> Result<Vec<f32>, Dtype> {
     let raw = view.data();
     Ok(match view.dtype() {
