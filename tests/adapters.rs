@@ -15,7 +15,7 @@ use burnish_peft::{
 use safetensors::SafeTensors;
 use serde::Deserialize;
 
-use crate::fixtures::{B, golden, model_dir};
+use crate::fixtures::{B, golden, max_abs_diff, model_dir};
 
 const ADAPTERS: &[&str] = &["llama-qv", "qwen2-all", "mistral-layer1"];
 
@@ -84,11 +84,7 @@ fn peft_adapters_reproduce_peft_logprobs_and_parameter_counts() {
         );
         for (i, case) in golden.score.iter().enumerate() {
             let ours = token_logprobs(&model.model, &case.token_ids).unwrap();
-            let worst = ours
-                .iter()
-                .zip(&case.logprobs)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0f32, f32::max);
+            let worst = max_abs_diff(&ours, &case.logprobs);
             assert!(
                 worst <= 1e-4,
                 "{name} case {i}: max |Δ logprob| = {worst:e}"
@@ -113,20 +109,12 @@ fn merged_weights_match_peft_merge_and_unload() {
         for (key, (shape, values)) in &expected {
             let (our_shape, our_values) = &ours[key];
             assert_eq!(our_shape, shape, "{name} {key}");
-            let worst = our_values
-                .iter()
-                .zip(values)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0f32, f32::max);
+            let worst = max_abs_diff(our_values, values);
             assert!(worst <= 1e-6, "{name} {key}: max |Δ| = {worst:e}");
         }
         // The merged model scores like base + adapter.
         let after = token_logprobs(&model.model, &case.token_ids).unwrap();
-        let worst = before
-            .iter()
-            .zip(&after)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        let worst = max_abs_diff(&before, &after);
         assert!(worst <= 1e-4, "{name}: merged vs unmerged {worst:e}");
     }
 }

@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use crate::fixtures::{assert_success, golden, model_dir};
+use crate::fixtures::{assert_success, golden, max_abs_diff, model_dir};
 
 fn burnish(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_burnish"))
@@ -165,11 +165,7 @@ fn llama_qv_reference() -> (Vec<u32>, Vec<f32>) {
 
 fn assert_logprobs_close(ours: &[f32], theirs: &[f32]) {
     assert_eq!(ours.len(), theirs.len());
-    let worst = ours
-        .iter()
-        .zip(theirs)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
+    let worst = max_abs_diff(ours, theirs);
     assert!(worst <= 1e-4, "max |Δ logprob| = {worst:e}");
 }
 

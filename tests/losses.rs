@@ -9,7 +9,7 @@ use burnish_align::{DpoLoss, PairLogps, dpo_loss, masked_token_loss};
 use burnish_model::Pretrained;
 use serde::Deserialize;
 
-use crate::fixtures::{B, model_dir};
+use crate::fixtures::{B, max_abs_diff, model_dir};
 
 #[derive(Deserialize)]
 struct Golden {
@@ -222,11 +222,7 @@ fn three_adamw_steps_reproduce_peft_and_torch() {
             let key = format!("{name}.{matrix}.weight");
             let theirs = burnish_peft::decode_f32(&expected.tensor(&key).unwrap()).unwrap();
             let ours = tensor.into_data().convert::<f32>().to_vec::<f32>().unwrap();
-            let worst = ours
-                .iter()
-                .zip(&theirs)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0f32, f32::max);
+            let worst = max_abs_diff(&ours, &theirs);
             assert!(
                 worst <= 1e-5,
                 "{key}: max |Δ| = {worst:e} after three steps"

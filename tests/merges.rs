@@ -11,6 +11,8 @@ use burnish_peft::merge_methods::{
 };
 use safetensors::SafeTensors;
 
+use crate::fixtures::max_abs_diff;
+
 const WEIGHTS: [f32; 3] = [0.5, 0.3, 0.8];
 const DENSITY: f64 = 0.4;
 
@@ -27,11 +29,7 @@ fn golden() -> BTreeMap<String, Vec<f32>> {
 
 fn assert_close(ours: &[f32], theirs: &[f32], what: &str) {
     assert_eq!(ours.len(), theirs.len(), "{what}");
-    let worst = ours
-        .iter()
-        .zip(theirs)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
+    let worst = max_abs_diff(ours, theirs);
     assert!(worst <= 1e-6, "{what}: max |Δ| = {worst:e}");
 }
 

@@ -6,7 +6,7 @@ use burn::tensor::{Int, Tensor, TensorData, Tolerance};
 use burnish_data::Tokenizer;
 use burnish_model::{GenerateOptions, Pretrained, generate, token_logprobs};
 
-use crate::fixtures::{B, MODELS, golden, model_dir};
+use crate::fixtures::{B, MODELS, golden, max_abs_diff, model_dir};
 
 /// Absolute tolerance on each log-probability, against transformers in f32.
 const LOGPROB_TOLERANCE: f32 = 1e-4;
@@ -18,11 +18,7 @@ fn logprobs_match_transformers() {
         for (i, case) in golden(name).score.iter().enumerate() {
             let ours = token_logprobs(&model.model, &case.token_ids).unwrap();
             assert_eq!(ours.len(), case.logprobs.len(), "{name} case {i}");
-            let worst = ours
-                .iter()
-                .zip(&case.logprobs)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0f32, f32::max);
+            let worst = max_abs_diff(&ours, &case.logprobs);
             assert!(
                 worst <= LOGPROB_TOLERANCE,
                 "{name} case {i}: max |Δ logprob| = {worst:e}"
