@@ -6,6 +6,7 @@ mod adapters;
 mod bad_checkpoints;
 mod cli;
 mod fixtures;
+mod hub;
 mod losses;
 mod merges;
 mod parity;

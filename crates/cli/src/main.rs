@@ -30,6 +30,8 @@ enum Command {
     Chat(commands::chat::ChatArgs),
     /// Fold an adapter into its base model, or merge several adapters or models.
     Merge(commands::merge::MergeArgs),
+    /// Upload a finished run (adapter or model, model card, recipe) to the Hub in one commit.
+    Push(commands::push::PushArgs),
     /// Measure speed and memory on a random-weight model of a real shape.
     Bench(commands::bench::BenchArgs),
     /// Chat templates: render a conversation exactly as training and inference see it.
@@ -51,6 +53,7 @@ fn main() -> Result<()> {
         Command::Generate(args) => commands::generate::run(args),
         Command::Chat(args) => commands::chat::run(args),
         Command::Merge(args) => commands::merge::run(args),
+        Command::Push(args) => commands::push::run(args),
         Command::Bench(args) => commands::bench::run(args),
         Command::Template(cmd) => commands::template::run(cmd),
         Command::Data(cmd) => commands::data::run(cmd),

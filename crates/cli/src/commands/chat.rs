@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use burn::tensor::backend::Backend;
 use burnish_data::{ChatTemplate, Message, Tokenizer};
+use burnish_hub::resolve_model;
 use burnish_model::Pretrained;
 use clap::Args;
 
@@ -17,9 +18,13 @@ use crate::device::{DeviceArg, Job, run_on};
 
 #[derive(Debug, Args)]
 pub struct ChatArgs {
-    /// Model directory (config.json, safetensors weights, tokenizer files, chat template).
+    /// Model directory (config.json, safetensors weights, tokenizer files, chat template), or a
+    /// Hub id (`owner/name`) fetched into the Hub cache.
     #[arg(long)]
     model: PathBuf,
+    /// Branch, tag or commit of a Hub model (default `main`).
+    #[arg(long)]
+    revision: Option<String>,
     /// A LoRA adapter directory in PEFT's format to apply on top of the model.
     #[arg(long)]
     adapter: Option<PathBuf>,
@@ -90,7 +95,8 @@ impl Job for Chat {
     }
 }
 
-pub fn run(args: ChatArgs) -> Result<()> {
+pub fn run(mut args: ChatArgs) -> Result<()> {
+    args.model = resolve_model(&args.model, args.revision.as_deref(), |f| eprintln!("{f}"))?;
     let device = args.device;
     run_on(device, Chat { args })
 }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use burn::tensor::backend::Backend;
 use burnish_data::{ChatTemplate, Message, Tokenizer};
+use burnish_hub::resolve_model;
 use burnish_model::Pretrained;
 use clap::Args;
 
@@ -14,9 +15,13 @@ use crate::device::{DeviceArg, Job, run_on};
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// Model directory (config.json, safetensors weights, tokenizer files).
+    /// Model directory (config.json, safetensors weights, tokenizer files), or a Hub id
+    /// (`owner/name`) fetched into the Hub cache.
     #[arg(long)]
     model: PathBuf,
+    /// Branch, tag or commit of a Hub model (default `main`).
+    #[arg(long)]
+    revision: Option<String>,
     /// The prompt text.
     #[arg(long)]
     prompt: String,
@@ -65,7 +70,8 @@ impl Job for Generate {
     }
 }
 
-pub fn run(args: GenerateArgs) -> Result<()> {
+pub fn run(mut args: GenerateArgs) -> Result<()> {
+    args.model = resolve_model(&args.model, args.revision.as_deref(), |f| eprintln!("{f}"))?;
     let device = args.device;
     run_on(device, Generate { args })
 }

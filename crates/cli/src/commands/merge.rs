@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail, ensure};
+use burnish_hub::resolve_model;
 use burnish_model::{
     InMemoryWeights, MergeMethod, MergeOptions, NamedWeights, Pretrained, build_decoder,
     merge_weights, named_weights, save_decoder,
@@ -28,7 +29,7 @@ const COMPANION_FILES: &[&str] = &[
 
 #[derive(Debug, Args)]
 pub struct MergeArgs {
-    /// Base model directory (with --adapter).
+    /// Base model directory, or a Hub id (`owner/name`), with --adapter.
     #[arg(long, requires = "adapter", conflicts_with_all = ["method", "base", "inputs"])]
     model: Option<PathBuf>,
     /// PEFT-format adapter to fold into --model.
@@ -37,9 +38,12 @@ pub struct MergeArgs {
     /// Merge method for several inputs.
     #[arg(long, value_enum, requires_all = ["base", "inputs"])]
     method: Option<Method>,
-    /// The common base model of the inputs.
+    /// The common base model of the inputs: a directory or a Hub id (`owner/name`).
     #[arg(long)]
     base: Option<PathBuf>,
+    /// Branch, tag or commit of a Hub base model given to --model or --base (default `main`).
+    #[arg(long)]
+    revision: Option<String>,
     /// Adapter or model directories, each optionally weighted: `DIR[:WEIGHT]` (default 1).
     #[arg(long, num_args = 1..)]
     inputs: Vec<String>,
@@ -161,7 +165,10 @@ fn write_model_dir(
     result
 }
 
-pub fn run(args: MergeArgs) -> Result<()> {
+pub fn run(mut args: MergeArgs) -> Result<()> {
+    for base in [&mut args.model, &mut args.base].into_iter().flatten() {
+        *base = resolve_model(base, args.revision.as_deref(), |f| eprintln!("{f}"))?;
+    }
     let device = Default::default();
     let dtype_of = |base: &Pretrained<Cpu>| match args.dtype {
         Some(Dtype::F32) => SaveDtype::F32,

@@ -5,6 +5,7 @@ pub mod chat;
 pub mod data;
 pub mod generate;
 pub mod merge;
+pub mod push;
 pub mod score;
 pub mod stream;
 pub mod template;

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use burn::tensor::backend::Backend;
 use burnish_data::Tokenizer;
+use burnish_hub::resolve_model;
 use burnish_model::{Pretrained, token_logprobs};
 use clap::Args;
 
@@ -15,9 +16,13 @@ use crate::device::{DeviceArg, Job, run_on};
 
 #[derive(Debug, Args)]
 pub struct ScoreArgs {
-    /// Model directory (config.json, safetensors weights, tokenizer files).
+    /// Model directory (config.json, safetensors weights, tokenizer files), or a Hub id
+    /// (`owner/name`) fetched into the Hub cache.
     #[arg(long)]
     model: PathBuf,
+    /// Branch, tag or commit of a Hub model (default `main`).
+    #[arg(long)]
+    revision: Option<String>,
     /// Text to score, tokenized without special tokens.
     #[arg(long, conflicts_with = "ids", required_unless_present = "ids")]
     text: Option<String>,
@@ -79,7 +84,8 @@ impl Job for Score {
     }
 }
 
-pub fn run(args: ScoreArgs) -> Result<()> {
+pub fn run(mut args: ScoreArgs) -> Result<()> {
+    args.model = resolve_model(&args.model, args.revision.as_deref(), |f| eprintln!("{f}"))?;
     let device = args.device;
     run_on(device, Score { args })
 }
