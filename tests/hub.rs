@@ -505,3 +505,66 @@ fn a_push_failing_mid_upload_reports_the_failure_and_commits_nothing() {
     assert!(!stdout(&out).contains("pushed"), "{}", stdout(&out));
     assert!(hub.commits().is_empty());
 }
+
+#[test]
+fn a_recipe_trains_from_a_hub_model_and_a_hub_dataset() {
+    let hub = hub_with_tiny();
+    let rows: String = (0..4)
+        .map(|i| {
+            format!(
+                "{{\"messages\": [{{\"role\": \"user\", \"content\": \"q{i}\"}}, {{\"role\": \"assistant\", \"content\": \"a{i}\"}}]}}\n"
+            )
+        })
+        .collect();
+    hub.add_repo(
+        "datasets",
+        "org/chat",
+        BTreeMap::from([("train.jsonl".to_string(), rows.into_bytes())]),
+    );
+    let home = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let recipe = work.path().join("recipe.toml");
+    std::fs::write(
+        &recipe,
+        "[model]\nbase = \"org/tiny\"\n\n[adapter]\nr = 4\n\n[data]\ntrain = \"org/chat\"\n\n\
+         [train]\nmax_steps = 2\n\n[output]\ndir = \"run\"\n",
+    )
+    .unwrap();
+    let out = burnish(
+        &hub,
+        home.path(),
+        &[],
+        &["train", recipe.to_str().unwrap(), "--device", "cpu"],
+    );
+    assert_success(&out);
+    let run = work.path().join("run");
+    // The Hub ids, not cache paths, are what the run records and the Hub links.
+    let card = std::fs::read_to_string(run.join("README.md")).unwrap();
+    assert!(
+        card.contains("base_model: org/tiny") && card.contains("datasets:\n- org/chat"),
+        "{card}"
+    );
+    let config = std::fs::read_to_string(run.join("adapter_config.json")).unwrap();
+    assert!(
+        config.contains("\"base_model_name_or_path\": \"org/tiny\""),
+        "{config}"
+    );
+    let resolved = std::fs::read_to_string(run.join("recipe.toml")).unwrap();
+    assert!(resolved.contains("base = \"org/tiny\""), "{resolved}");
+
+    // A typo that is neither a directory nor a repo says both.
+    std::fs::write(
+        &recipe,
+        std::fs::read_to_string(&recipe)
+            .unwrap()
+            .replace("org/tiny", "org/tinny"),
+    )
+    .unwrap();
+    let out = burnish(
+        &hub,
+        home.path(),
+        &[],
+        &["train", recipe.to_str().unwrap(), "--device", "cpu"],
+    );
+    assert_failure_says(&out, &["org/tinny", "not a local directory"]);
+}

@@ -10,6 +10,7 @@ mod hub;
 mod losses;
 mod merges;
 mod parity;
+mod quickstart;
 mod roundtrip;
 mod train;
 mod trainer;

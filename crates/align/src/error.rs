@@ -46,6 +46,13 @@ pub enum RunError {
     },
     #[error("checkpoint: {0}")]
     Checkpoint(String),
+    /// A row of the `[check]` file that cannot be used.
+    #[error("{path}:{line}: {detail}")]
+    Check {
+        path: std::path::PathBuf,
+        line: usize,
+        detail: String,
+    },
     /// The recipe and the data do not fit together.
     #[error("{0}")]
     Mismatch(String),

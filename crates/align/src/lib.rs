@@ -3,6 +3,7 @@
 //! next-token loss of SFT and instruction tuning, the DPO family of preference losses with TRL's
 //! reward metrics) and the optimizer (AdamW with global-norm clipping).
 
+mod check;
 mod checkpoint;
 mod dpo;
 mod error;
@@ -14,6 +15,7 @@ mod strategy;
 mod token_loss;
 mod trainer;
 
+pub use check::{CheckAnswer, CheckCase, CheckReport, load_cases, run_check};
 pub use checkpoint::{Progress, checkpoints, read_checkpoint, save_checkpoint};
 pub use dpo::{DpoLoss, DpoMetrics, DpoOutput, PairLogps, chosen_nll, dpo_loss};
 pub use error::{RecipeError, RunError, TrainError};
@@ -21,8 +23,9 @@ pub use optimizer::{
     AdamW, AdamWConfig, SavedMoments, StepReport, global_grad_norm, parameter_paths,
 };
 pub use recipe::{
-    AdapterInit, AdapterSection, DataSection, DpoLossName, DpoSection, ModelSection, OnNonFinite,
-    OutputSection, Recipe, ScheduleName, StrategyKind, TargetModules, TrainSection,
+    AdapterInit, AdapterSection, CheckSection, DataSection, DpoLossName, DpoSection, HF_DATASETS,
+    HubDataset, ModelInit, ModelSection, OnNonFinite, OutputSection, Recipe, ScheduleName,
+    StrategyKind, TargetModules, TrainSection,
 };
 pub use run::{RunEvent, RunSummary, lora_config, train};
 pub use schedule::{Schedule, ScheduleKind};

@@ -16,8 +16,69 @@ use crate::schedule::ScheduleKind;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
-    /// A local checkpoint directory (required).
+    /// A local checkpoint directory, or a Hub model id `owner/name` (required).
     pub base: PathBuf,
+    /// The Hub revision (branch, tag or commit) of a Hub `base` (default `main`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    /// `pretrained` loads the base's weights; `random` draws fresh ones from `train.seed` and
+    /// trains the whole model from scratch (the directory then needs only `config.json` and the
+    /// tokenizer files) (default `pretrained`).
+    #[serde(default)]
+    pub init: ModelInit,
+    /// Whether `base` names a Hub repo (decided when the recipe is read).
+    #[serde(skip)]
+    pub from_hub: bool,
+    /// Where a Hub `base` was downloaded to (set by the caller that resolved it).
+    #[serde(skip)]
+    pub local: Option<PathBuf>,
+}
+
+impl ModelSection {
+    /// The Hub id of `base`, when it names one rather than a local directory.
+    pub fn hub_id(&self) -> Option<&str> {
+        self.from_hub.then(|| self.base.to_str()).flatten()
+    }
+
+    /// The local checkpoint directory: `base`, or where the Hub one was downloaded to.
+    pub fn dir(&self) -> &Path {
+        self.local.as_deref().unwrap_or(&self.base)
+    }
+}
+
+/// Whether a recipe path as written is shaped like a Hub id `owner/name`: relative, two plain
+/// components made of the characters Hub ids use, the second not a data file name. Paths
+/// starting with `.` or `/` are always local.
+fn hub_shaped(path: &Path) -> bool {
+    use std::path::Component;
+    let names: Option<Vec<&str>> = path
+        .components()
+        .map(|c| match c {
+            Component::Normal(name) => name.to_str(),
+            _ => None,
+        })
+        .collect();
+    let id_part = |s: &str| {
+        !s.is_empty()
+            && !s.starts_with('.')
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    };
+    // `data/train.jsonl` is a file next to the recipe, not a dataset named `train.jsonl`.
+    let file_like = |s: &str| {
+        [".json", ".jsonl", ".parquet", ".csv", ".txt"]
+            .iter()
+            .any(|ext| s.ends_with(ext))
+    };
+    names.is_some_and(|n| n.len() == 2 && n.iter().all(|s| id_part(s)) && !file_like(n[1]))
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModelInit {
+    #[default]
+    Pretrained,
+    Random,
 }
 
 /// `[adapter]`: LoRA settings; without this section the whole model is trained.
@@ -240,6 +301,85 @@ pub struct DataSection {
     pub eval: Vec<PathBuf>,
     /// The loader's own settings (`format`, `train_on`, `max_length`, ...).
     pub loader: DataConfig,
+    /// The entries of `train` and `eval` that name Hub datasets (decided when the recipe is
+    /// read).
+    pub hub: std::collections::BTreeSet<PathBuf>,
+    /// The local files of each Hub dataset entry (set by the caller that resolved them).
+    pub local: std::collections::BTreeMap<PathBuf, Vec<PathBuf>>,
+}
+
+/// The prefix of an explicit Hub dataset entry (`hf://datasets/owner/name/path/in/repo`), as
+/// huggingface_hub's file system spells it.
+pub const HF_DATASETS: &str = "hf://datasets/";
+
+/// A `[data]` entry that names a Hub dataset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubDataset {
+    /// The entry as written in the recipe.
+    pub entry: PathBuf,
+    /// `owner/name`.
+    pub repo: String,
+    /// A file or folder inside the repo; `None` for every JSON/JSONL file of the repo.
+    pub path: Option<String>,
+}
+
+impl DataSection {
+    /// The entries of `train` and `eval` that name Hub datasets rather than local files, each
+    /// with its repo id and the path inside the repo it names (if any).
+    pub fn hub_datasets(&self) -> Vec<HubDataset> {
+        self.train
+            .iter()
+            .chain(&self.eval)
+            .filter(|p| self.hub.contains(*p))
+            .filter_map(|entry| {
+                let text = entry.to_str()?;
+                let spec = text.strip_prefix(HF_DATASETS).unwrap_or(text);
+                let mut parts = spec.splitn(3, '/');
+                let (owner, name) = (parts.next()?, parts.next()?);
+                Some(HubDataset {
+                    entry: entry.clone(),
+                    repo: format!("{owner}/{name}"),
+                    path: parts.next().filter(|p| !p.is_empty()).map(str::to_string),
+                })
+            })
+            .collect()
+    }
+
+    /// The local files of `entries`: each local path itself, each resolved Hub entry its files.
+    pub fn files(&self, entries: &[PathBuf]) -> Vec<PathBuf> {
+        entries
+            .iter()
+            .flat_map(|e| match self.local.get(e) {
+                Some(files) => files.clone(),
+                None => vec![e.clone()],
+            })
+            .collect()
+    }
+}
+
+/// `[check]`: held-out prompts the model answers greedily before and after training, each
+/// answer compared token for token with the expected one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckSection {
+    /// Conversations (the last assistant turn is the expected answer), prompt/completion rows, or
+    /// preference pairs (the chosen completion is expected, and the model should score it above
+    /// the rejected one), read with the `[data]` settings (required).
+    pub file: PathBuf,
+    /// Longest answer, in tokens (default 64).
+    #[serde(default = "default_check_tokens")]
+    pub max_new_tokens: usize,
+    /// Rows of the before/after table printed at the end (default 10).
+    #[serde(default = "default_check_show")]
+    pub show: usize,
+}
+
+fn default_check_tokens() -> usize {
+    64
+}
+
+fn default_check_show() -> usize {
+    10
 }
 
 /// `[output]`: where the run is written.
@@ -258,6 +398,7 @@ pub struct Recipe {
     pub data: DataSection,
     pub train: TrainSection,
     pub dpo: DpoSection,
+    pub check: Option<CheckSection>,
     pub output: OutputSection,
 }
 
@@ -271,6 +412,7 @@ struct RecipeFile {
     #[serde(default)]
     train: TrainSection,
     dpo: Option<DpoSection>,
+    check: Option<CheckSection>,
     output: OutputSection,
 }
 
@@ -289,6 +431,55 @@ fn paths(value: Option<toml::Value>, key: &str) -> Result<Vec<PathBuf>, String> 
         Some(other) => Err(format!(
             "`data.{key}` must be a path or a list of paths, found {other}"
         )),
+    }
+}
+
+/// Edit distance between two short words.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let next = (diagonal + usize::from(ca != cb))
+                .min(row[j] + 1)
+                .min(row[j + 1] + 1);
+            diagonal = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
+}
+
+/// `message` with "did you mean `x`?" added when it names an unknown key or value and one of the
+/// expected ones it lists is a likely typo of it.
+fn with_suggestion(message: &str) -> String {
+    let quoted = |text: &str| -> Vec<String> {
+        text.split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
+            .collect()
+    };
+    let Some((head, expected)) = message.split_once("expected") else {
+        return message.to_string();
+    };
+    let unknown = ["unknown field", "unknown variant"]
+        .iter()
+        .find_map(|marker| head.split_once(marker).map(|(_, rest)| quoted(rest)))
+        .and_then(|q| q.into_iter().next());
+    let first_line = expected.lines().next().unwrap_or_default();
+    let best = unknown.and_then(|given| {
+        quoted(first_line)
+            .into_iter()
+            .map(|candidate| (edit_distance(&given, &candidate), candidate))
+            .filter(|(d, c)| *d <= 2.max(c.len() / 3))
+            .min()
+    });
+    match best {
+        Some((_, candidate)) => format!("{}; did you mean `{candidate}`?", message.trim_end()),
+        None => message.to_string(),
     }
 }
 
@@ -339,34 +530,66 @@ impl Recipe {
         }
         let file: RecipeFile = toml::Value::Table(doc)
             .try_into()
-            .map_err(|e: toml::de::Error| invalid(e.to_string()))?;
+            .map_err(|e: toml::de::Error| invalid(with_suggestion(&e.to_string())))?;
 
         let mut data = file.data;
         let train = paths(data.remove("train"), "train").map_err(invalid)?;
         let eval = paths(data.remove("eval"), "eval").map_err(invalid)?;
         let loader: DataConfig = toml::Value::Table(data)
             .try_into()
-            .map_err(|e: toml::de::Error| invalid(format!("[data]: {e}")))?;
+            .map_err(|e: toml::de::Error| invalid(with_suggestion(&format!("[data]: {e}"))))?;
 
         // Relative paths are relative to the recipe file.
         let base = path.parent().unwrap_or(Path::new(""));
         let anchor = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        // A Hub id stays as written unless a local path of that name exists.
+        let anchor_or_hub = |p: PathBuf| {
+            let local = anchor(p.clone());
+            let explicit = p.to_str().is_some_and(|s| s.starts_with(HF_DATASETS));
+            if explicit || (hub_shaped(&p) && !local.exists()) {
+                (p, true)
+            } else {
+                (local, false)
+            }
+        };
+        let (model_base, from_hub) = anchor_or_hub(file.model.base.clone());
+        let mut hub = std::collections::BTreeSet::new();
+        let mut entries = |list: Vec<PathBuf>| -> Vec<PathBuf> {
+            list.into_iter()
+                .map(|p| {
+                    let (path, remote) = anchor_or_hub(p);
+                    if remote {
+                        hub.insert(path.clone());
+                    }
+                    path
+                })
+                .collect()
+        };
+        let (train, eval) = (entries(train), entries(eval));
         let mut adapter = file.adapter;
         if let Some(a) = &mut adapter {
             a.init_from = a.init_from.take().map(anchor);
         }
         let recipe = Self {
             model: ModelSection {
-                base: anchor(file.model.base),
+                base: model_base,
+                from_hub,
+                ..file.model
             },
             adapter,
             data: DataSection {
-                train: train.into_iter().map(anchor).collect(),
-                eval: eval.into_iter().map(anchor).collect(),
+                train,
+                eval,
                 loader,
+                hub,
+                local: Default::default(),
             },
             train: file.train,
             dpo: file.dpo.unwrap_or_default(),
+            check: file.check.map(|c| CheckSection {
+                file: anchor(c.file),
+                ..c
+            }),
             output: OutputSection {
                 dir: anchor(file.output.dir),
             },
@@ -417,6 +640,15 @@ impl Recipe {
         }
         if t.pack && t.strategy == StrategyKind::Dpo {
             return Err("`train.pack` is for sft and instruct; DPO pairs are not packed".into());
+        }
+        if self.model.init == ModelInit::Random && self.adapter.is_some() {
+            return Err(
+                "`model.init = \"random\"` trains the whole model from scratch: remove `[adapter]`"
+                    .into(),
+            );
+        }
+        if self.check.as_ref().is_some_and(|c| c.max_new_tokens == 0) {
+            return Err("`check.max_new_tokens` must be at least 1".into());
         }
         if self.data.train.is_empty() {
             return Err("`data.train` names no file".into());
@@ -475,6 +707,9 @@ impl Recipe {
         doc.insert("data".into(), toml::Value::Table(data));
         doc.insert("train".into(), section(&self.train));
         doc.insert("dpo".into(), section(&self.dpo));
+        if let Some(c) = &self.check {
+            doc.insert("check".into(), section(c));
+        }
         doc.insert("output".into(), section(&self.output));
         toml::to_string_pretty(&doc).expect("a TOML table always serializes")
     }
@@ -505,8 +740,9 @@ dir = "runs/first"
 
     #[test]
     fn defaults_fill_every_key_and_paths_are_relative_to_the_recipe() {
-        let r = parse(MINIMAL, &[]).unwrap();
-        assert_eq!(r.model.base, PathBuf::from("recipes/models/llama"));
+        let r = parse(&MINIMAL.replace("models/llama", "../models/llama"), &[]).unwrap();
+        assert_eq!(r.model.base, PathBuf::from("recipes/../models/llama"));
+        assert_eq!(r.model.hub_id(), None);
         assert_eq!(
             r.data.train,
             vec![PathBuf::from("recipes/data/train.jsonl")]
@@ -521,6 +757,52 @@ dir = "runs/first"
     }
 
     #[test]
+    fn hub_ids_stay_as_written_and_local_paths_are_anchored() {
+        let r = parse(
+            &MINIMAL.replace("train = \"data/train.jsonl\"", "train = [\"data/train.jsonl\", \"yahma/alpaca-cleaned\", \"hf://datasets/org/set/part/a.jsonl\"]"),
+            &["model.revision=v1"],
+        )
+        .unwrap();
+        // No `recipes/models/llama` exists, so it is a Hub id, as transformers would read it.
+        assert_eq!(r.model.hub_id(), Some("models/llama"));
+        assert_eq!(r.model.revision.as_deref(), Some("v1"));
+        assert_eq!(
+            r.data.train,
+            vec![
+                PathBuf::from("recipes/data/train.jsonl"),
+                PathBuf::from("yahma/alpaca-cleaned"),
+                PathBuf::from("hf://datasets/org/set/part/a.jsonl"),
+            ]
+        );
+        let hub: Vec<(String, Option<String>)> = r
+            .data
+            .hub_datasets()
+            .into_iter()
+            .map(|d| (d.repo, d.path))
+            .collect();
+        assert_eq!(
+            hub,
+            vec![
+                ("yahma/alpaca-cleaned".into(), None),
+                ("org/set".into(), Some("part/a.jsonl".into()))
+            ]
+        );
+        let mut data = r.data.clone();
+        data.local.insert(
+            "yahma/alpaca-cleaned".into(),
+            vec!["/cache/a.json".into(), "/cache/b.json".into()],
+        );
+        assert_eq!(
+            data.files(&data.train[..2]),
+            vec![
+                PathBuf::from("recipes/data/train.jsonl"),
+                PathBuf::from("/cache/a.json"),
+                PathBuf::from("/cache/b.json"),
+            ]
+        );
+    }
+
+    #[test]
     fn unknown_keys_are_named() {
         let err = parse(&MINIMAL.replace("r = 8", "rank = 8"), &[]).unwrap_err();
         assert!(
@@ -529,6 +811,11 @@ dir = "runs/first"
         );
         let err = parse(&MINIMAL.replace("train = ", "max_len = 3\ntrain = "), &[]).unwrap_err();
         assert!(err.contains("max_len"), "{err}");
+        assert!(err.contains("did you mean `max_length`?"), "{err}");
+        let err = parse(MINIMAL, &["train.schedule=cosin"]).unwrap_err();
+        assert!(err.contains("did you mean `cosine`?"), "{err}");
+        let err = parse(MINIMAL, &["train.learning_rate=0.1"]).unwrap_err();
+        assert!(!err.contains("did you mean"), "{err}");
     }
 
     #[test]

@@ -7,11 +7,12 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};
 use burnish_data::{
     Batch, BatchConfig, ChatTemplate, Dataset, Encoder, Example, Tokenizer, load, make_batches,
-    shuffle,
+    pack_best_fit_decreasing, shuffle,
 };
 use burnish_model::{Decoder, HfConfig, Pretrained, linear_module_names, save_decoder};
 use burnish_peft::{
@@ -19,13 +20,14 @@ use burnish_peft::{
 };
 use serde_json::json;
 
+use crate::check::{CheckReport, load_cases, run_check};
 use crate::checkpoint::{
     Progress, checkpoints, read_checkpoint, remove_partial_checkpoints, save_checkpoint,
 };
 use crate::error::{RunError, TrainError};
 use crate::optimizer::{AdamW, AdamWConfig};
 use crate::recipe::{
-    AdapterInit, AdapterSection, OnNonFinite, Recipe, StrategyKind, TargetModules,
+    AdapterInit, AdapterSection, ModelInit, OnNonFinite, Recipe, StrategyKind, TargetModules,
 };
 use crate::schedule::Schedule;
 use crate::strategy::{Dpo, PairBatch, Sft, Strategy, TokenBatch, reference_logps};
@@ -62,6 +64,8 @@ pub enum RunEvent {
         loss: f64,
         metrics: Vec<(&'static str, f64)>,
     },
+    /// The `[check]` prompts answered before training (`after = false`) or after it.
+    Check { after: bool, report: CheckReport },
 }
 
 /// The final numbers of a run.
@@ -71,6 +75,9 @@ pub struct RunSummary {
     pub final_loss: f64,
     pub eval_loss: Option<f64>,
     pub eval_metrics: Vec<(&'static str, f64)>,
+    /// The `[check]` reports before and after training (before is absent on a resumed run).
+    pub check_before: Option<CheckReport>,
+    pub check_after: Option<CheckReport>,
     pub dir: PathBuf,
 }
 
@@ -203,6 +210,29 @@ impl MetricsLog {
     }
 }
 
+/// Reports a `[check]` result to the caller and to `metrics.jsonl`.
+fn log_check(
+    log: &mut MetricsLog,
+    on_event: &mut impl FnMut(&RunEvent),
+    after: bool,
+    step: usize,
+    report: &CheckReport,
+) -> Result<(), RunError> {
+    let mut line = json!({
+        "check": if after { "after" } else { "before" },
+        "step": step,
+        "exact_match": report.exact_rate(),
+    });
+    if let Some(p) = report.preferred_rate() {
+        line["prefers_chosen"] = json!(p);
+    }
+    on_event(&RunEvent::Check {
+        after,
+        report: report.clone(),
+    });
+    log.write(line)
+}
+
 fn files(paths: &[PathBuf]) -> Vec<&Path> {
     paths.iter().map(PathBuf::as_path).collect()
 }
@@ -223,15 +253,21 @@ pub fn train<B: AutodiffBackend>(
     resume: bool,
     mut on_event: impl FnMut(&RunEvent),
 ) -> Result<RunSummary, RunError> {
-    let base = &recipe.model.base;
+    let base = recipe.model.dir();
     let t = &recipe.train;
+    if recipe.model.hub_id().is_some() && recipe.model.local.is_none() {
+        return Err(RunError::Mismatch(format!(
+            "`model.base = \"{}\"` is not a local directory and was not downloaded from the Hub",
+            recipe.model.base.display()
+        )));
+    }
 
     // The adapter's targets are checked against the config before anything is loaded.
     let hf_config = HfConfig::from_file(&base.join("config.json"))?;
     if let Some(section) = recipe.adapter.as_ref().filter(|a| a.init_from.is_none()) {
         select_targets(
             &linear_module_names(&hf_config.decoder),
-            &lora_config(section, base),
+            &lora_config(section, &recipe.model.base),
         )?;
     }
 
@@ -247,11 +283,13 @@ pub fn train<B: AutodiffBackend>(
         ChatTemplate::from_dir(base)?,
         recipe.data.loader.train_on,
     );
-    let loaded = load(&files(&recipe.data.train), &encoder, &recipe.data.loader)?;
+    let train_files = recipe.data.files(&recipe.data.train);
+    let eval_files = recipe.data.files(&recipe.data.eval);
+    let loaded = load(&files(&train_files), &encoder, &recipe.data.loader)?;
     let (train_data, eval_data) = if !recipe.data.eval.is_empty() {
         (
             loaded,
-            load(&files(&recipe.data.eval), &encoder, &recipe.data.loader)?,
+            load(&files(&eval_files), &encoder, &recipe.data.loader)?,
         )
     } else if recipe.data.loader.eval_ratio > 0.0 {
         loaded.split_eval(recipe.data.loader.eval_ratio, recipe.data.loader.seed)
@@ -275,6 +313,10 @@ pub fn train<B: AutodiffBackend>(
             t.strategy
         )));
     }
+    let check_cases = match &recipe.check {
+        Some(c) => load_cases(&c.file, &encoder, &recipe.data.loader)?,
+        None => Vec::new(),
+    };
 
     // Then the model, its adapter, and the optimizer.
     let dir = &recipe.output.dir;
@@ -290,8 +332,25 @@ pub fn train<B: AutodiffBackend>(
     } else {
         None
     };
-    let pretrained = Pretrained::<B>::load(base, device)?;
+    let pretrained = match recipe.model.init {
+        ModelInit::Pretrained => Pretrained::<B>::load(base, device)?,
+        ModelInit::Random => Pretrained::<B>::random(base, t.seed, device)?,
+    };
     let config = pretrained.config.clone();
+    let stop_tokens = pretrained.eos_token_ids();
+    let check = |model: &Decoder<B>| -> Result<Option<CheckReport>, RunError> {
+        match &recipe.check {
+            Some(c) => run_check(
+                &model.valid(),
+                &encoder.tokenizer,
+                &check_cases,
+                c.max_new_tokens,
+                &stop_tokens,
+            )
+            .map(Some),
+            None => Ok(None),
+        }
+    };
     let mut adapter_config = None;
     let resumed_from = checkpoint.as_ref().map(|(path, _, _)| path.as_path());
     let mut model = match (&recipe.adapter, resumed_from) {
@@ -309,7 +368,7 @@ pub fn train<B: AutodiffBackend>(
                 model
             }
             None => {
-                let lora = lora_config(section, base);
+                let lora = lora_config(section, &recipe.model.base);
                 let (model, _) = pretrained.model.with_lora(&lora, t.seed)?;
                 adapter_config = Some(lora);
                 model
@@ -326,7 +385,15 @@ pub fn train<B: AutodiffBackend>(
     };
 
     let micro = t.micro_batch_size;
-    let batches_per_epoch = count.div_ceil(micro);
+    // Packed rows, not examples, make the micro-batches of a packed epoch.
+    let rows_per_epoch = match (t.pack, recipe.data.loader.max_length) {
+        (true, Some(capacity)) if !dpo => {
+            let lengths: Vec<usize> = train_data.examples.iter().map(Example::len).collect();
+            pack_best_fit_decreasing(&lengths, capacity).len()
+        }
+        _ => count,
+    };
+    let batches_per_epoch = rows_per_epoch.div_ceil(micro);
     let steps_per_epoch = batches_per_epoch.div_ceil(t.gradient_accumulation);
     let total_steps = t.max_steps.unwrap_or(t.epochs * steps_per_epoch);
     let warmup = match (t.warmup_steps, t.warmup_ratio) {
@@ -364,6 +431,7 @@ pub fn train<B: AutodiffBackend>(
         eval: eval_count,
         steps: total_steps,
     });
+    let check_before = if resume { None } else { check(&model)? };
 
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     remove_partial_checkpoints(dir)?;
@@ -389,6 +457,15 @@ pub fn train<B: AutodiffBackend>(
         path: metrics_path,
         lines: progress.metrics_lines,
     };
+    if let Some(report) = &check_before {
+        log_check(
+            &mut metrics_log,
+            &mut on_event,
+            false,
+            progress.step,
+            report,
+        )?;
+    }
     let metric_map = |m: &[(&'static str, f64)]| {
         m.iter()
             .map(|(k, v)| (k.to_string(), json!(v)))
@@ -575,6 +652,11 @@ pub fn train<B: AutodiffBackend>(
         epoch += 1;
     }
 
+    let check_after = check(&model)?;
+    if let Some(report) = &check_after {
+        log_check(&mut metrics_log, &mut on_event, true, step, report)?;
+    }
+
     // Outputs: the adapter (or the whole model), tokenizer files, and a model card.
     match &adapter_config {
         Some(lora) => save_adapter(dir, lora, &model.linears())?,
@@ -592,7 +674,14 @@ pub fn train<B: AutodiffBackend>(
         Some((l, m)) => (Some(l), m),
         None => (None, Vec::new()),
     };
-    let card = model_card(recipe, step, final_loss, eval_loss, &eval_metrics);
+    let card = model_card(
+        recipe,
+        step,
+        final_loss,
+        eval_loss,
+        &eval_metrics,
+        check_before.as_ref().zip(check_after.as_ref()),
+    );
     let card_path = dir.join("README.md");
     burnish_peft::write_atomic(&card_path, card.as_bytes()).map_err(io_err(&card_path))?;
     Ok(RunSummary {
@@ -600,6 +689,8 @@ pub fn train<B: AutodiffBackend>(
         final_loss,
         eval_loss,
         eval_metrics,
+        check_before,
+        check_after,
         dir: dir.clone(),
     })
 }
@@ -611,6 +702,7 @@ fn model_card(
     final_loss: f64,
     eval_loss: Option<f64>,
     eval_metrics: &[(&'static str, f64)],
+    check: Option<(&CheckReport, &CheckReport)>,
 ) -> String {
     let base = recipe.model.base.display();
     let datasets: Vec<String> = recipe
@@ -619,30 +711,56 @@ fn model_card(
         .iter()
         .map(|p| p.display().to_string())
         .collect();
-    let kind = match recipe.train.strategy {
-        StrategyKind::Sft => "chat SFT",
-        StrategyKind::Instruct => "instruction tuning",
-        StrategyKind::Dpo => "DPO",
+    let scratch = recipe.model.init == ModelInit::Random;
+    let kind = match (scratch, recipe.train.strategy) {
+        (true, _) => "Pre-training from scratch",
+        (false, StrategyKind::Sft) => "Chat SFT",
+        (false, StrategyKind::Instruct) => "Instruction tuning",
+        (false, StrategyKind::Dpo) => "DPO",
     };
-    let library = if recipe.adapter.is_some() {
-        "library_name: peft\n"
+    let mut front = String::from("---\n");
+    if !scratch {
+        front.push_str(&format!("base_model: {base}\n"));
+    }
+    if recipe.adapter.is_some() {
+        front.push_str("library_name: peft\n");
+    }
+    // The Hub links datasets by id; local files are named in the text only.
+    let mut hub_datasets: Vec<String> = recipe
+        .data
+        .hub_datasets()
+        .into_iter()
+        .map(|d| d.repo)
+        .collect();
+    hub_datasets.sort();
+    hub_datasets.dedup();
+    if !hub_datasets.is_empty() {
+        front.push_str("datasets:\n");
+        for d in &hub_datasets {
+            front.push_str(&format!("- {d}\n"));
+        }
+    }
+    let method = match (scratch, recipe.adapter.is_some()) {
+        (true, _) => "pretraining",
+        (false, true) => "lora",
+        (false, false) => "full-fine-tune",
+    };
+    front.push_str(&format!(
+        "pipeline_tag: text-generation\ntags:\n- burnish\n- {method}\n---\n"
+    ));
+    let of = if scratch {
+        format!("(the architecture and tokenizer of `{base}`)")
     } else {
-        ""
+        format!("of `{base}`")
     };
+    let name = recipe
+        .output
+        .dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let mut card = format!(
-        "---\nbase_model: {base}\n{library}pipeline_tag: text-generation\ntags:\n- burnish\n- {}\n---\n\n# {}\n\n{} of `{base}` with burnish on {}.\n\n## Results\n\n| metric | value |\n|---|---|\n| optimizer steps | {steps} |\n| final training loss | {final_loss:.4} |\n",
-        if recipe.adapter.is_some() {
-            "lora"
-        } else {
-            "full-fine-tune"
-        },
-        recipe
-            .output
-            .dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        kind,
+        "{front}\n# {name}\n\n{kind} {of} with burnish on {}.\n\n## Results\n\n| metric | value |\n|---|---|\n| optimizer steps | {steps} |\n| final training loss | {final_loss:.4} |\n",
         datasets.join(", "),
     );
     if let Some(l) = eval_loss {
@@ -650,6 +768,18 @@ fn model_card(
     }
     for (k, v) in eval_metrics {
         card.push_str(&format!("| eval {k} | {v:.4} |\n"));
+    }
+    if let Some((before, after)) = check {
+        let n = after.answers.len();
+        card.push_str(&format!(
+            "| held-out exact match, before → after | {}/{n} → {}/{n} |\n",
+            before.exact, after.exact
+        ));
+        if let (Some(b), Some(a)) = (before.preferred, after.preferred) {
+            card.push_str(&format!(
+                "| held-out pairs preferring the chosen reply, before → after | {b}/{n} → {a}/{n} |\n"
+            ));
+        }
     }
     card.push_str(&format!(
         "\n## Recipe\n\n```toml\n{}```\n",

@@ -21,24 +21,53 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Train an adapter (or a whole model) from a recipe.
+    #[command(after_help = "Examples:
+  burnish train recipes/quickstart.toml
+  burnish train recipes/smollm2-135m-chat-sft.toml --set train.lr=5e-4 --set data.max_length=1024
+  burnish train recipes/smollm2-135m-chat-sft.toml --resume
+
+Every recipe key, its default and its Axolotl/TRL counterpart: docs/recipes.md")]
     Train(commands::train::TrainArgs),
     /// Log-probability of each token given its prefix (perplexity, parity checks).
+    #[command(after_help = "Examples:
+  burnish score --model quickstart/base --text \"counting : one two three\"
+  burnish score --model HuggingFaceTB/SmolLM2-135M --ids 1,2,3 --json")]
     Score(commands::score::ScoreArgs),
     /// Generate text from a prompt.
+    #[command(after_help = "Examples:
+  burnish generate --model quickstart/base --adapter runs/quickstart --chat --prompt \"what comes after may ?\"
+  burnish generate --model HuggingFaceTB/SmolLM2-135M-Instruct --chat --prompt \"Hi!\" --temperature 0.7 --seed 1")]
     Generate(commands::generate::GenerateArgs),
     /// Chat with a model (and adapter) in the terminal.
+    #[command(after_help = "Example:
+  burnish chat --model quickstart/base --adapter runs/quickstart
+Type a message and press Enter; /reset starts over, /exit leaves.")]
     Chat(commands::chat::ChatArgs),
     /// Fold an adapter into its base model, or merge several adapters or models.
+    #[command(after_help = "Examples:
+  burnish merge --model quickstart/base --adapter runs/quickstart --out merged/quickstart
+  burnish merge --method ties --base quickstart/base --inputs runs/a:1.0 runs/b:0.5 --density 0.5 --out merged/ab")]
     Merge(commands::merge::MergeArgs),
     /// Upload a finished run (adapter or model, model card, recipe) to the Hub in one commit.
     Push(commands::push::PushArgs),
     /// Measure speed and memory on a random-weight model of a real shape.
+    #[command(after_help = "Examples:
+  burnish bench --shape smollm2-135m --mode sft --batch 1 --seq 128 --rank 16 --json
+  burnish bench --shape tinyllama-1.1b --mode dpo --batch 4 --seq 1024 --device cuda")]
     Bench(commands::bench::BenchArgs),
     /// Chat templates: render a conversation exactly as training and inference see it.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Example:
+  burnish template render --model quickstart/base --messages conversation.json --add-generation-prompt"
+    )]
     Template(commands::template::TemplateCommand),
     /// Datasets: preview examples with trained tokens marked, and statistics.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Example:
+  burnish data preview --model quickstart/base --data quickstart/data/chat.jsonl -n 2"
+    )]
     Data(commands::data::DataCommand),
 }
 

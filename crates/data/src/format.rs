@@ -15,7 +15,7 @@ use crate::message::{Content, ContentPart, Message, ROLES};
 #[serde(rename_all = "kebab-case")]
 pub enum RowFormat {
     /// Decided per row from the fields present (preference, messages, ShareGPT, Alpaca,
-    /// prompt/completion, in that order).
+    /// prompt/completion, text, in that order).
     #[default]
     Auto,
     Messages,
@@ -23,6 +23,9 @@ pub enum RowFormat {
     Alpaca,
     PromptCompletion,
     Preference,
+    /// A plain document in one field (`text`), no template, every token trained (language
+    /// modelling, as TRL's `text` datasets).
+    Text,
 }
 
 /// How Alpaca rows are rendered.
@@ -54,6 +57,7 @@ pub struct Fields {
     pub completion: String,
     pub chosen: String,
     pub rejected: String,
+    pub text: String,
 }
 
 impl Default for Fields {
@@ -73,6 +77,7 @@ impl Default for Fields {
             completion: s("completion"),
             chosen: s("chosen"),
             rejected: s("rejected"),
+            text: s("text"),
         }
     }
 }
@@ -125,6 +130,7 @@ pub fn parse_row(
         RowFormat::Auto if has(&fields.prompt) && has(&fields.completion) => {
             RowFormat::PromptCompletion
         }
+        RowFormat::Auto if has(&fields.text) => RowFormat::Text,
         RowFormat::Auto => {
             return Err(format!(
                 "cannot tell the row's shape from its fields ({}); set `format`",
@@ -212,6 +218,10 @@ pub fn parse_row(
             }
         }
         RowFormat::Preference => preference(obj, fields),
+        RowFormat::Text => Ok(Sample::Text {
+            prompt: String::new(),
+            completion: text(field(&fields.text)?, &fields.text)?,
+        }),
         RowFormat::Auto => unreachable!("resolved above"),
     }
 }
@@ -416,6 +426,14 @@ mod tests {
         assert!(
             matches!(plain, Sample::Text { ref prompt, ref completion } if prompt.ends_with("### Instruction:\nDo\n\n### Response:\n") && completion == "done")
         );
+        let doc = parse(json!({"text": "one two three"})).unwrap();
+        assert_eq!(
+            doc,
+            Sample::Text {
+                prompt: String::new(),
+                completion: "one two three".into()
+            }
+        );
         let pc = parse(json!({"prompt": "p", "completion": "c"})).unwrap();
         assert_eq!(
             pc,
@@ -491,7 +509,8 @@ mod tests {
                 json!({"prompt": "p", "chosen": "same", "rejected": "same"}),
                 "identical",
             ),
-            (json!({"text": "x"}), "cannot tell the row's shape"),
+            (json!({"body": "x"}), "cannot tell the row's shape"),
+            (json!({"text": 1}), "`text` must be a string"),
         ];
         for (row, reason) in cases {
             let err = parse(row.clone()).unwrap_err();

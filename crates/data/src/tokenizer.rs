@@ -73,7 +73,12 @@ impl Tokenizer {
         if !path.exists() {
             return Err(DataError::Io {
                 path,
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "file not found"),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "not found; burnish needs the fast tokenizer (tokenizer.json). Copy it from \
+                     the model's Hub repo, or save it with transformers' \
+                     `AutoTokenizer.from_pretrained(...).save_pretrained(DIR)`",
+                ),
             });
         }
         let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| DataError::Tokenizer {

@@ -10,7 +10,7 @@ use crate::config::HfConfig;
 use crate::decoder::Decoder;
 use crate::error::Result;
 use crate::generation_config::GenerationConfig;
-use crate::weights::Weights;
+use crate::weights::{RandomWeights, Weights};
 
 /// A decoder loaded from a local directory, with the configs it came with.
 #[derive(Debug)]
@@ -31,6 +31,27 @@ impl<B: Backend> Pretrained<B> {
         let weights = Weights::open(dir)?;
         let model = build_decoder(&config.decoder, &weights, device)?;
         tracing::debug!(dir = %dir.display(), model_type = %config.decoder.model_type, "loaded checkpoint");
+        Ok(Self {
+            model,
+            config,
+            generation,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// A model with `dir`'s `config.json` (and generation config) but fresh weights drawn from
+    /// `seed`, with the config's `initializer_range` as standard deviation (0.02 when absent):
+    /// the start of pre-training from scratch. No weight file is read.
+    pub fn random(dir: &Path, seed: u64, device: &B::Device) -> Result<Self> {
+        let config = HfConfig::from_file(&dir.join("config.json"))?;
+        let generation =
+            GenerationConfig::from_file_or_default(&dir.join("generation_config.json"))?;
+        let std = config
+            .raw
+            .get("initializer_range")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(0.02) as f32;
+        let model = build_decoder(&config.decoder, &RandomWeights { seed, std }, device)?;
         Ok(Self {
             model,
             config,

@@ -26,6 +26,7 @@ enum FormatArg {
     Alpaca,
     PromptCompletion,
     Preference,
+    Text,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -80,6 +81,7 @@ pub fn run(cmd: DataCommand) -> Result<()> {
             FormatArg::Alpaca => RowFormat::Alpaca,
             FormatArg::PromptCompletion => RowFormat::PromptCompletion,
             FormatArg::Preference => RowFormat::Preference,
+            FormatArg::Text => RowFormat::Text,
         },
         train_on,
         max_length: args.max_length,

@@ -1,15 +1,17 @@
 //! `burnish train RECIPE [--set key=value ...]`: run a recipe. Progress goes to stderr: a
 //! progress bar with loss, learning rate and tokens/s on a terminal, otherwise one line per
 //! optimizer step and per evaluation. The run directory gets the adapter, the resolved recipe,
-//! `metrics.jsonl` and a model card.
+//! `metrics.jsonl` and a model card. With a `[check]` section, the held-out prompts answered
+//! before and after training are printed on stdout as a table with the exact-match scores.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
-use burnish_align::{Recipe, RunEvent, train};
+use burnish_align::{CheckReport, Recipe, RunEvent, train};
+use burnish_hub::Hub;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -43,9 +45,83 @@ impl Job for Train {
             progress.show(event)
         })?;
         progress.finish();
+        if let (Some(after), Some(check)) = (&summary.check_after, &self.recipe.check) {
+            print!(
+                "{}",
+                check_table(summary.check_before.as_ref(), after, check.show)
+            );
+        }
         eprintln!("wrote {}", summary.dir.display());
         Ok(())
     }
+}
+
+/// `text` cut to `width` characters, with an ellipsis when cut.
+fn cell(text: &str, width: usize) -> String {
+    let flat = text.replace('\n', " ");
+    if flat.chars().count() <= width {
+        flat
+    } else {
+        flat.chars().take(width - 1).chain(['…']).collect()
+    }
+}
+
+/// The held-out check as a table of the first `show` prompts, then the scores.
+fn check_table(before: Option<&CheckReport>, after: &CheckReport, show: usize) -> String {
+    const WIDTH: usize = 34;
+    let mark = |ok: bool| if ok { "✓" } else { "✗" };
+    let mut rows = vec![[
+        "prompt".to_string(),
+        "expected".into(),
+        "before".into(),
+        "after".into(),
+    ]];
+    for (i, a) in after.answers.iter().take(show).enumerate() {
+        let was = before.map_or(String::from("-"), |b| {
+            let b = &b.answers[i];
+            format!("{} {}", mark(b.correct), cell(&b.answer, WIDTH))
+        });
+        rows.push([
+            cell(&a.prompt, WIDTH),
+            cell(&a.expected, WIDTH),
+            was,
+            format!("{} {}", mark(a.correct), cell(&a.answer, WIDTH)),
+        ]);
+    }
+    let widths: Vec<usize> = (0..4)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = format!(
+        "\nheld-out check: {} prompts ({} shown)\n",
+        after.answers.len(),
+        rows.len() - 1
+    );
+    for row in &rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(text, &w)| format!("{text}{}", " ".repeat(w - text.chars().count())))
+            .collect();
+        out.push_str(line.join(" | ").trim_end());
+        out.push('\n');
+    }
+    let n = after.answers.len();
+    let score = |k: usize| format!("{k}/{n} ({:.0}%)", 100.0 * k as f64 / n.max(1) as f64);
+    let change = |was: Option<usize>, now: usize| match was {
+        Some(w) => format!("{} → {}", score(w), score(now)),
+        None => score(now),
+    };
+    out.push_str(&format!(
+        "exact match: {}\n",
+        change(before.map(|b| b.exact), after.exact)
+    ));
+    if let Some(p) = after.preferred {
+        out.push_str(&format!(
+            "prefers the chosen reply: {}\n",
+            change(before.and_then(|b| b.preferred), p)
+        ));
+    }
+    out
 }
 
 /// Training progress on stderr: a bar on a terminal, plain lines otherwise.
@@ -124,6 +200,22 @@ impl Progress {
                 "eval after step {step}  loss {loss:.4}{}",
                 metrics_text(metrics)
             )),
+            RunEvent::Check { after, report } => {
+                let mut text = format!(
+                    "held-out check {}: {}/{} exact",
+                    if *after {
+                        "after training"
+                    } else {
+                        "before training"
+                    },
+                    report.exact,
+                    report.answers.len()
+                );
+                if let Some(p) = report.preferred {
+                    text.push_str(&format!(", {p} prefer the chosen reply"));
+                }
+                self.line(text);
+            }
         }
     }
 
@@ -134,8 +226,32 @@ impl Progress {
     }
 }
 
+/// Downloads (or finds in the Hub cache) the recipe's Hub model and datasets.
+fn fetch_from_hub(recipe: &mut Recipe) -> Result<()> {
+    let datasets = recipe.data.hub_datasets();
+    let model = recipe.model.hub_id().map(str::to_string);
+    if model.is_none() && datasets.is_empty() {
+        return Ok(());
+    }
+    let hub = Hub::from_env()?.on_fetch(|f| eprintln!("{f}"));
+    if let Some(id) = model {
+        let dir = hub
+            .model_dir(&id, recipe.model.revision.as_deref())
+            .with_context(|| format!("`model.base = \"{id}\"` is not a local directory"))?;
+        recipe.model.local = Some(dir);
+    }
+    for d in datasets {
+        let files = hub
+            .dataset_files(&d.repo, None, d.path.as_deref())
+            .with_context(|| format!("data entry `{}` is not a local file", d.entry.display()))?;
+        recipe.data.local.insert(d.entry, files);
+    }
+    Ok(())
+}
+
 pub fn run(args: TrainArgs) -> Result<()> {
-    let recipe = Recipe::from_file(&args.recipe, &args.overrides)?;
+    let mut recipe = Recipe::from_file(&args.recipe, &args.overrides)?;
+    fetch_from_hub(&mut recipe)?;
     run_on(
         args.device,
         Train {
