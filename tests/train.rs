@@ -207,6 +207,26 @@ fn recipe_and_data_mismatches_are_errors_naming_the_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("train.micro_batch_size"));
     let out = burnish(&["train", path.to_str().unwrap(), "--set", "trian.lr=1"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("trian"));
+    let out = burnish(&[
+        "train",
+        path.to_str().unwrap(),
+        "--set",
+        "train.schedul=linear",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("did you mean `schedule`?"));
+
+    // A data file that is not there is named with the key and where paths are anchored.
+    let out = burnish(&[
+        "train",
+        path.to_str().unwrap(),
+        "--set",
+        "data.train=\"missing.jsonl\"",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("`data.train` names") && err.contains("relative to the recipe file"),
+        "{err}"
+    );
 
     // A target module the model does not have is named with the ones it has.
     let out = burnish(&[

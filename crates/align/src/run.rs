@@ -285,6 +285,21 @@ pub fn train<B: AutodiffBackend>(
     );
     let train_files = recipe.data.files(&recipe.data.train);
     let eval_files = recipe.data.files(&recipe.data.eval);
+    let checked = recipe.check.iter().map(|c| ("check.file", &c.file));
+    let named = train_files
+        .iter()
+        .map(|f| ("data.train", f))
+        .chain(eval_files.iter().map(|f| ("data.eval", f)))
+        .chain(checked);
+    for (key, file) in named {
+        if !file.exists() {
+            return Err(RunError::Mismatch(format!(
+                "`{key}` names {}, which does not exist; paths in a recipe are relative to the \
+                 recipe file (a Hub dataset is `owner/name` or `hf://datasets/owner/name/path`)",
+                file.display()
+            )));
+        }
+    }
     let loaded = load(&files(&train_files), &encoder, &recipe.data.loader)?;
     let (train_data, eval_data) = if !recipe.data.eval.is_empty() {
         (
