@@ -530,13 +530,15 @@ fn a_recipe_trains_from_a_hub_model_and_a_hub_dataset() {
          [train]\nmax_steps = 2\n\n[output]\ndir = \"run\"\n",
     )
     .unwrap();
-    let out = burnish(
-        &hub,
-        home.path(),
-        &[],
-        &["train", recipe.to_str().unwrap(), "--device", "cpu"],
-    );
-    assert_success(&out);
+    let train = || {
+        burnish(
+            &hub,
+            home.path(),
+            &[],
+            &["train", recipe.to_str().unwrap(), "--device", "cpu"],
+        )
+    };
+    assert_success(&train());
     let run = work.path().join("run");
     // The Hub ids, not cache paths, are what the run records and the Hub links.
     let card = std::fs::read_to_string(run.join("README.md")).unwrap();
@@ -560,11 +562,5 @@ fn a_recipe_trains_from_a_hub_model_and_a_hub_dataset() {
             .replace("org/tiny", "org/tinny"),
     )
     .unwrap();
-    let out = burnish(
-        &hub,
-        home.path(),
-        &[],
-        &["train", recipe.to_str().unwrap(), "--device", "cpu"],
-    );
-    assert_failure_says(&out, &["org/tinny", "not a local directory"]);
+    assert_failure_says(&train(), &["org/tinny", "not a local directory"]);
 }

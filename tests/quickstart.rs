@@ -4,34 +4,23 @@
 //! trained on, read from the check lines of their `metrics.jsonl`.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use serde_json::Value;
 
 use crate::fixtures::assert_success;
+use crate::train::{metrics, train};
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn train(recipe: &str, sets: &[String]) -> Output {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_burnish"));
-    command
-        .args(["train", recipe, "--device", "cpu"])
-        .current_dir(repo());
-    for set in sets {
-        command.args(["--set", set]);
-    }
-    command.output().unwrap()
+fn recipe(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../recipes")
+        .join(name)
 }
 
 /// The `(before, after)` check lines of a run's metrics.
 fn checks(run: &Path) -> (Value, Value) {
-    let lines: Vec<Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .filter(|l: &Value| l.get("check").is_some())
+    let lines: Vec<Value> = metrics(run)
+        .into_iter()
+        .filter(|l| l.get("check").is_some())
         .collect();
     assert_eq!(lines.len(), 2, "{lines:?}");
     assert_eq!(
@@ -48,8 +37,8 @@ fn quickstart_sft_then_dpo_learn_the_held_out_prompts() {
     let dpo = work.path().join("quickstart-dpo");
 
     let out = train(
-        "recipes/quickstart.toml",
-        &[format!("output.dir=\"{}\"", sft.display())],
+        &recipe("quickstart.toml"),
+        &["--set", &format!("output.dir=\"{}\"", sft.display())],
     );
     assert_success(&out);
     let table = String::from_utf8_lossy(&out.stdout);
@@ -62,10 +51,12 @@ fn quickstart_sft_then_dpo_learn_the_held_out_prompts() {
     assert!(b <= 0.1 && a >= 0.75, "exact match {b} -> {a}\n{table}");
 
     let out = train(
-        "recipes/quickstart-dpo.toml",
+        &recipe("quickstart-dpo.toml"),
         &[
-            format!("adapter.init_from=\"{}\"", sft.display()),
-            format!("output.dir=\"{}\"", dpo.display()),
+            "--set",
+            &format!("adapter.init_from=\"{}\"", sft.display()),
+            "--set",
+            &format!("output.dir=\"{}\"", dpo.display()),
         ],
     );
     assert_success(&out);

@@ -21,7 +21,7 @@ fn burnish(args: &[&str]) -> std::process::Output {
 }
 
 /// `burnish train RECIPE --device cpu EXTRA...`.
-fn train(recipe: &Path, extra: &[&str]) -> std::process::Output {
+pub(crate) fn train(recipe: &Path, extra: &[&str]) -> std::process::Output {
     let mut args = vec!["train", recipe.to_str().unwrap(), "--device", "cpu"];
     args.extend_from_slice(extra);
     burnish(&args)
@@ -32,7 +32,8 @@ fn write_jsonl(path: &Path, rows: &[Value]) {
     std::fs::write(path, text).unwrap();
 }
 
-fn metrics(run: &Path) -> Vec<Value> {
+/// Every line of a run's `metrics.jsonl`.
+pub(crate) fn metrics(run: &Path) -> Vec<Value> {
     std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()
         .lines()

@@ -106,41 +106,35 @@ pub fn load_cases(
             Sample::Text { .. } => &completion,
             _ => &last_turn,
         };
-        let mut case = match encoder.encode(&sample).map_err(bad)? {
+        let (prompt_ids, expected_ids, rejected_ids) = match encoder.encode(&sample).map_err(bad)? {
             Encoded::Single(example) => {
                 let start = example
                     .labels_mask
                     .iter()
                     .position(|&m| m)
                     .ok_or_else(|| bad("the row has no answer to check against".into()))?;
-                let expected_ids = example.input_ids[start..]
+                let expected = example.input_ids[start..]
                     .iter()
                     .zip(&example.labels_mask[start..])
                     .take_while(|(_, m)| **m)
                     .map(|(&id, _)| id)
                     .collect();
-                CheckCase {
-                    prompt,
-                    expected: String::new(),
-                    prompt_ids: example.input_ids[..start].to_vec(),
-                    expected_ids,
-                    rejected_ids: None,
-                }
+                (example.input_ids[..start].to_vec(), expected, None)
             }
-            Encoded::Pair(pair) => CheckCase {
-                prompt,
-                expected: String::new(),
-                prompt_ids: pair.prompt_ids,
-                expected_ids: pair.chosen_ids,
-                rejected_ids: Some(pair.rejected_ids),
-            },
+            Encoded::Pair(pair) => (pair.prompt_ids, pair.chosen_ids, Some(pair.rejected_ids)),
         };
-        // Shown as the model's answers are: decoded, special tokens left out.
-        case.expected = encoder
-            .tokenizer
-            .decode(&case.expected_ids, true)?
-            .trim()
-            .to_string();
+        let case = CheckCase {
+            prompt,
+            // Shown as the model's answers are: decoded, special tokens left out.
+            expected: encoder
+                .tokenizer
+                .decode(&expected_ids, true)?
+                .trim()
+                .to_string(),
+            prompt_ids,
+            expected_ids,
+            rejected_ids,
+        };
         if case.prompt_ids.is_empty() {
             return Err(bad(
                 "the prompt is empty: the model needs something to answer".into(),
