@@ -9,7 +9,7 @@ use burn::tensor::module::embedding;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 use std::path::Path;
 
-use burnish_peft::{AdaptableLinear, LoraConfig, Selected, attach_lora, load_adapter};
+use burnish_peft::{AdaptableLinear, LoraConfig, Selected, attach_lora, load_adapter, project};
 
 use crate::attention::{Attention, LayerCache};
 use crate::config::DecoderConfig;
@@ -278,7 +278,7 @@ impl<B: Backend> Decoder<B> {
         let x = self.norm.forward(x);
         match &self.lm_head {
             Some(head) => head.forward(x),
-            None => x.matmul(self.embed_tokens.val().transpose().unsqueeze::<3>()),
+            None => project(x, self.embed_tokens.val()),
         }
     }
 }

@@ -5,7 +5,7 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
-use burn::tensor::{ElementConversion, Tensor, module::linear};
+use burn::tensor::{ElementConversion, Tensor};
 
 use crate::error::{PeftError, Result};
 use crate::lora::Lora;
@@ -64,11 +64,10 @@ impl<B: Backend> AdaptableLinear<B> {
     /// - input: `[..., in]`
     /// - output: `[..., out]`
     pub fn forward<const D: usize>(&self, input: Tensor<B, D>) -> Tensor<B, D> {
-        let base = linear(
-            input.clone(),
-            self.weight.val().transpose(),
-            self.bias.as_ref().map(Param::val),
-        );
+        let mut base = project(input.clone(), self.weight.val());
+        if let Some(bias) = &self.bias {
+            base = base + bias.val().unsqueeze();
+        }
         match &self.lora {
             Some(lora) if self.adapter_enabled && !self.merged => base + lora.forward(input),
             _ => base,
@@ -114,6 +113,23 @@ impl<B: Backend> AdaptableLinear<B> {
             self.merged = false;
         }
     }
+}
+
+/// `x·Wᵀ` for a weight stored `[out, in]`, as one 2-D matrix product over all leading
+/// positions. The transposed weight stays a strided view that the matmul reads in place: going
+/// through a batched (3-D) product instead would copy every weight on every call.
+///
+/// # Shapes
+/// - x: `[..., in]`
+/// - weight: `[out, in]`
+/// - output: `[..., out]`
+pub fn project<B: Backend, const D: usize>(x: Tensor<B, D>, weight: Tensor<B, 2>) -> Tensor<B, D> {
+    let mut dims = x.dims();
+    let [d_out, d_in] = weight.dims();
+    let rows = dims[..D - 1].iter().product::<usize>();
+    dims[D - 1] = d_out;
+    let flat: Tensor<B, 2> = x.reshape([rows, d_in]);
+    flat.matmul(weight.transpose()).reshape(dims)
 }
 
 #[cfg(test)]

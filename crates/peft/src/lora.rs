@@ -4,11 +4,11 @@
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::backend::Backend;
-use burn::tensor::module::linear;
 use burn::tensor::{Tensor, TensorData};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use crate::config::LoraInit;
+use crate::linear::project;
 
 /// Low-rank update of a linear layer.
 #[derive(Module, Debug)]
@@ -77,8 +77,8 @@ impl<B: Backend> Lora<B> {
     /// - output: `[..., out]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let x = self.dropout.forward(x);
-        let down = linear(x, self.lora_a.val().transpose(), None);
-        linear(down, self.lora_b.val().transpose(), None).mul_scalar(self.scale)
+        let down = project(x, self.lora_a.val());
+        project(down, self.lora_b.val()).mul_scalar(self.scale)
     }
 
     /// The dense update `s · B · A` `[out, in]`, for merging.
