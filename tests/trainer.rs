@@ -7,7 +7,7 @@ use burn::backend::Autodiff;
 use burn::tensor::{Int, Tensor, TensorData};
 use burnish_align::{
     AdamW, AdamWConfig, Dpo, DpoLoss, PairBatch, Schedule, ScheduleKind, Sft, TokenBatch,
-    optimizer_step,
+    masked_token_logprobs, optimizer_step, reference_logps,
 };
 use burnish_model::{Decoder, Pretrained, named_weights};
 use burnish_peft::{LoraConfig, Targets};
@@ -175,6 +175,63 @@ fn packed_rows_train_like_separate_rows() {
         m1.grad_norm,
         m2.grad_norm
     );
+}
+
+/// A padded batch of one document per row, as the data loader builds it.
+fn padded_rows(rows: &[&[u32]]) -> TokenBatch<AD> {
+    let len = rows.iter().map(|r| r.len()).max().unwrap();
+    let (mut ids, mut trained, mut positions, mut segments) = (vec![], vec![], vec![], vec![]);
+    for row in rows {
+        let pad = len - row.len();
+        ids.extend(row.iter().copied().chain(std::iter::repeat_n(0, pad)));
+        trained.extend((0..len).map(|t| (4..row.len()).contains(&t)));
+        positions.extend((0..row.len() as u32).chain(std::iter::repeat_n(0, pad)));
+        segments.extend(std::iter::repeat_n(1, row.len()).chain(std::iter::repeat_n(0, pad)));
+    }
+    let device = Default::default();
+    TokenBatch::from_rows(
+        rows.len(),
+        len,
+        &ids,
+        &trained,
+        &positions,
+        &segments,
+        &device,
+    )
+}
+
+#[test]
+fn dpo_scores_chosen_and_rejected_of_different_lengths_in_one_pass() {
+    let ids = golden("llama").score[1].token_ids.clone();
+    let chosen = padded_rows(&[&ids[..25], &ids[5..19]]);
+    let rejected = padded_rows(&[&ids[30..41], &ids[2..13]]);
+    // Rows of one document each need no document mask.
+    assert!(chosen.packing.is_none() && rejected.packing.is_none());
+    let model = lora_model(2);
+    let alone = |batch: &TokenBatch<AD>| {
+        let mut reference = model.clone();
+        reference.set_adapters_enabled(false);
+        let logits = reference.forward(batch.inputs.clone());
+        masked_token_logprobs(logits, batch.targets.clone(), batch.mask.clone())
+            .sum_dim(1)
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap()
+    };
+    let (expect_chosen, expect_rejected) = (alone(&chosen), alone(&rejected));
+    let pair = PairBatch {
+        chosen,
+        rejected,
+        reference: None,
+    };
+    let (got_chosen, got_rejected) = reference_logps(&model, &pair);
+    for (got, expect) in [(got_chosen, expect_chosen), (got_rejected, expect_rejected)] {
+        let got = got.into_data().to_vec::<f32>().unwrap();
+        assert_eq!(got.len(), 2);
+        for (g, e) in got.iter().zip(&expect) {
+            assert!((g - e).abs() < 1e-4 * e.abs().max(1.0), "{g} vs {e}");
+        }
+    }
 }
 
 #[test]

@@ -68,15 +68,90 @@ impl<B: Backend> TokenBatch<B> {
         }
         let trained_tokens = mask.iter().filter(|&&m| m > 0.0).count();
         let tokens = seg.iter().filter(|&&s| s != 0).count();
+        let packing = (!one_document_per_row(&pos, &seg, n)).then_some((pos, seg));
         Self {
             inputs: Tensor::from_data(TensorData::new(inputs, [rows, n]), device),
             targets: Tensor::from_data(TensorData::new(targets, [rows, n]), device),
             mask: Tensor::from_data(TensorData::new(mask, [rows, n]), device),
             trained_tokens,
             tokens,
-            packing: Some((pos, seg)),
+            packing,
         }
     }
+
+    /// `self`'s rows followed by `other`'s, the shorter ones padded at the end (padding is
+    /// never trained and, being last, never seen by a trained position).
+    fn concat(&self, other: &Self) -> Self {
+        let len = |b: &Self| b.inputs.dims()[1];
+        let n = len(self).max(len(other));
+        let padded = |b: &Self| {
+            let [rows, have] = b.inputs.dims();
+            let device = b.inputs.device();
+            if have == n {
+                return (b.inputs.clone(), b.targets.clone(), b.mask.clone());
+            }
+            let ids = || Tensor::<B, 2, Int>::zeros([rows, n - have], &device);
+            (
+                Tensor::cat(vec![b.inputs.clone(), ids()], 1),
+                Tensor::cat(vec![b.targets.clone(), ids()], 1),
+                Tensor::cat(
+                    vec![b.mask.clone(), Tensor::zeros([rows, n - have], &device)],
+                    1,
+                ),
+            )
+        };
+        let (a, b) = (padded(self), padded(other));
+        let packing = (self.packing.is_some() || other.packing.is_some()).then(|| {
+            let (mut pos, mut seg) = self.packing_or_plain(n);
+            let (more_pos, more_seg) = other.packing_or_plain(n);
+            pos.extend(more_pos);
+            seg.extend(more_seg);
+            (pos, seg)
+        });
+        Self {
+            inputs: Tensor::cat(vec![a.0, b.0], 0),
+            targets: Tensor::cat(vec![a.1, b.1], 0),
+            mask: Tensor::cat(vec![a.2, b.2], 0),
+            trained_tokens: self.trained_tokens + other.trained_tokens,
+            tokens: self.tokens + other.tokens,
+            packing,
+        }
+    }
+
+    /// Positions and document ids of every row, padded to `n` columns.
+    fn packing_or_plain(&self, n: usize) -> (Vec<usize>, Vec<u32>) {
+        let [rows, have] = self.inputs.dims();
+        let mut pos = Vec::with_capacity(rows * n);
+        let mut seg = Vec::with_capacity(rows * n);
+        for r in 0..rows {
+            match &self.packing {
+                Some((p, s)) => {
+                    pos.extend_from_slice(&p[r * have..(r + 1) * have]);
+                    seg.extend_from_slice(&s[r * have..(r + 1) * have]);
+                }
+                None => {
+                    pos.extend(0..have);
+                    seg.extend(std::iter::repeat_n(1, have));
+                }
+            }
+            pos.extend(std::iter::repeat_n(0, n - have));
+            seg.extend(std::iter::repeat_n(0, n - have));
+        }
+        (pos, seg)
+    }
+}
+
+/// True when each row of `n` tokens is a single document at positions `0, 1, ...` followed
+/// only by padding: causal attention alone then gives every trained position the right
+/// context, and the model can skip building a document mask.
+fn one_document_per_row(positions: &[usize], segments: &[u32], n: usize) -> bool {
+    positions
+        .chunks(n)
+        .zip(segments.chunks(n))
+        .all(|(pos, seg)| {
+            let doc = seg.iter().take_while(|&&s| s == 1).count();
+            seg[doc..].iter().all(|&s| s == 0) && pos[..doc].iter().copied().eq(0..doc)
+        })
 }
 
 impl<B: Backend> TokenBatch<B> {
@@ -123,9 +198,23 @@ pub fn reference_logps<B: AutodiffBackend>(
 ) -> (Tensor<B, 1>, Tensor<B, 1>) {
     let mut reference = model.valid();
     reference.set_adapters_enabled(false);
-    let chosen = sequence_logps(&reference, &inner_batch(&batch.chosen));
-    let rejected = sequence_logps(&reference, &inner_batch(&batch.rejected));
-    (Tensor::from_inner(chosen), Tensor::from_inner(rejected))
+    let both = sequence_logps(&reference, &inner_batch(&batch.both()));
+    let (chosen, rejected) = split_pairs(Tensor::from_inner(both));
+    (chosen, rejected)
+}
+
+impl<B: Backend> PairBatch<B> {
+    /// Chosen rows then rejected rows, as one batch: one forward pass serves both halves (TRL's
+    /// concatenated forward), which keeps the matrix products twice as tall.
+    fn both(&self) -> TokenBatch<B> {
+        self.chosen.concat(&self.rejected)
+    }
+}
+
+/// Splits per-row values of [`PairBatch::both`] into (chosen, rejected).
+fn split_pairs<B: Backend>(both: Tensor<B, 1>) -> (Tensor<B, 1>, Tensor<B, 1>) {
+    let pairs = both.dims()[0] / 2;
+    (both.clone().slice(0..pairs), both.slice(pairs..2 * pairs))
 }
 
 /// A batch's summed loss, the units it sums over, and named metrics (batch means).
@@ -217,7 +306,7 @@ impl<B: AutodiffBackend> Strategy<B> for Dpo {
         };
         let count = |b: &TokenBatch<B>| b.mask.clone().sum_dim(1).squeeze_dim::<1>(1);
         let pairs = batch.chosen.inputs.dims()[0];
-        let policy_chosen = sequence_logps(model, &batch.chosen);
+        let (policy_chosen, policy_rejected) = split_pairs(sequence_logps(model, &batch.both()));
         let chosen_tokens = count(&batch.chosen);
         let rpo = self.rpo_alpha.map(|alpha| {
             chosen_nll(policy_chosen.clone(), chosen_tokens.clone()).mul_scalar(alpha)
@@ -227,7 +316,7 @@ impl<B: AutodiffBackend> Strategy<B> for Dpo {
             self.beta,
             PairLogps {
                 policy_chosen,
-                policy_rejected: sequence_logps(model, &batch.rejected),
+                policy_rejected,
                 reference_chosen,
                 reference_rejected,
                 chosen_tokens,
