@@ -199,8 +199,7 @@ pub fn reference_logps<B: AutodiffBackend>(
     let mut reference = model.valid();
     reference.set_adapters_enabled(false);
     let both = sequence_logps(&reference, &inner_batch(&batch.both()));
-    let (chosen, rejected) = split_pairs(Tensor::from_inner(both));
-    (chosen, rejected)
+    split_pairs(Tensor::from_inner(both))
 }
 
 impl<B: Backend> PairBatch<B> {

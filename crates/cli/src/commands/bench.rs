@@ -122,11 +122,6 @@ impl Job for Bench {
             "--batch, --seq and --steps must be positive"
         );
         let config = load_shape(&a.shape)?;
-        let model = build_decoder::<B>(
-            &config.decoder,
-            &RandomWeights { seed: 0, std: 0.02 },
-            &device,
-        )?;
         let vocab = config.decoder.vocab_size as u32;
         // Two fixed pseudo-random sequences per row: inputs (chosen) and rejected.
         let ids: Vec<u32> = (0..a.batch * a.seq)
@@ -137,6 +132,11 @@ impl Job for Bench {
             .collect();
 
         let step_s = if a.mode == Mode::Forward {
+            let model = build_decoder::<B>(
+                &config.decoder,
+                &RandomWeights { seed: 0, std: 0.02 },
+                &device,
+            )?;
             let input = Tensor::<B, 2, Int>::from_data(
                 TensorData::new(
                     ids.iter().map(|&t| i64::from(t)).collect(),
