@@ -1,0 +1,54 @@
+"""Summarises a side_by_side.sh run: score parity of DEVICE against the CPU, and burnish's bench
+against the transformers + PEFT peer, row by row. Usage: summary.py RESULTS_DIR DEVICE"""
+import json
+import pathlib
+import sys
+
+out, device = pathlib.Path(sys.argv[1]), sys.argv[2]
+F32_BOUND = 1e-3  # the parity bound for f32 on a GPU against the f32 CPU result
+
+print(f"score parity, {device} against cpu (max |Δ logprob|, bound {F32_BOUND} in f32):")
+for model in ["llama", "mistral", "qwen2"]:
+    try:
+        cpu = json.loads((out / f"score-{model}-cpu.json").read_text())["logprobs"]
+        dev = json.loads((out / f"score-{model}-{device}.json").read_text())["logprobs"]
+    except (OSError, ValueError, KeyError) as e:
+        print(f"  {model:8} missing: {e}")
+        continue
+    worst = max(abs(a - b) for a, b in zip(cpu, dev))
+    verdict = "ok" if len(cpu) == len(dev) and worst <= F32_BOUND else "OVER"
+    print(f"  {model:8} {worst:.2e} {verdict}")
+
+
+def json_lines(path):
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.startswith("{"):
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    pass
+    return rows
+
+
+ours = {(r["shape"], r["mode"], r["batch"], r["seq"]): r for r in json_lines(out / "ours.jsonl")}
+peer = {(r["shape"], r["mode"], r["B"], r["T"]): r
+        for r in json_lines(out / "peer.txt") if r.get("attn") == "sdpa"}
+card = json_lines(out / "peer.txt")[:1]
+if card and "device" in card[0]:
+    print(f"\ncard: {card[0]['device']}, torch {card[0]['torch']}, "
+          f"bf16 matmul {card[0]['matmul_bf16_tflops']} TFLOP/s")
+
+print("\nshape            mode B  T     ours ms   peer ms   ours tok/s  peer tok/s  ratio  ours mem GiB  peer GiB")
+for key in sorted(set(ours) | set(peer)):
+    o, p = ours.get(key, {}), peer.get(key, {})
+    ratio = (o["tokens_per_s"] / p["tokens_per_s"]) if "tokens_per_s" in o and p else None
+    mem = o.get("peak_memory_bytes")
+    print(f"{key[0]:16} {key[1]:4} {key[2]:<2} {key[3]:<5} "
+          f"{round(o['step_ms'], 1) if 'step_ms' in o else o.get('error', '—'):<9} "
+          f"{str(p.get('step_ms', '—')):<9} "
+          f"{str(round(o['tokens_per_s'])) if 'tokens_per_s' in o else '—':<11} "
+          f"{str(p.get('tokens_per_s', '—')):<11} {f'{ratio:.2f}' if ratio else '—':<6} "
+          f"{f'{mem / 2**30:.2f}' if mem else '—':<13} {p.get('peak_gib', '—')}")
+print("\nours mem: peak resident memory of the burnish process (host), not device memory.")
