@@ -1,8 +1,8 @@
 //! Parity with transformers on the fixture checkpoints: per-token log-probs within 1e-4
-//! (f32, CPU), identical greedy generations, tokenization identical to the reference, and
+//! (f32, CPU) and within 2e-2 relative with the base held in bf16, identical greedy generations, tokenization identical to the reference, and
 //! KV-cache decoding equal to full recomputation.
 
-use burn::tensor::{Int, Tensor, TensorData, Tolerance};
+use burn::tensor::{FloatDType, Int, Tensor, TensorData, Tolerance};
 use burnish_data::Tokenizer;
 use burnish_model::{GenerateOptions, Pretrained, generate, token_logprobs};
 
@@ -28,6 +28,37 @@ fn logprobs_match_transformers() {
                 (sum - case.sum).abs() < 1e-3,
                 "{name} case {i}: sum {sum} vs {}",
                 case.sum
+            );
+        }
+    }
+}
+
+/// Relative tolerance on each log-probability with the base held in bf16, against
+/// transformers in f32. (transformers' own bf16 run of the llama fixture is up to 0.053 off its
+/// f32 result in absolute terms; ours, with f32 activations, up to 0.03.)
+const BF16_RELATIVE_TOLERANCE: f32 = 2e-2;
+
+#[test]
+fn logprobs_with_a_bf16_base_stay_near_transformers_f32() {
+    for name in MODELS {
+        let mut model = Pretrained::<B>::load(&model_dir(name), &Default::default())
+            .unwrap()
+            .model;
+        model.hold_base_in(FloatDType::BF16);
+        for (i, case) in golden(name).score.iter().enumerate() {
+            let ours = token_logprobs(&model, &case.token_ids).unwrap();
+            let mut moved = false;
+            for (got, want) in ours.iter().zip(&case.logprobs) {
+                let off = (got - want).abs();
+                assert!(
+                    off <= BF16_RELATIVE_TOLERANCE * want.abs().max(1.0),
+                    "{name} case {i}: {got} vs {want}"
+                );
+                moved |= off > LOGPROB_TOLERANCE;
+            }
+            assert!(
+                moved,
+                "{name} case {i}: the bf16 base left every log-prob unchanged"
             );
         }
     }

@@ -118,6 +118,28 @@ fn sft_run_learns_and_writes_a_peft_adapter() {
             .unwrap()
     };
     assert_ne!(score(&["--adapter", run.to_str().unwrap()]), score(&[]));
+
+    // The same run over a base held in bf16 learns as well.
+    let out = train(
+        &path,
+        &[
+            "--set",
+            "model.dtype=\"bf16\"",
+            "--set",
+            "output.dir=\"run-bf16\"",
+        ],
+    );
+    assert_success(&out);
+    let lines = metrics(&work.path().join("run-bf16"));
+    let eval_bf16 = lines
+        .iter()
+        .find_map(|l| l.get("eval_loss"))
+        .and_then(Value::as_f64)
+        .unwrap();
+    assert!(
+        eval_bf16 < 0.5 * first,
+        "bf16 base: eval loss {eval_bf16} did not fall well below the first step's {first}"
+    );
 }
 
 #[test]
@@ -215,6 +237,18 @@ fn recipe_and_data_mismatches_are_errors_naming_the_key() {
         "train.schedul=linear",
     ]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("did you mean `schedule`?"));
+    // A bf16 base is frozen: it needs an adapter to train.
+    let out = burnish(&[
+        "train",
+        path.to_str().unwrap(),
+        "--set",
+        "model.dtype=\"bf16\"",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("model.dtype") && err.contains("[adapter]"),
+        "{err}"
+    );
 
     // A data file that is not there is named with the key and where paths are anchored.
     let out = burnish(&[

@@ -4,7 +4,7 @@
 //! run with a message naming the step.
 
 use burn::backend::Autodiff;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{DType, FloatDType, Int, Tensor, TensorData};
 use burnish_align::{
     AdamW, AdamWConfig, Dpo, DpoLoss, PairBatch, Schedule, ScheduleKind, Sft, TokenBatch,
     masked_token_logprobs, optimizer_step, reference_logps,
@@ -254,6 +254,39 @@ fn sft_steps_lower_the_loss_and_leave_the_base_untouched() {
         base_before,
         "the frozen base changed"
     );
+}
+
+#[test]
+fn lora_trains_over_a_bf16_base_like_over_f32() {
+    let ids = golden("llama").score[1].token_ids.clone();
+    let batch = [token_batch(&[(&ids[..24], 4), (&ids[8..32], 4)])];
+    let step = |model: Decoder<AD>| {
+        let mut optimizer = AdamW::new(AdamWConfig::default());
+        optimizer_step(model, &Sft, &batch, &mut optimizer, &constant(1e-2)).unwrap()
+    };
+    let (_, full) = step(lora_model(4));
+    let mut held = lora_model(4);
+    held.hold_base_in(FloatDType::BF16);
+    assert!(
+        held.linears()
+            .iter()
+            .all(|(_, l)| l.weight.val().dtype() == DType::BF16)
+    );
+    let base_before = named_weights(&held);
+    let (held, half) = step(held);
+    assert!(
+        (full.loss - half.loss).abs() < 2e-2 * full.loss.abs(),
+        "loss {} (f32 base) vs {} (bf16 base)",
+        full.loss,
+        half.loss
+    );
+    assert!(
+        (full.grad_norm - half.grad_norm).abs() < 5e-2 * full.grad_norm,
+        "grad norm {} vs {}",
+        full.grad_norm,
+        half.grad_norm
+    );
+    assert_eq!(named_weights(&held), base_before, "the bf16 base changed");
 }
 
 #[test]

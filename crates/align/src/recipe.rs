@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use burnish_data::DataConfig;
+use burnish_model::BaseDtype;
 use serde::{Deserialize, Serialize};
 
 use crate::dpo::DpoLoss;
@@ -26,6 +27,11 @@ pub struct ModelSection {
     /// tokenizer files) (default `pretrained`).
     #[serde(default)]
     pub init: ModelInit,
+    /// Precision the frozen base weights are held in while an adapter trains: `f32`, or `bf16`
+    /// for half the memory (activations, the adapter, optimizer state and the loss stay f32)
+    /// (default `f32`).
+    #[serde(default)]
+    pub dtype: BaseDtype,
     /// Whether `base` names a Hub repo (decided when the recipe is read).
     #[serde(skip)]
     pub from_hub: bool,
@@ -632,6 +638,13 @@ impl Recipe {
         if t.max_grad_norm < 0.0 || t.weight_decay < 0.0 || t.eps <= 0.0 {
             return Err(
                 "`train.max_grad_norm` and `train.weight_decay` must be >= 0, `train.eps` > 0"
+                    .into(),
+            );
+        }
+        if self.model.dtype == BaseDtype::Bf16 && self.adapter.is_none() {
+            return Err(
+                "`model.dtype = \"bf16\"` holds a frozen base, which needs an \
+                 `[adapter]` section: without one every weight trains, in f32"
                     .into(),
             );
         }

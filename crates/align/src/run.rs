@@ -390,6 +390,7 @@ pub fn train<B: AutodiffBackend>(
             }
         },
     };
+    recipe.model.dtype.apply(&mut model);
     let mut progress = Progress {
         step: 0,
         skipped: 0,

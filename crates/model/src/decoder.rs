@@ -6,7 +6,7 @@
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::embedding;
-use burn::tensor::{Bool, Int, Tensor, TensorData};
+use burn::tensor::{Bool, FloatDType, Int, Tensor, TensorData};
 use std::path::Path;
 
 use burnish_peft::{AdaptableLinear, LoraConfig, Selected, attach_lora, load_adapter, project};
@@ -235,6 +235,15 @@ impl<B: Backend> Decoder<B> {
         let mut model = self.no_grad();
         let config = load_adapter(dir, &mut model.linears_mut())?;
         Ok((model, config))
+    }
+
+    /// Holds every linear layer's base weight in `dtype` and freezes it (the embeddings, the
+    /// norms, adapters and activations keep their precision): for inference and adapter
+    /// training, never for full fine-tuning.
+    pub fn hold_base_in(&mut self, dtype: FloatDType) {
+        for (_, linear) in self.linears_mut() {
+            linear.hold_base_in(dtype);
+        }
     }
 
     /// Switches every adapter on or off; off, the model computes exactly its base.

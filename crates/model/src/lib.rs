@@ -4,6 +4,7 @@
 //! `burnish-data`; adapters in `burnish-peft`.
 
 mod attention;
+mod base_dtype;
 mod build;
 mod config;
 mod decoder;
@@ -20,6 +21,7 @@ mod score;
 mod weights;
 
 pub use attention::{Attention, LayerCache};
+pub use base_dtype::BaseDtype;
 pub use build::build_decoder;
 pub use config::{DecoderConfig, HfConfig, SUPPORTED_MODEL_TYPES, TokenIds};
 pub use decoder::{Decoder, DecoderLayer, KvCache, LAYER_PROJECTIONS, linear_module_names};

@@ -5,7 +5,7 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
-use burn::tensor::{ElementConversion, Tensor};
+use burn::tensor::{DType, ElementConversion, FloatDType, Tensor};
 
 use crate::error::{PeftError, Result};
 use crate::lora::Lora;
@@ -60,6 +60,15 @@ impl<B: Backend> AdaptableLinear<B> {
         self.merged = false;
     }
 
+    /// Holds the base weight in `dtype` (bf16 halves its memory and, on GPUs, runs its products
+    /// on the tensor cores) and freezes it; activations, the bias and any adapter stay in their
+    /// own precision. Only for inference and adapter training: a weight held this way is never
+    /// updated.
+    pub fn hold_base_in(&mut self, dtype: FloatDType) {
+        let weight = self.weight.val().cast(dtype);
+        self.weight = Param::from_tensor(weight).set_require_grad(false);
+    }
+
     /// # Shapes
     /// - input: `[..., in]`
     /// - output: `[..., out]`
@@ -80,7 +89,8 @@ impl<B: Backend> AdaptableLinear<B> {
         let Some(lora) = self.lora.as_ref().filter(|_| !self.merged) else {
             return Ok(None);
         };
-        let merged = self.weight.val() + lora.delta_weight();
+        let delta = lora.delta_weight();
+        let merged = self.weight.val().cast(delta.dtype()) + delta;
         let all_finite: i64 = merged.clone().is_finite().all().int().into_scalar().elem();
         if all_finite == 0 {
             return Err(PeftError::NonFinite {
@@ -108,7 +118,8 @@ impl<B: Backend> AdaptableLinear<B> {
     /// Takes a merged adapter's update back out of the base weight.
     pub fn unmerge(&mut self) {
         if let (Some(lora), true) = (&self.lora, self.merged) {
-            let weight = self.weight.val() - lora.delta_weight();
+            let delta = lora.delta_weight();
+            let weight = self.weight.val().cast(delta.dtype()) - delta;
             self.weight = Param::from_tensor(weight).set_require_grad(false);
             self.merged = false;
         }
@@ -117,7 +128,9 @@ impl<B: Backend> AdaptableLinear<B> {
 
 /// `x·Wᵀ` for a weight stored `[out, in]`, as one 2-D matrix product over all leading
 /// positions. The transposed weight stays a strided view that the matmul reads in place: going
-/// through a batched (3-D) product instead would copy every weight on every call.
+/// through a batched (3-D) product instead would copy every weight on every call. A weight held
+/// in another precision than `x` (a bf16 base under f32 activations) gets `x` cast to it for
+/// the product and the result cast back.
 ///
 /// # Shapes
 /// - x: `[..., in]`
@@ -128,8 +141,15 @@ pub fn project<B: Backend, const D: usize>(x: Tensor<B, D>, weight: Tensor<B, 2>
     let [d_out, d_in] = weight.dims();
     let rows = dims[..D - 1].iter().product::<usize>();
     dims[D - 1] = d_out;
+    let dtype = x.dtype();
+    let held: DType = weight.dtype();
     let flat: Tensor<B, 2> = x.reshape([rows, d_in]);
-    flat.matmul(weight.transpose()).reshape(dims)
+    let out = if held == dtype {
+        flat.matmul(weight.transpose())
+    } else {
+        flat.cast(held).matmul(weight.transpose()).cast(dtype)
+    };
+    out.reshape(dims)
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use burnish_align::{
     AdamW, AdamWConfig, Dpo, DpoLoss, PairBatch, Schedule, ScheduleKind, Sft, TokenBatch,
     optimizer_step,
 };
-use burnish_model::{HfConfig, RandomWeights, build_decoder};
+use burnish_model::{BaseDtype, HfConfig, RandomWeights, build_decoder};
 use burnish_peft::{LoraConfig, Targets};
 use clap::{Args, ValueEnum};
 
@@ -42,6 +42,9 @@ pub struct BenchArgs {
     steps: usize,
     #[arg(long, default_value = "auto")]
     device: DeviceArg,
+    /// Precision the frozen base weights are held in: f32, or bf16 (half the memory).
+    #[arg(long, default_value = "f32")]
+    dtype: BaseDtype,
     /// Print one JSON object instead of a sentence.
     #[arg(long)]
     json: bool,
@@ -132,11 +135,12 @@ impl Job for Bench {
             .collect();
 
         let step_s = if a.mode == Mode::Forward {
-            let model = build_decoder::<B>(
+            let mut model = build_decoder::<B>(
                 &config.decoder,
                 &RandomWeights { seed: 0, std: 0.02 },
                 &device,
             )?;
+            a.dtype.apply(&mut model);
             let input = Tensor::<B, 2, Int>::from_data(
                 TensorData::new(
                     ids.iter().map(|&t| i64::from(t)).collect(),
@@ -163,6 +167,7 @@ impl Job for Bench {
             let out = serde_json::json!({
                 "shape": a.shape, "mode": format!("{:?}", a.mode).to_lowercase(),
                 "batch": a.batch, "seq": a.seq, "steps": a.steps, "rank": a.rank,
+                "dtype": a.dtype.to_string(),
                 "tokens_per_s": tokens_per_s, "step_ms": step_s * 1e3,
                 "peak_memory_bytes": peak, "memory": "peak resident set of the process",
             });
@@ -215,7 +220,8 @@ fn train_steps<AD: AutodiffBackend>(
         targets: Targets::AllLinear,
         ..Default::default()
     };
-    let (model, _) = base.with_lora(&lora, 0)?;
+    let (mut model, _) = base.with_lora(&lora, 0)?;
+    a.dtype.apply(&mut model);
     let mut model = Some(model);
     let rows = |tokens: &[u32]| {
         let trained = vec![true; tokens.len()];

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::backend::Backend;
 use burnish_data::Tokenizer;
 use burnish_hub::resolve_model;
-use burnish_model::{Pretrained, token_logprobs};
+use burnish_model::{BaseDtype, Pretrained, token_logprobs};
 use clap::Args;
 
 use crate::device::{DeviceArg, Job, run_on};
@@ -34,6 +34,9 @@ pub struct ScoreArgs {
     adapter: Option<PathBuf>,
     #[arg(long, default_value = "auto")]
     device: DeviceArg,
+    /// Precision the base weights are held in: f32, or bf16 (half the memory).
+    #[arg(long, default_value = "f32")]
+    dtype: BaseDtype,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -57,9 +60,10 @@ impl Job for Score {
             (_, _, Some(ids)) => ids,
             _ => bail!("give --text or --ids"),
         };
-        let pretrained =
+        let mut pretrained =
             Pretrained::<B>::load_with_adapter(&args.model, args.adapter.as_deref(), &device)
                 .with_context(|| format!("loading {}", args.model.display()))?;
+        args.dtype.apply(&mut pretrained.model);
         let logprobs = token_logprobs(&pretrained.model, &ids)?;
         let sum: f64 = logprobs.iter().map(|&l| f64::from(l)).sum();
         if args.json {
