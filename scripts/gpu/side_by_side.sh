@@ -9,14 +9,15 @@
 # then on the GPU machine, carrying gpu-bin/:
 #   scripts/gpu/side_by_side.sh            # results under $OUT (default: gpu-results/)
 #
-# DEVICE=cpu PLAN=quick runs the same flow on the CPU with the peer's tiny shape (a dry run of the
-# script itself). Each command has its own time limit, so one hang cannot eat the device time.
+# DEVICE=cpu PLAN=quick DTYPE=f32 runs the same flow on the CPU with the peer's tiny shape (a dry
+# run of the script itself). Each command has its own time limit, so one hang cannot eat the device time.
 set -uo pipefail
 
 BIN=${BURNISH:-gpu-bin/burnish}
 PEER=${PEER:-gpu-bin/peer_lora.py}
 DEVICE=${DEVICE:-cuda}
 PLAN=${PLAN:-full}
+DTYPE=${DTYPE:-bf16} # the base's precision in the bench rows (the peer holds its model in bf16)
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
 export RUST_BACKTRACE=0
@@ -26,13 +27,15 @@ if command -v nvidia-smi >/dev/null; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/card.csv"
 fi
 
-log "parity: burnish score on the fixture models, $DEVICE against cpu"
+log "parity: burnish score on the fixture models, $DEVICE (f32 and bf16) against cpu (f32)"
 IDS=1,17,42,99,5,23,64,128,7,250,31,88,12,199,3,77
 for model in llama mistral qwen2; do
-  for dev in cpu "$DEVICE"; do
+  for run in "cpu f32" "$DEVICE f32" "$DEVICE bf16"; do
+    read -r dev dtype <<<"$run"
+    name="score-$model-$dev-$dtype"
     timeout 180 "$BIN" score --model "tests/fixtures/models/$model" --ids "$IDS" --device "$dev" \
-      --json >"$OUT/score-$model-$dev.json" 2>"$OUT/score-$model-$dev.err" ||
-      echo "score $model on $dev failed: see $OUT/score-$model-$dev.err"
+      --dtype "$dtype" --json >"$OUT/$name.json" 2>"$OUT/$name.err" ||
+      echo "score $model on $dev in $dtype failed: see $OUT/$name.err"
   done
 done
 
@@ -45,12 +48,13 @@ else
   peer_args=()
 fi
 
-log "burnish bench on $DEVICE"
+log "burnish bench on $DEVICE, base in $DTYPE"
 : >"$OUT/ours.jsonl"
 for row in "${plan[@]}"; do
   read -r shape mode batch seq <<<"$row"
   timeout 240 "$BIN" bench --shape "$shape" --mode "$mode" --batch "$batch" --seq "$seq" \
-    --warmup 3 --steps 10 --device "$DEVICE" --json >>"$OUT/ours.jsonl" 2>>"$OUT/ours.err" ||
+    --dtype "$DTYPE" --warmup 3 --steps 10 --device "$DEVICE" --json \
+    >>"$OUT/ours.jsonl" 2>>"$OUT/ours.err" ||
     echo "{\"shape\": \"$shape\", \"mode\": \"$mode\", \"batch\": $batch, \"seq\": $seq, \"error\": \"exit $?\"}" \
       >>"$OUT/ours.jsonl"
 done

@@ -5,19 +5,28 @@ import pathlib
 import sys
 
 out, device = pathlib.Path(sys.argv[1]), sys.argv[2]
-F32_BOUND = 1e-3  # the parity bound for f32 on a GPU against the f32 CPU result
+F32_BOUND = 1e-3  # |Δ logprob| of DEVICE in f32 against the CPU in f32
+BF16_RELATIVE = 2e-2  # |Δ logprob| / |logprob| of DEVICE with a bf16 base against the CPU in f32
 
-print(f"score parity, {device} against cpu (max |Δ logprob|, bound {F32_BOUND} in f32):")
+
+def logprobs(model, dev, dtype):
+    return json.loads((out / f"score-{model}-{dev}-{dtype}.json").read_text())["logprobs"]
+
+
+print(f"score parity against the CPU in f32 (max |Δ logprob|; bounds {F32_BOUND} in f32, "
+      f"{BF16_RELATIVE:.0%} relative with a bf16 base):")
 for model in ["llama", "mistral", "qwen2"]:
     try:
-        cpu = json.loads((out / f"score-{model}-cpu.json").read_text())["logprobs"]
-        dev = json.loads((out / f"score-{model}-{device}.json").read_text())["logprobs"]
+        cpu = logprobs(model, "cpu", "f32")
+        f32 = logprobs(model, device, "f32")
+        bf16 = logprobs(model, device, "bf16")
     except (OSError, ValueError, KeyError) as e:
         print(f"  {model:8} missing: {e}")
         continue
-    worst = max(abs(a - b) for a, b in zip(cpu, dev))
-    verdict = "ok" if len(cpu) == len(dev) and worst <= F32_BOUND else "OVER"
-    print(f"  {model:8} {worst:.2e} {verdict}")
+    worst = max(abs(a - b) for a, b in zip(cpu, f32))
+    worst_rel = max(abs(a - b) / max(abs(a), 1.0) for a, b in zip(cpu, bf16))
+    ok = len(cpu) == len(f32) == len(bf16) and worst <= F32_BOUND and worst_rel <= BF16_RELATIVE
+    print(f"  {model:8} f32 {worst:.2e}  bf16 {worst_rel:.2%} relative  {'ok' if ok else 'OVER'}")
 
 
 def json_lines(path):
