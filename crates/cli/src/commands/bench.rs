@@ -174,11 +174,12 @@ impl Job for Bench {
             println!("{out}");
         } else {
             println!(
-                "{} {:?} batch {} x seq {}: {:.1} ms/step, {:.0} tokens/s, peak RSS {}",
+                "{} {:?} batch {} x seq {}, base in {}: {:.1} ms/step, {:.0} tokens/s, peak RSS {}",
                 a.shape,
                 a.mode,
                 a.batch,
                 a.seq,
+                a.dtype,
                 step_s * 1e3,
                 tokens_per_s,
                 peak.map(|b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64))
