@@ -221,60 +221,32 @@ fn recipe_and_data_mismatches_are_errors_naming_the_key() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("train.strategy"), "{err}");
 
-    let out = burnish(&[
-        "train",
-        path.to_str().unwrap(),
-        "--set",
-        "train.micro_batch_size=0",
-    ]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("train.micro_batch_size"));
-    let out = burnish(&["train", path.to_str().unwrap(), "--set", "trian.lr=1"]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("trian"));
-    let out = burnish(&[
-        "train",
-        path.to_str().unwrap(),
-        "--set",
-        "train.schedul=linear",
-    ]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("did you mean `schedule`?"));
+    // Every setting below is refused; the message names what is wrong.
+    let refused = |setting: &str| {
+        let out = train(&path, &["--set", setting]);
+        assert!(!out.status.success(), "`{setting}` was accepted");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    assert!(refused("train.micro_batch_size=0").contains("train.micro_batch_size"));
+    assert!(refused("trian.lr=1").contains("trian"));
+    assert!(refused("train.schedul=linear").contains("did you mean `schedule`?"));
     // A bf16 base is frozen: it needs an adapter to train.
-    let out = burnish(&[
-        "train",
-        path.to_str().unwrap(),
-        "--set",
-        "model.dtype=\"bf16\"",
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused("model.dtype=\"bf16\"");
     assert!(
         err.contains("model.dtype") && err.contains("[adapter]"),
         "{err}"
     );
 
     // A data file that is not there is named with the key and where paths are anchored.
-    let out = burnish(&[
-        "train",
-        path.to_str().unwrap(),
-        "--set",
-        "data.train=\"missing.jsonl\"",
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused("data.train=\"missing.jsonl\"");
     assert!(
         err.contains("`data.train` names") && err.contains("relative to the recipe file"),
         "{err}"
     );
 
     // A target module the model does not have is named with the ones it has.
-    let out = burnish(&[
-        "train",
-        path.to_str().unwrap(),
-        "--set",
-        "adapter.target_modules=[\"c_attn\"]",
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("c_attn") && err.contains("q_proj"),
-        "{err}"
-    );
+    let err = refused("adapter.target_modules=[\"c_attn\"]");
+    assert!(err.contains("c_attn") && err.contains("q_proj"), "{err}");
 }
 
 #[test]
