@@ -196,10 +196,18 @@ pub fn reference_logps<B: AutodiffBackend>(
     model: &Decoder<B>,
     batch: &PairBatch<B>,
 ) -> (Tensor<B, 1>, Tensor<B, 1>) {
+    reference_logps_of(model, &batch.both())
+}
+
+/// [`reference_logps`] of a batch already made by [`PairBatch::both`].
+fn reference_logps_of<B: AutodiffBackend>(
+    model: &Decoder<B>,
+    both: &TokenBatch<B>,
+) -> (Tensor<B, 1>, Tensor<B, 1>) {
     let mut reference = model.valid();
     reference.set_adapters_enabled(false);
-    let both = sequence_logps(&reference, &inner_batch(&batch.both()));
-    split_pairs(Tensor::from_inner(both))
+    let logps = sequence_logps(&reference, &inner_batch(both));
+    split_pairs(Tensor::from_inner(logps))
 }
 
 impl<B: Backend> PairBatch<B> {
@@ -299,13 +307,14 @@ impl<B: AutodiffBackend> Strategy<B> for Dpo {
     }
 
     fn loss(&self, model: &Decoder<B>, batch: &PairBatch<B>) -> StepOutput<B> {
+        let both = batch.both();
         let (reference_chosen, reference_rejected) = match &batch.reference {
             Some(precomputed) => precomputed.clone(),
-            None => reference_logps(model, batch),
+            None => reference_logps_of(model, &both),
         };
         let count = |b: &TokenBatch<B>| b.mask.clone().sum_dim(1).squeeze_dim::<1>(1);
         let pairs = batch.chosen.inputs.dims()[0];
-        let (policy_chosen, policy_rejected) = split_pairs(sequence_logps(model, &batch.both()));
+        let (policy_chosen, policy_rejected) = split_pairs(sequence_logps(model, &both));
         let chosen_tokens = count(&batch.chosen);
         let rpo = self.rpo_alpha.map(|alpha| {
             chosen_nll(policy_chosen.clone(), chosen_tokens.clone()).mul_scalar(alpha)
