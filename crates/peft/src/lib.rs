@@ -6,7 +6,11 @@
 
 mod adapter;
 mod config;
+#[cfg(feature = "cuda")]
+pub mod cublas;
 mod error;
+#[cfg(any(feature = "cuda", test))]
+mod gemm_layout;
 mod linear;
 mod lora;
 pub mod merge_methods;

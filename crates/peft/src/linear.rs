@@ -130,7 +130,8 @@ impl<B: Backend> AdaptableLinear<B> {
 /// positions. The transposed weight stays a strided view that the matmul reads in place: going
 /// through a batched (3-D) product instead would copy every weight on every call. A weight held
 /// in another precision than `x` (a bf16 base under f32 activations) gets `x` cast to it for
-/// the product and the result cast back.
+/// the product and the result cast back. On the CUDA backend the product goes through cuBLAS
+/// (see the `cublas` module).
 ///
 /// # Shapes
 /// - x: `[..., in]`
@@ -145,11 +146,21 @@ pub fn project<B: Backend, const D: usize>(x: Tensor<B, D>, weight: Tensor<B, 2>
     let held: DType = weight.dtype();
     let flat: Tensor<B, 2> = x.reshape([rows, d_in]);
     let out = if held == dtype {
-        flat.matmul(weight.transpose())
+        matmul_transposed(flat, weight)
     } else {
-        flat.cast(held).matmul(weight.transpose()).cast(dtype)
+        matmul_transposed(flat.cast(held), weight).cast(dtype)
     };
     out.reshape(dims)
+}
+
+/// `x·Wᵀ` for 2-D operands of one dtype: through cuBLAS on the CUDA backend (where the build
+/// has it), burn's matmul elsewhere.
+fn matmul_transposed<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 2>) -> Tensor<B, 2> {
+    #[cfg(feature = "cuda")]
+    if let Some(out) = crate::cublas::matmul_transposed(&x, &weight) {
+        return out;
+    }
+    x.matmul(weight.transpose())
 }
 
 #[cfg(test)]

@@ -1,0 +1,379 @@
+//! `x·Wᵀ` on the CUDA backend through cuBLAS, with its own backward: the route that
+//! [`project`](crate::project) takes for the frozen projections (and the LM head) that dominate
+//! LoRA training, because burn 0.21's CUDA matmul runs at a fraction of cuBLAS's rate on the
+//! same card. Every other backend, and every other product, stays on burn's matmul.
+//!
+//! cuBLAS is loaded at run time (nothing CUDA is needed to build). Both sides work in the
+//! device's primary context, so cuBLAS reads and writes cubecl's buffers in place. cubecl does
+//! not expose its CUDA stream, so each product is ordered by the host: cubecl's queue is
+//! drained, cuBLAS runs on a stream of its own, and that stream is drained before the result
+//! goes back to burn.
+//!
+//! `BURNISH_MATMUL=burn` in the environment turns the route off, for side-by-side measurements;
+//! without a loadable cuBLAS it is off too, and [`cuda_matmul`] says why.
+
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+
+use burn::backend::autodiff::NodeId;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::{Autodiff, Cuda};
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::tensor::CubeTensor;
+use cubecl::cuda::CudaRuntime;
+use cubecl::future::block_on;
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
+use cudarc::cublas::{CudaBlas, result as blas, sys as blas_sys};
+use cudarc::driver::{CudaContext, CudaStream};
+
+use crate::gemm_layout::ColumnMajorGemm;
+
+/// burnish's CUDA backend, as the binary instantiates it.
+type Plain = Cuda;
+/// The same backend under autodiff, as training runs it.
+type Tracked = Autodiff<Cuda>;
+type Cube = CubeTensor<CudaRuntime>;
+type TrackedTensor = FloatTensor<Tracked>;
+
+/// The environment variable that picks the CUDA products' matmul: `cublas` (the default) or
+/// `burn`.
+pub const MATMUL_ENV: &str = "BURNISH_MATMUL";
+
+/// Which matmul the frozen projections use on the CUDA backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CudaMatmul {
+    /// cuBLAS, through this module.
+    Cublas,
+    /// burn's own matmul, and why.
+    Burn { why: String },
+}
+
+/// The route for this process, decided once from [`MATMUL_ENV`] and whether cuBLAS loads.
+pub fn cuda_matmul() -> &'static CudaMatmul {
+    static ROUTE: OnceLock<CudaMatmul> = OnceLock::new();
+    ROUTE.get_or_init(|| {
+        let asked = std::env::var(MATMUL_ENV).unwrap_or_default();
+        match asked.as_str() {
+            "burn" => CudaMatmul::Burn {
+                why: format!("{MATMUL_ENV}=burn"),
+            },
+            "" | "cublas" => {
+                // SAFETY: only tries to open the library; no symbol is called.
+                if unsafe { blas_sys::is_culib_present() } {
+                    CudaMatmul::Cublas
+                } else {
+                    CudaMatmul::Burn {
+                        why: "libcublas was not found; add the folder holding the CUDA libraries \
+                              (often /usr/local/cuda/lib64) to LD_LIBRARY_PATH"
+                            .into(),
+                    }
+                }
+            }
+            other => CudaMatmul::Burn {
+                why: format!("{MATMUL_ENV}={other} is neither `cublas` nor `burn`"),
+            },
+        }
+    })
+}
+
+/// `x·Wᵀ` (x `[n, k]`, weight `[o, k]`, both one of f32, bf16 or f16) through cuBLAS when `B`
+/// is burnish's CUDA backend, with or without autodiff, and the route is on; `None` otherwise,
+/// for the caller to use burn's matmul.
+pub(crate) fn matmul_transposed<B: Backend>(
+    x: &Tensor<B, 2>,
+    weight: &Tensor<B, 2>,
+) -> Option<Tensor<B, 2>> {
+    let backend = TypeId::of::<B>();
+    if backend != TypeId::of::<Plain>() && backend != TypeId::of::<Tracked>() {
+        return None;
+    }
+    if x.dtype() != weight.dtype()
+        || data_type(x.dtype()).is_none()
+        || *cuda_matmul() != CudaMatmul::Cublas
+    {
+        return None;
+    }
+    let x = x.clone().into_primitive().tensor();
+    let weight = weight.clone().into_primitive().tensor();
+    let out: B::FloatTensorPrimitive = if backend == TypeId::of::<Plain>() {
+        rebrand(gemm(rebrand(x), false, rebrand(weight), true))
+    } else {
+        rebrand(tracked_product(rebrand(x), rebrand(weight)))
+    };
+    Some(Tensor::from_primitive(TensorPrimitive::Float(out)))
+}
+
+/// Moves a value from one spelling of a type to another (a generic backend's tensor to the
+/// concrete backend's, once `TypeId` has shown they are the same).
+fn rebrand<From: 'static, To: 'static>(value: From) -> To {
+    match (Box::new(value) as Box<dyn Any>).downcast::<To>() {
+        Ok(value) => *value,
+        Err(_) => unreachable!("rebrand is called only between one type's two spellings"),
+    }
+}
+
+/// The autodiff node of `x·Wᵀ`: `dx = dy·W`, `dW = dyᵀ·x`, each computed only when its input
+/// wants a gradient (a frozen base weight never does).
+#[derive(Debug)]
+struct ProductBackward;
+
+impl Backward<Plain, 2> for ProductBackward {
+    /// The checkpointed `x` (kept only if `W` needs a gradient) and `W` (only if `x` does).
+    type State = (Option<NodeId>, Option<NodeId>);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 2>,
+        grads: &mut Gradients,
+        checkpointer: &mut Checkpointer,
+    ) {
+        let (x_state, weight_state) = ops.state;
+        let [x_parent, weight_parent] = ops.parents;
+        let grad: Cube = grads.consume::<Plain>(&ops.node);
+        if let (Some(parent), Some(x)) = (weight_parent, x_state) {
+            let x: Cube = checkpointer.retrieve_node_output(x);
+            grads.register::<Plain>(parent.id, gemm(grad.clone(), true, x, false));
+        }
+        if let (Some(parent), Some(weight)) = (x_parent, weight_state) {
+            let weight: Cube = checkpointer.retrieve_node_output(weight);
+            grads.register::<Plain>(parent.id, gemm(grad, false, weight, false));
+        }
+    }
+}
+
+fn tracked_product(x: TrackedTensor, weight: TrackedTensor) -> TrackedTensor {
+    let (x_tracked, weight_tracked) = (x.is_tracked(), weight.is_tracked());
+    match ProductBackward
+        .prepare::<NoCheckpointing>([x.node.clone(), weight.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(mut prep) => {
+            let x_state = weight_tracked.then(|| prep.checkpoint(&x));
+            let weight_state = x_tracked.then(|| prep.checkpoint(&weight));
+            let out = gemm(x.primitive, false, weight.primitive, true);
+            prep.finish((x_state, weight_state), out)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(gemm(x.primitive, false, weight.primitive, true)),
+    }
+}
+
+/// cuBLAS's name for a tensor element type, for the types it multiplies here.
+fn data_type(dtype: DType) -> Option<cudaDataType> {
+    match dtype {
+        DType::F32 => Some(cudaDataType::CUDA_R_32F),
+        DType::BF16 => Some(cudaDataType::CUDA_R_16BF),
+        DType::F16 => Some(cudaDataType::CUDA_R_16F),
+        _ => None,
+    }
+}
+
+/// Row-major `op(lhs)·op(rhs)`, where `op` transposes when its flag is set; both operands are
+/// 2-D and of one dtype, and so is the result, accumulated in f32.
+pub(crate) fn gemm(lhs: Cube, lhs_t: bool, rhs: Cube, rhs_t: bool) -> Cube {
+    assert_eq!(lhs.dtype, rhs.dtype, "cuBLAS product of two dtypes");
+    let data_type = data_type(lhs.dtype).expect("cuBLAS product of an unsupported dtype");
+    let (lhs, rhs) = (into_contiguous(lhs), into_contiguous(rhs));
+    let call = ColumnMajorGemm::for_row_major(matrix_dims(&lhs), lhs_t, matrix_dims(&rhs), rhs_t)
+        .expect("cuBLAS product of mismatched inner dimensions");
+    let [rows, cols] = call.output_dims();
+
+    let client = lhs.client.clone();
+    let handle = client.empty(rows * cols * lhs.dtype.size());
+    let out = Cube::new_contiguous(
+        client.clone(),
+        lhs.device.clone(),
+        Shape::new([rows, cols]),
+        handle,
+        lhs.dtype,
+    );
+    if rows == 0 || cols == 0 {
+        return out;
+    }
+    let resource = |tensor: &Cube| {
+        client
+            .get_resource(tensor.handle.clone())
+            .expect("cubecl hands out the buffer of a live tensor")
+    };
+    let (lhs_buffer, rhs_buffer, out_buffer) = (resource(&lhs), resource(&rhs), resource(&out));
+    block_on(client.sync()).expect("the CUDA queue drains before a cuBLAS product");
+
+    let device = Blas::of_device(lhs.device.index);
+    let operation = |transposed| {
+        if transposed {
+            cublasOperation_t::CUBLAS_OP_T
+        } else {
+            cublasOperation_t::CUBLAS_OP_N
+        }
+    };
+    let int = |value: usize| i32::try_from(value).expect("cuBLAS dimensions fit in i32");
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    device
+        .stream
+        .context()
+        .bind_to_thread()
+        .expect("the CUDA context binds to this thread");
+    // SAFETY: the three pointers address live cubecl buffers of the sizes `call` describes
+    // (held by the resources until this function returns); cubecl's queue has drained, so
+    // nothing else touches them until cuBLAS's stream is synchronized below; alpha and beta are
+    // f32 as CUBLAS_COMPUTE_32F requires.
+    unsafe {
+        blas::gemm_ex(
+            *device.blas.handle(),
+            operation(call.transpose_a),
+            operation(call.transpose_b),
+            int(call.m),
+            int(call.n),
+            int(call.k),
+            (&alpha as *const f32).cast::<c_void>(),
+            rhs_buffer.resource().ptr as *const c_void,
+            data_type,
+            int(call.lda),
+            lhs_buffer.resource().ptr as *const c_void,
+            data_type,
+            int(call.ldb),
+            (&beta as *const f32).cast::<c_void>(),
+            out_buffer.resource().ptr as *mut c_void,
+            data_type,
+            int(call.ldc),
+            cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .expect("cuBLAS GemmEx runs");
+    device
+        .stream
+        .synchronize()
+        .expect("cuBLAS's stream finishes");
+    out
+}
+
+fn matrix_dims(tensor: &Cube) -> [usize; 2] {
+    tensor.meta.shape().dims::<2>()
+}
+
+/// A cuBLAS handle bound to a stream of its own on one device.
+struct Blas {
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+}
+
+impl Blas {
+    /// The handle for device `index`, created on first use and kept for the process.
+    fn of_device(index: usize) -> Arc<Blas> {
+        static HANDLES: OnceLock<Mutex<HashMap<usize, Arc<Blas>>>> = OnceLock::new();
+        let mut handles = HANDLES
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        handles
+            .entry(index)
+            .or_insert_with(|| {
+                let context = CudaContext::new(index).expect("the CUDA device's primary context");
+                let stream = context.new_stream().expect("a CUDA stream for cuBLAS");
+                let blas = CudaBlas::new(stream.clone()).expect("a cuBLAS handle");
+                Arc::new(Blas { stream, blas })
+            })
+            .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! These run on a machine with an NVIDIA GPU and cuBLAS: `cargo test -p burnish-peft
+    //! --features cuda -- --ignored cublas` (or the prepared GPU script). Each compares the
+    //! cuBLAS route with burn's own CUDA matmul on the same inputs.
+    use super::*;
+    use burn::tensor::{Distribution, TensorData, Tolerance};
+
+    const GPU: &str = "needs an NVIDIA GPU and libcublas";
+
+    fn random<B: Backend>(shape: [usize; 2], seed: u64, device: &B::Device) -> Tensor<B, 2> {
+        B::seed(device, seed);
+        Tensor::random(shape, Distribution::Normal(0.0, 1.0), device)
+    }
+
+    fn close(ours: TensorData, burn: TensorData, dtype: DType) {
+        let tolerance = match dtype {
+            DType::F32 => Tolerance::absolute(1e-3).set_relative(1e-4),
+            _ => Tolerance::absolute(5e-2).set_relative(2e-2),
+        };
+        ours.convert::<f32>()
+            .assert_approx_eq::<f32>(&burn.convert::<f32>(), tolerance);
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU and libcublas"]
+    fn cublas_forward_equals_burns_matmul() {
+        assert_eq!(*cuda_matmul(), CudaMatmul::Cublas, "{GPU}");
+        let device = Default::default();
+        for dtype in [DType::F32, DType::BF16] {
+            // Odd sizes, a non-contiguous input, and the tied-head shape (many outputs).
+            for (rows, d_in, d_out) in [(7, 33, 65), (256, 576, 1536), (64, 576, 49152)] {
+                let x = random::<Plain>([d_in, rows], 1, &device)
+                    .transpose()
+                    .cast(dtype);
+                let weight = random::<Plain>([d_out, d_in], 2, &device).cast(dtype);
+                let ours = matmul_transposed(&x, &weight).expect("routed to cuBLAS");
+                let burn = x.matmul(weight.transpose());
+                assert_eq!(ours.dims(), [rows, d_out]);
+                assert_eq!(ours.dtype(), dtype);
+                close(ours.into_data(), burn.into_data(), dtype);
+            }
+        }
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU and libcublas"]
+    fn cublas_gradients_equal_burns() {
+        assert_eq!(*cuda_matmul(), CudaMatmul::Cublas, "{GPU}");
+        let device = Default::default();
+        for dtype in [DType::F32, DType::BF16] {
+            let x = random::<Tracked>([48, 96], 3, &device)
+                .cast(dtype)
+                .require_grad();
+            let weight = random::<Tracked>([80, 96], 4, &device)
+                .cast(dtype)
+                .require_grad();
+            let upstream = random::<Tracked>([48, 80], 5, &device).cast(dtype);
+            let gradients = |out: Tensor<Tracked, 2>| {
+                let grads = (out * upstream.clone()).sum().backward();
+                (
+                    x.grad(&grads).expect("x's gradient").into_data(),
+                    weight.grad(&grads).expect("W's gradient").into_data(),
+                )
+            };
+            let (ours_x, ours_w) =
+                gradients(matmul_transposed(&x, &weight).expect("routed to cuBLAS"));
+            let (burn_x, burn_w) = gradients(x.clone().matmul(weight.clone().transpose()));
+            close(ours_x, burn_x, dtype);
+            close(ours_w, burn_w, dtype);
+        }
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU and libcublas"]
+    fn cublas_leaves_a_frozen_weight_without_gradient() {
+        assert_eq!(*cuda_matmul(), CudaMatmul::Cublas, "{GPU}");
+        let device = Default::default();
+        let x = random::<Tracked>([16, 32], 6, &device).require_grad();
+        let weight = random::<Tracked>([24, 32], 7, &device);
+        let out = matmul_transposed(&x, &weight).expect("routed to cuBLAS");
+        let grads = out.sum().backward();
+        let expected = Tensor::<Plain, 2>::ones([16, 24], &device).matmul(weight.clone().inner());
+        close(
+            x.grad(&grads).expect("x's gradient").into_data(),
+            expected.into_data(),
+            DType::F32,
+        );
+        assert!(weight.grad(&grads).is_none());
+    }
+}
