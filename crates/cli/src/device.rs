@@ -75,7 +75,23 @@ fn run_cuda<J: Job>(index: usize, job: J) -> Result<J::Output> {
     if !nvidia_driver_present() {
         bail!("--device cuda: no NVIDIA driver is loaded on this machine; use --device cpu");
     }
+    if let burnish_peft::cublas::CudaMatmul::Burn { why } = burnish_peft::cublas::cuda_matmul() {
+        eprintln!("note: CUDA matrix products run on burn's matmul, not cuBLAS: {why}");
+    }
     job.run::<burn::backend::Cuda>(burn::backend::cuda::CudaDevice { index })
+}
+
+/// What the frozen projections' matrix products run on under the backend `backend` names
+/// (`TypeId::of::<B>()`), for reports.
+pub fn product_route(backend: std::any::TypeId) -> &'static str {
+    #[cfg(feature = "cuda")]
+    if backend == std::any::TypeId::of::<burn::backend::Cuda>()
+        && *burnish_peft::cublas::cuda_matmul() == burnish_peft::cublas::CudaMatmul::Cublas
+    {
+        return "cublas";
+    }
+    let _ = backend;
+    "burn"
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -3,6 +3,7 @@
 
 mod commands;
 mod device;
+mod memory;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

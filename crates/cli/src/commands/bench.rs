@@ -18,7 +18,8 @@ use burnish_model::{BaseDtype, HfConfig, RandomWeights, build_decoder};
 use burnish_peft::{LoraConfig, Targets};
 use clap::{Args, ValueEnum};
 
-use crate::device::{DeviceArg, Job, run_on};
+use crate::device::{DeviceArg, Job, product_route, run_on};
+use crate::memory::MemoryGauge;
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -103,14 +104,6 @@ fn load_shape(shape: &str) -> Result<HfConfig> {
     }
 }
 
-/// Peak resident memory of this process so far (Linux), in bytes.
-fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
 struct Bench {
     args: BenchArgs,
 }
@@ -134,6 +127,7 @@ impl Job for Bench {
             .map(|i| (i as u32).wrapping_mul(104_729) % vocab)
             .collect();
 
+        let mut memory = MemoryGauge::start(&device);
         let step_s = if a.mode == Mode::Forward {
             let mut model = build_decoder::<B>(
                 &config.decoder,
@@ -155,26 +149,28 @@ impl Job for Bench {
                     .narrow(1, 0, 1)
                     .sum()
                     .into_scalar();
+                memory.sample();
                 Ok(())
             })?
         } else {
-            train_steps::<Autodiff<B>>(&a, &config, &ids, &rejected, &device)?
+            train_steps::<Autodiff<B>>(&a, &config, &ids, &rejected, &device, &mut memory)?
         };
         let tokens = a.batch * a.seq * if a.mode == Mode::Dpo { 2 } else { 1 };
         let tokens_per_s = tokens as f64 / step_s;
-        let peak = peak_rss_bytes();
+        let peak = memory.peak_bytes();
         if a.json {
             let out = serde_json::json!({
                 "shape": a.shape, "mode": format!("{:?}", a.mode).to_lowercase(),
                 "batch": a.batch, "seq": a.seq, "steps": a.steps, "rank": a.rank,
                 "dtype": a.dtype.to_string(),
                 "tokens_per_s": tokens_per_s, "step_ms": step_s * 1e3,
-                "peak_memory_bytes": peak, "memory": "peak resident set of the process",
+                "peak_memory_bytes": peak, "memory": memory.describe(),
+                "matmul": product_route(std::any::TypeId::of::<B>()),
             });
             println!("{out}");
         } else {
             println!(
-                "{} {:?} batch {} x seq {}, base in {}: {:.1} ms/step, {:.0} tokens/s, peak RSS {}",
+                "{} {:?} batch {} x seq {}, base in {}: {:.1} ms/step, {:.0} tokens/s, peak memory {} ({})",
                 a.shape,
                 a.mode,
                 a.batch,
@@ -183,7 +179,8 @@ impl Job for Bench {
                 step_s * 1e3,
                 tokens_per_s,
                 peak.map(|b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64))
-                    .unwrap_or_else(|| "n/a".into())
+                    .unwrap_or_else(|| "n/a".into()),
+                memory.describe(),
             );
         }
         Ok(())
@@ -209,6 +206,7 @@ fn train_steps<AD: AutodiffBackend>(
     ids: &[u32],
     rejected: &[u32],
     device: &AD::Device,
+    memory: &mut MemoryGauge,
 ) -> Result<f64> {
     let base = build_decoder::<AD>(
         &config.decoder,
@@ -261,6 +259,7 @@ fn train_steps<AD: AutodiffBackend>(
             _ => optimizer_step(current, &Sft, &sft, &mut optimizer, &schedule)?,
         };
         model = Some(next);
+        memory.sample();
         Ok(())
     })
 }
