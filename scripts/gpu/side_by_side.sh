@@ -1,31 +1,102 @@
 #!/usr/bin/env bash
-# One prepared device run: the CUDA build's scores against the CPU's on the fixture models, then
-# `burnish bench` and the transformers + PEFT peer (peer_lora.py) side by side on the same card,
-# with a ratio table at the end. Run from the repository root.
+# One prepared device run, most important first, inside a time budget: the cuBLAS route's checks
+# against burn's matmul, `burnish bench` and the transformers + PEFT peer (peer_lora.py) side by
+# side on the same card, the same bench on burn's matmul (the cuBLAS route's gain), the CUDA
+# build's scores against the CPU's on the fixture models, then the larger shapes. A ratio table
+# closes it. Run from the repository root.
 #
 # On the development machine (the GPU machine has no Rust toolchain):
-#   cargo build --release --features cuda
-#   mkdir -p gpu-bin && cp target/release/burnish ../shared/bench/peer_lora.py gpu-bin/
+#   scripts/gpu/prepare.sh                 # fills gpu-bin/
 # then on the GPU machine, carrying gpu-bin/:
 #   scripts/gpu/side_by_side.sh            # results under $OUT (default: gpu-results/)
 #
-# DEVICE=cpu PLAN=quick DTYPE=f32 runs the same flow on the CPU with the peer's tiny shape (a dry
-# run of the script itself). Each command has its own time limit, so one hang cannot eat the device time.
+# BUDGET (seconds, default 540) bounds the whole run: each step has its own time limit, and a
+# step that no longer fits is skipped and named. DEVICE=cpu PLAN=quick DTYPE=f32 runs the same
+# flow on the CPU with the peer's tiny shape (a dry run of the script itself).
 set -uo pipefail
 
-BIN=${BURNISH:-gpu-bin/burnish}
-PEER=${PEER:-gpu-bin/peer_lora.py}
 DEVICE=${DEVICE:-cuda}
 PLAN=${PLAN:-full}
 DTYPE=${DTYPE:-bf16} # the base's precision in the bench rows (the peer holds its model in bf16)
 OUT=${OUT:-gpu-results}
+BUDGET=${BUDGET:-540}
 mkdir -p "$OUT"
 export RUST_BACKTRACE=0
-log() { echo "== $* ($(date +%T))"; }
+START=$SECONDS
+log() { echo "== $* ($((SECONDS - START)) s)"; }
+
+# Unpack the binaries prepare.sh gzipped; a plain build can be named with BURNISH and TESTS.
+WORK=$(mktemp -d)
+for packed in gpu-bin/*.gz; do
+  [ -e "$packed" ] || continue
+  unpacked="$WORK/$(basename "$packed" .gz)"
+  gzip -dc "$packed" >"$unpacked" && chmod +x "$unpacked"
+done
+BIN=${BURNISH:-$WORK/burnish}
+TESTS=${TESTS:-$WORK/peft-tests}
+PEER=${PEER:-gpu-bin/peer_lora.py}
+# cuBLAS and NVRTC load at run time; make the toolkit's libraries findable.
+for dir in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+  [ -d "$dir" ] && export LD_LIBRARY_PATH="$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+done
+
+# step LIMIT NAME COMMAND...: runs COMMAND under min(LIMIT, what is left of the budget), or
+# skips it when less than 20 s would be left for it.
+step() {
+  local limit=$1 name=$2
+  shift 2
+  local left=$((BUDGET - (SECONDS - START)))
+  ((left < limit)) && limit=$left
+  if ((limit < 20)); then
+    echo "skipped (budget spent): $name" >>"$OUT/skipped.txt"
+    echo "skipped (budget spent): $name" >&2
+    return 124
+  fi
+  timeout "$limit" "$@"
+}
 
 if command -v nvidia-smi >/dev/null; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/card.csv"
 fi
+
+# bench ENV_MATMUL SHAPE MODE BATCH SEQ LIMIT: one `burnish bench` row appended to ours.jsonl.
+bench() {
+  local matmul=$1 shape=$2 mode=$3 batch=$4 seq=$5 limit=$6
+  BURNISH_MATMUL=$matmul step "$limit" "bench $shape $mode $matmul" "$BIN" bench --shape "$shape" \
+    --mode "$mode" --batch "$batch" --seq "$seq" --dtype "$DTYPE" --warmup 3 --steps 10 \
+    --device "$DEVICE" --json >>"$OUT/ours.jsonl" 2>>"$OUT/ours.err" ||
+    echo "{\"shape\": \"$shape\", \"mode\": \"$mode\", \"batch\": $batch, \"seq\": $seq, \"matmul\": \"$matmul\", \"error\": \"exit $?\"}" \
+      >>"$OUT/ours.jsonl"
+}
+
+if [ "$PLAN" = quick ]; then
+  first=("tiny sft 2 64" "tiny dpo 2 64")
+  rest=()
+  peer_args=(quick)
+else
+  first=("smollm2-135m sft 8 1024" "smollm2-135m dpo 4 1024")
+  rest=("smollm2-360m sft 8 1024" "smollm2-360m dpo 4 1024" "tinyllama-1.1b sft 8 1024"
+    "tinyllama-1.1b dpo 4 1024")
+  peer_args=()
+fi
+: >"$OUT/ours.jsonl"
+
+if [ "$DEVICE" = cuda ]; then
+  log "cuBLAS route against burn's matmul (ignored tests of burnish-peft)"
+  step 120 "cublas tests" "$TESTS" --ignored cublas --test-threads 1 >"$OUT/cublas-tests.txt" 2>&1
+  echo "exit $?" >>"$OUT/cublas-tests.txt"
+  tail -n 4 "$OUT/cublas-tests.txt"
+fi
+
+log "burnish bench on $DEVICE, base in $DTYPE"
+for row in "${first[@]}"; do bench cublas $row 150; done
+
+log "peer: transformers + PEFT"
+DEV=$DEVICE step 300 "peer" python3 "$PEER" "${peer_args[@]}" >"$OUT/peer.txt" 2>"$OUT/peer.err" ||
+  echo "peer failed or timed out: see $OUT/peer.err"
+
+log "burnish bench on burn's matmul (the cuBLAS route's gain)"
+bench burn ${first[0]} 150
 
 log "parity: burnish score on the fixture models, $DEVICE (f32 and bf16) against cpu (f32)"
 IDS=1,17,42,99,5,23,64,128,7,250,31,88,12,199,3,77
@@ -33,35 +104,15 @@ for model in llama mistral qwen2; do
   for run in "cpu f32" "$DEVICE f32" "$DEVICE bf16"; do
     read -r dev dtype <<<"$run"
     name="score-$model-$dev-$dtype"
-    timeout 180 "$BIN" score --model "tests/fixtures/models/$model" --ids "$IDS" --device "$dev" \
+    step 60 "$name" "$BIN" score --model "tests/fixtures/models/$model" --ids "$IDS" --device "$dev" \
       --dtype "$dtype" --json >"$OUT/$name.json" 2>"$OUT/$name.err" ||
       echo "score $model on $dev in $dtype failed: see $OUT/$name.err"
   done
 done
 
-if [ "$PLAN" = quick ]; then
-  plan=("tiny sft 2 64" "tiny dpo 2 64")
-  peer_args=(quick)
-else
-  plan=("smollm2-135m sft 8 1024" "smollm2-135m dpo 4 1024" "smollm2-360m sft 8 1024"
-    "smollm2-360m dpo 4 1024" "tinyllama-1.1b sft 8 1024" "tinyllama-1.1b dpo 4 1024")
-  peer_args=()
-fi
-
-log "burnish bench on $DEVICE, base in $DTYPE"
-: >"$OUT/ours.jsonl"
-for row in "${plan[@]}"; do
-  read -r shape mode batch seq <<<"$row"
-  timeout 240 "$BIN" bench --shape "$shape" --mode "$mode" --batch "$batch" --seq "$seq" \
-    --dtype "$DTYPE" --warmup 3 --steps 10 --device "$DEVICE" --json \
-    >>"$OUT/ours.jsonl" 2>>"$OUT/ours.err" ||
-    echo "{\"shape\": \"$shape\", \"mode\": \"$mode\", \"batch\": $batch, \"seq\": $seq, \"error\": \"exit $?\"}" \
-      >>"$OUT/ours.jsonl"
-done
-
-log "peer: transformers + PEFT"
-DEV=$DEVICE timeout 420 python3 "$PEER" "${peer_args[@]}" >"$OUT/peer.txt" 2>"$OUT/peer.err" ||
-  echo "peer failed or timed out: see $OUT/peer.err"
+log "burnish bench, larger shapes"
+for row in "${rest[@]}"; do bench cublas $row 120; done
 
 log "summary"
 python3 "$(dirname "$0")/summary.py" "$OUT" "$DEVICE" | tee "$OUT/summary.txt"
+rm -rf "$WORK"

@@ -41,7 +41,7 @@ def json_lines(path):
     return rows
 
 
-ours = {(r["shape"], r["mode"], r["batch"], r["seq"]): r for r in json_lines(out / "ours.jsonl")}
+ours = json_lines(out / "ours.jsonl")
 peer = {(r["shape"], r["mode"], r["B"], r["T"]): r
         for r in json_lines(out / "peer.txt") if r.get("attn") == "sdpa"}
 card = json_lines(out / "peer.txt")[:1]
@@ -49,15 +49,34 @@ if card and "device" in card[0]:
     print(f"\ncard: {card[0]['device']}, torch {card[0]['torch']}, "
           f"bf16 matmul {card[0]['matmul_bf16_tflops']} TFLOP/s")
 
-print("\nshape            mode B  T     ours ms   peer ms   ours tok/s  peer tok/s  ratio  ours mem GiB  peer GiB")
-for key in sorted(set(ours) | set(peer)):
-    o, p = ours.get(key, {}), peer.get(key, {})
+tests = out / "cublas-tests.txt"
+if tests.exists():
+    results = [l for l in tests.read_text().splitlines() if l.startswith(("test result:", "exit "))]
+    print(f"\ncuBLAS route checks: {'; '.join(results) or 'no result line'}")
+
+
+def row(key, o, p):
     ratio = (o["tokens_per_s"] / p["tokens_per_s"]) if "tokens_per_s" in o and p else None
     mem = o.get("peak_memory_bytes")
-    print(f"{key[0]:16} {key[1]:4} {key[2]:<2} {key[3]:<5} "
+    print(f"{key[0]:16} {key[1]:4} {key[2]:<2} {key[3]:<5} {o.get('matmul', '—'):7}"
           f"{round(o['step_ms'], 1) if 'step_ms' in o else o.get('error', '—'):<9} "
           f"{str(p.get('step_ms', '—')):<9} "
           f"{str(round(o['tokens_per_s'])) if 'tokens_per_s' in o else '—':<11} "
           f"{str(p.get('tokens_per_s', '—')):<11} {f'{ratio:.2f}' if ratio else '—':<6} "
           f"{f'{mem / 2**30:.2f}' if mem else '—':<13} {p.get('peak_gib', '—')}")
-print("\nours mem: peak resident memory of the burnish process (host), not device memory.")
+
+
+print("\nshape            mode B  T     matmul ours ms   peer ms   ours tok/s  peer tok/s  ratio  "
+      "ours mem GiB  peer GiB")
+seen = set()
+for o in ours:
+    key = (o["shape"], o["mode"], o["batch"], o["seq"])
+    seen.add(key)
+    row(key, o, peer.get(key, {}))
+for key in sorted(set(peer) - seen):
+    row(key, {}, peer[key])
+print("\nours mem: " + "; ".join(sorted({o["memory"] for o in ours if "memory" in o}) or ["—"]))
+print("peer mem: torch.cuda.max_memory_allocated (0 on the CPU)")
+skipped = out / "skipped.txt"
+if skipped.exists():
+    print("\n" + skipped.read_text().strip())
