@@ -1,6 +1,6 @@
-//! `x·Wᵀ` on the CUDA backend through cuBLAS, with its own backward: the route that
-//! [`project`](crate::project) takes for the frozen projections (and the LM head) that dominate
-//! LoRA training, because burn 0.21's CUDA matmul runs at a fraction of cuBLAS's rate on the
+//! `x·Wᵀ` and `x·W` on the CUDA backend through cuBLAS, with their own backward: the route that
+//! [`project`](crate::project) and [`unproject`](crate::unproject) take for the frozen
+//! projections (and the LM head) that dominate LoRA training, because burn 0.21's CUDA matmul runs at a fraction of cuBLAS's rate on the
 //! same card. Every other backend, and every other product, stays on burn's matmul.
 //!
 //! cuBLAS is loaded at run time (nothing CUDA is needed to build). Both sides work in the
@@ -84,12 +84,13 @@ pub fn cuda_matmul() -> &'static CudaMatmul {
     })
 }
 
-/// `x·Wᵀ` (x `[n, k]`, weight `[o, k]`, both one of f32, bf16 or f16) through cuBLAS when `B`
-/// is burnish's CUDA backend, with or without autodiff, and the route is on; `None` otherwise,
-/// for the caller to use burn's matmul.
-pub(crate) fn matmul_transposed<B: Backend>(
+/// `x·Wᵀ` (`transposed`; x `[n, k]`, weight `[o, k]`) or `x·W` (x `[n, o]`), both operands of
+/// one of f32, bf16 or f16, through cuBLAS when `B` is burnish's CUDA backend, with or without
+/// autodiff, and the route is on; `None` otherwise, for the caller to use burn's matmul.
+pub(crate) fn matmul<B: Backend>(
     x: &Tensor<B, 2>,
     weight: &Tensor<B, 2>,
+    transposed: bool,
 ) -> Option<Tensor<B, 2>> {
     let backend = TypeId::of::<B>();
     if backend != TypeId::of::<Plain>() && backend != TypeId::of::<Tracked>() {
@@ -104,9 +105,9 @@ pub(crate) fn matmul_transposed<B: Backend>(
     let x = x.clone().into_primitive().tensor();
     let weight = weight.clone().into_primitive().tensor();
     let out: B::FloatTensorPrimitive = if backend == TypeId::of::<Plain>() {
-        rebrand(gemm(rebrand(x), false, rebrand(weight), true))
+        rebrand(gemm(rebrand(x), false, rebrand(weight), transposed))
     } else {
-        rebrand(tracked_product(rebrand(x), rebrand(weight)))
+        rebrand(tracked_product(rebrand(x), rebrand(weight), transposed))
     };
     Some(Tensor::from_primitive(TensorPrimitive::Float(out)))
 }
@@ -120,10 +121,13 @@ fn rebrand<From: 'static, To: 'static>(value: From) -> To {
     }
 }
 
-/// The autodiff node of `x·Wᵀ`: `dx = dy·W`, `dW = dyᵀ·x`, each computed only when its input
-/// wants a gradient (a frozen base weight never does).
+/// The autodiff node of `y = x·Wᵀ` (`dx = dy·W`, `dW = dyᵀ·x`) or of `y = x·W` (`dx = dy·Wᵀ`,
+/// `dW = xᵀ·dy`), each computed only when its input wants a gradient (a frozen base weight
+/// never does).
 #[derive(Debug)]
-struct ProductBackward;
+struct ProductBackward {
+    transposed: bool,
+}
 
 impl Backward<Plain, 2> for ProductBackward {
     /// The checkpointed `x` (kept only if `W` needs a gradient) and `W` (only if `x` does).
@@ -140,18 +144,23 @@ impl Backward<Plain, 2> for ProductBackward {
         let grad: Cube = grads.consume::<Plain>(&ops.node);
         if let (Some(parent), Some(x)) = (weight_parent, x_state) {
             let x: Cube = checkpointer.retrieve_node_output(x);
-            grads.register::<Plain>(parent.id, gemm(grad.clone(), true, x, false));
+            let grad_weight = if self.transposed {
+                gemm(grad.clone(), true, x, false)
+            } else {
+                gemm(x, true, grad.clone(), false)
+            };
+            grads.register::<Plain>(parent.id, grad_weight);
         }
         if let (Some(parent), Some(weight)) = (x_parent, weight_state) {
             let weight: Cube = checkpointer.retrieve_node_output(weight);
-            grads.register::<Plain>(parent.id, gemm(grad, false, weight, false));
+            grads.register::<Plain>(parent.id, gemm(grad, false, weight, !self.transposed));
         }
     }
 }
 
-fn tracked_product(x: TrackedTensor, weight: TrackedTensor) -> TrackedTensor {
+fn tracked_product(x: TrackedTensor, weight: TrackedTensor, transposed: bool) -> TrackedTensor {
     let (x_tracked, weight_tracked) = (x.is_tracked(), weight.is_tracked());
-    match ProductBackward
+    match (ProductBackward { transposed })
         .prepare::<NoCheckpointing>([x.node.clone(), weight.node.clone()])
         .compute_bound()
         .stateful()
@@ -159,10 +168,12 @@ fn tracked_product(x: TrackedTensor, weight: TrackedTensor) -> TrackedTensor {
         OpsKind::Tracked(mut prep) => {
             let x_state = weight_tracked.then(|| prep.checkpoint(&x));
             let weight_state = x_tracked.then(|| prep.checkpoint(&weight));
-            let out = gemm(x.primitive, false, weight.primitive, true);
+            let out = gemm(x.primitive, false, weight.primitive, transposed);
             prep.finish((x_state, weight_state), out)
         }
-        OpsKind::UnTracked(prep) => prep.finish(gemm(x.primitive, false, weight.primitive, true)),
+        OpsKind::UnTracked(prep) => {
+            prep.finish(gemm(x.primitive, false, weight.primitive, transposed))
+        }
     }
 }
 
@@ -310,23 +321,40 @@ mod tests {
             .assert_approx_eq::<f32>(&burn.convert::<f32>(), tolerance);
     }
 
+    /// burn's own `x·Wᵀ` or `x·W`.
+    fn burns<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 2>, transposed: bool) -> Tensor<B, 2> {
+        if transposed {
+            x.matmul(weight.transpose())
+        } else {
+            x.matmul(weight)
+        }
+    }
+
     #[test]
     #[ignore = "needs an NVIDIA GPU and libcublas"]
     fn cublas_forward_equals_burns_matmul() {
         assert_eq!(*cuda_matmul(), CudaMatmul::Cublas, "{GPU}");
         let device = Default::default();
         for dtype in [DType::F32, DType::BF16] {
-            // Odd sizes, a non-contiguous input, and the tied-head shape (many outputs).
+            // Odd sizes, a non-contiguous input, and the tied-head shape (many outputs), each
+            // as x·Wᵀ and as x·W.
             for (rows, d_in, d_out) in [(7, 33, 65), (256, 576, 1536), (64, 576, 49152)] {
-                let x = random::<Plain>([d_in, rows], 1, &device)
-                    .transpose()
-                    .cast(dtype);
                 let weight = random::<Plain>([d_out, d_in], 2, &device).cast(dtype);
-                let ours = matmul_transposed(&x, &weight).expect("routed to cuBLAS");
-                let burn = x.matmul(weight.transpose());
-                assert_eq!(ours.dims(), [rows, d_out]);
-                assert_eq!(ours.dtype(), dtype);
-                close(ours.into_data(), burn.into_data(), dtype);
+                for transposed in [true, false] {
+                    let (from, to) = if transposed {
+                        (d_in, d_out)
+                    } else {
+                        (d_out, d_in)
+                    };
+                    let x = random::<Plain>([from, rows], 1, &device)
+                        .transpose()
+                        .cast(dtype);
+                    let ours = matmul(&x, &weight, transposed).expect("routed to cuBLAS");
+                    assert_eq!(ours.dims(), [rows, to]);
+                    assert_eq!(ours.dtype(), dtype);
+                    let burn = burns(x, weight.clone(), transposed);
+                    close(ours.into_data(), burn.into_data(), dtype);
+                }
             }
         }
     }
@@ -337,25 +365,28 @@ mod tests {
         assert_eq!(*cuda_matmul(), CudaMatmul::Cublas, "{GPU}");
         let device = Default::default();
         for dtype in [DType::F32, DType::BF16] {
-            let x = random::<Tracked>([48, 96], 3, &device)
-                .cast(dtype)
-                .require_grad();
-            let weight = random::<Tracked>([80, 96], 4, &device)
-                .cast(dtype)
-                .require_grad();
-            let upstream = random::<Tracked>([48, 80], 5, &device).cast(dtype);
-            let gradients = |out: Tensor<Tracked, 2>| {
-                let grads = (out * upstream.clone()).sum().backward();
-                (
-                    x.grad(&grads).expect("x's gradient").into_data(),
-                    weight.grad(&grads).expect("W's gradient").into_data(),
-                )
-            };
-            let (ours_x, ours_w) =
-                gradients(matmul_transposed(&x, &weight).expect("routed to cuBLAS"));
-            let (burn_x, burn_w) = gradients(x.clone().matmul(weight.clone().transpose()));
-            close(ours_x, burn_x, dtype);
-            close(ours_w, burn_w, dtype);
+            for transposed in [true, false] {
+                let (from, to) = if transposed { (96, 80) } else { (80, 96) };
+                let x = random::<Tracked>([48, from], 3, &device)
+                    .cast(dtype)
+                    .require_grad();
+                let weight = random::<Tracked>([80, 96], 4, &device)
+                    .cast(dtype)
+                    .require_grad();
+                let upstream = random::<Tracked>([48, to], 5, &device).cast(dtype);
+                let gradients = |out: Tensor<Tracked, 2>| {
+                    let grads = (out * upstream.clone()).sum().backward();
+                    (
+                        x.grad(&grads).expect("x's gradient").into_data(),
+                        weight.grad(&grads).expect("W's gradient").into_data(),
+                    )
+                };
+                let (ours_x, ours_w) =
+                    gradients(matmul(&x, &weight, transposed).expect("routed to cuBLAS"));
+                let (burn_x, burn_w) = gradients(burns(x.clone(), weight.clone(), transposed));
+                close(ours_x, burn_x, dtype);
+                close(ours_w, burn_w, dtype);
+            }
         }
     }
 
@@ -366,7 +397,7 @@ mod tests {
         let device = Default::default();
         let x = random::<Tracked>([16, 32], 6, &device).require_grad();
         let weight = random::<Tracked>([24, 32], 7, &device);
-        let out = matmul_transposed(&x, &weight).expect("routed to cuBLAS");
+        let out = matmul(&x, &weight, true).expect("routed to cuBLAS");
         let grads = out.sum().backward();
         let expected = Tensor::<Plain, 2>::ones([16, 24], &device).matmul(weight.clone().inner());
         close(

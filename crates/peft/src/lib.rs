@@ -23,7 +23,7 @@ pub use adapter::{
 };
 pub use config::{LoraConfig, LoraInit};
 pub use error::{PeftError, Result};
-pub use linear::{AdaptableLinear, project};
+pub use linear::{AdaptableLinear, project, unproject};
 pub use lora::Lora;
 pub use target::{LM_HEAD, Selected, Targets, resolved_target_names, select_targets};
 pub use tensor_io::{SaveDtype, decode_f32, f32_values, first_value, serialize, write_atomic};

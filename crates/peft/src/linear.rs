@@ -83,6 +83,15 @@ impl<B: Backend> AdaptableLinear<B> {
         }
     }
 
+    /// The weight `[out, in]` when this layer is nothing more than a frozen matrix: no bias, no
+    /// adapter taking part in the forward pass, and no gradient wanted for the weight. What a
+    /// caller needs to run the product its own way (a loss computed chunk by chunk).
+    pub fn frozen_weight(&self) -> Option<Tensor<B, 2>> {
+        let adapter_active = self.lora.is_some() && self.adapter_enabled && !self.merged;
+        let weight = self.weight.val();
+        (self.bias.is_none() && !adapter_active && !weight.is_require_grad()).then_some(weight)
+    }
+
     /// The base weight with the adapter's update `s·B·A` folded in, when an unmerged adapter is
     /// attached; an error naming `name` if any merged value would not be finite.
     pub fn merged_weight(&self, name: &str) -> Result<Option<Tensor<B, 2>>> {
@@ -138,29 +147,61 @@ impl<B: Backend> AdaptableLinear<B> {
 /// - weight: `[out, in]`
 /// - output: `[..., out]`
 pub fn project<B: Backend, const D: usize>(x: Tensor<B, D>, weight: Tensor<B, 2>) -> Tensor<B, D> {
+    product(x, weight, true)
+}
+
+/// `x·W` for a weight stored `[out, in]`: the way back through [`project`] (what a gradient
+/// through the projection takes), with the same handling of precision and of CUDA.
+///
+/// # Shapes
+/// - x: `[..., out]`
+/// - weight: `[out, in]`
+/// - output: `[..., in]`
+pub fn unproject<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 2>,
+) -> Tensor<B, D> {
+    product(x, weight, false)
+}
+
+/// `x·Wᵀ` (`transposed`) or `x·W` over all leading positions of `x`.
+fn product<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 2>,
+    transposed: bool,
+) -> Tensor<B, D> {
     let mut dims = x.dims();
     let [d_out, d_in] = weight.dims();
+    let (from, to) = if transposed {
+        (d_in, d_out)
+    } else {
+        (d_out, d_in)
+    };
     let rows = dims[..D - 1].iter().product::<usize>();
-    dims[D - 1] = d_out;
+    dims[D - 1] = to;
     let dtype = x.dtype();
     let held: DType = weight.dtype();
-    let flat: Tensor<B, 2> = x.reshape([rows, d_in]);
+    let flat: Tensor<B, 2> = x.reshape([rows, from]);
     let out = if held == dtype {
-        matmul_transposed(flat, weight)
+        matmul(flat, weight, transposed)
     } else {
-        matmul_transposed(flat.cast(held), weight).cast(dtype)
+        matmul(flat.cast(held), weight, transposed).cast(dtype)
     };
     out.reshape(dims)
 }
 
-/// `x·Wᵀ` for 2-D operands of one dtype: through cuBLAS on the CUDA backend (where the build
-/// has it), burn's matmul elsewhere.
-fn matmul_transposed<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 2>) -> Tensor<B, 2> {
+/// `x·Wᵀ` or `x·W` for 2-D operands of one dtype: through cuBLAS on the CUDA backend (where the
+/// build has it), burn's matmul elsewhere.
+fn matmul<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 2>, transposed: bool) -> Tensor<B, 2> {
     #[cfg(feature = "cuda")]
-    if let Some(out) = crate::cublas::matmul_transposed(&x, &weight) {
+    if let Some(out) = crate::cublas::matmul(&x, &weight, transposed) {
         return out;
     }
-    x.matmul(weight.transpose())
+    if transposed {
+        x.matmul(weight.transpose())
+    } else {
+        x.matmul(weight)
+    }
 }
 
 #[cfg(test)]
