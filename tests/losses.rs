@@ -2,10 +2,14 @@
 //! loss equals transformers' `-100`-label loss on the llama fixture (1e-5); every DPO loss and
 //! reward metric equals TRL 1.16's formulas on the same log-probs (1e-6, relative above 1); three
 //! AdamW steps with global-norm clipping reproduce PEFT + torch's adapter (1e-5); learning-rate
-//! schedules equal transformers' `get_scheduler` (1e-12).
+//! schedules equal transformers' `get_scheduler` (1e-12). The log-probs computed chunk by chunk
+//! from the hidden states equal the full logits' in value and gradient.
 
 use burn::tensor::{Int, Tensor, TensorData};
-use burnish_align::{DpoLoss, PairLogps, dpo_loss, masked_token_loss};
+use burnish_align::{
+    DpoLoss, PairLogps, dpo_loss, masked_token_logprobs, masked_token_logprobs_chunked,
+    masked_token_loss,
+};
 use burnish_model::Pretrained;
 use serde::Deserialize;
 
@@ -85,6 +89,102 @@ fn sft_loss_equals_transformers_with_ignored_labels() {
         "{ours} vs transformers {}",
         g.loss
     );
+}
+
+#[test]
+fn chunked_logprobs_of_the_hidden_states_equal_transformers_loss() {
+    let g = golden().sft;
+    let device = Default::default();
+    let model = Pretrained::<B>::load(&model_dir("llama"), &device)
+        .unwrap()
+        .model;
+    let (rows, len) = (g.input_ids.len(), g.input_ids[0].len());
+    let flat = |v: &[Vec<i64>]| v.iter().flatten().copied().collect::<Vec<_>>();
+    let ids =
+        Tensor::<B, 2, Int>::from_data(TensorData::new(flat(&g.input_ids), [rows, len]), &device);
+    let targets = ids.clone().narrow(1, 1, len - 1);
+    let mask = shifted_mask::<B>(&g.labels, &device);
+    let hidden = model.hidden_states(ids).narrow(1, 0, len - 1);
+    let head = model.frozen_head_weight().expect("a frozen head");
+    let tokens = scalar(mask.clone().sum());
+    // 3 positions per chunk: many chunks, the last one short.
+    let logprobs = masked_token_logprobs_chunked(hidden, head, targets, mask, false, 3);
+    let ours = (-scalar(logprobs.sum()) / tokens) as f32;
+    assert!(
+        (ours - g.loss).abs() <= 1e-5,
+        "{ours} vs transformers {}",
+        g.loss
+    );
+}
+
+#[test]
+fn chunked_logprobs_carry_the_full_logits_gradient() {
+    use burn::backend::Autodiff;
+    use burn::tensor::{DType, Distribution};
+    type AD = Autodiff<B>;
+    let device = Default::default();
+    let (batch, seq, width, vocab) = (2, 5, 8, 11);
+    <B as burn::tensor::backend::Backend>::seed(&device, 7);
+    let random = |dims: [usize; 2]| Tensor::<AD, 2>::random(dims, Distribution::Default, &device);
+    let head = random([vocab, width]);
+    let targets = Tensor::<AD, 2, Int>::from_data(
+        TensorData::new(
+            (0..10).map(|i| (i * 7 % vocab) as i64).collect(),
+            [batch, seq],
+        ),
+        &device,
+    );
+    let mask = Tensor::<AD, 2>::from_data(
+        TensorData::new(
+            vec![1.0f32, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0],
+            [batch, seq],
+        ),
+        &device,
+    );
+    let upstream = random([batch, seq]);
+    let hidden_values =
+        Tensor::<AD, 3>::random([batch, seq, width], Distribution::Default, &device);
+    // Σ upstream·log p and the gradient it sends to the hidden states.
+    let run = |logprobs: &dyn Fn(Tensor<AD, 3>) -> Tensor<AD, 2>| {
+        let hidden = hidden_values.clone().require_grad();
+        let logprobs = logprobs(hidden.clone());
+        let grads = (logprobs.clone() * upstream.clone()).sum().backward();
+        let grad = hidden
+            .grad(&grads)
+            .expect("a gradient for the hidden states");
+        (
+            logprobs.into_data().to_vec::<f32>().unwrap(),
+            grad.into_data().to_vec::<f32>().unwrap(),
+        )
+    };
+    for dtype in [DType::F32, DType::BF16] {
+        let head = head.clone().cast(dtype);
+        let (full_values, full_grad) = run(&|hidden| {
+            let logits = burnish_peft::project(hidden, head.clone());
+            masked_token_logprobs(logits, targets.clone(), mask.clone())
+        });
+        for chunk in [1, 3, batch * seq] {
+            let (values, grad) = run(&|hidden| {
+                masked_token_logprobs_chunked(
+                    hidden,
+                    head.clone(),
+                    targets.clone(),
+                    mask.clone(),
+                    true,
+                    chunk,
+                )
+            });
+            let bound = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
+            assert!(
+                max_abs_diff(&values, &full_values) <= bound,
+                "{dtype:?} chunk {chunk}"
+            );
+            assert!(
+                max_abs_diff(&grad, &full_grad) <= bound,
+                "{dtype:?} chunk {chunk}"
+            );
+        }
+    }
 }
 
 #[test]

@@ -30,5 +30,8 @@ pub use recipe::{
 pub use run::{RunEvent, RunSummary, lora_config, train};
 pub use schedule::{Schedule, ScheduleKind};
 pub use strategy::{Dpo, PairBatch, Sft, StepOutput, Strategy, TokenBatch, reference_logps};
-pub use token_loss::{TokenLoss, masked_token_logprobs, masked_token_loss};
+pub use token_loss::{
+    TokenLoss, masked_token_logprobs, masked_token_logprobs_chunked, masked_token_loss,
+    positions_per_chunk,
+};
 pub use trainer::{StepMetrics, optimizer_step};

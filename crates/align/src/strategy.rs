@@ -9,7 +9,9 @@ use burn::tensor::{Int, Tensor, TensorData};
 use burnish_model::Decoder;
 
 use crate::dpo::{DpoLoss, PairLogps, chosen_nll, dpo_loss};
-use crate::token_loss::{masked_token_logprobs, masked_token_loss};
+use crate::token_loss::{
+    TokenLoss, masked_token_logprobs, masked_token_logprobs_chunked, positions_per_chunk,
+};
 
 /// Token ids with the positions that are trained.
 #[derive(Debug, Clone)]
@@ -169,13 +171,27 @@ impl<B: Backend> TokenBatch<B> {
     }
 }
 
-/// Logits of every position of `batch`, packed rows kept apart.
-fn logits<B: Backend>(model: &Decoder<B>, batch: &TokenBatch<B>) -> Tensor<B, 3> {
-    match &batch.packing {
+/// `log p(target)` at every position of `batch` under `model`, zero where untrained, packed rows
+/// kept apart. With a frozen head the logits are computed a chunk of positions at a time and
+/// never held whole; `gradient` says whether the result must carry gradients to the model.
+fn token_logprobs<B: Backend>(
+    model: &Decoder<B>,
+    batch: &TokenBatch<B>,
+    gradient: bool,
+) -> Tensor<B, 2> {
+    let hidden = match &batch.packing {
         Some((positions, segments)) => {
-            model.forward_packed(batch.inputs.clone(), positions, segments)
+            model.hidden_states_packed(batch.inputs.clone(), positions, segments)
         }
-        None => model.forward(batch.inputs.clone()),
+        None => model.hidden_states(batch.inputs.clone()),
+    };
+    let (targets, mask) = (batch.targets.clone(), batch.mask.clone());
+    match model.frozen_head_weight() {
+        Some(head) => {
+            let chunk = positions_per_chunk(head.dims()[0]);
+            masked_token_logprobs_chunked(hidden, head, targets, mask, gradient, chunk)
+        }
+        None => masked_token_logprobs(model.head(hidden), targets, mask),
     }
 }
 
@@ -206,7 +222,7 @@ fn reference_logps_of<B: AutodiffBackend>(
 ) -> (Tensor<B, 1>, Tensor<B, 1>) {
     let mut reference = model.valid();
     reference.set_adapters_enabled(false);
-    let logps = sequence_logps(&reference, &inner_batch(both));
+    let logps = sequence_logps(&reference, &inner_batch(both), false);
     split_pairs(Tensor::from_inner(logps))
 }
 
@@ -254,11 +270,10 @@ impl<B: AutodiffBackend> Strategy<B> for Sft {
     }
 
     fn loss(&self, model: &Decoder<B>, batch: &TokenBatch<B>) -> StepOutput<B> {
-        let loss = masked_token_loss(
-            logits(model, batch),
-            batch.targets.clone(),
-            batch.mask.clone(),
-        );
+        let loss = TokenLoss {
+            sum: token_logprobs(model, batch, true).sum().neg(),
+            tokens: batch.trained_tokens,
+        };
         StepOutput {
             loss_sum: loss.sum,
             units: loss.tokens as f64,
@@ -278,14 +293,14 @@ pub struct Dpo {
 }
 
 /// Summed completion log-probs per row.
-fn sequence_logps<B: Backend>(model: &Decoder<B>, batch: &TokenBatch<B>) -> Tensor<B, 1> {
-    masked_token_logprobs(
-        logits(model, batch),
-        batch.targets.clone(),
-        batch.mask.clone(),
-    )
-    .sum_dim(1)
-    .squeeze_dim::<1>(1)
+fn sequence_logps<B: Backend>(
+    model: &Decoder<B>,
+    batch: &TokenBatch<B>,
+    gradient: bool,
+) -> Tensor<B, 1> {
+    token_logprobs(model, batch, gradient)
+        .sum_dim(1)
+        .squeeze_dim::<1>(1)
 }
 
 fn inner_batch<B: AutodiffBackend>(batch: &TokenBatch<B>) -> TokenBatch<B::InnerBackend> {
@@ -314,7 +329,7 @@ impl<B: AutodiffBackend> Strategy<B> for Dpo {
         };
         let count = |b: &TokenBatch<B>| b.mask.clone().sum_dim(1).squeeze_dim::<1>(1);
         let pairs = batch.chosen.inputs.dims()[0];
-        let (policy_chosen, policy_rejected) = split_pairs(sequence_logps(model, &both));
+        let (policy_chosen, policy_rejected) = split_pairs(sequence_logps(model, &both, true));
         let chosen_tokens = count(&batch.chosen);
         let rpo = self.rpo_alpha.map(|alpha| {
             chosen_nll(policy_chosen.clone(), chosen_tokens.clone()).mul_scalar(alpha)

@@ -2,11 +2,24 @@
 //! log-probabilities of the targets under the logits, summed over the trained positions only.
 //! Averaging is left to the caller, so a loss can be averaged over the trained tokens of a whole
 //! accumulated batch rather than as a mean of per-micro-batch means.
+//!
+//! With a frozen LM head the log-probabilities come from the final hidden states a chunk of
+//! positions at a time, so the `[batch, seq, vocab]` logits (1.6 GB in f32 for 8k tokens of a
+//! 49k vocabulary), their log-softmax and their gradients are never held at once.
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
-use burnish_peft::first_value;
+use burnish_peft::{first_value, project, unproject};
+
+/// Logits held at once by [`masked_token_logprobs_chunked`] (64 MiB in f32).
+const LOGITS_PER_CHUNK: usize = 1 << 24;
+
+/// How many positions [`masked_token_logprobs_chunked`] takes at a time for a vocabulary of
+/// `vocab` tokens.
+pub fn positions_per_chunk(vocab: usize) -> usize {
+    (LOGITS_PER_CHUNK / vocab.max(1)).max(1)
+}
 
 /// The summed negative log-likelihood of a batch and the number of tokens it covers.
 #[derive(Debug, Clone)]
@@ -55,4 +68,60 @@ pub fn masked_token_loss<B: Backend>(
     let tokens = first_value(mask.clone().sum()).round() as usize;
     let sum = masked_token_logprobs(logits, targets, mask).sum().neg();
     TokenLoss { sum, tokens }
+}
+
+/// [`masked_token_logprobs`] of `head`'s logits of `hidden` (`head` a frozen `[vocab, hidden]`
+/// matrix, logits `project(hidden, head)`), computed `chunk` positions at a time.
+///
+/// Each chunk's logits give the log-probabilities' values and, when `gradient` is set, each
+/// position's slope `∂ log p(y)/∂h = W_y − Σ_j p_j·W_j` (one more product with the head, the
+/// one the backward pass would have made). The slope is attached to the values through
+/// `(h − detach(h))·slope`, which is zero in value and passes `slope` times the incoming
+/// gradient to `h`: the gradient is exact, and nothing vocabulary-wide outlives its chunk. The
+/// head gets no gradient (it is frozen). Without `gradient` only the values are computed.
+///
+/// # Shapes
+/// - hidden: `[batch, seq, hidden]` (position `t` predicts `targets[:, t]`)
+/// - head: `[vocab, hidden]`
+/// - targets, mask, output: `[batch, seq]`
+pub fn masked_token_logprobs_chunked<B: Backend>(
+    hidden: Tensor<B, 3>,
+    head: Tensor<B, 2>,
+    targets: Tensor<B, 2, Int>,
+    mask: Tensor<B, 2>,
+    gradient: bool,
+    chunk: usize,
+) -> Tensor<B, 2> {
+    let [batch, seq, width] = hidden.dims();
+    let positions = batch * seq;
+    let tracked = hidden.reshape([positions, width]);
+    let frozen = tracked.clone().detach();
+    let targets = targets.reshape([positions]);
+    let mut values = Vec::new();
+    let mut slopes = Vec::new();
+    for start in (0..positions).step_by(chunk.max(1)) {
+        let len = chunk.max(1).min(positions - start);
+        let picked = targets.clone().narrow(0, start, len);
+        let logits = project(frozen.clone().narrow(0, start, len), head.clone());
+        let max = logits.clone().max_dim(1);
+        let exp = (logits.clone() - max.clone()).exp();
+        let total = exp.clone().sum_dim(1);
+        let target_logit = logits.gather(1, picked.clone().unsqueeze_dim::<2>(1));
+        values.push(target_logit - max - total.clone().log());
+        if gradient {
+            // Σ_j p_j·W_j, normalized after the product: [chunk, hidden] rather than
+            // [chunk, vocab] divisions.
+            let expected = unproject(exp, head.clone()) / total;
+            let target_rows = head.clone().select(0, picked).cast(expected.dtype());
+            slopes.push(target_rows - expected);
+        }
+    }
+    let values = Tensor::cat(values, 0);
+    let logprobs = if gradient {
+        let slopes = Tensor::cat(slopes, 0);
+        values + ((tracked - frozen) * slopes).sum_dim(1)
+    } else {
+        values
+    };
+    logprobs.reshape([batch, seq]) * mask
 }

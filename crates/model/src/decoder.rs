@@ -121,8 +121,18 @@ impl<B: Backend> Decoder<B> {
     /// - ids: `[batch, seq]`
     /// - output: `[batch, seq, vocab]`
     pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.head(self.hidden_states(ids))
+    }
+
+    /// The final hidden states (after the last norm) of every position of `ids`: what the LM
+    /// head turns into logits.
+    ///
+    /// # Shapes
+    /// - ids: `[batch, seq]`
+    /// - output: `[batch, seq, hidden]`
+    pub fn hidden_states(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let (cos, sin) = self.rope.tables::<B>(0, ids.dims()[1], &ids.device());
-        self.run(ids, &cos, &sin, None, None)
+        self.trunk(ids, &cos, &sin, None, None)
     }
 
     /// Next-token logits for rows that each hold several documents back to back: `positions`
@@ -134,6 +144,20 @@ impl<B: Backend> Decoder<B> {
     /// - ids: `[batch, seq]`
     /// - output: `[batch, seq, vocab]`
     pub fn forward_packed(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        positions: &[usize],
+        segments: &[u32],
+    ) -> Tensor<B, 3> {
+        self.head(self.hidden_states_packed(ids, positions, segments))
+    }
+
+    /// The final hidden states of packed rows (see [`forward_packed`](Self::forward_packed)).
+    ///
+    /// # Shapes
+    /// - ids: `[batch, seq]`
+    /// - output: `[batch, seq, hidden]`
+    pub fn hidden_states_packed(
         &self,
         ids: Tensor<B, 2, Int>,
         positions: &[usize],
@@ -152,7 +176,7 @@ impl<B: Backend> Decoder<B> {
             .collect();
         let mask =
             Tensor::<B, 4, Bool>::from_data(TensorData::new(hidden, [batch, 1, seq, seq]), &device);
-        self.run(ids, &cos, &sin, Some(&mask), None)
+        self.trunk(ids, &cos, &sin, Some(&mask), None)
     }
 
     /// Logits for the new positions `ids`, which follow the `cache.len()` positions in `cache`;
@@ -166,7 +190,32 @@ impl<B: Backend> Decoder<B> {
         let new = ids.dims()[1];
         cache.len += new;
         let (cos, sin) = self.rope.tables::<B>(start, new, &ids.device());
-        self.run(ids, &cos, &sin, None, Some(&mut cache.layers))
+        self.head(self.trunk(ids, &cos, &sin, None, Some(&mut cache.layers)))
+    }
+
+    /// Logits of final hidden states: the LM head, or the embedding matrix when tied.
+    ///
+    /// # Shapes
+    /// - hidden: `[batch, seq, hidden]`
+    /// - output: `[batch, seq, vocab]`
+    pub fn head(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => project(hidden, self.embed_tokens.val()),
+        }
+    }
+
+    /// The head's weight `[vocab, hidden]` when the head is a plain frozen matrix (tied to an
+    /// embedding that gets no gradient, or an `lm_head` without bias, active adapter or
+    /// gradient): then `head(h)` is `project(h, weight)`, and a loss may compute it its own way.
+    pub fn frozen_head_weight(&self) -> Option<Tensor<B, 2>> {
+        match &self.lm_head {
+            Some(head) => head.frozen_weight(),
+            None => {
+                let weight = self.embed_tokens.val();
+                (!weight.is_require_grad()).then_some(weight)
+            }
+        }
     }
 
     /// Every linear layer with its module name (`model.layers.0.self_attn.q_proj`, ...,
@@ -271,7 +320,8 @@ impl<B: Backend> Decoder<B> {
         Ok(())
     }
 
-    fn run(
+    /// The layers and the final norm, from token ids to final hidden states.
+    fn trunk(
         &self,
         ids: Tensor<B, 2, Int>,
         cos: &Tensor<B, 4>,
@@ -284,10 +334,6 @@ impl<B: Backend> Decoder<B> {
             let slot = cache.as_deref_mut().map(|layers| &mut layers[i]);
             x = layer.forward(x, cos, sin, segments, slot);
         }
-        let x = self.norm.forward(x);
-        match &self.lm_head {
-            Some(head) => head.forward(x),
-            None => project(x, self.embed_tokens.val()),
-        }
+        self.norm.forward(x)
     }
 }
