@@ -29,7 +29,8 @@ pub struct ModelSection {
     pub init: ModelInit,
     /// Precision the frozen base weights are held in while an adapter trains: `f32`, or `bf16`
     /// for half the memory (activations, the adapter, optimizer state and the loss stay f32)
-    /// (default `f32`).
+    /// (default `auto`: bf16 on a GPU with an `[adapter]`, f32 otherwise; the runner resolves
+    /// it for its device).
     #[serde(default)]
     pub dtype: BaseDtype,
     /// Whether `base` names a Hub repo (decided when the recipe is read).

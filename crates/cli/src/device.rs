@@ -81,6 +81,11 @@ fn run_cuda<J: Job>(index: usize, job: J) -> Result<J::Output> {
     job.run::<burn::backend::Cuda>(burn::backend::cuda::CudaDevice { index })
 }
 
+/// Whether backend `B` runs on a GPU (anything but the CPU backend).
+pub fn on_gpu<B: Backend>() -> bool {
+    std::any::TypeId::of::<B>() != std::any::TypeId::of::<Cpu>()
+}
+
 /// What the frozen projections' matrix products run on under the backend `backend` names
 /// (`TypeId::of::<B>()`), for reports.
 pub fn product_route(backend: std::any::TypeId) -> &'static str {

@@ -1,5 +1,6 @@
 //! The precision a model's frozen base weights are held in (`model.dtype` in recipes, `--dtype`
-//! on the command line). Activations, adapters, optimizer state and losses stay f32.
+//! on the command line). Activations, adapters, optimizer state and losses stay f32. The default,
+//! `auto`, is bf16 on a GPU when the base is frozen and f32 otherwise.
 
 use std::fmt;
 use std::str::FromStr;
@@ -14,16 +15,32 @@ use crate::Decoder;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum BaseDtype {
-    /// Full precision, as loaded.
+    /// bf16 on a GPU when the base is frozen (an adapter trains, or nothing does), f32
+    /// otherwise: see [`resolve`](Self::resolve).
     #[default]
+    Auto,
+    /// Full precision, as loaded.
     F32,
     /// bfloat16: half the memory; each product takes bf16 inputs and returns f32 activations.
     Bf16,
 }
 
 impl BaseDtype {
-    /// Holds `model`'s linear base weights in this precision, frozen (nothing to do for f32).
-    /// For inference and adapter training only: a weight held this way is never updated.
+    /// The concrete precision on a GPU (`on_gpu`) or the CPU, for a base that stays frozen
+    /// (`frozen`) or trains: `auto` is bf16 only for a frozen base on a GPU, where it halves the
+    /// weights' memory and their products run on bf16 tensor cores; on the CPU bf16 saves
+    /// memory but costs time.
+    pub fn resolve(self, on_gpu: bool, frozen: bool) -> Self {
+        match self {
+            Self::Auto if on_gpu && frozen => Self::Bf16,
+            Self::Auto => Self::F32,
+            concrete => concrete,
+        }
+    }
+
+    /// Holds `model`'s linear base weights in this precision, frozen (nothing to do for f32;
+    /// an unresolved `auto` counts as f32). For inference and adapter training only: a weight
+    /// held this way is never updated.
     pub fn apply<B: Backend>(self, model: &mut Decoder<B>) {
         if self == Self::Bf16 {
             model.hold_base_in(FloatDType::BF16);
@@ -36,9 +53,10 @@ impl FromStr for BaseDtype {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
+            "auto" => Ok(Self::Auto),
             "f32" => Ok(Self::F32),
             "bf16" => Ok(Self::Bf16),
-            other => Err(format!("unknown dtype `{other}`: use f32 or bf16")),
+            other => Err(format!("unknown dtype `{other}`: use auto, f32 or bf16")),
         }
     }
 }
@@ -46,8 +64,38 @@ impl FromStr for BaseDtype {
 impl fmt::Display for BaseDtype {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            Self::Auto => "auto",
             Self::F32 => "f32",
             Self::Bf16 => "bf16",
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_is_bf16_only_for_a_frozen_base_on_a_gpu() {
+        assert_eq!(BaseDtype::Auto.resolve(true, true), BaseDtype::Bf16);
+        assert_eq!(BaseDtype::Auto.resolve(true, false), BaseDtype::F32);
+        assert_eq!(BaseDtype::Auto.resolve(false, true), BaseDtype::F32);
+        for concrete in [BaseDtype::F32, BaseDtype::Bf16] {
+            assert_eq!(concrete.resolve(true, true), concrete);
+            assert_eq!(concrete.resolve(false, false), concrete);
+        }
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for dtype in [BaseDtype::Auto, BaseDtype::F32, BaseDtype::Bf16] {
+            assert_eq!(dtype.to_string().parse(), Ok(dtype));
+        }
+        assert!(
+            "fp16"
+                .parse::<BaseDtype>()
+                .unwrap_err()
+                .contains("auto, f32 or bf16")
+        );
     }
 }

@@ -18,7 +18,7 @@ use burnish_model::{BaseDtype, HfConfig, RandomWeights, build_decoder};
 use burnish_peft::{LoraConfig, Targets};
 use clap::{Args, ValueEnum};
 
-use crate::device::{DeviceArg, Job, product_route, run_on};
+use crate::device::{DeviceArg, Job, on_gpu, product_route, run_on};
 use crate::memory::MemoryGauge;
 
 #[derive(Debug, Args)]
@@ -43,8 +43,9 @@ pub struct BenchArgs {
     steps: usize,
     #[arg(long, default_value = "auto")]
     device: DeviceArg,
-    /// Precision the frozen base weights are held in: f32, or bf16 (half the memory).
-    #[arg(long, default_value = "f32")]
+    /// Precision the frozen base weights are held in: f32, bf16 (half the memory), or auto
+    /// (bf16 on a GPU, f32 on the CPU).
+    #[arg(long, default_value = "auto")]
     dtype: BaseDtype,
     /// Print one JSON object instead of a sentence.
     #[arg(long)]
@@ -112,7 +113,8 @@ impl Job for Bench {
     type Output = ();
 
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
-        let a = self.args;
+        let mut a = self.args;
+        a.dtype = a.dtype.resolve(on_gpu::<B>(), true);
         anyhow::ensure!(
             a.batch > 0 && a.seq > 0 && a.steps > 0,
             "--batch, --seq and --steps must be positive"

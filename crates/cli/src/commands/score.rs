@@ -12,7 +12,7 @@ use burnish_hub::resolve_model;
 use burnish_model::{BaseDtype, Pretrained, token_logprobs};
 use clap::Args;
 
-use crate::device::{DeviceArg, Job, run_on};
+use crate::device::{DeviceArg, Job, on_gpu, run_on};
 
 #[derive(Debug, Args)]
 pub struct ScoreArgs {
@@ -34,8 +34,9 @@ pub struct ScoreArgs {
     adapter: Option<PathBuf>,
     #[arg(long, default_value = "auto")]
     device: DeviceArg,
-    /// Precision the base weights are held in: f32, or bf16 (half the memory).
-    #[arg(long, default_value = "f32")]
+    /// Precision the base weights are held in: f32, bf16 (half the memory), or auto (bf16 on a
+    /// GPU, f32 on the CPU).
+    #[arg(long, default_value = "auto")]
     dtype: BaseDtype,
     /// Print one JSON object instead of a table.
     #[arg(long)]
@@ -63,7 +64,9 @@ impl Job for Score {
         let mut pretrained =
             Pretrained::<B>::load_with_adapter(&args.model, args.adapter.as_deref(), &device)
                 .with_context(|| format!("loading {}", args.model.display()))?;
-        args.dtype.apply(&mut pretrained.model);
+        args.dtype
+            .resolve(on_gpu::<B>(), true)
+            .apply(&mut pretrained.model);
         let logprobs = token_logprobs(&pretrained.model, &ids)?;
         let sum: f64 = logprobs.iter().map(|&l| f64::from(l)).sum();
         if args.json {

@@ -15,7 +15,7 @@ use burnish_hub::Hub;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::device::{DeviceArg, Job, run_on};
+use crate::device::{DeviceArg, Job, on_gpu, run_on};
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
@@ -40,12 +40,14 @@ impl Job for Train {
     type Output = ();
 
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+        let mut recipe = self.recipe;
+        let frozen_base = recipe.adapter.is_some();
+        recipe.model.dtype = recipe.model.dtype.resolve(on_gpu::<B>(), frozen_base);
         let mut progress = Progress::new();
-        let summary = train::<Autodiff<B>>(&self.recipe, &device, self.resume, |event| {
-            progress.show(event)
-        })?;
+        let summary =
+            train::<Autodiff<B>>(&recipe, &device, self.resume, |event| progress.show(event))?;
         progress.finish();
-        if let (Some(after), Some(check)) = (&summary.check_after, &self.recipe.check) {
+        if let (Some(after), Some(check)) = (&summary.check_after, &recipe.check) {
             print!(
                 "{}",
                 check_table(summary.check_before.as_ref(), after, check.show)
