@@ -67,8 +67,17 @@ fn scalar(t: Tensor<B, 1>) -> f64 {
     t.into_data().convert::<f64>().to_vec::<f64>().unwrap()[0]
 }
 
-#[test]
-fn sft_loss_equals_transformers_with_ignored_labels() {
+/// The llama fixture, the golden SFT batch as model inputs, its shifted targets and trained
+/// positions, and transformers' loss on it.
+struct SftCase {
+    model: burnish_model::Decoder<B>,
+    ids: Tensor<B, 2, Int>,
+    targets: Tensor<B, 2, Int>,
+    mask: Tensor<B, 2>,
+    loss: f32,
+}
+
+fn sft_case() -> SftCase {
     let g = golden().sft;
     let device = Default::default();
     let model = Pretrained::<B>::load(&model_dir("llama"), &device)
@@ -78,43 +87,43 @@ fn sft_loss_equals_transformers_with_ignored_labels() {
     let flat = |v: &[Vec<i64>]| v.iter().flatten().copied().collect::<Vec<_>>();
     let ids =
         Tensor::<B, 2, Int>::from_data(TensorData::new(flat(&g.input_ids), [rows, len]), &device);
-    let targets = ids.clone().narrow(1, 1, len - 1);
-    let mask = shifted_mask::<B>(&g.labels, &device);
-    let logits = model.forward(ids).narrow(1, 0, len - 1);
-    let loss = masked_token_loss(logits, targets, mask);
-    assert_eq!(loss.tokens, (len - 1 - 4) + (len - 1 - 11 - 2));
-    let ours = scalar(loss.mean()) as f32;
+    SftCase {
+        model,
+        targets: ids.clone().narrow(1, 1, len - 1),
+        ids,
+        mask: shifted_mask::<B>(&g.labels, &device),
+        loss: g.loss,
+    }
+}
+
+fn assert_transformers_loss(ours: f64, transformers: f32) {
+    let ours = ours as f32;
     assert!(
-        (ours - g.loss).abs() <= 1e-5,
-        "{ours} vs transformers {}",
-        g.loss
+        (ours - transformers).abs() <= 1e-5,
+        "{ours} vs transformers {transformers}"
     );
 }
 
 #[test]
+fn sft_loss_equals_transformers_with_ignored_labels() {
+    let case = sft_case();
+    let len = case.ids.dims()[1];
+    let logits = case.model.forward(case.ids).narrow(1, 0, len - 1);
+    let loss = masked_token_loss(logits, case.targets, case.mask);
+    assert_eq!(loss.tokens, (len - 1 - 4) + (len - 1 - 11 - 2));
+    assert_transformers_loss(scalar(loss.mean()), case.loss);
+}
+
+#[test]
 fn chunked_logprobs_of_the_hidden_states_equal_transformers_loss() {
-    let g = golden().sft;
-    let device = Default::default();
-    let model = Pretrained::<B>::load(&model_dir("llama"), &device)
-        .unwrap()
-        .model;
-    let (rows, len) = (g.input_ids.len(), g.input_ids[0].len());
-    let flat = |v: &[Vec<i64>]| v.iter().flatten().copied().collect::<Vec<_>>();
-    let ids =
-        Tensor::<B, 2, Int>::from_data(TensorData::new(flat(&g.input_ids), [rows, len]), &device);
-    let targets = ids.clone().narrow(1, 1, len - 1);
-    let mask = shifted_mask::<B>(&g.labels, &device);
-    let hidden = model.hidden_states(ids).narrow(1, 0, len - 1);
-    let head = model.frozen_head_weight().expect("a frozen head");
-    let tokens = scalar(mask.clone().sum());
+    let case = sft_case();
+    let len = case.ids.dims()[1];
+    let hidden = case.model.hidden_states(case.ids).narrow(1, 0, len - 1);
+    let head = case.model.frozen_head_weight().expect("a frozen head");
+    let tokens = scalar(case.mask.clone().sum());
     // 3 positions per chunk: many chunks, the last one short.
-    let logprobs = masked_token_logprobs_chunked(hidden, head, targets, mask, false, 3);
-    let ours = (-scalar(logprobs.sum()) / tokens) as f32;
-    assert!(
-        (ours - g.loss).abs() <= 1e-5,
-        "{ours} vs transformers {}",
-        g.loss
-    );
+    let logprobs = masked_token_logprobs_chunked(hidden, head, case.targets, case.mask, false, 3);
+    assert_transformers_loss(-scalar(logprobs.sum()) / tokens, case.loss);
 }
 
 #[test]

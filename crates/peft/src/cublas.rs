@@ -1,7 +1,8 @@
 //! `x·Wᵀ` and `x·W` on the CUDA backend through cuBLAS, with their own backward: the route that
 //! [`project`](crate::project) and [`unproject`](crate::unproject) take for the frozen
-//! projections (and the LM head) that dominate LoRA training, because burn 0.21's CUDA matmul runs at a fraction of cuBLAS's rate on the
-//! same card. Every other backend, and every other product, stays on burn's matmul.
+//! projections (and the LM head) that dominate LoRA training, because burn 0.21's CUDA matmul
+//! runs at a fraction of cuBLAS's rate on the same card. Every other backend, and every other
+//! product, stays on burn's matmul.
 //!
 //! cuBLAS is loaded at run time (nothing CUDA is needed to build). Both sides work in the
 //! device's primary context, so cuBLAS reads and writes cubecl's buffers in place. cubecl does
