@@ -5,7 +5,9 @@
 use std::str::FromStr;
 
 use anyhow::{Result, bail};
+use burn::tensor::DType;
 use burn::tensor::backend::Backend;
+use burnish_model::BaseDtype;
 
 /// The CPU backend (see the README for why this one).
 pub type Cpu = burn::backend::Flex;
@@ -81,9 +83,25 @@ fn run_cuda<J: Job>(index: usize, job: J) -> Result<J::Output> {
     job.run::<burn::backend::Cuda>(burn::backend::cuda::CudaDevice { index })
 }
 
-/// Whether backend `B` runs on a GPU (anything but the CPU backend).
-pub fn on_gpu<B: Backend>() -> bool {
-    std::any::TypeId::of::<B>() != std::any::TypeId::of::<Cpu>()
+/// `dtype` made concrete for backend `B` on `device`, for a base that stays frozen or trains:
+/// `auto` is bf16 for a frozen base on a GPU that computes in bf16 (CUDA; not wgpu, whose shaders
+/// have no bf16), f32 otherwise; an explicit bf16 that the device cannot compute in is an error.
+pub fn base_dtype_for<B: Backend>(
+    dtype: BaseDtype,
+    device: &B::Device,
+    frozen: bool,
+) -> Result<BaseDtype> {
+    let on_gpu = std::any::TypeId::of::<B>() != std::any::TypeId::of::<Cpu>();
+    let bf16 = B::supports_dtype(device, DType::BF16);
+    let resolved = dtype.resolve(on_gpu && bf16, frozen);
+    if resolved == BaseDtype::Bf16 && !bf16 {
+        bail!(
+            "this device ({}) cannot compute in bf16; use --dtype f32 (`model.dtype = \"f32\"` \
+             in a recipe)",
+            B::name(device)
+        );
+    }
+    Ok(resolved)
 }
 
 /// What the frozen projections' matrix products run on under the backend `backend` names

@@ -15,8 +15,8 @@ use crate::Decoder;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum BaseDtype {
-    /// bf16 on a GPU when the base is frozen (an adapter trains, or nothing does), f32
-    /// otherwise: see [`resolve`](Self::resolve).
+    /// bf16 on a GPU that computes in bf16 when the base is frozen (an adapter trains, or
+    /// nothing does), f32 otherwise: see [`resolve`](Self::resolve).
     #[default]
     Auto,
     /// Full precision, as loaded.
@@ -26,10 +26,10 @@ pub enum BaseDtype {
 }
 
 impl BaseDtype {
-    /// The concrete precision on a GPU (`on_gpu`) or the CPU, for a base that stays frozen
-    /// (`frozen`) or trains: `auto` is bf16 only for a frozen base on a GPU, where it halves the
-    /// weights' memory and their products run on bf16 tensor cores; on the CPU bf16 saves
-    /// memory but costs time.
+    /// The concrete precision on a GPU that computes in bf16 (`on_gpu`) or elsewhere, for a base
+    /// that stays frozen (`frozen`) or trains: `auto` is bf16 only for a frozen base on such a
+    /// GPU, where it halves the weights' memory and their products run on bf16 tensor cores; on
+    /// the CPU bf16 saves memory but costs time.
     pub fn resolve(self, on_gpu: bool, frozen: bool) -> Self {
         match self {
             Self::Auto if on_gpu && frozen => Self::Bf16,

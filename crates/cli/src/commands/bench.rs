@@ -18,7 +18,7 @@ use burnish_model::{BaseDtype, HfConfig, RandomWeights, build_decoder};
 use burnish_peft::{LoraConfig, Targets};
 use clap::{Args, ValueEnum};
 
-use crate::device::{DeviceArg, Job, on_gpu, product_route, run_on};
+use crate::device::{DeviceArg, Job, base_dtype_for, product_route, run_on};
 use crate::memory::MemoryGauge;
 
 #[derive(Debug, Args)]
@@ -114,7 +114,7 @@ impl Job for Bench {
 
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
         let mut a = self.args;
-        a.dtype = a.dtype.resolve(on_gpu::<B>(), true);
+        a.dtype = base_dtype_for::<B>(a.dtype, &device, true)?;
         anyhow::ensure!(
             a.batch > 0 && a.seq > 0 && a.steps > 0,
             "--batch, --seq and --steps must be positive"

@@ -12,7 +12,7 @@ use burnish_hub::resolve_model;
 use burnish_model::{BaseDtype, Pretrained, token_logprobs};
 use clap::Args;
 
-use crate::device::{DeviceArg, Job, on_gpu, run_on};
+use crate::device::{DeviceArg, Job, base_dtype_for, run_on};
 
 #[derive(Debug, Args)]
 pub struct ScoreArgs {
@@ -64,9 +64,7 @@ impl Job for Score {
         let mut pretrained =
             Pretrained::<B>::load_with_adapter(&args.model, args.adapter.as_deref(), &device)
                 .with_context(|| format!("loading {}", args.model.display()))?;
-        args.dtype
-            .resolve(on_gpu::<B>(), true)
-            .apply(&mut pretrained.model);
+        base_dtype_for::<B>(args.dtype, &device, true)?.apply(&mut pretrained.model);
         let logprobs = token_logprobs(&pretrained.model, &ids)?;
         let sum: f64 = logprobs.iter().map(|&l| f64::from(l)).sum();
         if args.json {

@@ -15,7 +15,7 @@ use burnish_hub::Hub;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::device::{DeviceArg, Job, on_gpu, run_on};
+use crate::device::{DeviceArg, Job, base_dtype_for, run_on};
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
@@ -42,7 +42,7 @@ impl Job for Train {
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
         let mut recipe = self.recipe;
         let frozen_base = recipe.adapter.is_some();
-        recipe.model.dtype = recipe.model.dtype.resolve(on_gpu::<B>(), frozen_base);
+        recipe.model.dtype = base_dtype_for::<B>(recipe.model.dtype, &device, frozen_base)?;
         let mut progress = Progress::new();
         let summary =
             train::<Autodiff<B>>(&recipe, &device, self.resume, |event| progress.show(event))?;
