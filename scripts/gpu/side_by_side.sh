@@ -2,8 +2,8 @@
 # One prepared device run, most important first, inside a time budget: the cuBLAS route's checks
 # against burn's matmul, `burnish bench` and the transformers + PEFT peer (peer_lora.py) side by
 # side on the same card, the same bench on burn's matmul (the cuBLAS route's gain), the CUDA
-# build's scores against the CPU's on the fixture models, then the larger shapes. A ratio table
-# closes it. Run from the repository root.
+# build's scores against the CPU's on the fixture models, the quickstart recipe trained end to
+# end, then the larger shapes. A ratio table closes it. Run from the repository root.
 #
 # On the development machine (the GPU machine has no Rust toolchain):
 #   scripts/gpu/prepare.sh                 # fills gpu-bin/
@@ -119,6 +119,12 @@ for model in llama mistral qwen2; do
       echo "score $model on $dev in $dtype failed: see $OUT/$name.err"
   done
 done
+
+log "end to end: the quickstart recipe trained on $DEVICE (the CPU gets 0/48 -> 48/48)"
+step 90 "quickstart" "$BIN" train recipes/quickstart.toml --device "$DEVICE" \
+  --set output.dir="$OUT/quickstart-run" >"$OUT/quickstart.txt" 2>"$OUT/quickstart.err" ||
+  echo "quickstart on $DEVICE failed: see $OUT/quickstart.err"
+grep "exact match" "$OUT/quickstart.txt"
 
 log "burnish bench, larger shapes"
 for row in "${rest[@]}"; do bench $ROUTE $row 120; done

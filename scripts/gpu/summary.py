@@ -77,6 +77,10 @@ for key in sorted(set(peer) - seen):
     row(key, {}, peer[key])
 print("\nours mem: " + "; ".join(sorted({o["memory"] for o in ours if "memory" in o}) or ["—"]))
 print("peer mem: torch.cuda.max_memory_allocated (0 on the CPU)")
+quickstart = out / "quickstart.txt"
+if quickstart.exists():
+    scores = [l for l in quickstart.read_text().splitlines() if l.startswith("exact match")]
+    print(f"\nquickstart trained on {device}: {scores[0] if scores else 'no check result'}")
 skipped = out / "skipped.txt"
 if skipped.exists():
     print("\n" + skipped.read_text().strip())
