@@ -328,7 +328,9 @@ fn dpo_starts_at_log_two_and_learns_the_preference() {
     let metric = |m: &burnish_align::StepMetrics, k: &str| {
         m.metrics.iter().find(|(n, _)| *n == k).unwrap().1
     };
-    assert_eq!(metric(&first, "rewards/chosen"), 0.0);
+    // Zero up to rounding: the policy's attention (the chunked op, under autodiff) and the
+    // reference's (burn's, without autodiff) add in different orders.
+    assert!(metric(&first, "rewards/chosen").abs() < 1e-5);
     assert!(last.loss < first.loss);
     assert_eq!(metric(&last, "rewards/accuracies"), 1.0);
     assert!(metric(&last, "rewards/margins") > 0.0);

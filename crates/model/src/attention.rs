@@ -8,6 +8,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Tensor, TensorData};
 use burnish_peft::AdaptableLinear;
 
+use crate::chunked_attention::chunked_causal_attention;
 use crate::rope::apply_rotary;
 
 /// Keys and values of one layer for the positions seen so far, before the GQA head repeat.
@@ -91,25 +92,25 @@ impl<B: Backend> Attention<B> {
             .sliding_window
             .filter(|&w| seen > w)
             .map(|w| window_mask::<B>(seq, seen, w, &q.device()));
-        let mask = match (window, segments) {
+        // Keys hidden beyond causality, `[batch or 1, 1, seq, seen]`.
+        let hidden = match (window, segments) {
             (None, None) => None,
-            (Some(w), None) => Some(w.expand([batch, self.num_heads, seq, seen])),
-            (None, Some(s)) => Some(s.clone().expand([batch, self.num_heads, seq, seen])),
-            (Some(w), Some(s)) => {
-                Some(s.clone().bool_or(w.expand([batch, 1, seq, seen])).expand([
-                    batch,
-                    self.num_heads,
-                    seq,
-                    seen,
-                ]))
+            (Some(w), None) => Some(w),
+            (None, Some(s)) => Some(s.clone()),
+            (Some(w), Some(s)) => Some(s.clone().bool_or(w.expand([batch, 1, seq, seen]))),
+        };
+        let out = match chunked_causal_attention(&q, &k, &v, hidden.as_ref()) {
+            Some(out) => out,
+            None => {
+                let mask = hidden.map(|h| h.expand([batch, self.num_heads, seq, seen]));
+                let options = AttentionModuleOptions {
+                    scale: None,
+                    softcap: None,
+                    is_causal: true,
+                };
+                attention(q, k, v, mask, None, options)
             }
         };
-        let options = AttentionModuleOptions {
-            scale: None,
-            softcap: None,
-            is_causal: true,
-        };
-        let out = attention(q, k, v, mask, None, options);
         // [batch, heads, seq, head_dim] -> [batch, seq, heads * head_dim]
         let out = out
             .swap_dims(1, 2)

@@ -6,6 +6,7 @@
 mod attention;
 mod base_dtype;
 mod build;
+mod chunked_attention;
 mod config;
 mod decoder;
 mod error;

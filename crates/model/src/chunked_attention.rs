@@ -1,0 +1,315 @@
+//! Causal attention for training that never stores the `[batch, heads, seq, seq]` scores:
+//! queries go a chunk at a time, and the backward pass recomputes each chunk's probabilities
+//! from the saved log-sum-exp (the scheme of memory-efficient and flash attention, written with
+//! burn's tensor ops). burn 0.21's autodiff decomposes attention into ops that keep the scores,
+//! their softmax and the masked copies of both for every layer: 8 × 1024 tokens of 9 heads are
+//! 0.3 GB per copy per layer in f32.
+//!
+//! This is an autodiff op with its own backward, so it is specialized to the concrete backends
+//! burnish runs (the CPU backend, and CUDA or wgpu where built); any other backend, and every
+//! pass without autodiff, uses burn's attention.
+
+use std::any::{Any, TypeId};
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::{Autodiff, Flex};
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Bool, Tensor, TensorPrimitive};
+
+/// Query positions per chunk: a chunk's scores are `[batch, heads, CHUNK, seq]`.
+const CHUNK: usize = 128;
+
+/// Causal attention of `q` over `k`, `v` (heads already repeated for grouped queries), with
+/// `mask` hiding more keys where it is `true`, through the chunked op when `B` is one of the
+/// autodiff backends it is built for; `None` otherwise.
+///
+/// # Shapes
+/// - q, k, v: `[batch, heads, seq, head_dim]`
+/// - mask: `[batch or 1, 1, seq, seq]`
+/// - output: `[batch, heads, seq, head_dim]`
+pub(crate) fn chunked_causal_attention<B: Backend>(
+    q: &Tensor<B, 4>,
+    k: &Tensor<B, 4>,
+    v: &Tensor<B, 4>,
+    mask: Option<&Tensor<B, 4, Bool>>,
+) -> Option<Tensor<B, 4>> {
+    if q.dims()[2] != k.dims()[2] {
+        return None; // queries after a cache: inference, not training
+    }
+    let out = on::<B, Flex>(q, k, v, mask);
+    #[cfg(feature = "cuda")]
+    let out = out.or_else(|| on::<B, burn::backend::Cuda>(q, k, v, mask));
+    #[cfg(feature = "wgpu")]
+    let out = out.or_else(|| on::<B, burn::backend::Wgpu>(q, k, v, mask));
+    out
+}
+
+/// The chunked op when `B` is `Autodiff<I>`.
+fn on<B: Backend, I: Backend>(
+    q: &Tensor<B, 4>,
+    k: &Tensor<B, 4>,
+    v: &Tensor<B, 4>,
+    mask: Option<&Tensor<B, 4, Bool>>,
+) -> Option<Tensor<B, 4>> {
+    if TypeId::of::<B>() != TypeId::of::<Autodiff<I>>() {
+        return None;
+    }
+    let float = |t: &Tensor<B, 4>| -> FloatTensor<Autodiff<I>> {
+        rebrand(t.clone().into_primitive().tensor())
+    };
+    let mask =
+        mask.map(|m| Tensor::<I, 4, Bool>::from_primitive(rebrand(m.clone().into_primitive())));
+    let out = tracked::<I>(float(q), float(k), float(v), mask);
+    Some(Tensor::from_primitive(TensorPrimitive::Float(rebrand(out))))
+}
+
+/// Moves a value from one spelling of a type to another, once `TypeId` has shown they are the
+/// same type.
+fn rebrand<From: 'static, To: 'static>(value: From) -> To {
+    match (Box::new(value) as Box<dyn Any>).downcast::<To>() {
+        Ok(value) => *value,
+        Err(_) => unreachable!("rebrand is called only between one type's two spellings"),
+    }
+}
+
+/// What the backward pass needs: the inputs, the output and each row's log-sum-exp.
+#[derive(Debug, Clone)]
+struct Saved<I: Backend> {
+    q: Tensor<I, 4>,
+    k: Tensor<I, 4>,
+    v: Tensor<I, 4>,
+    mask: Option<Tensor<I, 4, Bool>>,
+    out: Tensor<I, 4>,
+    /// Per chunk of queries: `[batch, heads, chunk, 1]`.
+    lse: Vec<Tensor<I, 4>>,
+}
+
+#[derive(Debug)]
+struct AttentionBackward;
+
+impl<I: Backend> Backward<I, 3> for AttentionBackward {
+    type State = Saved<I>;
+
+    fn backward(self, ops: Ops<Saved<I>, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let d_out =
+            Tensor::<I, 4>::from_primitive(TensorPrimitive::Float(grads.consume::<I>(&ops.node)));
+        let [dq, dk, dv] = attention_backward(ops.state, d_out);
+        for (parent, grad) in ops.parents.into_iter().zip([dq, dk, dv]) {
+            if let Some(parent) = parent {
+                grads.register::<I>(parent.id, grad.into_primitive().tensor());
+            }
+        }
+    }
+}
+
+fn tracked<I: Backend>(
+    q: FloatTensor<Autodiff<I>>,
+    k: FloatTensor<Autodiff<I>>,
+    v: FloatTensor<Autodiff<I>>,
+    mask: Option<Tensor<I, 4, Bool>>,
+) -> FloatTensor<Autodiff<I>> {
+    let inner = |t: &FloatTensor<Autodiff<I>>| {
+        Tensor::<I, 4>::from_primitive(TensorPrimitive::Float(t.primitive.clone()))
+    };
+    let (q_in, k_in, v_in) = (inner(&q), inner(&k), inner(&v));
+    match AttentionBackward
+        .prepare::<NoCheckpointing>([q.node.clone(), k.node.clone(), v.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let (out, lse) = attention_forward(&q_in, &k_in, &v_in, mask.as_ref());
+            let primitive = out.clone().into_primitive().tensor();
+            let saved = Saved {
+                q: q_in,
+                k: k_in,
+                v: v_in,
+                mask,
+                out,
+                lse,
+            };
+            prep.finish(saved, primitive)
+        }
+        OpsKind::UnTracked(prep) => {
+            let (out, _) = attention_forward(&q_in, &k_in, &v_in, mask.as_ref());
+            prep.finish(out.into_primitive().tensor())
+        }
+    }
+}
+
+/// `[batch or 1, 1, seq, seq]`: `true` where a query does not see a key (the future, and what
+/// `mask` hides).
+fn hidden_keys<I: Backend>(
+    mask: Option<&Tensor<I, 4, Bool>>,
+    seq: usize,
+    device: &I::Device,
+) -> Tensor<I, 4, Bool> {
+    // `true` above the diagonal: the future.
+    let future = Tensor::<I, 2, Bool>::tril_mask([seq, seq], 0, device).reshape([1, 1, seq, seq]);
+    match mask {
+        Some(mask) => mask.clone().bool_or(future.expand(mask.dims())),
+        None => future,
+    }
+}
+
+/// The scaled scores of queries `start..start + len`, hidden keys at -∞.
+fn chunk_scores<I: Backend>(
+    q: &Tensor<I, 4>,
+    k: &Tensor<I, 4>,
+    hidden: &Tensor<I, 4, Bool>,
+    start: usize,
+    len: usize,
+) -> Tensor<I, 4> {
+    let [batch, heads, seq, head_dim] = q.dims();
+    let scale = (head_dim as f64).powf(-0.5);
+    let scores = q
+        .clone()
+        .narrow(2, start, len)
+        .matmul(k.clone().swap_dims(2, 3))
+        .mul_scalar(scale);
+    let hidden = hidden
+        .clone()
+        .narrow(2, start, len)
+        .expand([batch, heads, len, seq]);
+    scores.mask_fill(hidden, f32::NEG_INFINITY)
+}
+
+/// The attention output, and per chunk of queries each query's log-sum-exp of scores (kept
+/// apart, each contiguous, for the backward pass's row-wise broadcasts).
+fn attention_forward<I: Backend>(
+    q: &Tensor<I, 4>,
+    k: &Tensor<I, 4>,
+    v: &Tensor<I, 4>,
+    mask: Option<&Tensor<I, 4, Bool>>,
+) -> (Tensor<I, 4>, Vec<Tensor<I, 4>>) {
+    let seq = q.dims()[2];
+    let hidden = hidden_keys(mask, seq, &q.device());
+    let mut outs = Vec::new();
+    let mut lses = Vec::new();
+    for start in (0..seq).step_by(CHUNK) {
+        let len = CHUNK.min(seq - start);
+        let scores = chunk_scores(q, k, &hidden, start, len);
+        let max = scores.clone().max_dim(3);
+        let exp = (scores - max.clone()).exp();
+        let total = exp.clone().sum_dim(3);
+        outs.push(exp.matmul(v.clone()) / total.clone());
+        lses.push(max + total.log());
+    }
+    (Tensor::cat(outs, 2), lses)
+}
+
+/// Gradients of q, k and v from the output's gradient, recomputing each chunk's probabilities:
+/// `dV = Pᵀ·dO`, `dS = P ∘ (dO·Vᵀ − rowsum(dO ∘ O))`, `dQ = s·dS·K`, `dK = s·dSᵀ·Q`.
+fn attention_backward<I: Backend>(saved: Saved<I>, d_out: Tensor<I, 4>) -> [Tensor<I, 4>; 3] {
+    let Saved {
+        q,
+        k,
+        v,
+        mask,
+        out,
+        lse,
+    } = saved;
+    let [_, _, seq, head_dim] = q.dims();
+    let scale = (head_dim as f64).powf(-0.5);
+    let hidden = hidden_keys(mask.as_ref(), seq, &q.device());
+    let mut dq = Vec::new();
+    let mut dk = k.zeros_like();
+    let mut dv = v.zeros_like();
+    for (start, lse) in (0..seq).step_by(CHUNK).zip(lse) {
+        let len = CHUNK.min(seq - start);
+        let probs = (chunk_scores(&q, &k, &hidden, start, len) - lse).exp();
+        let d_out_chunk = d_out.clone().narrow(2, start, len);
+        let row_dots = (d_out_chunk.clone() * out.clone().narrow(2, start, len)).sum_dim(3);
+        dv = dv + probs.clone().swap_dims(2, 3).matmul(d_out_chunk.clone());
+        let d_probs = d_out_chunk.matmul(v.clone().swap_dims(2, 3));
+        let d_scores = probs * (d_probs - row_dots);
+        dq.push(d_scores.clone().matmul(k.clone()).mul_scalar(scale));
+        dk = dk
+            + d_scores
+                .swap_dims(2, 3)
+                .matmul(q.clone().narrow(2, start, len))
+                .mul_scalar(scale);
+    }
+    [Tensor::cat(dq, 2), dk, dv]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::module::attention;
+    use burn::tensor::ops::AttentionModuleOptions;
+    use burn::tensor::{Distribution, TensorData, Tolerance};
+
+    type AD = Autodiff<Flex>;
+
+    /// Output and the three gradients of `Σ out ∘ upstream`.
+    fn run(
+        attend: impl Fn(Tensor<AD, 4>, Tensor<AD, 4>, Tensor<AD, 4>) -> Tensor<AD, 4>,
+        inputs: &[Tensor<AD, 4>; 4],
+    ) -> [TensorData; 4] {
+        let [q, k, v, upstream] = inputs.clone();
+        let (q, k, v) = (q.require_grad(), k.require_grad(), v.require_grad());
+        let out = attend(q.clone(), k.clone(), v.clone());
+        let grads = (out.clone() * upstream).sum().backward();
+        let grad = |t: &Tensor<AD, 4>| t.grad(&grads).expect("a gradient").into_data();
+        [out.into_data(), grad(&q), grad(&k), grad(&v)]
+    }
+
+    #[test]
+    fn chunked_attention_equals_burns_in_value_and_gradient() {
+        let device = Default::default();
+        // 300 positions: two full chunks and a short one.
+        let [batch, heads, seq, head_dim] = [2, 3, 300, 16];
+        Flex::seed(&device, 3);
+        let random = || {
+            Tensor::<AD, 4>::random(
+                [batch, heads, seq, head_dim],
+                Distribution::Default,
+                &device,
+            )
+        };
+        let inputs = [random(), random(), random(), random()];
+        // Two documents per row (packing): keys of the other document are hidden.
+        let document: Vec<bool> = (0..batch * seq * seq)
+            .map(|i| ((i / seq) % seq < 170) != (i % seq < 170))
+            .collect();
+        let documents = Tensor::<AD, 4, Bool>::from_data(
+            TensorData::new(document, [batch, 1, seq, seq]),
+            &device,
+        );
+        for mask in [None, Some(documents)] {
+            let burns = run(
+                |q, k, v| {
+                    let options = AttentionModuleOptions {
+                        scale: None,
+                        softcap: None,
+                        is_causal: true,
+                    };
+                    let mask = mask.clone().map(|m| m.expand([batch, heads, seq, seq]));
+                    attention(q, k, v, mask, None, options)
+                },
+                &inputs,
+            );
+            let ours = run(
+                |q, k, v| {
+                    chunked_causal_attention(&q, &k, &v, mask.as_ref()).expect("the chunked op")
+                },
+                &inputs,
+            );
+            for (ours, burns) in ours.into_iter().zip(burns) {
+                ours.assert_approx_eq::<f32>(&burns, Tolerance::absolute(1e-5));
+            }
+        }
+    }
+
+    #[test]
+    fn backends_without_the_op_fall_back() {
+        let device = Default::default();
+        let x = Tensor::<Flex, 4>::zeros([1, 1, 4, 8], &device);
+        assert!(chunked_causal_attention(&x, &x, &x, None).is_none());
+    }
+}
