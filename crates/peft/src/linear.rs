@@ -147,7 +147,17 @@ impl<B: Backend> AdaptableLinear<B> {
 /// - weight: `[out, in]`
 /// - output: `[..., out]`
 pub fn project<B: Backend, const D: usize>(x: Tensor<B, D>, weight: Tensor<B, 2>) -> Tensor<B, D> {
-    product(x, weight, true)
+    product(x, weight, true, Route::Cublas)
+}
+
+/// [`project`] for an adapter's low-rank factors: always burn's matmul. Their products are
+/// thin and cheap, and on CUDA each would lose more to the cuBLAS route's host synchronization
+/// than it gains.
+pub(crate) fn project_low_rank<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 2>,
+) -> Tensor<B, D> {
+    product(x, weight, true, Route::Burn)
 }
 
 /// `x·W` for a weight stored `[out, in]`: the way back through [`project`] (what a gradient
@@ -161,7 +171,16 @@ pub fn unproject<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     weight: Tensor<B, 2>,
 ) -> Tensor<B, D> {
-    product(x, weight, false)
+    product(x, weight, false, Route::Cublas)
+}
+
+/// Which matmul a product may take.
+#[derive(Clone, Copy)]
+enum Route {
+    /// cuBLAS on the CUDA backend (where the build has it), burn's matmul elsewhere.
+    Cublas,
+    /// burn's matmul everywhere.
+    Burn,
 }
 
 /// `x·Wᵀ` (`transposed`) or `x·W` over all leading positions of `x`.
@@ -169,6 +188,7 @@ fn product<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     weight: Tensor<B, 2>,
     transposed: bool,
+    route: Route,
 ) -> Tensor<B, D> {
     let mut dims = x.dims();
     let [d_out, d_in] = weight.dims();
@@ -183,20 +203,27 @@ fn product<B: Backend, const D: usize>(
     let held: DType = weight.dtype();
     let flat: Tensor<B, 2> = x.reshape([rows, from]);
     let out = if held == dtype {
-        matmul(flat, weight, transposed)
+        matmul(flat, weight, transposed, route)
     } else {
-        matmul(flat.cast(held), weight, transposed).cast(dtype)
+        matmul(flat.cast(held), weight, transposed, route).cast(dtype)
     };
     out.reshape(dims)
 }
 
-/// `x·Wᵀ` or `x·W` for 2-D operands of one dtype: through cuBLAS on the CUDA backend (where the
-/// build has it), burn's matmul elsewhere.
-fn matmul<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 2>, transposed: bool) -> Tensor<B, 2> {
+/// `x·Wᵀ` or `x·W` for 2-D operands of one dtype, on the matmul `route` allows.
+fn matmul<B: Backend>(
+    x: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    transposed: bool,
+    route: Route,
+) -> Tensor<B, 2> {
     #[cfg(feature = "cuda")]
-    if let Some(out) = crate::cublas::matmul(&x, &weight, transposed) {
+    if let Route::Cublas = route
+        && let Some(out) = crate::cublas::matmul(&x, &weight, transposed)
+    {
         return out;
     }
+    let _ = route;
     if transposed {
         x.matmul(weight.transpose())
     } else {

@@ -8,7 +8,7 @@ use burn::tensor::{Tensor, TensorData};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use crate::config::LoraInit;
-use crate::linear::project;
+use crate::linear::project_low_rank;
 
 /// Low-rank update of a linear layer.
 #[derive(Module, Debug)]
@@ -77,8 +77,8 @@ impl<B: Backend> Lora<B> {
     /// - output: `[..., out]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let x = self.dropout.forward(x);
-        let down = project(x, self.lora_a.val());
-        project(down, self.lora_b.val()).mul_scalar(self.scale)
+        let down = project_low_rank(x, self.lora_a.val());
+        project_low_rank(down, self.lora_b.val()).mul_scalar(self.scale)
     }
 
     /// The dense update `s · B · A` `[out, in]`, for merging.
