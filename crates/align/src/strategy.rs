@@ -10,7 +10,7 @@ use burnish_model::Decoder;
 
 use crate::dpo::{DpoLoss, PairLogps, chosen_nll, dpo_loss};
 use crate::token_loss::{
-    TokenLoss, masked_token_logprobs, masked_token_logprobs_chunked, positions_per_chunk,
+    masked_token_logprobs, masked_token_logprobs_chunked, positions_per_chunk,
 };
 
 /// Token ids with the positions that are trained.
@@ -270,13 +270,9 @@ impl<B: AutodiffBackend> Strategy<B> for Sft {
     }
 
     fn loss(&self, model: &Decoder<B>, batch: &TokenBatch<B>) -> StepOutput<B> {
-        let loss = TokenLoss {
-            sum: token_logprobs(model, batch, true).sum().neg(),
-            tokens: batch.trained_tokens,
-        };
         StepOutput {
-            loss_sum: loss.sum,
-            units: loss.tokens as f64,
+            loss_sum: token_logprobs(model, batch, true).sum().neg(),
+            units: self.units(batch),
             metrics: Vec::new(),
         }
     }

@@ -94,13 +94,14 @@ pub fn masked_token_logprobs_chunked<B: Backend>(
 ) -> Tensor<B, 2> {
     let [batch, seq, width] = hidden.dims();
     let positions = batch * seq;
+    let chunk = chunk.max(1);
     let tracked = hidden.reshape([positions, width]);
     let frozen = tracked.clone().detach();
     let targets = targets.reshape([positions]);
     let mut values = Vec::new();
     let mut slopes = Vec::new();
-    for start in (0..positions).step_by(chunk.max(1)) {
-        let len = chunk.max(1).min(positions - start);
+    for start in (0..positions).step_by(chunk) {
+        let len = chunk.min(positions - start);
         let picked = targets.clone().narrow(0, start, len);
         let logits = project(frozen.clone().narrow(0, start, len), head.clone());
         let max = logits.clone().max_dim(1);
