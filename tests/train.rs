@@ -76,11 +76,7 @@ fn sft_run_learns_and_writes_a_peft_adapter() {
     let steps: Vec<&Value> = lines.iter().filter(|l| l.get("step").is_some()).collect();
     assert_eq!(steps.len(), 25);
     let first = steps[0]["loss"].as_f64().unwrap();
-    let eval = lines
-        .iter()
-        .find_map(|l| l.get("eval_loss"))
-        .and_then(Value::as_f64)
-        .unwrap();
+    let eval = first_eval_loss(&lines);
     assert!(
         eval < 0.5 * first,
         "eval loss {eval} did not fall well below the first step's {first}"
@@ -131,11 +127,7 @@ fn sft_run_learns_and_writes_a_peft_adapter() {
     );
     assert_success(&out);
     let lines = metrics(&work.path().join("run-bf16"));
-    let eval_bf16 = lines
-        .iter()
-        .find_map(|l| l.get("eval_loss"))
-        .and_then(Value::as_f64)
-        .unwrap();
+    let eval_bf16 = first_eval_loss(&lines);
     assert!(
         eval_bf16 < 0.5 * first,
         "bf16 base: eval loss {eval_bf16} did not fall well below the first step's {first}"
@@ -314,11 +306,7 @@ fn instruction_tuning_on_alpaca_rows_learns() {
     assert_success(&out);
     let lines = metrics(&work.path().join("run"));
     let first = lines[0]["loss"].as_f64().unwrap();
-    let eval = lines
-        .iter()
-        .find_map(|l| l.get("eval_loss"))
-        .and_then(Value::as_f64)
-        .unwrap();
+    let eval = first_eval_loss(&lines);
     assert!(
         eval < 0.5 * first,
         "eval loss {eval} did not fall well below the first step's {first}"
@@ -326,6 +314,15 @@ fn instruction_tuning_on_alpaca_rows_learns() {
 }
 
 /// metrics.jsonl without the timing fields, which differ from run to run.
+/// The first evaluation's loss among a run's `metrics.jsonl` lines.
+fn first_eval_loss(lines: &[Value]) -> f64 {
+    lines
+        .iter()
+        .find_map(|l| l.get("eval_loss"))
+        .and_then(Value::as_f64)
+        .expect("an eval_loss line")
+}
+
 fn metrics_without_timing(run: &Path) -> Vec<Value> {
     metrics(run)
         .into_iter()
@@ -449,11 +446,7 @@ fn full_fine_tuning_writes_a_complete_model_directory() {
     assert!(!run.join("adapter_config.json").exists());
     let lines = metrics(&run);
     let first = lines[0]["loss"].as_f64().unwrap();
-    let eval = lines
-        .iter()
-        .find_map(|l| l.get("eval_loss"))
-        .and_then(Value::as_f64)
-        .unwrap();
+    let eval = first_eval_loss(&lines);
     assert!(eval < 0.5 * first, "eval loss {eval} vs first step {first}");
     // The written model is a checkpoint like any other.
     let out = burnish(&[
