@@ -85,8 +85,6 @@ impl<B: Backend> Attention<B> {
             }
         };
         let seen = k.dims()[2];
-        let k = self.repeat_kv(k);
-        let v = self.repeat_kv(v);
 
         let window = self
             .sliding_window
@@ -102,6 +100,8 @@ impl<B: Backend> Attention<B> {
         let out = match chunked_causal_attention(&q, &k, &v, hidden.as_ref()) {
             Some(out) => out,
             None => {
+                let groups = self.num_heads / self.num_kv_heads;
+                let (k, v) = (repeat_kv(k, groups), repeat_kv(v, groups));
                 let mask = hidden.map(|h| h.expand([batch, self.num_heads, seq, seen]));
                 let options = AttentionModuleOptions {
                     scale: None,
@@ -117,22 +117,21 @@ impl<B: Backend> Attention<B> {
             .reshape([batch, seq, self.num_heads * self.head_dim]);
         self.o_proj.forward(out)
     }
+}
 
-    /// Repeats each key/value head for the query heads that share it (HF's `repeat_kv`).
-    ///
-    /// # Shapes
-    /// - input: `[batch, kv_heads, seq, head_dim]`
-    /// - output: `[batch, heads, seq, head_dim]`
-    fn repeat_kv(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let groups = self.num_heads / self.num_kv_heads;
-        if groups == 1 {
-            return x;
-        }
-        let [batch, kv_heads, seq, head_dim] = x.dims();
-        x.unsqueeze_dim::<5>(2)
-            .expand([batch, kv_heads, groups, seq, head_dim])
-            .reshape([batch, kv_heads * groups, seq, head_dim])
+/// Repeats each key/value head for the `groups` query heads that share it (HF's `repeat_kv`).
+///
+/// # Shapes
+/// - input: `[batch, kv_heads, seq, head_dim]`
+/// - output: `[batch, kv_heads · groups, seq, head_dim]`
+pub(crate) fn repeat_kv<B: Backend>(x: Tensor<B, 4>, groups: usize) -> Tensor<B, 4> {
+    if groups == 1 {
+        return x;
     }
+    let [batch, kv_heads, seq, head_dim] = x.dims();
+    x.unsqueeze_dim::<5>(2)
+        .expand([batch, kv_heads, groups, seq, head_dim])
+        .reshape([batch, kv_heads * groups, seq, head_dim])
 }
 
 /// The positions a sliding window hides: query `i` (absolute position `seen - seq + i`) may see

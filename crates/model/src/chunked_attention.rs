@@ -1,13 +1,15 @@
 //! Causal attention for training that never stores the `[batch, heads, seq, seq]` scores:
-//! queries go a chunk at a time, and the backward pass recomputes each chunk's probabilities
-//! from the saved log-sum-exp (the scheme of memory-efficient and flash attention, written with
+//! queries go a chunk at a time, each chunk against only the keys up to its last position (the
+//! rest are its future: about half the products of full scores at long sequences), and the
+//! backward pass recomputes each chunk's probabilities from the saved log-sum-exp (the scheme of memory-efficient and flash attention, written with
 //! burn's tensor ops). burn 0.21's autodiff decomposes attention into ops that keep the scores,
 //! their softmax and the masked copies of both for every layer: 8 × 1024 tokens of 9 heads are
 //! 0.3 GB per copy per layer in f32.
 //!
 //! This is an autodiff op with its own backward, so it is specialized to the concrete backends
 //! burnish runs (the CPU backend, and CUDA or wgpu where built); any other backend, and every
-//! pass without autodiff, uses burn's attention.
+//! pass without autodiff, uses burn's attention. On the CPU backend the op runs as one kernel
+//! per direction (`cpu_attention`); elsewhere it is composed of burn's tensor ops.
 
 use std::any::{Any, TypeId};
 
@@ -18,17 +20,21 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Bool, Tensor, TensorPrimitive};
+use burn::tensor::{Bool, DType, Tensor, TensorPrimitive};
+
+use crate::attention::repeat_kv;
+use crate::cpu_attention;
 
 /// Query positions per chunk: a chunk's scores are `[batch, heads, CHUNK, seq]`.
 const CHUNK: usize = 128;
 
-/// Causal attention of `q` over `k`, `v` (heads already repeated for grouped queries), with
-/// `mask` hiding more keys where it is `true`, through the chunked op when `B` is one of the
-/// autodiff backends it is built for; `None` otherwise.
+/// Causal attention of `q` over `k`, `v` (grouped-query heads not repeated), with `mask`
+/// hiding more keys where it is `true`, through the chunked op when `B` is one of the autodiff
+/// backends it is built for; `None` otherwise.
 ///
 /// # Shapes
-/// - q, k, v: `[batch, heads, seq, head_dim]`
+/// - q: `[batch, heads, seq, head_dim]`
+/// - k, v: `[batch, kv_heads, seq, head_dim]`
 /// - mask: `[batch or 1, 1, seq, seq]`
 /// - output: `[batch, heads, seq, head_dim]`
 pub(crate) fn chunked_causal_attention<B: Backend>(
@@ -40,12 +46,21 @@ pub(crate) fn chunked_causal_attention<B: Backend>(
     if q.dims()[2] != k.dims()[2] {
         return None; // queries after a cache: inference, not training
     }
-    let out = on::<B, Flex>(q, k, v, mask);
+    let out = on::<B, Flex>(q, k, v, mask, Kernel::Cpu);
     #[cfg(feature = "cuda")]
-    let out = out.or_else(|| on::<B, burn::backend::Cuda>(q, k, v, mask));
+    let out = out.or_else(|| on::<B, burn::backend::Cuda>(q, k, v, mask, Kernel::Chunks));
     #[cfg(feature = "wgpu")]
-    let out = out.or_else(|| on::<B, burn::backend::Wgpu>(q, k, v, mask));
+    let out = out.or_else(|| on::<B, burn::backend::Wgpu>(q, k, v, mask, Kernel::Chunks));
     out
+}
+
+/// How the op computes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kernel {
+    /// `cpu_attention`'s kernels (`I` is the CPU backend); f32 only, other dtypes take `Chunks`.
+    Cpu,
+    /// burn's tensor ops, a chunk of queries at a time.
+    Chunks,
 }
 
 /// The chunked op when `B` is `Autodiff<I>`.
@@ -54,16 +69,21 @@ fn on<B: Backend, I: Backend>(
     k: &Tensor<B, 4>,
     v: &Tensor<B, 4>,
     mask: Option<&Tensor<B, 4, Bool>>,
+    kernel: Kernel,
 ) -> Option<Tensor<B, 4>> {
     if TypeId::of::<B>() != TypeId::of::<Autodiff<I>>() {
         return None;
     }
+    let kernel = match kernel {
+        Kernel::Cpu if q.dtype() == DType::F32 => Kernel::Cpu,
+        _ => Kernel::Chunks,
+    };
     let float = |t: &Tensor<B, 4>| -> FloatTensor<Autodiff<I>> {
         rebrand(t.clone().into_primitive().tensor())
     };
     let mask =
         mask.map(|m| Tensor::<I, 4, Bool>::from_primitive(rebrand(m.clone().into_primitive())));
-    let out = tracked::<I>(float(q), float(k), float(v), mask);
+    let out = tracked::<I>(float(q), float(k), float(v), mask, kernel);
     Some(Tensor::from_primitive(TensorPrimitive::Float(rebrand(out))))
 }
 
@@ -79,12 +99,13 @@ fn rebrand<From: 'static, To: 'static>(value: From) -> To {
 /// What the backward pass needs: the inputs, the output and each row's log-sum-exp.
 #[derive(Debug, Clone)]
 struct Saved<I: Backend> {
+    kernel: Kernel,
     q: Tensor<I, 4>,
     k: Tensor<I, 4>,
     v: Tensor<I, 4>,
     mask: Option<Tensor<I, 4, Bool>>,
     out: Tensor<I, 4>,
-    /// Per chunk of queries: `[batch, heads, chunk, 1]`.
+    /// Per chunk of queries: `[batch, heads, chunk, 1]` (one chunk for the CPU kernel).
     lse: Vec<Tensor<I, 4>>,
 }
 
@@ -111,6 +132,7 @@ fn tracked<I: Backend>(
     k: FloatTensor<Autodiff<I>>,
     v: FloatTensor<Autodiff<I>>,
     mask: Option<Tensor<I, 4, Bool>>,
+    kernel: Kernel,
 ) -> FloatTensor<Autodiff<I>> {
     let inner = |t: &FloatTensor<Autodiff<I>>| {
         Tensor::<I, 4>::from_primitive(TensorPrimitive::Float(t.primitive.clone()))
@@ -122,9 +144,10 @@ fn tracked<I: Backend>(
         .stateful()
     {
         OpsKind::Tracked(prep) => {
-            let (out, lse) = attention_forward(&q_in, &k_in, &v_in, mask.as_ref());
+            let (out, lse) = attention_forward(kernel, &q_in, &k_in, &v_in, mask.as_ref());
             let primitive = out.clone().into_primitive().tensor();
             let saved = Saved {
+                kernel,
                 q: q_in,
                 k: k_in,
                 v: v_in,
@@ -135,7 +158,7 @@ fn tracked<I: Backend>(
             prep.finish(saved, primitive)
         }
         OpsKind::UnTracked(prep) => {
-            let (out, _) = attention_forward(&q_in, &k_in, &v_in, mask.as_ref());
+            let (out, _) = attention_forward(kernel, &q_in, &k_in, &v_in, mask.as_ref());
             prep.finish(out.into_primitive().tensor())
         }
     }
@@ -156,7 +179,11 @@ fn hidden_keys<I: Backend>(
     }
 }
 
-/// The scaled scores of queries `start..start + len`, hidden keys at -∞.
+/// The scaled scores of queries `start..start + len` against the keys they can see at all,
+/// `0..start + len` (later keys are in their future), hidden keys at -∞.
+///
+/// # Shapes
+/// - output: `[batch, heads, len, start + len]`
 fn chunk_scores<I: Backend>(
     q: &Tensor<I, 4>,
     k: &Tensor<I, 4>,
@@ -164,28 +191,42 @@ fn chunk_scores<I: Backend>(
     start: usize,
     len: usize,
 ) -> Tensor<I, 4> {
-    let [batch, heads, seq, head_dim] = q.dims();
+    let [batch, heads, _, head_dim] = q.dims();
+    let seen = start + len;
     let scale = (head_dim as f64).powf(-0.5);
     let scores = q
         .clone()
         .narrow(2, start, len)
-        .matmul(k.clone().swap_dims(2, 3))
+        .matmul(k.clone().narrow(2, 0, seen).swap_dims(2, 3))
         .mul_scalar(scale);
     let hidden = hidden
         .clone()
         .narrow(2, start, len)
-        .expand([batch, heads, len, seq]);
+        .narrow(3, 0, seen)
+        .expand([batch, heads, len, seen]);
     scores.mask_fill(hidden, f32::NEG_INFINITY)
 }
 
 /// The attention output, and per chunk of queries each query's log-sum-exp of scores (kept
 /// apart, each contiguous, for the backward pass's row-wise broadcasts).
 fn attention_forward<I: Backend>(
+    kernel: Kernel,
     q: &Tensor<I, 4>,
     k: &Tensor<I, 4>,
     v: &Tensor<I, 4>,
     mask: Option<&Tensor<I, 4, Bool>>,
 ) -> (Tensor<I, 4>, Vec<Tensor<I, 4>>) {
+    if kernel == Kernel::Cpu {
+        let (out, lse) = cpu_attention::forward(
+            &rebrand(q.clone()),
+            &rebrand(k.clone()),
+            &rebrand(v.clone()),
+            mask.cloned().map(rebrand).as_ref(),
+        );
+        return (rebrand(out), vec![rebrand(lse)]);
+    }
+    let groups = q.dims()[1] / k.dims()[1];
+    let (k, v) = (&repeat_kv(k.clone(), groups), &repeat_kv(v.clone(), groups));
     let seq = q.dims()[2];
     let hidden = hidden_keys(mask, seq, &q.device());
     let mut outs = Vec::new();
@@ -196,7 +237,7 @@ fn attention_forward<I: Backend>(
         let max = scores.clone().max_dim(3);
         let exp = (scores - max.clone()).exp();
         let total = exp.clone().sum_dim(3);
-        outs.push(exp.matmul(v.clone()) / total.clone());
+        outs.push(exp.matmul(v.clone().narrow(2, 0, start + len)) / total.clone());
         lses.push(max + total.log());
     }
     (Tensor::cat(outs, 2), lses)
@@ -206,6 +247,7 @@ fn attention_forward<I: Backend>(
 /// `dV = Pᵀ·dO`, `dS = P ∘ (dO·Vᵀ − rowsum(dO ∘ O))`, `dQ = s·dS·K`, `dK = s·dSᵀ·Q`.
 fn attention_backward<I: Backend>(saved: Saved<I>, d_out: Tensor<I, 4>) -> [Tensor<I, 4>; 3] {
     let Saved {
+        kernel,
         q,
         k,
         v,
@@ -213,7 +255,26 @@ fn attention_backward<I: Backend>(saved: Saved<I>, d_out: Tensor<I, 4>) -> [Tens
         out,
         lse,
     } = saved;
-    let [_, _, seq, head_dim] = q.dims();
+    if kernel == Kernel::Cpu {
+        let grads = cpu_attention::backward(
+            [&rebrand(q), &rebrand(k), &rebrand(v)],
+            mask.map(rebrand).as_ref(),
+            &rebrand(out),
+            &rebrand(
+                lse.into_iter()
+                    .next()
+                    .expect("the CPU kernel's log-sum-exp"),
+            ),
+            &rebrand(d_out),
+        );
+        return grads.map(rebrand);
+    }
+    let kv_heads = k.dims()[1];
+    let [batch, heads, seq, head_dim] = q.dims();
+    let (k, v) = (
+        repeat_kv(k, heads / kv_heads),
+        repeat_kv(v, heads / kv_heads),
+    );
     let scale = (head_dim as f64).powf(-0.5);
     let hidden = hidden_keys(mask.as_ref(), seq, &q.device());
     let mut dq = Vec::new();
@@ -221,20 +282,45 @@ fn attention_backward<I: Backend>(saved: Saved<I>, d_out: Tensor<I, 4>) -> [Tens
     let mut dv = v.zeros_like();
     for (start, lse) in (0..seq).step_by(CHUNK).zip(lse) {
         let len = CHUNK.min(seq - start);
+        let seen = start + len;
+        let k_seen = k.clone().narrow(2, 0, seen);
         let probs = (chunk_scores(&q, &k, &hidden, start, len) - lse).exp();
         let d_out_chunk = d_out.clone().narrow(2, start, len);
         let row_dots = (d_out_chunk.clone() * out.clone().narrow(2, start, len)).sum_dim(3);
-        dv = dv + probs.clone().swap_dims(2, 3).matmul(d_out_chunk.clone());
-        let d_probs = d_out_chunk.matmul(v.clone().swap_dims(2, 3));
+        let dv_seen = dv.clone().narrow(2, 0, seen)
+            + probs.clone().swap_dims(2, 3).matmul(d_out_chunk.clone());
+        dv = dv.slice_assign([0..batch, 0..heads, 0..seen, 0..head_dim], dv_seen);
+        let d_probs = d_out_chunk.matmul(v.clone().narrow(2, 0, seen).swap_dims(2, 3));
         let d_scores = probs * (d_probs - row_dots);
-        dq.push(d_scores.clone().matmul(k.clone()).mul_scalar(scale));
-        dk = dk
+        dq.push(d_scores.clone().matmul(k_seen).mul_scalar(scale));
+        let dk_seen = dk.clone().narrow(2, 0, seen)
             + d_scores
                 .swap_dims(2, 3)
                 .matmul(q.clone().narrow(2, start, len))
                 .mul_scalar(scale);
+        dk = dk.slice_assign([0..batch, 0..heads, 0..seen, 0..head_dim], dk_seen);
     }
-    [Tensor::cat(dq, 2), dk, dv]
+    [
+        Tensor::cat(dq, 2),
+        sum_groups(dk, kv_heads),
+        sum_groups(dv, kv_heads),
+    ]
+}
+
+/// The gradient of `repeat_kv`: each key/value head's gradient summed over the query heads that
+/// read it.
+///
+/// # Shapes
+/// - input: `[batch, heads, seq, head_dim]`
+/// - output: `[batch, kv_heads, seq, head_dim]`
+fn sum_groups<I: Backend>(x: Tensor<I, 4>, kv_heads: usize) -> Tensor<I, 4> {
+    let [batch, heads, seq, head_dim] = x.dims();
+    if heads == kv_heads {
+        return x;
+    }
+    x.reshape([batch, kv_heads, heads / kv_heads, seq, head_dim])
+        .sum_dim(2)
+        .reshape([batch, kv_heads, seq, head_dim])
 }
 
 #[cfg(test)]
@@ -260,19 +346,18 @@ mod tests {
     }
 
     #[test]
-    fn chunked_attention_equals_burns_in_value_and_gradient() {
+    fn both_kernels_equal_burns_attention_in_value_and_gradient() {
         let device = Default::default();
-        // 300 positions: two full chunks and a short one.
-        let [batch, heads, seq, head_dim] = [2, 3, 300, 16];
+        // 300 positions: full chunks and a short one for both kernels.
+        let [batch, heads, seq, head_dim] = [2, 6, 300, 16];
         Flex::seed(&device, 3);
-        let random = || {
+        let random = |heads: usize| {
             Tensor::<AD, 4>::random(
                 [batch, heads, seq, head_dim],
                 Distribution::Default,
                 &device,
             )
         };
-        let inputs = [random(), random(), random(), random()];
         // Two documents per row (packing): keys of the other document are hidden.
         let document: Vec<bool> = (0..batch * seq * seq)
             .map(|i| ((i / seq) % seq < 170) != (i % seq < 170))
@@ -281,28 +366,87 @@ mod tests {
             TensorData::new(document, [batch, 1, seq, seq]),
             &device,
         );
-        for mask in [None, Some(documents)] {
-            let burns = run(
-                |q, k, v| {
-                    let options = AttentionModuleOptions {
-                        scale: None,
-                        softcap: None,
-                        is_causal: true,
-                    };
-                    let mask = mask.clone().map(|m| m.expand([batch, heads, seq, seq]));
-                    attention(q, k, v, mask, None, options)
-                },
-                &inputs,
-            );
-            let ours = run(
-                |q, k, v| {
-                    chunked_causal_attention(&q, &k, &v, mask.as_ref()).expect("the chunked op")
-                },
-                &inputs,
-            );
-            for (ours, burns) in ours.into_iter().zip(burns) {
-                ours.assert_approx_eq::<f32>(&burns, Tolerance::absolute(1e-5));
+        // Plain heads, and grouped queries (three query heads per key/value head).
+        for kv_heads in [heads, 2] {
+            let groups = heads / kv_heads;
+            let inputs = [
+                random(heads),
+                random(kv_heads),
+                random(kv_heads),
+                random(heads),
+            ];
+            for mask in [None, Some(documents.clone())] {
+                let burns = run(
+                    |q, k, v| {
+                        let options = AttentionModuleOptions {
+                            scale: None,
+                            softcap: None,
+                            is_causal: true,
+                        };
+                        let mask = mask.clone().map(|m| m.expand([batch, heads, seq, seq]));
+                        let (k, v) = (repeat_kv(k, groups), repeat_kv(v, groups));
+                        attention(q, k, v, mask, None, options)
+                    },
+                    &inputs,
+                );
+                for kernel in [Kernel::Cpu, Kernel::Chunks] {
+                    let ours = run(
+                        |q, k, v| {
+                            on::<AD, Flex>(&q, &k, &v, mask.as_ref(), kernel).expect("the op")
+                        },
+                        &inputs,
+                    );
+                    for (ours, burns) in ours.into_iter().zip(&burns) {
+                        ours.assert_approx_eq::<f32>(burns, Tolerance::absolute(1e-5));
+                    }
+                }
             }
+        }
+    }
+
+    #[test]
+    fn the_cpu_kernel_reads_strided_heads_in_place() {
+        // Heads as the projections leave them: `[batch, seq, heads, dim]` seen as
+        // `[batch, heads, seq, dim]`, and the output's gradient as a view too.
+        let device = Default::default();
+        let [batch, heads, seq, head_dim] = [1, 4, 70, 8];
+        Flex::seed(&device, 5);
+        let random = || {
+            Tensor::<AD, 4>::random(
+                [batch, seq, heads, head_dim],
+                Distribution::Default,
+                &device,
+            )
+        };
+        let inputs = [random(), random(), random(), random()].map(|t| t.swap_dims(1, 2));
+        let contiguous = inputs
+            .clone()
+            .map(|t| Tensor::from_data(t.into_data(), &device));
+        let attend = |q: Tensor<AD, 4>, k: Tensor<AD, 4>, v: Tensor<AD, 4>| {
+            on::<AD, Flex>(&q, &k, &v, None, Kernel::Cpu).expect("the op")
+        };
+        let strided = run(attend, &inputs);
+        for (strided, contiguous) in strided.into_iter().zip(run(attend, &contiguous)) {
+            strided.assert_approx_eq::<f32>(&contiguous, Tolerance::absolute(1e-6));
+        }
+    }
+
+    #[test]
+    fn a_nan_query_gives_a_nan_output_in_both_kernels() {
+        // A NaN must not be mistaken for "nothing visible" (that would train on zeros).
+        let device = Default::default();
+        let mut values = vec![0.5f32; 2 * 3 * 8];
+        values[0] = f32::NAN;
+        let q = Tensor::<AD, 4>::from_data(TensorData::new(values, [1, 2, 3, 8]), &device);
+        let kv = Tensor::<AD, 4>::ones([1, 1, 3, 8], &device);
+        for kernel in [Kernel::Cpu, Kernel::Chunks] {
+            let out = on::<AD, Flex>(&q, &kv, &kv, None, kernel).expect("the op");
+            let first_row = out.narrow(1, 0, 1).narrow(2, 0, 1).into_data();
+            let first_row = first_row.to_vec::<f32>().unwrap();
+            assert!(
+                first_row.iter().all(|x| x.is_nan()),
+                "{kernel:?}: {first_row:?}"
+            );
         }
     }
 

@@ -8,6 +8,7 @@ mod base_dtype;
 mod build;
 mod chunked_attention;
 mod config;
+mod cpu_attention;
 mod decoder;
 mod error;
 mod generate;
@@ -19,6 +20,7 @@ mod pretrained;
 mod rope;
 mod save;
 mod score;
+mod vector_exp;
 mod weights;
 
 pub use attention::{Attention, LayerCache};
