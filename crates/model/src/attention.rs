@@ -9,7 +9,7 @@ use burn::tensor::{Bool, Tensor, TensorData};
 use burnish_peft::AdaptableLinear;
 
 use crate::chunked_attention::chunked_causal_attention;
-use crate::rope::apply_rotary;
+use crate::rope::Rotations;
 
 /// Keys and values of one layer for the positions seen so far, before the GQA head repeat.
 #[derive(Debug, Clone)]
@@ -45,27 +45,28 @@ impl<B: Backend> Attention<B> {
     ///
     /// # Shapes
     /// - x: `[batch, seq, hidden]`
-    /// - cos, sin: `[1 or batch, 1, seq, head_dim]`
     /// - segments: `[batch, 1, seq, seq]`, `true` where a query must not see a key
     /// - output: `[batch, seq, hidden]`
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
-        cos: &Tensor<B, 4>,
-        sin: &Tensor<B, 4>,
+        rotations: &Rotations<B>,
         segments: Option<&Tensor<B, 4, Bool>>,
         cache: Option<&mut Option<LayerCache<B>>>,
     ) -> Tensor<B, 3> {
         let [batch, seq, _] = x.dims();
-        let heads = |t: Tensor<B, 3>, n: usize| {
-            // [batch, seq, n * head_dim] -> [batch, n, seq, head_dim]
-            t.reshape([batch, seq, n, self.head_dim]).swap_dims(1, 2)
-        };
-        let q = heads(self.q_proj.forward(x.clone()), self.num_heads);
-        let k = heads(self.k_proj.forward(x.clone()), self.num_kv_heads);
-        let v = heads(self.v_proj.forward(x), self.num_kv_heads);
-        let q = apply_rotary(q, cos, sin);
-        let k = apply_rotary(k, cos, sin);
+        // [batch, seq, n * head_dim] -> [batch, seq, n, head_dim]
+        let split = |t: Tensor<B, 3>, n: usize| t.reshape([batch, seq, n, self.head_dim]);
+        // Rotated as the projections leave them, then viewed as [batch, n, seq, head_dim].
+        let q = rotations
+            .queries
+            .apply(split(self.q_proj.forward(x.clone()), self.num_heads))
+            .swap_dims(1, 2);
+        let k = rotations
+            .keys
+            .apply(split(self.k_proj.forward(x.clone()), self.num_kv_heads))
+            .swap_dims(1, 2);
+        let v = split(self.v_proj.forward(x), self.num_kv_heads).swap_dims(1, 2);
 
         let (k, v) = match cache {
             None => (k, v),

@@ -15,7 +15,7 @@ use crate::attention::{Attention, LayerCache};
 use crate::config::DecoderConfig;
 use crate::mlp::Mlp;
 use crate::norm::RmsNorm;
-use crate::rope::Rope;
+use crate::rope::{Rope, Rotations};
 
 /// The projections of every layer, in checkpoint order, by their name within the layer.
 pub const LAYER_PROJECTIONS: [&str; 7] = [
@@ -59,15 +59,14 @@ impl<B: Backend> DecoderLayer<B> {
     fn forward(
         &self,
         x: Tensor<B, 3>,
-        cos: &Tensor<B, 4>,
-        sin: &Tensor<B, 4>,
+        rotations: &Rotations<B>,
         segments: Option<&Tensor<B, 4, Bool>>,
         cache: Option<&mut Option<LayerCache<B>>>,
     ) -> Tensor<B, 3> {
         let h = x.clone()
             + self
                 .self_attn
-                .forward(self.input_layernorm.forward(x), cos, sin, segments, cache);
+                .forward(self.input_layernorm.forward(x), rotations, segments, cache);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }
@@ -131,8 +130,9 @@ impl<B: Backend> Decoder<B> {
     /// - ids: `[batch, seq]`
     /// - output: `[batch, seq, hidden]`
     pub fn hidden_states(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        let (cos, sin) = self.rope.tables::<B>(0, ids.dims()[1], &ids.device());
-        self.trunk(ids, &cos, &sin, None, None)
+        let positions: Vec<usize> = (0..ids.dims()[1]).collect();
+        let rotations = self.rotations(&positions, 1, &ids.device());
+        self.trunk(ids, &rotations, None, None)
     }
 
     /// Next-token logits for rows that each hold several documents back to back: `positions`
@@ -167,7 +167,7 @@ impl<B: Backend> Decoder<B> {
         assert_eq!(positions.len(), batch * seq, "one position per token");
         assert_eq!(segments.len(), batch * seq, "one segment id per token");
         let device = ids.device();
-        let (cos, sin) = self.rope.tables_at::<B>(positions, batch, &device);
+        let rotations = self.rotations(positions, batch, &device);
         let hidden: Vec<bool> = (0..batch)
             .flat_map(|b| {
                 let row = &segments[b * seq..(b + 1) * seq];
@@ -176,7 +176,7 @@ impl<B: Backend> Decoder<B> {
             .collect();
         let mask =
             Tensor::<B, 4, Bool>::from_data(TensorData::new(hidden, [batch, 1, seq, seq]), &device);
-        self.trunk(ids, &cos, &sin, Some(&mask), None)
+        self.trunk(ids, &rotations, Some(&mask), None)
     }
 
     /// Logits for the new positions `ids`, which follow the `cache.len()` positions in `cache`;
@@ -189,8 +189,9 @@ impl<B: Backend> Decoder<B> {
         let start = cache.len;
         let new = ids.dims()[1];
         cache.len += new;
-        let (cos, sin) = self.rope.tables::<B>(start, new, &ids.device());
-        self.head(self.trunk(ids, &cos, &sin, None, Some(&mut cache.layers)))
+        let positions: Vec<usize> = (start..start + new).collect();
+        let rotations = self.rotations(&positions, 1, &ids.device());
+        self.head(self.trunk(ids, &rotations, None, Some(&mut cache.layers)))
     }
 
     /// Logits of final hidden states: the LM head, or the embedding matrix when tied.
@@ -320,19 +321,25 @@ impl<B: Backend> Decoder<B> {
         Ok(())
     }
 
+    /// The rotary embeddings of `positions` (`rows × seq`, or one row shared by all) for this
+    /// model's query and key heads.
+    fn rotations(&self, positions: &[usize], rows: usize, device: &B::Device) -> Rotations<B> {
+        let heads = [self.config.num_heads, self.config.num_kv_heads];
+        self.rope.rotations(positions, rows, heads, device)
+    }
+
     /// The layers and the final norm, from token ids to final hidden states.
     fn trunk(
         &self,
         ids: Tensor<B, 2, Int>,
-        cos: &Tensor<B, 4>,
-        sin: &Tensor<B, 4>,
+        rotations: &Rotations<B>,
         segments: Option<&Tensor<B, 4, Bool>>,
         mut cache: Option<&mut Vec<Option<LayerCache<B>>>>,
     ) -> Tensor<B, 3> {
         let mut x = embedding(self.embed_tokens.val(), ids);
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|layers| &mut layers[i]);
-            x = layer.forward(x, cos, sin, segments, slot);
+            x = layer.forward(x, rotations, segments, slot);
         }
         self.norm.forward(x)
     }

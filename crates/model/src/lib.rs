@@ -35,7 +35,7 @@ pub use merge::{InMemoryWeights, MergeMethod, MergeOptions, NamedWeights, merge_
 pub use mlp::Mlp;
 pub use norm::RmsNorm;
 pub use pretrained::Pretrained;
-pub use rope::{Rope, RopeScaling};
+pub use rope::{Rope, RopeScaling, Rotation, Rotations};
 pub use save::{named_weights, save_decoder};
 pub use score::token_logprobs;
 pub use weights::{RandomWeights, TensorSource, Weights};

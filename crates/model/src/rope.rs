@@ -105,7 +105,7 @@ pub fn inverse_frequencies(head_dim: usize, theta: f64, scaling: &RopeScaling) -
     }
 }
 
-/// Precomputed inverse frequencies; produces the cos/sin tables for any run of positions.
+/// Precomputed inverse frequencies; produces the rotations for any run of positions.
 #[derive(Debug, Clone)]
 pub struct Rope {
     inv_freq: Vec<f32>,
@@ -118,67 +118,97 @@ impl Rope {
         }
     }
 
-    /// cos and sin for positions `start..start + len`, shared by every row.
-    ///
-    /// # Shapes
-    /// - output: two `[1, 1, len, head_dim]` tensors (each half repeated, as HF's
-    ///   `cat(freqs, freqs)`)
-    pub fn tables<B: Backend>(
-        &self,
-        start: usize,
-        len: usize,
-        device: &B::Device,
-    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        let positions: Vec<usize> = (start..start + len).collect();
-        self.tables_at(&positions, 1, device)
-    }
-
-    /// cos and sin for explicit per-row positions (`positions` is `rows × seq`, row-major), as
-    /// packed sequences need: positions restart at 0 for every document.
-    ///
-    /// # Shapes
-    /// - output: two `[rows, 1, seq, head_dim]` tensors
-    pub fn tables_at<B: Backend>(
+    /// The rotations of `heads` query heads and `kv_heads` key heads at positions
+    /// `positions`, which are `rows × seq` (row-major) or, for `rows = 1`, shared by every row.
+    /// Packed sequences pass explicit positions that restart at 0 for every document.
+    pub fn rotations<B: Backend>(
         &self,
         positions: &[usize],
         rows: usize,
+        [heads, kv_heads]: [usize; 2],
         device: &B::Device,
-    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    ) -> Rotations<B> {
+        let queries = self.rotation(positions, rows, heads, device);
+        let keys = if kv_heads == heads {
+            queries.clone()
+        } else {
+            self.rotation(positions, rows, kv_heads, device)
+        };
+        Rotations { queries, keys }
+    }
+
+    fn rotation<B: Backend>(
+        &self,
+        positions: &[usize],
+        rows: usize,
+        heads: usize,
+        device: &B::Device,
+    ) -> Rotation<B> {
         let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(positions.len() * half * 2);
-        let mut sin = Vec::with_capacity(positions.len() * half * 2);
+        let head_dim = half * 2;
+        let len = positions.len() * heads * head_dim;
+        let mut cos = Vec::with_capacity(len);
+        let mut sin = Vec::with_capacity(len);
         for &pos in positions {
             let angles: Vec<f32> = self.inv_freq.iter().map(|f| pos as f32 * f).collect();
-            for _ in 0..2 {
-                cos.extend(angles.iter().map(|a| a.cos()));
-                sin.extend(angles.iter().map(|a| a.sin()));
+            // HF's `cat(freqs, freqs)`: each half of a head sees the same angles.
+            let head_cos: Vec<f32> = angles.iter().chain(&angles).map(|a| a.cos()).collect();
+            let head_sin: Vec<f32> = angles.iter().chain(&angles).map(|a| a.sin()).collect();
+            for _ in 0..heads {
+                cos.extend_from_slice(&head_cos);
+                sin.extend_from_slice(&head_sin);
             }
         }
-        let shape = [rows, 1, positions.len() / rows.max(1), half * 2];
-        (
-            Tensor::from_data(TensorData::new(cos, shape), device),
-            Tensor::from_data(TensorData::new(sin, shape), device),
-        )
+        let shape = [rows, len / rows.max(1)];
+        // x · half_turn = rotate_half(x) = [-x₂, x₁]: -1 at (j + half, j), 1 at (j, j + half).
+        let mut half_turn = vec![0.0f32; head_dim * head_dim];
+        for j in 0..half {
+            half_turn[(j + half) * head_dim + j] = -1.0;
+            half_turn[j * head_dim + j + half] = 1.0;
+        }
+        Rotation {
+            cos: Tensor::from_data(TensorData::new(cos, shape), device),
+            sin: Tensor::from_data(TensorData::new(sin, shape), device),
+            half_turn: Tensor::from_data(TensorData::new(half_turn, [head_dim, head_dim]), device),
+        }
     }
 }
 
-/// Rotates `x` by the given tables: `x·cos + rotate_half(x)·sin`.
-///
-/// # Shapes
-/// - x: `[batch, heads, seq, head_dim]`
-/// - cos, sin: `[1 or batch, 1, seq, head_dim]`
-/// - output: `[batch, heads, seq, head_dim]`
-pub fn apply_rotary<B: Backend>(
-    x: Tensor<B, 4>,
-    cos: &Tensor<B, 4>,
-    sin: &Tensor<B, 4>,
-) -> Tensor<B, 4> {
-    let [_, _, _, head_dim] = x.dims();
-    let half = head_dim / 2;
-    let x1 = x.clone().narrow(3, 0, half);
-    let x2 = x.clone().narrow(3, half, half);
-    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    x * cos.clone() + rotated * sin.clone()
+/// The rotations of one forward pass, shared by every layer.
+#[derive(Debug, Clone)]
+pub struct Rotations<B: Backend> {
+    pub queries: Rotation<B>,
+    pub keys: Rotation<B>,
+}
+
+/// cos and sin of a run of positions laid out like the projection output they rotate, so the
+/// rotation is element-wise over contiguous rows (one table row shared by every batch row, or
+/// one per row), and `rotate_half` as a product with a fixed signed permutation.
+#[derive(Debug, Clone)]
+pub struct Rotation<B: Backend> {
+    /// `[1 or batch, seq · heads · head_dim]`
+    cos: Tensor<B, 2>,
+    /// `[1 or batch, seq · heads · head_dim]`
+    sin: Tensor<B, 2>,
+    /// `[head_dim, head_dim]`
+    half_turn: Tensor<B, 2>,
+}
+
+impl<B: Backend> Rotation<B> {
+    /// Rotates `x` in HF's convention: `x·cos + rotate_half(x)·sin`.
+    ///
+    /// # Shapes
+    /// - x, output: `[batch, seq, heads, head_dim]`
+    pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [batch, seq, heads, head_dim] = x.dims();
+        let rotated = x
+            .clone()
+            .reshape([batch * seq * heads, head_dim])
+            .matmul(self.half_turn.clone())
+            .reshape([batch, seq * heads * head_dim]);
+        let x = x.reshape([batch, seq * heads * head_dim]);
+        (x * self.cos.clone() + rotated * self.sin.clone()).reshape([batch, seq, heads, head_dim])
+    }
 }
 
 #[cfg(test)]
