@@ -9,6 +9,7 @@ mod build;
 mod chunked_attention;
 mod config;
 mod cpu_attention;
+mod cpu_kernel;
 mod decoder;
 mod error;
 mod generate;

@@ -1,8 +1,13 @@
-//! RMSNorm as transformers computes it: `x / sqrt(mean(x²) + eps) · weight`.
+//! RMSNorm as transformers computes it: `x / sqrt(mean(x²) + eps) · weight`, as one kernel on
+//! the CPU backend.
 
 use burn::module::{Module, Param};
-use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorPrimitive};
+use burn_flex::FlexTensor;
+use rayon::prelude::*;
+
+use crate::cpu_kernel::{self, Kernel, tensor, values};
 
 /// Root-mean-square normalisation over the last dimension with a learned scale.
 #[derive(Module, Debug)]
@@ -24,6 +29,15 @@ impl<B: Backend> RmsNorm<B> {
     /// # Shapes
     /// - input, output: `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let weight = self.weight.val();
+        let kernel = RmsNormKernel { eps: self.eps };
+        let inputs = [
+            x.clone().into_primitive().tensor(),
+            weight.clone().into_primitive().tensor(),
+        ];
+        if let Some(out) = cpu_kernel::run::<B, _, 2>(kernel, inputs) {
+            return Tensor::from_primitive(TensorPrimitive::Float(out));
+        }
         let inv_rms = x
             .clone()
             .square()
@@ -31,6 +45,161 @@ impl<B: Backend> RmsNorm<B> {
             .add_scalar(self.eps)
             .sqrt()
             .recip();
-        x * inv_rms * self.weight.val().unsqueeze::<3>()
+        x * inv_rms * weight.unsqueeze::<3>()
+    }
+}
+
+/// Rows of the normalised axis per task.
+const ROWS_PER_TASK: usize = 16;
+
+/// Per row `r = 1 / sqrt(mean(x²) + eps)`, `y = x · r · w`. Backward, with `g = dy · w`:
+/// `dx = r · g − x · r³ · mean(g · x)` and `dw = Σ_rows dy · x · r`.
+#[derive(Debug, Clone)]
+struct RmsNormKernel {
+    eps: f64,
+}
+
+impl Kernel<2> for RmsNormKernel {
+    /// `r` of every row.
+    type Saved = Vec<f32>;
+
+    fn forward(&self, [x, weight]: &[FlexTensor; 2]) -> (FlexTensor, Vec<f32>) {
+        let (xs, w) = (values(x), values(weight));
+        let hidden = w.len();
+        let mut out = vec![0.0f32; xs.len()];
+        let mut inv_rms = vec![0.0f32; xs.len() / hidden];
+        out.par_chunks_mut(hidden * ROWS_PER_TASK)
+            .zip(inv_rms.par_chunks_mut(ROWS_PER_TASK))
+            .zip(xs.par_chunks(hidden * ROWS_PER_TASK))
+            .for_each(|((out, inv_rms), xs)| {
+                for ((out, r), x) in out.chunks_mut(hidden).zip(inv_rms).zip(xs.chunks(hidden)) {
+                    let mean_square = x.iter().map(|v| v * v).sum::<f32>() / hidden as f32;
+                    *r = 1.0 / (mean_square + self.eps as f32).sqrt();
+                    for ((o, x), w) in out.iter_mut().zip(x).zip(w) {
+                        *o = x * *r * w;
+                    }
+                }
+            });
+        (tensor(out, x.layout().shape().clone()), inv_rms)
+    }
+
+    fn backward(
+        &self,
+        [x, weight]: &[FlexTensor; 2],
+        inv_rms: Vec<f32>,
+        d_out: &FlexTensor,
+        [_, weight_wanted]: [bool; 2],
+    ) -> [Option<FlexTensor>; 2] {
+        let (xs, w, dys) = (values(x), values(weight), values(d_out));
+        let hidden = w.len();
+        let mut dx = vec![0.0f32; xs.len()];
+        // Each task's share of `dw`, added up afterwards.
+        let dw_parts: Vec<Vec<f32>> = dx
+            .par_chunks_mut(hidden * ROWS_PER_TASK)
+            .zip(inv_rms.par_chunks(ROWS_PER_TASK))
+            .zip(xs.par_chunks(hidden * ROWS_PER_TASK))
+            .zip(dys.par_chunks(hidden * ROWS_PER_TASK))
+            .map(|(((dx, inv_rms), xs), dys)| {
+                let mut dw = if weight_wanted {
+                    vec![0.0f32; hidden]
+                } else {
+                    Vec::new()
+                };
+                for (((dx, r), x), dy) in dx
+                    .chunks_mut(hidden)
+                    .zip(inv_rms)
+                    .zip(xs.chunks(hidden))
+                    .zip(dys.chunks(hidden))
+                {
+                    let dot: f32 = x.iter().zip(dy).zip(w).map(|((x, dy), w)| dy * w * x).sum();
+                    let correction = r * r * r * dot / hidden as f32;
+                    for (((dx, x), dy), w) in dx.iter_mut().zip(x).zip(dy).zip(w) {
+                        *dx = r * dy * w - x * correction;
+                    }
+                    for ((dw, x), dy) in dw.iter_mut().zip(x).zip(dy) {
+                        *dw += dy * x * r;
+                    }
+                }
+                dw
+            })
+            .collect();
+        let dw = weight_wanted.then(|| {
+            let mut dw = vec![0.0f32; hidden];
+            for part in &dw_parts {
+                dw.iter_mut().zip(part).for_each(|(total, v)| *total += v);
+            }
+            tensor(dw, weight.layout().shape().clone())
+        });
+        [Some(tensor(dx, x.layout().shape().clone())), dw]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::{Autodiff, Flex};
+    use burn::tensor::{Distribution, Tolerance};
+
+    type AD = Autodiff<Flex>;
+
+    #[test]
+    fn the_kernel_equals_burns_ops_in_value_and_gradients() {
+        let device = Default::default();
+        Flex::seed(&device, 7);
+        let hidden = 96;
+        // More rows than one task holds, and a last task with fewer.
+        let x = Tensor::<AD, 3>::random([3, 37, hidden], Distribution::Normal(0.0, 2.0), &device);
+        let upstream = Tensor::<AD, 3>::random([3, 37, hidden], Distribution::Default, &device);
+        let weight = Tensor::<AD, 1>::random([hidden], Distribution::Normal(1.0, 0.3), &device);
+        let eps = 1e-5;
+        let primitives = [
+            x.clone().into_primitive().tensor(),
+            weight.clone().into_primitive().tensor(),
+        ];
+        assert!(cpu_kernel::run::<AD, _, 2>(RmsNormKernel { eps }, primitives).is_some());
+
+        let run = |forward: &dyn Fn(Tensor<AD, 3>, Tensor<AD, 1>) -> Tensor<AD, 3>| {
+            let (x, w) = (x.clone().require_grad(), weight.clone().require_grad());
+            let out = forward(x.clone(), w.clone());
+            let grads = (out.clone() * upstream.clone()).sum().backward();
+            [
+                out.into_data(),
+                x.grad(&grads).unwrap().into_data(),
+                w.grad(&grads).unwrap().into_data(),
+            ]
+        };
+        let ours = run(&|x, w| RmsNorm::new(w, eps).forward(x));
+        let burns = run(&|x, w| {
+            let inv_rms = x
+                .clone()
+                .square()
+                .mean_dim(2)
+                .add_scalar(eps)
+                .sqrt()
+                .recip();
+            x * inv_rms * w.unsqueeze::<3>()
+        });
+        for (ours, burns) in ours.iter().zip(&burns) {
+            ours.assert_approx_eq::<f32>(burns, Tolerance::absolute(1e-5));
+        }
+        // A frozen weight gets no gradient; the input still does.
+        let frozen = RmsNorm::new(weight.clone(), eps).no_grad();
+        let x_tracked = x.clone().require_grad();
+        let grads = (frozen.forward(x_tracked.clone()) * upstream.clone())
+            .sum()
+            .backward();
+        x_tracked
+            .grad(&grads)
+            .unwrap()
+            .into_data()
+            .assert_approx_eq::<f32>(&burns[1], Tolerance::absolute(1e-5));
+        assert!(frozen.weight.val().grad(&grads).is_none());
+        // And without autodiff.
+        let plain_x = Tensor::<Flex, 3>::from_data(x.to_data(), &device);
+        let plain_w = Tensor::<Flex, 1>::from_data(weight.to_data(), &device);
+        RmsNorm::new(plain_w, eps)
+            .forward(plain_x)
+            .into_data()
+            .assert_approx_eq::<f32>(&burns[0], Tolerance::absolute(1e-5));
     }
 }

@@ -77,8 +77,10 @@ impl<B: Backend> Lora<B> {
     /// - output: `[..., out]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let x = self.dropout.forward(x);
-        let down = project_low_rank(x, self.lora_a.val());
-        project_low_rank(down, self.lora_b.val()).mul_scalar(self.scale)
+        // Scaled at rank width, the narrowest point: `s·((x·A)·B)` up to rounding, for a
+        // fraction of the element-wise work of scaling the output.
+        let down = project_low_rank(x, self.lora_a.val()).mul_scalar(self.scale);
+        project_low_rank(down, self.lora_b.val())
     }
 
     /// The dense update `s · B · A` `[out, in]`, for merging.
