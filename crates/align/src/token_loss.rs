@@ -10,6 +10,7 @@
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
+use burnish_model::softmax_rows;
 use burnish_peft::{first_value, project, unproject};
 
 /// Logits held at once by [`masked_token_logprobs_chunked`] (64 MiB in f32).
@@ -104,15 +105,12 @@ pub fn masked_token_logprobs_chunked<B: Backend>(
         let len = chunk.min(positions - start);
         let picked = targets.clone().narrow(0, start, len);
         let logits = project(frozen.clone().narrow(0, start, len), head.clone());
-        let max = logits.clone().max_dim(1);
-        let exp = (logits.clone() - max.clone()).exp();
-        let total = exp.clone().sum_dim(1);
+        let (probs, log_total) = softmax_rows(logits.clone());
         let target_logit = logits.gather(1, picked.clone().unsqueeze_dim::<2>(1));
-        values.push(target_logit - max - total.clone().log());
+        values.push(target_logit - log_total);
         if gradient {
-            // Σ_j p_j·W_j, normalized after the product: [chunk, hidden] rather than
-            // [chunk, vocab] divisions.
-            let expected = unproject(exp, head.clone()) / total;
+            // Σ_j p_j·W_j
+            let expected = unproject(probs, head.clone());
             let target_rows = head.clone().select(0, picked).cast(expected.dtype());
             slopes.push(target_rows - expected);
         }

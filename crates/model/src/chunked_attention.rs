@@ -11,7 +11,7 @@
 //! pass without autodiff, uses burn's attention. On the CPU backend the op runs as one kernel
 //! per direction (`cpu_attention`); elsewhere it is composed of burn's tensor ops.
 
-use std::any::{Any, TypeId};
+use std::any::TypeId;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
@@ -24,13 +24,15 @@ use burn::tensor::{Bool, DType, Tensor, TensorPrimitive};
 
 use crate::attention::repeat_kv;
 use crate::cpu_attention;
+use crate::cpu_kernel::rebrand;
 
 /// Query positions per chunk: a chunk's scores are `[batch, heads, CHUNK, seq]`.
 const CHUNK: usize = 128;
 
 /// Causal attention of `q` over `k`, `v` (grouped-query heads not repeated), with `mask`
 /// hiding more keys where it is `true`, through the chunked op when `B` is one of the autodiff
-/// backends it is built for; `None` otherwise.
+/// backends it is built for, or the CPU kernel's forward pass on the CPU backend without
+/// autodiff (scoring, a prompt's first pass); `None` otherwise.
 ///
 /// # Shapes
 /// - q: `[batch, heads, seq, head_dim]`
@@ -45,6 +47,12 @@ pub(crate) fn chunked_causal_attention<B: Backend>(
 ) -> Option<Tensor<B, 4>> {
     if q.dims()[2] != k.dims()[2] {
         return None; // queries after a cache: inference, not training
+    }
+    if TypeId::of::<B>() == TypeId::of::<Flex>() && q.dtype() == DType::F32 {
+        let flex = |t: &Tensor<B, 4>| -> Tensor<Flex, 4> { rebrand(t.clone()) };
+        let mask = mask.map(|m| -> Tensor<Flex, 4, Bool> { rebrand(m.clone()) });
+        let (out, _) = cpu_attention::forward(&flex(q), &flex(k), &flex(v), mask.as_ref());
+        return Some(rebrand(out));
     }
     let out = on::<B, Flex>(q, k, v, mask, Kernel::Cpu);
     #[cfg(feature = "cuda")]
@@ -85,15 +93,6 @@ fn on<B: Backend, I: Backend>(
         mask.map(|m| Tensor::<I, 4, Bool>::from_primitive(rebrand(m.clone().into_primitive())));
     let out = tracked::<I>(float(q), float(k), float(v), mask, kernel);
     Some(Tensor::from_primitive(TensorPrimitive::Float(rebrand(out))))
-}
-
-/// Moves a value from one spelling of a type to another, once `TypeId` has shown they are the
-/// same type.
-fn rebrand<From: 'static, To: 'static>(value: From) -> To {
-    match (Box::new(value) as Box<dyn Any>).downcast::<To>() {
-        Ok(value) => *value,
-        Err(_) => unreachable!("rebrand is called only between one type's two spellings"),
-    }
 }
 
 /// What the backward pass needs: the inputs, the output and each row's log-sum-exp.
@@ -432,6 +431,25 @@ mod tests {
     }
 
     #[test]
+    fn without_autodiff_the_cpu_kernel_equals_burns_attention() {
+        let device = Default::default();
+        Flex::seed(&device, 9);
+        let random = |heads: usize| {
+            Tensor::<Flex, 4>::random([2, heads, 150, 16], Distribution::Default, &device)
+        };
+        let (q, k, v) = (random(4), random(2), random(2));
+        let ours = chunked_causal_attention(&q, &k, &v, None).expect("the CPU kernel");
+        let options = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: true,
+        };
+        let burns = attention(q, repeat_kv(k, 2), repeat_kv(v, 2), None, None, options);
+        ours.into_data()
+            .assert_approx_eq::<f32>(&burns.into_data(), Tolerance::absolute(1e-5));
+    }
+
+    #[test]
     fn a_nan_query_gives_a_nan_output_in_both_kernels() {
         // A NaN must not be mistaken for "nothing visible" (that would train on zeros).
         let device = Default::default();
@@ -451,9 +469,11 @@ mod tests {
     }
 
     #[test]
-    fn backends_without_the_op_fall_back() {
+    fn queries_after_a_cache_fall_back() {
+        // One new query against four cached keys: generation, where burn's attention runs.
         let device = Default::default();
-        let x = Tensor::<Flex, 4>::zeros([1, 1, 4, 8], &device);
-        assert!(chunked_causal_attention(&x, &x, &x, None).is_none());
+        let q = Tensor::<Flex, 4>::zeros([1, 1, 1, 8], &device);
+        let kv = Tensor::<Flex, 4>::zeros([1, 1, 4, 8], &device);
+        assert!(chunked_causal_attention(&q, &kv, &kv, None).is_none());
     }
 }

@@ -13,9 +13,10 @@ use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::{Autodiff, Flex};
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, TensorMetadata};
+use burn::tensor::{Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
 
 /// Elements per task when a kernel splits flat data over the thread pool.
@@ -58,6 +59,34 @@ pub(crate) fn run<B: Backend, K: Kernel<N>, const N: usize>(
         return Some(rebrand(tracked(kernel, inputs)));
     }
     None
+}
+
+/// `t`'s values when `B` is the CPU backend (with or without autodiff: the graph is left out,
+/// for values that need no gradient) and `t` is f32; `None` otherwise.
+pub(crate) fn values_of<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<FlexTensor> {
+    if t.dtype() != DType::F32 {
+        return None;
+    }
+    let primitive = t.clone().into_primitive().tensor();
+    if TypeId::of::<B>() == TypeId::of::<Flex>() {
+        return Some(contiguous(rebrand(primitive)));
+    }
+    if TypeId::of::<B>() == TypeId::of::<Autodiff<Flex>>() {
+        let tracked: FloatTensor<Autodiff<Flex>> = rebrand(primitive);
+        return Some(contiguous(tracked.primitive));
+    }
+    None
+}
+
+/// A tensor of `B` holding `values`, `B` being the CPU backend [`values_of`] accepted (under
+/// autodiff the tensor is untracked).
+pub(crate) fn from_values<B: Backend, const D: usize>(values: FlexTensor) -> Tensor<B, D> {
+    let primitive: FloatTensor<B> = if TypeId::of::<B>() == TypeId::of::<Flex>() {
+        rebrand(values)
+    } else {
+        rebrand(<Autodiff<Flex> as AutodiffBackend>::from_inner(values))
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(primitive))
 }
 
 /// Moves a value from one spelling of a type to another, once `TypeId` has shown they are the
