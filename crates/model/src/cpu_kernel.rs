@@ -6,7 +6,7 @@
 //! Dispatch is by `TypeId` on the concrete backend types, so generic code keeps no extra
 //! bound: [`run`] returns `None` on every other backend, whose callers use burn's ops.
 
-use std::any::{Any, TypeId};
+use std::any::TypeId;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
@@ -18,6 +18,7 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, TensorMetadata};
 use burn::tensor::{Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
+pub(crate) use burnish_peft::rebrand;
 
 /// Elements per task when a kernel splits flat data over the thread pool.
 pub(crate) const PARALLEL_CHUNK: usize = 1 << 14;
@@ -87,15 +88,6 @@ pub(crate) fn from_values<B: Backend, const D: usize>(values: FlexTensor) -> Ten
         rebrand(<Autodiff<Flex> as AutodiffBackend>::from_inner(values))
     };
     Tensor::from_primitive(TensorPrimitive::Float(primitive))
-}
-
-/// Moves a value from one spelling of a type to another, once `TypeId` has shown they are the
-/// same type.
-pub(crate) fn rebrand<From: 'static, To: 'static>(value: From) -> To {
-    match (Box::new(value) as Box<dyn Any>).downcast::<To>() {
-        Ok(value) => *value,
-        Err(_) => unreachable!("rebrand is called only between one type's two spellings"),
-    }
 }
 
 /// The f32 elements of a contiguous tensor (as [`contiguous`] makes them).

@@ -287,12 +287,17 @@ impl<B: Backend> Decoder<B> {
         Ok((model, config))
     }
 
-    /// Holds every linear layer's base weight in `dtype` and freezes it (the embeddings, the
-    /// norms, adapters and activations keep their precision): for inference and adapter
-    /// training, never for full fine-tuning.
+    /// Holds every linear layer's base weight in `dtype` and freezes it, and the token
+    /// embedding too when it is the (tied) LM head and frozen; the norms, adapters and
+    /// activations keep their precision. For inference and adapter training, never for full
+    /// fine-tuning.
     pub fn hold_base_in(&mut self, dtype: FloatDType) {
         for (_, linear) in self.linears_mut() {
             linear.hold_base_in(dtype);
+        }
+        let embedding = self.embed_tokens.val();
+        if self.lm_head.is_none() && !embedding.is_require_grad() {
+            self.embed_tokens = Param::from_tensor(embedding.cast(dtype)).set_require_grad(false);
         }
     }
 
@@ -336,7 +341,8 @@ impl<B: Backend> Decoder<B> {
         segments: Option<&Tensor<B, 4, Bool>>,
         mut cache: Option<&mut Vec<Option<LayerCache<B>>>>,
     ) -> Tensor<B, 3> {
-        let mut x = embedding(self.embed_tokens.val(), ids);
+        // Activations are f32 whatever precision the embedding is held in.
+        let mut x = embedding(self.embed_tokens.val(), ids).cast(FloatDType::F32);
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|layers| &mut layers[i]);
             x = layer.forward(x, rotations, segments, slot);

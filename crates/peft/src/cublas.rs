@@ -13,7 +13,7 @@
 //! `BURNISH_MATMUL=burn` in the environment turns the route off, for side-by-side measurements;
 //! without a loadable cuBLAS it is off too, and [`cuda_matmul`] says why.
 
-use std::any::{Any, TypeId};
+use std::any::TypeId;
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -36,6 +36,7 @@ use cudarc::cublas::{CudaBlas, result as blas, sys as blas_sys};
 use cudarc::driver::{CudaContext, CudaStream};
 
 use crate::gemm_layout::ColumnMajorGemm;
+use crate::rebrand::rebrand;
 
 /// burnish's CUDA backend, as the binary instantiates it.
 type Plain = Cuda;
@@ -111,15 +112,6 @@ pub(crate) fn matmul<B: Backend>(
         rebrand(tracked_product(rebrand(x), rebrand(weight), transposed))
     };
     Some(Tensor::from_primitive(TensorPrimitive::Float(out)))
-}
-
-/// Moves a value from one spelling of a type to another (a generic backend's tensor to the
-/// concrete backend's, once `TypeId` has shown they are the same).
-fn rebrand<From: 'static, To: 'static>(value: From) -> To {
-    match (Box::new(value) as Box<dyn Any>).downcast::<To>() {
-        Ok(value) => *value,
-        Err(_) => unreachable!("rebrand is called only between one type's two spellings"),
-    }
 }
 
 /// The autodiff node of `y = x·Wᵀ` (`dx = dy·W`, `dW = dyᵀ·x`) or of `y = x·W` (`dx = dy·Wᵀ`,

@@ -6,6 +6,7 @@
 
 mod adapter;
 mod config;
+mod cpu_bf16;
 #[cfg(feature = "cuda")]
 pub mod cublas;
 mod error;
@@ -14,6 +15,7 @@ mod gemm_layout;
 mod linear;
 mod lora;
 pub mod merge_methods;
+mod rebrand;
 mod target;
 mod tensor_io;
 
@@ -25,5 +27,6 @@ pub use config::{LoraConfig, LoraInit};
 pub use error::{PeftError, Result};
 pub use linear::{AdaptableLinear, project, unproject};
 pub use lora::Lora;
+pub use rebrand::rebrand;
 pub use target::{LM_HEAD, Selected, Targets, resolved_target_names, select_targets};
 pub use tensor_io::{SaveDtype, decode_f32, f32_values, first_value, serialize, write_atomic};

@@ -177,7 +177,8 @@ pub fn unproject<B: Backend, const D: usize>(
 /// Which matmul a product may take.
 #[derive(Clone, Copy)]
 enum Route {
-    /// cuBLAS on the CUDA backend (where the build has it), burn's matmul elsewhere.
+    /// cuBLAS on the CUDA backend (where the build has it), the bf16 kernel on CPUs that have
+    /// one (for a bf16 weight), burn's matmul elsewhere.
     Cublas,
     /// burn's matmul everywhere.
     Burn,
@@ -202,6 +203,11 @@ fn product<B: Backend, const D: usize>(
     let dtype = x.dtype();
     let held: DType = weight.dtype();
     let flat: Tensor<B, 2> = x.reshape([rows, from]);
+    if let Route::Cublas = route
+        && let Some(out) = crate::cpu_bf16::matmul(&flat, &weight, transposed)
+    {
+        return out.reshape(dims);
+    }
     let out = if held == dtype {
         matmul(flat, weight, transposed, route)
     } else {

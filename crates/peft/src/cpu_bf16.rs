@@ -1,0 +1,407 @@
+//! Products with a frozen bf16 weight on CPUs that have AVX512-BF16: the activations are
+//! rounded to bf16 (as a bf16 model computes them), pairs of products are summed in f32 by
+//! `vdpbf16ps`, and the result is f32 (not rounded back to bf16). burn-flex has no bf16 matrix
+//! product: it converts both operands to f32 on every call, which made a bf16 base slower than
+//! an f32 one on the CPU. `vdpbf16ps` does twice the multiply-adds of an f32 FMA per
+//! instruction.
+//!
+//! The scheme is the usual one for such instructions: the weight is packed, 32 output columns
+//! at a time and `KC` pairs of the shared dimension deep, into pairs of consecutive rows; each
+//! activation row is converted to bf16 once, so consecutive elements already form the pairs;
+//! a 12 × 32 block of outputs stays in 24 registers while the shared dimension is walked. Panels
+//! of 32 columns are the tasks of the thread pool.
+//!
+//! On the CPU backend, with or without autodiff, [`matmul`] runs the forward product and, for
+//! the gradient of the activations, the product with the weight the other way round. The
+//! weight is frozen and gets no gradient.
+
+use std::any::TypeId;
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::{Autodiff, Flex};
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
+use burn_flex::FlexTensor;
+use half::bf16;
+use rayon::prelude::*;
+
+use crate::rebrand::rebrand;
+
+/// Rows of outputs a micro-kernel call holds in registers.
+const MR: usize = 12;
+/// Columns of outputs a micro-kernel call holds in registers (two vectors of 16).
+const NR: usize = 32;
+/// Pairs of the shared dimension packed at a time (32 KiB of packed weight per panel).
+const KC: usize = 256;
+
+/// `x·Wᵀ` (`transposed`) or `x·W` through the bf16 kernel, when `B` is the CPU backend, `x` is
+/// f32, `weight` is bf16 and needs no gradient, and the CPU has AVX512-BF16; `None` otherwise.
+///
+/// # Shapes
+/// - x: `[rows, from]`; weight: `[out, in]`; output: `[rows, to]`
+pub(crate) fn matmul<B: Backend>(
+    x: &Tensor<B, 2>,
+    weight: &Tensor<B, 2>,
+    transposed: bool,
+) -> Option<Tensor<B, 2>> {
+    if !available()
+        || x.dtype() != DType::F32
+        || weight.dtype() != DType::BF16
+        || weight.is_require_grad()
+    {
+        return None;
+    }
+    let weight_values: FlexTensor = inner_values::<B>(weight.clone())?;
+    let x_primitive = x.clone().into_primitive().tensor();
+    let out: FloatTensor<B> = if TypeId::of::<B>() == TypeId::of::<Flex>() {
+        let x: FlexTensor = rebrand(x_primitive);
+        rebrand(product(&x, &weight_values, transposed))
+    } else {
+        let x: FloatTensor<Autodiff<Flex>> = rebrand(x_primitive);
+        rebrand(tracked(x, weight_values, transposed))
+    };
+    Some(Tensor::from_primitive(TensorPrimitive::Float(out)))
+}
+
+/// Whether this CPU runs the kernel.
+pub(crate) fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The weight's values on the CPU backend (the autodiff graph left out: it is frozen).
+fn inner_values<B: Backend>(weight: Tensor<B, 2>) -> Option<FlexTensor> {
+    let primitive = weight.into_primitive().tensor();
+    if TypeId::of::<B>() == TypeId::of::<Flex>() {
+        Some(rebrand(primitive))
+    } else if TypeId::of::<B>() == TypeId::of::<Autodiff<Flex>>() {
+        let tracked: FloatTensor<Autodiff<Flex>> = rebrand(primitive);
+        Some(tracked.primitive)
+    } else {
+        None
+    }
+}
+
+#[derive(Debug)]
+struct ProductBackward;
+
+impl Backward<Flex, 1> for ProductBackward {
+    /// The weight and the orientation of the forward product.
+    type State = (FlexTensor, bool);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let d_out = grads.consume::<Flex>(&ops.node);
+        let (weight, transposed) = ops.state;
+        let [parent] = ops.parents;
+        if let Some(parent) = parent {
+            grads.register::<Flex>(parent.id, product(&d_out, &weight, !transposed));
+        }
+    }
+}
+
+fn tracked(
+    x: FloatTensor<Autodiff<Flex>>,
+    weight: FlexTensor,
+    transposed: bool,
+) -> FloatTensor<Autodiff<Flex>> {
+    let out = product(&x.primitive, &weight, transposed);
+    match ProductBackward
+        .prepare::<NoCheckpointing>([x.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish((weight, transposed), out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    }
+}
+
+/// `x·Wᵀ` or `x·W` for f32 `x` `[m, from]` and a bf16 weight `[out, in]` (any strides).
+fn product(x: &FlexTensor, weight: &FlexTensor, transposed: bool) -> FlexTensor {
+    let x = x.to_contiguous();
+    let weight = if weight.layout().strides().iter().all(|&s| s >= 0) {
+        weight
+    } else {
+        &weight.to_contiguous()
+    };
+    let [m, from] = dims2(&x);
+    let [out, inner] = dims2(weight);
+    let layout = weight.layout();
+    let (rs, cs) = (layout.strides()[0], layout.strides()[1]);
+    let w = &weight.storage::<bf16>()[layout.start_offset()..];
+    // The product's right operand B `[from, to]`, element (p, j) at `p·bp + j·bj` in `w`.
+    let (to, bp, bj) = if transposed {
+        (out, cs, rs)
+    } else {
+        (inner, rs, cs)
+    };
+    assert_eq!(from, if transposed { inner } else { out }, "product shapes");
+    let x_values = &x.storage::<f32>()[..m * from];
+    let right = Right {
+        values: w,
+        p_stride: bp,
+        j_stride: bj,
+    };
+    let data = gemm(m, to, from, x_values, right);
+    FlexTensor::from_data(TensorData::new(data, [m, to]))
+}
+
+fn dims2(t: &FlexTensor) -> [usize; 2] {
+    let shape = t.layout().shape();
+    [shape[0], shape[1]]
+}
+
+/// The right operand: element `(p, j)` at `p · p_stride + j · j_stride`.
+#[derive(Clone, Copy)]
+struct Right<'a> {
+    values: &'a [bf16],
+    p_stride: isize,
+    j_stride: isize,
+}
+
+impl Right<'_> {
+    fn get(&self, p: usize, j: usize) -> bf16 {
+        self.values[(p as isize * self.p_stride + j as isize * self.j_stride) as usize]
+    }
+}
+
+/// `[m, n]` = `a [m, k]` (f32, row-major) · `b [k, n]`.
+fn gemm(m: usize, n: usize, k: usize, a: &[f32], b: Right) -> Vec<f32> {
+    let pairs = k.div_ceil(2);
+    // Each row of `a` in bf16, padded to whole pairs: consecutive elements are the pairs.
+    let mut a_bf16 = vec![bf16::ZERO; m * pairs * 2];
+    a_bf16
+        .par_chunks_mut(pairs * 2)
+        .zip(a.par_chunks(k.max(1)))
+        .for_each(|(packed, row)| {
+            for (p, x) in packed.iter_mut().zip(row) {
+                *p = bf16::from_f32(*x);
+            }
+        });
+    let mut out = vec![0.0f32; m * n];
+    // Panels of NR output columns, each written by one task.
+    let panels: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(NR))
+        .into_par_iter()
+        .map(|panel| {
+            let j0 = panel * NR;
+            let cols = NR.min(n - j0);
+            let mut block = vec![0.0f32; m * NR];
+            let mut packed = vec![0u32; KC * NR];
+            for p0 in (0..pairs).step_by(KC) {
+                let depth = KC.min(pairs - p0);
+                pack_right(b, k, p0, depth, j0, cols, &mut packed);
+                for i0 in (0..m).step_by(MR) {
+                    let rows = MR.min(m - i0);
+                    let left = &a_bf16[i0 * pairs * 2..];
+                    let call = Call {
+                        left,
+                        left_pairs: pairs,
+                        p0,
+                        depth,
+                        right: &packed,
+                        out: &mut block[i0 * NR..(i0 + rows) * NR],
+                        accumulate: p0 > 0,
+                    };
+                    micro_kernel(rows, call);
+                }
+            }
+            (cols, block)
+        })
+        .collect();
+    for (panel, (cols, block)) in panels.into_iter().enumerate() {
+        let j0 = panel * NR;
+        for (row, values) in out.chunks_mut(n.max(1)).zip(block.chunks(NR)) {
+            row[j0..j0 + cols].copy_from_slice(&values[..cols]);
+        }
+    }
+    out
+}
+
+/// Packs pairs `p0..p0 + depth` of columns `j0..j0 + cols` of `b` as `[depth][NR]` u32s, each
+/// the bf16 of rows `2p` (low half) and `2p + 1` (high half); missing rows and columns are 0.
+fn pack_right(
+    b: Right,
+    k: usize,
+    p0: usize,
+    depth: usize,
+    j0: usize,
+    cols: usize,
+    packed: &mut [u32],
+) {
+    for p in 0..depth {
+        let row = 2 * (p0 + p);
+        for j in 0..NR {
+            packed[p * NR + j] = if j < cols {
+                let low = b.get(row, j0 + j).to_bits() as u32;
+                let high = if row + 1 < k {
+                    b.get(row + 1, j0 + j).to_bits() as u32
+                } else {
+                    0
+                };
+                low | high << 16
+            } else {
+                0
+            };
+        }
+    }
+}
+
+/// One micro-kernel call: `out` (`rows × NR`, row-major) `[+]=` left rows' pairs
+/// `p0..p0 + depth` times the packed right panel.
+struct Call<'a> {
+    left: &'a [bf16],
+    left_pairs: usize,
+    p0: usize,
+    depth: usize,
+    right: &'a [u32],
+    out: &'a mut [f32],
+    accumulate: bool,
+}
+
+fn micro_kernel(rows: usize, call: Call) {
+    let rows_present = call.left.len() / (call.left_pairs * 2);
+    assert!(rows <= MR && rows <= rows_present && call.out.len() == rows * NR);
+    assert!(call.p0 + call.depth <= call.left_pairs && call.right.len() >= call.depth * NR);
+    // SAFETY: `available()` was checked before any product, and the asserts above keep every
+    // read and write inside the slices.
+    unsafe {
+        match rows {
+            12 => kernel::<12>(call),
+            11 => kernel::<11>(call),
+            10 => kernel::<10>(call),
+            9 => kernel::<9>(call),
+            8 => kernel::<8>(call),
+            7 => kernel::<7>(call),
+            6 => kernel::<6>(call),
+            5 => kernel::<5>(call),
+            4 => kernel::<4>(call),
+            3 => kernel::<3>(call),
+            2 => kernel::<2>(call),
+            _ => kernel::<1>(call),
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn kernel<const R: usize>(call: Call) {
+    use std::arch::x86_64::*;
+    let Call {
+        left,
+        left_pairs,
+        p0,
+        depth,
+        right,
+        out,
+        accumulate,
+    } = call;
+    let left = left.as_ptr() as *const u32;
+    let right = right.as_ptr();
+    // SAFETY: pointers stay within the slices micro_kernel checked.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        for p in 0..depth {
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(right.add(p * NR).cast()));
+            let b1: __m512bh =
+                std::mem::transmute(_mm512_loadu_si512(right.add(p * NR + 16).cast()));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let pair = left.add(r * left_pairs + p0 + p).read_unaligned();
+                let a: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair as i32));
+                acc[0] = _mm512_dpbf16_ps(acc[0], a, b0);
+                acc[1] = _mm512_dpbf16_ps(acc[1], a, b1);
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            let row = out.as_mut_ptr().add(r * NR);
+            let (mut v0, mut v1) = (acc[0], acc[1]);
+            if accumulate {
+                v0 = _mm512_add_ps(v0, _mm512_loadu_ps(row));
+                v1 = _mm512_add_ps(v1, _mm512_loadu_ps(row.add(16)));
+            }
+            _mm512_storeu_ps(row, v0);
+            _mm512_storeu_ps(row.add(16), v1);
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn kernel<const R: usize>(_: Call) {
+    unreachable!("available() is false off x86-64")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Distribution;
+
+    /// `x·Wᵀ` in f64 from bf16-rounded operands: what the kernel computes up to f32 sums.
+    fn reference(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
+        let round = |v: f32| f64::from(bf16::from_f32(v).to_f32());
+        (0..m)
+            .flat_map(|i| {
+                (0..n).map(move |j| {
+                    (0..k)
+                        .map(|p| round(x[i * k + p]) * round(w[j * k + p]))
+                        .sum()
+                })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn equals_the_exact_product_of_the_rounded_operands_both_ways() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        let device = Default::default();
+        Flex::seed(&device, 21);
+        type AD = Autodiff<Flex>;
+        // Odd shared dimension, rows and columns that fill no whole block, deeper than KC pairs.
+        for [m, k, n] in [[13, 7, 33], [25, 601, 70], [3, 1, 1]] {
+            let x = Tensor::<AD, 2>::random([m, k], Distribution::Default, &device);
+            let w = Tensor::<AD, 2>::random([n, k], Distribution::Default, &device);
+            let (xv, wv) = (
+                x.to_data().to_vec::<f32>().unwrap(),
+                w.to_data().to_vec::<f32>().unwrap(),
+            );
+            let w_bf16 = w.clone().cast(burn::tensor::FloatDType::BF16);
+            let x = x.require_grad();
+            let y = matmul(&x, &w_bf16, true).expect("the kernel");
+            let upstream = Tensor::<AD, 2>::random([m, n], Distribution::Default, &device);
+            let grads = (y.clone() * upstream.clone()).sum().backward();
+            let check = |ours: Vec<f32>, exact: Vec<f64>, what: &str| {
+                let scale = exact.iter().fold(1.0f64, |s, v| s.max(v.abs()));
+                for (i, (o, e)) in ours.iter().zip(&exact).enumerate() {
+                    assert!(
+                        (f64::from(*o) - e).abs() <= 1e-5 * scale,
+                        "{what} [{m}, {k}, {n}] element {i}: {o} against {e}"
+                    );
+                }
+            };
+            check(
+                y.into_data().to_vec().unwrap(),
+                reference(&xv, &wv, m, k, n),
+                "y",
+            );
+            // dx = upstream · W, i.e. upstream · (Wᵀ)ᵀ.
+            let uv = upstream.to_data().to_vec::<f32>().unwrap();
+            let wt: Vec<f32> = (0..k * n).map(|i| wv[(i % n) * k + i / n]).collect();
+            check(
+                x.grad(&grads).unwrap().into_data().to_vec().unwrap(),
+                reference(&uv, &wt, m, n, k),
+                "dx",
+            );
+        }
+    }
+}
