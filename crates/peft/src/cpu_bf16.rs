@@ -129,7 +129,9 @@ fn tracked(
 /// `x·Wᵀ` or `x·W` for f32 `x` `[m, from]` and a bf16 weight `[out, in]` (any strides).
 fn product(x: &FlexTensor, weight: &FlexTensor, transposed: bool) -> FlexTensor {
     let x = x.to_contiguous();
-    let weight = if weight.layout().strides().iter().all(|&s| s >= 0) {
+    // The packing reads pairs along one of the weight's axes with unit stride.
+    let strides = weight.layout().strides();
+    let weight = if strides.iter().all(|&s| s >= 0) && strides.contains(&1) {
         weight
     } else {
         &weight.to_contiguous()
@@ -169,12 +171,6 @@ struct Right<'a> {
     j_stride: isize,
 }
 
-impl Right<'_> {
-    fn get(&self, p: usize, j: usize) -> bf16 {
-        self.values[(p as isize * self.p_stride + j as isize * self.j_stride) as usize]
-    }
-}
-
 /// `[m, n]` = `a [m, k]` (f32, row-major) · `b [k, n]`.
 fn gemm(m: usize, n: usize, k: usize, a: &[f32], b: Right) -> Vec<f32> {
     let pairs = k.div_ceil(2);
@@ -183,11 +179,7 @@ fn gemm(m: usize, n: usize, k: usize, a: &[f32], b: Right) -> Vec<f32> {
     a_bf16
         .par_chunks_mut(pairs * 2)
         .zip(a.par_chunks(k.max(1)))
-        .for_each(|(packed, row)| {
-            for (p, x) in packed.iter_mut().zip(row) {
-                *p = bf16::from_f32(*x);
-            }
-        });
+        .for_each(|(packed, row)| to_bf16(row, &mut packed[..row.len()]));
     let mut out = vec![0.0f32; m * n];
     // Panels of NR output columns, each written by one task.
     let panels: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(NR))
@@ -238,20 +230,61 @@ fn pack_right(
     cols: usize,
     packed: &mut [u32],
 ) {
-    for p in 0..depth {
-        let row = 2 * (p0 + p);
-        for j in 0..NR {
-            packed[p * NR + j] = if j < cols {
-                let low = b.get(row, j0 + j).to_bits() as u32;
-                let high = if row + 1 < k {
-                    b.get(row + 1, j0 + j).to_bits() as u32
-                } else {
-                    0
-                };
-                low | high << 16
-            } else {
-                0
+    assert!(b.p_stride == 1 || b.j_stride == 1, "one unit stride");
+    packed[..depth * NR].fill(0);
+    let bits = |v: &bf16| v.to_bits() as u32;
+    if b.p_stride == 1 {
+        // `x·Wᵀ`: column j of B is row j of W, whose consecutive elements are the pairs.
+        for j in 0..cols {
+            let start = (j0 + j) as isize * b.j_stride + (2 * p0) as isize;
+            let len = (2 * depth).min(k - 2 * p0);
+            let row = &b.values[start as usize..start as usize + len];
+            for (p, pair) in row.chunks(2).enumerate() {
+                packed[p * NR + j] = bits(&pair[0]) | pair.get(1).map_or(0, bits) << 16;
+            }
+        }
+    } else {
+        // `x·W`: rows 2p and 2p + 1 of B are two rows of W, interleaved.
+        for p in 0..depth {
+            let row = 2 * (p0 + p);
+            let at = |r: usize| {
+                let start = r as isize * b.p_stride + j0 as isize;
+                &b.values[start as usize..start as usize + cols]
             };
+            let (low, high) = (at(row), (row + 1 < k).then(|| at(row + 1)));
+            for j in 0..cols {
+                packed[p * NR + j] = bits(&low[j]) | high.map_or(0, |h| bits(&h[j])) << 16;
+            }
+        }
+    }
+}
+
+/// `dst = bf16(src)`, rounding to nearest even, sixteen at a time.
+fn to_bf16(src: &[f32], dst: &mut [bf16]) {
+    assert_eq!(src.len(), dst.len());
+    let whole = src.len() / 16 * 16;
+    // SAFETY: `available()` was checked before any product; the loop stays inside both slices.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        convert_avx512(&src[..whole], &mut dst[..whole]);
+    }
+    for (d, s) in dst[whole..].iter_mut().zip(&src[whole..]) {
+        *d = bf16::from_f32(*s);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn convert_avx512(src: &[f32], dst: &mut [bf16]) {
+    use std::arch::x86_64::*;
+    for (s, d) in src.chunks_exact(16).zip(dst.chunks_exact_mut(16)) {
+        // SAFETY: sixteen f32 in, sixteen bf16 out.
+        unsafe {
+            let converted = _mm512_cvtneps_pbh(_mm512_loadu_ps(s.as_ptr()));
+            _mm256_storeu_si256(
+                d.as_mut_ptr().cast(),
+                std::mem::transmute::<__m256bh, __m256i>(converted),
+            );
         }
     }
 }
