@@ -14,6 +14,7 @@ use burn_flex::FlexTensor;
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
+use crate::row_softmax::softmax_in_place;
 use crate::vector_exp::exp_in_place;
 
 /// Query rows per task.
@@ -211,31 +212,16 @@ fn scores(q: &In, k: &In, rows: usize, seen: usize, dim: usize) -> Vec<f32> {
 
 /// Scales a row of raw scores, hides the keys from `visible` on and those `hidden` marks, and
 /// turns the row into probabilities in place; returns the log-sum-exp of the visible scaled
-/// scores (-∞, and a row of zeros, when nothing is visible; NaN, and a row of NaN, when a
-/// visible score is NaN).
+/// scores (see [`softmax_in_place`] for rows with nothing visible or a NaN).
 fn softmax(row: &mut [f32], scale: f32, visible: usize, hidden: Option<&[u8]>) -> f32 {
-    let mut max = f32::NEG_INFINITY;
     for (j, x) in row.iter_mut().enumerate() {
         *x = if hides(j, visible, hidden) {
             f32::NEG_INFINITY
         } else {
             *x * scale
         };
-        // Unlike `f32::max`, a NaN score makes the maximum NaN, so it reaches the output.
-        if *x > max || x.is_nan() {
-            max = *x;
-        }
     }
-    if max == f32::NEG_INFINITY {
-        row.fill(0.0);
-        return f32::NEG_INFINITY;
-    }
-    row.iter_mut().for_each(|x| *x -= max);
-    exp_in_place(row);
-    let total: f32 = row.iter().sum();
-    let inverse = 1.0 / total;
-    row.iter_mut().for_each(|x| *x *= inverse);
-    max + total.ln()
+    softmax_in_place(row)
 }
 
 /// Whether key `j` is hidden from a query that sees the keys before `visible` (its own position

@@ -36,13 +36,19 @@ pub fn softmax_rows<B: Backend>(logits: Tensor<B, 2>) -> (Tensor<B, 2>, Tensor<B
     (exp / total.clone(), max + total.log())
 }
 
-/// Turns `row` into its softmax and returns its log-sum-exp (NaN in, NaN out).
-fn softmax_in_place(row: &mut [f32]) -> f32 {
+/// Turns `row` into its softmax and returns its log-sum-exp. A NaN anywhere makes the whole
+/// row and the result NaN; a row of -∞ alone (nothing possible) becomes zeros, with -∞.
+pub(crate) fn softmax_in_place(row: &mut [f32]) -> f32 {
     let mut max = f32::NEG_INFINITY;
     for &x in row.iter() {
+        // Unlike `f32::max`, a NaN makes the maximum NaN, so it reaches every output.
         if x > max || x.is_nan() {
             max = x;
         }
+    }
+    if max == f32::NEG_INFINITY {
+        row.fill(0.0);
+        return f32::NEG_INFINITY;
     }
     row.iter_mut().for_each(|x| *x -= max);
     exp_in_place(row);
