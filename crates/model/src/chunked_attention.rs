@@ -48,6 +48,9 @@ pub(crate) fn chunked_causal_attention<B: Backend>(
     if q.dims()[2] != k.dims()[2] {
         return None; // queries after a cache: inference, not training
     }
+    if q.dims().contains(&0) || k.dims()[1] == 0 {
+        return None; // nothing to attend: burn's op returns the empty result
+    }
     if TypeId::of::<B>() == TypeId::of::<Flex>() && q.dtype() == DType::F32 {
         let flex = |t: &Tensor<B, 4>| -> Tensor<Flex, 4> { rebrand(t.clone()) };
         let mask = mask.map(|m| -> Tensor<Flex, 4, Bool> { rebrand(m.clone()) });

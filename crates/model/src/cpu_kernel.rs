@@ -48,7 +48,10 @@ pub(crate) fn run<B: Backend, K: Kernel<N>, const N: usize>(
     kernel: K,
     inputs: [FloatTensor<B>; N],
 ) -> Option<FloatTensor<B>> {
-    if inputs.iter().any(|t| t.dtype() != DType::F32) {
+    if inputs
+        .iter()
+        .any(|t| t.dtype() != DType::F32 || t.shape().num_elements() == 0)
+    {
         return None;
     }
     if TypeId::of::<B>() == TypeId::of::<Flex>() {

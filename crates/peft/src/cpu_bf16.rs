@@ -49,6 +49,8 @@ pub(crate) fn matmul<B: Backend>(
     transposed: bool,
 ) -> Option<Tensor<B, 2>> {
     if !available()
+        || x.dims().contains(&0)
+        || weight.dims().contains(&0)
         || x.dtype() != DType::F32
         || weight.dtype() != DType::BF16
         || weight.is_require_grad()
