@@ -264,12 +264,17 @@ fn pack_right(
 /// `dst = bf16(src)`, rounding to nearest even, sixteen at a time.
 fn to_bf16(src: &[f32], dst: &mut [bf16]) {
     assert_eq!(src.len(), dst.len());
-    let whole = src.len() / 16 * 16;
-    // SAFETY: `available()` was checked before any product; the loop stays inside both slices.
+    // Whole groups of sixteen by the vector instruction, the rest one at a time.
     #[cfg(target_arch = "x86_64")]
-    unsafe {
-        convert_avx512(&src[..whole], &mut dst[..whole]);
-    }
+    let whole = {
+        let whole = src.len() / 16 * 16;
+        // SAFETY: `available()` was checked before any product; the loop stays inside both
+        // slices.
+        unsafe { convert_avx512(&src[..whole], &mut dst[..whole]) };
+        whole
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let whole = 0;
     for (d, s) in dst[whole..].iter_mut().zip(&src[whole..]) {
         *d = bf16::from_f32(*s);
     }
