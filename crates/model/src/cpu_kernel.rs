@@ -18,6 +18,7 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, TensorMetadata};
 use burn::tensor::{Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
+use burnish_peft::cpu_values;
 pub(crate) use burnish_peft::rebrand;
 
 /// Elements per task when a kernel splits flat data over the thread pool.
@@ -71,15 +72,7 @@ pub(crate) fn values_of<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<
     if t.dtype() != DType::F32 {
         return None;
     }
-    let primitive = t.clone().into_primitive().tensor();
-    if TypeId::of::<B>() == TypeId::of::<Flex>() {
-        return Some(contiguous(rebrand(primitive)));
-    }
-    if TypeId::of::<B>() == TypeId::of::<Autodiff<Flex>>() {
-        let tracked: FloatTensor<Autodiff<Flex>> = rebrand(primitive);
-        return Some(contiguous(tracked.primitive));
-    }
-    None
+    cpu_values(t.clone()).map(contiguous)
 }
 
 /// A tensor of `B` holding `values`, `B` being the CPU backend [`values_of`] accepted (under

@@ -29,7 +29,7 @@ use burn_flex::FlexTensor;
 use half::bf16;
 use rayon::prelude::*;
 
-use crate::rebrand::rebrand;
+use crate::rebrand::{cpu_values, rebrand};
 
 /// Rows of outputs a micro-kernel call holds in registers.
 const MR: usize = 12;
@@ -57,7 +57,8 @@ pub(crate) fn matmul<B: Backend>(
     {
         return None;
     }
-    let weight_values: FlexTensor = inner_values::<B>(weight.clone())?;
+    // Frozen: its autodiff node, if any, is left out.
+    let weight_values = cpu_values(weight.clone())?;
     let x_primitive = x.clone().into_primitive().tensor();
     let out: FloatTensor<B> = if TypeId::of::<B>() == TypeId::of::<Flex>() {
         let x: FlexTensor = rebrand(x_primitive);
@@ -79,19 +80,6 @@ pub(crate) fn available() -> bool {
     #[cfg(not(target_arch = "x86_64"))]
     {
         false
-    }
-}
-
-/// The weight's values on the CPU backend (the autodiff graph left out: it is frozen).
-fn inner_values<B: Backend>(weight: Tensor<B, 2>) -> Option<FlexTensor> {
-    let primitive = weight.into_primitive().tensor();
-    if TypeId::of::<B>() == TypeId::of::<Flex>() {
-        Some(rebrand(primitive))
-    } else if TypeId::of::<B>() == TypeId::of::<Autodiff<Flex>>() {
-        let tracked: FloatTensor<Autodiff<Flex>> = rebrand(primitive);
-        Some(tracked.primitive)
-    } else {
-        None
     }
 }
 

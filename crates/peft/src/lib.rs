@@ -27,6 +27,6 @@ pub use config::{LoraConfig, LoraInit};
 pub use error::{PeftError, Result};
 pub use linear::{AdaptableLinear, project, unproject};
 pub use lora::Lora;
-pub use rebrand::rebrand;
+pub use rebrand::{cpu_values, rebrand};
 pub use target::{LM_HEAD, Selected, Targets, resolved_target_names, select_targets};
 pub use tensor_io::{SaveDtype, decode_f32, f32_values, first_value, serialize, write_atomic};
