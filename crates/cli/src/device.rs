@@ -105,15 +105,20 @@ pub fn base_dtype_for<B: Backend>(
 }
 
 /// What the frozen projections' matrix products run on under the backend `backend` names
-/// (`TypeId::of::<B>()`), for reports.
-pub fn product_route(backend: std::any::TypeId) -> &'static str {
+/// (`TypeId::of::<B>()`) with the base held in `dtype` (resolved), for reports.
+pub fn product_route(backend: std::any::TypeId, dtype: BaseDtype) -> &'static str {
     #[cfg(feature = "cuda")]
     if backend == std::any::TypeId::of::<burn::backend::Cuda>()
         && *burnish_peft::cublas::cuda_matmul() == burnish_peft::cublas::CudaMatmul::Cublas
     {
         return "cublas";
     }
-    let _ = backend;
+    if backend == std::any::TypeId::of::<Cpu>()
+        && dtype == BaseDtype::Bf16
+        && burnish_peft::cpu_bf16_available()
+    {
+        return "cpu-bf16";
+    }
     "burn"
 }
 

@@ -70,8 +70,8 @@ pub(crate) fn matmul<B: Backend>(
     Some(Tensor::from_primitive(TensorPrimitive::Float(out)))
 }
 
-/// Whether this CPU runs the kernel.
-pub(crate) fn available() -> bool {
+/// Whether this CPU runs the kernel (a bf16 base's products on the CPU backend take it).
+pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512f")

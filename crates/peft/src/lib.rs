@@ -24,6 +24,7 @@ pub use adapter::{
     save_adapter, trainable_parameters,
 };
 pub use config::{LoraConfig, LoraInit};
+pub use cpu_bf16::available as cpu_bf16_available;
 pub use error::{PeftError, Result};
 pub use linear::{AdaptableLinear, project, unproject};
 pub use lora::Lora;
