@@ -14,10 +14,13 @@ with and without the generation prompt, and writes tests/fixtures/data/templates
   return_assistant_tokens_mask=True)`, tokenized with the fixture tokenizer of
   tests/fixtures/models/llama (byte-level BPE, ChatML special tokens).
 
-Every render gets `date_string` as a template variable so templates that print today's date are
-reproducible. Run from the repository root; nothing is downloaded.
+Every render gets `date_string` as a template variable, and templates that ask for today's date
+with `strftime_now` get RENDER_TIME (recorded in the golden as `render_epoch`, which the tests pass
+to burnish as SOURCE_DATE_EPOCH), so the goldens are the same whatever day they are made or
+checked. Run from the repository root; nothing is downloaded.
 """
 
+import datetime
 import json
 import shutil
 from pathlib import Path
@@ -30,10 +33,20 @@ from transformers import PreTrainedTokenizerFast
 OUT = Path("tests/fixtures/data/templates")
 TOKENIZER = Path("tests/fixtures/models/llama/tokenizer.json")
 DATE_STRING = "26 Jul 2024"
+RENDER_TIME = datetime.datetime(2026, 11, 26, tzinfo=datetime.timezone.utc)
+
+
+class PinnedClock(datetime.datetime):
+    """`datetime` whose `now()` is RENDER_TIME: what transformers' `strftime_now` reads."""
+
+    @classmethod
+    def now(cls, tz=None):
+        return RENDER_TIME if tz is None else RENDER_TIME.astimezone(tz)
 SPECIAL = {"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
 
 
 def main():
+    transformers.utils.chat_template_utils.datetime = PinnedClock
     source_dir = Path(trl.__file__).parent / "chat_templates"
     conversations = json.loads((OUT / "conversations.json").read_text())
     tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER), **SPECIAL)
@@ -80,6 +93,7 @@ def main():
         "versions": {"transformers": transformers.__version__, "trl": trl.__version__, "jinja2": jinja2.__version__},
         "special_tokens": SPECIAL,
         "date_string": DATE_STRING,
+        "render_epoch": int(RENDER_TIME.timestamp()),
         "templates": names,
         "texts": list(texts),
         "renders": renders,

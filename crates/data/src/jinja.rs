@@ -49,10 +49,7 @@ pub(crate) fn environment() -> Environment<'static> {
         },
     );
     env.add_function("strftime_now", |format: String| -> Result<Value, Error> {
-        Ok(Value::from(strftime(
-            &format,
-            time::OffsetDateTime::now_utc(),
-        )))
+        Ok(Value::from(strftime(&format, render_time()?)))
     });
     env.add_filter("tojson", tojson);
     // Python's `None` is not iterable (minijinja iterates `none` as empty).
@@ -60,6 +57,38 @@ pub(crate) fn environment() -> Environment<'static> {
         !v.is_none() && (v.is_undefined() || v.try_iter().is_ok())
     });
     env
+}
+
+/// The environment variable that pins the time `strftime_now` renders (seconds since the Unix
+/// epoch, the reproducible-builds convention): data prepared from a template that prints
+/// today's date is then the same whatever day it is prepared.
+pub const SOURCE_DATE_EPOCH: &str = "SOURCE_DATE_EPOCH";
+
+/// The time `strftime_now` renders: [`SOURCE_DATE_EPOCH`] when set, the current UTC time
+/// otherwise (as transformers renders it).
+fn render_time() -> Result<time::OffsetDateTime, Error> {
+    match std::env::var(SOURCE_DATE_EPOCH) {
+        Ok(pinned) => pinned_time(&pinned),
+        Err(_) => Ok(time::OffsetDateTime::now_utc()),
+    }
+}
+
+/// The time a [`SOURCE_DATE_EPOCH`] value names.
+fn pinned_time(value: &str) -> Result<time::OffsetDateTime, Error> {
+    value
+        .trim()
+        .parse::<i64>()
+        .ok()
+        .and_then(|seconds| time::OffsetDateTime::from_unix_timestamp(seconds).ok())
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::InvalidOperation,
+                format!(
+                    "{SOURCE_DATE_EPOCH}={value:?} is not a time in seconds since 1970-01-01; \
+                     set it to a whole number of seconds (`date +%s`) or unset it"
+                ),
+            )
+        })
 }
 
 /// Rewrites `{% generation %}` and `{% endgeneration %}` tags into marker-printing blocks; the
@@ -157,6 +186,14 @@ pub(crate) fn extract_generation_spans(text: &str) -> Result<(String, Vec<Range<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pinned_render_time_is_seconds_since_the_epoch_or_an_error_naming_the_variable() {
+        let pinned = pinned_time(" 1795651200 ").unwrap();
+        assert_eq!(strftime("%Y-%m-%d %H:%M", pinned), "2026-11-26 00:00");
+        let error = pinned_time("tomorrow").unwrap_err().to_string();
+        assert!(error.contains("SOURCE_DATE_EPOCH=\"tomorrow\""), "{error}");
+    }
 
     #[test]
     fn generation_tags_keep_their_whitespace_control() {

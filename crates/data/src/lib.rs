@@ -47,6 +47,7 @@ pub use dataset::{DataConfig, Dataset, OnBadRow, Rejection, Report, Source, Trun
 pub use error::{DataError, Result};
 pub use example::{Encoded, Encoder, Example, PairExample, TrainOn, mask_from_spans};
 pub use format::{AlpacaStyle, Fields, RowFormat, Sample, parse_row};
+pub use jinja::SOURCE_DATE_EPOCH;
 pub use message::{Content, ContentPart, Message, ROLES};
 pub use reader::{RawRow, read_rows};
 pub use template::{ChatTemplate, Rendered};

@@ -4,11 +4,12 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Once;
 
 use burnish_data::{
     AlpacaStyle, Batch, ChatTemplate, DataConfig, Encoded, Encoder, Example, Message, OnBadRow,
-    Sample, SpecialTokens, Tokenizer, TrainOn, Truncation, load, mask_from_spans,
-    pack_best_fit_decreasing,
+    SOURCE_DATE_EPOCH, Sample, SpecialTokens, Tokenizer, TrainOn, Truncation, load,
+    mask_from_spans, pack_best_fit_decreasing,
 };
 use serde_json::Value;
 
@@ -27,6 +28,7 @@ fn golden() -> Golden {
     let dir = fixtures().join("data/templates");
     let json: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    pin_render_time(json["render_epoch"].as_i64().unwrap());
     let convs: Vec<Value> =
         serde_json::from_str(&std::fs::read_to_string(dir.join("conversations.json")).unwrap())
             .unwrap();
@@ -54,6 +56,17 @@ fn golden() -> Golden {
         special,
         extra,
     }
+}
+
+/// Renders `strftime_now` at the time the goldens were rendered at (templates that print
+/// today's date would otherwise differ from them on any other day).
+fn pin_render_time(epoch: i64) {
+    static PIN: Once = Once::new();
+    PIN.call_once(|| {
+        // SAFETY: one value, set once, before this binary renders any template, and read
+        // through `std::env` only, which holds its lock while reading.
+        unsafe { std::env::set_var(SOURCE_DATE_EPOCH, epoch.to_string()) }
+    });
 }
 
 fn template(name: &str) -> ChatTemplate {
