@@ -20,7 +20,7 @@ pub use checkpoint::{Progress, checkpoints, read_checkpoint, save_checkpoint};
 pub use dpo::{DpoLoss, DpoMetrics, DpoOutput, PairLogps, chosen_nll, dpo_loss};
 pub use error::{RecipeError, RunError, TrainError};
 pub use optimizer::{
-    AdamW, AdamWConfig, SavedMoments, StepReport, global_grad_norm, parameter_paths,
+    AdamW, AdamWConfig, FlatGradients, SavedMoments, StepReport, flat_gradients, parameter_paths,
 };
 pub use recipe::{
     AdapterInit, AdapterSection, CheckSection, DataSection, DpoLossName, DpoSection, HF_DATASETS,

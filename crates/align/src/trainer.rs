@@ -9,7 +9,7 @@ use burnish_model::Decoder;
 use burnish_peft::first_value;
 
 use crate::error::TrainError;
-use crate::optimizer::{AdamW, global_grad_norm};
+use crate::optimizer::{AdamW, flat_gradients};
 use crate::schedule::Schedule;
 use crate::strategy::Strategy;
 
@@ -72,12 +72,12 @@ where
     }
 
     let lr = schedule.lr(step - 1);
-    let grads = accumulator.grads();
-    let norm = global_grad_norm(&model, &grads);
+    let grads = flat_gradients(&model, &accumulator.grads());
+    let norm = grads.norm();
     if !norm.is_finite() {
         return Err(TrainError::NonFiniteGradient { step, norm });
     }
-    let (model, report) = optimizer.step(lr, model, &grads);
+    let (model, report) = optimizer.apply(lr, model, grads, norm);
     Ok((
         model,
         StepMetrics {
