@@ -11,15 +11,23 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 use burnish_model::softmax_rows;
-use burnish_peft::{first_value, project, unproject};
+use burnish_peft::{first_value, on_cpu, project, unproject};
 
-/// Logits held at once by [`masked_token_logprobs_chunked`] (64 MiB in f32).
+/// Logits held at once by [`masked_token_logprobs_chunked`] on the CPU (64 MiB in f32).
 const LOGITS_PER_CHUNK: usize = 1 << 24;
+/// The same on a GPU (256 MiB): each chunk costs a dozen kernel launches and two products
+/// whatever its size, so chunks are larger there.
+const LOGITS_PER_GPU_CHUNK: usize = 1 << 26;
 
-/// How many positions [`masked_token_logprobs_chunked`] takes at a time for a vocabulary of
-/// `vocab` tokens.
-pub fn positions_per_chunk(vocab: usize) -> usize {
-    (LOGITS_PER_CHUNK / vocab.max(1)).max(1)
+/// How many positions [`masked_token_logprobs_chunked`] takes at a time on backend `B` for a
+/// vocabulary of `vocab` tokens.
+pub fn positions_per_chunk<B: Backend>(vocab: usize) -> usize {
+    let logits = if on_cpu::<B>() {
+        LOGITS_PER_CHUNK
+    } else {
+        LOGITS_PER_GPU_CHUNK
+    };
+    (logits / vocab.max(1)).max(1)
 }
 
 /// The summed negative log-likelihood of a batch and the number of tokens it covers.

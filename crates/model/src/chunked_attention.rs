@@ -26,8 +26,18 @@ use crate::attention::repeat_kv;
 use crate::cpu_attention;
 use crate::cpu_kernel::rebrand;
 
-/// Query positions per chunk: a chunk's scores are `[batch, heads, CHUNK, seq]`.
-const CHUNK: usize = 128;
+/// Scores one chunk of queries may hold (256 MiB in f32): on a GPU each chunk costs a few dozen
+/// kernel launches whatever its size, so chunks are as large as this allows.
+const SCORES_PER_CHUNK: usize = 1 << 26;
+
+/// Query positions per chunk for `[batch, heads, seq, _]` queries: the fewest chunks whose
+/// scores `[batch, heads, chunk, seq]` stay within [`SCORES_PER_CHUNK`], split evenly (in
+/// multiples of 64).
+fn chunk_rows([batch, heads, seq, _]: [usize; 4]) -> usize {
+    let rows = (SCORES_PER_CHUNK / (batch * heads * seq).max(1)).max(64);
+    let chunks = seq.div_ceil(rows).max(1);
+    seq.div_ceil(chunks).next_multiple_of(64).min(seq).max(1)
+}
 
 /// Causal attention of `q` over `k`, `v` (grouped-query heads not repeated), with `mask`
 /// hiding more keys where it is `true`, through the chunked op when `B` is one of the autodiff
@@ -59,10 +69,16 @@ pub(crate) fn chunked_causal_attention<B: Backend>(
     }
     let out = on::<B, Flex>(q, k, v, mask, Kernel::Cpu);
     #[cfg(feature = "cuda")]
-    let out = out.or_else(|| on::<B, burn::backend::Cuda>(q, k, v, mask, Kernel::Chunks));
+    let out = out.or_else(|| on::<B, burn::backend::Cuda>(q, k, v, mask, chunks(q)));
     #[cfg(feature = "wgpu")]
-    let out = out.or_else(|| on::<B, burn::backend::Wgpu>(q, k, v, mask, Kernel::Chunks));
+    let out = out.or_else(|| on::<B, burn::backend::Wgpu>(q, k, v, mask, chunks(q)));
     out
+}
+
+/// The burn-op kernel, in chunks sized for `q`.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+fn chunks<B: Backend>(q: &Tensor<B, 4>) -> Kernel {
+    Kernel::Chunks(chunk_rows(q.dims()))
 }
 
 /// How the op computes.
@@ -70,8 +86,8 @@ pub(crate) fn chunked_causal_attention<B: Backend>(
 enum Kernel {
     /// `cpu_attention`'s kernels (`I` is the CPU backend); f32 only, other dtypes take `Chunks`.
     Cpu,
-    /// burn's tensor ops, a chunk of queries at a time.
-    Chunks,
+    /// burn's tensor ops, this many queries at a time.
+    Chunks(usize),
 }
 
 /// The chunked op when `B` is `Autodiff<I>`.
@@ -87,7 +103,8 @@ fn on<B: Backend, I: Backend>(
     }
     let kernel = match kernel {
         Kernel::Cpu if q.dtype() == DType::F32 => Kernel::Cpu,
-        _ => Kernel::Chunks,
+        Kernel::Cpu => Kernel::Chunks(chunk_rows(q.dims())),
+        chunks => chunks,
     };
     let float = |t: &Tensor<B, 4>| -> FloatTensor<Autodiff<I>> {
         rebrand(t.clone().into_primitive().tensor())
@@ -196,11 +213,13 @@ fn chunk_scores<I: Backend>(
     let [batch, heads, _, head_dim] = q.dims();
     let seen = start + len;
     let scale = (head_dim as f64).powf(-0.5);
+    // Scaled on the queries' side: a pass over `[.., len, head_dim]` rather than over the
+    // scores' `[.., len, seen]`.
     let scores = q
         .clone()
         .narrow(2, start, len)
-        .matmul(k.clone().narrow(2, 0, seen).swap_dims(2, 3))
-        .mul_scalar(scale);
+        .mul_scalar(scale)
+        .matmul(k.clone().narrow(2, 0, seen).swap_dims(2, 3));
     let hidden = hidden
         .clone()
         .narrow(2, start, len)
@@ -218,7 +237,7 @@ fn attention_forward<I: Backend>(
     v: &Tensor<I, 4>,
     mask: Option<&Tensor<I, 4, Bool>>,
 ) -> (Tensor<I, 4>, Vec<Tensor<I, 4>>) {
-    if kernel == Kernel::Cpu {
+    let Kernel::Chunks(chunk) = kernel else {
         let (out, lse) = cpu_attention::forward(
             &rebrand(q.clone()),
             &rebrand(k.clone()),
@@ -226,15 +245,15 @@ fn attention_forward<I: Backend>(
             mask.cloned().map(rebrand).as_ref(),
         );
         return (rebrand(out), vec![rebrand(lse)]);
-    }
+    };
     let groups = q.dims()[1] / k.dims()[1];
     let (k, v) = (&repeat_kv(k.clone(), groups), &repeat_kv(v.clone(), groups));
     let seq = q.dims()[2];
     let hidden = hidden_keys(mask, seq, &q.device());
     let mut outs = Vec::new();
     let mut lses = Vec::new();
-    for start in (0..seq).step_by(CHUNK) {
-        let len = CHUNK.min(seq - start);
+    for start in (0..seq).step_by(chunk) {
+        let len = chunk.min(seq - start);
         let scores = chunk_scores(q, k, &hidden, start, len);
         let max = scores.clone().max_dim(3);
         let exp = (scores - max.clone()).exp();
@@ -257,7 +276,7 @@ fn attention_backward<I: Backend>(saved: Saved<I>, d_out: Tensor<I, 4>) -> [Tens
         out,
         lse,
     } = saved;
-    if kernel == Kernel::Cpu {
+    let Kernel::Chunks(chunk) = kernel else {
         let grads = cpu_attention::backward(
             [&rebrand(q), &rebrand(k), &rebrand(v)],
             mask.map(rebrand).as_ref(),
@@ -270,7 +289,7 @@ fn attention_backward<I: Backend>(saved: Saved<I>, d_out: Tensor<I, 4>) -> [Tens
             &rebrand(d_out),
         );
         return grads.map(rebrand);
-    }
+    };
     let kv_heads = k.dims()[1];
     let [batch, heads, seq, head_dim] = q.dims();
     let (k, v) = (
@@ -282,8 +301,8 @@ fn attention_backward<I: Backend>(saved: Saved<I>, d_out: Tensor<I, 4>) -> [Tens
     let mut dq = Vec::new();
     let mut dk = k.zeros_like();
     let mut dv = v.zeros_like();
-    for (start, lse) in (0..seq).step_by(CHUNK).zip(lse) {
-        let len = CHUNK.min(seq - start);
+    for (start, lse) in (0..seq).step_by(chunk).zip(lse) {
+        let len = chunk.min(seq - start);
         let seen = start + len;
         let k_seen = k.clone().narrow(2, 0, seen);
         let probs = (chunk_scores(&q, &k, &hidden, start, len) - lse).exp();
@@ -350,7 +369,8 @@ mod tests {
     #[test]
     fn both_kernels_equal_burns_attention_in_value_and_gradient() {
         let device = Default::default();
-        // 300 positions: full chunks and a short one for both kernels.
+        // 300 positions: full chunks and a short one for both kernels (the CPU kernel's
+        // blocks are 64 queries).
         let [batch, heads, seq, head_dim] = [2, 6, 300, 16];
         Flex::seed(&device, 3);
         let random = |heads: usize| {
@@ -391,7 +411,8 @@ mod tests {
                     },
                     &inputs,
                 );
-                for kernel in [Kernel::Cpu, Kernel::Chunks] {
+                // 300 positions: chunks of 128, 128 and 44 for the burn-op kernel.
+                for kernel in [Kernel::Cpu, Kernel::Chunks(128)] {
                     let ours = run(
                         |q, k, v| {
                             on::<AD, Flex>(&q, &k, &v, mask.as_ref(), kernel).expect("the op")
@@ -460,7 +481,7 @@ mod tests {
         values[0] = f32::NAN;
         let q = Tensor::<AD, 4>::from_data(TensorData::new(values, [1, 2, 3, 8]), &device);
         let kv = Tensor::<AD, 4>::ones([1, 1, 3, 8], &device);
-        for kernel in [Kernel::Cpu, Kernel::Chunks] {
+        for kernel in [Kernel::Cpu, Kernel::Chunks(64)] {
             let out = on::<AD, Flex>(&q, &kv, &kv, None, kernel).expect("the op");
             let first_row = out.narrow(1, 0, 1).narrow(2, 0, 1).into_data();
             let first_row = first_row.to_vec::<f32>().unwrap();
@@ -469,6 +490,17 @@ mod tests {
                 "{kernel:?}: {first_row:?}"
             );
         }
+    }
+
+    #[test]
+    fn chunks_are_as_few_as_the_scores_budget_allows_and_even() {
+        // SmolLM2-135M at 8 x 1024: 302 MB of scores in f32, so two chunks of 512.
+        assert_eq!(chunk_rows([8, 9, 1024, 64]), 512);
+        // TinyLlama's 32 heads: four chunks of 256.
+        assert_eq!(chunk_rows([8, 32, 1024, 64]), 256);
+        // Short rows fit whole; 300 positions in two chunks round up to 192 (then 108).
+        assert_eq!(chunk_rows([1, 4, 100, 16]), 100);
+        assert_eq!(chunk_rows([1, 1 << 10, 300, 16]), 192);
     }
 
     #[test]

@@ -28,6 +28,6 @@ pub use cpu_bf16::available as cpu_bf16_available;
 pub use error::{PeftError, Result};
 pub use linear::{AdaptableLinear, project, unproject};
 pub use lora::Lora;
-pub use rebrand::{cpu_values, rebrand};
+pub use rebrand::{cpu_values, on_cpu, rebrand};
 pub use target::{LM_HEAD, Selected, Targets, resolved_target_names, select_targets};
 pub use tensor_io::{SaveDtype, decode_f32, f32_values, first_value, serialize, write_atomic};

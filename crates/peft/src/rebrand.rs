@@ -1,7 +1,8 @@
 //! Moving a value between two spellings of one type: generic code that has checked with
 //! `TypeId` that its backend `B` is a concrete backend (to run a kernel of that backend's own)
 //! hands its tensors over with [`rebrand`], which cannot fail after that check; and
-//! [`cpu_values`], that check and hand-over for the CPU backend's values.
+//! [`cpu_values`], that check and hand-over for the CPU backend's values; [`on_cpu`], that
+//! check alone.
 
 use std::any::{Any, TypeId};
 
@@ -20,6 +21,14 @@ pub fn rebrand<From: 'static, To: 'static>(value: From) -> To {
         Ok(value) => *value,
         Err(_) => unreachable!("rebrand is called only between one type's two spellings"),
     }
+}
+
+/// Whether `B` is the CPU backend, with or without autodiff: the backend whose ops run on the
+/// host, where work is sized for caches and memory rather than for a GPU's kernel launches and
+/// parallelism.
+pub fn on_cpu<B: Backend>() -> bool {
+    let backend = TypeId::of::<B>();
+    backend == TypeId::of::<Flex>() || backend == TypeId::of::<Autodiff<Flex>>()
 }
 
 /// `t`'s values when `B` is the CPU backend, with or without autodiff (the graph is left out:
