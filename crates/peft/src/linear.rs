@@ -9,6 +9,7 @@ use burn::tensor::{DType, ElementConversion, FloatDType, Tensor};
 
 use crate::error::{PeftError, Result};
 use crate::lora::Lora;
+use crate::rebrand::on_cpu;
 
 /// A linear projection `y = x·Wᵀ + b (+ LoRA)` whose weight is stored as `[out, in]`, exactly
 /// as the checkpoint holds it, so loading and saving need no transposes.
@@ -150,14 +151,52 @@ pub fn project<B: Backend, const D: usize>(x: Tensor<B, D>, weight: Tensor<B, 2>
     product(x, weight, true, Route::Cublas)
 }
 
-/// [`project`] for an adapter's low-rank factors: always burn's matmul. Their products are
-/// thin and cheap, and on CUDA each would lose more to the cuBLAS route's host synchronization
-/// than it gains.
+/// Blocks of rows a low-rank product is split into on a GPU (see [`project_low_rank`]).
+const ROW_BLOCKS: usize = 16;
+/// Rows from which a low-rank product is split: fewer leave too few rows per block to pay for
+/// the extra sum.
+const MIN_SPLIT_ROWS: usize = 4096;
+
+/// [`project`] for an adapter's low-rank factors, always on burn's matmul: their products are
+/// thin, and on CUDA each would lose more to the cuBLAS route's host synchronization than it
+/// gains.
+///
+/// On a GPU backend the rows go in [`ROW_BLOCKS`] blocks, as one batched product against the
+/// factor broadcast over the blocks. The forward pass is the same product; the difference is
+/// the factor's gradient, `xᵀ·dy`: a thin result (`[in, rank]` or `[rank, out]`) summed over
+/// every row, which one product computes with a handful of the device's cores each running
+/// through all the rows (about 0.5 ms for 8192 rows of SmolLM2's widths on an H100, measured
+/// 2026-11-26: 420 of them made up a third of a training step). Batched, each block's partial
+/// result is its own product and the broadcast's backward sums them.
 pub(crate) fn project_low_rank<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     weight: Tensor<B, 2>,
 ) -> Tensor<B, D> {
-    product(x, weight, true, Route::Burn)
+    let rows = x.dims()[..D - 1].iter().product::<usize>();
+    if on_cpu::<B>()
+        || rows < MIN_SPLIT_ROWS
+        || !rows.is_multiple_of(ROW_BLOCKS)
+        || x.dtype() != weight.dtype()
+    {
+        return product(x, weight, true, Route::Burn);
+    }
+    in_row_blocks(x, weight, ROW_BLOCKS)
+}
+
+/// `x·Wᵀ` as a product of `blocks` blocks of `x`'s rows against `W` broadcast over them
+/// (`blocks` must divide the rows).
+fn in_row_blocks<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 2>,
+    blocks: usize,
+) -> Tensor<B, D> {
+    let mut dims = x.dims();
+    let [d_out, d_in] = weight.dims();
+    let rows = dims[..D - 1].iter().product::<usize>();
+    dims[D - 1] = d_out;
+    let x: Tensor<B, 3> = x.reshape([blocks, rows / blocks, d_in]);
+    let factor: Tensor<B, 3> = weight.transpose().unsqueeze_dim(0);
+    x.matmul(factor).reshape(dims)
 }
 
 /// `x·W` for a weight stored `[out, in]`: the way back through [`project`] (what a gradient
@@ -242,6 +281,37 @@ mod tests {
     use super::*;
     use burn::backend::Flex;
     use burn::tensor::{TensorData, Tolerance};
+
+    #[test]
+    fn a_product_in_row_blocks_equals_the_plain_one_with_its_gradients() {
+        use burn::backend::Autodiff;
+        use burn::tensor::Distribution;
+        type AD = Autodiff<Flex>;
+        let device = Default::default();
+        AD::seed(&device, 9);
+        let x = Tensor::<AD, 3>::random([4, 24, 10], Distribution::Default, &device);
+        let weight = Tensor::<AD, 2>::random([3, 10], Distribution::Default, &device);
+        let upstream = Tensor::<AD, 3>::random([4, 24, 3], Distribution::Default, &device);
+        let run = |blocks: Option<usize>| {
+            let (x, weight) = (x.clone().require_grad(), weight.clone().require_grad());
+            let out = match blocks {
+                Some(blocks) => in_row_blocks(x.clone(), weight.clone(), blocks),
+                None => product(x.clone(), weight.clone(), true, Route::Burn),
+            };
+            let grads = (out.clone() * upstream.clone()).sum().backward();
+            [
+                out.into_data(),
+                x.grad(&grads).expect("x's gradient").into_data(),
+                weight.grad(&grads).expect("W's gradient").into_data(),
+            ]
+        };
+        let plain = run(None);
+        for (blocked, plain) in run(Some(8)).into_iter().zip(&plain) {
+            // The same sums in another order: the weight gradient sums per block first.
+            let tolerance = Tolerance::absolute(1e-5).set_relative(1e-5);
+            blocked.assert_approx_eq::<f32>(plain, tolerance);
+        }
+    }
 
     #[test]
     fn forward_matches_hand_computed_affine_map() {
