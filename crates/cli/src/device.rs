@@ -80,7 +80,13 @@ fn run_cuda<J: Job>(index: usize, job: J) -> Result<J::Output> {
     if let burnish_peft::cublas::CudaMatmul::Burn { why } = burnish_peft::cublas::cuda_matmul() {
         eprintln!("note: CUDA matrix products run on burn's matmul, not cuBLAS: {why}");
     }
-    job.run::<burn::backend::Cuda>(burn::backend::cuda::CudaDevice { index })
+    let device = burn::backend::cuda::CudaDevice { index };
+    let output = job.run::<burn::backend::Cuda>(device.clone());
+    // Let the device finish what the job left queued (freeing its buffers, say) before the
+    // process exits: the driver tears down at exit and cubecl's server thread would panic on
+    // a call into it.
+    let _ = <burn::backend::Cuda as Backend>::sync(&device);
+    output
 }
 
 /// `dtype` made concrete for backend `B` on `device`, for a base that stays frozen or trains:
