@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One prepared device run, most important first, inside a time budget: the cuBLAS route's checks
-# against burn's matmul, `burnish bench` and the transformers + PEFT peer (peer_lora.py) side by
-# side on the same card, the same bench on burn's matmul (the cuBLAS route's gain), the CUDA
-# build's scores against the CPU's on the fixture models, the quickstart recipe trained end to
-# end, then the larger shapes. A ratio table closes it. Run from the repository root.
+# against the exact product and burn's matmul, `burnish bench` and the transformers + PEFT peer
+# (peer_lora.py) side by side on the same card, the larger shapes, the same bench on burn's
+# matmul alone (the cuBLAS route's gain), the CUDA build's scores against the CPU's on the
+# fixture models, then the quickstart recipe trained end to end. A ratio table closes it. Run
+# from the repository root.
 #
 # On the development machine (the GPU machine has no Rust toolchain):
 #   scripts/gpu/prepare.sh                 # fills gpu-bin/
@@ -11,7 +12,8 @@
 #   scripts/gpu/side_by_side.sh            # results under $OUT (default: gpu-results/)
 #
 # BUDGET (seconds, default 540) bounds the whole run: each step has its own time limit, and a
-# step that no longer fits is skipped and named. DEVICE=cpu PLAN=quick DTYPE=f32 runs the same
+# step that no longer fits is skipped and named; WARMUP and STEPS set each bench row's untimed
+# and timed steps (3 and 10). DEVICE=cpu PLAN=quick DTYPE=f32 runs the same
 # flow on the CPU with the peer's tiny shape (a dry run of the script itself).
 set -uo pipefail
 
@@ -20,25 +22,16 @@ PLAN=${PLAN:-full}
 DTYPE=${DTYPE:-bf16} # the base's precision in the bench rows (the peer holds its model in bf16)
 OUT=${OUT:-gpu-results}
 BUDGET=${BUDGET:-540}
+WARMUP=${WARMUP:-3}
+STEPS=${STEPS:-10}
 mkdir -p "$OUT"
 export RUST_BACKTRACE=0
 START=$SECONDS
 log() { echo "== $* ($((SECONDS - START)) s)"; }
 
-# Unpack the binaries prepare.sh gzipped; a plain build can be named with BURNISH and TESTS.
-WORK=$(mktemp -d)
-for packed in gpu-bin/*.gz; do
-  [ -e "$packed" ] || continue
-  unpacked="$WORK/$(basename "$packed" .gz)"
-  gzip -dc "$packed" >"$unpacked" && chmod +x "$unpacked"
-done
-BIN=${BURNISH:-$WORK/burnish}
-TESTS=${TESTS:-$WORK/peft-tests}
+# The binaries, the libraries they load at run time, and cubecl's kernel cache.
+source "$(dirname "$0")/device_env.sh"
 PEER=${PEER:-gpu-bin/peer_lora.py}
-# cuBLAS and NVRTC load at run time; make the toolkit's libraries findable.
-for dir in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
-  [ -d "$dir" ] && export LD_LIBRARY_PATH="$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-done
 
 # step LIMIT NAME COMMAND...: runs COMMAND under min(LIMIT, what is left of the budget), or
 # skips it when less than 20 s would be left for it.
@@ -63,7 +56,7 @@ fi
 bench() {
   local matmul=$1 shape=$2 mode=$3 batch=$4 seq=$5 limit=$6
   BURNISH_MATMUL=$matmul step "$limit" "bench $shape $mode $matmul" "$BIN" bench --shape "$shape" \
-    --mode "$mode" --batch "$batch" --seq "$seq" --dtype "$DTYPE" --warmup 3 --steps 10 \
+    --mode "$mode" --batch "$batch" --seq "$seq" --dtype "$DTYPE" --warmup "$WARMUP" --steps "$STEPS" \
     --device "$DEVICE" --json >>"$OUT/ours.jsonl" 2>>"$OUT/ours.err" ||
     echo "{\"shape\": \"$shape\", \"mode\": \"$mode\", \"batch\": $batch, \"seq\": $seq, \"matmul\": \"$matmul\", \"error\": \"exit $?\"}" \
       >>"$OUT/ours.jsonl"
@@ -100,8 +93,11 @@ log "burnish bench on $DEVICE, base in $DTYPE, matmul $ROUTE"
 for row in "${first[@]}"; do bench $ROUTE $row 150; done
 
 log "peer: transformers + PEFT"
-DEV=$DEVICE step 300 "peer" python3 "$PEER" "${peer_args[@]}" >"$OUT/peer.txt" 2>"$OUT/peer.err" ||
+DEV=$DEVICE step 240 "peer" python3 "$PEER" "${peer_args[@]}" >"$OUT/peer.txt" 2>"$OUT/peer.err" ||
   echo "peer failed or timed out: see $OUT/peer.err"
+
+log "burnish bench, larger shapes"
+for row in "${rest[@]}"; do bench $ROUTE $row 120; done
 
 if [ "$ROUTE" = cublas ]; then
   log "burnish bench on burn's matmul (the cuBLAS route's gain)"
@@ -125,9 +121,6 @@ step 90 "quickstart" "$BIN" train recipes/quickstart.toml --device "$DEVICE" \
   --set output.dir="$OUT/quickstart-run" >"$OUT/quickstart.txt" 2>"$OUT/quickstart.err" ||
   echo "quickstart on $DEVICE failed: see $OUT/quickstart.err"
 grep "exact match" "$OUT/quickstart.txt"
-
-log "burnish bench, larger shapes"
-for row in "${rest[@]}"; do bench $ROUTE $row 120; done
 
 log "summary"
 python3 "$(dirname "$0")/summary.py" "$OUT" "$DEVICE" | tee "$OUT/summary.txt"
