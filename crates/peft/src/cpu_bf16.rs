@@ -399,20 +399,24 @@ mod tests {
         for [m, k, n] in [[13, 7, 33], [25, 601, 70], [3, 1, 1]] {
             let x = Tensor::<AD, 2>::random([m, k], Distribution::Default, &device);
             let w = Tensor::<AD, 2>::random([n, k], Distribution::Default, &device);
+            let w_bf16 = w.clone().cast(burn::tensor::FloatDType::BF16);
+            // The weight as the kernel holds it (burn's cast, exact in f32), and x as given.
             let (xv, wv) = (
                 x.to_data().to_vec::<f32>().unwrap(),
-                w.to_data().to_vec::<f32>().unwrap(),
+                w_bf16.to_data().convert::<f32>().to_vec::<f32>().unwrap(),
             );
-            let w_bf16 = w.clone().cast(burn::tensor::FloatDType::BF16);
             let x = x.require_grad();
             let y = matmul(&x, &w_bf16, true).expect("the kernel");
             let upstream = Tensor::<AD, 2>::random([m, n], Distribution::Default, &device);
             let grads = (y.clone() * upstream.clone()).sum().backward();
-            let check = |ours: Vec<f32>, exact: Vec<f64>, what: &str| {
+            // f32 sums of `depth` products: within depth·2⁻²⁴ of the sum of their magnitudes,
+            // which for these non-negative operands is at most the largest exact value.
+            let check = |ours: Vec<f32>, exact: Vec<f64>, depth: usize, what: &str| {
                 let scale = exact.iter().fold(1.0f64, |s, v| s.max(v.abs()));
+                let bound = (depth + 2) as f64 * f64::from(f32::EPSILON / 2.0) * scale;
                 for (i, (o, e)) in ours.iter().zip(&exact).enumerate() {
                     assert!(
-                        (f64::from(*o) - e).abs() <= 1e-5 * scale,
+                        (f64::from(*o) - e).abs() <= bound,
                         "{what} [{m}, {k}, {n}] element {i}: {o} against {e}"
                     );
                 }
@@ -420,6 +424,7 @@ mod tests {
             check(
                 y.into_data().to_vec().unwrap(),
                 reference(&xv, &wv, m, k, n),
+                k,
                 "y",
             );
             // dx = upstream · W, i.e. upstream · (Wᵀ)ᵀ.
@@ -428,6 +433,7 @@ mod tests {
             check(
                 x.grad(&grads).unwrap().into_data().to_vec().unwrap(),
                 reference(&uv, &wt, m, n, k),
+                n,
                 "dx",
             );
         }
