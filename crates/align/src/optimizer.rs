@@ -4,7 +4,7 @@
 //! never to biases or norm scales. Only parameters that received a gradient are touched, so a
 //! frozen base gets neither updates nor optimizer state.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
@@ -226,7 +226,17 @@ impl<B: AutodiffBackend> AdamW<B> {
 
     /// Number of parameters holding optimizer state.
     pub fn tracked_parameters(&self) -> usize {
-        self.groups.iter().map(|g| g.slots.len()).sum()
+        self.held_slots().count()
+    }
+
+    /// Every parameter's moments once, the freshest: the index of the group and the slot.
+    fn held_slots(&self) -> impl Iterator<Item = (usize, &Slot)> {
+        let mut seen = HashSet::new();
+        self.groups
+            .iter()
+            .enumerate()
+            .flat_map(|(index, group)| group.slots.iter().map(move |slot| (index, slot)))
+            .filter(move |(_, slot)| seen.insert(slot.id))
     }
 
     /// Clips the gradients by their global norm and applies one AdamW step at learning rate `lr`.
@@ -301,6 +311,14 @@ impl<B: AutodiffBackend> AdamW<B> {
                 v,
             });
         }
+        // A parameter without a gradient this step keeps its moments, as torch's AdamW skips
+        // it: the groups that hold any such parameter stay behind the fresh ones (which are
+        // searched first, so their own values win).
+        let fresh: HashSet<ParamId> = updated.keys().copied().collect();
+        let kept = std::mem::take(&mut self.groups)
+            .into_iter()
+            .filter(|group| group.slots.iter().any(|slot| !fresh.contains(&slot.id)));
+        groups.extend(kept);
         self.groups = groups;
         (
             module.map(&mut PutBack::<B> { updated }),
@@ -389,17 +407,20 @@ impl<B: AutodiffBackend> AdamW<B> {
     pub fn export_state<M: AutodiffModule<B>>(&self, module: &M) -> Vec<SavedMoments> {
         let paths = parameter_paths::<B, M>(module);
         let mut out = Vec::new();
-        for group in &self.groups {
-            let (m, v) = (f32_values(group.m.clone()), f32_values(group.v.clone()));
-            for slot in &group.slots {
-                if let Some(path) = paths.get(&slot.id) {
-                    let range = slot.offset..slot.offset + slot.len;
-                    out.push(SavedMoments {
-                        path: path.clone(),
-                        m: m[range.clone()].to_vec(),
-                        v: v[range].to_vec(),
-                    });
-                }
+        let values: Vec<(Vec<f32>, Vec<f32>)> = self
+            .groups
+            .iter()
+            .map(|group| (f32_values(group.m.clone()), f32_values(group.v.clone())))
+            .collect();
+        for (index, slot) in self.held_slots() {
+            let (m, v) = &values[index];
+            if let Some(path) = paths.get(&slot.id) {
+                let range = slot.offset..slot.offset + slot.len;
+                out.push(SavedMoments {
+                    path: path.clone(),
+                    m: m[range.clone()].to_vec(),
+                    v: v[range].to_vec(),
+                });
             }
         }
         out.sort_by(|a, b| a.path.cmp(&b.path));
@@ -456,5 +477,60 @@ impl<B: AutodiffBackend> AdamW<B> {
             .collect();
         self.steps = steps;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::{Autodiff, Flex};
+
+    type AD = Autodiff<Flex>;
+
+    #[derive(Module, Debug)]
+    struct Two<B: Backend> {
+        matrix: Param<Tensor<B, 2>>,
+        vector: Param<Tensor<B, 1>>,
+    }
+
+    /// Gradients of `Σ matrix + Σ vector²`, or of `Σ matrix` alone.
+    fn gradients(model: &Two<AD>, with_vector: bool) -> GradientsParams {
+        let mut loss = model.matrix.val().sum();
+        if with_vector {
+            loss = loss + model.vector.val().powi_scalar(2).sum();
+        }
+        GradientsParams::from_grads(loss.backward(), model)
+    }
+
+    #[test]
+    fn a_parameter_without_a_gradient_keeps_its_moments() {
+        let device = Default::default();
+        let mut model = Two::<AD> {
+            matrix: Param::from_tensor(Tensor::from_floats([[1.0, 2.0], [3.0, 4.0]], &device)),
+            vector: Param::from_tensor(Tensor::from_floats([0.5, -1.0, 2.0], &device)),
+        };
+        let mut optimizer = AdamW::<AD>::new(AdamWConfig {
+            weight_decay: 0.1,
+            ..Default::default()
+        });
+        let moments = |optimizer: &AdamW<AD>, model: &Two<AD>| optimizer.export_state(model);
+        for with_vector in [true, false, false] {
+            let grads = gradients(&model, with_vector);
+            let before = moments(&optimizer, &model);
+            let vector_before = model.vector.val().into_data();
+            (model, _) = optimizer.step(1e-2, model, &grads);
+            let after = moments(&optimizer, &model);
+            assert_eq!(optimizer.tracked_parameters(), 2);
+            assert_eq!(after.len(), 2, "both parameters' moments, once each");
+            if !with_vector {
+                // The vector is neither moved nor are its moments touched or dropped.
+                assert_eq!(model.vector.val().into_data(), vector_before);
+                let vector = |saved: &[SavedMoments]| {
+                    saved.iter().find(|s| s.path == "vector").cloned().unwrap()
+                };
+                assert_eq!(vector(&after), vector(&before));
+                assert_ne!(after[0], before[0], "the matrix moved on");
+            }
+        }
     }
 }
