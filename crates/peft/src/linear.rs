@@ -166,7 +166,7 @@ const MIN_SPLIT_ROWS: usize = 4096;
 /// the factor's gradient, `xᵀ·dy`: a thin result (`[in, rank]` or `[rank, out]`) summed over
 /// every row, which one product computes with a handful of the device's cores each running
 /// through all the rows (about 0.5 ms for 8192 rows of SmolLM2's widths on an H100, measured
-/// 2026-11-26: 420 of them made up a third of a training step). Batched, each block's partial
+/// 2026-11-26: 420 of them, a fifth of a training step). Batched, each block's partial
 /// result is its own product and the broadcast's backward sums them.
 pub(crate) fn project_low_rank<B: Backend, const D: usize>(
     x: Tensor<B, D>,
