@@ -58,7 +58,7 @@ if tests.exists():
 def row(key, o, p):
     ratio = (o["tokens_per_s"] / p["tokens_per_s"]) if "tokens_per_s" in o and p else None
     mem = o.get("peak_memory_bytes")
-    print(f"{key[0]:16} {key[1]:4} {key[2]:<2} {key[3]:<5} {o.get('matmul', '—'):7}"
+    print(f"{key[0]:16} {key[1]:4} {key[2]:<2} {key[3]:<5} {o.get('matmul', '—'):13}"
           f"{round(o['step_ms'], 1) if 'step_ms' in o else o.get('error', '—'):<9} "
           f"{str(p.get('step_ms', '—')):<9} "
           f"{str(round(o['tokens_per_s'])) if 'tokens_per_s' in o else '—':<11} "
@@ -66,7 +66,7 @@ def row(key, o, p):
           f"{f'{mem / 2**30:.2f}' if mem else '—':<13} {p.get('peak_gib', '—')}")
 
 
-print("\nshape            mode B  T     matmul ours ms   peer ms   ours tok/s  peer tok/s  ratio  "
+print("\nshape            mode B  T     matmul       ours ms   peer ms   ours tok/s  peer tok/s  ratio  "
       "ours mem GiB  peer GiB")
 seen = set()
 for o in ours:

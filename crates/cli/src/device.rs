@@ -97,9 +97,8 @@ pub fn base_dtype_for<B: Backend>(
     device: &B::Device,
     frozen: bool,
 ) -> Result<BaseDtype> {
-    let on_gpu = std::any::TypeId::of::<B>() != std::any::TypeId::of::<Cpu>();
     let bf16 = B::supports_dtype(device, DType::BF16);
-    let resolved = dtype.resolve(on_gpu && bf16, frozen);
+    let resolved = dtype.resolve(!burnish_peft::on_cpu::<B>() && bf16, frozen);
     if resolved == BaseDtype::Bf16 && !bf16 {
         bail!(
             "this device ({}) cannot compute in bf16; use --dtype f32 (`model.dtype = \"f32\"` \
@@ -111,13 +110,15 @@ pub fn base_dtype_for<B: Backend>(
 }
 
 /// What the frozen projections' matrix products run on under the backend `backend` names
-/// (`TypeId::of::<B>()`) with the base held in `dtype` (resolved), for reports.
+/// (`TypeId::of::<B>()`) with the base held in `dtype` (resolved), for reports: on CUDA,
+/// `cublas-large` is cuBLAS for the products of at least
+/// `burnish_peft::cublas::MIN_ROUTED_PRODUCT` multiply-adds and burn's matmul for the rest.
 pub fn product_route(backend: std::any::TypeId, dtype: BaseDtype) -> &'static str {
     #[cfg(feature = "cuda")]
     if backend == std::any::TypeId::of::<burn::backend::Cuda>()
         && *burnish_peft::cublas::cuda_matmul() == burnish_peft::cublas::CudaMatmul::Cublas
     {
-        return "cublas";
+        return "cublas-large";
     }
     if backend == std::any::TypeId::of::<Cpu>()
         && dtype == BaseDtype::Bf16
