@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared device run, most important first, inside a time budget: the cuBLAS route's checks
 # against the exact product and burn's matmul, `burnish bench` and the transformers + PEFT peer
-# (peer_lora.py) side by side on the same card, the larger shapes, the same bench on burn's
+# (peer_lora.py) side by side on the same card, the same rows built with burn's fusion backend
+# (the `fusion` feature) and its scores, the larger shapes, the same bench on burn's
 # matmul alone (the cuBLAS route's gain), the CUDA build's scores against the CPU's on the
 # fixture models, then the quickstart recipe trained end to end. A ratio table closes it. Run
 # from the repository root.
@@ -52,10 +53,11 @@ if command -v nvidia-smi >/dev/null; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/card.csv"
 fi
 
-# bench ENV_MATMUL SHAPE MODE BATCH SEQ LIMIT: one `burnish bench` row appended to ours.jsonl.
+# bench ENV_MATMUL SHAPE MODE BATCH SEQ LIMIT: one `burnish bench` row appended to ours.jsonl,
+# run by $BENCH_BIN (default: the build without fusion).
 bench() {
-  local matmul=$1 shape=$2 mode=$3 batch=$4 seq=$5 limit=$6
-  BURNISH_MATMUL=$matmul step "$limit" "bench $shape $mode $matmul" "$BIN" bench --shape "$shape" \
+  local matmul=$1 shape=$2 mode=$3 batch=$4 seq=$5 limit=$6 bin=${BENCH_BIN:-$BIN}
+  BURNISH_MATMUL=$matmul step "$limit" "bench $shape $mode $matmul $(basename "$bin")" "$bin" bench --shape "$shape" \
     --mode "$mode" --batch "$batch" --seq "$seq" --dtype "$DTYPE" --warmup "$WARMUP" --steps "$STEPS" \
     --device "$DEVICE" --json >>"$OUT/ours.jsonl" 2>>"$OUT/ours.err" ||
     echo "{\"shape\": \"$shape\", \"mode\": \"$mode\", \"batch\": $batch, \"seq\": $seq, \"matmul\": \"$matmul\", \"error\": \"exit $?\"}" \
@@ -73,6 +75,8 @@ else
   peer_args=()
 fi
 : >"$OUT/ours.jsonl"
+# The token ids the parity checks score.
+IDS=1,17,42,99,5,23,64,128,7,250,31,88,12,199,3,77
 
 # The route the bench rows take: cuBLAS, unless its checks fail (then burn's matmul, so that the
 # run still measures something).
@@ -96,6 +100,19 @@ log "peer: transformers + PEFT"
 DEV=$DEVICE step 240 "peer" python3 "$PEER" "${peer_args[@]}" >"$OUT/peer.txt" 2>"$OUT/peer.err" ||
   echo "peer failed or timed out: see $OUT/peer.err"
 
+if [ -x "$FUSED_BIN" ]; then
+  log "burnish bench with burn's fusion backend (the fusion feature)"
+  for row in "${first[@]}"; do BENCH_BIN=$FUSED_BIN bench $ROUTE $row 150; done
+  for model in llama qwen2; do
+    for dtype in f32 bf16; do
+      name="score-$model-$DEVICE-fusion-$dtype"
+      step 60 "$name" "$FUSED_BIN" score --model "tests/fixtures/models/$model" --ids "$IDS" \
+        --device "$DEVICE" --dtype "$dtype" --json >"$OUT/$name.json" 2>"$OUT/$name.err" ||
+        echo "score $model with fusion in $dtype failed: see $OUT/$name.err"
+    done
+  done
+fi
+
 log "burnish bench, larger shapes"
 for row in "${rest[@]}"; do bench $ROUTE $row 120; done
 
@@ -105,7 +122,6 @@ if [ "$ROUTE" = cublas ]; then
 fi
 
 log "parity: burnish score on the fixture models, $DEVICE (f32 and bf16) against cpu (f32)"
-IDS=1,17,42,99,5,23,64,128,7,250,31,88,12,199,3,77
 for model in llama mistral qwen2; do
   for run in "cpu f32" "$DEVICE f32" "$DEVICE bf16"; do
     read -r dev dtype <<<"$run"

@@ -15,18 +15,21 @@ def logprobs(model, dev, dtype):
 
 print(f"score parity against the CPU in f32 (max |Δ logprob|; bounds {F32_BOUND} in f32, "
       f"{BF16_RELATIVE:.0%} relative with a bf16 base):")
-for model in ["llama", "mistral", "qwen2"]:
-    try:
-        cpu = logprobs(model, "cpu", "f32")
-        f32 = logprobs(model, device, "f32")
-        bf16 = logprobs(model, device, "bf16")
-    except (OSError, ValueError, KeyError) as e:
-        print(f"  {model:8} missing: {e}")
-        continue
-    worst = max(abs(a - b) for a, b in zip(cpu, f32))
-    worst_rel = max(abs(a - b) / max(abs(a), 1.0) for a, b in zip(cpu, bf16))
-    ok = len(cpu) == len(f32) == len(bf16) and worst <= F32_BOUND and worst_rel <= BF16_RELATIVE
-    print(f"  {model:8} f32 {worst:.2e}  bf16 {worst_rel:.2%} relative  {'ok' if ok else 'OVER'}")
+for build in ["", "-fusion"]:
+    for model in ["llama", "mistral", "qwen2"]:
+        name = f"{model}{build}"
+        try:
+            cpu = logprobs(model, "cpu", "f32")
+            f32 = logprobs(model, f"{device}{build}", "f32")
+            bf16 = logprobs(model, f"{device}{build}", "bf16")
+        except (OSError, ValueError, KeyError) as e:
+            if not build:
+                print(f"  {name:15} missing: {e}")
+            continue
+        worst = max(abs(a - b) for a, b in zip(cpu, f32))
+        worst_rel = max(abs(a - b) / max(abs(a), 1.0) for a, b in zip(cpu, bf16))
+        ok = len(cpu) == len(f32) == len(bf16) and worst <= F32_BOUND and worst_rel <= BF16_RELATIVE
+        print(f"  {name:15} f32 {worst:.2e}  bf16 {worst_rel:.2%} relative  {'ok' if ok else 'OVER'}")
 
 
 def json_lines(path):
@@ -58,7 +61,8 @@ if tests.exists():
 def row(key, o, p):
     ratio = (o["tokens_per_s"] / p["tokens_per_s"]) if "tokens_per_s" in o and p else None
     mem = o.get("peak_memory_bytes")
-    print(f"{key[0]:16} {key[1]:4} {key[2]:<2} {key[3]:<5} {o.get('matmul', '—'):13}"
+    matmul = o.get("matmul", "—") + ("+fusion" if "fusion" in o.get("backend", "") else "")
+    print(f"{key[0]:16} {key[1]:4} {key[2]:<2} {key[3]:<5} {matmul:20}"
           f"{round(o['step_ms'], 1) if 'step_ms' in o else o.get('error', '—'):<9} "
           f"{str(p.get('step_ms', '—')):<9} "
           f"{str(round(o['tokens_per_s'])) if 'tokens_per_s' in o else '—':<11} "
@@ -66,7 +70,7 @@ def row(key, o, p):
           f"{f'{mem / 2**30:.2f}' if mem else '—':<13} {p.get('peak_gib', '—')}")
 
 
-print("\nshape            mode B  T     matmul       ours ms   peer ms   ours tok/s  peer tok/s  ratio  "
+print("\nshape            mode B  T     matmul              ours ms   peer ms   ours tok/s  peer tok/s  ratio  "
       "ours mem GiB  peer GiB")
 seen = set()
 for o in ours:

@@ -109,18 +109,16 @@ pub fn base_dtype_for<B: Backend>(
     Ok(resolved)
 }
 
-/// What the frozen projections' matrix products run on under the backend `backend` names
-/// (`TypeId::of::<B>()`) with the base held in `dtype` (resolved), for reports: on CUDA,
-/// `cublas-large` is cuBLAS for the products of at least
-/// `burnish_peft::cublas::MIN_ROUTED_PRODUCT` multiply-adds and burn's matmul for the rest.
-pub fn product_route(backend: std::any::TypeId, dtype: BaseDtype) -> &'static str {
+/// What the frozen projections' matrix products run on under backend `B` with the base held in
+/// `dtype` (resolved), for reports: `cublas-large` is cuBLAS for the products of at least
+/// `burnish_peft::cublas::MIN_ROUTED_PRODUCT` multiply-adds and burn's matmul for the rest (CUDA
+/// without the `fusion` feature); `cpu-bf16` the CPU's bf16 kernel.
+pub fn product_route<B: Backend>(dtype: BaseDtype) -> &'static str {
     #[cfg(feature = "cuda")]
-    if backend == std::any::TypeId::of::<burn::backend::Cuda>()
-        && *burnish_peft::cublas::cuda_matmul() == burnish_peft::cublas::CudaMatmul::Cublas
-    {
+    if burnish_peft::cublas::routes::<B>() {
         return "cublas-large";
     }
-    if backend == std::any::TypeId::of::<Cpu>()
+    if std::any::TypeId::of::<B>() == std::any::TypeId::of::<Cpu>()
         && dtype == BaseDtype::Bf16
         && burnish_peft::cpu_bf16_available()
     {

@@ -19,15 +19,16 @@ use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
+use burn::backend::Autodiff;
 use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::{Autodiff, Cuda};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
+use burn_cubecl::CubeBackend;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::cuda::CudaRuntime;
@@ -39,10 +40,12 @@ use cudarc::driver::{CudaContext, CudaStream};
 use crate::gemm_layout::ColumnMajorGemm;
 use crate::rebrand::rebrand;
 
-/// burnish's CUDA backend, as the binary instantiates it.
-type Plain = Cuda;
+/// burnish's CUDA backend as the binary instantiates it without the `fusion` feature (with it,
+/// `burn::backend::Cuda` wraps this one in burn's fusion backend, whose tensors are not cubecl's
+/// and which the route leaves to burn's matmul).
+type Plain = CubeBackend<CudaRuntime, f32, i32, u8>;
 /// The same backend under autodiff, as training runs it.
-type Tracked = Autodiff<Cuda>;
+type Tracked = Autodiff<Plain>;
 type Cube = CubeTensor<CudaRuntime>;
 type TrackedTensor = FloatTensor<Tracked>;
 
@@ -112,22 +115,24 @@ pub(crate) fn matmul<B: Backend>(
     routed(x, weight, transposed)
 }
 
+/// Whether products on backend `B` can take the route: `B` is the plain CUDA backend, with or
+/// without autodiff, and [`cuda_matmul`] is cuBLAS.
+pub fn routes<B: Backend>() -> bool {
+    let backend = TypeId::of::<B>();
+    (backend == TypeId::of::<Plain>() || backend == TypeId::of::<Tracked>())
+        && *cuda_matmul() == CudaMatmul::Cublas
+}
+
 /// [`matmul`] whatever the product's size.
 fn routed<B: Backend>(
     x: &Tensor<B, 2>,
     weight: &Tensor<B, 2>,
     transposed: bool,
 ) -> Option<Tensor<B, 2>> {
+    if !routes::<B>() || x.dtype() != weight.dtype() || data_type(x.dtype()).is_none() {
+        return None;
+    }
     let backend = TypeId::of::<B>();
-    if backend != TypeId::of::<Plain>() && backend != TypeId::of::<Tracked>() {
-        return None;
-    }
-    if x.dtype() != weight.dtype()
-        || data_type(x.dtype()).is_none()
-        || *cuda_matmul() != CudaMatmul::Cublas
-    {
-        return None;
-    }
     let x = x.clone().into_primitive().tensor();
     let weight = weight.clone().into_primitive().tensor();
     let out: B::FloatTensorPrimitive = if backend == TypeId::of::<Plain>() {

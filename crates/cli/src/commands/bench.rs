@@ -167,7 +167,7 @@ impl Job for Bench {
                 "dtype": a.dtype.to_string(),
                 "tokens_per_s": tokens_per_s, "step_ms": step_s * 1e3,
                 "peak_memory_bytes": peak, "memory": memory.describe(),
-                "matmul": product_route(std::any::TypeId::of::<B>(), a.dtype),
+                "matmul": product_route::<B>(a.dtype), "backend": B::name(&device),
             });
             println!("{out}");
         } else {
