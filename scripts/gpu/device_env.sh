@@ -1,6 +1,6 @@
 # Sourced by the GPU scripts on the GPU machine, from the repository root, with OUT and DEVICE
-# set: unpacks the binaries prepare.sh gzipped into WORK (BIN, FUSED_BIN, TESTS; plain builds
-# can be named with BURNISH, BURNISH_FUSION and TESTS), makes the CUDA libraries and headers that load at run time
+# set: unpacks the binaries prepare.sh gzipped into WORK (BIN, TESTS, and the other builds as
+# $WORK/burnish-<name>; plain builds can be named with BURNISH and TESTS), makes the CUDA libraries and headers that load at run time
 # findable, and notes where they were found in $OUT/env.txt.
 WORK=$(mktemp -d)
 for packed in gpu-bin/*.gz; do
@@ -9,7 +9,6 @@ for packed in gpu-bin/*.gz; do
   gzip -dc "$packed" >"$unpacked" && chmod +x "$unpacked"
 done
 BIN=${BURNISH:-$WORK/burnish}
-FUSED_BIN=${BURNISH_FUSION:-$WORK/burnish-fusion}
 TESTS=${TESTS:-$WORK/peft-tests}
 # cuBLAS and NVRTC load at run time, and NVRTC needs the toolkit's headers: make both findable,
 # from the toolkit or from the Python packages' copies of its libraries.

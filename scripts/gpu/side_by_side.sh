@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One prepared device run, most important first, inside a time budget: the cuBLAS route's checks
 # against the exact product and burn's matmul, `burnish bench` and the transformers + PEFT peer
-# (peer_lora.py) side by side on the same card, the same rows built with burn's fusion backend
-# (the `fusion` feature) and its scores, the larger shapes, the same bench on burn's
+# (peer_lora.py) side by side on the same card, the same rows and scores from the builds with
+# burn's fusion backend and with fusion and autotuning (prepare.sh), the larger shapes, the same bench on burn's
 # matmul alone (the cuBLAS route's gain), the CUDA build's scores against the CPU's on the
 # fixture models, then the quickstart recipe trained end to end. A ratio table closes it. Run
 # from the repository root.
@@ -14,7 +14,7 @@
 #
 # BUDGET (seconds, default 540) bounds the whole run: each step has its own time limit, and a
 # step that no longer fits is skipped and named; WARMUP and STEPS set each bench row's untimed
-# and timed steps (3 and 10). DEVICE=cpu PLAN=quick DTYPE=f32 runs the same
+# and timed steps (3 and 10); TUNE_LEVEL the tuned build's autotuning effort (minimal). DEVICE=cpu PLAN=quick DTYPE=f32 runs the same
 # flow on the CPU with the peer's tiny shape (a dry run of the script itself).
 set -uo pipefail
 
@@ -25,6 +25,7 @@ OUT=${OUT:-gpu-results}
 BUDGET=${BUDGET:-540}
 WARMUP=${WARMUP:-3}
 STEPS=${STEPS:-10}
+TUNE_LEVEL=${TUNE_LEVEL:-minimal} # cubecl's autotuning effort in the tuned build
 mkdir -p "$OUT"
 export RUST_BACKTRACE=0
 START=$SECONDS
@@ -100,18 +101,28 @@ log "peer: transformers + PEFT"
 DEV=$DEVICE step 240 "peer" python3 "$PEER" "${peer_args[@]}" >"$OUT/peer.txt" 2>"$OUT/peer.err" ||
   echo "peer failed or timed out: see $OUT/peer.err"
 
-if [ -x "$FUSED_BIN" ]; then
-  log "burnish bench with burn's fusion backend (the fusion feature)"
-  for row in "${first[@]}"; do BENCH_BIN=$FUSED_BIN bench $ROUTE $row 150; done
+# The other builds on the first rows, and their scores: burn's fusion backend, then fusion with
+# cubecl's autotuning at level $TUNE_LEVEL (its first step of each shape times the candidate
+# kernels: the row's wall time, logged, holds that cost; the tuned choices are cached on disk).
+for variant in fusion tuned; do
+  bin=$WORK/burnish-$variant
+  [ -x "$bin" ] || continue
+  log "burnish bench, the $variant build"
+  for row in "${first[@]}"; do
+    began=$SECONDS
+    CUBECL_AUTOTUNE_LEVEL=$TUNE_LEVEL BENCH_BIN=$bin bench $ROUTE $row 300
+    echo "$variant $row: $((SECONDS - began)) s wall, warm-up included"
+  done
   for model in llama qwen2; do
     for dtype in f32 bf16; do
-      name="score-$model-$DEVICE-fusion-$dtype"
-      step 60 "$name" "$FUSED_BIN" score --model "tests/fixtures/models/$model" --ids "$IDS" \
-        --device "$DEVICE" --dtype "$dtype" --json >"$OUT/$name.json" 2>"$OUT/$name.err" ||
-        echo "score $model with fusion in $dtype failed: see $OUT/$name.err"
+      name="score-$model-$DEVICE-$variant-$dtype"
+      CUBECL_AUTOTUNE_LEVEL=$TUNE_LEVEL step 60 "$name" "$bin" score \
+        --model "tests/fixtures/models/$model" --ids "$IDS" --device "$DEVICE" --dtype "$dtype" \
+        --json >"$OUT/$name.json" 2>"$OUT/$name.err" ||
+        echo "score $model, $variant build, in $dtype failed: see $OUT/$name.err"
     done
   done
-fi
+done
 
 log "burnish bench, larger shapes"
 for row in "${rest[@]}"; do bench $ROUTE $row 120; done

@@ -15,7 +15,7 @@ def logprobs(model, dev, dtype):
 
 print(f"score parity against the CPU in f32 (max |Δ logprob|; bounds {F32_BOUND} in f32, "
       f"{BF16_RELATIVE:.0%} relative with a bf16 base):")
-for build in ["", "-fusion"]:
+for build in ["", "-fusion", "-tuned"]:
     for model in ["llama", "mistral", "qwen2"]:
         name = f"{model}{build}"
         try:
@@ -62,6 +62,7 @@ def row(key, o, p):
     ratio = (o["tokens_per_s"] / p["tokens_per_s"]) if "tokens_per_s" in o and p else None
     mem = o.get("peak_memory_bytes")
     matmul = o.get("matmul", "—") + ("+fusion" if "fusion" in o.get("backend", "") else "")
+    matmul += "+tuned" if o.get("autotune") else ""
     print(f"{key[0]:16} {key[1]:4} {key[2]:<2} {key[3]:<5} {matmul:20}"
           f"{round(o['step_ms'], 1) if 'step_ms' in o else o.get('error', '—'):<9} "
           f"{str(p.get('step_ms', '—')):<9} "

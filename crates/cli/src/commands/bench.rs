@@ -168,6 +168,7 @@ impl Job for Bench {
                 "tokens_per_s": tokens_per_s, "step_ms": step_s * 1e3,
                 "peak_memory_bytes": peak, "memory": memory.describe(),
                 "matmul": product_route::<B>(a.dtype), "backend": B::name(&device),
+                "autotune": cfg!(feature = "autotune"),
             });
             println!("{out}");
         } else {
