@@ -57,16 +57,18 @@ impl<B: Backend> Attention<B> {
         let [batch, seq, _] = x.dims();
         // [batch, seq, n * head_dim] -> [batch, seq, n, head_dim]
         let split = |t: Tensor<B, 3>, n: usize| t.reshape([batch, seq, n, self.head_dim]);
+        let [q, k, v] =
+            AdaptableLinear::forward_shared([&self.q_proj, &self.k_proj, &self.v_proj], x);
         // Rotated as the projections leave them, then viewed as [batch, n, seq, head_dim].
         let q = rotations
             .queries
-            .apply(split(self.q_proj.forward(x.clone()), self.num_heads))
+            .apply(split(q, self.num_heads))
             .swap_dims(1, 2);
         let k = rotations
             .keys
-            .apply(split(self.k_proj.forward(x.clone()), self.num_kv_heads))
+            .apply(split(k, self.num_kv_heads))
             .swap_dims(1, 2);
-        let v = split(self.v_proj.forward(x), self.num_kv_heads).swap_dims(1, 2);
+        let v = split(v, self.num_kv_heads).swap_dims(1, 2);
 
         let (k, v) = match cache {
             None => (k, v),

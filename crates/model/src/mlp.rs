@@ -24,7 +24,8 @@ impl<B: Backend> Mlp<B> {
     /// # Shapes
     /// - input, output: `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gated = swiglu(self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
+        let [gate, up] = AdaptableLinear::forward_shared([&self.gate_proj, &self.up_proj], x);
+        let gated = swiglu(gate, up);
         self.down_proj.forward(gated)
     }
 }

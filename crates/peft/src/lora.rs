@@ -83,6 +83,40 @@ impl<B: Backend> Lora<B> {
         project_low_rank(down, self.lora_b.val())
     }
 
+    /// [`Lora::forward`] of adapters whose layers read the same input (a layer's query, key and
+    /// value projections; its gate and up projections), their A factors multiplying `x` as one
+    /// product `x·[A₁; A₂; …]ᵀ`: one product of the summed ranks' width instead of one thin
+    /// product each, forward and backward (the input's gradient then needs no sum over the
+    /// adapters either). `None`, for one product each, when fewer than two adapters are given,
+    /// when any applies dropout here (each draws its own mask over the input) or when their
+    /// factors' dtypes differ.
+    ///
+    /// # Shapes
+    /// - x: `[..., in]`
+    /// - outputs: `[..., out_i]`, in the order of `loras`
+    pub(crate) fn forward_shared<const D: usize>(
+        loras: &[&Lora<B>],
+        x: Tensor<B, D>,
+    ) -> Option<Vec<Tensor<B, D>>> {
+        let dtype = loras.first()?.lora_a.val().dtype();
+        // Dropout draws only while gradients are tracked, as `Dropout::forward` decides.
+        let dropout =
+            B::ad_enabled(&x.device()) && loras.iter().any(|lora| lora.dropout.prob > 0.0);
+        if loras.len() < 2 || dropout || loras.iter().any(|l| l.lora_a.val().dtype() != dtype) {
+            return None;
+        }
+        let factors = loras.iter().map(|lora| lora.lora_a.val()).collect();
+        let down = project_low_rank(x, Tensor::cat(factors, 0));
+        let mut start = 0;
+        let updates = loras.iter().map(|lora| {
+            let rank = lora.rank();
+            let piece = down.clone().narrow(D - 1, start, rank);
+            start += rank;
+            project_low_rank(piece.mul_scalar(lora.scale), lora.lora_b.val())
+        });
+        Some(updates.collect())
+    }
+
     /// The dense update `s · B · A` `[out, in]`, for merging.
     pub fn delta_weight(&self) -> Tensor<B, 2> {
         self.lora_b
