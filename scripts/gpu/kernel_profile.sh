@@ -10,7 +10,8 @@
 # Run from the repository root on the GPU machine, carrying gpu-bin/.
 #
 # SHAPE, MODE, BATCH, SEQ and DTYPE pick the row (default: smollm2-135m SFT, 8 x 1024, bf16);
-# results land in OUT (default: gpu-results/).
+# BUILD names the binary (plain, or one of prepare.sh's other builds: fusion, tuned); results
+# land in OUT (default: gpu-results/).
 set -uo pipefail
 DEVICE=cuda
 OUT=${OUT:-gpu-results}
@@ -22,6 +23,8 @@ DTYPE=${DTYPE:-bf16}
 mkdir -p "$OUT"
 export RUST_BACKTRACE=0
 source "$(dirname "$0")/device_env.sh"
+BUILD=${BUILD:-plain}
+[ "$BUILD" = plain ] || BIN=$WORK/burnish-$BUILD
 TIMEFORMAT='wall %R s, user %U s, sys %S s'
 
 bench() {
