@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared device run, most important first, inside a time budget: the cuBLAS route's checks
 # against the exact product and burn's matmul, `burnish bench` and the transformers + PEFT peer
-# (peer_lora.py) side by side on the same card, the same rows and scores from the builds with
+# (peer_lora.py, run by peer_reserved.py to add torch's reserved memory) side by side on the card, the same rows and scores from the builds with
 # burn's fusion backend and with fusion and autotuning (prepare.sh), the larger shapes, the same bench on burn's
 # matmul alone (the cuBLAS route's gain), the CUDA build's scores against the CPU's on the
 # fixture models, then the quickstart recipe trained end to end. A ratio table closes it. Run
@@ -98,7 +98,8 @@ log "burnish bench on $DEVICE, base in $DTYPE, matmul $ROUTE"
 for row in "${first[@]}"; do bench $ROUTE $row 150; done
 
 log "peer: transformers + PEFT"
-DEV=$DEVICE step 240 "peer" python3 "$PEER" "${peer_args[@]}" >"$OUT/peer.txt" 2>"$OUT/peer.err" ||
+DEV=$DEVICE step 240 "peer" python3 "$(dirname "$0")/peer_reserved.py" "$PEER" "${peer_args[@]}" \
+  >"$OUT/peer.txt" 2>"$OUT/peer.err" ||
   echo "peer failed or timed out: see $OUT/peer.err"
 
 # The other builds on the first rows, and their scores: burn's fusion backend, then fusion with

@@ -68,11 +68,12 @@ def row(key, o, p):
           f"{str(p.get('step_ms', '—')):<9} "
           f"{str(round(o['tokens_per_s'])) if 'tokens_per_s' in o else '—':<11} "
           f"{str(p.get('tokens_per_s', '—')):<11} {f'{ratio:.2f}' if ratio else '—':<6} "
-          f"{f'{mem / 2**30:.2f}' if mem else '—':<13} {p.get('peak_gib', '—')}")
+          f"{f'{mem / 2**30:.2f}' if mem else '—':<13} {str(p.get('peak_gib', '—')):<9} "
+          f"{p.get('peak_reserved_gib', '—')}")
 
 
 print("\nshape            mode B  T     matmul              ours ms   peer ms   ours tok/s  peer tok/s  ratio  "
-      "ours mem GiB  peer GiB")
+      "ours mem GiB  peer GiB  peer reserved GiB")
 seen = set()
 for o in ours:
     key = (o["shape"], o["mode"], o["batch"], o["seq"])
@@ -81,7 +82,8 @@ for o in ours:
 for key in sorted(set(peer) - seen):
     row(key, {}, peer[key])
 print("\nours mem: " + "; ".join(sorted({o["memory"] for o in ours if "memory" in o}) or ["—"]))
-print("peer mem: torch.cuda.max_memory_allocated (0 on the CPU)")
+print("peer mem: torch.cuda.max_memory_allocated, and max_memory_reserved (its allocator's pools, "
+      "the measure ours compares with); 0 on the CPU")
 quickstart = out / "quickstart.txt"
 if quickstart.exists():
     scores = [l for l in quickstart.read_text().splitlines() if l.startswith("exact match")]
