@@ -1,7 +1,8 @@
 # Sourced by the GPU scripts on the GPU machine, from the repository root, with OUT and DEVICE
 # set: unpacks the binaries prepare.sh gzipped into WORK (BIN, TESTS, and the other builds as
-# $WORK/burnish-<name>; plain builds can be named with BURNISH and TESTS), makes the CUDA libraries and headers that load at run time
-# findable, and notes where they were found in $OUT/env.txt.
+# $WORK/burnish-<name>; plain builds can be named with BURNISH and TESTS), makes the CUDA
+# libraries and headers that load at run time findable, and notes where they were found in
+# $OUT/env.txt.
 WORK=$(mktemp -d)
 for packed in gpu-bin/*.gz; do
   [ -e "$packed" ] || continue

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # One prepared device run, most important first, inside a time budget: the cuBLAS route's checks
 # against the exact product and burn's matmul, `burnish bench` and the transformers + PEFT peer
-# (peer_lora.py, run by peer_reserved.py to add torch's reserved memory) side by side on the card, the same rows and scores from the builds with
-# burn's fusion backend and with fusion and autotuning (prepare.sh), the larger shapes, the same bench on burn's
-# matmul alone (the cuBLAS route's gain), the CUDA build's scores against the CPU's on the
-# fixture models, then the quickstart recipe trained end to end. A ratio table closes it. Run
-# from the repository root.
+# (peer_lora.py, run by peer_reserved.py to add torch's reserved memory) side by side on the
+# card, the same rows and scores from the builds with burn's fusion backend and with fusion and
+# autotuning (prepare.sh), the larger shapes, the same bench on burn's matmul alone (the cuBLAS
+# route's gain), the CUDA build's scores against the CPU's on the fixture models, then the
+# quickstart recipe trained end to end. A ratio table closes it. Run from the repository root.
 #
 # On the development machine (the GPU machine has no Rust toolchain):
 #   scripts/gpu/prepare.sh                 # fills gpu-bin/
@@ -14,8 +14,9 @@
 #
 # BUDGET (seconds, default 540) bounds the whole run: each step has its own time limit, and a
 # step that no longer fits is skipped and named; WARMUP and STEPS set each bench row's untimed
-# and timed steps (3 and 10); TUNE_LEVEL the tuned build's autotuning effort (minimal). DEVICE=cpu PLAN=quick DTYPE=f32 runs the same
-# flow on the CPU with the peer's tiny shape (a dry run of the script itself).
+# and timed steps (3 and 10); TUNE_LEVEL the tuned build's autotuning effort (minimal).
+# DEVICE=cpu PLAN=quick DTYPE=f32 runs the same flow on the CPU with the peer's tiny shape (a dry
+# run of the script itself).
 set -uo pipefail
 
 DEVICE=${DEVICE:-cuda}
@@ -55,7 +56,7 @@ if command -v nvidia-smi >/dev/null; then
 fi
 
 # bench ENV_MATMUL SHAPE MODE BATCH SEQ LIMIT: one `burnish bench` row appended to ours.jsonl,
-# run by $BENCH_BIN (default: the build without fusion).
+# run by $BENCH_BIN (default: the plain build).
 bench() {
   local matmul=$1 shape=$2 mode=$3 batch=$4 seq=$5 limit=$6 bin=${BENCH_BIN:-$BIN}
   BURNISH_MATMUL=$matmul step "$limit" "bench $shape $mode $matmul $(basename "$bin")" "$bin" bench --shape "$shape" \
