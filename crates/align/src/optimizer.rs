@@ -182,16 +182,35 @@ pub fn flat_gradients<B: AutodiffBackend, M: AutodiffModule<B>>(
     FlatGradients { groups }
 }
 
-/// Collects the values of the parameters with a slot, flattened.
-struct Values<'a, B: AutodiffBackend> {
-    wanted: &'a HashMap<ParamId, usize>,
-    found: Vec<Option<Tensor<B::InnerBackend, 1>>>,
+/// Collects the values of the parameters with a slot, flattened, per group in slot order.
+struct Values<B: AutodiffBackend> {
+    /// Each wanted parameter's group and slot index.
+    wanted: HashMap<ParamId, (usize, usize)>,
+    found: Vec<Vec<Option<Tensor<B::InnerBackend, 1>>>>,
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for Values<'_, B> {
+impl<B: AutodiffBackend> Values<B> {
+    /// The values of the parameters in `groups`' slots, gathered in one visit of `module`.
+    fn of<M: AutodiffModule<B>>(module: &M, groups: &[FlatGroup<B::InnerBackend>]) -> Self {
+        let wanted = groups
+            .iter()
+            .enumerate()
+            .flat_map(|(g, group)| {
+                let slots = group.slots.iter().enumerate();
+                slots.map(move |(i, slot)| (slot.id, (g, i)))
+            })
+            .collect();
+        let found = groups.iter().map(|g| vec![None; g.slots.len()]).collect();
+        let mut values = Self { wanted, found };
+        module.visit(&mut values);
+        values
+    }
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for Values<B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        if let Some(&index) = self.wanted.get(&param.id) {
-            self.found[index] = Some(param.val().inner().flatten::<1>(0, D - 1));
+        if let Some(&(group, index)) = self.wanted.get(&param.id) {
+            self.found[group][index] = Some(param.val().inner().flatten::<1>(0, D - 1));
         }
     }
 }
@@ -268,22 +287,18 @@ impl<B: AutodiffBackend> AdamW<B> {
         let step = self.steps as i32;
         let mut updated = HashMap::new();
         let mut groups = Vec::new();
-        for FlatGroup {
-            decayed,
-            slots,
-            grad,
-        } in grads.groups
+        let values = Values::<B>::of(&module, &grads.groups).found;
+        for (
+            FlatGroup {
+                decayed,
+                slots,
+                grad,
+            },
+            found,
+        ) in grads.groups.into_iter().zip(values)
         {
-            let wanted: HashMap<ParamId, usize> =
-                slots.iter().enumerate().map(|(i, s)| (s.id, i)).collect();
-            let mut values = Values::<B> {
-                wanted: &wanted,
-                found: vec![None; slots.len()],
-            };
-            module.visit(&mut values);
             let value = Tensor::cat(
-                values
-                    .found
+                found
                     .into_iter()
                     .map(|v| v.expect("a parameter with a gradient is in the module"))
                     .collect(),
