@@ -118,9 +118,7 @@ pub fn product_route<B: Backend>(dtype: BaseDtype) -> &'static str {
     if burnish_peft::cublas::routes::<B>() {
         return "cublas-large";
     }
-    if std::any::TypeId::of::<B>() == std::any::TypeId::of::<Cpu>()
-        && dtype == BaseDtype::Bf16
-        && burnish_peft::cpu_bf16_available()
+    if burnish_peft::on_cpu::<B>() && dtype == BaseDtype::Bf16 && burnish_peft::cpu_bf16_available()
     {
         return "cpu-bf16";
     }
