@@ -269,9 +269,21 @@ struct AdamWGolden {
 
 #[test]
 fn three_adamw_steps_reproduce_peft_and_torch() {
+    three_adamw_steps(false);
+}
+
+#[test]
+fn three_adamw_steps_with_recomputed_layers_reproduce_peft_and_torch() {
+    three_adamw_steps(true);
+}
+
+/// PEFT's three AdamW steps on the fixture, the layers' activations kept or, with
+/// `checkpointing`, recomputed in the backward pass.
+fn three_adamw_steps(checkpointing: bool) {
     use burn::backend::Autodiff;
     use burn::optim::GradientsParams;
     use burnish_align::{AdamW, AdamWConfig};
+    use burnish_model::ActivationCheckpoints;
     type AD = Autodiff<B>;
 
     let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
@@ -298,7 +310,12 @@ fn three_adamw_steps_reproduce_peft_and_torch() {
         max_grad_norm: Some(g.max_grad_norm),
     });
     for step in 0..3 {
-        let logits = model.forward(ids.clone()).narrow(1, 0, len - 1);
+        let mut checkpoints = checkpointing.then(ActivationCheckpoints::default);
+        let hidden = match checkpoints.as_mut() {
+            Some(checkpoints) => model.hidden_states_checkpointed(ids.clone(), None, checkpoints),
+            None => model.hidden_states(ids.clone()),
+        };
+        let logits = model.head(hidden).narrow(1, 0, len - 1);
         let loss =
             masked_token_loss(logits, ids.clone().narrow(1, 1, len - 1), mask.clone()).mean();
         let value = loss.clone().into_scalar() as f64;
@@ -307,7 +324,10 @@ fn three_adamw_steps_reproduce_peft_and_torch() {
             "step {step}: loss {value} vs torch {}",
             g.losses[step]
         );
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let grads = match checkpoints {
+            Some(checkpoints) => checkpoints.backward(&model, loss),
+            None => GradientsParams::from_grads(loss.backward(), &model),
+        };
         let (next, report) = optimizer.step(g.lr, model, &grads);
         model = next;
         let reference = g.grad_norms[step];

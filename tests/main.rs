@@ -4,6 +4,7 @@
 
 mod adapters;
 mod bad_checkpoints;
+mod checkpointing;
 mod cli;
 mod fixtures;
 mod hub;

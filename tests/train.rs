@@ -369,6 +369,35 @@ fn resuming_from_a_checkpoint_equals_an_uninterrupted_run() {
         "adapters differ"
     );
     assert_eq!(metrics_without_timing(&run), uninterrupted_metrics);
+
+    // Recomputing the layers in the backward pass draws the same dropout masks again: the run
+    // takes the same steps.
+    let recomputed = work.path().join("recomputed");
+    let out = train(
+        &path,
+        &[
+            "--set",
+            "train.gradient_checkpointing=true",
+            "--set",
+            &format!("output.dir=\"{}\"", recomputed.display()),
+        ],
+    );
+    assert_success(&out);
+    let recomputed = metrics_without_timing(&recomputed);
+    assert_eq!(recomputed.len(), uninterrupted_metrics.len());
+    for (a, b) in uninterrupted_metrics.iter().zip(&recomputed) {
+        for key in ["loss", "grad_norm", "eval_loss"] {
+            let (Some(x), Some(y)) = (a.get(key), b.get(key)) else {
+                assert_eq!(a.get(key), b.get(key), "{key} in one run only");
+                continue;
+            };
+            let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+            assert!(
+                (x - y).abs() <= 1e-5 * x.abs(),
+                "{key}: {x} vs {y} recomputed"
+            );
+        }
+    }
 }
 
 #[test]

@@ -6,8 +6,8 @@
 use burn::backend::Autodiff;
 use burn::tensor::{DType, FloatDType, Int, Tensor, TensorData};
 use burnish_align::{
-    AdamW, AdamWConfig, Dpo, DpoLoss, PairBatch, Schedule, ScheduleKind, Sft, TokenBatch,
-    masked_token_logprobs, optimizer_step, reference_logps,
+    Activations, AdamW, AdamWConfig, Dpo, DpoLoss, PairBatch, Schedule, ScheduleKind, Sft,
+    TokenBatch, masked_token_logprobs, optimizer_step, reference_logps,
 };
 use burnish_model::{Decoder, Pretrained, named_weights};
 use burnish_peft::{LoraConfig, Targets};
@@ -94,12 +94,20 @@ fn accumulation_averages_over_the_whole_batch() {
         &[token_batch(&rows)],
         &mut one,
         &constant(1e-2),
+        Activations::Keep,
     )
     .unwrap();
     let mut two = AdamW::new(config);
     let micro = [token_batch(&rows[..1]), token_batch(&rows[1..])];
-    let (split, m2) =
-        optimizer_step(lora_model(1), &Sft, &micro, &mut two, &constant(1e-2)).unwrap();
+    let (split, m2) = optimizer_step(
+        lora_model(1),
+        &Sft,
+        &micro,
+        &mut two,
+        &constant(1e-2),
+        Activations::Keep,
+    )
+    .unwrap();
 
     assert!(
         (m1.loss - m2.loss).abs() < 1e-5,
@@ -153,6 +161,7 @@ fn packed_rows_train_like_separate_rows() {
         &separate,
         &mut AdamW::new(config),
         &constant(1e-2),
+        Activations::Keep,
     )
     .unwrap();
     let (_, m2) = optimizer_step(
@@ -161,6 +170,7 @@ fn packed_rows_train_like_separate_rows() {
         &[packed],
         &mut AdamW::new(config),
         &constant(1e-2),
+        Activations::Keep,
     )
     .unwrap();
     assert!(
@@ -243,8 +253,15 @@ fn sft_steps_lower_the_loss_and_leave_the_base_untouched() {
     let mut optimizer = AdamW::new(AdamWConfig::default());
     let mut losses = Vec::new();
     for _ in 0..15 {
-        let (next, metrics) =
-            optimizer_step(model, &Sft, &batch, &mut optimizer, &constant(2e-2)).unwrap();
+        let (next, metrics) = optimizer_step(
+            model,
+            &Sft,
+            &batch,
+            &mut optimizer,
+            &constant(2e-2),
+            Activations::Keep,
+        )
+        .unwrap();
         model = next;
         losses.push(metrics.loss);
     }
@@ -262,7 +279,15 @@ fn lora_trains_over_a_bf16_base_like_over_f32() {
     let batch = [token_batch(&[(&ids[..24], 4), (&ids[8..32], 4)])];
     let step = |model: Decoder<AD>| {
         let mut optimizer = AdamW::new(AdamWConfig::default());
-        optimizer_step(model, &Sft, &batch, &mut optimizer, &constant(1e-2)).unwrap()
+        optimizer_step(
+            model,
+            &Sft,
+            &batch,
+            &mut optimizer,
+            &constant(1e-2),
+            Activations::Keep,
+        )
+        .unwrap()
     };
     let (_, full) = step(lora_model(4));
     let mut held = lora_model(4);
@@ -312,8 +337,15 @@ fn dpo_starts_at_log_two_and_learns_the_preference() {
     let mut first = None;
     let mut last = None;
     for _ in 0..10 {
-        let (next, metrics) =
-            optimizer_step(model, &dpo, &pairs, &mut optimizer, &constant(2e-2)).unwrap();
+        let (next, metrics) = optimizer_step(
+            model,
+            &dpo,
+            &pairs,
+            &mut optimizer,
+            &constant(2e-2),
+            Activations::Keep,
+        )
+        .unwrap();
         model = next;
         first.get_or_insert(metrics.clone());
         last = Some(metrics);
@@ -350,7 +382,15 @@ fn a_non_finite_loss_stops_and_names_the_step() {
         }
     }
     let mut optimizer = AdamW::new(AdamWConfig::default());
-    let err = optimizer_step(model, &Sft, &batch, &mut optimizer, &constant(1e-3)).unwrap_err();
+    let err = optimizer_step(
+        model,
+        &Sft,
+        &batch,
+        &mut optimizer,
+        &constant(1e-3),
+        Activations::Keep,
+    )
+    .unwrap_err();
     assert!(
         err.to_string().starts_with("step 1:") && err.to_string().contains("NaN"),
         "{err}"

@@ -34,4 +34,4 @@ pub use token_loss::{
     TokenLoss, masked_token_logprobs, masked_token_logprobs_chunked, masked_token_loss,
     positions_per_chunk,
 };
-pub use trainer::{StepMetrics, optimizer_step};
+pub use trainer::{Activations, StepMetrics, optimizer_step};

@@ -184,6 +184,9 @@ pub struct TrainSection {
     pub max_grad_norm: f64,
     /// Pack several examples into rows of `data.max_length` tokens (default false).
     pub pack: bool,
+    /// Keep only each layer's input between the forward and the backward pass and recompute
+    /// the layers' activations there (default false): less memory, about a third more compute.
+    pub gradient_checkpointing: bool,
     /// Evaluate every this many optimizer steps (default 0: only at the end).
     pub eval_every: usize,
     /// Seed of adapter initialisation, shuffling and dropout (default 0).
@@ -221,6 +224,7 @@ impl Default for TrainSection {
             eps: 1e-8,
             max_grad_norm: 1.0,
             pack: false,
+            gradient_checkpointing: false,
             eval_every: 0,
             seed: 0,
             on_nonfinite: OnNonFinite::Stop,

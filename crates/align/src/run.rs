@@ -31,7 +31,7 @@ use crate::recipe::{
 };
 use crate::schedule::Schedule;
 use crate::strategy::{Dpo, PairBatch, Sft, Strategy, TokenBatch, reference_logps};
-use crate::trainer::{StepMetrics, optimizer_step};
+use crate::trainer::{Activations, StepMetrics, optimizer_step};
 
 /// Files a model directory carries besides weights and config.
 const TOKENIZER_FILES: &[&str] = &[
@@ -182,7 +182,7 @@ fn evaluate<B: AutodiffBackend, S: Strategy<B>>(
     let (mut sum, mut units) = (0.0, 0.0);
     let mut metrics: Vec<(&'static str, f64)> = Vec::new();
     for batch in batches {
-        let out = strategy.loss(model, batch);
+        let out = strategy.loss(model, batch, None);
         sum += first_value(out.loss_sum);
         units += out.units;
         for (name, v) in out.metrics {
@@ -498,6 +498,7 @@ pub fn train<B: AutodiffBackend>(
         };
         token_batches::<B>(&make_batches(examples, &config), device)
     };
+    let activations = Activations::checkpointed_if(t.gradient_checkpointing);
     let strategy_dpo = Dpo {
         loss: recipe.dpo.loss(),
         beta: recipe.dpo.beta,
@@ -581,13 +582,21 @@ pub fn train<B: AutodiffBackend>(
                     .iter()
                     .map(|p| p.chosen.trained_tokens + p.rejected.trained_tokens)
                     .sum::<usize>();
-                let result = optimizer_step(model, &strategy_dpo, slice, &mut optimizer, &schedule);
+                let result = optimizer_step(
+                    model,
+                    &strategy_dpo,
+                    slice,
+                    &mut optimizer,
+                    &schedule,
+                    activations,
+                );
                 (result.map(|r| (r, trained)), tokens)
             } else {
                 let slice = &sft[range.start..range.end.min(sft.len())];
                 let tokens = slice.iter().map(|b| b.tokens).sum::<usize>();
                 let trained = slice.iter().map(|b| b.trained_tokens).sum::<usize>();
-                let result = optimizer_step(model, &Sft, slice, &mut optimizer, &schedule);
+                let result =
+                    optimizer_step(model, &Sft, slice, &mut optimizer, &schedule, activations);
                 (result.map(|r| (r, trained)), tokens)
             };
             let ((next, metrics), trained) = match result {

@@ -6,7 +6,7 @@
 use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
-use burnish_model::Decoder;
+use burnish_model::{ActivationCheckpoints, Decoder};
 
 use crate::dpo::{DpoLoss, PairLogps, chosen_nll, dpo_loss};
 use crate::token_loss::{
@@ -171,20 +171,45 @@ impl<B: Backend> TokenBatch<B> {
     }
 }
 
-/// `log p(target)` at every position of `batch` under `model`, zero where untrained, packed rows
-/// kept apart. With a frozen head the logits are computed a chunk of positions at a time and
-/// never held whole; `gradient` says whether the result must carry gradients to the model.
-fn token_logprobs<B: Backend>(
-    model: &Decoder<B>,
-    batch: &TokenBatch<B>,
-    gradient: bool,
-) -> Tensor<B, 2> {
-    let hidden = match &batch.packing {
+/// The final hidden states of `batch` under `model`, packed rows kept apart.
+fn hidden_states<B: Backend>(model: &Decoder<B>, batch: &TokenBatch<B>) -> Tensor<B, 3> {
+    match &batch.packing {
         Some((positions, segments)) => {
             model.hidden_states_packed(batch.inputs.clone(), positions, segments)
         }
         None => model.hidden_states(batch.inputs.clone()),
-    };
+    }
+}
+
+/// [`hidden_states`] for a loss to train on: through `checkpoints` when given (activation
+/// checkpointing: the layers' activations are recomputed in the backward pass).
+fn trained_hidden_states<B: AutodiffBackend>(
+    model: &Decoder<B>,
+    batch: &TokenBatch<B>,
+    checkpoints: Option<&mut ActivationCheckpoints<B>>,
+) -> Tensor<B, 3> {
+    match checkpoints {
+        Some(checkpoints) => {
+            let packing = batch
+                .packing
+                .as_ref()
+                .map(|(positions, segments)| (positions.as_slice(), segments.as_slice()));
+            model.hidden_states_checkpointed(batch.inputs.clone(), packing, checkpoints)
+        }
+        None => hidden_states(model, batch),
+    }
+}
+
+/// `log p(target)` at every position of `batch` from `model`'s final `hidden` states of it,
+/// zero where untrained. With a frozen head the logits are computed a chunk of positions at a
+/// time and never held whole; `gradient` says whether the result must carry gradients to the
+/// model.
+fn token_logprobs<B: Backend>(
+    model: &Decoder<B>,
+    hidden: Tensor<B, 3>,
+    batch: &TokenBatch<B>,
+    gradient: bool,
+) -> Tensor<B, 2> {
     let (targets, mask) = (batch.targets.clone(), batch.mask.clone());
     match model.frozen_head_weight() {
         Some(head) => {
@@ -222,7 +247,9 @@ fn reference_logps_of<B: AutodiffBackend>(
 ) -> (Tensor<B, 1>, Tensor<B, 1>) {
     let mut reference = model.valid();
     reference.set_adapters_enabled(false);
-    let logps = sequence_logps(&reference, &inner_batch(both), false);
+    let both = inner_batch(both);
+    let hidden = hidden_states(&reference, &both);
+    let logps = sequence_logps(&reference, hidden, &both, false);
     split_pairs(Tensor::from_inner(logps))
 }
 
@@ -254,8 +281,15 @@ pub trait Strategy<B: AutodiffBackend> {
     type Batch;
     /// The units `batch` contributes (known before any forward pass).
     fn units(&self, batch: &Self::Batch) -> f64;
-    /// The summed loss of `batch` under `model`.
-    fn loss(&self, model: &Decoder<B>, batch: &Self::Batch) -> StepOutput<B>;
+    /// The summed loss of `batch` under `model`; its trained forward pass goes through
+    /// `checkpoints` when given, and the loss's gradients must then come from
+    /// [`ActivationCheckpoints::backward`].
+    fn loss(
+        &self,
+        model: &Decoder<B>,
+        batch: &Self::Batch,
+        checkpoints: Option<&mut ActivationCheckpoints<B>>,
+    ) -> StepOutput<B>;
 }
 
 /// Masked next-token cross-entropy: chat SFT and instruction tuning.
@@ -269,9 +303,15 @@ impl<B: AutodiffBackend> Strategy<B> for Sft {
         batch.trained_tokens as f64
     }
 
-    fn loss(&self, model: &Decoder<B>, batch: &TokenBatch<B>) -> StepOutput<B> {
+    fn loss(
+        &self,
+        model: &Decoder<B>,
+        batch: &TokenBatch<B>,
+        checkpoints: Option<&mut ActivationCheckpoints<B>>,
+    ) -> StepOutput<B> {
+        let hidden = trained_hidden_states(model, batch, checkpoints);
         StepOutput {
-            loss_sum: token_logprobs(model, batch, true).sum().neg(),
+            loss_sum: token_logprobs(model, hidden, batch, true).sum().neg(),
             units: self.units(batch),
             metrics: Vec::new(),
         }
@@ -288,13 +328,14 @@ pub struct Dpo {
     pub rpo_alpha: Option<f64>,
 }
 
-/// Summed completion log-probs per row.
+/// Summed completion log-probs per row, from the final `hidden` states of `batch`.
 fn sequence_logps<B: Backend>(
     model: &Decoder<B>,
+    hidden: Tensor<B, 3>,
     batch: &TokenBatch<B>,
     gradient: bool,
 ) -> Tensor<B, 1> {
-    token_logprobs(model, batch, gradient)
+    token_logprobs(model, hidden, batch, gradient)
         .sum_dim(1)
         .squeeze_dim::<1>(1)
 }
@@ -317,7 +358,12 @@ impl<B: AutodiffBackend> Strategy<B> for Dpo {
         batch.chosen.inputs.dims()[0] as f64
     }
 
-    fn loss(&self, model: &Decoder<B>, batch: &PairBatch<B>) -> StepOutput<B> {
+    fn loss(
+        &self,
+        model: &Decoder<B>,
+        batch: &PairBatch<B>,
+        checkpoints: Option<&mut ActivationCheckpoints<B>>,
+    ) -> StepOutput<B> {
         let both = batch.both();
         let (reference_chosen, reference_rejected) = match &batch.reference {
             Some(precomputed) => precomputed.clone(),
@@ -325,7 +371,9 @@ impl<B: AutodiffBackend> Strategy<B> for Dpo {
         };
         let count = |b: &TokenBatch<B>| b.mask.clone().sum_dim(1).squeeze_dim::<1>(1);
         let pairs = batch.chosen.inputs.dims()[0];
-        let (policy_chosen, policy_rejected) = split_pairs(sequence_logps(model, &both, true));
+        let hidden = trained_hidden_states(model, &both, checkpoints);
+        let (policy_chosen, policy_rejected) =
+            split_pairs(sequence_logps(model, hidden, &both, true));
         let chosen_tokens = count(&batch.chosen);
         let rpo = self.rpo_alpha.map(|alpha| {
             chosen_nll(policy_chosen.clone(), chosen_tokens.clone()).mul_scalar(alpha)

@@ -5,7 +5,7 @@
 
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
-use burnish_model::Decoder;
+use burnish_model::{ActivationCheckpoints, Decoder};
 use burnish_peft::first_value;
 
 use crate::error::TrainError;
@@ -27,6 +27,29 @@ pub struct StepMetrics {
     pub metrics: Vec<(&'static str, f64)>,
 }
 
+/// What a training forward pass keeps for its backward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Activations {
+    /// Every activation: the fastest.
+    #[default]
+    Keep,
+    /// Each layer's input only; each layer is recomputed in the backward pass (activation
+    /// checkpointing): less memory, one more forward pass of the layers.
+    Checkpoint,
+}
+
+impl Activations {
+    /// [`Checkpoint`](Self::Checkpoint) when `gradient_checkpointing` is set (the recipe's
+    /// `train.gradient_checkpointing`), [`Keep`](Self::Keep) otherwise.
+    pub fn checkpointed_if(gradient_checkpointing: bool) -> Self {
+        if gradient_checkpointing {
+            Self::Checkpoint
+        } else {
+            Self::Keep
+        }
+    }
+}
+
 /// Runs one optimizer step of `strategy` over `micro_batches` (one accumulated batch).
 pub fn optimizer_step<B, S>(
     model: Decoder<B>,
@@ -34,6 +57,7 @@ pub fn optimizer_step<B, S>(
     micro_batches: &[S::Batch],
     optimizer: &mut AdamW<B>,
     schedule: &Schedule,
+    activations: Activations,
 ) -> Result<(Decoder<B>, StepMetrics), TrainError>
 where
     B: AutodiffBackend,
@@ -50,7 +74,9 @@ where
     let mut loss = 0.0;
     let mut metrics: Vec<(&'static str, f64)> = Vec::new();
     for batch in micro_batches {
-        let output = strategy.loss(&model, batch);
+        let mut checkpoints =
+            (activations == Activations::Checkpoint).then(ActivationCheckpoints::default);
+        let output = strategy.loss(&model, batch, checkpoints.as_mut());
         let scaled = output.loss_sum.div_scalar(total_units);
         let value = first_value(scaled.clone());
         if !value.is_finite() {
@@ -63,7 +89,10 @@ where
                 None => metrics.push((name, v)),
             }
         }
-        let grads = GradientsParams::from_grads(scaled.backward(), &model);
+        let grads = match checkpoints {
+            Some(checkpoints) => checkpoints.backward(&model, scaled),
+            None => GradientsParams::from_grads(scaled.backward(), &model),
+        };
         accumulator.accumulate(&model, grads);
     }
     let count = micro_batches.len() as f64;

@@ -6,7 +6,7 @@
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::embedding;
-use burn::tensor::{Bool, FloatDType, Int, Tensor, TensorData};
+use burn::tensor::{Bool, Distribution, ElementConversion, FloatDType, Int, Tensor, TensorData};
 use std::path::Path;
 
 use burnish_peft::{AdaptableLinear, LoraConfig, Selected, attach_lora, load_adapter, project};
@@ -56,7 +56,7 @@ pub struct DecoderLayer<B: Backend> {
 impl<B: Backend> DecoderLayer<B> {
     /// # Shapes
     /// - x, output: `[batch, seq, hidden]`
-    fn forward(
+    pub(crate) fn forward(
         &self,
         x: Tensor<B, 3>,
         rotations: &Rotations<B>,
@@ -68,6 +68,23 @@ impl<B: Backend> DecoderLayer<B> {
                 .self_attn
                 .forward(self.input_layernorm.forward(x), rotations, segments, cache);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    }
+}
+
+/// The seeds a pass gives each layer's dropout (see [`Decoder::dropout_seeds`]).
+#[derive(Debug)]
+pub(crate) struct DropoutSeeds<B: Backend> {
+    /// `None` when the pass applies no dropout.
+    base: Option<u64>,
+    device: B::Device,
+}
+
+impl<B: Backend> DropoutSeeds<B> {
+    /// Restarts the backend's generator for layer `layer`'s draws.
+    pub(crate) fn reseed(&self, layer: usize) {
+        if let Some(base) = self.base {
+            B::seed(&self.device, base.wrapping_add(layer as u64));
+        }
     }
 }
 
@@ -130,9 +147,8 @@ impl<B: Backend> Decoder<B> {
     /// - ids: `[batch, seq]`
     /// - output: `[batch, seq, hidden]`
     pub fn hidden_states(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        let positions: Vec<usize> = (0..ids.dims()[1]).collect();
-        let rotations = self.rotations(&positions, 1, &ids.device());
-        self.trunk(ids, &rotations, None, None)
+        let (rotations, segments) = self.context(&ids, None);
+        self.trunk(ids, &rotations, segments.as_ref(), None)
     }
 
     /// Next-token logits for rows that each hold several documents back to back: `positions`
@@ -163,11 +179,27 @@ impl<B: Backend> Decoder<B> {
         positions: &[usize],
         segments: &[u32],
     ) -> Tensor<B, 3> {
+        let (rotations, mask) = self.context(&ids, Some((positions, segments)));
+        self.trunk(ids, &rotations, mask.as_ref(), None)
+    }
+
+    /// What every layer of a pass over `ids` shares: the rotary embeddings of its positions
+    /// and, for packed rows (`packing` = per-token positions and document ids, `batch × seq`,
+    /// row-major), the mask hiding other documents' keys (`[batch, 1, seq, seq]`, `true` where
+    /// hidden).
+    pub(crate) fn context(
+        &self,
+        ids: &Tensor<B, 2, Int>,
+        packing: Option<(&[usize], &[u32])>,
+    ) -> (Rotations<B>, Option<Tensor<B, 4, Bool>>) {
         let [batch, seq] = ids.dims();
+        let device = ids.device();
+        let Some((positions, segments)) = packing else {
+            let positions: Vec<usize> = (0..seq).collect();
+            return (self.rotations(&positions, 1, &device), None);
+        };
         assert_eq!(positions.len(), batch * seq, "one position per token");
         assert_eq!(segments.len(), batch * seq, "one segment id per token");
-        let device = ids.device();
-        let rotations = self.rotations(positions, batch, &device);
         let hidden: Vec<bool> = (0..batch)
             .flat_map(|b| {
                 let row = &segments[b * seq..(b + 1) * seq];
@@ -176,7 +208,7 @@ impl<B: Backend> Decoder<B> {
             .collect();
         let mask =
             Tensor::<B, 4, Bool>::from_data(TensorData::new(hidden, [batch, 1, seq, seq]), &device);
-        self.trunk(ids, &rotations, Some(&mask), None)
+        (self.rotations(positions, batch, &device), Some(mask))
     }
 
     /// Logits for the new positions `ids`, which follow the `cache.len()` positions in `cache`;
@@ -342,11 +374,42 @@ impl<B: Backend> Decoder<B> {
         mut cache: Option<&mut Vec<Option<LayerCache<B>>>>,
     ) -> Tensor<B, 3> {
         // Activations are f32 whatever precision the embedding is held in.
-        let mut x = embedding(self.embed_tokens.val(), ids).cast(FloatDType::F32);
+        let mut x = self.embed(ids);
+        let seeds = self.dropout_seeds(&x.device());
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|layers| &mut layers[i]);
+            seeds.reseed(i);
             x = layer.forward(x, rotations, segments, slot);
         }
+        seeds.reseed(self.layers.len());
         self.norm.forward(x)
+    }
+
+    /// The embeddings of `ids`, in f32 whatever precision the embedding is held in.
+    ///
+    /// # Shapes
+    /// - ids: `[batch, seq]`
+    /// - output: `[batch, seq, hidden]`
+    pub(crate) fn embed(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        embedding(self.embed_tokens.val(), ids).cast(FloatDType::F32)
+    }
+
+    /// Where adapters apply dropout (a training pass with a dropout probability above 0), one
+    /// seed per pass drawn from the backend's generator, from which each layer's draws restart,
+    /// and what follows the layers: a layer recomputed from its input (activation
+    /// checkpointing) draws the same masks, and the draws after it do not depend on whether
+    /// layers were recomputed.
+    pub(crate) fn dropout_seeds(&self, device: &B::Device) -> DropoutSeeds<B> {
+        let dropout = self.linears().iter().any(|(_, linear)| {
+            linear.adapter_enabled && linear.lora.as_ref().is_some_and(|l| l.dropout.prob > 0.0)
+        });
+        let base = (B::ad_enabled(device) && dropout).then(|| {
+            let draw = Tensor::<B, 1>::random([1], Distribution::Uniform(0.0, 1.0), device);
+            (draw.into_scalar().elem::<f64>() * f64::from(u32::MAX)) as u64
+        });
+        DropoutSeeds {
+            base,
+            device: device.clone(),
+        }
     }
 }

@@ -6,6 +6,7 @@
 mod attention;
 mod base_dtype;
 mod build;
+mod checkpointing;
 mod chunked_attention;
 mod config;
 mod cpu_attention;
@@ -28,6 +29,7 @@ mod weights;
 pub use attention::{Attention, LayerCache};
 pub use base_dtype::BaseDtype;
 pub use build::build_decoder;
+pub use checkpointing::ActivationCheckpoints;
 pub use config::{DecoderConfig, HfConfig, SUPPORTED_MODEL_TYPES, TokenIds};
 pub use decoder::{Decoder, DecoderLayer, KvCache, LAYER_PROJECTIONS, linear_module_names};
 pub use error::{ModelError, Result};

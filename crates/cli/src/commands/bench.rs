@@ -11,8 +11,8 @@ use burn::backend::Autodiff;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use burnish_align::{
-    AdamW, AdamWConfig, Dpo, DpoLoss, PairBatch, Schedule, ScheduleKind, Sft, TokenBatch,
-    optimizer_step,
+    Activations, AdamW, AdamWConfig, Dpo, DpoLoss, PairBatch, Schedule, ScheduleKind, Sft,
+    TokenBatch, optimizer_step,
 };
 use burnish_model::{BaseDtype, HfConfig, RandomWeights, build_decoder};
 use burnish_peft::{LoraConfig, Targets};
@@ -47,6 +47,10 @@ pub struct BenchArgs {
     /// (bf16 on a GPU, f32 on the CPU).
     #[arg(long, default_value = "auto")]
     dtype: BaseDtype,
+    /// Recompute each layer's activations in the backward pass (training modes): what
+    /// `train.gradient_checkpointing` does.
+    #[arg(long)]
+    gradient_checkpointing: bool,
     /// Print one JSON object instead of a sentence.
     #[arg(long)]
     json: bool,
@@ -169,16 +173,22 @@ impl Job for Bench {
                 "peak_memory_bytes": peak, "memory": memory.describe(),
                 "matmul": product_route::<B>(a.dtype), "backend": B::name(&device),
                 "autotune": cfg!(feature = "autotune"),
+                "gradient_checkpointing": a.gradient_checkpointing,
             });
             println!("{out}");
         } else {
             println!(
-                "{} {:?} batch {} x seq {}, base in {}: {:.1} ms/step, {:.0} tokens/s, peak memory {} ({})",
+                "{} {:?} batch {} x seq {}, base in {}{}: {:.1} ms/step, {:.0} tokens/s, peak memory {} ({})",
                 a.shape,
                 a.mode,
                 a.batch,
                 a.seq,
                 a.dtype,
+                if a.gradient_checkpointing {
+                    ", layers recomputed"
+                } else {
+                    ""
+                },
                 step_s * 1e3,
                 tokens_per_s,
                 peak.map(|b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64))
@@ -252,14 +262,22 @@ fn train_steps<AD: AutodiffBackend>(
         warmup_steps: 0,
         total_steps: usize::MAX,
     };
+    let activations = Activations::checkpointed_if(a.gradient_checkpointing);
     let mut optimizer = AdamW::<AD>::new(AdamWConfig::default());
     time_steps(a.warmup, a.steps, || {
         let current = model
             .take()
             .expect("the model is put back after every step");
         let (next, _) = match a.mode {
-            Mode::Dpo => optimizer_step(current, &dpo, &pairs, &mut optimizer, &schedule)?,
-            _ => optimizer_step(current, &Sft, &sft, &mut optimizer, &schedule)?,
+            Mode::Dpo => optimizer_step(
+                current,
+                &dpo,
+                &pairs,
+                &mut optimizer,
+                &schedule,
+                activations,
+            )?,
+            _ => optimizer_step(current, &Sft, &sft, &mut optimizer, &schedule, activations)?,
         };
         model = Some(next);
         memory.sample();
