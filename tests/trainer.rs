@@ -4,6 +4,7 @@
 //! run with a message naming the step.
 
 use burn::backend::Autodiff;
+use burn::module::AutodiffModule;
 use burn::tensor::{DType, FloatDType, Int, Tensor, TensorData};
 use burnish_align::{
     Activations, AdamW, AdamWConfig, Dpo, DpoLoss, PairBatch, Schedule, ScheduleKind, Sft,
@@ -394,5 +395,47 @@ fn a_non_finite_loss_stops_and_names_the_step() {
     assert!(
         err.to_string().starts_with("step 1:") && err.to_string().contains("NaN"),
         "{err}"
+    );
+}
+
+#[test]
+fn evaluation_copies_apply_no_adapter_dropout() {
+    let adapter = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/adapters/llama-qv");
+    let base = Pretrained::<AD>::load(&model_dir("llama"), &Default::default())
+        .unwrap()
+        .model;
+    let (mut model, _) = base.with_adapter(&adapter).unwrap();
+    for (_, linear) in model.linears_mut() {
+        if let Some(lora) = &mut linear.lora {
+            lora.dropout = burn::nn::DropoutConfig::new(0.5).init();
+        }
+    }
+    let ids = golden("llama").score[1].token_ids[..16].to_vec();
+    let ids: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
+    let ids = Tensor::<AD, 2, Int>::from_data(TensorData::new(ids, [1, 16]), &Default::default());
+    let values = |t: Tensor<AD, 3>| t.into_data().to_vec::<f32>().unwrap();
+    let worst = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
+    };
+    // Without autodiff no dropout applies: the reference.
+    let exact = model
+        .valid()
+        .forward(ids.clone().inner())
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap();
+    let training = values(model.forward(ids.clone()));
+    let evaluation = values(model.for_evaluation().forward(ids));
+    assert!(
+        worst(&training, &exact) > 1e-3,
+        "dropout changed nothing in training"
+    );
+    assert!(
+        worst(&evaluation, &exact) <= 1e-5,
+        "evaluation differs by {:e}",
+        worst(&evaluation, &exact)
     );
 }

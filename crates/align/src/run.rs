@@ -526,6 +526,7 @@ pub fn train<B: AutodiffBackend>(
         Vec::new()
     };
     let run_eval = |model: &Decoder<B>| -> Option<(f64, Vec<(&'static str, f64)>)> {
+        let model = &model.for_evaluation();
         if dpo && !eval_pairs.is_empty() {
             Some(evaluate(model, &strategy_dpo, &eval_pairs))
         } else if !dpo && !eval_sft.is_empty() {

@@ -4,6 +4,7 @@
 //! `layers[3].mlp.up_proj.weight`.
 
 use burn::module::{Module, Param};
+use burn::nn::DropoutConfig;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::embedding;
 use burn::tensor::{Bool, Distribution, ElementConversion, FloatDType, Int, Tensor, TensorData};
@@ -331,6 +332,19 @@ impl<B: Backend> Decoder<B> {
         if self.lm_head.is_none() && !embedding.is_require_grad() {
             self.embed_tokens = Param::from_tensor(embedding.cast(dtype)).set_require_grad(false);
         }
+    }
+
+    /// A copy for passes that train nothing under an autodiff backend (evaluation during
+    /// training): its adapters apply no dropout and none of its parameters is tracked, so no
+    /// graph is recorded; what `model.eval()` under `torch.no_grad()` gives in PyTorch.
+    pub fn for_evaluation(&self) -> Self {
+        let mut model = self.clone().no_grad();
+        for (_, linear) in model.linears_mut() {
+            if let Some(lora) = &mut linear.lora {
+                lora.dropout = DropoutConfig::new(0.0).init();
+            }
+        }
+        model
     }
 
     /// Switches every adapter on or off; off, the model computes exactly its base.
