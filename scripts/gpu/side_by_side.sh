@@ -4,8 +4,9 @@
 # (peer_lora.py, run by peer_reserved.py to add torch's reserved memory) side by side on the
 # card, the same rows and scores from the builds with burn's fusion backend and with fusion and
 # autotuning (prepare.sh), the larger shapes, the same bench on burn's matmul alone (the cuBLAS
-# route's gain), the CUDA build's scores against the CPU's on the fixture models, then the
-# quickstart recipe trained end to end. A ratio table closes it. Run from the repository root.
+# route's gain), the CUDA build's scores against the CPU's on the fixture models, the quickstart
+# recipe trained end to end, then the first rows with activation checkpointing. A ratio table
+# closes it. Run from the repository root.
 #
 # On the development machine (the GPU machine has no Rust toolchain):
 #   scripts/gpu/prepare.sh                 # fills gpu-bin/
@@ -56,12 +57,12 @@ if command -v nvidia-smi >/dev/null; then
 fi
 
 # bench ENV_MATMUL SHAPE MODE BATCH SEQ LIMIT: one `burnish bench` row appended to ours.jsonl,
-# run by $BENCH_BIN (default: the plain build).
+# run by $BENCH_BIN (default: the plain build), with $BENCH_FLAGS added (default: none).
 bench() {
   local matmul=$1 shape=$2 mode=$3 batch=$4 seq=$5 limit=$6 bin=${BENCH_BIN:-$BIN}
-  BURNISH_MATMUL=$matmul step "$limit" "bench $shape $mode $matmul $(basename "$bin")" "$bin" bench --shape "$shape" \
+  BURNISH_MATMUL=$matmul step "$limit" "bench $shape $mode $matmul $(basename "$bin") ${BENCH_FLAGS:-}" "$bin" bench --shape "$shape" \
     --mode "$mode" --batch "$batch" --seq "$seq" --dtype "$DTYPE" --warmup "$WARMUP" --steps "$STEPS" \
-    --device "$DEVICE" --json >>"$OUT/ours.jsonl" 2>>"$OUT/ours.err" ||
+    --device "$DEVICE" ${BENCH_FLAGS:-} --json >>"$OUT/ours.jsonl" 2>>"$OUT/ours.err" ||
     echo "{\"shape\": \"$shape\", \"mode\": \"$mode\", \"batch\": $batch, \"seq\": $seq, \"matmul\": \"$matmul\", \"error\": \"exit $?\"}" \
       >>"$OUT/ours.jsonl"
 }
@@ -150,6 +151,9 @@ step 90 "quickstart" "$BIN" train recipes/quickstart.toml --device "$DEVICE" \
   --set output.dir="$OUT/quickstart-run" >"$OUT/quickstart.txt" 2>"$OUT/quickstart.err" ||
   echo "quickstart on $DEVICE failed: see $OUT/quickstart.err"
 grep "exact match" "$OUT/quickstart.txt"
+
+log "burnish bench with the layers recomputed in the backward pass (train.gradient_checkpointing)"
+for row in "${first[@]}"; do BENCH_FLAGS=--gradient-checkpointing bench $ROUTE $row 150; done
 
 log "summary"
 python3 "$(dirname "$0")/summary.py" "$OUT" "$DEVICE" | tee "$OUT/summary.txt"

@@ -63,6 +63,7 @@ def row(key, o, p):
     mem = o.get("peak_memory_bytes")
     matmul = o.get("matmul", "—") + ("+fusion" if "fusion" in o.get("backend", "") else "")
     matmul += "+tuned" if o.get("autotune") else ""
+    matmul += "+recomputed" if o.get("gradient_checkpointing") else ""
     print(f"{key[0]:16} {key[1]:4} {key[2]:<2} {key[3]:<5} {matmul:20}"
           f"{round(o['step_ms'], 1) if 'step_ms' in o else o.get('error', '—'):<9} "
           f"{str(p.get('step_ms', '—')):<9} "
