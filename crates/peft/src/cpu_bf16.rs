@@ -9,7 +9,10 @@
 //! at a time and `KC` pairs of the shared dimension deep, into pairs of consecutive rows; each
 //! activation row is converted to bf16 once, so consecutive elements already form the pairs;
 //! a 12 × 32 block of outputs stays in 24 registers while the shared dimension is walked. Panels
-//! of 32 columns are the tasks of the thread pool.
+//! of 32 columns are the tasks of the thread pool, each writing its columns of the output in
+//! place. The packing is vectorized too: for `x·Wᵀ` the pairs are rows of W, transposed 16 × 16
+//! at a time in registers; for `x·W` two rows of W are interleaved by permutes. Every call packs
+//! afresh (holding packed copies would cost the base's memory again).
 //!
 //! On the CPU backend, with or without autodiff, [`matmul`] runs the forward product and, for
 //! the gradient of the activations, the product with the weight the other way round. The
@@ -75,6 +78,7 @@ pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512bf16")
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -171,42 +175,77 @@ fn gemm(m: usize, n: usize, k: usize, a: &[f32], b: Right) -> Vec<f32> {
         .zip(a.par_chunks(k.max(1)))
         .for_each(|(packed, row)| to_bf16(row, &mut packed[..row.len()]));
     let mut out = vec![0.0f32; m * n];
-    // Panels of NR output columns, each written by one task.
-    let panels: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(NR))
-        .into_par_iter()
-        .map(|panel| {
-            let j0 = panel * NR;
-            let cols = NR.min(n - j0);
-            let mut block = vec![0.0f32; m * NR];
-            let mut packed = vec![0u32; KC * NR];
-            for p0 in (0..pairs).step_by(KC) {
-                let depth = KC.min(pairs - p0);
-                pack_right(b, k, p0, depth, j0, cols, &mut packed);
-                for i0 in (0..m).step_by(MR) {
-                    let rows = MR.min(m - i0);
-                    let left = &a_bf16[i0 * pairs * 2..];
-                    let call = Call {
-                        left,
-                        left_pairs: pairs,
-                        p0,
-                        depth,
-                        right: &packed,
-                        out: &mut block[i0 * NR..(i0 + rows) * NR],
-                        accumulate: p0 > 0,
-                    };
-                    micro_kernel(rows, call);
-                }
-            }
-            (cols, block)
-        })
-        .collect();
-    for (panel, (cols, block)) in panels.into_iter().enumerate() {
+    let target = Columns {
+        start: out.as_mut_ptr(),
+        stride: n,
+    };
+    // Panels of NR output columns, each written by one task straight into `out`; a last panel
+    // narrower than NR goes through a block of its own.
+    (0..n.div_ceil(NR)).into_par_iter().for_each(|panel| {
         let j0 = panel * NR;
-        for (row, values) in out.chunks_mut(n.max(1)).zip(block.chunks(NR)) {
-            row[j0..j0 + cols].copy_from_slice(&values[..cols]);
+        let cols = NR.min(n - j0);
+        let mut edge = if cols < NR {
+            vec![0.0f32; m * NR]
+        } else {
+            Vec::new()
+        };
+        let (at, stride) = if cols < NR {
+            (edge.as_mut_ptr(), NR)
+        } else {
+            (target.column(j0), n)
+        };
+        let mut packed = vec![0u32; KC * NR];
+        for p0 in (0..pairs).step_by(KC) {
+            let depth = KC.min(pairs - p0);
+            pack_right(b, k, p0, depth, j0, cols, &mut packed);
+            for i0 in (0..m).step_by(MR) {
+                let rows = MR.min(m - i0);
+                let call = Call {
+                    left: &a_bf16[i0 * pairs * 2..],
+                    left_pairs: pairs,
+                    p0,
+                    depth,
+                    right: &packed,
+                    // SAFETY: row i0 of this panel's columns (of `out`, or of `edge`).
+                    out: unsafe { at.add(i0 * stride) },
+                    out_stride: stride,
+                    accumulate: p0 > 0,
+                };
+                // SAFETY: rows i0..i0 + rows of the panel's NR columns lie inside `out` (whole
+                // panels: columns j0..j0 + NR of rows < m) or `edge` (m × NR), and no other
+                // task writes them.
+                unsafe { micro_kernel(rows, call) };
+            }
         }
-    }
+        for (i, values) in edge.chunks(NR).enumerate() {
+            // SAFETY: columns j0..j0 + cols of row i < m, this task's own.
+            let row = unsafe { std::slice::from_raw_parts_mut(target.column(j0).add(i * n), cols) };
+            row.copy_from_slice(&values[..cols]);
+        }
+    });
     out
+}
+
+/// The output of [`gemm`], row-major with `stride` columns, which the tasks write at once, each
+/// its own columns.
+#[derive(Clone, Copy)]
+struct Columns {
+    start: *mut f32,
+    stride: usize,
+}
+
+// SAFETY: the tasks sharing it write disjoint columns, and `gemm` outlives them.
+unsafe impl Send for Columns {}
+// SAFETY: as above.
+unsafe impl Sync for Columns {}
+
+impl Columns {
+    /// Where column `j` of row 0 is.
+    fn column(self, j: usize) -> *mut f32 {
+        debug_assert!(j < self.stride);
+        // SAFETY: j is a column of the output, so inside its first row.
+        unsafe { self.start.add(j) }
+    }
 }
 
 /// Packs pairs `p0..p0 + depth` of columns `j0..j0 + cols` of `b` as `[depth][NR]` u32s, each
@@ -225,6 +264,13 @@ fn pack_right(
     let bits = |v: &bf16| v.to_bits() as u32;
     if b.p_stride == 1 {
         // `x·Wᵀ`: column j of B is row j of W, whose consecutive elements are the pairs.
+        #[cfg(target_arch = "x86_64")]
+        if cols == NR && 2 * (p0 + depth) <= k {
+            // SAFETY: `available()` was checked before any product; every pair read lies
+            // inside its row of W (whole pairs only) and so inside `b.values`.
+            unsafe { transpose_rows(b, p0, depth, j0, packed) };
+            return;
+        }
         for j in 0..cols {
             let start = (j0 + j) as isize * b.j_stride + (2 * p0) as isize;
             let len = (2 * depth).min(k - 2 * p0);
@@ -235,6 +281,13 @@ fn pack_right(
         }
     } else {
         // `x·W`: rows 2p and 2p + 1 of B are two rows of W, interleaved.
+        #[cfg(target_arch = "x86_64")]
+        if cols == NR && 2 * (p0 + depth) <= k {
+            // SAFETY: `available()` was checked before any product; both rows of every pair
+            // exist, and their columns j0..j0 + NR lie inside them.
+            unsafe { interleave_rows(b, p0, depth, j0, packed) };
+            return;
+        }
         for p in 0..depth {
             let row = 2 * (p0 + p);
             let at = |r: usize| {
@@ -247,6 +300,130 @@ fn pack_right(
             }
         }
     }
+}
+
+/// [`pack_right`] of `x·Wᵀ` for a whole panel of `NR` rows of W whose pairs
+/// `p0..p0 + depth` all lie inside the row: sixteen pairs of sixteen rows at a time are loaded
+/// as sixteen vectors (a pair read as one u32, its first element in the low half) and
+/// transposed in registers; the pairs left over, one at a time.
+///
+/// # Safety
+/// The CPU has AVX-512; rows `j0..j0 + NR` of `b` hold `2·(p0 + depth)` elements from their
+/// start.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_rows(b: Right, p0: usize, depth: usize, j0: usize, packed: &mut [u32]) {
+    use std::arch::x86_64::*;
+    assert!(packed.len() >= depth * NR);
+    let start = |j: usize| ((j0 + j) as isize * b.j_stride) as usize + 2 * p0;
+    let whole = depth / 16 * 16;
+    for half in 0..NR / 16 {
+        for p in (0..whole).step_by(16) {
+            // SAFETY: row j0 + half·16 + r holds pairs p0 + p .. p0 + p + 16 (the caller's
+            // bound), and the stores stay inside `packed` (asserted above).
+            unsafe {
+                let rows: [__m512i; 16] = std::array::from_fn(|r| {
+                    let at = start(half * 16 + r) + 2 * p;
+                    _mm512_loadu_si512(b.values.as_ptr().add(at).cast())
+                });
+                let lines = transpose_16x16(rows);
+                for (q, line) in lines.iter().enumerate() {
+                    let to = packed.as_mut_ptr().add((p + q) * NR + half * 16);
+                    _mm512_storeu_si512(to.cast(), *line);
+                }
+            }
+        }
+    }
+    for j in 0..NR {
+        let row = &b.values[start(j)..start(j) + 2 * depth];
+        for p in whole..depth {
+            packed[p * NR + j] =
+                u32::from(row[2 * p].to_bits()) | u32::from(row[2 * p + 1].to_bits()) << 16;
+        }
+    }
+}
+
+/// [`pack_right`] of `x·W` for a whole panel of `NR` columns and pairs `p0..p0 + depth` whose
+/// two rows both exist: the panel's 32 elements of the two rows of a pair are loaded as two
+/// vectors and interleaved by two permutes.
+///
+/// # Safety
+/// The CPU has AVX-512 (with its 16-bit permutes); rows `2·p0 .. 2·(p0 + depth)` of `b` hold
+/// columns `j0..j0 + NR`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn interleave_rows(b: Right, p0: usize, depth: usize, j0: usize, packed: &mut [u32]) {
+    use std::arch::x86_64::*;
+    assert!(packed.len() >= depth * NR);
+    // Output element 2i is element i of the first row (index i), 2i + 1 that of the second
+    // (index 32 + i); the second vector takes columns 16..32.
+    let pick = |first: usize| -> __m512i {
+        let mut index = [0i16; 32];
+        for i in 0..16 {
+            index[2 * i] = (first + i) as i16;
+            index[2 * i + 1] = (32 + first + i) as i16;
+        }
+        // SAFETY: 64 bytes read from a 64-byte array.
+        unsafe { _mm512_loadu_si512(index.as_ptr().cast()) }
+    };
+    let (low_columns, high_columns) = (pick(0), pick(16));
+    let row = |r: usize| (r as isize * b.p_stride) as usize + j0;
+    for p in 0..depth {
+        let first = 2 * (p0 + p);
+        // SAFETY: rows `first` and `first + 1` hold columns j0..j0 + NR (the caller's bound);
+        // the stores stay inside `packed` (asserted above).
+        unsafe {
+            let x = _mm512_loadu_si512(b.values.as_ptr().add(row(first)).cast());
+            let y = _mm512_loadu_si512(b.values.as_ptr().add(row(first + 1)).cast());
+            let to = packed.as_mut_ptr().add(p * NR);
+            _mm512_storeu_si512(to.cast(), _mm512_permutex2var_epi16(x, low_columns, y));
+            _mm512_storeu_si512(
+                to.add(16).cast(),
+                _mm512_permutex2var_epi16(x, high_columns, y),
+            );
+        }
+    }
+}
+
+/// The transpose of a 16 × 16 matrix of u32 held as sixteen rows: line `q` holds element `q`
+/// of every row. Three rounds of interleaving: 32-bit and 64-bit within 128-bit lanes, then
+/// lanes across vectors (twice).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn transpose_16x16(r: [std::arch::x86_64::__m512i; 16]) -> [std::arch::x86_64::__m512i; 16] {
+    use std::arch::x86_64::*;
+    // t[2i], t[2i + 1]: rows 2i and 2i + 1 interleaved, elements 0, 1 (then 2, 3) of each lane.
+    let t: [__m512i; 16] = std::array::from_fn(|i| {
+        let (x, y) = (r[i & !1], r[i | 1]);
+        if i % 2 == 0 {
+            _mm512_unpacklo_epi32(x, y)
+        } else {
+            _mm512_unpackhi_epi32(x, y)
+        }
+    });
+    // u[4g + c]: element c of each lane of rows 4g .. 4g + 4.
+    let u: [__m512i; 16] = std::array::from_fn(|i| {
+        let (g, c) = (i / 4, i % 4);
+        let (x, y) = (t[4 * g + c / 2], t[4 * g + 2 + c / 2]);
+        if c % 2 == 0 {
+            _mm512_unpacklo_epi64(x, y)
+        } else {
+            _mm512_unpackhi_epi64(x, y)
+        }
+    });
+    // Lanes 0 and 2 (`0x88`) or 1 and 3 (`0xdd`) of two vectors, then of those pairs.
+    let mut out = [_mm512_setzero_si512(); 16];
+    for c in 0..4 {
+        let even_01 = _mm512_shuffle_i32x4::<0x88>(u[c], u[4 + c]);
+        let odd_01 = _mm512_shuffle_i32x4::<0xdd>(u[c], u[4 + c]);
+        let even_23 = _mm512_shuffle_i32x4::<0x88>(u[8 + c], u[12 + c]);
+        let odd_23 = _mm512_shuffle_i32x4::<0xdd>(u[8 + c], u[12 + c]);
+        out[c] = _mm512_shuffle_i32x4::<0x88>(even_01, even_23);
+        out[c + 8] = _mm512_shuffle_i32x4::<0xdd>(even_01, even_23);
+        out[c + 4] = _mm512_shuffle_i32x4::<0x88>(odd_01, odd_23);
+        out[c + 12] = _mm512_shuffle_i32x4::<0xdd>(odd_01, odd_23);
+    }
+    out
 }
 
 /// `dst = bf16(src)`, rounding to nearest even, sixteen at a time.
@@ -284,24 +461,28 @@ unsafe fn convert_avx512(src: &[f32], dst: &mut [bf16]) {
     }
 }
 
-/// One micro-kernel call: `out` (`rows × NR`, row-major) `[+]=` left rows' pairs
-/// `p0..p0 + depth` times the packed right panel.
+/// One micro-kernel call: `out` (`rows × NR`, rows `out_stride` apart) `[+]=` left rows'
+/// pairs `p0..p0 + depth` times the packed right panel.
 struct Call<'a> {
     left: &'a [bf16],
     left_pairs: usize,
     p0: usize,
     depth: usize,
     right: &'a [u32],
-    out: &'a mut [f32],
+    out: *mut f32,
+    out_stride: usize,
     accumulate: bool,
 }
 
-fn micro_kernel(rows: usize, call: Call) {
+/// # Safety
+/// `call.out` points at `rows` rows of `NR` writable floats, `call.out_stride` apart, that
+/// nothing else reads or writes meanwhile.
+unsafe fn micro_kernel(rows: usize, call: Call) {
     let rows_present = call.left.len() / (call.left_pairs * 2);
-    assert!(rows <= MR && rows <= rows_present && call.out.len() == rows * NR);
+    assert!(rows <= MR && rows <= rows_present && call.out_stride >= NR);
     assert!(call.p0 + call.depth <= call.left_pairs && call.right.len() >= call.depth * NR);
-    // SAFETY: `available()` was checked before any product, and the asserts above keep every
-    // read and write inside the slices.
+    // SAFETY: `available()` was checked before any product; the asserts above keep every read
+    // inside the slices, and the caller vouches for the writes.
     unsafe {
         match rows {
             12 => kernel::<12>(call),
@@ -331,6 +512,7 @@ unsafe fn kernel<const R: usize>(call: Call) {
         depth,
         right,
         out,
+        out_stride,
         accumulate,
     } = call;
     let left = left.as_ptr() as *const u32;
@@ -350,7 +532,7 @@ unsafe fn kernel<const R: usize>(call: Call) {
             }
         }
         for (r, acc) in acc.iter().enumerate() {
-            let row = out.as_mut_ptr().add(r * NR);
+            let row = out.add(r * out_stride);
             let (mut v0, mut v1) = (acc[0], acc[1]);
             if accumulate {
                 v0 = _mm512_add_ps(v0, _mm512_loadu_ps(row));
@@ -396,7 +578,14 @@ mod tests {
         Flex::seed(&device, 21);
         type AD = Autodiff<Flex>;
         // Odd shared dimension, rows and columns that fill no whole block, deeper than KC pairs.
-        for [m, k, n] in [[13, 7, 33], [25, 601, 70], [3, 1, 1]] {
+        // Whole pairs packed 16 at a time with some left over: [9, 40, 64], [5, 1100, 33].
+        for [m, k, n] in [
+            [13, 7, 33],
+            [25, 601, 70],
+            [3, 1, 1],
+            [9, 40, 64],
+            [5, 1100, 33],
+        ] {
             let x = Tensor::<AD, 2>::random([m, k], Distribution::Default, &device);
             let w = Tensor::<AD, 2>::random([n, k], Distribution::Default, &device);
             let w_bf16 = w.clone().cast(burn::tensor::FloatDType::BF16);
