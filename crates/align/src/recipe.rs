@@ -185,7 +185,8 @@ pub struct TrainSection {
     /// Pack several examples into rows of `data.max_length` tokens (default false).
     pub pack: bool,
     /// Keep only each layer's input between the forward and the backward pass and recompute
-    /// the layers' activations there (default false): less memory, about a third more compute.
+    /// the layers' activations there (default false): less memory, one more forward pass of
+    /// the layers per step.
     pub gradient_checkpointing: bool,
     /// Evaluate every this many optimizer steps (default 0: only at the end).
     pub eval_every: usize,

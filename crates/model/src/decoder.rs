@@ -387,7 +387,6 @@ impl<B: Backend> Decoder<B> {
         segments: Option<&Tensor<B, 4, Bool>>,
         mut cache: Option<&mut Vec<Option<LayerCache<B>>>>,
     ) -> Tensor<B, 3> {
-        // Activations are f32 whatever precision the embedding is held in.
         let mut x = self.embed(ids);
         let seeds = self.dropout_seeds(&x.device());
         for (i, layer) in self.layers.iter().enumerate() {
@@ -414,10 +413,12 @@ impl<B: Backend> Decoder<B> {
     /// checkpointing) draws the same masks, and the draws after it do not depend on whether
     /// layers were recomputed.
     pub(crate) fn dropout_seeds(&self, device: &B::Device) -> DropoutSeeds<B> {
-        let dropout = self.linears().iter().any(|(_, linear)| {
-            linear.adapter_enabled && linear.lora.as_ref().is_some_and(|l| l.dropout.prob > 0.0)
-        });
-        let base = (B::ad_enabled(device) && dropout).then(|| {
+        let dropout = || {
+            self.linears().iter().any(|(_, linear)| {
+                linear.adapter_enabled && linear.lora.as_ref().is_some_and(|l| l.dropout.prob > 0.0)
+            })
+        };
+        let base = (B::ad_enabled(device) && dropout()).then(|| {
             let draw = Tensor::<B, 1>::random([1], Distribution::Uniform(0.0, 1.0), device);
             (draw.into_scalar().elem::<f64>() * f64::from(u32::MAX)) as u64
         });
