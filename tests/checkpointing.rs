@@ -30,10 +30,16 @@ fn base(name: &str) -> Decoder<AD> {
 /// adapter's B = 0 would give every A a zero gradient). Nothing is drawn from the backend's
 /// generator, which tests running beside this one share.
 fn lora(name: &str) -> Decoder<AD> {
+    lora_on(name, None)
+}
+
+/// [`lora`] on the layers `layers` only (all when `None`).
+fn lora_on(name: &str, layers: Option<Vec<usize>>) -> Decoder<AD> {
     let config = LoraConfig {
         r: 4,
         lora_alpha: 8.0,
         targets: Targets::AllLinear,
+        layers_to_transform: layers,
         ..Default::default()
     };
     let (mut model, _) = base(name).with_lora(&config, 3).unwrap();
@@ -179,6 +185,10 @@ fn recomputed_layers_give_every_parameter_its_gradient() {
     assert_same_gradients("LoRA, padded rows", &lora("llama"), &Sft, &padded);
     assert_same_gradients("LoRA, packed row", &lora("llama"), &Sft, &documents);
     assert_same_gradients("LoRA, tied head, biases", &lora("qwen2"), &Sft, &padded);
+    // The first layer trains nothing: the backward pass stops above it.
+    let upper = lora_on("llama", Some(vec![1]));
+    let grads = assert_same_gradients("LoRA on the last layer only", &upper, &Sft, &padded);
+    assert!(grads.iter().any(|g| !g.is_empty()));
 
     // Full fine-tuning: a tied embedding gets gradient through the head and the lookup.
     for name in ["llama", "qwen2"] {

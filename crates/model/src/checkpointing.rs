@@ -11,7 +11,7 @@
 //! first, then each layer's, recomputed from its saved input, with the gradient that reached
 //! its output, then the embedding's; the parameters' gradients of all segments are summed.
 
-use burn::module::Module;
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Bool, Int, Tensor};
@@ -120,7 +120,21 @@ impl<B: AutodiffBackend> CheckpointedPass<B> {
         collected: &mut GradientsAccumulator<Decoder<B>>,
     ) {
         let device = gradient.device();
-        for (i, (layer, input)) in model.layers.iter().zip(self.inputs).enumerate().rev() {
+        // Below the lowest layer that trains, no gradient is needed unless the embedding trains.
+        let embedding_trains = model.embed_tokens.val().is_require_grad();
+        let lowest = if embedding_trains {
+            0
+        } else {
+            let first = model.layers.iter().position(trains);
+            first.unwrap_or(model.layers.len())
+        };
+        let layers = model
+            .layers
+            .iter()
+            .zip(self.inputs)
+            .enumerate()
+            .skip(lowest);
+        for (i, (layer, input)) in layers.rev() {
             self.dropout.reseed(i);
             let input = input.require_grad();
             let output =
@@ -134,7 +148,7 @@ impl<B: AutodiffBackend> CheckpointedPass<B> {
             collected.accumulate(model, GradientsParams::from_grads(grads, layer));
         }
         self.dropout.reseed(model.layers.len());
-        if model.embed_tokens.val().is_require_grad() {
+        if embedding_trains {
             let grads = (self.embedded * gradient).sum().backward();
             collected.accumulate(
                 model,
@@ -142,4 +156,17 @@ impl<B: AutodiffBackend> CheckpointedPass<B> {
             );
         }
     }
+}
+
+/// Whether any parameter of `module` gets a gradient.
+fn trains<B: AutodiffBackend, M: Module<B>>(module: &M) -> bool {
+    struct Trained(bool);
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Trained {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            self.0 |= param.val().is_require_grad();
+        }
+    }
+    let mut trained = Trained(false);
+    module.visit(&mut trained);
+    trained.0
 }
