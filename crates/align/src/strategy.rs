@@ -311,7 +311,9 @@ impl<B: AutodiffBackend> Strategy<B> for Sft {
     ) -> StepOutput<B> {
         let hidden = trained_hidden_states(model, batch, checkpoints);
         StepOutput {
-            loss_sum: token_logprobs(model, hidden, batch, true).sum().neg(),
+            loss_sum: token_logprobs(model, hidden, batch, model.trains())
+                .sum()
+                .neg(),
             units: self.units(batch),
             metrics: Vec::new(),
         }
@@ -373,7 +375,7 @@ impl<B: AutodiffBackend> Strategy<B> for Dpo {
         let pairs = batch.chosen.inputs.dims()[0];
         let hidden = trained_hidden_states(model, &both, checkpoints);
         let (policy_chosen, policy_rejected) =
-            split_pairs(sequence_logps(model, hidden, &both, true));
+            split_pairs(sequence_logps(model, hidden, &both, model.trains()));
         let chosen_tokens = count(&batch.chosen);
         let rpo = self.rpo_alpha.map(|alpha| {
             chosen_nll(policy_chosen.clone(), chosen_tokens.clone()).mul_scalar(alpha)

@@ -11,12 +11,12 @@
 //! first, then each layer's, recomputed from its saved input, with the gradient that reached
 //! its output, then the embedding's; the parameters' gradients of all segments are summed.
 
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Bool, Int, Tensor};
 
-use crate::decoder::{Decoder, DropoutSeeds};
+use crate::decoder::{Decoder, DropoutSeeds, trains};
 use crate::rope::Rotations;
 
 /// What checkpointed forward passes keep for their backward pass.
@@ -156,17 +156,4 @@ impl<B: AutodiffBackend> CheckpointedPass<B> {
             );
         }
     }
-}
-
-/// Whether any parameter of `module` gets a gradient.
-fn trains<B: AutodiffBackend, M: Module<B>>(module: &M) -> bool {
-    struct Trained(bool);
-    impl<B: AutodiffBackend> ModuleVisitor<B> for Trained {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            self.0 |= param.val().is_require_grad();
-        }
-    }
-    let mut trained = Trained(false);
-    module.visit(&mut trained);
-    trained.0
 }

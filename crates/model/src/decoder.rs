@@ -3,7 +3,7 @@
 //! Field names follow the checkpoint keys, so `model.layers.3.mlp.up_proj.weight` is
 //! `layers[3].mlp.up_proj.weight`.
 
-use burn::module::{Module, Param};
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::DropoutConfig;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::embedding;
@@ -70,6 +70,19 @@ impl<B: Backend> DecoderLayer<B> {
                 .forward(self.input_layernorm.forward(x), rotations, segments, cache);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
+}
+
+/// Whether any parameter of `module` gets a gradient.
+pub(crate) fn trains<B: Backend, M: Module<B>>(module: &M) -> bool {
+    struct Trained(bool);
+    impl<B: Backend> ModuleVisitor<B> for Trained {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            self.0 |= param.val().is_require_grad();
+        }
+    }
+    let mut trained = Trained(false);
+    module.visit(&mut trained);
+    trained.0
 }
 
 /// The seeds a pass gives each layer's dropout (see [`Decoder::dropout_seeds`]).
@@ -237,6 +250,12 @@ impl<B: Backend> Decoder<B> {
             Some(head) => head.forward(hidden),
             None => project(hidden, self.embed_tokens.val()),
         }
+    }
+
+    /// Whether any of the model's parameters gets a gradient (false for an evaluation copy,
+    /// see [`for_evaluation`](Self::for_evaluation)).
+    pub fn trains(&self) -> bool {
+        trains(self)
     }
 
     /// The head's weight `[vocab, hidden]` when the head is a plain frozen matrix (tied to an
