@@ -16,7 +16,7 @@ use burnish_align::{
 use burnish_model::{ActivationCheckpoints, Decoder, Pretrained};
 use burnish_peft::{LoraConfig, Targets};
 
-use crate::fixtures::{B, golden, model_dir};
+use crate::fixtures::{B, golden, max_abs_diff, model_dir};
 
 type AD = Autodiff<B>;
 
@@ -164,10 +164,7 @@ fn assert_same_gradients<S: Strategy<AD>>(
             r.len(),
             "{case}: parameter {i} has a gradient one way only"
         );
-        let worst = k
-            .iter()
-            .zip(r)
-            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        let worst = max_abs_diff(k, r);
         assert!(
             worst <= 1e-5 * scale,
             "{case}: parameter {i} differs by {worst:e} (largest gradient {scale:e})"

@@ -13,7 +13,7 @@ use burnish_align::{
 use burnish_model::{Decoder, Pretrained, named_weights};
 use burnish_peft::{LoraConfig, Targets};
 
-use crate::fixtures::{B, golden, model_dir};
+use crate::fixtures::{B, golden, max_abs_diff, model_dir};
 
 type AD = Autodiff<B>;
 
@@ -415,11 +415,6 @@ fn evaluation_copies_apply_no_adapter_dropout() {
     let ids: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
     let ids = Tensor::<AD, 2, Int>::from_data(TensorData::new(ids, [1, 16]), &Default::default());
     let values = |t: Tensor<AD, 3>| t.into_data().to_vec::<f32>().unwrap();
-    let worst = |a: &[f32], b: &[f32]| {
-        a.iter()
-            .zip(b)
-            .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
-    };
     // Without autodiff no dropout applies: the reference.
     let exact = model
         .valid()
@@ -430,12 +425,9 @@ fn evaluation_copies_apply_no_adapter_dropout() {
     let training = values(model.forward(ids.clone()));
     let evaluation = values(model.for_evaluation().forward(ids));
     assert!(
-        worst(&training, &exact) > 1e-3,
+        max_abs_diff(&training, &exact) > 1e-3,
         "dropout changed nothing in training"
     );
-    assert!(
-        worst(&evaluation, &exact) <= 1e-5,
-        "evaluation differs by {:e}",
-        worst(&evaluation, &exact)
-    );
+    let worst = max_abs_diff(&evaluation, &exact);
+    assert!(worst <= 1e-5, "evaluation differs by {worst:e}");
 }

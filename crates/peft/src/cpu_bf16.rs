@@ -184,12 +184,9 @@ fn gemm(m: usize, n: usize, k: usize, a: &[f32], b: Right) -> Vec<f32> {
     (0..n.div_ceil(NR)).into_par_iter().for_each(|panel| {
         let j0 = panel * NR;
         let cols = NR.min(n - j0);
-        let mut edge = if cols < NR {
-            vec![0.0f32; m * NR]
-        } else {
-            Vec::new()
-        };
+        let mut edge = Vec::new();
         let (at, stride) = if cols < NR {
+            edge = vec![0.0f32; m * NR];
             (edge.as_mut_ptr(), NR)
         } else {
             (target.column(j0), n)
@@ -264,19 +261,26 @@ fn pack_right(
     let bits = |v: &bf16| v.to_bits() as u32;
     if b.p_stride == 1 {
         // `x·Wᵀ`: column j of B is row j of W, whose consecutive elements are the pairs.
+        // Whole panels take sixteen pairs at a time in registers; the rest, one at a time.
         #[cfg(target_arch = "x86_64")]
-        if cols == NR && 2 * (p0 + depth) <= k {
+        let done = if cols == NR && 2 * (p0 + depth) <= k {
+            let whole = depth / 16 * 16;
             // SAFETY: `available()` was checked before any product; every pair read lies
             // inside its row of W (whole pairs only) and so inside `b.values`.
-            unsafe { transpose_rows(b, p0, depth, j0, packed) };
-            return;
-        }
+            unsafe { transpose_rows(b, p0, whole, j0, packed) };
+            whole
+        } else {
+            0
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let done = 0;
+        let first = p0 + done;
         for j in 0..cols {
-            let start = (j0 + j) as isize * b.j_stride + (2 * p0) as isize;
-            let len = (2 * depth).min(k - 2 * p0);
+            let start = (j0 + j) as isize * b.j_stride + (2 * first) as isize;
+            let len = (2 * (depth - done)).min(k - 2 * first);
             let row = &b.values[start as usize..start as usize + len];
             for (p, pair) in row.chunks(2).enumerate() {
-                packed[p * NR + j] = bits(&pair[0]) | pair.get(1).map_or(0, bits) << 16;
+                packed[(done + p) * NR + j] = bits(&pair[0]) | pair.get(1).map_or(0, bits) << 16;
             }
         }
     } else {
@@ -302,10 +306,10 @@ fn pack_right(
     }
 }
 
-/// [`pack_right`] of `x·Wᵀ` for a whole panel of `NR` rows of W whose pairs
-/// `p0..p0 + depth` all lie inside the row: sixteen pairs of sixteen rows at a time are loaded
-/// as sixteen vectors (a pair read as one u32, its first element in the low half) and
-/// transposed in registers; the pairs left over, one at a time.
+/// [`pack_right`] of `x·Wᵀ` for a whole panel of `NR` rows of W and pairs `p0..p0 + depth`,
+/// `depth` a multiple of sixteen: sixteen pairs of sixteen rows at a time are loaded as sixteen
+/// vectors (a pair read as one u32, its first element in the low half) and transposed in
+/// registers.
 ///
 /// # Safety
 /// The CPU has AVX-512; rows `j0..j0 + NR` of `b` hold `2·(p0 + depth)` elements from their
@@ -314,11 +318,10 @@ fn pack_right(
 #[target_feature(enable = "avx512f")]
 unsafe fn transpose_rows(b: Right, p0: usize, depth: usize, j0: usize, packed: &mut [u32]) {
     use std::arch::x86_64::*;
-    assert!(packed.len() >= depth * NR);
+    assert!(packed.len() >= depth * NR && depth.is_multiple_of(16));
     let start = |j: usize| ((j0 + j) as isize * b.j_stride) as usize + 2 * p0;
-    let whole = depth / 16 * 16;
     for half in 0..NR / 16 {
-        for p in (0..whole).step_by(16) {
+        for p in (0..depth).step_by(16) {
             // SAFETY: row j0 + half·16 + r holds pairs p0 + p .. p0 + p + 16 (the caller's
             // bound), and the stores stay inside `packed` (asserted above).
             unsafe {
@@ -332,13 +335,6 @@ unsafe fn transpose_rows(b: Right, p0: usize, depth: usize, j0: usize, packed: &
                     _mm512_storeu_si512(to.cast(), *line);
                 }
             }
-        }
-    }
-    for j in 0..NR {
-        let row = &b.values[start(j)..start(j) + 2 * depth];
-        for p in whole..depth {
-            packed[p * NR + j] =
-                u32::from(row[2 * p].to_bits()) | u32::from(row[2 * p + 1].to_bits()) << 16;
         }
     }
 }
