@@ -7,6 +7,7 @@
 mod adapter;
 mod config;
 mod cpu_bf16;
+mod cpu_low_rank;
 #[cfg(feature = "cuda")]
 pub mod cublas;
 mod error;

@@ -229,7 +229,7 @@ pub(crate) fn project_low_rank<B: Backend, const D: usize>(
         || !rows.is_multiple_of(ROW_BLOCKS)
         || x.dtype() != weight.dtype()
     {
-        return product(x, weight, true, Route::Burn);
+        return product(x, weight, true, Route::LowRank);
     }
     in_row_blocks(x, weight, ROW_BLOCKS)
 }
@@ -270,8 +270,9 @@ enum Route {
     /// cuBLAS on the CUDA backend (where the build has it), the bf16 kernel on CPUs that have
     /// one (for a bf16 weight), burn's matmul elsewhere.
     Cublas,
-    /// burn's matmul everywhere.
-    Burn,
+    /// An adapter's thin factor: the product split over the thread pool on the CPU backend
+    /// (`cpu_low_rank`), burn's matmul elsewhere.
+    LowRank,
 }
 
 /// `x·Wᵀ` (`transposed`) or `x·W` over all leading positions of `x`.
@@ -293,9 +294,11 @@ fn product<B: Backend, const D: usize>(
     let dtype = x.dtype();
     let held: DType = weight.dtype();
     let flat: Tensor<B, 2> = x.reshape([rows, from]);
-    if let Route::Cublas = route
-        && let Some(out) = crate::cpu_bf16::matmul(&flat, &weight, transposed)
-    {
+    let on_the_cpu = match route {
+        Route::Cublas => crate::cpu_bf16::matmul(&flat, &weight, transposed),
+        Route::LowRank => crate::cpu_low_rank::matmul(&flat, &weight, transposed),
+    };
+    if let Some(out) = on_the_cpu {
         return out.reshape(dims);
     }
     let out = if held == dtype {
@@ -347,7 +350,7 @@ mod tests {
             let (x, weight) = (x.clone().require_grad(), weight.clone().require_grad());
             let out = match blocks {
                 Some(blocks) => in_row_blocks(x.clone(), weight.clone(), blocks),
-                None => product(x.clone(), weight.clone(), true, Route::Burn),
+                None => product(x.clone(), weight.clone(), true, Route::LowRank),
             };
             let grads = (out.clone() * upstream.clone()).sum().backward();
             [
