@@ -174,14 +174,17 @@ fn gemm(m: usize, n: usize, k: usize, a: &[f32], b: Right) -> Vec<f32> {
         .par_chunks_mut(pairs * 2)
         .zip(a.par_chunks(k.max(1)))
         .for_each(|(packed, row)| to_bf16(row, &mut packed[..row.len()]));
-    let mut out = vec![0.0f32; m * n];
+    // Written, not read, by the first pass over the shared dimension (`accumulate` false).
+    let mut out: Vec<f32> = Vec::with_capacity(m * n);
     let target = Columns {
         start: out.as_mut_ptr(),
         stride: n,
     };
     // Panels of NR output columns, each written by one task straight into `out`; a last panel
-    // narrower than NR goes through a block of its own.
-    (0..n.div_ceil(NR)).into_par_iter().for_each(|panel| {
+    // narrower than NR goes through a block of its own. One packing buffer per run of panels
+    // a thread takes.
+    let panels = (0..n.div_ceil(NR)).into_par_iter();
+    panels.for_each_init(Vec::new, |packed: &mut Vec<u32>, panel| {
         let j0 = panel * NR;
         let cols = NR.min(n - j0);
         let mut edge = Vec::new();
@@ -191,10 +194,10 @@ fn gemm(m: usize, n: usize, k: usize, a: &[f32], b: Right) -> Vec<f32> {
         } else {
             (target.column(j0), n)
         };
-        let mut packed = vec![0u32; KC * NR];
+        packed.resize(KC * NR, 0);
         for p0 in (0..pairs).step_by(KC) {
             let depth = KC.min(pairs - p0);
-            pack_right(b, k, p0, depth, j0, cols, &mut packed);
+            pack_right(b, k, p0, depth, j0, cols, packed);
             for i0 in (0..m).step_by(MR) {
                 let rows = MR.min(m - i0);
                 let call = Call {
@@ -202,7 +205,7 @@ fn gemm(m: usize, n: usize, k: usize, a: &[f32], b: Right) -> Vec<f32> {
                     left_pairs: pairs,
                     p0,
                     depth,
-                    right: &packed,
+                    right: packed,
                     // SAFETY: row i0 of this panel's columns (of `out`, or of `edge`).
                     out: unsafe { at.add(i0 * stride) },
                     out_stride: stride,
@@ -220,6 +223,8 @@ fn gemm(m: usize, n: usize, k: usize, a: &[f32], b: Right) -> Vec<f32> {
             row.copy_from_slice(&values[..cols]);
         }
     });
+    // SAFETY: every panel wrote all m rows of its columns, and the panels cover all n columns.
+    unsafe { out.set_len(m * n) };
     out
 }
 
