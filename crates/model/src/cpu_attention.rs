@@ -51,19 +51,21 @@ pub(crate) fn forward(
                 .enumerate()
                 .map(move |(block, rows)| (plane, block * BLOCK, rows))
         })
-        .for_each(|(plane, start, (out, lse))| {
+        .for_each_init(Vec::new, |scratch, (plane, start, (out, lse))| {
             let (b, h) = (plane / heads, plane % heads);
             let rows = lse.len();
             let seen = start + rows;
-            let mut probs = scores(&q.at(b, h, start), &k.at(b, h / groups, 0), rows, seen, dim);
+            let (q, k) = (q.at(b, h, start), k.at(b, h / groups, 0));
+            let probs = scores(scratch, &q, &k, [rows, seen, dim]);
             for (i, (row, lse)) in probs.chunks_mut(seen).zip(lse.iter_mut()).enumerate() {
-                *lse = softmax(row, scale, start + i + 1, mask.row(b, start + i));
+                scale_and_hide(row, scale, 0.0, start + i + 1, mask.row(b, start + i));
+                *lse = softmax_in_place(row);
             }
             // out = P · V
             product(
                 (rows, dim, seen),
                 Out::rows(out, dim),
-                In::rows(&probs, seen),
+                In::rows(probs, seen),
                 v.at(b, h / groups, 0),
                 1.0,
                 false,
@@ -120,36 +122,36 @@ pub(crate) fn backward(
             let row_dots: Vec<f32> = (0..seq)
                 .map(|i| (0..dim).map(|c| d_out.get(i, c) * out.get(i, c)).sum())
                 .collect();
+            let (mut probs_scratch, mut d_scores_scratch) = (Vec::new(), Vec::new());
             for start in (0..seq).step_by(BLOCK) {
                 let rows = BLOCK.min(seq - start);
                 let seen = start + rows;
                 let (q_block, d_out_block) = (q.offset(start), d_out.offset(start));
-                let mut probs = scores(&q_block, &k, rows, seen, dim);
+                let probs = scores(&mut probs_scratch, &q_block, &k, [rows, seen, dim]);
                 for (i, row) in probs.chunks_mut(seen).enumerate() {
-                    let (lse, hidden) = (lse.get(start + i, 0), mask.row(b, start + i));
-                    for (j, p) in row.iter_mut().enumerate() {
-                        *p = if hides(j, start + i + 1, hidden) || lse == f32::NEG_INFINITY {
-                            f32::NEG_INFINITY
-                        } else {
-                            *p * scale - lse
-                        };
+                    let lse = lse.get(start + i, 0);
+                    if lse == f32::NEG_INFINITY {
+                        // Nothing visible: no probability anywhere.
+                        row.fill(0.0);
+                        continue;
                     }
+                    scale_and_hide(row, scale, lse, start + i + 1, mask.row(b, start + i));
                     exp_in_place(row);
                 }
                 // dV[..seen] += Pᵀ · dO
                 product(
                     (seen, dim, rows),
                     Out::rows(&mut dv[..seen * dim], dim),
-                    In::rows(&probs, seen).transposed(),
+                    In::rows(probs, seen).transposed(),
                     d_out_block,
                     1.0,
                     true,
                 );
                 // dS = P ∘ (dO · Vᵀ − rowsum(dO ∘ O))
-                let mut d_scores = vec![0.0f32; rows * seen];
+                let d_scores = scratch(&mut d_scores_scratch, rows * seen);
                 product(
                     (rows, seen, dim),
-                    Out::rows(&mut d_scores, seen),
+                    Out::rows(d_scores, seen),
                     d_out_block,
                     v.transposed(),
                     1.0,
@@ -169,7 +171,7 @@ pub(crate) fn backward(
                 product(
                     (rows, dim, seen),
                     Out::rows(&mut dq[start * dim..seen * dim], dim),
-                    In::rows(&d_scores, seen),
+                    In::rows(d_scores, seen),
                     k,
                     scale,
                     false,
@@ -178,7 +180,7 @@ pub(crate) fn backward(
                 product(
                     (seen, dim, rows),
                     Out::rows(&mut dk[..seen * dim], dim),
-                    In::rows(&d_scores, seen).transposed(),
+                    In::rows(d_scores, seen).transposed(),
                     q_block,
                     scale,
                     true,
@@ -196,12 +198,17 @@ pub(crate) fn backward(
     ]
 }
 
-/// `scores = Q · Kᵀ` (unscaled) for `rows` queries against the first `seen` keys.
-fn scores(q: &In, k: &In, rows: usize, seen: usize, dim: usize) -> Vec<f32> {
-    let mut scores = vec![0.0f32; rows * seen];
+/// `scores = Q · Kᵀ` (unscaled) for `rows` queries against the first `seen` keys, in `buffer`.
+fn scores<'a>(
+    buffer: &'a mut Vec<f32>,
+    q: &In,
+    k: &In,
+    [rows, seen, dim]: [usize; 3],
+) -> &'a mut [f32] {
+    let scores = scratch(buffer, rows * seen);
     product(
         (rows, seen, dim),
-        Out::rows(&mut scores, seen),
+        Out::rows(scores, seen),
         *q,
         k.transposed(),
         1.0,
@@ -210,24 +217,30 @@ fn scores(q: &In, k: &In, rows: usize, seen: usize, dim: usize) -> Vec<f32> {
     scores
 }
 
-/// Scales a row of raw scores, hides the keys from `visible` on and those `hidden` marks, and
-/// turns the row into probabilities in place; returns the log-sum-exp of the visible scaled
-/// scores (see [`softmax_in_place`] for rows with nothing visible or a NaN).
-fn softmax(row: &mut [f32], scale: f32, visible: usize, hidden: Option<&[u8]>) -> f32 {
-    for (j, x) in row.iter_mut().enumerate() {
-        *x = if hides(j, visible, hidden) {
-            f32::NEG_INFINITY
-        } else {
-            *x * scale
-        };
+/// The first `len` elements of a buffer reused from task to task, grown when too short. They
+/// hold whatever the last use left: only for outputs that a product overwrites.
+fn scratch(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buffer.len() < len {
+        buffer.resize(len, 0.0);
     }
-    softmax_in_place(row)
+    &mut buffer[..len]
 }
 
-/// Whether key `j` is hidden from a query that sees the keys before `visible` (its own position
-/// and earlier) less those its mask row marks.
-fn hides(j: usize, visible: usize, hidden: Option<&[u8]>) -> bool {
-    j >= visible || hidden.is_some_and(|row| row[j] != 0)
+/// Turns a row of raw scores into `scale · score − shift` for the keys before `visible` (the
+/// query's own position and earlier) and −∞ for the others and for those `hidden` marks.
+fn scale_and_hide(row: &mut [f32], scale: f32, shift: f32, visible: usize, hidden: Option<&[u8]>) {
+    let (seen, future) = row.split_at_mut(visible.min(row.len()));
+    for x in seen.iter_mut() {
+        *x = *x * scale - shift;
+    }
+    future.fill(f32::NEG_INFINITY);
+    if let Some(hidden) = hidden {
+        for (x, &h) in seen.iter_mut().zip(hidden) {
+            if h != 0 {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+    }
 }
 
 /// Adds the gradients of the query heads that share a key/value head.
@@ -235,12 +248,20 @@ fn sum_groups(per_head: Vec<f32>, groups: usize, plane: usize) -> Vec<f32> {
     if groups == 1 {
         return per_head;
     }
-    per_head
-        .par_chunks(groups * plane)
-        .flat_map_iter(|group| {
-            (0..plane).map(move |i| (0..groups).map(|g| group[g * plane + i]).sum::<f32>())
-        })
-        .collect()
+    let mut summed = vec![0.0f32; per_head.len() / groups];
+    summed
+        .par_chunks_mut(plane)
+        .zip(per_head.par_chunks(groups * plane))
+        .for_each(|(sum, group)| {
+            let mut heads = group.chunks(plane);
+            sum.copy_from_slice(heads.next().expect("groups > 1"));
+            for head in heads {
+                for (s, x) in sum.iter_mut().zip(head) {
+                    *s += x;
+                }
+            }
+        });
+    summed
 }
 
 /// The keys a `[batch or 1, 1, seq, seq]` mask hides beyond causality, as bytes.

@@ -39,23 +39,57 @@ pub fn softmax_rows<B: Backend>(logits: Tensor<B, 2>) -> (Tensor<B, 2>, Tensor<B
 /// Turns `row` into its softmax and returns its log-sum-exp. A NaN anywhere makes the whole
 /// row and the result NaN; a row of -∞ alone (nothing possible) becomes zeros, with -∞.
 pub(crate) fn softmax_in_place(row: &mut [f32]) -> f32 {
-    let mut max = f32::NEG_INFINITY;
-    for &x in row.iter() {
-        // Unlike `f32::max`, a NaN makes the maximum NaN, so it reaches every output.
-        if x > max || x.is_nan() {
-            max = x;
-        }
-    }
+    let max = max_or_nan(row);
     if max == f32::NEG_INFINITY {
         row.fill(0.0);
         return f32::NEG_INFINITY;
     }
     row.iter_mut().for_each(|x| *x -= max);
     exp_in_place(row);
-    let total: f32 = row.iter().sum();
+    let total = sum(row);
     let inverse = 1.0 / total;
     row.iter_mut().for_each(|x| *x *= inverse);
     max + total.ln()
+}
+
+/// Lanes the reductions below keep apart, so that they compile to vector instructions (a
+/// single running value would be one sequential chain).
+const LANES: usize = 16;
+
+/// The largest value of `row`, or NaN if it holds one (unlike `f32::max`, which skips NaNs).
+fn max_or_nan(row: &[f32]) -> f32 {
+    let mut max = [f32::NEG_INFINITY; LANES];
+    let mut nan = [false; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for ((m, n), &x) in max.iter_mut().zip(&mut nan).zip(chunk) {
+            *m = if x > *m { x } else { *m };
+            *n |= x.is_nan();
+        }
+    }
+    let mut largest = f32::NEG_INFINITY;
+    for &x in max.iter().chain(rest) {
+        largest = if x > largest { x } else { largest };
+    }
+    if nan.iter().any(|&n| n) || rest.iter().any(|x| x.is_nan()) {
+        f32::NAN
+    } else {
+        largest
+    }
+}
+
+/// The sum of `row`, in `LANES` partial sums.
+fn sum(row: &[f32]) -> f32 {
+    let mut sums = [0.0f32; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (s, x) in sums.iter_mut().zip(chunk) {
+            *s += x;
+        }
+    }
+    sums.iter().chain(rest).sum()
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@
 //! weight is frozen and gets no gradient.
 
 use std::any::TypeId;
+use std::mem::MaybeUninit;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
@@ -169,11 +170,17 @@ struct Right<'a> {
 fn gemm(m: usize, n: usize, k: usize, a: &[f32], b: Right) -> Vec<f32> {
     let pairs = k.div_ceil(2);
     // Each row of `a` in bf16, padded to whole pairs: consecutive elements are the pairs.
-    let mut a_bf16 = vec![bf16::ZERO; m * pairs * 2];
-    a_bf16
+    let mut a_bf16: Vec<bf16> = Vec::with_capacity(m * pairs * 2);
+    a_bf16.spare_capacity_mut()[..m * pairs * 2]
         .par_chunks_mut(pairs * 2)
         .zip(a.par_chunks(k.max(1)))
-        .for_each(|(packed, row)| to_bf16(row, &mut packed[..row.len()]));
+        .for_each(|(packed, row)| {
+            let (values, padding) = packed.split_at_mut(row.len());
+            to_bf16(row, values);
+            padding.fill(MaybeUninit::new(bf16::ZERO));
+        });
+    // SAFETY: each of the m rows of `pairs · 2` elements was written above.
+    unsafe { a_bf16.set_len(m * pairs * 2) };
     // Written, not read, by the first pass over the shared dimension (`accumulate` false).
     let mut out: Vec<f32> = Vec::with_capacity(m * n);
     let target = Columns {
@@ -428,7 +435,7 @@ fn transpose_16x16(r: [std::arch::x86_64::__m512i; 16]) -> [std::arch::x86_64::_
 }
 
 /// `dst = bf16(src)`, rounding to nearest even, sixteen at a time.
-fn to_bf16(src: &[f32], dst: &mut [bf16]) {
+fn to_bf16(src: &[f32], dst: &mut [MaybeUninit<bf16>]) {
     assert_eq!(src.len(), dst.len());
     // Whole groups of sixteen by the vector instruction, the rest one at a time.
     #[cfg(target_arch = "x86_64")]
@@ -442,13 +449,13 @@ fn to_bf16(src: &[f32], dst: &mut [bf16]) {
     #[cfg(not(target_arch = "x86_64"))]
     let whole = 0;
     for (d, s) in dst[whole..].iter_mut().zip(&src[whole..]) {
-        *d = bf16::from_f32(*s);
+        d.write(bf16::from_f32(*s));
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn convert_avx512(src: &[f32], dst: &mut [bf16]) {
+unsafe fn convert_avx512(src: &[f32], dst: &mut [MaybeUninit<bf16>]) {
     use std::arch::x86_64::*;
     for (s, d) in src.chunks_exact(16).zip(dst.chunks_exact_mut(16)) {
         // SAFETY: sixteen f32 in, sixteen bf16 out.
