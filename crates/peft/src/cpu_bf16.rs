@@ -34,6 +34,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use crate::rebrand::{cpu_values, rebrand};
+use crate::shared_output::SharedOutput;
 
 /// Rows of outputs a micro-kernel call holds in registers.
 const MR: usize = 12;
@@ -183,10 +184,7 @@ fn gemm(m: usize, n: usize, k: usize, a: &[f32], b: Right) -> Vec<f32> {
     unsafe { a_bf16.set_len(m * pairs * 2) };
     // Written, not read, by the first pass over the shared dimension (`accumulate` false).
     let mut out: Vec<f32> = Vec::with_capacity(m * n);
-    let target = Columns {
-        start: out.as_mut_ptr(),
-        stride: n,
-    };
+    let target = SharedOutput::new(&mut out, n);
     // Panels of NR output columns, each written by one task straight into `out`; a last panel
     // narrower than NR goes through a block of its own. One packing buffer per run of panels
     // a thread takes.
@@ -199,7 +197,7 @@ fn gemm(m: usize, n: usize, k: usize, a: &[f32], b: Right) -> Vec<f32> {
             edge = vec![0.0f32; m * NR];
             (edge.as_mut_ptr(), NR)
         } else {
-            (target.column(j0), n)
+            (target.at(0, j0), n)
         };
         packed.resize(KC * NR, 0);
         for p0 in (0..pairs).step_by(KC) {
@@ -226,35 +224,13 @@ fn gemm(m: usize, n: usize, k: usize, a: &[f32], b: Right) -> Vec<f32> {
         }
         for (i, values) in edge.chunks(NR).enumerate() {
             // SAFETY: columns j0..j0 + cols of row i < m, this task's own.
-            let row = unsafe { std::slice::from_raw_parts_mut(target.column(j0).add(i * n), cols) };
+            let row = unsafe { std::slice::from_raw_parts_mut(target.at(i, j0), cols) };
             row.copy_from_slice(&values[..cols]);
         }
     });
     // SAFETY: every panel wrote all m rows of its columns, and the panels cover all n columns.
     unsafe { out.set_len(m * n) };
     out
-}
-
-/// The output of [`gemm`], row-major with `stride` columns, which the tasks write at once, each
-/// its own columns.
-#[derive(Clone, Copy)]
-struct Columns {
-    start: *mut f32,
-    stride: usize,
-}
-
-// SAFETY: the tasks sharing it write disjoint columns, and `gemm` outlives them.
-unsafe impl Send for Columns {}
-// SAFETY: as above.
-unsafe impl Sync for Columns {}
-
-impl Columns {
-    /// Where column `j` of row 0 is.
-    fn column(self, j: usize) -> *mut f32 {
-        debug_assert!(j < self.stride);
-        // SAFETY: j is a column of the output, so inside its first row.
-        unsafe { self.start.add(j) }
-    }
 }
 
 /// Packs pairs `p0..p0 + depth` of columns `j0..j0 + cols` of `b` as `[depth][NR]` u32s, each

@@ -25,6 +25,7 @@ use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
 use crate::rebrand::{on_cpu, rebrand};
+use crate::shared_output::SharedOutput;
 
 /// Multiply-adds below which a product stays one call: splitting it would cost more in handing
 /// work to another thread than the thread saves.
@@ -202,7 +203,7 @@ fn product(a: Operand, b: Operand) -> FlexTensor {
     let (along_rows, side) = if m >= n { (true, m) } else { (false, n) };
     let block = side.div_ceil(tasks);
     let mut out: Vec<f32> = Vec::with_capacity(m * n);
-    let target = Output(out.as_mut_ptr());
+    let target = SharedOutput::new(&mut out, n);
     (0..side.div_ceil(block)).into_par_iter().for_each(|t| {
         let start = t * block;
         let len = block.min(side - start);
@@ -219,7 +220,7 @@ fn product(a: Operand, b: Operand) -> FlexTensor {
                 rows,
                 cols,
                 k,
-                target.at(r0 * n + c0),
+                target.at(r0, c0),
                 1,
                 n as isize,
                 false,
@@ -242,22 +243,6 @@ fn product(a: Operand, b: Operand) -> FlexTensor {
     // not read the destination when told not to).
     unsafe { out.set_len(m * n) };
     FlexTensor::from_data(TensorData::new(out, [m, n]))
-}
-
-/// The output buffer the tasks of [`product`] write, each its own block.
-#[derive(Clone, Copy)]
-struct Output(*mut f32);
-
-// SAFETY: the tasks sharing it write disjoint blocks, and `product` outlives them.
-unsafe impl Send for Output {}
-// SAFETY: as above.
-unsafe impl Sync for Output {}
-
-impl Output {
-    fn at(self, offset: usize) -> *mut f32 {
-        // SAFETY: callers pass offsets inside the output.
-        unsafe { self.0.add(offset) }
-    }
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ mod linear;
 mod lora;
 pub mod merge_methods;
 mod rebrand;
+mod shared_output;
 mod target;
 mod tensor_io;
 
