@@ -15,10 +15,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// `mi_option_purge_delay` in mimalloc.h's `mi_option_e` (not exported by the Rust bindings).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
-/// Keeps freed memory for reuse instead of handing it back to the OS 10 ms later. A training
-/// step frees and reallocates the same large activation buffers every time; handed back, each
-/// comes back as fresh pages the kernel must zero (a quarter of a CPU step's time). The resident
-/// size stays at the peak the step reaches anyway.
+/// Keeps freed memory for reuse instead of handing it back to the OS after mimalloc's purge
+/// delay. A training step frees and reallocates the same large activation buffers every time;
+/// handed back, each comes back as fresh pages the kernel must zero (a quarter of a CPU step's
+/// time). The resident size stays at the peak the step reaches anyway.
 fn keep_freed_memory() {
     // SAFETY: sets a plain integer option of the allocator linked into this binary.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
