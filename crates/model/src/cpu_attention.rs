@@ -71,10 +71,12 @@ pub(crate) fn forward(
                 false,
             );
         });
-    let device = Default::default();
     (
-        Tensor::from_data(TensorData::new(out, [batch, heads, seq, dim]), &device),
-        Tensor::from_data(TensorData::new(lse, [batch, heads, seq, 1]), &device),
+        positions_major(&out, [batch, heads, seq, dim], 1),
+        Tensor::from_data(
+            TensorData::new(lse, [batch, heads, seq, 1]),
+            &Default::default(),
+        ),
     )
 }
 
@@ -187,14 +189,11 @@ pub(crate) fn backward(
                 );
             }
         });
-    let device = Default::default();
-    let tensor = |data: Vec<f32>, heads: usize| {
-        Tensor::<Flex, 4>::from_data(TensorData::new(data, [batch, heads, seq, dim]), &device)
-    };
+    let shape = [batch, heads, seq, dim];
     [
-        tensor(dq, heads),
-        tensor(sum_groups(dk, groups, plane), kv_heads),
-        tensor(sum_groups(dv, groups, plane), kv_heads),
+        positions_major(&dq, shape, 1),
+        positions_major(&dk, shape, groups),
+        positions_major(&dv, shape, groups),
     ]
 }
 
@@ -243,25 +242,34 @@ fn scale_and_hide(row: &mut [f32], scale: f32, shift: f32, visible: usize, hidde
     }
 }
 
-/// Adds the gradients of the query heads that share a key/value head.
-fn sum_groups(per_head: Vec<f32>, groups: usize, plane: usize) -> Vec<f32> {
-    if groups == 1 {
-        return per_head;
-    }
-    let mut summed = vec![0.0f32; per_head.len() / groups];
-    summed
-        .par_chunks_mut(plane)
-        .zip(per_head.par_chunks(groups * plane))
-        .for_each(|(sum, group)| {
-            let mut heads = group.chunks(plane);
-            sum.copy_from_slice(heads.next().expect("groups > 1"));
-            for head in heads {
-                for (s, x) in sum.iter_mut().zip(head) {
-                    *s += x;
+/// Values computed head by head (`[batch, heads, seq, dim]`, contiguous) as a tensor of that
+/// shape laid out `[batch, seq, heads, dim]` in memory, the query heads of each group of `groups`
+/// summed into their key/value head (`groups` 1: every head as it is). That layout is the
+/// projections': the output goes back to `[batch, seq, heads · dim]`, and the inputs' gradients
+/// to the projections' outputs, as views, where a head-major tensor took a single-threaded
+/// strided copy each. One pass over the positions on the thread pool.
+fn positions_major(
+    per_head: &[f32],
+    [batch, heads, seq, dim]: [usize; 4],
+    groups: usize,
+) -> Tensor<Flex, 4> {
+    let kv_heads = heads / groups;
+    let mut data = vec![0.0f32; batch * seq * kv_heads * dim];
+    data.par_chunks_mut(kv_heads * dim)
+        .enumerate()
+        .for_each(|(position, row)| {
+            let (b, s) = (position / seq, position % seq);
+            for (kv_head, sum) in row.chunks_mut(dim).enumerate() {
+                for h in kv_head * groups..(kv_head + 1) * groups {
+                    let start = ((b * heads + h) * seq + s) * dim;
+                    for (total, x) in sum.iter_mut().zip(&per_head[start..start + dim]) {
+                        *total += x;
+                    }
                 }
             }
         });
-    summed
+    let positions = TensorData::new(data, [batch, seq, kv_heads, dim]);
+    Tensor::<Flex, 4>::from_data(positions, &Default::default()).swap_dims(1, 2)
 }
 
 /// The keys a `[batch or 1, 1, seq, seq]` mask hides beyond causality, as bytes.
