@@ -5,6 +5,7 @@
 
 mod check;
 mod checkpoint;
+mod cpu_adamw;
 mod dpo;
 mod error;
 mod optimizer;

@@ -12,6 +12,8 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor, TensorData};
 use burnish_peft::f32_values;
 
+use crate::cpu_adamw;
+
 /// AdamW's settings (PyTorch's defaults except the weight decay, which recipes set).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWConfig {
@@ -72,6 +74,47 @@ impl<B: Backend> Group<B> {
             self.m.clone().narrow(0, held.offset, held.len),
             self.v.clone().narrow(0, held.offset, held.len),
         ))
+    }
+}
+
+/// One AdamW step's element-wise update of a group: its scalars, all as `f64`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Update {
+    pub lr: f64,
+    /// The clipping factor the gradients are multiplied by (1 without clipping).
+    pub grad_scale: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// The bias corrections `1 − β₁ᵗ` and `1 − β₂ᵗ`.
+    pub bias1: f64,
+    pub bias2: f64,
+    /// The decoupled weight decay's factor `1 − lr·λ`, for a decayed group.
+    pub decay: Option<f64>,
+}
+
+impl Update {
+    /// `(value, m, v)` after the update, as burn's element-wise ops on any backend.
+    pub(crate) fn apply<B: Backend>(
+        &self,
+        value: Tensor<B, 1>,
+        grad: Tensor<B, 1>,
+        m: Tensor<B, 1>,
+        v: Tensor<B, 1>,
+    ) -> (Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>) {
+        let grad = grad.mul_scalar(self.grad_scale);
+        let m = m.mul_scalar(self.beta1) + grad.clone().mul_scalar(1.0 - self.beta1);
+        let v = v.mul_scalar(self.beta2) + grad.square().mul_scalar(1.0 - self.beta2);
+        let m_hat = m.clone().div_scalar(self.bias1);
+        let v_hat = v.clone().div_scalar(self.bias2);
+        let value = match self.decay {
+            Some(decay) => value.mul_scalar(decay),
+            None => value,
+        };
+        let step = m_hat
+            .div(v_hat.sqrt().add_scalar(self.eps))
+            .mul_scalar(self.lr);
+        (value - step, m, v)
     }
 }
 
@@ -305,17 +348,20 @@ impl<B: AutodiffBackend> AdamW<B> {
                 0,
             );
             let (m, v) = self.moments_for(decayed, &slots, &grad);
-            let grad = grad.mul_scalar(grad_scale);
-            let m = m.mul_scalar(c.beta1) + grad.clone().mul_scalar(1.0 - c.beta1);
-            let v = v.mul_scalar(c.beta2) + grad.square().mul_scalar(1.0 - c.beta2);
-            let m_hat = m.clone().div_scalar(1.0 - c.beta1.powi(step));
-            let v_hat = v.clone().div_scalar(1.0 - c.beta2.powi(step));
-            let value = if decayed && c.weight_decay > 0.0 {
-                value.mul_scalar(1.0 - lr * c.weight_decay)
-            } else {
-                value
+            let update = Update {
+                lr,
+                grad_scale,
+                beta1: c.beta1,
+                beta2: c.beta2,
+                eps: c.eps,
+                bias1: 1.0 - c.beta1.powi(step),
+                bias2: 1.0 - c.beta2.powi(step),
+                decay: (decayed && c.weight_decay > 0.0).then(|| 1.0 - lr * c.weight_decay),
             };
-            let value = value - m_hat.div(v_hat.sqrt().add_scalar(c.eps)).mul_scalar(lr);
+            let (value, m, v) = match cpu_adamw::update(&update, &value, &grad, &m, &v) {
+                Some(updated) => updated,
+                None => update.apply(value, grad, m, v),
+            };
             for slot in &slots {
                 updated.insert(slot.id, value.clone().narrow(0, slot.offset, slot.len));
             }
