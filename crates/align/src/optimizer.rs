@@ -356,7 +356,7 @@ impl<B: AutodiffBackend> AdamW<B> {
                 eps: c.eps,
                 bias1: 1.0 - c.beta1.powi(step),
                 bias2: 1.0 - c.beta2.powi(step),
-                decay: (decayed && c.weight_decay > 0.0).then(|| 1.0 - lr * c.weight_decay),
+                decay: (decayed && c.weight_decay > 0.0).then_some(1.0 - lr * c.weight_decay),
             };
             let (value, m, v) = match cpu_adamw::update(&update, &value, &grad, &m, &v) {
                 Some(updated) => updated,
