@@ -7,7 +7,7 @@
 mod adapter;
 mod config;
 mod cpu_bf16;
-mod cpu_low_rank;
+mod cpu_split_product;
 #[cfg(feature = "cuda")]
 pub mod cublas;
 mod error;

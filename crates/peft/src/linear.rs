@@ -267,11 +267,11 @@ pub fn unproject<B: Backend, const D: usize>(
 /// Which matmul a product may take.
 #[derive(Clone, Copy)]
 enum Route {
-    /// cuBLAS on the CUDA backend (where the build has it), the bf16 kernel on CPUs that have
-    /// one (for a bf16 weight), burn's matmul elsewhere.
+    /// cuBLAS on the CUDA backend (where the build has it), on the CPU backend the bf16 kernel
+    /// for a bf16 weight (on CPUs that have one) or the split product (`cpu_split_product`) for
+    /// an f32 one, burn's matmul elsewhere.
     Cublas,
-    /// An adapter's thin factor: the product split over the thread pool on the CPU backend
-    /// (`cpu_low_rank`), burn's matmul elsewhere.
+    /// An adapter's thin factor: the split product on the CPU backend, burn's matmul elsewhere.
     LowRank,
 }
 
@@ -296,8 +296,9 @@ fn product<B: Backend, const D: usize>(
     let flat: Tensor<B, 2> = x.reshape([rows, from]);
     let on_the_cpu = match route {
         Route::Cublas => crate::cpu_bf16::matmul(&flat, &weight, transposed),
-        Route::LowRank => crate::cpu_low_rank::matmul(&flat, &weight, transposed),
-    };
+        Route::LowRank => None,
+    }
+    .or_else(|| crate::cpu_split_product::matmul(&flat, &weight, transposed));
     if let Some(out) = on_the_cpu {
         return out.reshape(dims);
     }
