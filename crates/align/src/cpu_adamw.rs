@@ -6,16 +6,12 @@
 //! pool, by the same f32 operations in the same order as those ops (each scalar rounded from
 //! its `f64` as burn-flex rounds it), so both give the same values.
 
+use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Tensor, TensorData};
-use burn_flex::FlexTensor;
-use burnish_peft::{cpu_values, on_cpu};
+use burnish_peft::cpu_tensors::{PARALLEL_CHUNK, from_values, tensor, values, values_of};
 use rayon::prelude::*;
 
 use crate::optimizer::Update;
-
-/// Elements per task.
-const BLOCK: usize = 1 << 14;
 
 /// `(value, m, v)` after `update`, when `B` is the CPU backend and all four are f32; `None`
 /// otherwise.
@@ -26,14 +22,13 @@ pub(crate) fn update<B: Backend>(
     m: &Tensor<B, 1>,
     v: &Tensor<B, 1>,
 ) -> Option<(Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>)> {
-    let inputs = [value, grad, m, v];
-    if !on_cpu::<B>() || inputs.iter().any(|t| t.dtype() != DType::F32) {
-        return None;
-    }
-    let device = value.device();
-    let [value, grad, m, v] = inputs.map(|t| cpu_values(t.clone()).map(|t| t.to_contiguous()));
-    let (value, grad, m, v) = (value?, grad?, m?, v?);
-    let [value, grad, m, v] = [&value, &grad, &m, &v].map(f32_slice);
+    let (value, grad, m, v) = (
+        values_of(value)?,
+        values_of(grad)?,
+        values_of(m)?,
+        values_of(v)?,
+    );
+    let [value, grad, m, v] = [&value, &grad, &m, &v].map(values);
     let len = value.len();
     assert!(
         grad.len() == len && m.len() == len && v.len() == len,
@@ -47,12 +42,13 @@ pub(crate) fn update<B: Backend>(
         Vec::with_capacity(len),
     );
     new_value.spare_capacity_mut()[..len]
-        .par_chunks_mut(BLOCK)
-        .zip(new_m.spare_capacity_mut()[..len].par_chunks_mut(BLOCK))
-        .zip(new_v.spare_capacity_mut()[..len].par_chunks_mut(BLOCK))
+        .par_chunks_mut(PARALLEL_CHUNK)
+        .zip(new_m.spare_capacity_mut()[..len].par_chunks_mut(PARALLEL_CHUNK))
+        .zip(new_v.spare_capacity_mut()[..len].par_chunks_mut(PARALLEL_CHUNK))
         .enumerate()
         .for_each(|(block, ((value_out, m_out), v_out))| {
-            let range = block * BLOCK..block * BLOCK + value_out.len();
+            let start = block * PARALLEL_CHUNK;
+            let range = start..start + value_out.len();
             let inputs = value[range.clone()]
                 .iter()
                 .zip(&grad[range.clone()])
@@ -72,15 +68,8 @@ pub(crate) fn update<B: Backend>(
         new_m.set_len(len);
         new_v.set_len(len);
     }
-    let tensor =
-        |values: Vec<f32>| Tensor::<B, 1>::from_data(TensorData::new(values, [len]), &device);
+    let tensor = |values: Vec<f32>| from_values(tensor(values, [len].into()));
     Some((tensor(new_value), tensor(new_m), tensor(new_v)))
-}
-
-fn f32_slice(t: &FlexTensor) -> &[f32] {
-    let start = t.layout().start_offset();
-    let len = t.layout().num_elements();
-    &t.storage::<f32>()[start..start + len]
 }
 
 /// [`Update`]'s scalars as burn-flex applies them to f32 values.
@@ -139,7 +128,7 @@ mod tests {
         let device = Default::default();
         Flex::seed(&device, 17);
         // Several blocks and a partial one.
-        let len = 3 * BLOCK + 123;
+        let len = 3 * PARALLEL_CHUNK + 123;
         let random = |low: f64, high: f64| {
             Tensor::<Flex, 1>::random([len], Distribution::Uniform(low, high), &device)
         };

@@ -13,16 +13,15 @@ use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::{Autodiff, Flex};
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, TensorMetadata};
-use burn::tensor::{Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
-use burnish_peft::cpu_values;
+use burnish_peft::cpu_tensors::contiguous;
+pub(crate) use burnish_peft::cpu_tensors::{
+    PARALLEL_CHUNK, from_values, tensor, values, values_of,
+};
 pub(crate) use burnish_peft::rebrand;
-
-/// Elements per task when a kernel splits flat data over the thread pool.
-pub(crate) const PARALLEL_CHUNK: usize = 1 << 14;
 
 /// An op of `N` f32 tensors to one, forward and backward, on contiguous data.
 pub(crate) trait Kernel<const N: usize>:
@@ -64,48 +63,6 @@ pub(crate) fn run<B: Backend, K: Kernel<N>, const N: usize>(
         return Some(rebrand(tracked(kernel, inputs)));
     }
     None
-}
-
-/// `t`'s values when `B` is the CPU backend (with or without autodiff: the graph is left out,
-/// for values that need no gradient) and `t` is f32; `None` otherwise.
-pub(crate) fn values_of<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<FlexTensor> {
-    if t.dtype() != DType::F32 {
-        return None;
-    }
-    cpu_values(t.clone()).map(contiguous)
-}
-
-/// A tensor of `B` holding `values`, `B` being the CPU backend [`values_of`] accepted (under
-/// autodiff the tensor is untracked).
-pub(crate) fn from_values<B: Backend, const D: usize>(values: FlexTensor) -> Tensor<B, D> {
-    let primitive: FloatTensor<B> = if TypeId::of::<B>() == TypeId::of::<Flex>() {
-        rebrand(values)
-    } else {
-        rebrand(<Autodiff<Flex> as AutodiffBackend>::from_inner(values))
-    };
-    Tensor::from_primitive(TensorPrimitive::Float(primitive))
-}
-
-/// The f32 elements of a contiguous tensor (as [`contiguous`] makes them).
-pub(crate) fn values(t: &FlexTensor) -> &[f32] {
-    let (start, end) = t
-        .layout()
-        .contiguous_offsets()
-        .expect("kernels read contiguous tensors");
-    &t.storage::<f32>()[start..end]
-}
-
-/// A tensor of `shape` holding `data`.
-pub(crate) fn tensor(data: Vec<f32>, shape: burn::tensor::Shape) -> FlexTensor {
-    FlexTensor::from_data(burn::tensor::TensorData::new(data, shape))
-}
-
-fn contiguous(t: FlexTensor) -> FlexTensor {
-    if t.layout().contiguous_offsets().is_some() {
-        t
-    } else {
-        t.to_contiguous()
-    }
 }
 
 #[derive(Debug)]

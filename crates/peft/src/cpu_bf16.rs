@@ -28,11 +28,12 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{DType, Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
 use half::bf16;
 use rayon::prelude::*;
 
+use crate::cpu_tensors::tensor;
 use crate::rebrand::{cpu_values, rebrand};
 use crate::shared_output::SharedOutput;
 
@@ -151,7 +152,7 @@ fn product(x: &FlexTensor, weight: &FlexTensor, transposed: bool) -> FlexTensor 
         j_stride: bj,
     };
     let data = gemm(m, to, from, x_values, right);
-    FlexTensor::from_data(TensorData::new(data, [m, to]))
+    tensor(data, [m, to].into())
 }
 
 fn dims2(t: &FlexTensor) -> [usize; 2] {

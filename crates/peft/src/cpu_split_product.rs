@@ -22,11 +22,12 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{DType, Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
+use crate::cpu_tensors::tensor;
 use crate::rebrand::{on_cpu, rebrand};
 use crate::shared_output::SharedOutput;
 
@@ -194,7 +195,7 @@ fn product(a: Operand, b: Operand) -> FlexTensor {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(k, b.rows, "product shapes");
     if m == 0 || n == 0 || k == 0 {
-        return FlexTensor::from_data(TensorData::new(vec![0.0f32; m * n], [m, n]));
+        return tensor(vec![0.0f32; m * n], [m, n].into());
     }
     assert!(a.last() < a.values.len() && b.last() < b.values.len());
     let work = m * n * k;
@@ -245,13 +246,13 @@ fn product(a: Operand, b: Operand) -> FlexTensor {
     // SAFETY: the blocks cover the whole m × n output and gemm wrote each element (it does
     // not read the destination when told not to).
     unsafe { out.set_len(m * n) };
-    FlexTensor::from_data(TensorData::new(out, [m, n]))
+    tensor(out, [m, n].into())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::Distribution;
+    use burn::tensor::{Distribution, TensorData};
 
     type AD = Autodiff<Flex>;
 

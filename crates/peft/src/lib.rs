@@ -8,6 +8,7 @@ mod adapter;
 mod config;
 mod cpu_bf16;
 mod cpu_split_product;
+pub mod cpu_tensors;
 #[cfg(feature = "cuda")]
 pub mod cublas;
 mod error;
