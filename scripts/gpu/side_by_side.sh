@@ -6,7 +6,7 @@
 # autotuning (prepare.sh), the larger shapes, the same bench on burn's matmul alone (the cuBLAS
 # route's gain), the CUDA build's scores against the CPU's on the fixture models, the quickstart
 # recipe trained end to end, then the first rows with activation checkpointing. A ratio table
-# closes it. Run from the repository root.
+# closes it; autotune.txt lists the kernels the tuned build chose. Run from the repository root.
 #
 # On the development machine (the GPU machine has no Rust toolchain):
 #   scripts/gpu/prepare.sh                 # fills gpu-bin/
@@ -126,6 +126,13 @@ for variant in fusion tuned; do
     done
   done
 done
+
+# The tuned build's choices (cubecl caches them under target/autotune): which kernel won each
+# product and reduction, and by how much.
+if [ -d target/autotune ]; then
+  cp -r target/autotune "$OUT/"
+  python3 "$(dirname "$0")/autotune_summary.py" target/autotune >"$OUT/autotune.txt" 2>&1
+fi
 
 log "burnish bench, larger shapes"
 for row in "${rest[@]}"; do bench $ROUTE $row 120; done
