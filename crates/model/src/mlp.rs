@@ -1,14 +1,15 @@
 //! The SwiGLU feed-forward block: `down(silu(gate(x)) · up(x))`, with the gating as one
-//! kernel on the CPU backend.
+//! kernel on the CPU backend and one autodiff node of burn's ops elsewhere.
 
 use burn::module::Module;
-use burn::tensor::activation::silu;
+use burn::tensor::activation::{sigmoid, silu};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
 use burnish_peft::AdaptableLinear;
 use rayon::prelude::*;
 
+use crate::composed_op::{self, ComposedOp};
 use crate::cpu_kernel::{self, Kernel, PARALLEL_CHUNK, tensor, values};
 use crate::vector_exp::exp_in_place;
 
@@ -35,7 +36,43 @@ fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> T
     let inputs = [gate.clone(), up.clone()].map(|t| t.into_primitive().tensor());
     match cpu_kernel::run::<B, _, 2>(Swiglu, inputs) {
         Some(out) => Tensor::from_primitive(TensorPrimitive::Float(out)),
-        None => silu(gate) * up,
+        None => {
+            let dims = gate.dims();
+            let width = dims[D - 1];
+            let rows = dims.iter().product::<usize>() / width.max(1);
+            let rows = [gate, up].map(|t| t.reshape([rows, width]));
+            composed_op::run(SwigluOp, rows).reshape(dims)
+        }
+    }
+}
+
+/// The same in burn's ops, for the other backends, on `[rows, width]` matrices; keeps nothing
+/// but the inputs (σ(gate) is recomputed in the backward pass).
+#[derive(Debug, Clone)]
+struct SwigluOp;
+
+impl ComposedOp<2> for SwigluOp {
+    fn forward<I: Backend>(
+        &self,
+        [gate, up]: [Tensor<I, 2>; 2],
+    ) -> (Tensor<I, 2>, Option<Tensor<I, 2>>) {
+        (silu(gate) * up, None)
+    }
+
+    fn backward<I: Backend>(
+        &self,
+        [gate, up]: [Tensor<I, 2>; 2],
+        _: Option<Tensor<I, 2>>,
+        d_out: Tensor<I, 2>,
+        [gate_wanted, up_wanted]: [bool; 2],
+    ) -> [Option<Tensor<I, 2>>; 2] {
+        let sigma = sigmoid(gate.clone());
+        let du = up_wanted.then(|| d_out.clone() * gate.clone() * sigma.clone());
+        let dg = gate_wanted.then(|| {
+            let slope = (gate * sigma.clone().neg().add_scalar(1.0)).add_scalar(1.0);
+            d_out * up * sigma * slope
+        });
+        [dg, du]
     }
 }
 
@@ -124,16 +161,17 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_kernel_equals_exact_values_and_gradients() {
+    type Swiglu2 = dyn Fn(Tensor<AD, 3>, Tensor<AD, 3>) -> Tensor<AD, 3>;
+
+    /// `swiglu`'s output and both gradients against the exact ones (in f64), on inputs wide enough
+    /// to split into several of the kernel's tasks, with values where σ saturates; the inputs
+    /// back, and the exact output.
+    fn check_against_exact(swiglu: &Swiglu2) -> ([Tensor<AD, 3>; 2], Vec<(f64, f64)>) {
         let device = Default::default();
         Flex::seed(&device, 11);
-        // Wide enough to split into several tasks, with values where σ saturates.
         let random =
             || Tensor::<AD, 3>::random([2, 3, 20_000], Distribution::Normal(0.0, 8.0), &device);
         let (gate, up, upstream) = (random(), random(), random());
-        let primitives = [gate.clone(), up.clone()].map(|t| t.into_primitive().tensor());
-        assert!(cpu_kernel::run::<AD, _, 2>(Swiglu, primitives).is_some());
         let (g, u) = (gate.clone().require_grad(), up.clone().require_grad());
         let out = swiglu(g.clone(), u.clone());
         let grads = (out.clone() * upstream.clone()).sum().backward();
@@ -143,7 +181,6 @@ mod tests {
             let v = t.to_data().to_vec::<f32>().unwrap();
             v.into_iter().map(f64::from).collect()
         };
-        let vec = |t: TensorData| t.to_vec::<f32>().unwrap();
         let (gv, uv, dh) = (f64s(&gate), f64s(&up), f64s(&upstream));
         let exact = |f: &dyn Fn(f64, f64, f64, f64) -> (f64, f64)| -> Vec<(f64, f64)> {
             (0..gv.len())
@@ -166,9 +203,33 @@ mod tests {
         assert_close(vec(g.grad(&grads).unwrap().into_data()), &dg_exact, "dg");
         let du_exact = exact(&|g, _, dh, s| (dh * g * s, (dh * g * s).abs()));
         assert_close(vec(u.grad(&grads).unwrap().into_data()), &du_exact, "du");
+        ([gate, up], out_exact)
+    }
+
+    fn vec(t: TensorData) -> Vec<f32> {
+        t.to_vec::<f32>().unwrap()
+    }
+
+    #[test]
+    fn the_kernel_equals_exact_values_and_gradients() {
+        let ([gate, up], out_exact) = check_against_exact(&swiglu);
+        let primitives = [gate.clone(), up.clone()].map(|t| t.into_primitive().tensor());
+        assert!(cpu_kernel::run::<AD, _, 2>(Swiglu, primitives).is_some());
         // And without autodiff.
+        let device = Default::default();
         let plain = |t: &Tensor<AD, 3>| Tensor::<Flex, 3>::from_data(t.to_data(), &device);
         let out = swiglu(plain(&gate), plain(&up)).into_data();
         assert_close(vec(out), &out_exact, "plain out");
+    }
+
+    /// The op GPUs train with, as one autodiff node (here of the CPU backend's autodiff, which
+    /// takes it when its kernel declines).
+    #[test]
+    fn the_composed_op_equals_exact_values_and_gradients() {
+        check_against_exact(&|gate, up| {
+            let [batch, seq, width] = gate.dims();
+            let rows = [gate, up].map(|t| t.reshape([batch * seq, width]));
+            composed_op::run(SwigluOp, rows).reshape([batch, seq, width])
+        });
     }
 }

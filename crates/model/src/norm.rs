@@ -1,5 +1,5 @@
 //! RMSNorm as transformers computes it: `x / sqrt(mean(x²) + eps) · weight`, as one kernel on
-//! the CPU backend.
+//! the CPU backend and one autodiff node of burn's ops elsewhere.
 
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
@@ -7,6 +7,7 @@ use burn::tensor::{Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
+use crate::composed_op::{self, ComposedOp};
 use crate::cpu_kernel::{self, Kernel, tensor, values};
 
 /// Root-mean-square normalisation over the last dimension with a learned scale.
@@ -38,14 +39,52 @@ impl<B: Backend> RmsNorm<B> {
         if let Some(out) = cpu_kernel::run::<B, _, 2>(kernel, inputs) {
             return Tensor::from_primitive(TensorPrimitive::Float(out));
         }
+        let [batch, seq, hidden] = x.dims();
+        let op = RmsNormOp { eps: self.eps };
+        let rows = [x.reshape([batch * seq, hidden]), weight.unsqueeze::<2>()];
+        composed_op::run(op, rows).reshape([batch, seq, hidden])
+    }
+}
+
+/// The same in burn's ops, for the other backends: the rows `[rows, hidden]` and the weight
+/// `[1, hidden]`; keeps each row's `r` for the backward pass.
+#[derive(Debug, Clone)]
+struct RmsNormOp {
+    eps: f64,
+}
+
+impl ComposedOp<2> for RmsNormOp {
+    fn forward<I: Backend>(
+        &self,
+        [x, weight]: [Tensor<I, 2>; 2],
+    ) -> (Tensor<I, 2>, Option<Tensor<I, 2>>) {
         let inv_rms = x
             .clone()
             .square()
-            .mean_dim(2)
+            .mean_dim(1)
             .add_scalar(self.eps)
             .sqrt()
             .recip();
-        x * inv_rms * weight.unsqueeze::<3>()
+        (x * inv_rms.clone() * weight, Some(inv_rms))
+    }
+
+    fn backward<I: Backend>(
+        &self,
+        [x, weight]: [Tensor<I, 2>; 2],
+        inv_rms: Option<Tensor<I, 2>>,
+        d_out: Tensor<I, 2>,
+        [x_wanted, weight_wanted]: [bool; 2],
+    ) -> [Option<Tensor<I, 2>>; 2] {
+        let r = inv_rms.expect("RmsNormOp's forward pass keeps r");
+        let hidden = x.dims()[1] as f64;
+        let dw = weight_wanted.then(|| (d_out.clone() * x.clone() * r.clone()).sum_dim(0));
+        let dx = x_wanted.then(|| {
+            let g = d_out * weight;
+            let dot = (g.clone() * x.clone()).sum_dim(1);
+            let correction = r.clone() * r.clone() * r.clone() * dot.div_scalar(hidden);
+            g * r - x * correction
+        });
+        [dx, dw]
     }
 }
 
@@ -138,52 +177,73 @@ impl Kernel<2> for RmsNormKernel {
 mod tests {
     use super::*;
     use burn::backend::{Autodiff, Flex};
-    use burn::tensor::{Distribution, Tolerance};
+    use burn::tensor::{Distribution, TensorData, Tolerance};
 
     type AD = Autodiff<Flex>;
+    const EPS: f64 = 1e-5;
+    const HIDDEN: usize = 96;
+
+    /// An input of more rows than one of the kernel's tasks holds (and a last task with fewer),
+    /// an upstream gradient, and a weight. (Drawn once per test: the seed is shared by tests
+    /// running in parallel.)
+    fn inputs() -> (Tensor<AD, 3>, Tensor<AD, 3>, Tensor<AD, 1>) {
+        let device = Default::default();
+        Flex::seed(&device, 7);
+        let x = Tensor::<AD, 3>::random([3, 37, HIDDEN], Distribution::Normal(0.0, 2.0), &device);
+        let upstream = Tensor::<AD, 3>::random([3, 37, HIDDEN], Distribution::Default, &device);
+        let weight = Tensor::<AD, 1>::random([HIDDEN], Distribution::Normal(1.0, 0.3), &device);
+        (x, upstream, weight)
+    }
+
+    /// `forward`'s output and the gradients of the input and the weight, both tracked.
+    fn values_and_gradients(
+        (x, upstream, weight): &(Tensor<AD, 3>, Tensor<AD, 3>, Tensor<AD, 1>),
+        forward: &dyn Fn(Tensor<AD, 3>, Tensor<AD, 1>) -> Tensor<AD, 3>,
+    ) -> [TensorData; 3] {
+        let (x, w) = (x.clone().require_grad(), weight.clone().require_grad());
+        let out = forward(x.clone(), w.clone());
+        let grads = (out.clone() * upstream.clone()).sum().backward();
+        [
+            out.into_data(),
+            x.grad(&grads).unwrap().into_data(),
+            w.grad(&grads).unwrap().into_data(),
+        ]
+    }
+
+    /// RMSNorm decomposed into burn's ops, differentiated op by op.
+    fn burns(x: Tensor<AD, 3>, w: Tensor<AD, 1>) -> Tensor<AD, 3> {
+        let inv_rms = x
+            .clone()
+            .square()
+            .mean_dim(2)
+            .add_scalar(EPS)
+            .sqrt()
+            .recip();
+        x * inv_rms * w.unsqueeze::<3>()
+    }
+
+    fn assert_equal(ours: &[TensorData], burns: &[TensorData]) {
+        for (ours, burns) in ours.iter().zip(burns) {
+            ours.assert_approx_eq::<f32>(burns, Tolerance::absolute(1e-5));
+        }
+    }
 
     #[test]
     fn the_kernel_equals_burns_ops_in_value_and_gradients() {
-        let device = Default::default();
-        Flex::seed(&device, 7);
-        let hidden = 96;
-        // More rows than one task holds, and a last task with fewer.
-        let x = Tensor::<AD, 3>::random([3, 37, hidden], Distribution::Normal(0.0, 2.0), &device);
-        let upstream = Tensor::<AD, 3>::random([3, 37, hidden], Distribution::Default, &device);
-        let weight = Tensor::<AD, 1>::random([hidden], Distribution::Normal(1.0, 0.3), &device);
-        let eps = 1e-5;
+        let drawn = inputs();
+        let (x, upstream, weight) = drawn.clone();
         let primitives = [
             x.clone().into_primitive().tensor(),
             weight.clone().into_primitive().tensor(),
         ];
-        assert!(cpu_kernel::run::<AD, _, 2>(RmsNormKernel { eps }, primitives).is_some());
-
-        let run = |forward: &dyn Fn(Tensor<AD, 3>, Tensor<AD, 1>) -> Tensor<AD, 3>| {
-            let (x, w) = (x.clone().require_grad(), weight.clone().require_grad());
-            let out = forward(x.clone(), w.clone());
-            let grads = (out.clone() * upstream.clone()).sum().backward();
-            [
-                out.into_data(),
-                x.grad(&grads).unwrap().into_data(),
-                w.grad(&grads).unwrap().into_data(),
-            ]
-        };
-        let ours = run(&|x, w| RmsNorm::new(w, eps).forward(x));
-        let burns = run(&|x, w| {
-            let inv_rms = x
-                .clone()
-                .square()
-                .mean_dim(2)
-                .add_scalar(eps)
-                .sqrt()
-                .recip();
-            x * inv_rms * w.unsqueeze::<3>()
-        });
-        for (ours, burns) in ours.iter().zip(&burns) {
-            ours.assert_approx_eq::<f32>(burns, Tolerance::absolute(1e-5));
-        }
+        assert!(cpu_kernel::run::<AD, _, 2>(RmsNormKernel { eps: EPS }, primitives).is_some());
+        let burns = values_and_gradients(&drawn, &burns);
+        assert_equal(
+            &values_and_gradients(&drawn, &|x, w| RmsNorm::new(w, EPS).forward(x)),
+            &burns,
+        );
         // A frozen weight gets no gradient; the input still does.
-        let frozen = RmsNorm::new(weight.clone(), eps).no_grad();
+        let frozen = RmsNorm::new(weight.clone(), EPS).no_grad();
         let x_tracked = x.clone().require_grad();
         let grads = (frozen.forward(x_tracked.clone()) * upstream.clone())
             .sum()
@@ -195,11 +255,37 @@ mod tests {
             .assert_approx_eq::<f32>(&burns[1], Tolerance::absolute(1e-5));
         assert!(frozen.weight.val().grad(&grads).is_none());
         // And without autodiff.
+        let device = Default::default();
         let plain_x = Tensor::<Flex, 3>::from_data(x.to_data(), &device);
         let plain_w = Tensor::<Flex, 1>::from_data(weight.to_data(), &device);
-        RmsNorm::new(plain_w, eps)
+        RmsNorm::new(plain_w, EPS)
             .forward(plain_x)
             .into_data()
             .assert_approx_eq::<f32>(&burns[0], Tolerance::absolute(1e-5));
+    }
+
+    /// The op GPUs train with, as one autodiff node (here of the CPU backend's autodiff, which
+    /// takes it when its kernel declines), against burn's ops differentiated one by one.
+    #[test]
+    fn the_composed_op_equals_burns_ops_in_value_and_gradients() {
+        let composed = |x: Tensor<AD, 3>, w: Tensor<AD, 1>| {
+            let [batch, seq, hidden] = x.dims();
+            let rows = [x.reshape([batch * seq, hidden]), w.unsqueeze::<2>()];
+            composed_op::run(RmsNormOp { eps: EPS }, rows).reshape([batch, seq, hidden])
+        };
+        let drawn = inputs();
+        let burns = values_and_gradients(&drawn, &burns);
+        assert_equal(&values_and_gradients(&drawn, &composed), &burns);
+        // A frozen weight: the input's gradient alone.
+        let (x, upstream, weight) = drawn;
+        let x = x.require_grad();
+        let grads = (composed(x.clone(), weight.clone()) * upstream)
+            .sum()
+            .backward();
+        x.grad(&grads)
+            .unwrap()
+            .into_data()
+            .assert_approx_eq::<f32>(&burns[1], Tolerance::absolute(1e-5));
+        assert!(weight.grad(&grads).is_none());
     }
 }
