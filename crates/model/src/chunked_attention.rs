@@ -258,10 +258,21 @@ fn attention_forward<I: Backend>(
         let max = scores.clone().max_dim(3);
         let exp = (scores - max.clone()).exp();
         let total = exp.clone().sum_dim(3);
-        outs.push(exp.matmul(v.clone().narrow(2, 0, start + len)) / total.clone());
+        let out = exp.matmul(v.clone().narrow(2, 0, start + len)) / total.clone();
+        outs.push(out.swap_dims(1, 2));
         lses.push(max + total.log());
     }
-    (Tensor::cat(outs, 2), lses)
+    (positions_major(outs), lses)
+}
+
+/// Chunks of `[batch, heads, chunk, head_dim]` (each viewed as `[batch, chunk, heads,
+/// head_dim]`) laid end to end as `[batch, seq, heads, head_dim]`, returned viewed as `[batch,
+/// heads, seq, head_dim]`: the layer's next step reads positions-major (`[batch, seq, heads ·
+/// head_dim]`), a view of this without another copy, and the output projection's saved input
+/// shares this buffer with the attention's saved output.
+fn positions_major<I: Backend>(chunks: Vec<Tensor<I, 4>>) -> Tensor<I, 4> {
+    // `cat` writes a fresh buffer in its output's layout, one chunk or several.
+    Tensor::cat(chunks, 1).swap_dims(1, 2)
 }
 
 /// Gradients of q, k and v from the output's gradient, recomputing each chunk's probabilities:
@@ -313,7 +324,13 @@ fn attention_backward<I: Backend>(saved: Saved<I>, d_out: Tensor<I, 4>) -> [Tens
         dv = dv.slice_assign([0..batch, 0..heads, 0..seen, 0..head_dim], dv_seen);
         let d_probs = d_out_chunk.matmul(v.clone().narrow(2, 0, seen).swap_dims(2, 3));
         let d_scores = probs * (d_probs - row_dots);
-        dq.push(d_scores.clone().matmul(k_seen).mul_scalar(scale));
+        dq.push(
+            d_scores
+                .clone()
+                .matmul(k_seen)
+                .mul_scalar(scale)
+                .swap_dims(1, 2),
+        );
         let dk_seen = dk.clone().narrow(2, 0, seen)
             + d_scores
                 .swap_dims(2, 3)
@@ -322,7 +339,7 @@ fn attention_backward<I: Backend>(saved: Saved<I>, d_out: Tensor<I, 4>) -> [Tens
         dk = dk.slice_assign([0..batch, 0..heads, 0..seen, 0..head_dim], dk_seen);
     }
     [
-        Tensor::cat(dq, 2),
+        positions_major(dq),
         sum_groups(dk, kv_heads),
         sum_groups(dv, kv_heads),
     ]
