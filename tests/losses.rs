@@ -172,26 +172,29 @@ fn chunked_logprobs_carry_the_full_logits_gradient() {
             let logits = burnish_peft::project(hidden, head.clone());
             masked_token_logprobs(logits, targets.clone(), mask.clone())
         });
-        for chunk in [1, 3, batch * seq] {
-            let (values, grad) = run(&|hidden| {
-                masked_token_logprobs_chunked(
-                    hidden,
-                    head.clone(),
-                    targets.clone(),
-                    mask.clone(),
-                    true,
-                    chunk,
-                )
-            });
-            let bound = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
-            assert!(
-                max_abs_diff(&values, &full_values) <= bound,
-                "{dtype:?} chunk {chunk}"
-            );
-            assert!(
-                max_abs_diff(&grad, &full_grad) <= bound,
-                "{dtype:?} chunk {chunk}"
-            );
+        // The hidden states in f32, and in the head's precision (bf16 activations, as on GPUs).
+        for hidden_dtype in [DType::F32, dtype] {
+            for chunk in [1, 3, batch * seq] {
+                let (values, grad) = run(&|hidden| {
+                    masked_token_logprobs_chunked(
+                        hidden.cast(hidden_dtype),
+                        head.clone(),
+                        targets.clone(),
+                        mask.clone(),
+                        true,
+                        chunk,
+                    )
+                });
+                let bound = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
+                assert!(
+                    max_abs_diff(&values, &full_values) <= bound,
+                    "{dtype:?} head, {hidden_dtype:?} hidden, chunk {chunk}"
+                );
+                assert!(
+                    max_abs_diff(&grad, &full_grad) <= bound,
+                    "{dtype:?} head, {hidden_dtype:?} hidden, chunk {chunk}"
+                );
+            }
         }
     }
 }

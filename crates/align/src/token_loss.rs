@@ -9,7 +9,7 @@
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{FloatDType, Int, Tensor};
 use burnish_model::softmax_rows;
 use burnish_peft::{first_value, on_cpu, project, unproject};
 
@@ -112,7 +112,9 @@ pub fn masked_token_logprobs_chunked<B: Backend>(
     for start in (0..positions).step_by(chunk) {
         let len = chunk.min(positions - start);
         let picked = targets.clone().narrow(0, start, len);
-        let logits = project(frozen.clone().narrow(0, start, len), head.clone());
+        // In f32 whatever the hidden states' precision (transformers upcasts them too).
+        let logits =
+            project(frozen.clone().narrow(0, start, len), head.clone()).cast(FloatDType::F32);
         let (probs, log_total) = softmax_rows(logits.clone());
         let target_logit = logits.gather(1, picked.clone().unsqueeze_dim::<2>(1));
         values.push(target_logit - log_total);
@@ -126,7 +128,7 @@ pub fn masked_token_logprobs_chunked<B: Backend>(
     let values = Tensor::cat(values, 0);
     let logprobs = if gradient {
         let slopes = Tensor::cat(slopes, 0);
-        values + ((tracked - frozen) * slopes).sum_dim(1)
+        values + ((tracked - frozen).cast(FloatDType::F32) * slopes).sum_dim(1)
     } else {
         values
     };

@@ -5,7 +5,7 @@ use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, Tensor, TensorData};
+use burn::tensor::{Bool, FloatDType, Tensor, TensorData};
 use burnish_peft::AdaptableLinear;
 
 use crate::chunked_attention::chunked_causal_attention;
@@ -103,6 +103,9 @@ impl<B: Backend> Attention<B> {
         let out = match chunked_causal_attention(&q, &k, &v, hidden.as_ref()) {
             Some(out) => out,
             None => {
+                // Scores and softmax in f32 whatever the activations' precision.
+                let dtype = q.dtype();
+                let [q, k, v] = [q, k, v].map(|t| t.cast(FloatDType::F32));
                 let groups = self.num_heads / self.num_kv_heads;
                 let (k, v) = (repeat_kv(k, groups), repeat_kv(v, groups));
                 let mask = hidden.map(|h| h.expand([batch, self.num_heads, seq, seen]));
@@ -111,7 +114,7 @@ impl<B: Backend> Attention<B> {
                     softcap: None,
                     is_causal: true,
                 };
-                attention(q, k, v, mask, None, options)
+                attention(q, k, v, mask, None, options).cast(dtype)
             }
         };
         // [batch, heads, seq, head_dim] -> [batch, seq, heads * head_dim]

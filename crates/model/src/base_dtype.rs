@@ -1,12 +1,13 @@
 //! The precision a model's frozen base weights are held in (`model.dtype` in recipes, `--dtype`
-//! on the command line). Activations, adapters, optimizer state and losses stay f32. The default,
-//! `auto`, is bf16 on a GPU when the base is frozen and f32 otherwise.
+//! on the command line), and on GPUs the activations' too. Adapters, optimizer state and losses
+//! stay f32. The default, `auto`, is bf16 on a GPU when the base is frozen and f32 otherwise.
 
 use std::fmt;
 use std::str::FromStr;
 
 use burn::tensor::FloatDType;
 use burn::tensor::backend::Backend;
+use burnish_peft::on_cpu;
 use serde::{Deserialize, Serialize};
 
 use crate::Decoder;
@@ -21,7 +22,8 @@ pub enum BaseDtype {
     Auto,
     /// Full precision, as loaded.
     F32,
-    /// bfloat16: half the memory; each product takes bf16 inputs and returns f32 activations.
+    /// bfloat16: half the memory. On GPUs the activations are bf16 too; on the CPU each
+    /// product takes bf16 weights and returns f32 activations.
     Bf16,
 }
 
@@ -39,11 +41,15 @@ impl BaseDtype {
     }
 
     /// Holds `model`'s linear base weights in this precision, frozen (nothing to do for f32;
-    /// an unresolved `auto` counts as f32). For inference and adapter training only: a weight
-    /// held this way is never updated.
+    /// an unresolved `auto` counts as f32), and on GPUs runs the activations in it too, as
+    /// transformers does with a model loaded in bf16 (the CPU's kernels take f32 activations).
+    /// For inference and adapter training only: a weight held this way is never updated.
     pub fn apply<B: Backend>(self, model: &mut Decoder<B>) {
         if self == Self::Bf16 {
             model.hold_base_in(FloatDType::BF16);
+            if !on_cpu::<B>() {
+                model.compute_in(FloatDType::BF16);
+            }
         }
     }
 }

@@ -1,8 +1,8 @@
 //! Assembling a [`Decoder`] from a config and a [`TensorSource`], under Hugging Face key names.
 
 use burn::module::Param;
-use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
+use burn::tensor::{FloatDType, Tensor};
 use burnish_peft::AdaptableLinear;
 
 use crate::attention::Attention;
@@ -109,5 +109,6 @@ pub fn build_decoder<B: Backend>(
         lm_head,
         rope: Rope::new(c.head_dim, c.rope_theta, &c.rope_scaling),
         config: c.clone(),
+        activations: FloatDType::F32,
     })
 }

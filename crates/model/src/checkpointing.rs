@@ -143,7 +143,7 @@ impl<B: AutodiffBackend> CheckpointedPass<B> {
             let mut grads = (output * gradient).sum().backward();
             gradient = match input.grad_remove(&mut grads) {
                 Some(below) => Tensor::from_inner(below),
-                None => Tensor::zeros(input.dims(), &device),
+                None => Tensor::<B, 3>::zeros(input.dims(), &device).cast(input.dtype()),
             };
             collected.accumulate(model, GradientsParams::from_grads(grads, layer));
         }

@@ -20,7 +20,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Bool, DType, Tensor, TensorPrimitive};
+use burn::tensor::{Bool, DType, FloatDType, Tensor, TensorPrimitive};
 
 use crate::attention::repeat_kv;
 use crate::cpu_attention;
@@ -246,8 +246,11 @@ fn attention_forward<I: Backend>(
         );
         return (rebrand(out), vec![rebrand(lse)]);
     };
+    // Scores and softmax in f32 whatever the inputs' precision; the output in theirs.
+    let dtype = q.dtype();
+    let [q, k, v] = [q, k, v].map(|t| t.clone().cast(FloatDType::F32));
     let groups = q.dims()[1] / k.dims()[1];
-    let (k, v) = (&repeat_kv(k.clone(), groups), &repeat_kv(v.clone(), groups));
+    let (q, k, v) = (&q, &repeat_kv(k, groups), &repeat_kv(v, groups));
     let seq = q.dims()[2];
     let hidden = hidden_keys(mask, seq, &q.device());
     let mut outs = Vec::new();
@@ -259,7 +262,7 @@ fn attention_forward<I: Backend>(
         let exp = (scores - max.clone()).exp();
         let total = exp.clone().sum_dim(3);
         let out = exp.matmul(v.clone().narrow(2, 0, start + len)) / total.clone();
-        outs.push(out.swap_dims(1, 2));
+        outs.push(out.cast(dtype).swap_dims(1, 2));
         lses.push(max + total.log());
     }
     (positions_major(outs), lses)
@@ -301,6 +304,8 @@ fn attention_backward<I: Backend>(saved: Saved<I>, d_out: Tensor<I, 4>) -> [Tens
         );
         return grads.map(rebrand);
     };
+    let dtypes = [q.dtype(), k.dtype(), v.dtype()];
+    let [q, k, v, out, d_out] = [q, k, v, out, d_out].map(|t| t.cast(FloatDType::F32));
     let kv_heads = k.dims()[1];
     let [batch, heads, seq, head_dim] = q.dims();
     let (k, v) = (
@@ -324,13 +329,8 @@ fn attention_backward<I: Backend>(saved: Saved<I>, d_out: Tensor<I, 4>) -> [Tens
         dv = dv.slice_assign([0..batch, 0..heads, 0..seen, 0..head_dim], dv_seen);
         let d_probs = d_out_chunk.matmul(v.clone().narrow(2, 0, seen).swap_dims(2, 3));
         let d_scores = probs * (d_probs - row_dots);
-        dq.push(
-            d_scores
-                .clone()
-                .matmul(k_seen)
-                .mul_scalar(scale)
-                .swap_dims(1, 2),
-        );
+        let dq_chunk = d_scores.clone().matmul(k_seen).mul_scalar(scale);
+        dq.push(dq_chunk.cast(dtypes[0]).swap_dims(1, 2));
         let dk_seen = dk.clone().narrow(2, 0, seen)
             + d_scores
                 .swap_dims(2, 3)
@@ -338,11 +338,13 @@ fn attention_backward<I: Backend>(saved: Saved<I>, d_out: Tensor<I, 4>) -> [Tens
                 .mul_scalar(scale);
         dk = dk.slice_assign([0..batch, 0..heads, 0..seen, 0..head_dim], dk_seen);
     }
-    [
+    let grads = [
         positions_major(dq),
         sum_groups(dk, kv_heads),
         sum_groups(dv, kv_heads),
-    ]
+    ];
+    let mut dtypes = dtypes.into_iter();
+    grads.map(|grad| grad.cast(dtypes.next().expect("one dtype per input")))
 }
 
 /// The gradient of `repeat_kv`: each key/value head's gradient summed over the query heads that
@@ -441,6 +443,51 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// bf16 inputs (GPUs' activations): scores and softmax in f32, the output and the
+    /// gradients in bf16, near the f32 op's.
+    #[test]
+    fn bf16_inputs_get_a_bf16_output_and_gradients_near_f32() {
+        let device = Default::default();
+        let [batch, heads, kv_heads, seq, head_dim] = [2, 6, 2, 150, 16];
+        Flex::seed(&device, 9);
+        let random = |heads: usize| {
+            Tensor::<AD, 4>::random(
+                [batch, heads, seq, head_dim],
+                Distribution::Default,
+                &device,
+            )
+        };
+        let inputs = [
+            random(heads),
+            random(kv_heads),
+            random(kv_heads),
+            random(heads),
+        ];
+        let attend = |q: Tensor<AD, 4>, k: Tensor<AD, 4>, v: Tensor<AD, 4>| {
+            on::<AD, Flex>(&q, &k, &v, None, Kernel::Chunks(64)).expect("the op")
+        };
+        let f32s = run(attend, &inputs);
+        let halves = run(
+            |q, k, v| {
+                let [q, k, v] = [q, k, v].map(|t| t.cast(FloatDType::BF16));
+                let out = attend(q.clone(), k.clone(), v.clone());
+                assert_eq!(out.dtype(), DType::BF16);
+                out.cast(FloatDType::F32)
+            },
+            &inputs,
+        );
+        for (half, full) in halves.iter().zip(&f32s) {
+            // bf16 keeps 8 significant bits: inputs, output and gradients each rounded.
+            half.assert_approx_eq::<f32>(full, Tolerance::absolute(3e-2).set_relative(3e-2));
+        }
+        // bf16 leaves get bf16 gradients.
+        let [q, k, v, _] = inputs.map(|t| t.cast(FloatDType::BF16).detach().require_grad());
+        let grads = attend(q.clone(), k.clone(), v.clone()).sum().backward();
+        for input in [q, k, v] {
+            assert_eq!(input.grad(&grads).expect("a gradient").dtype(), DType::BF16);
         }
     }
 

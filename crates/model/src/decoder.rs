@@ -142,6 +142,11 @@ pub struct Decoder<B: Backend> {
     pub config: DecoderConfig,
     #[module(skip)]
     pub rope: Rope,
+    /// The precision activations flow in between the layers' ops (f32 unless
+    /// [`compute_in`](Self::compute_in) says otherwise). Norms, attention scores and softmax,
+    /// adapters and logits compute in f32 whatever it is.
+    #[module(skip)]
+    pub activations: FloatDType,
 }
 
 impl<B: Backend> Decoder<B> {
@@ -240,16 +245,17 @@ impl<B: Backend> Decoder<B> {
         self.head(self.trunk(ids, &rotations, None, Some(&mut cache.layers)))
     }
 
-    /// Logits of final hidden states: the LM head, or the embedding matrix when tied.
+    /// Logits of final hidden states, in f32: the LM head, or the embedding matrix when tied.
     ///
     /// # Shapes
     /// - hidden: `[batch, seq, hidden]`
     /// - output: `[batch, seq, vocab]`
     pub fn head(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
-        match &self.lm_head {
+        let logits = match &self.lm_head {
             Some(head) => head.forward(hidden),
             None => project(hidden, self.embed_tokens.val()),
-        }
+        };
+        logits.cast(FloatDType::F32)
     }
 
     /// Whether any of the model's parameters gets a gradient (false for an evaluation copy,
@@ -353,6 +359,14 @@ impl<B: Backend> Decoder<B> {
         }
     }
 
+    /// Runs the activations between the layers' ops in `dtype` (bf16 halves their memory and
+    /// the traffic of the element-wise ops, as transformers does for a model loaded in bf16);
+    /// RMSNorm, attention scores and softmax, adapters and logits still compute in f32. For a
+    /// frozen base held in `dtype` on a GPU: the CPU's kernels take f32 activations only.
+    pub fn compute_in(&mut self, dtype: FloatDType) {
+        self.activations = dtype;
+    }
+
     /// A copy for passes that train nothing under an autodiff backend (evaluation during
     /// training): its adapters apply no dropout and none of its parameters is tracked, so no
     /// graph is recorded; what `model.eval()` under `torch.no_grad()` gives in PyTorch.
@@ -395,7 +409,9 @@ impl<B: Backend> Decoder<B> {
     /// model's query and key heads.
     fn rotations(&self, positions: &[usize], rows: usize, device: &B::Device) -> Rotations<B> {
         let heads = [self.config.num_heads, self.config.num_kv_heads];
-        self.rope.rotations(positions, rows, heads, device)
+        self.rope
+            .rotations(positions, rows, heads, device)
+            .cast(self.activations)
     }
 
     /// The layers and the final norm, from token ids to final hidden states.
@@ -417,13 +433,14 @@ impl<B: Backend> Decoder<B> {
         self.norm.forward(x)
     }
 
-    /// The embeddings of `ids`, in f32 whatever precision the embedding is held in.
+    /// The embeddings of `ids`, in the activations' precision whatever precision the embedding
+    /// is held in.
     ///
     /// # Shapes
     /// - ids: `[batch, seq]`
     /// - output: `[batch, seq, hidden]`
     pub(crate) fn embed(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        embedding(self.embed_tokens.val(), ids).cast(FloatDType::F32)
+        embedding(self.embed_tokens.val(), ids).cast(self.activations)
     }
 
     /// Where adapters apply dropout (a training pass with a dropout probability above 0), one

@@ -4,7 +4,7 @@
 use burn::module::Module;
 use burn::tensor::activation::{sigmoid, silu};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorPrimitive};
+use burn::tensor::{FloatDType, Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
 use burnish_peft::AdaptableLinear;
 use rayon::prelude::*;
@@ -47,7 +47,9 @@ fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> T
 }
 
 /// The same in burn's ops, for the other backends, on `[rows, width]` matrices; keeps nothing
-/// but the inputs (σ(gate) is recomputed in the backward pass).
+/// but the inputs (σ(gate) is recomputed in the backward pass). The forward pass runs in the
+/// inputs' precision (as transformers' does), the backward pass in f32, its gradients returned
+/// in the inputs' precision.
 #[derive(Debug, Clone)]
 struct SwigluOp;
 
@@ -66,11 +68,13 @@ impl ComposedOp<2> for SwigluOp {
         d_out: Tensor<I, 2>,
         [gate_wanted, up_wanted]: [bool; 2],
     ) -> [Option<Tensor<I, 2>>; 2] {
+        let (gate_dtype, up_dtype) = (gate.dtype(), up.dtype());
+        let [gate, up, d_out] = [gate, up, d_out].map(|t| t.cast(FloatDType::F32));
         let sigma = sigmoid(gate.clone());
-        let du = up_wanted.then(|| d_out.clone() * gate.clone() * sigma.clone());
+        let du = up_wanted.then(|| (d_out.clone() * gate.clone() * sigma.clone()).cast(up_dtype));
         let dg = gate_wanted.then(|| {
             let slope = (gate * sigma.clone().neg().add_scalar(1.0)).add_scalar(1.0);
-            d_out * up * sigma * slope
+            (d_out * up * sigma * slope).cast(gate_dtype)
         });
         [dg, du]
     }
@@ -147,7 +151,7 @@ fn sigmoid_into(x: &[f32], out: &mut [f32]) {
 mod tests {
     use super::*;
     use burn::backend::{Autodiff, Flex};
-    use burn::tensor::{Distribution, TensorData};
+    use burn::tensor::{Distribution, TensorData, Tolerance};
 
     type AD = Autodiff<Flex>;
 
@@ -226,10 +230,30 @@ mod tests {
     /// takes it when its kernel declines).
     #[test]
     fn the_composed_op_equals_exact_values_and_gradients() {
-        check_against_exact(&|gate, up| {
+        let composed = |gate: Tensor<AD, 3>, up: Tensor<AD, 3>| {
             let [batch, seq, width] = gate.dims();
             let rows = [gate, up].map(|t| t.reshape([batch * seq, width]));
             composed_op::run(SwigluOp, rows).reshape([batch, seq, width])
-        });
+        };
+        let ([gate, up], _) = check_against_exact(&composed);
+        // bf16 activations: bf16 out, bf16 gradients, near the f32 op's.
+        let [g, u] = [gate, up].map(|t| t.cast(FloatDType::BF16).detach().require_grad());
+        let out = composed(g.clone(), u.clone());
+        assert_eq!(out.dtype(), burn::tensor::DType::BF16);
+        let grads = out.clone().cast(FloatDType::F32).sum().backward();
+        let full = composed(
+            g.clone().cast(FloatDType::F32).detach().require_grad(),
+            u.clone().detach().cast(FloatDType::F32),
+        );
+        let near = Tolerance::relative(1e-2).set_absolute(1e-2);
+        out.into_data()
+            .convert::<f32>()
+            .assert_approx_eq::<f32>(&full.into_data(), near);
+        for input in [g, u] {
+            assert_eq!(
+                input.grad(&grads).unwrap().dtype(),
+                burn::tensor::DType::BF16
+            );
+        }
     }
 }

@@ -3,7 +3,7 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorPrimitive};
+use burn::tensor::{FloatDType, Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
@@ -47,7 +47,8 @@ impl<B: Backend> RmsNorm<B> {
 }
 
 /// The same in burn's ops, for the other backends: the rows `[rows, hidden]` and the weight
-/// `[1, hidden]`; keeps each row's `r` for the backward pass.
+/// `[1, hidden]`; keeps each row's `r` for the backward pass. Computes in f32 whatever the
+/// input's precision (as transformers does) and returns the input's.
 #[derive(Debug, Clone)]
 struct RmsNormOp {
     eps: f64,
@@ -58,6 +59,8 @@ impl ComposedOp<2> for RmsNormOp {
         &self,
         [x, weight]: [Tensor<I, 2>; 2],
     ) -> (Tensor<I, 2>, Option<Tensor<I, 2>>) {
+        let dtype = x.dtype();
+        let x = x.cast(FloatDType::F32);
         let inv_rms = x
             .clone()
             .square()
@@ -65,7 +68,8 @@ impl ComposedOp<2> for RmsNormOp {
             .add_scalar(self.eps)
             .sqrt()
             .recip();
-        (x * inv_rms.clone() * weight, Some(inv_rms))
+        let out = x * inv_rms.clone() * weight.cast(FloatDType::F32);
+        (out.cast(dtype), Some(inv_rms))
     }
 
     fn backward<I: Backend>(
@@ -76,13 +80,18 @@ impl ComposedOp<2> for RmsNormOp {
         [x_wanted, weight_wanted]: [bool; 2],
     ) -> [Option<Tensor<I, 2>>; 2] {
         let r = inv_rms.expect("RmsNormOp's forward pass keeps r");
+        let (x_dtype, weight_dtype) = (x.dtype(), weight.dtype());
+        let [x, weight, d_out] = [x, weight, d_out].map(|t| t.cast(FloatDType::F32));
         let hidden = x.dims()[1] as f64;
-        let dw = weight_wanted.then(|| (d_out.clone() * x.clone() * r.clone()).sum_dim(0));
+        let dw = weight_wanted.then(|| {
+            let dw = (d_out.clone() * x.clone() * r.clone()).sum_dim(0);
+            dw.cast(weight_dtype)
+        });
         let dx = x_wanted.then(|| {
             let g = d_out * weight;
             let dot = (g.clone() * x.clone()).sum_dim(1);
             let correction = r.clone() * r.clone() * r.clone() * dot.div_scalar(hidden);
-            g * r - x * correction
+            (g * r - x * correction).cast(x_dtype)
         });
         [dx, dw]
     }
@@ -279,7 +288,7 @@ mod tests {
         // A frozen weight: the input's gradient alone.
         let (x, upstream, weight) = drawn;
         let x = x.require_grad();
-        let grads = (composed(x.clone(), weight.clone()) * upstream)
+        let grads = (composed(x.clone(), weight.clone()) * upstream.clone())
             .sum()
             .backward();
         x.grad(&grads)
@@ -287,5 +296,21 @@ mod tests {
             .into_data()
             .assert_approx_eq::<f32>(&burns[1], Tolerance::absolute(1e-5));
         assert!(weight.grad(&grads).is_none());
+        // bf16 activations: computed in f32, returned (and differentiated) in bf16.
+        let x = x.cast(FloatDType::BF16).detach().require_grad();
+        let out = composed(x.clone(), weight.clone());
+        assert_eq!(out.dtype(), burn::tensor::DType::BF16);
+        let grads = (out.clone().cast(FloatDType::F32) * upstream)
+            .sum()
+            .backward();
+        let dx = x.grad(&grads).unwrap();
+        assert_eq!(dx.dtype(), burn::tensor::DType::BF16);
+        let near = Tolerance::absolute(5e-2).set_relative(2e-2);
+        out.into_data()
+            .convert::<f32>()
+            .assert_approx_eq::<f32>(&burns[0], near);
+        dx.into_data()
+            .convert::<f32>()
+            .assert_approx_eq::<f32>(&burns[1], near);
     }
 }

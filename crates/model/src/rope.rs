@@ -4,7 +4,7 @@
 //! line up with HF weights, so this module owns its own few lines.
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{FloatDType, Tensor, TensorData};
 use serde_json::Value;
 
 /// How the rotary frequencies are rescaled for longer contexts.
@@ -194,7 +194,27 @@ pub struct Rotation<B: Backend> {
     half_turn: Tensor<B, 2>,
 }
 
+impl<B: Backend> Rotations<B> {
+    /// The same rotations in `dtype` (the tables are built in f32; transformers casts them to
+    /// the activations' precision too).
+    pub fn cast(self, dtype: FloatDType) -> Self {
+        Self {
+            queries: self.queries.cast(dtype),
+            keys: self.keys.cast(dtype),
+        }
+    }
+}
+
 impl<B: Backend> Rotation<B> {
+    fn cast(self, dtype: FloatDType) -> Self {
+        Self {
+            cos: self.cos.cast(dtype),
+            sin: self.sin.cast(dtype),
+            // Entries of 0 and ±1: exact in any precision.
+            half_turn: self.half_turn.cast(dtype),
+        }
+    }
+
     /// Rotates `x` in HF's convention: `x·cos + rotate_half(x)·sin`.
     ///
     /// # Shapes

@@ -119,11 +119,14 @@ impl<B: Backend> AdaptableLinear<B> {
         })
     }
 
-    /// The base projection, bias included.
+    /// The base projection, bias included (in the activations' precision).
     fn forward_base<const D: usize>(&self, input: Tensor<B, D>) -> Tensor<B, D> {
         let base = project(input, self.weight.val());
         match &self.bias {
-            Some(bias) => base + bias.val().unsqueeze(),
+            Some(bias) => {
+                let bias = cast_to(bias.val(), base.dtype());
+                base + bias.unsqueeze()
+            }
             None => base,
         }
     }
@@ -185,6 +188,11 @@ impl<B: Backend> AdaptableLinear<B> {
             self.merged = false;
         }
     }
+}
+
+/// `x` in `dtype`; `x` itself, with no cast in the autodiff graph, when it is already.
+pub(crate) fn cast_to<B: Backend, const D: usize>(x: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
+    if x.dtype() == dtype { x } else { x.cast(dtype) }
 }
 
 /// `x·Wᵀ` for a weight stored `[out, in]`, as one 2-D matrix product over all leading

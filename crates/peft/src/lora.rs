@@ -8,7 +8,7 @@ use burn::tensor::{Tensor, TensorData};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use crate::config::LoraInit;
-use crate::linear::project_low_rank;
+use crate::linear::{cast_to, project_low_rank};
 
 /// Low-rank update of a linear layer.
 #[derive(Module, Debug)]
@@ -76,11 +76,14 @@ impl<B: Backend> Lora<B> {
     /// - input: `[..., in]`
     /// - output: `[..., out]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let x = self.dropout.forward(x);
+        let dtype = x.dtype();
+        // In the factors' precision (f32) whatever the input's, the result returned in the
+        // input's, as PEFT does.
+        let x = cast_to(self.dropout.forward(x), self.lora_a.val().dtype());
         // Scaled at rank width, the narrowest point: `s·((x·A)·B)` up to rounding, for a
         // fraction of the element-wise work of scaling the output.
         let down = project_low_rank(x, self.lora_a.val()).mul_scalar(self.scale);
-        project_low_rank(down, self.lora_b.val())
+        cast_to(project_low_rank(down, self.lora_b.val()), dtype)
     }
 
     /// [`Lora::forward`] of adapters whose layers read the same input (a layer's query, key and
@@ -105,14 +108,16 @@ impl<B: Backend> Lora<B> {
         if loras.len() < 2 || dropout || loras.iter().any(|l| l.lora_a.val().dtype() != dtype) {
             return None;
         }
+        let input_dtype = x.dtype();
         let factors = loras.iter().map(|lora| lora.lora_a.val()).collect();
-        let down = project_low_rank(x, Tensor::cat(factors, 0));
+        let down = project_low_rank(cast_to(x, dtype), Tensor::cat(factors, 0));
         let mut start = 0;
         let updates = loras.iter().map(|lora| {
             let rank = lora.rank();
             let piece = down.clone().narrow(D - 1, start, rank);
             start += rank;
-            project_low_rank(piece.mul_scalar(lora.scale), lora.lora_b.val())
+            let update = project_low_rank(piece.mul_scalar(lora.scale), lora.lora_b.val());
+            cast_to(update, input_dtype)
         });
         Some(updates.collect())
     }
