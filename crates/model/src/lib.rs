@@ -8,7 +8,6 @@ mod base_dtype;
 mod build;
 mod checkpointing;
 mod chunked_attention;
-mod composed_op;
 mod config;
 mod cpu_attention;
 mod cpu_kernel;

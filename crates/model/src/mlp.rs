@@ -7,9 +7,9 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{FloatDType, Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
 use burnish_peft::AdaptableLinear;
+use burnish_peft::composed_op::{self, ComposedOp};
 use rayon::prelude::*;
 
-use crate::composed_op::{self, ComposedOp};
 use crate::cpu_kernel::{self, Kernel, PARALLEL_CHUNK, tensor, values};
 use crate::vector_exp::exp_in_place;
 

@@ -5,9 +5,9 @@ use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{FloatDType, Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
+use burnish_peft::composed_op::{self, ComposedOp};
 use rayon::prelude::*;
 
-use crate::composed_op::{self, ComposedOp};
 use crate::cpu_kernel::{self, Kernel, tensor, values};
 
 /// Root-mean-square normalisation over the last dimension with a learned scale.

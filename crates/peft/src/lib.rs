@@ -5,6 +5,7 @@
 //! layers by name.
 
 mod adapter;
+pub mod composed_op;
 mod config;
 mod cpu_bf16;
 mod cpu_split_product;

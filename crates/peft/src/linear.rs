@@ -232,14 +232,21 @@ pub(crate) fn project_low_rank<B: Backend, const D: usize>(
     weight: Tensor<B, 2>,
 ) -> Tensor<B, D> {
     let rows = x.dims()[..D - 1].iter().product::<usize>();
-    if on_cpu::<B>()
-        || rows < MIN_SPLIT_ROWS
-        || !rows.is_multiple_of(ROW_BLOCKS)
-        || x.dtype() != weight.dtype()
-    {
+    let blocks = row_blocks::<B>(rows);
+    if blocks == 1 || x.dtype() != weight.dtype() {
         return product(x, weight, true, Route::LowRank);
     }
-    in_row_blocks(x, weight, ROW_BLOCKS)
+    in_row_blocks(x, weight, blocks)
+}
+
+/// How many blocks of rows a low-rank product over `rows` rows goes in on backend `B`: one on
+/// the CPU and for few rows, [`ROW_BLOCKS`] on a GPU.
+pub(crate) fn row_blocks<B: Backend>(rows: usize) -> usize {
+    if on_cpu::<B>() || rows < MIN_SPLIT_ROWS || !rows.is_multiple_of(ROW_BLOCKS) {
+        1
+    } else {
+        ROW_BLOCKS
+    }
 }
 
 /// `x·Wᵀ` as a product of `blocks` blocks of `x`'s rows against `W` broadcast over them

@@ -7,8 +7,9 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
+use crate::composed_op::{self, ComposedOp};
 use crate::config::LoraInit;
-use crate::linear::{cast_to, project_low_rank};
+use crate::linear::{cast_to, project_low_rank, row_blocks};
 
 /// Low-rank update of a linear layer.
 #[derive(Module, Debug)]
@@ -76,13 +77,13 @@ impl<B: Backend> Lora<B> {
     /// - input: `[..., in]`
     /// - output: `[..., out]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let dtype = x.dtype();
         // In the factors' precision (f32) whatever the input's, the result returned in the
         // input's, as PEFT does.
-        let x = cast_to(self.dropout.forward(x), self.lora_a.val().dtype());
+        let dtype = x.dtype();
         // Scaled at rank width, the narrowest point: `s·((x·A)·B)` up to rounding, for a
         // fraction of the element-wise work of scaling the output.
-        let down = project_low_rank(x, self.lora_a.val()).mul_scalar(self.scale);
+        let down = down_projection(self.dropout.forward(x), self.lora_a.val());
+        let down = down.mul_scalar(self.scale);
         cast_to(project_low_rank(down, self.lora_b.val()), dtype)
     }
 
@@ -110,7 +111,7 @@ impl<B: Backend> Lora<B> {
         }
         let input_dtype = x.dtype();
         let factors = loras.iter().map(|lora| lora.lora_a.val()).collect();
-        let down = project_low_rank(cast_to(x, dtype), Tensor::cat(factors, 0));
+        let down = down_projection(x, Tensor::cat(factors, 0));
         let mut start = 0;
         let updates = loras.iter().map(|lora| {
             let rank = lora.rank();
@@ -131,6 +132,86 @@ impl<B: Backend> Lora<B> {
     }
 }
 
+/// `x·Aᵀ` for an adapter's first factor `A` (`[rank, in]`), in `A`'s precision whatever `x`'s
+/// (as PEFT casts its input to the adapter's f32). When `x` is in another precision (bf16
+/// activations), the product is one autodiff node that keeps `x` as it is for the backward
+/// pass, where `x` cast to f32 would be kept by burn's cast and product: every adapter's input
+/// in f32 beside the same activations in bf16, half again the memory of the activations. The
+/// gradients are the same: the f32 copy of a bf16 value is exact.
+///
+/// # Shapes
+/// - x: `[..., in]`
+/// - factor: `[rank, in]`
+/// - output: `[..., rank]`
+fn down_projection<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    factor: Tensor<B, 2>,
+) -> Tensor<B, D> {
+    if x.dtype() == factor.dtype() {
+        return project_low_rank(x, factor);
+    }
+    let mut dims = x.dims();
+    let [rank, d_in] = factor.dims();
+    let rows = dims[..D - 1].iter().product::<usize>();
+    dims[D - 1] = rank;
+    composed_op::run(DownProjection, [x.reshape([rows, d_in]), factor]).reshape(dims)
+}
+
+/// [`down_projection`]'s node: `x` `[rows, in]`, the factor `[rank, in]`.
+#[derive(Debug, Clone)]
+struct DownProjection;
+
+impl ComposedOp<2> for DownProjection {
+    fn forward<I: Backend>(
+        &self,
+        [x, factor]: [Tensor<I, 2>; 2],
+    ) -> (Tensor<I, 2>, Option<Tensor<I, 2>>) {
+        (project_low_rank(x.cast(factor.dtype()), factor), None)
+    }
+
+    fn backward<I: Backend>(
+        &self,
+        [x, factor]: [Tensor<I, 2>; 2],
+        _: Option<Tensor<I, 2>>,
+        d_out: Tensor<I, 2>,
+        [x_wanted, factor_wanted]: [bool; 2],
+    ) -> [Option<Tensor<I, 2>>; 2] {
+        let x_dtype = x.dtype();
+        let blocks = row_blocks::<I>(x.dims()[0]);
+        let d_factor =
+            factor_wanted.then(|| factor_gradient(d_out.clone(), x.cast(factor.dtype()), blocks));
+        let dx = x_wanted.then(|| d_out.matmul(factor).cast(x_dtype));
+        [dx, d_factor]
+    }
+}
+
+/// `dyᵀ·x`, the gradient of the factor of `y = x·Aᵀ`: a thin result summed over every row,
+/// taken in `blocks` blocks of rows as [`project_low_rank`] does on a GPU (each block's partial
+/// sum its own product, then their sum; `blocks` divides the rows).
+///
+/// # Shapes
+/// - d_out: `[rows, rank]`
+/// - x: `[rows, in]`
+/// - output: `[rank, in]`
+fn factor_gradient<B: Backend>(
+    d_out: Tensor<B, 2>,
+    x: Tensor<B, 2>,
+    blocks: usize,
+) -> Tensor<B, 2> {
+    let [rows, rank] = d_out.dims();
+    let d_in = x.dims()[1];
+    if blocks == 1 {
+        return d_out.transpose().matmul(x);
+    }
+    let d_out: Tensor<B, 3> = d_out.reshape([blocks, rows / blocks, rank]);
+    let x: Tensor<B, 3> = x.reshape([blocks, rows / blocks, d_in]);
+    d_out
+        .swap_dims(1, 2)
+        .matmul(x)
+        .sum_dim(0)
+        .reshape([rank, d_in])
+}
+
 /// One draw from N(0, 1) (Box–Muller).
 fn standard_normal(rng: &mut StdRng) -> f32 {
     let u1: f32 = rng.random_range(f32::EPSILON..1.0);
@@ -141,7 +222,51 @@ fn standard_normal(rng: &mut StdRng) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::backend::Flex;
+    use burn::backend::{Autodiff, Flex};
+    use burn::tensor::{DType, Distribution, FloatDType, Tolerance};
+
+    /// bf16 activations into an f32 factor: the same values and gradients as casting first
+    /// (the f32 copy of a bf16 value is exact), the input's gradient in bf16.
+    #[test]
+    fn the_down_projection_of_bf16_inputs_equals_casting_first() {
+        type AD = Autodiff<Flex>;
+        let device = Default::default();
+        Flex::seed(&device, 4);
+        let x = Tensor::<AD, 3>::random([2, 24, 40], Distribution::Default, &device)
+            .cast(FloatDType::BF16)
+            .detach();
+        let factor = Tensor::<AD, 2>::random([6, 40], Distribution::Default, &device);
+        let upstream = Tensor::<AD, 3>::random([2, 24, 6], Distribution::Default, &device);
+        let run = |project: &dyn Fn(Tensor<AD, 3>, Tensor<AD, 2>) -> Tensor<AD, 3>| {
+            let (x, factor) = (x.clone().require_grad(), factor.clone().require_grad());
+            let out = project(x.clone(), factor.clone());
+            let grads = (out.clone() * upstream.clone()).sum().backward();
+            let dx = x.grad(&grads).unwrap();
+            assert_eq!(dx.dtype(), DType::BF16);
+            [
+                out.into_data(),
+                dx.into_data().convert::<f32>(),
+                factor.grad(&grads).unwrap().into_data(),
+            ]
+        };
+        let ours = run(&|x, factor| down_projection(x, factor));
+        let cast_first = run(&|x, factor| project_low_rank(x.cast(FloatDType::F32), factor));
+        for (ours, theirs) in ours.iter().zip(&cast_first) {
+            ours.assert_approx_eq::<f32>(theirs, Tolerance::absolute(1e-5));
+        }
+    }
+
+    #[test]
+    fn the_factor_gradient_in_row_blocks_equals_one_product() {
+        let device = Default::default();
+        Flex::seed(&device, 6);
+        let d_out = Tensor::<Flex, 2>::random([64, 5], Distribution::Default, &device);
+        let x = Tensor::<Flex, 2>::random([64, 12], Distribution::Default, &device);
+        let whole = factor_gradient(d_out.clone(), x.clone(), 1).into_data();
+        factor_gradient(d_out, x, 16)
+            .into_data()
+            .assert_approx_eq::<f32>(&whole, Tolerance::absolute(1e-5));
+    }
 
     fn a_values(init: LoraInit, d_in: usize, r: usize) -> Vec<f32> {
         let lora = Lora::<Flex>::init([8, d_in], r, 1.0, 0.0, init, 3, &Default::default());

@@ -6,8 +6,9 @@
 //! SmolLM2-135M in f32). An RMSNorm keeps the same tensors either way (its weight frozen), but
 //! its composed backward pass makes fewer passes over them than burn's op-by-op one.
 //!
-//! This is how RMSNorm and SwiGLU train on GPUs; the CPU backend has kernels of its own
-//! (`cpu_kernel`, f32 only) and takes them first. Dispatch is by `TypeId` on the autodiff
+//! This is how RMSNorm and SwiGLU train on GPUs (the CPU backend has kernels of its own for
+//! them, f32 only, and takes those first), and how an adapter's first factor multiplies
+//! activations held in another precision than its own. Dispatch is by `TypeId` on the autodiff
 //! backends burnish builds (the CPU's, and CUDA and wgpu where enabled); without autodiff the
 //! forward pass runs as it is written.
 
@@ -23,10 +24,10 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorPrimitive};
 
-use crate::cpu_kernel::rebrand;
+use crate::rebrand::rebrand;
 
 /// An op of `N` matrices to one, forward and backward, in burn's tensor ops on any backend.
-pub(crate) trait ComposedOp<const N: usize>: Clone + Send + Sync + Debug + 'static {
+pub trait ComposedOp<const N: usize>: Clone + Send + Sync + Debug + 'static {
     /// The output, and what the backward pass needs besides the inputs.
     fn forward<I: Backend>(
         &self,
@@ -47,7 +48,7 @@ pub(crate) trait ComposedOp<const N: usize>: Clone + Send + Sync + Debug + 'stat
 /// `op` on `inputs`: one autodiff node with `op`'s backward when `B` is one of burnish's
 /// backends under autodiff (the CPU backend's when its kernel declined the inputs), `op`'s
 /// forward pass in burn's ops otherwise.
-pub(crate) fn run<B: Backend, K: ComposedOp<N>, const N: usize>(
+pub fn run<B: Backend, K: ComposedOp<N>, const N: usize>(
     op: K,
     inputs: [Tensor<B, 2>; N],
 ) -> Tensor<B, 2> {
