@@ -47,9 +47,17 @@ impl BaseDtype {
     pub fn apply<B: Backend>(self, model: &mut Decoder<B>) {
         if self == Self::Bf16 {
             model.hold_base_in(FloatDType::BF16);
-            if !on_cpu::<B>() {
-                model.compute_in(FloatDType::BF16);
-            }
+        }
+        model.compute_in(self.activations::<B>());
+    }
+
+    /// The precision the activations run in over a base held in this precision on backend
+    /// `B`: bf16 with a bf16 base on a GPU, f32 otherwise.
+    pub fn activations<B: Backend>(self) -> FloatDType {
+        if self == Self::Bf16 && !on_cpu::<B>() {
+            FloatDType::BF16
+        } else {
+            FloatDType::F32
         }
     }
 }
@@ -89,6 +97,15 @@ mod tests {
         for concrete in [BaseDtype::F32, BaseDtype::Bf16] {
             assert_eq!(concrete.resolve(true, true), concrete);
             assert_eq!(concrete.resolve(false, false), concrete);
+        }
+    }
+
+    #[test]
+    fn the_cpu_keeps_f32_activations_under_a_bf16_base() {
+        use burn::backend::{Autodiff, Flex};
+        for dtype in [BaseDtype::F32, BaseDtype::Bf16] {
+            assert_eq!(dtype.activations::<Flex>(), FloatDType::F32);
+            assert_eq!(dtype.activations::<Autodiff<Flex>>(), FloatDType::F32);
         }
     }
 

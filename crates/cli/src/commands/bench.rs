@@ -169,6 +169,7 @@ impl Job for Bench {
                 "shape": a.shape, "mode": format!("{:?}", a.mode).to_lowercase(),
                 "batch": a.batch, "seq": a.seq, "steps": a.steps, "rank": a.rank,
                 "dtype": a.dtype.to_string(),
+                "activations": format!("{:?}", a.dtype.activations::<B>()).to_lowercase(),
                 "tokens_per_s": tokens_per_s, "step_ms": step_s * 1e3,
                 "peak_memory_bytes": peak, "memory": memory.describe(),
                 "matmul": product_route::<B>(a.dtype), "backend": B::name(&device),
