@@ -10,6 +10,7 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use crate::composed_op::{self, ComposedOp};
 use crate::config::LoraInit;
 use crate::linear::{cast_to, project_low_rank, row_blocks};
+use crate::rebrand::on_cpu;
 
 /// Low-rank update of a linear layer.
 #[derive(Module, Debug)]
@@ -82,9 +83,9 @@ impl<B: Backend> Lora<B> {
         let dtype = x.dtype();
         // Scaled at rank width, the narrowest point: `s·((x·A)·B)` up to rounding, for a
         // fraction of the element-wise work of scaling the output.
-        let down = down_projection(self.dropout.forward(x), self.lora_a.val());
+        let down = factor_product(self.dropout.forward(x), self.lora_a.val());
         let down = down.mul_scalar(self.scale);
-        cast_to(project_low_rank(down, self.lora_b.val()), dtype)
+        cast_to(factor_product(down, self.lora_b.val()), dtype)
     }
 
     /// [`Lora::forward`] of adapters whose layers read the same input (a layer's query, key and
@@ -111,13 +112,13 @@ impl<B: Backend> Lora<B> {
         }
         let input_dtype = x.dtype();
         let factors = loras.iter().map(|lora| lora.lora_a.val()).collect();
-        let down = down_projection(x, Tensor::cat(factors, 0));
+        let down = factor_product(x, Tensor::cat(factors, 0));
         let mut start = 0;
         let updates = loras.iter().map(|lora| {
             let rank = lora.rank();
             let piece = down.clone().narrow(D - 1, start, rank);
             start += rank;
-            let update = project_low_rank(piece.mul_scalar(lora.scale), lora.lora_b.val());
+            let update = factor_product(piece.mul_scalar(lora.scale), lora.lora_b.val());
             cast_to(update, input_dtype)
         });
         Some(updates.collect())
@@ -132,41 +133,46 @@ impl<B: Backend> Lora<B> {
     }
 }
 
-/// `x·Aᵀ` for an adapter's first factor `A` (`[rank, in]`), in `A`'s precision whatever `x`'s
-/// (as PEFT casts its input to the adapter's f32). When `x` is in another precision (bf16
-/// activations), the product is one autodiff node that keeps `x` as it is for the backward
-/// pass, where `x` cast to f32 would be kept by burn's cast and product: every adapter's input
-/// in f32 beside the same activations in bf16, half again the memory of the activations. The
-/// gradients are the same: the f32 copy of a bf16 value is exact.
+/// `x·Fᵀ` for one of an adapter's factors `F` (`A` `[rank, in]`, or `B` `[out, rank]`), in
+/// `F`'s precision whatever `x`'s (as PEFT casts its input to the adapter's f32).
+///
+/// On the CPU, with `x` in `F`'s precision, this is [`project_low_rank`] (the split product and
+/// its backward). Elsewhere it is one autodiff node of burn's ops, for two reasons. It keeps `x`
+/// as it is for the backward pass: with bf16 activations, casting `x` to f32 first made burn
+/// keep an f32 copy of every adapter input beside the bf16 one (the gradients are the same:
+/// the f32 copy of a bf16 value is exact). And the factor's gradient `dyᵀ·x` comes out
+/// contiguous (in row blocks on a GPU, as [`project_low_rank`]'s forward goes), where burn's
+/// gradient of `x·Fᵀ` is a transposed view that the optimizer's flattening copies: two copies
+/// per adapter and step.
 ///
 /// # Shapes
-/// - x: `[..., in]`
-/// - factor: `[rank, in]`
-/// - output: `[..., rank]`
-fn down_projection<B: Backend, const D: usize>(
+/// - x: `[..., in]` (or `[..., rank]` for `B`)
+/// - factor: `[rank, in]` (or `[out, rank]`)
+/// - output: `[..., rank]` (or `[..., out]`)
+fn factor_product<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     factor: Tensor<B, 2>,
 ) -> Tensor<B, D> {
-    if x.dtype() == factor.dtype() {
+    if on_cpu::<B>() && x.dtype() == factor.dtype() {
         return project_low_rank(x, factor);
     }
     let mut dims = x.dims();
-    let [rank, d_in] = factor.dims();
+    let [to, from] = factor.dims();
     let rows = dims[..D - 1].iter().product::<usize>();
-    dims[D - 1] = rank;
-    composed_op::run(DownProjection, [x.reshape([rows, d_in]), factor]).reshape(dims)
+    dims[D - 1] = to;
+    composed_op::run(FactorProduct, [x.reshape([rows, from]), factor]).reshape(dims)
 }
 
-/// [`down_projection`]'s node: `x` `[rows, in]`, the factor `[rank, in]`.
+/// [`factor_product`]'s node: `x` `[rows, from]`, the factor `[to, from]`.
 #[derive(Debug, Clone)]
-struct DownProjection;
+struct FactorProduct;
 
-impl ComposedOp<2> for DownProjection {
+impl ComposedOp<2> for FactorProduct {
     fn forward<I: Backend>(
         &self,
         [x, factor]: [Tensor<I, 2>; 2],
     ) -> (Tensor<I, 2>, Option<Tensor<I, 2>>) {
-        (project_low_rank(x.cast(factor.dtype()), factor), None)
+        (project_low_rank(cast_to(x, factor.dtype()), factor), None)
     }
 
     fn backward<I: Backend>(
@@ -178,9 +184,9 @@ impl ComposedOp<2> for DownProjection {
     ) -> [Option<Tensor<I, 2>>; 2] {
         let x_dtype = x.dtype();
         let blocks = row_blocks::<I>(x.dims()[0]);
-        let d_factor =
-            factor_wanted.then(|| factor_gradient(d_out.clone(), x.cast(factor.dtype()), blocks));
-        let dx = x_wanted.then(|| d_out.matmul(factor).cast(x_dtype));
+        let d_factor = factor_wanted
+            .then(|| factor_gradient(d_out.clone(), cast_to(x, factor.dtype()), blocks));
+        let dx = x_wanted.then(|| cast_to(d_out.matmul(factor), x_dtype));
         [dx, d_factor]
     }
 }
@@ -228,7 +234,7 @@ mod tests {
     /// bf16 activations into an f32 factor: the same values and gradients as casting first
     /// (the f32 copy of a bf16 value is exact), the input's gradient in bf16.
     #[test]
-    fn the_down_projection_of_bf16_inputs_equals_casting_first() {
+    fn the_factor_product_of_bf16_inputs_equals_casting_first() {
         type AD = Autodiff<Flex>;
         let device = Default::default();
         Flex::seed(&device, 4);
@@ -249,10 +255,41 @@ mod tests {
                 factor.grad(&grads).unwrap().into_data(),
             ]
         };
-        let ours = run(&|x, factor| down_projection(x, factor));
+        let ours = run(&|x, factor| factor_product(x, factor));
         let cast_first = run(&|x, factor| project_low_rank(x.cast(FloatDType::F32), factor));
         for (ours, theirs) in ours.iter().zip(&cast_first) {
             ours.assert_approx_eq::<f32>(theirs, Tolerance::absolute(1e-5));
+        }
+    }
+
+    /// The node GPUs take for f32 inputs too (run here on the CPU backend's autodiff), for
+    /// both factors' shapes: the same values and gradients as burn's product.
+    #[test]
+    fn the_factor_product_node_equals_burns_product() {
+        type AD = Autodiff<Flex>;
+        let device = Default::default();
+        Flex::seed(&device, 5);
+        let random =
+            |dims: [usize; 2]| Tensor::<AD, 2>::random(dims, Distribution::Default, &device);
+        // A `[rank, in]` on inputs `[rows, in]`, then B `[out, rank]` on `[rows, rank]`.
+        for ([rows, from], to) in [([48, 40], 6), ([48, 6], 40)] {
+            let (x, factor, upstream) =
+                (random([rows, from]), random([to, from]), random([rows, to]));
+            let run = |product: &dyn Fn(Tensor<AD, 2>, Tensor<AD, 2>) -> Tensor<AD, 2>| {
+                let (x, factor) = (x.clone().require_grad(), factor.clone().require_grad());
+                let out = product(x.clone(), factor.clone());
+                let grads = (out.clone() * upstream.clone()).sum().backward();
+                [
+                    out.into_data(),
+                    x.grad(&grads).unwrap().into_data(),
+                    factor.grad(&grads).unwrap().into_data(),
+                ]
+            };
+            let node = run(&|x, factor| composed_op::run(FactorProduct, [x, factor]));
+            let burns = run(&|x, factor| x.matmul(factor.transpose()));
+            for (node, burns) in node.iter().zip(&burns) {
+                node.assert_approx_eq::<f32>(burns, Tolerance::absolute(1e-5));
+            }
         }
     }
 
