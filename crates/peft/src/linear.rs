@@ -210,59 +210,35 @@ pub fn project<B: Backend, const D: usize>(x: Tensor<B, D>, weight: Tensor<B, 2>
     product(x, weight, true, Route::Cublas)
 }
 
-/// Blocks of rows a low-rank product is split into on a GPU (see [`project_low_rank`]).
+/// Blocks of rows an adapter factor's gradient is split into on a GPU (see [`row_blocks`]).
 const ROW_BLOCKS: usize = 16;
-/// Rows from which a low-rank product is split: fewer leave too few rows per block to pay for
+/// Rows from which a factor's gradient is split: fewer leave too few rows per block to pay for
 /// the extra sum.
 const MIN_SPLIT_ROWS: usize = 4096;
 
-/// [`project`] for an adapter's low-rank factors, always on burn's matmul: their products are
-/// thin, and on CUDA each would lose more to the cuBLAS route's host synchronization than it
-/// gains.
-///
-/// On a GPU backend the rows go in [`ROW_BLOCKS`] blocks, as one batched product against the
-/// factor broadcast over the blocks. The forward pass is the same product; the difference is
-/// the factor's gradient, `xᵀ·dy`: a thin result (`[in, rank]` or `[rank, out]`) summed over
-/// every row, which one product computes with a handful of the device's cores each running
-/// through all the rows (about 0.5 ms for 8192 rows of SmolLM2's widths on an H100, measured
-/// 2026-11-26: 420 of them, a fifth of a training step). Batched, each block's partial
-/// result is its own product and the broadcast's backward sums them.
+/// [`project`] for an adapter's low-rank factors: on the CPU the split product
+/// (`cpu_split_product`), elsewhere always burn's matmul (their products are thin, and on CUDA
+/// each would lose more to the cuBLAS route's host synchronization than it gains).
 pub(crate) fn project_low_rank<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     weight: Tensor<B, 2>,
 ) -> Tensor<B, D> {
-    let rows = x.dims()[..D - 1].iter().product::<usize>();
-    let blocks = row_blocks::<B>(rows);
-    if blocks == 1 || x.dtype() != weight.dtype() {
-        return product(x, weight, true, Route::LowRank);
-    }
-    in_row_blocks(x, weight, blocks)
+    product(x, weight, true, Route::LowRank)
 }
 
-/// How many blocks of rows a low-rank product over `rows` rows goes in on backend `B`: one on
-/// the CPU and for few rows, [`ROW_BLOCKS`] on a GPU.
+/// How many blocks of rows the gradient of an adapter's factor over `rows` rows is summed in on
+/// backend `B`: one on the CPU and for few rows, [`ROW_BLOCKS`] on a GPU. That gradient,
+/// `dyᵀ·x`, is a thin result (`[rank, in]` or `[out, rank]`) summed over every row, which one
+/// product computes with a handful of the device's cores each running through all the rows
+/// (about 0.5 ms for 8192 rows of SmolLM2's widths on an H100, measured 2026-11-26: 420 of
+/// them, a fifth of a training step); in blocks, each block's partial sum is its own product of
+/// one batched product, then they are added.
 pub(crate) fn row_blocks<B: Backend>(rows: usize) -> usize {
     if on_cpu::<B>() || rows < MIN_SPLIT_ROWS || !rows.is_multiple_of(ROW_BLOCKS) {
         1
     } else {
         ROW_BLOCKS
     }
-}
-
-/// `x·Wᵀ` as a product of `blocks` blocks of `x`'s rows against `W` broadcast over them
-/// (`blocks` must divide the rows).
-fn in_row_blocks<B: Backend, const D: usize>(
-    x: Tensor<B, D>,
-    weight: Tensor<B, 2>,
-    blocks: usize,
-) -> Tensor<B, D> {
-    let mut dims = x.dims();
-    let [d_out, d_in] = weight.dims();
-    let rows = dims[..D - 1].iter().product::<usize>();
-    dims[D - 1] = d_out;
-    let x: Tensor<B, 3> = x.reshape([blocks, rows / blocks, d_in]);
-    let factor: Tensor<B, 3> = weight.transpose().unsqueeze_dim(0);
-    x.matmul(factor).reshape(dims)
 }
 
 /// `x·W` for a weight stored `[out, in]`: the way back through [`project`] (what a gradient
@@ -351,37 +327,6 @@ mod tests {
     use super::*;
     use burn::backend::Flex;
     use burn::tensor::{TensorData, Tolerance};
-
-    #[test]
-    fn a_product_in_row_blocks_equals_the_plain_one_with_its_gradients() {
-        use burn::backend::Autodiff;
-        use burn::tensor::Distribution;
-        type AD = Autodiff<Flex>;
-        let device = Default::default();
-        AD::seed(&device, 9);
-        let x = Tensor::<AD, 3>::random([4, 24, 10], Distribution::Default, &device);
-        let weight = Tensor::<AD, 2>::random([3, 10], Distribution::Default, &device);
-        let upstream = Tensor::<AD, 3>::random([4, 24, 3], Distribution::Default, &device);
-        let run = |blocks: Option<usize>| {
-            let (x, weight) = (x.clone().require_grad(), weight.clone().require_grad());
-            let out = match blocks {
-                Some(blocks) => in_row_blocks(x.clone(), weight.clone(), blocks),
-                None => product(x.clone(), weight.clone(), true, Route::LowRank),
-            };
-            let grads = (out.clone() * upstream.clone()).sum().backward();
-            [
-                out.into_data(),
-                x.grad(&grads).expect("x's gradient").into_data(),
-                weight.grad(&grads).expect("W's gradient").into_data(),
-            ]
-        };
-        let plain = run(None);
-        for (blocked, plain) in run(Some(8)).into_iter().zip(&plain) {
-            // The same sums in another order: the weight gradient sums per block first.
-            let tolerance = Tolerance::absolute(1e-5).set_relative(1e-5);
-            blocked.assert_approx_eq::<f32>(plain, tolerance);
-        }
-    }
 
     #[test]
     fn forward_matches_hand_computed_affine_map() {

@@ -141,9 +141,9 @@ impl<B: Backend> Lora<B> {
 /// as it is for the backward pass: with bf16 activations, casting `x` to f32 first made burn
 /// keep an f32 copy of every adapter input beside the bf16 one (the gradients are the same:
 /// the f32 copy of a bf16 value is exact). And the factor's gradient `dyᵀ·x` comes out
-/// contiguous (in row blocks on a GPU, as [`project_low_rank`]'s forward goes), where burn's
-/// gradient of `x·Fᵀ` is a transposed view that the optimizer's flattening copies: two copies
-/// per adapter and step.
+/// contiguous (summed in row blocks on a GPU, see [`row_blocks`]), where burn's gradient of
+/// `x·Fᵀ` is a transposed view that the optimizer's flattening copies: two copies per adapter
+/// and step.
 ///
 /// # Shapes
 /// - x: `[..., in]` (or `[..., rank]` for `B`)
@@ -191,31 +191,31 @@ impl ComposedOp<2> for FactorProduct {
     }
 }
 
-/// `dyᵀ·x`, the gradient of the factor of `y = x·Aᵀ`: a thin result summed over every row,
-/// taken in `blocks` blocks of rows as [`project_low_rank`] does on a GPU (each block's partial
-/// sum its own product, then their sum; `blocks` divides the rows).
+/// `dyᵀ·x`, the gradient of the factor `F` of `y = x·Fᵀ`, summed over the rows in `blocks`
+/// blocks (see [`row_blocks`]; `blocks` divides the rows): each block's partial sum one
+/// product of a batched product, then their sum.
 ///
 /// # Shapes
-/// - d_out: `[rows, rank]`
-/// - x: `[rows, in]`
-/// - output: `[rank, in]`
+/// - d_out: `[rows, to]`
+/// - x: `[rows, from]`
+/// - output: `[to, from]`
 fn factor_gradient<B: Backend>(
     d_out: Tensor<B, 2>,
     x: Tensor<B, 2>,
     blocks: usize,
 ) -> Tensor<B, 2> {
-    let [rows, rank] = d_out.dims();
-    let d_in = x.dims()[1];
+    let [rows, to] = d_out.dims();
+    let from = x.dims()[1];
     if blocks == 1 {
         return d_out.transpose().matmul(x);
     }
-    let d_out: Tensor<B, 3> = d_out.reshape([blocks, rows / blocks, rank]);
-    let x: Tensor<B, 3> = x.reshape([blocks, rows / blocks, d_in]);
+    let d_out: Tensor<B, 3> = d_out.reshape([blocks, rows / blocks, to]);
+    let x: Tensor<B, 3> = x.reshape([blocks, rows / blocks, from]);
     d_out
         .swap_dims(1, 2)
         .matmul(x)
         .sum_dim(0)
-        .reshape([rank, d_in])
+        .reshape([to, from])
 }
 
 /// One draw from N(0, 1) (Box–Muller).
