@@ -2,7 +2,6 @@
 //! kernel on the CPU backend and one autodiff node of burn's ops elsewhere.
 
 use burn::module::Module;
-use burn::tensor::activation::{sigmoid, silu};
 use burn::tensor::backend::Backend;
 use burn::tensor::{FloatDType, Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
@@ -47,9 +46,8 @@ fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> T
 }
 
 /// The same in burn's ops, for the other backends, on `[rows, width]` matrices; keeps nothing
-/// but the inputs (σ(gate) is recomputed in the backward pass). The forward pass runs in the
-/// inputs' precision (as transformers' does), the backward pass in f32, its gradients returned
-/// in the inputs' precision.
+/// but the inputs (σ(gate) is recomputed in the backward pass). Computes in f32 both ways and
+/// returns the output and gradients in the inputs' precision.
 #[derive(Debug, Clone)]
 struct SwigluOp;
 
@@ -58,7 +56,13 @@ impl ComposedOp<2> for SwigluOp {
         &self,
         [gate, up]: [Tensor<I, 2>; 2],
     ) -> (Tensor<I, 2>, Option<Tensor<I, 2>>) {
-        (silu(gate) * up, None)
+        // g·σ(g)·u = g·u / (1 + e^-g): four passes, where burn's silu and product are eight
+        // (its sigmoid goes through a log-sigmoid); in f32, rounded once to the inputs'
+        // precision.
+        let dtype = gate.dtype();
+        let [gate, up] = [gate, up].map(|t| t.cast(FloatDType::F32));
+        let denominator = gate.clone().neg().exp().add_scalar(1.0);
+        ((gate * up / denominator).cast(dtype), None)
     }
 
     fn backward<I: Backend>(
@@ -70,7 +74,7 @@ impl ComposedOp<2> for SwigluOp {
     ) -> [Option<Tensor<I, 2>>; 2] {
         let (gate_dtype, up_dtype) = (gate.dtype(), up.dtype());
         let [gate, up, d_out] = [gate, up, d_out].map(|t| t.cast(FloatDType::F32));
-        let sigma = sigmoid(gate.clone());
+        let sigma = gate.clone().neg().exp().add_scalar(1.0).recip();
         let du = up_wanted.then(|| (d_out.clone() * gate.clone() * sigma.clone()).cast(up_dtype));
         let dg = gate_wanted.then(|| {
             let slope = (gate * sigma.clone().neg().add_scalar(1.0)).add_scalar(1.0);
@@ -245,7 +249,8 @@ mod tests {
             g.clone().cast(FloatDType::F32).detach().require_grad(),
             u.clone().detach().cast(FloatDType::F32),
         );
-        let near = Tolerance::relative(1e-2).set_absolute(1e-2);
+        // One rounding to bf16 (8 significant bits) of the f32 result.
+        let near = Tolerance::relative(5e-3).set_absolute(1e-2);
         out.into_data()
             .convert::<f32>()
             .assert_approx_eq::<f32>(&full.into_data(), near);
