@@ -43,8 +43,8 @@ pub struct BenchArgs {
     steps: usize,
     #[arg(long, default_value = "auto")]
     device: DeviceArg,
-    /// Precision the frozen base weights are held in: f32, bf16 (half the memory), or auto
-    /// (bf16 on a GPU, f32 on the CPU).
+    /// Precision the frozen base weights are held in: f32, bf16 (half the memory; on a GPU the
+    /// activations are bf16 too), or auto (bf16 on a GPU, f32 on the CPU).
     #[arg(long, default_value = "auto")]
     dtype: BaseDtype,
     /// Recompute each layer's activations in the backward pass (training modes): what
