@@ -48,9 +48,10 @@ impl<B: AutodiffBackend> Default for ActivationCheckpoints<B> {
 
 impl<B: AutodiffBackend> Decoder<B> {
     /// The final hidden states of `ids` as [`hidden_states`](Self::hidden_states) (or, with
-    /// `packing` = per-token positions and document ids, [`hidden_states_packed`]
-    /// (Self::hidden_states_packed)) computes them, for a loss whose gradients come from
-    /// [`ActivationCheckpoints::backward`]: only each layer's input is kept in `checkpoints`.
+    /// `packing` = per-token positions and document ids,
+    /// [`hidden_states_packed`](Self::hidden_states_packed)) computes them, for a loss whose
+    /// gradients come from [`ActivationCheckpoints::backward`]: only each layer's input is kept
+    /// in `checkpoints`.
     ///
     /// # Shapes
     /// - ids: `[batch, seq]`

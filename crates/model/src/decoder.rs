@@ -7,7 +7,9 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::DropoutConfig;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::embedding;
-use burn::tensor::{Bool, Distribution, ElementConversion, FloatDType, Int, Tensor, TensorData};
+use burn::tensor::{
+    Bool, DType, Distribution, ElementConversion, FloatDType, Int, Tensor, TensorData,
+};
 use std::path::Path;
 
 use burnish_peft::{AdaptableLinear, LoraConfig, Selected, attach_lora, load_adapter, project};
@@ -255,7 +257,11 @@ impl<B: Backend> Decoder<B> {
             Some(head) => head.forward(hidden),
             None => project(hidden, self.embed_tokens.val()),
         };
-        logits.cast(FloatDType::F32)
+        if logits.dtype() == DType::F32 {
+            logits
+        } else {
+            logits.cast(FloatDType::F32)
+        }
     }
 
     /// Whether any of the model's parameters gets a gradient (false for an evaluation copy,
@@ -361,8 +367,9 @@ impl<B: Backend> Decoder<B> {
 
     /// Runs the activations between the layers' ops in `dtype` (bf16 halves their memory and
     /// the traffic of the element-wise ops, as transformers does for a model loaded in bf16);
-    /// RMSNorm, attention scores and softmax, adapters and logits still compute in f32. For a
-    /// frozen base held in `dtype` on a GPU: the CPU's kernels take f32 activations only.
+    /// RMSNorm, attention scores and softmax, adapters and logits still compute in f32. Meant
+    /// for a frozen base held in `dtype` on a GPU ([`BaseDtype::apply`](crate::BaseDtype::apply)
+    /// decides); on the CPU, whose kernels take f32, the layers fall back to burn's ops.
     pub fn compute_in(&mut self, dtype: FloatDType) {
         self.activations = dtype;
     }
