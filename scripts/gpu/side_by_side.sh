@@ -2,11 +2,12 @@
 # One prepared device run, most important first, inside a time budget: the cuBLAS route's checks
 # against the exact product and burn's matmul, `burnish bench` and the transformers + PEFT peer
 # (peer_lora.py, run by peer_reserved.py to add torch's reserved memory) side by side on the
-# card, the same rows and scores from the builds with burn's fusion backend and with fusion and
-# autotuning (prepare.sh), the larger shapes, the same bench on burn's matmul alone (the cuBLAS
-# route's gain), the CUDA build's scores against the CPU's on the fixture models, the quickstart
-# recipe trained end to end, then the first rows with activation checkpointing. A ratio table
-# closes it; autotune.txt lists the kernels the tuned build chose. Run from the repository root.
+# card, the first row again with f32 activations under the bf16 base, the same rows and scores
+# from the builds with burn's fusion backend and with fusion and autotuning (prepare.sh), the
+# larger shapes, the same bench on burn's matmul alone (the cuBLAS route's gain), the CUDA
+# build's scores against the CPU's on the fixture models, the quickstart recipe trained end to
+# end, then the first rows with activation checkpointing. A ratio table closes it; autotune.txt
+# lists the kernels the tuned build chose. Run from the repository root.
 #
 # On the development machine (the GPU machine has no Rust toolchain):
 #   scripts/gpu/prepare.sh                 # fills gpu-bin/
@@ -103,6 +104,13 @@ log "peer: transformers + PEFT"
 DEV=$DEVICE step 240 "peer" python3 "$(dirname "$0")/peer_reserved.py" "$PEER" "${peer_args[@]}" \
   >"$OUT/peer.txt" 2>"$OUT/peer.err" ||
   echo "peer failed or timed out: see $OUT/peer.err"
+
+# The first row with the activations kept in f32 under the bf16 base (as before bf16
+# activations): what they gain, and a measurement should bf16 activations fail on the card.
+if [ "$DEVICE" = cuda ] && [ "$DTYPE" = bf16 ]; then
+  log "burnish bench, f32 activations under the bf16 base"
+  BURNISH_ACTIVATIONS=f32 bench $ROUTE ${first[0]} 150
+fi
 
 # The other builds on the first rows, and their scores: burn's fusion backend, then fusion with
 # cubecl's autotuning at level $TUNE_LEVEL (its first step of each shape times the candidate

@@ -4,6 +4,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::OnceLock;
 
 use burn::tensor::FloatDType;
 use burn::tensor::backend::Backend;
@@ -52,14 +53,33 @@ impl BaseDtype {
     }
 
     /// The precision the activations run in over a base held in this precision on backend
-    /// `B`: bf16 with a bf16 base on a GPU, f32 otherwise.
+    /// `B`: bf16 with a bf16 base on a GPU (unless [`ACTIVATIONS_ENV`] is `f32`), f32
+    /// otherwise.
     pub fn activations<B: Backend>(self) -> FloatDType {
-        if self == Self::Bf16 && !on_cpu::<B>() {
+        if self == Self::Bf16 && !on_cpu::<B>() && !f32_activations_asked() {
             FloatDType::BF16
         } else {
             FloatDType::F32
         }
     }
+}
+
+/// The environment variable that keeps the activations in f32 under a bf16 base on a GPU
+/// (`BURNISH_ACTIVATIONS=f32`), for side-by-side measurements; unset, they follow the base.
+pub const ACTIVATIONS_ENV: &str = "BURNISH_ACTIVATIONS";
+
+/// Whether [`ACTIVATIONS_ENV`] asks for f32 activations, read once per process; any other value
+/// than `f32` or `bf16` is reported and leaves the default.
+fn f32_activations_asked() -> bool {
+    static ASKED: OnceLock<bool> = OnceLock::new();
+    *ASKED.get_or_init(|| match std::env::var(ACTIVATIONS_ENV).as_deref() {
+        Ok("f32") => true,
+        Ok("bf16") | Err(_) => false,
+        Ok(other) => {
+            tracing::warn!("{ACTIVATIONS_ENV}={other} is neither `f32` nor `bf16`; ignored");
+            false
+        }
+    })
 }
 
 impl FromStr for BaseDtype {

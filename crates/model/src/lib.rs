@@ -27,7 +27,7 @@ mod vector_exp;
 mod weights;
 
 pub use attention::{Attention, LayerCache};
-pub use base_dtype::BaseDtype;
+pub use base_dtype::{ACTIVATIONS_ENV, BaseDtype};
 pub use build::build_decoder;
 pub use checkpointing::ActivationCheckpoints;
 pub use config::{DecoderConfig, HfConfig, SUPPORTED_MODEL_TYPES, TokenIds};
