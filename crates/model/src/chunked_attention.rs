@@ -307,37 +307,44 @@ fn attention_backward<I: Backend>(saved: Saved<I>, d_out: Tensor<I, 4>) -> [Tens
     let dtypes = [q.dtype(), k.dtype(), v.dtype()];
     let [q, k, v, out, d_out] = [q, k, v, out, d_out].map(|t| t.cast(FloatDType::F32));
     let kv_heads = k.dims()[1];
-    let [batch, heads, seq, head_dim] = q.dims();
+    let [_, heads, seq, head_dim] = q.dims();
     let (k, v) = (
         repeat_kv(k, heads / kv_heads),
         repeat_kv(v, heads / kv_heads),
     );
     let scale = (head_dim as f64).powf(-0.5);
     let hidden = hidden_keys(mask.as_ref(), seq, &q.device());
+    // The last chunk first: it sees every key, so its key and value gradients are the whole
+    // tensors, which each earlier chunk adds into the prefix of keys it sees (no zero-filled
+    // start, and one chunk needs no additions at all).
     let mut dq = Vec::new();
-    let mut dk = k.zeros_like();
-    let mut dv = v.zeros_like();
-    for (start, lse) in (0..seq).step_by(chunk).zip(lse) {
+    let mut dk: Option<Tensor<I, 4>> = None;
+    let mut dv: Option<Tensor<I, 4>> = None;
+    let starts: Vec<usize> = (0..seq).step_by(chunk).collect();
+    for (start, lse) in starts.into_iter().zip(lse).rev() {
         let len = chunk.min(seq - start);
         let seen = start + len;
         let k_seen = k.clone().narrow(2, 0, seen);
         let probs = (chunk_scores(&q, &k, &hidden, start, len) - lse).exp();
         let d_out_chunk = d_out.clone().narrow(2, start, len);
         let row_dots = (d_out_chunk.clone() * out.clone().narrow(2, start, len)).sum_dim(3);
-        let dv_seen = dv.clone().narrow(2, 0, seen)
-            + probs.clone().swap_dims(2, 3).matmul(d_out_chunk.clone());
-        dv = dv.slice_assign([0..batch, 0..heads, 0..seen, 0..head_dim], dv_seen);
+        let dv_part = probs.clone().swap_dims(2, 3).matmul(d_out_chunk.clone());
+        dv = Some(add_into_prefix(dv, dv_part));
         let d_probs = d_out_chunk.matmul(v.clone().narrow(2, 0, seen).swap_dims(2, 3));
         let d_scores = probs * (d_probs - row_dots);
         let dq_chunk = d_scores.clone().matmul(k_seen).mul_scalar(scale);
         dq.push(dq_chunk.cast(dtypes[0]).swap_dims(1, 2));
-        let dk_seen = dk.clone().narrow(2, 0, seen)
-            + d_scores
-                .swap_dims(2, 3)
-                .matmul(q.clone().narrow(2, start, len))
-                .mul_scalar(scale);
-        dk = dk.slice_assign([0..batch, 0..heads, 0..seen, 0..head_dim], dk_seen);
+        let dk_part = d_scores
+            .swap_dims(2, 3)
+            .matmul(q.clone().narrow(2, start, len))
+            .mul_scalar(scale);
+        dk = Some(add_into_prefix(dk, dk_part));
     }
+    dq.reverse();
+    let (dk, dv) = (
+        dk.expect("at least one chunk of queries"),
+        dv.expect("at least one chunk of queries"),
+    );
     let grads = [
         positions_major(dq),
         sum_groups(dk, kv_heads),
@@ -345,6 +352,21 @@ fn attention_backward<I: Backend>(saved: Saved<I>, d_out: Tensor<I, 4>) -> [Tens
     ];
     let mut dtypes = dtypes.into_iter();
     grads.map(|grad| grad.cast(dtypes.next().expect("one dtype per input")))
+}
+
+/// `part` (the gradient for the first `seen` keys) added into `whole`, or `part` itself when
+/// there is no `whole` yet (then it spans every key).
+///
+/// # Shapes
+/// - whole: `[batch, heads, seq, head_dim]`
+/// - part: `[batch, heads, seen, head_dim]`
+fn add_into_prefix<I: Backend>(whole: Option<Tensor<I, 4>>, part: Tensor<I, 4>) -> Tensor<I, 4> {
+    let Some(whole) = whole else {
+        return part;
+    };
+    let [batch, heads, seen, head_dim] = part.dims();
+    let sum = whole.clone().narrow(2, 0, seen) + part;
+    whole.slice_assign([0..batch, 0..heads, 0..seen, 0..head_dim], sum)
 }
 
 /// The gradient of `repeat_kv`: each key/value head's gradient summed over the query heads that
@@ -430,8 +452,8 @@ mod tests {
                     },
                     &inputs,
                 );
-                // 300 positions: chunks of 128, 128 and 44 for the burn-op kernel.
-                for kernel in [Kernel::Cpu, Kernel::Chunks(128)] {
+                // 300 positions: chunks of 128, 128 and 44 for the burn-op kernel, or one.
+                for kernel in [Kernel::Cpu, Kernel::Chunks(128), Kernel::Chunks(512)] {
                     let ours = run(
                         |q, k, v| {
                             on::<AD, Flex>(&q, &k, &v, mask.as_ref(), kernel).expect("the op")
