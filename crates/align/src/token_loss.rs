@@ -9,9 +9,9 @@
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
-use burn::tensor::{FloatDType, Int, Tensor};
+use burn::tensor::{DType, Int, Tensor};
 use burnish_model::softmax_rows;
-use burnish_peft::{first_value, on_cpu, project, unproject};
+use burnish_peft::{cast_to, first_value, on_cpu, project, unproject};
 
 /// Logits held at once by [`masked_token_logprobs_chunked`] on the CPU (64 MiB in f32).
 const LOGITS_PER_CHUNK: usize = 1 << 24;
@@ -113,8 +113,10 @@ pub fn masked_token_logprobs_chunked<B: Backend>(
         let len = chunk.min(positions - start);
         let picked = targets.clone().narrow(0, start, len);
         // In f32 whatever the hidden states' precision (transformers upcasts them too).
-        let logits =
-            project(frozen.clone().narrow(0, start, len), head.clone()).cast(FloatDType::F32);
+        let logits = cast_to(
+            project(frozen.clone().narrow(0, start, len), head.clone()),
+            DType::F32,
+        );
         let (probs, log_total) = softmax_rows(logits.clone());
         let target_logit = logits.gather(1, picked.clone().unsqueeze_dim::<2>(1));
         values.push(target_logit - log_total);
@@ -128,7 +130,7 @@ pub fn masked_token_logprobs_chunked<B: Backend>(
     let values = Tensor::cat(values, 0);
     let logprobs = if gradient {
         let slopes = Tensor::cat(slopes, 0);
-        values + ((tracked - frozen).cast(FloatDType::F32) * slopes).sum_dim(1)
+        values + (cast_to(tracked - frozen, DType::F32) * slopes).sum_dim(1)
     } else {
         values
     };

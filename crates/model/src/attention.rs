@@ -5,8 +5,8 @@ use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, FloatDType, Tensor, TensorData};
-use burnish_peft::AdaptableLinear;
+use burn::tensor::{Bool, DType, Tensor, TensorData};
+use burnish_peft::{AdaptableLinear, cast_to};
 
 use crate::chunked_attention::chunked_causal_attention;
 use crate::rope::Rotations;
@@ -105,7 +105,7 @@ impl<B: Backend> Attention<B> {
             None => {
                 // Scores and softmax in f32 whatever the activations' precision.
                 let dtype = q.dtype();
-                let [q, k, v] = [q, k, v].map(|t| t.cast(FloatDType::F32));
+                let [q, k, v] = [q, k, v].map(|t| cast_to(t, DType::F32));
                 let groups = self.num_heads / self.num_kv_heads;
                 let (k, v) = (repeat_kv(k, groups), repeat_kv(v, groups));
                 let mask = hidden.map(|h| h.expand([batch, self.num_heads, seq, seen]));
@@ -114,7 +114,7 @@ impl<B: Backend> Attention<B> {
                     softcap: None,
                     is_causal: true,
                 };
-                attention(q, k, v, mask, None, options).cast(dtype)
+                cast_to(attention(q, k, v, mask, None, options), dtype)
             }
         };
         // [batch, heads, seq, head_dim] -> [batch, seq, heads * head_dim]

@@ -120,7 +120,6 @@ impl<B: AutodiffBackend> CheckpointedPass<B> {
         mut gradient: Tensor<B, 3>,
         collected: &mut GradientsAccumulator<Decoder<B>>,
     ) {
-        let device = gradient.device();
         // Below the lowest layer that trains, no gradient is needed unless the embedding trains.
         let embedding_trains = model.embed_tokens.val().is_require_grad();
         let lowest = if embedding_trains {
@@ -144,7 +143,7 @@ impl<B: AutodiffBackend> CheckpointedPass<B> {
             let mut grads = (output * gradient).sum().backward();
             gradient = match input.grad_remove(&mut grads) {
                 Some(below) => Tensor::from_inner(below),
-                None => Tensor::<B, 3>::zeros(input.dims(), &device).cast(input.dtype()),
+                None => input.zeros_like(),
             };
             collected.accumulate(model, GradientsParams::from_grads(grads, layer));
         }

@@ -12,7 +12,9 @@ use burn::tensor::{
 };
 use std::path::Path;
 
-use burnish_peft::{AdaptableLinear, LoraConfig, Selected, attach_lora, load_adapter, project};
+use burnish_peft::{
+    AdaptableLinear, LoraConfig, Selected, attach_lora, cast_to, load_adapter, project,
+};
 
 use crate::attention::{Attention, LayerCache};
 use crate::config::DecoderConfig;
@@ -148,7 +150,7 @@ pub struct Decoder<B: Backend> {
     /// [`compute_in`](Self::compute_in) says otherwise). Norms, attention scores and softmax,
     /// adapters and logits compute in f32 whatever it is.
     #[module(skip)]
-    pub activations: FloatDType,
+    pub(crate) activations: FloatDType,
 }
 
 impl<B: Backend> Decoder<B> {
@@ -257,11 +259,7 @@ impl<B: Backend> Decoder<B> {
             Some(head) => head.forward(hidden),
             None => project(hidden, self.embed_tokens.val()),
         };
-        if logits.dtype() == DType::F32 {
-            logits
-        } else {
-            logits.cast(FloatDType::F32)
-        }
+        cast_to(logits, DType::F32)
     }
 
     /// Whether any of the model's parameters gets a gradient (false for an evaluation copy,

@@ -30,7 +30,7 @@ pub use adapter::{
 pub use config::{LoraConfig, LoraInit};
 pub use cpu_bf16::available as cpu_bf16_available;
 pub use error::{PeftError, Result};
-pub use linear::{AdaptableLinear, project, unproject};
+pub use linear::{AdaptableLinear, cast_to, project, unproject};
 pub use lora::Lora;
 pub use rebrand::{cpu_values, on_cpu, rebrand};
 pub use target::{LM_HEAD, Selected, Targets, resolved_target_names, select_targets};

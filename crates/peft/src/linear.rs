@@ -191,7 +191,7 @@ impl<B: Backend> AdaptableLinear<B> {
 }
 
 /// `x` in `dtype`; `x` itself, with no cast in the autodiff graph, when it is already.
-pub(crate) fn cast_to<B: Backend, const D: usize>(x: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
+pub fn cast_to<B: Backend, const D: usize>(x: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
     if x.dtype() == dtype { x } else { x.cast(dtype) }
 }
 
