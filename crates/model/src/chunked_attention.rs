@@ -345,13 +345,13 @@ fn attention_backward<I: Backend>(saved: Saved<I>, d_out: Tensor<I, 4>) -> [Tens
         dk.expect("at least one chunk of queries"),
         dv.expect("at least one chunk of queries"),
     );
-    let grads = [
+    // dq's chunks are in q's precision already.
+    let [_, k_dtype, v_dtype] = dtypes;
+    [
         positions_major(dq),
-        sum_groups(dk, kv_heads),
-        sum_groups(dv, kv_heads),
-    ];
-    let mut dtypes = dtypes.into_iter();
-    grads.map(|grad| grad.cast(dtypes.next().expect("one dtype per input")))
+        sum_groups(dk, kv_heads).cast(k_dtype),
+        sum_groups(dv, kv_heads).cast(v_dtype),
+    ]
 }
 
 /// `part` (the gradient for the first `seen` keys) added into `whole`, or `part` itself when
