@@ -1,15 +1,17 @@
 //! Causal attention for training that never stores the `[batch, heads, seq, seq]` scores:
 //! queries go a chunk at a time, each chunk against only the keys up to its last position (the
 //! rest are its future: about half the products of full scores at long sequences), and the
-//! backward pass recomputes each chunk's probabilities from the saved log-sum-exp (the scheme of memory-efficient and flash attention, written with
-//! burn's tensor ops). burn 0.21's autodiff decomposes attention into ops that keep the scores,
-//! their softmax and the masked copies of both for every layer: 8 × 1024 tokens of 9 heads are
-//! 0.3 GB per copy per layer in f32.
+//! backward pass recomputes each chunk's probabilities from the saved log-sum-exp (the scheme of
+//! memory-efficient and flash attention, written with burn's tensor ops). burn 0.21's autodiff
+//! decomposes attention into ops that keep the scores, their softmax and the masked copies of
+//! both for every layer: 8 × 1024 tokens of 9 heads are 0.3 GB per copy per layer in f32.
 //!
 //! This is an autodiff op with its own backward, so it is specialized to the concrete backends
 //! burnish runs (the CPU backend, and CUDA or wgpu where built); any other backend, and every
 //! pass without autodiff, uses burn's attention. On the CPU backend the op runs as one kernel
-//! per direction (`cpu_attention`); elsewhere it is composed of burn's tensor ops.
+//! per direction (`cpu_attention`); elsewhere it is composed of burn's tensor ops, with each
+//! chunk's causal softmax one kernel per direction on the plain GPU backends (`gpu_kernels`)
+//! when no mask beyond causality is given.
 
 use std::any::TypeId;
 
@@ -22,9 +24,12 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Bool, DType, FloatDType, Tensor, TensorPrimitive};
 
-use crate::attention::repeat_kv;
 use crate::cpu_attention;
 use crate::cpu_kernel::rebrand;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+use crate::gpu_kernels::{CausalSoftmax, CausalSoftmaxBackward};
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+use burnish_peft::gpu_kernel;
 
 /// Scores one chunk of queries may hold (256 MiB in f32): on a GPU each chunk costs a few dozen
 /// kernel launches whatever its size, so chunks are as large as this allows.
@@ -198,34 +203,125 @@ fn hidden_keys<I: Backend>(
     }
 }
 
+/// Which keys each query of a chunk sees, and so how the chunk's scores become probabilities.
+#[derive(Debug, Clone)]
+enum Visibility<I: Backend> {
+    /// Causality alone, which the GPU kernels apply from positions, with no mask tensor.
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    Causal,
+    /// The keys [`hidden_keys`] marks are hidden: burn's ops fill their scores with -∞.
+    Hidden(Tensor<I, 4, Bool>),
+}
+
+impl<I: Backend> Visibility<I> {
+    fn of(mask: Option<&Tensor<I, 4, Bool>>, seq: usize, device: &I::Device) -> Self {
+        #[cfg(any(feature = "cuda", feature = "wgpu"))]
+        if mask.is_none() && gpu_kernel::takes::<I>() {
+            return Self::Causal;
+        }
+        Self::Hidden(hidden_keys(mask, seq, device))
+    }
+}
+
 /// The scaled scores of queries `start..start + len` against the keys they can see at all,
-/// `0..start + len` (later keys are in their future), hidden keys at -∞.
+/// `0..start + len` (later keys are in their future), for every query head of each key/value
+/// head at once: `q_chunk` holds the chunk's queries grouped by the key/value head they read
+/// ([`grouped`]), so grouped-query heads share their keys without copies.
 ///
 /// # Shapes
-/// - output: `[batch, heads, len, start + len]`
+/// - q_chunk: `[batch, kv_heads, groups · len, head_dim]`
+/// - k: `[batch, kv_heads, seq, head_dim]`
+/// - output: `[batch, kv_heads, groups · len, start + len]`
 fn chunk_scores<I: Backend>(
-    q: &Tensor<I, 4>,
+    q_chunk: Tensor<I, 4>,
     k: &Tensor<I, 4>,
+    start: usize,
+    len: usize,
+) -> Tensor<I, 4> {
+    let head_dim = q_chunk.dims()[3];
+    let scale = (head_dim as f64).powf(-0.5);
+    // Scaled on the queries' side: a pass over `[.., len, head_dim]` rather than over the
+    // scores' `[.., len, seen]`.
+    q_chunk
+        .mul_scalar(scale)
+        .matmul(k.clone().narrow(2, 0, start + len).swap_dims(2, 3))
+}
+
+/// A chunk's `scores` ([`chunk_scores`]) with the keys `hidden` marks at -∞.
+fn masked<I: Backend>(
+    scores: Tensor<I, 4>,
     hidden: &Tensor<I, 4, Bool>,
     start: usize,
     len: usize,
 ) -> Tensor<I, 4> {
-    let [batch, heads, _, head_dim] = q.dims();
-    let seen = start + len;
-    let scale = (head_dim as f64).powf(-0.5);
-    // Scaled on the queries' side: a pass over `[.., len, head_dim]` rather than over the
-    // scores' `[.., len, seen]`.
-    let scores = q
-        .clone()
-        .narrow(2, start, len)
-        .mul_scalar(scale)
-        .matmul(k.clone().narrow(2, 0, seen).swap_dims(2, 3));
+    let [batch, kv_heads, rows, seen] = scores.dims();
+    let groups = rows / len;
     let hidden = hidden
         .clone()
         .narrow(2, start, len)
         .narrow(3, 0, seen)
-        .expand([batch, heads, len, seen]);
-    scores.mask_fill(hidden, f32::NEG_INFINITY)
+        .unsqueeze_dim::<5>(2)
+        .expand([batch, kv_heads, groups, len, seen]);
+    scores
+        .reshape([batch, kv_heads, groups, len, seen])
+        .mask_fill(hidden, f32::NEG_INFINITY)
+        .reshape([batch, kv_heads, rows, seen])
+}
+
+/// A 4-D tensor's rows as one matrix, through `kernel`, and back to 4-D (each output keeps its
+/// own width).
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+fn by_rows<I: Backend, K, const N: usize, const M: usize>(
+    kernel: &K,
+    inputs: [Tensor<I, 4>; N],
+) -> [Tensor<I, 4>; M]
+where
+    K: gpu_kernel::GpuKernel<N, M>,
+{
+    let [batch, heads, rows, _] = inputs[0].dims();
+    let matrices = inputs.map(|t| {
+        let width = t.dims()[3];
+        t.reshape([batch * heads * rows, width])
+    });
+    gpu_kernel::launch(kernel, &matrices)
+        .expect("the GPU kernels take every f32 chunk of scores")
+        .map(|t| {
+            let width = t.dims()[1];
+            t.reshape([batch, heads, rows, width])
+        })
+}
+
+/// Positions `start..start + len` of `t`'s heads, grouped by the key/value head they read
+/// (query head `h` reads key/value head `h / groups`, as HF's `repeat_kv` lays them out).
+///
+/// # Shapes
+/// - t: `[batch, kv_heads · groups, seq, head_dim]`
+/// - output: `[batch, kv_heads, groups · len, head_dim]`
+fn grouped<I: Backend>(
+    t: &Tensor<I, 4>,
+    kv_heads: usize,
+    start: usize,
+    len: usize,
+) -> Tensor<I, 4> {
+    let [batch, heads, seq, head_dim] = t.dims();
+    let groups = heads / kv_heads;
+    let t = t.clone();
+    if groups == 1 {
+        return t.narrow(2, start, len); // a view, whatever t's layout
+    }
+    if len == seq {
+        return t.reshape([batch, kv_heads, groups * seq, head_dim]);
+    }
+    t.reshape([batch, kv_heads, groups, seq, head_dim])
+        .narrow(3, start, len)
+        .reshape([batch, kv_heads, groups * len, head_dim])
+}
+
+/// [`grouped`] undone: `[batch, kv_heads, groups · len, head_dim]` as `[batch, heads, len,
+/// head_dim]` (a view).
+fn ungrouped<I: Backend>(t: Tensor<I, 4>, heads: usize) -> Tensor<I, 4> {
+    let [batch, kv_heads, rows, head_dim] = t.dims();
+    t.reshape([batch, heads, rows * kv_heads / heads, head_dim])
 }
 
 /// The attention output, and per chunk of queries each query's log-sum-exp of scores (kept
@@ -249,21 +345,31 @@ fn attention_forward<I: Backend>(
     // Scores and softmax in f32 whatever the inputs' precision; the output in theirs.
     let dtype = q.dtype();
     let [q, k, v] = [q, k, v].map(|t| t.clone().cast(FloatDType::F32));
-    let groups = q.dims()[1] / k.dims()[1];
-    let (q, k, v) = (&q, &repeat_kv(k, groups), &repeat_kv(v, groups));
-    let seq = q.dims()[2];
-    let hidden = hidden_keys(mask, seq, &q.device());
+    let [_, heads, seq, _] = q.dims();
+    let kv_heads = k.dims()[1];
+    let visibility = Visibility::of(mask, seq, &q.device());
     let mut outs = Vec::new();
     let mut lses = Vec::new();
     for start in (0..seq).step_by(chunk) {
         let len = chunk.min(seq - start);
-        let scores = chunk_scores(q, k, &hidden, start, len);
-        let max = scores.clone().max_dim(3);
-        let exp = (scores - max.clone()).exp();
-        let total = exp.clone().sum_dim(3);
-        let out = exp.matmul(v.clone().narrow(2, 0, start + len)) / total.clone();
-        outs.push(out.cast(dtype).swap_dims(1, 2));
-        lses.push(max + total.log());
+        let scores = chunk_scores(grouped(&q, kv_heads, start, len), &k, start, len);
+        let v_seen = v.clone().narrow(2, 0, start + len);
+        let (out, lse) = match &visibility {
+            #[cfg(any(feature = "cuda", feature = "wgpu"))]
+            Visibility::Causal => {
+                let [probs, lse] = by_rows(&CausalSoftmax { start, len }, [scores]);
+                (probs.matmul(v_seen), lse)
+            }
+            Visibility::Hidden(hidden) => {
+                let scores = masked(scores, hidden, start, len);
+                let max = scores.clone().max_dim(3);
+                let exp = (scores - max.clone()).exp();
+                let total = exp.clone().sum_dim(3);
+                (exp.matmul(v_seen) / total.clone(), max + total.log())
+            }
+        };
+        outs.push(ungrouped(out, heads).cast(dtype).swap_dims(1, 2));
+        lses.push(lse);
     }
     (positions_major(outs), lses)
 }
@@ -308,15 +414,12 @@ fn attention_backward<I: Backend>(saved: Saved<I>, d_out: Tensor<I, 4>) -> [Tens
     let [q, k, v, out, d_out] = [q, k, v, out, d_out].map(|t| t.cast(FloatDType::F32));
     let kv_heads = k.dims()[1];
     let [_, heads, seq, head_dim] = q.dims();
-    let (k, v) = (
-        repeat_kv(k, heads / kv_heads),
-        repeat_kv(v, heads / kv_heads),
-    );
     let scale = (head_dim as f64).powf(-0.5);
-    let hidden = hidden_keys(mask.as_ref(), seq, &q.device());
+    let visibility = Visibility::of(mask.as_ref(), seq, &q.device());
     // The last chunk first: it sees every key, so its key and value gradients are the whole
     // tensors, which each earlier chunk adds into the prefix of keys it sees (no zero-filled
-    // start, and one chunk needs no additions at all).
+    // start, and one chunk needs no additions at all). Queries go grouped by the key/value head
+    // they read, so each product sums over a group's query heads as it goes.
     let mut dq = Vec::new();
     let mut dk: Option<Tensor<I, 4>> = None;
     let mut dv: Option<Tensor<I, 4>> = None;
@@ -324,20 +427,33 @@ fn attention_backward<I: Backend>(saved: Saved<I>, d_out: Tensor<I, 4>) -> [Tens
     for (start, lse) in starts.into_iter().zip(lse).rev() {
         let len = chunk.min(seq - start);
         let seen = start + len;
-        let k_seen = k.clone().narrow(2, 0, seen);
-        let probs = (chunk_scores(&q, &k, &hidden, start, len) - lse).exp();
-        let d_out_chunk = d_out.clone().narrow(2, start, len);
-        let row_dots = (d_out_chunk.clone() * out.clone().narrow(2, start, len)).sum_dim(3);
-        let dv_part = probs.clone().swap_dims(2, 3).matmul(d_out_chunk.clone());
+        let q_chunk = grouped(&q, kv_heads, start, len);
+        let scores = chunk_scores(q_chunk.clone(), &k, start, len);
+        let d_out_chunk = grouped(&d_out, kv_heads, start, len);
+        let row_dots = (d_out_chunk.clone() * grouped(&out, kv_heads, start, len)).sum_dim(3);
+        let d_probs = d_out_chunk
+            .clone()
+            .matmul(v.clone().narrow(2, 0, seen).swap_dims(2, 3));
+        let (probs, d_scores) = match &visibility {
+            #[cfg(any(feature = "cuda", feature = "wgpu"))]
+            Visibility::Causal => {
+                let softmax = CausalSoftmaxBackward(CausalSoftmax { start, len });
+                let [probs, d_scores] = by_rows(&softmax, [scores, lse, d_probs, row_dots]);
+                (probs, d_scores)
+            }
+            Visibility::Hidden(hidden) => {
+                let probs = (masked(scores, hidden, start, len) - lse).exp();
+                (probs.clone(), probs * (d_probs - row_dots))
+            }
+        };
+        let dv_part = probs.swap_dims(2, 3).matmul(d_out_chunk);
         dv = Some(add_into_prefix(dv, dv_part));
-        let d_probs = d_out_chunk.matmul(v.clone().narrow(2, 0, seen).swap_dims(2, 3));
-        let d_scores = probs * (d_probs - row_dots);
-        let dq_chunk = d_scores.clone().matmul(k_seen).mul_scalar(scale);
-        dq.push(dq_chunk.cast(dtypes[0]).swap_dims(1, 2));
-        let dk_part = d_scores
-            .swap_dims(2, 3)
-            .matmul(q.clone().narrow(2, start, len))
+        let dq_chunk = d_scores
+            .clone()
+            .matmul(k.clone().narrow(2, 0, seen))
             .mul_scalar(scale);
+        dq.push(ungrouped(dq_chunk, heads).cast(dtypes[0]).swap_dims(1, 2));
+        let dk_part = d_scores.swap_dims(2, 3).matmul(q_chunk).mul_scalar(scale);
         dk = Some(add_into_prefix(dk, dk_part));
     }
     dq.reverse();
@@ -347,11 +463,7 @@ fn attention_backward<I: Backend>(saved: Saved<I>, d_out: Tensor<I, 4>) -> [Tens
     );
     // dq's chunks are in q's precision already.
     let [_, k_dtype, v_dtype] = dtypes;
-    [
-        positions_major(dq),
-        sum_groups(dk, kv_heads).cast(k_dtype),
-        sum_groups(dv, kv_heads).cast(v_dtype),
-    ]
+    [positions_major(dq), dk.cast(k_dtype), dv.cast(v_dtype)]
 }
 
 /// `part` (the gradient for the first `seen` keys) added into `whole`, or `part` itself when
@@ -369,25 +481,10 @@ fn add_into_prefix<I: Backend>(whole: Option<Tensor<I, 4>>, part: Tensor<I, 4>) 
     whole.slice_assign([0..batch, 0..heads, 0..seen, 0..head_dim], sum)
 }
 
-/// The gradient of `repeat_kv`: each key/value head's gradient summed over the query heads that
-/// read it.
-///
-/// # Shapes
-/// - input: `[batch, heads, seq, head_dim]`
-/// - output: `[batch, kv_heads, seq, head_dim]`
-fn sum_groups<I: Backend>(x: Tensor<I, 4>, kv_heads: usize) -> Tensor<I, 4> {
-    let [batch, heads, seq, head_dim] = x.dims();
-    if heads == kv_heads {
-        return x;
-    }
-    x.reshape([batch, kv_heads, heads / kv_heads, seq, head_dim])
-        .sum_dim(2)
-        .reshape([batch, kv_heads, seq, head_dim])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::attention::repeat_kv;
     use burn::tensor::module::attention;
     use burn::tensor::ops::AttentionModuleOptions;
     use burn::tensor::{Distribution, TensorData, Tolerance};
@@ -596,5 +693,67 @@ mod tests {
         let q = Tensor::<Flex, 4>::zeros([1, 1, 1, 8], &device);
         let kv = Tensor::<Flex, 4>::zeros([1, 1, 4, 8], &device);
         assert!(chunked_causal_attention(&q, &kv, &kv, None).is_none());
+    }
+
+    /// The op on wgpu (the GPU kernels' causal softmax without a mask, burn's masked ops with
+    /// one) against the CPU kernel, grouped-query heads, in several chunks and in one. Needs a
+    /// Vulkan device (a GPU's, or Mesa's lavapipe on the CPU): `cargo test --release -p
+    /// burnish-model --features wgpu -- --ignored on_wgpu`.
+    #[cfg(feature = "wgpu")]
+    #[test]
+    #[ignore = "needs a GPU or a Vulkan driver (wgpu)"]
+    fn on_wgpu_the_op_equals_the_cpu_kernel() {
+        use burn_cubecl::CubeBackend;
+        use cubecl::wgpu::WgpuRuntime;
+        type Plain = CubeBackend<WgpuRuntime, f32, i32, u32>;
+        type Gpu = Autodiff<Plain>;
+
+        let [batch, heads, kv_heads, seq, head_dim] = [2, 6, 2, 300, 16];
+        let device = Default::default();
+        Flex::seed(&device, 11);
+        let data = |heads: usize| {
+            Tensor::<Flex, 4>::random(
+                [batch, heads, seq, head_dim],
+                Distribution::Default,
+                &device,
+            )
+            .into_data()
+        };
+        let inputs = [data(heads), data(kv_heads), data(kv_heads), data(heads)];
+        let document: Vec<bool> = (0..batch * seq * seq)
+            .map(|i| ((i / seq) % seq < 170) != (i % seq < 170))
+            .collect();
+        let documents = TensorData::new(document, [batch, 1, seq, seq]);
+        for mask in [None, Some(documents)] {
+            let cpu_inputs = inputs
+                .clone()
+                .map(|d| Tensor::<AD, 4>::from_data(d, &device));
+            let cpu_mask = mask
+                .clone()
+                .map(|m| Tensor::<AD, 4, Bool>::from_data(m, &device));
+            let cpu = run(
+                |q, k, v| on::<AD, Flex>(&q, &k, &v, cpu_mask.as_ref(), Kernel::Cpu).expect("op"),
+                &cpu_inputs,
+            );
+            for kernel in [Kernel::Chunks(128), Kernel::Chunks(512)] {
+                let gpu_device = Default::default();
+                let gpu_inputs = inputs
+                    .clone()
+                    .map(|d| Tensor::<Gpu, 4>::from_data(d, &gpu_device));
+                let gpu_mask = mask
+                    .clone()
+                    .map(|m| Tensor::<Gpu, 4, Bool>::from_data(m, &gpu_device));
+                let [q, k, v, upstream] = gpu_inputs;
+                let (q, k, v) = (q.require_grad(), k.require_grad(), v.require_grad());
+                let out = on::<Gpu, Plain>(&q, &k, &v, gpu_mask.as_ref(), kernel).expect("op");
+                let grads = (out.clone() * upstream).sum().backward();
+                let grad = |t: &Tensor<Gpu, 4>| t.grad(&grads).expect("a gradient").into_data();
+                let gpu = [out.into_data(), grad(&q), grad(&k), grad(&v)];
+                for (gpu, cpu) in gpu.into_iter().zip(&cpu) {
+                    let tolerance = Tolerance::absolute(1e-5).set_relative(1e-5);
+                    gpu.assert_approx_eq::<f32>(cpu, tolerance);
+                }
+            }
+        }
     }
 }

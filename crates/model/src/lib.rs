@@ -15,6 +15,8 @@ mod decoder;
 mod error;
 mod generate;
 mod generation_config;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+mod gpu_kernels;
 mod merge;
 mod mlp;
 mod norm;

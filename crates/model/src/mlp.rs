@@ -1,5 +1,6 @@
 //! The SwiGLU feed-forward block: `down(silu(gate(x)) · up(x))`, with the gating as one
-//! kernel on the CPU backend and one autodiff node of burn's ops elsewhere.
+//! kernel on the CPU backend and one autodiff node elsewhere, whose passes are a kernel each on
+//! the plain GPU backends (`gpu_kernels`) and burn's ops on the others.
 
 use burn::module::Module;
 use burn::tensor::backend::Backend;
@@ -10,7 +11,11 @@ use burnish_peft::composed_op::{self, ComposedOp};
 use rayon::prelude::*;
 
 use crate::cpu_kernel::{self, Kernel, PARALLEL_CHUNK, tensor, values};
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+use crate::gpu_kernels::{SwigluBackward, SwigluForward};
 use crate::vector_exp::exp_in_place;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+use burnish_peft::gpu_kernel;
 
 /// Gated feed-forward block of a Llama-style layer (`mlp.{gate,up,down}_proj`).
 #[derive(Module, Debug)]
@@ -31,7 +36,10 @@ impl<B: Backend> Mlp<B> {
 }
 
 /// `silu(gate) · up`.
-fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
+pub(crate) fn swiglu<B: Backend, const D: usize>(
+    gate: Tensor<B, D>,
+    up: Tensor<B, D>,
+) -> Tensor<B, D> {
     let inputs = [gate.clone(), up.clone()].map(|t| t.into_primitive().tensor());
     match cpu_kernel::run::<B, _, 2>(Swiglu, inputs) {
         Some(out) => Tensor::from_primitive(TensorPrimitive::Float(out)),
@@ -59,6 +67,10 @@ impl ComposedOp<2> for SwigluOp {
         // g·σ(g)·u = g·u / (1 + e^-g): four passes, where burn's silu and product are eight
         // (its sigmoid goes through a log-sigmoid); in f32, rounded once to the inputs'
         // precision.
+        #[cfg(any(feature = "cuda", feature = "wgpu"))]
+        if let Some([out]) = gpu_kernel::launch(&SwigluForward, &[gate.clone(), up.clone()]) {
+            return (out, None);
+        }
         let dtype = gate.dtype();
         let [gate, up] = [gate, up].map(|t| t.cast(FloatDType::F32));
         let denominator = gate.clone().neg().exp().add_scalar(1.0);
@@ -72,6 +84,12 @@ impl ComposedOp<2> for SwigluOp {
         d_out: Tensor<I, 2>,
         [gate_wanted, up_wanted]: [bool; 2],
     ) -> [Option<Tensor<I, 2>>; 2] {
+        #[cfg(any(feature = "cuda", feature = "wgpu"))]
+        if let Some([dg, du]) =
+            gpu_kernel::launch(&SwigluBackward, &[gate.clone(), up.clone(), d_out.clone()])
+        {
+            return [gate_wanted.then_some(dg), up_wanted.then_some(du)];
+        }
         let (gate_dtype, up_dtype) = (gate.dtype(), up.dtype());
         let [gate, up, d_out] = [gate, up, d_out].map(|t| t.cast(FloatDType::F32));
         let sigma = gate.clone().neg().exp().add_scalar(1.0).recip();

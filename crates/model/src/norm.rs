@@ -1,5 +1,6 @@
 //! RMSNorm as transformers computes it: `x / sqrt(mean(x²) + eps) · weight`, as one kernel on
-//! the CPU backend and one autodiff node of burn's ops elsewhere.
+//! the CPU backend and one autodiff node elsewhere, whose passes are a kernel each on the plain
+//! GPU backends (`gpu_kernels`) and burn's ops on the others.
 
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
@@ -9,6 +10,10 @@ use burnish_peft::composed_op::{self, ComposedOp};
 use rayon::prelude::*;
 
 use crate::cpu_kernel::{self, Kernel, tensor, values};
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+use crate::gpu_kernels::{RmsNormBackward, RmsNormForward};
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+use burnish_peft::gpu_kernel;
 
 /// Root-mean-square normalisation over the last dimension with a learned scale.
 #[derive(Module, Debug)]
@@ -59,6 +64,13 @@ impl ComposedOp<2> for RmsNormOp {
         &self,
         [x, weight]: [Tensor<I, 2>; 2],
     ) -> (Tensor<I, 2>, Option<Tensor<I, 2>>) {
+        #[cfg(any(feature = "cuda", feature = "wgpu"))]
+        if let Some([out, inv_rms]) = gpu_kernel::launch(
+            &RmsNormForward { eps: self.eps },
+            &[x.clone(), weight.clone()],
+        ) {
+            return (out, Some(inv_rms));
+        }
         let dtype = x.dtype();
         let x = x.cast(FloatDType::F32);
         let inv_rms = x
@@ -80,6 +92,13 @@ impl ComposedOp<2> for RmsNormOp {
         [x_wanted, weight_wanted]: [bool; 2],
     ) -> [Option<Tensor<I, 2>>; 2] {
         let r = inv_rms.expect("RmsNormOp's forward pass keeps r");
+        #[cfg(any(feature = "cuda", feature = "wgpu"))]
+        if x_wanted && !weight_wanted {
+            let inputs = [x.clone(), weight.clone(), r.clone(), d_out.clone()];
+            if let Some([dx]) = gpu_kernel::launch(&RmsNormBackward, &inputs) {
+                return [Some(dx), None];
+            }
+        }
         let (x_dtype, weight_dtype) = (x.dtype(), weight.dtype());
         let [x, weight, d_out] = [x, weight, d_out].map(|t| t.cast(FloatDType::F32));
         let hidden = x.dims()[1] as f64;

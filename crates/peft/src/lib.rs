@@ -15,6 +15,8 @@ pub mod cublas;
 mod error;
 #[cfg(any(feature = "cuda", test))]
 mod gemm_layout;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+pub mod gpu_kernel;
 mod linear;
 mod lora;
 pub mod merge_methods;
