@@ -112,6 +112,13 @@ if [ "$DEVICE" = cuda ] && [ "$DTYPE" = bf16 ]; then
   BURNISH_ACTIVATIONS=f32 bench $ROUTE ${first[0]} 150
 fi
 
+# The first row with burn's ops where burnish's own GPU kernels run (RMSNorm, SwiGLU, the
+# attention's causal softmax): what the kernels gain.
+if [ "$DEVICE" = cuda ]; then
+  log "burnish bench, burn's ops instead of burnish's GPU kernels"
+  BURNISH_GPU_KERNELS=burn bench $ROUTE ${first[0]} 150
+fi
+
 # The other builds on the first rows, and their scores: burn's fusion backend, then fusion with
 # cubecl's autotuning at level $TUNE_LEVEL (its first step of each shape times the candidate
 # kernels: the row's wall time, logged, holds that cost; the tuned choices are cached on disk).

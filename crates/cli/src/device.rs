@@ -125,6 +125,20 @@ pub fn product_route<B: Backend>(dtype: BaseDtype) -> &'static str {
     "burn"
 }
 
+/// Whether burnish's own GPU kernels (`burnish_peft::gpu_kernel`) run on `B`: on the plain CUDA
+/// and wgpu backends unless turned off, for `bench`'s report.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+pub fn own_gpu_kernels<B: Backend>() -> bool {
+    burnish_peft::gpu_kernel::takes::<B>()
+}
+
+/// Without a GPU backend built, burnish's own GPU kernels run nowhere.
+#[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+#[allow(clippy::extra_unused_type_parameters)] // the signature the GPU builds have
+pub fn own_gpu_kernels<B: Backend>() -> bool {
+    false
+}
+
 #[cfg(not(feature = "cuda"))]
 fn run_cuda<J: Job>(_index: usize, _job: J) -> Result<J::Output> {
     bail!("--device cuda: this burnish was built without CUDA; rebuild with `--features cuda`")

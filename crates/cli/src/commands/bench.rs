@@ -18,7 +18,7 @@ use burnish_model::{BaseDtype, HfConfig, RandomWeights, build_decoder};
 use burnish_peft::{LoraConfig, Targets};
 use clap::{Args, ValueEnum};
 
-use crate::device::{DeviceArg, Job, base_dtype_for, product_route, run_on};
+use crate::device::{DeviceArg, Job, base_dtype_for, own_gpu_kernels, product_route, run_on};
 use crate::memory::MemoryGauge;
 
 #[derive(Debug, Args)]
@@ -174,6 +174,7 @@ impl Job for Bench {
                 "peak_memory_bytes": peak, "memory": memory.describe(),
                 "matmul": product_route::<B>(a.dtype), "backend": B::name(&device),
                 "autotune": cfg!(feature = "autotune"),
+                "gpu_kernels": own_gpu_kernels::<B>(),
                 "gradient_checkpointing": a.gradient_checkpointing,
             });
             println!("{out}");
