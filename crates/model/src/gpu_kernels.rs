@@ -1,7 +1,7 @@
 //! RMSNorm, SwiGLU and the causal softmax of the chunked attention, forward and backward, as
 //! cubecl kernels for the GPU backends (launched through [`burnish_peft::gpu_kernel`]): what
 //! `RmsNormOp`, `SwigluOp` and `chunked_attention` compute in burn's ops, each pass one kernel
-//! launch and one pass over memory, where burn's ops take six to fourteen (and the attention a
+//! launch and one pass over memory, where burn's ops take five to fifteen (and the attention a
 //! materialized causal mask).
 //! Arithmetic in f32 whatever the tensors' precision, each result rounded once to its tensor's.
 //! Inputs are `[rows, width]` matrices (an RMSNorm's weight `[1, width]`), made contiguous
