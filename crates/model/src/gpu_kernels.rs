@@ -276,7 +276,7 @@ impl GpuKernel<2, 2> for RmsNormForward {
         &self,
         [x, weight]: &[CubeTensor<R>; 2],
     ) -> Option<[CubeTensor<R>; 2]> {
-        if !float(x.dtype) || !float(weight.dtype) || x.meta.num_elements() == 0 {
+        if !float(x.dtype) || !float(weight.dtype) {
             return None;
         }
         let (x, weight) = (into_contiguous(x.clone()), into_contiguous(weight.clone()));
@@ -307,8 +307,7 @@ pub(crate) struct RmsNormBackward;
 
 impl GpuKernel<4, 1> for RmsNormBackward {
     fn launch<R: CubeRuntime>(&self, inputs: &[CubeTensor<R>; 4]) -> Option<[CubeTensor<R>; 1]> {
-        let empty_input = inputs[0].meta.num_elements() == 0;
-        if empty_input || inputs.iter().any(|t| !float(t.dtype)) || inputs[2].dtype != DType::F32 {
+        if inputs.iter().any(|t| !float(t.dtype)) || inputs[2].dtype != DType::F32 {
             return None;
         }
         let [x, weight, inv_rms, d_out] = inputs.clone().map(into_contiguous);
@@ -354,7 +353,7 @@ impl CausalSoftmax {
 impl GpuKernel<1, 2> for CausalSoftmax {
     fn launch<R: CubeRuntime>(&self, [scores]: &[CubeTensor<R>; 1]) -> Option<[CubeTensor<R>; 2]> {
         let (start, len) = self.positions()?;
-        if scores.dtype != DType::F32 || scores.meta.num_elements() == 0 {
+        if scores.dtype != DType::F32 {
             return None;
         }
         let scores = into_contiguous(scores.clone());
@@ -384,7 +383,7 @@ pub(crate) struct CausalSoftmaxBackward(pub CausalSoftmax);
 impl GpuKernel<4, 2> for CausalSoftmaxBackward {
     fn launch<R: CubeRuntime>(&self, inputs: &[CubeTensor<R>; 4]) -> Option<[CubeTensor<R>; 2]> {
         let (start, len) = self.0.positions()?;
-        if inputs.iter().any(|t| t.dtype != DType::F32) || inputs[0].meta.num_elements() == 0 {
+        if inputs.iter().any(|t| t.dtype != DType::F32) {
             return None;
         }
         let [scores, lse, d_probs, row_dots] = inputs.clone().map(into_contiguous);
@@ -418,7 +417,7 @@ impl GpuKernel<2, 1> for SwigluForward {
         &self,
         [gate, up]: &[CubeTensor<R>; 2],
     ) -> Option<[CubeTensor<R>; 1]> {
-        if !float(gate.dtype) || gate.dtype != up.dtype || gate.meta.num_elements() == 0 {
+        if !float(gate.dtype) || gate.dtype != up.dtype {
             return None;
         }
         let (gate, up) = (into_contiguous(gate.clone()), into_contiguous(up.clone()));
@@ -445,8 +444,7 @@ pub(crate) struct SwigluBackward;
 impl GpuKernel<3, 2> for SwigluBackward {
     fn launch<R: CubeRuntime>(&self, inputs: &[CubeTensor<R>; 3]) -> Option<[CubeTensor<R>; 2]> {
         let [gate, up, d_out] = inputs;
-        let taken = float(gate.dtype) && gate.dtype == up.dtype && float(d_out.dtype);
-        if !taken || gate.meta.num_elements() == 0 {
+        if !float(gate.dtype) || gate.dtype != up.dtype || !float(d_out.dtype) {
             return None;
         }
         let [gate, up, d_out] = inputs.clone().map(into_contiguous);

@@ -15,16 +15,17 @@ use std::sync::OnceLock;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorPrimitive};
+use burn_cubecl::CubeBackend;
 pub use burn_cubecl::CubeRuntime;
 pub use burn_cubecl::tensor::CubeTensor;
-use burn_cubecl::{BoolElement, CubeBackend};
 
 use crate::rebrand::rebrand;
 
 /// A kernel of `N` matrices to `M`, for any cubecl runtime.
 pub trait GpuKernel<const N: usize, const M: usize> {
     /// The outputs, or `None` where the kernel does not take these inputs (a dtype it is not
-    /// written for), for the caller's burn ops to compute instead.
+    /// written for), for the caller's burn ops to compute instead. [`launch`] hands over no
+    /// empty input.
     fn launch<R: CubeRuntime>(&self, inputs: &[CubeTensor<R>; N]) -> Option<[CubeTensor<R>; M]>;
 }
 
@@ -38,6 +39,13 @@ fn enabled() -> bool {
     *ENABLED.get_or_init(|| !std::env::var(GPU_KERNELS_ENV).is_ok_and(|v| v == "burn"))
 }
 
+/// burn's CUDA backend without fusion, as burnish builds it.
+#[cfg(feature = "cuda")]
+type PlainCuda = CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
+/// burn's wgpu backend without fusion, as burnish builds it.
+#[cfg(feature = "wgpu")]
+type PlainWgpu = CubeBackend<cubecl::wgpu::WgpuRuntime, f32, i32, u32>;
+
 /// Whether `I` is one of the plain cubecl backends burnish builds (CUDA, wgpu), which take the
 /// kernels, and they are on.
 pub fn takes<I: Backend>() -> bool {
@@ -45,56 +53,51 @@ pub fn takes<I: Backend>() -> bool {
         return false;
     }
     #[cfg(feature = "cuda")]
-    if TypeId::of::<I>() == TypeId::of::<CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>>() {
+    if TypeId::of::<I>() == TypeId::of::<PlainCuda>() {
         return true;
     }
     #[cfg(feature = "wgpu")]
-    if TypeId::of::<I>() == TypeId::of::<CubeBackend<cubecl::wgpu::WgpuRuntime, f32, i32, u32>>() {
+    if TypeId::of::<I>() == TypeId::of::<PlainWgpu>() {
         return true;
     }
     false
 }
 
 /// `kernel` on `inputs` when `I` is one of the plain cubecl backends burnish builds (CUDA,
-/// wgpu); `None` on any other backend and where the kernel declines the inputs.
+/// wgpu) and no input is empty; `None` on any other backend and where the kernel declines the
+/// inputs.
 pub fn launch<I: Backend, K: GpuKernel<N, M>, const N: usize, const M: usize>(
     kernel: &K,
     inputs: &[Tensor<I, 2>; N],
 ) -> Option<[Tensor<I, 2>; M]> {
-    if !enabled() {
+    if !takes::<I>() || inputs.iter().any(|t| t.shape().num_elements() == 0) {
         return None;
     }
     #[cfg(feature = "cuda")]
-    if let Some(out) = on::<I, cubecl::cuda::CudaRuntime, u8, K, N, M>(kernel, inputs) {
-        return out;
+    if TypeId::of::<I>() == TypeId::of::<PlainCuda>() {
+        return on::<I, PlainCuda, _, K, N, M>(kernel, inputs);
     }
     #[cfg(feature = "wgpu")]
-    if let Some(out) = on::<I, cubecl::wgpu::WgpuRuntime, u32, K, N, M>(kernel, inputs) {
-        return out;
+    if TypeId::of::<I>() == TypeId::of::<PlainWgpu>() {
+        return on::<I, PlainWgpu, _, K, N, M>(kernel, inputs);
     }
     None
 }
 
-/// `kernel` on `inputs` when `I` is the plain backend of runtime `R` (with the bool element
-/// burn gives it); `None` when it is not.
-fn on<I, R, Bool, K, const N: usize, const M: usize>(
+/// `kernel` on `inputs`, where `I` is `Plain`, the plain backend of runtime `R`.
+fn on<I, Plain, R, K, const N: usize, const M: usize>(
     kernel: &K,
     inputs: &[Tensor<I, 2>; N],
-) -> Option<Option<[Tensor<I, 2>; M]>>
+) -> Option<[Tensor<I, 2>; M]>
 where
     I: Backend,
+    Plain: Backend<FloatTensorPrimitive = CubeTensor<R>>,
     R: CubeRuntime,
-    Bool: BoolElement,
     K: GpuKernel<N, M>,
 {
-    if TypeId::of::<I>() != TypeId::of::<CubeBackend<R, f32, i32, Bool>>() {
-        return None;
-    }
-    let tensors = inputs.each_ref().map(|t| -> CubeTensor<R> {
-        rebrand::<FloatTensor<I>, _>(t.clone().into_primitive().tensor())
+    let tensors = inputs.each_ref().map(|t| {
+        rebrand::<FloatTensor<I>, FloatTensor<Plain>>(t.clone().into_primitive().tensor())
     });
-    let outputs = kernel
-        .launch(&tensors)
-        .map(|outputs| outputs.map(|t| Tensor::from_primitive(TensorPrimitive::Float(rebrand(t)))));
-    Some(outputs)
+    let outputs = kernel.launch(&tensors)?;
+    Some(outputs.map(|t| Tensor::from_primitive(TensorPrimitive::Float(rebrand(t)))))
 }
