@@ -216,7 +216,10 @@ enum Visibility<I: Backend> {
 impl<I: Backend> Visibility<I> {
     fn of(mask: Option<&Tensor<I, 4, Bool>>, seq: usize, device: &I::Device) -> Self {
         #[cfg(any(feature = "cuda", feature = "wgpu"))]
-        if mask.is_none() && gpu_kernel::takes::<I>() {
+        if mask.is_none()
+            && gpu_kernel::takes_kernel::<I, CausalSoftmax>()
+            && gpu_kernel::takes_kernel::<I, CausalSoftmaxBackward>()
+        {
             return Self::Causal;
         }
         Self::Hidden(hidden_keys(mask, seq, device))
@@ -695,19 +698,17 @@ mod tests {
         assert!(chunked_causal_attention(&q, &kv, &kv, None).is_none());
     }
 
-    /// The op on wgpu (the GPU kernels' causal softmax without a mask, burn's masked ops with
-    /// one) against the CPU kernel, grouped-query heads, in several chunks and in one. Needs a
-    /// Vulkan device (a GPU's, or Mesa's lavapipe on the CPU): `cargo test --release -p
-    /// burnish-model --features wgpu -- --ignored on_wgpu`.
-    #[cfg(feature = "wgpu")]
-    #[test]
-    #[ignore = "needs a GPU or a Vulkan driver (wgpu)"]
-    fn on_wgpu_the_op_equals_the_cpu_kernel() {
-        use burn_cubecl::CubeBackend;
-        use cubecl::wgpu::WgpuRuntime;
-        type Plain = CubeBackend<WgpuRuntime, f32, i32, u32>;
-        type Gpu = Autodiff<Plain>;
-
+    /// The op on a GPU backend (the GPU kernels' causal softmax without a mask, burn's masked
+    /// ops with one) against the CPU kernel, grouped-query heads, in several chunks and in one,
+    /// to `tolerance`. On wgpu it needs a Vulkan device (a GPU's, or Mesa's lavapipe on the
+    /// CPU): `cargo test --release -p burnish-model --features wgpu -- --ignored on_wgpu`; on
+    /// CUDA an NVIDIA GPU, with `BURNISH_GPU_KERNELS=all` (`--features cuda`, `on_cuda`).
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    fn on_a_gpu_the_op_equals_the_cpu_kernel<Plain: Backend>(tolerance: Tolerance<f32>) {
+        assert!(
+            burnish_peft::gpu_kernel::takes::<Plain>(),
+            "the GPU kernels are off here: set BURNISH_GPU_KERNELS=all"
+        );
         let [batch, heads, kv_heads, seq, head_dim] = [2, 6, 2, 300, 16];
         let device = Default::default();
         Flex::seed(&device, 11);
@@ -739,21 +740,45 @@ mod tests {
                 let gpu_device = Default::default();
                 let gpu_inputs = inputs
                     .clone()
-                    .map(|d| Tensor::<Gpu, 4>::from_data(d, &gpu_device));
+                    .map(|d| Tensor::<Autodiff<Plain>, 4>::from_data(d, &gpu_device));
                 let gpu_mask = mask
                     .clone()
-                    .map(|m| Tensor::<Gpu, 4, Bool>::from_data(m, &gpu_device));
+                    .map(|m| Tensor::<Autodiff<Plain>, 4, Bool>::from_data(m, &gpu_device));
                 let [q, k, v, upstream] = gpu_inputs;
                 let (q, k, v) = (q.require_grad(), k.require_grad(), v.require_grad());
-                let out = on::<Gpu, Plain>(&q, &k, &v, gpu_mask.as_ref(), kernel).expect("op");
+                let out = on::<Autodiff<Plain>, Plain>(&q, &k, &v, gpu_mask.as_ref(), kernel)
+                    .expect("op");
                 let grads = (out.clone() * upstream).sum().backward();
-                let grad = |t: &Tensor<Gpu, 4>| t.grad(&grads).expect("a gradient").into_data();
+                let grad = |t: &Tensor<Autodiff<Plain>, 4>| {
+                    t.grad(&grads).expect("a gradient").into_data()
+                };
                 let gpu = [out.into_data(), grad(&q), grad(&k), grad(&v)];
                 for (gpu, cpu) in gpu.into_iter().zip(&cpu) {
-                    let tolerance = Tolerance::absolute(1e-5).set_relative(1e-5);
                     gpu.assert_approx_eq::<f32>(cpu, tolerance);
                 }
             }
         }
+    }
+
+    #[cfg(feature = "wgpu")]
+    #[test]
+    #[ignore = "needs a GPU or a Vulkan driver (wgpu)"]
+    fn on_wgpu_the_op_equals_the_cpu_kernel() {
+        type Plain = burn_cubecl::CubeBackend<cubecl::wgpu::WgpuRuntime, f32, i32, u32>;
+        on_a_gpu_the_op_equals_the_cpu_kernel::<Plain>(
+            Tolerance::absolute(1e-5).set_relative(1e-5),
+        );
+    }
+
+    /// On CUDA burn's f32 products run in TF32 (errors of about 1e-3 here): a wrong kernel is off
+    /// by far more.
+    #[cfg(feature = "cuda")]
+    #[test]
+    #[ignore = "needs an NVIDIA GPU, and BURNISH_GPU_KERNELS=all"]
+    fn on_cuda_the_op_equals_the_cpu_kernel() {
+        type Plain = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
+        on_a_gpu_the_op_equals_the_cpu_kernel::<Plain>(
+            Tolerance::absolute(2e-2).set_relative(2e-2),
+        );
     }
 }

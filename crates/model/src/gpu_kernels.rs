@@ -467,24 +467,23 @@ impl GpuKernel<3, 2> for SwigluBackward {
     }
 }
 
-#[cfg(all(test, feature = "wgpu"))]
+#[cfg(test)]
 mod tests {
     //! The kernels through the modules that take them (`RmsNorm`, the MLP's gating), under
-    //! autodiff on wgpu, against the same modules on the CPU backend (whose kernels are checked
-    //! against burn's ops and transformers' values) on the same inputs. They need a Vulkan
-    //! device (a GPU's, or Mesa's lavapipe on the CPU): `cargo test --release -p burnish-model
-    //! --features wgpu -- --ignored gpu_kernels`.
+    //! autodiff on a GPU backend, against the same modules on the CPU backend (whose kernels are
+    //! checked against burn's ops and transformers' values) on the same inputs. On wgpu they
+    //! need a Vulkan device (a GPU's, or Mesa's lavapipe on the CPU): `cargo test --release -p
+    //! burnish-model --features wgpu -- --ignored gpu_kernels`; on CUDA an NVIDIA GPU, with
+    //! `BURNISH_GPU_KERNELS=all` (`--features cuda`).
     use burn::backend::{Autodiff, Flex};
     use burn::module::Module;
     use burn::tensor::backend::{AutodiffBackend, Backend};
     use burn::tensor::{Distribution, Tensor, TensorData, Tolerance};
     use burn_cubecl::CubeBackend;
-    use cubecl::wgpu::WgpuRuntime;
 
     use crate::RmsNorm;
     use crate::mlp::swiglu;
 
-    type Gpu = Autodiff<CubeBackend<WgpuRuntime, f32, i32, u32>>;
     type Cpu = Autodiff<Flex>;
 
     /// Random values of `shape` drawn on the CPU, identical for both backends.
@@ -521,9 +520,12 @@ mod tests {
         values
     }
 
-    #[test]
-    #[ignore = "needs a GPU or a Vulkan driver (wgpu)"]
-    fn gpu_kernels_rms_norm_equals_the_cpu_backends() {
+    /// RMSNorm on `Gpu` against the CPU backend's.
+    fn rms_norm_on<Gpu: AutodiffBackend>() {
+        assert!(
+            burnish_peft::gpu_kernel::takes::<Gpu::InnerBackend>(),
+            "the GPU kernels are off here: set BURNISH_GPU_KERNELS=all"
+        );
         // Widths under, at and over the cube's 256 units, none a multiple of them but one.
         for (shape, seed) in [([2, 37, 96], 1), ([1, 5, 256], 2), ([3, 11, 1000], 3)] {
             let inputs = [
@@ -554,9 +556,12 @@ mod tests {
         [out.into_data(), grad(&gate), grad(&up)]
     }
 
-    #[test]
-    #[ignore = "needs a GPU or a Vulkan driver (wgpu)"]
-    fn gpu_kernels_swiglu_equals_the_cpu_backends() {
+    /// SwiGLU on `Gpu` against the CPU backend's.
+    fn swiglu_on<Gpu: AutodiffBackend>() {
+        assert!(
+            burnish_peft::gpu_kernel::takes::<Gpu::InnerBackend>(),
+            "the GPU kernels are off here: set BURNISH_GPU_KERNELS=all"
+        );
         let shape = [2, 33, 160];
         let inputs = [random(shape, 4), random(shape, 5), random(shape, 6)];
         let ours = gating::<Gpu>(&inputs);
@@ -564,5 +569,38 @@ mod tests {
         for (ours, reference) in ours.into_iter().zip(reference) {
             close(ours, reference);
         }
+    }
+
+    #[cfg(feature = "wgpu")]
+    type Wgpu = Autodiff<CubeBackend<cubecl::wgpu::WgpuRuntime, f32, i32, u32>>;
+    #[cfg(feature = "cuda")]
+    type Cuda = Autodiff<CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>>;
+
+    #[cfg(feature = "wgpu")]
+    #[test]
+    #[ignore = "needs a GPU or a Vulkan driver (wgpu)"]
+    fn gpu_kernels_rms_norm_on_wgpu_equals_the_cpu_backends() {
+        rms_norm_on::<Wgpu>();
+    }
+
+    #[cfg(feature = "wgpu")]
+    #[test]
+    #[ignore = "needs a GPU or a Vulkan driver (wgpu)"]
+    fn gpu_kernels_swiglu_on_wgpu_equals_the_cpu_backends() {
+        swiglu_on::<Wgpu>();
+    }
+
+    #[cfg(feature = "cuda")]
+    #[test]
+    #[ignore = "needs an NVIDIA GPU, and BURNISH_GPU_KERNELS=all"]
+    fn gpu_kernels_rms_norm_on_cuda_equals_the_cpu_backends() {
+        rms_norm_on::<Cuda>();
+    }
+
+    #[cfg(feature = "cuda")]
+    #[test]
+    #[ignore = "needs an NVIDIA GPU, and BURNISH_GPU_KERNELS=all"]
+    fn gpu_kernels_swiglu_on_cuda_equals_the_cpu_backends() {
+        swiglu_on::<Cuda>();
     }
 }

@@ -7,7 +7,8 @@
 //! Only burn's plain cubecl backends take them: under burn's fusion backend the tensors are not
 //! cubecl's, and its fused kernels do this work instead. Dispatch is by `TypeId`, as in
 //! [`composed_op`](crate::composed_op), so callers keep no extra bound: [`launch`] returns
-//! `None` on every other backend, whose callers use burn's ops.
+//! `None` on every other backend, whose callers use burn's ops. On CUDA they stay off unless
+//! [`GPU_KERNELS_ENV`] asks for them: checked on wgpu, they computed wrong values on a card.
 
 use std::any::TypeId;
 use std::sync::OnceLock;
@@ -29,14 +30,61 @@ pub trait GpuKernel<const N: usize, const M: usize> {
     fn launch<R: CubeRuntime>(&self, inputs: &[CubeTensor<R>; N]) -> Option<[CubeTensor<R>; M]>;
 }
 
-/// The environment variable that turns the kernels off: `burn` leaves their work to burn's ops
-/// everywhere, for side-by-side measurements (and as a way around a kernel a device mishandles).
+/// The environment variable that picks the kernels: unset, those checked on the backend at hand
+/// (on wgpu every one; on CUDA none: in the first run on a card, 2026-11-27, they computed
+/// wrong values there, the RMSNorm forward pass at least); `all`, every one on either backend;
+/// `burn`, none (their work left to burn's ops, for side-by-side measurements); or a
+/// comma-separated list of kernel names (`RmsNormForward,SwigluBackward`), those alone, to tell
+/// which kernel a wrong result comes from.
 pub const GPU_KERNELS_ENV: &str = "BURNISH_GPU_KERNELS";
 
-/// Whether the kernels are on for this process ([`GPU_KERNELS_ENV`], read once).
-fn enabled() -> bool {
-    static ENABLED: OnceLock<bool> = OnceLock::new();
-    *ENABLED.get_or_init(|| !std::env::var(GPU_KERNELS_ENV).is_ok_and(|v| v == "burn"))
+/// Which kernels [`GPU_KERNELS_ENV`] turns on.
+#[derive(Debug, PartialEq)]
+enum Chosen {
+    Checked,
+    All,
+    Named(Vec<String>),
+}
+
+impl Chosen {
+    fn parse(value: Option<&str>) -> Self {
+        match value.map(str::trim) {
+            None | Some("") => Self::Checked,
+            Some("all") => Self::All,
+            Some("burn") => Self::Named(Vec::new()),
+            Some(list) => Self::Named(list.split(',').map(|n| n.trim().to_owned()).collect()),
+        }
+    }
+
+    /// Whether `kernel` runs on a plain backend, CUDA or wgpu.
+    fn includes(&self, kernel: &str, cuda: bool) -> bool {
+        match self {
+            Self::Checked => !cuda,
+            Self::All => true,
+            Self::Named(names) => names.iter().any(|n| n == kernel),
+        }
+    }
+
+    /// Whether any kernel runs there.
+    fn any(&self, cuda: bool) -> bool {
+        match self {
+            Self::Checked => !cuda,
+            Self::All => true,
+            Self::Named(names) => !names.is_empty(),
+        }
+    }
+}
+
+/// This process's choice ([`GPU_KERNELS_ENV`], read once).
+fn chosen() -> &'static Chosen {
+    static CHOSEN: OnceLock<Chosen> = OnceLock::new();
+    CHOSEN.get_or_init(|| Chosen::parse(std::env::var(GPU_KERNELS_ENV).ok().as_deref()))
+}
+
+/// A kernel's name as [`GPU_KERNELS_ENV`] lists it: its type's, without the path.
+fn name<K>() -> &'static str {
+    let path = std::any::type_name::<K>();
+    path.rsplit("::").next().unwrap_or(path)
 }
 
 /// burn's CUDA backend without fusion, as burnish builds it.
@@ -47,30 +95,39 @@ type PlainCuda = CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
 type PlainWgpu = CubeBackend<cubecl::wgpu::WgpuRuntime, f32, i32, u32>;
 
 /// Whether `I` is one of the plain cubecl backends burnish builds (CUDA, wgpu), which take the
-/// kernels, and they are on.
+/// kernels, and any is on there.
 pub fn takes<I: Backend>() -> bool {
-    if !enabled() {
-        return false;
-    }
+    plain::<I>().is_some_and(|cuda| chosen().any(cuda))
+}
+
+/// Whether `I` is one of the plain cubecl backends and kernel `K` is on there: a caller that
+/// relies on `K` running (laying its inputs out for it) asks first.
+pub fn takes_kernel<I: Backend, K>() -> bool {
+    plain::<I>().is_some_and(|cuda| chosen().includes(name::<K>(), cuda))
+}
+
+/// Whether `I` is one of the plain cubecl backends burnish builds: `Some(true)` for CUDA,
+/// `Some(false)` for wgpu.
+fn plain<I: Backend>() -> Option<bool> {
     #[cfg(feature = "cuda")]
     if TypeId::of::<I>() == TypeId::of::<PlainCuda>() {
-        return true;
+        return Some(true);
     }
     #[cfg(feature = "wgpu")]
     if TypeId::of::<I>() == TypeId::of::<PlainWgpu>() {
-        return true;
+        return Some(false);
     }
-    false
+    None
 }
 
 /// `kernel` on `inputs` when `I` is one of the plain cubecl backends burnish builds (CUDA,
-/// wgpu) and no input is empty; `None` on any other backend and where the kernel declines the
-/// inputs.
+/// wgpu), the kernel is on there and no input is empty; `None` on any other backend and where
+/// the kernel declines the inputs.
 pub fn launch<I: Backend, K: GpuKernel<N, M>, const N: usize, const M: usize>(
     kernel: &K,
     inputs: &[Tensor<I, 2>; N],
 ) -> Option<[Tensor<I, 2>; M]> {
-    if !takes::<I>() || inputs.iter().any(|t| t.shape().num_elements() == 0) {
+    if !takes_kernel::<I, K>() || inputs.iter().any(|t| t.shape().num_elements() == 0) {
         return None;
     }
     #[cfg(feature = "cuda")]
@@ -100,4 +157,31 @@ where
     });
     let outputs = kernel.launch(&tensors)?;
     Some(outputs.map(|t| Tensor::from_primitive(TensorPrimitive::Float(rebrand(t)))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_environment_picks_the_checked_all_none_or_the_named_kernels() {
+        let checked = Chosen::parse(None);
+        assert!(
+            checked.includes("RmsNormForward", false) && !checked.includes("RmsNormForward", true)
+        );
+        assert!(checked.any(false) && !checked.any(true));
+        let all = Chosen::parse(Some("all"));
+        assert!(all.includes("RmsNormForward", true) && all.any(true));
+        let none = Chosen::parse(Some("burn"));
+        assert!(!none.includes("RmsNormForward", false) && !none.any(false));
+        let two = Chosen::parse(Some("RmsNormForward, SwigluBackward"));
+        assert!(two.includes("RmsNormForward", true) && two.includes("SwigluBackward", false));
+        assert!(!two.includes("SwigluForward", false) && two.any(true));
+    }
+
+    #[test]
+    fn a_kernel_is_named_by_its_type_alone() {
+        struct SomeKernel;
+        assert_eq!(name::<SomeKernel>(), "SomeKernel");
+    }
 }
