@@ -389,9 +389,11 @@ mod tests {
     /// The route's result against burn's matmul, at the precision burn keeps (TF32 for f32).
     fn like_burn(ours: &TensorData, burn: TensorData, dtype: DType) {
         // TF32 rounds each f32 operand to 11 significant bits: over 576 products of N(0, 1)
-        // values its error reaches a few 1e-2.
+        // values that is an error of about 2.4e-2 per output (standard deviation), and over the
+        // 3.5 million outputs below its largest reaches 5 to 6 of those (0.13 on an H100,
+        // 2026-11-27). A wrong layout is off by whole units.
         let tolerance = match dtype {
-            DType::F32 => Tolerance::absolute(1e-1).set_relative(1e-2),
+            DType::F32 => Tolerance::absolute(2.5e-1).set_relative(1e-2),
             _ => Tolerance::absolute(5e-2).set_relative(2e-2),
         };
         ours.clone()
