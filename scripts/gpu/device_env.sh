@@ -1,6 +1,7 @@
 # Sourced by the GPU scripts on the GPU machine, from the repository root, with OUT and DEVICE
-# set: unpacks the binaries prepare.sh gzipped into WORK (BIN, TESTS, and the other builds as
-# $WORK/burnish-<name>; plain builds can be named with BURNISH and TESTS), makes the CUDA
+# set: unpacks the binaries prepare.sh gzipped into WORK (BIN, TESTS and MODEL_TESTS for
+# burnish-peft's and burnish-model's tests, and the other builds as $WORK/burnish-<name>; plain
+# builds can be named with BURNISH, TESTS and MODEL_TESTS), makes the CUDA
 # libraries and headers that load at run time findable, and notes where they were found in
 # $OUT/env.txt.
 WORK=$(mktemp -d)
@@ -11,6 +12,7 @@ for packed in gpu-bin/*.gz; do
 done
 BIN=${BURNISH:-$WORK/burnish}
 TESTS=${TESTS:-$WORK/peft-tests}
+MODEL_TESTS=${MODEL_TESTS:-$WORK/model-tests}
 # cuBLAS and NVRTC load at run time, and NVRTC needs the toolkit's headers: make both findable,
 # from the toolkit or from the Python packages' copies of its libraries.
 if [ -z "${CUDA_PATH:-}" ] && [ ! -d /usr/local/cuda ] && command -v nvcc >/dev/null; then

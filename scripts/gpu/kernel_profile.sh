@@ -11,7 +11,8 @@
 #
 # SHAPE, MODE, BATCH, SEQ and DTYPE pick the row (default: smollm2-135m SFT, 8 x 1024, bf16);
 # BUILD names the binary (plain, or one of prepare.sh's other builds: fusion, tuned); results
-# land in OUT (default: gpu-results/).
+# land in OUT (default: gpu-results/). PARTS=profile runs the profile alone (side_by_side.sh
+# does, after its bench rows); the default, "timings profile", runs both.
 set -uo pipefail
 DEVICE=cuda
 OUT=${OUT:-gpu-results}
@@ -24,6 +25,7 @@ mkdir -p "$OUT"
 export RUST_BACKTRACE=0
 source "$(dirname "$0")/device_env.sh"
 BUILD=${BUILD:-plain}
+PARTS=${PARTS:-timings profile}
 [ "$BUILD" = plain ] || BIN=$WORK/burnish-$BUILD
 TIMEFORMAT='wall %R s, user %U s, sys %S s'
 
@@ -34,12 +36,15 @@ bench() {
     --dtype "$DTYPE" --device cuda --json "$@" 2>>"$OUT/bench.err"
 }
 
-for matmul in cublas burn; do
-  echo "== $SHAPE $MODE $BATCH x $SEQ, $matmul"
-  time BURNISH_MATMUL=$matmul bench "$BATCH" "$SEQ" --warmup 3 --steps 10
-done
-echo "== $SHAPE $MODE 1 x 128, cublas"
-bench 1 128 --warmup 3 --steps 10
+if [[ $PARTS == *timings* ]]; then
+  for matmul in cublas burn; do
+    echo "== $SHAPE $MODE $BATCH x $SEQ, $matmul"
+    time BURNISH_MATMUL=$matmul bench "$BATCH" "$SEQ" --warmup 3 --steps 10
+  done
+  echo "== $SHAPE $MODE 1 x 128, cublas"
+  bench 1 128 --warmup 3 --steps 10
+fi
+[[ $PARTS == *profile* ]] || { rm -rf "$WORK"; exit 0; }
 echo "== kernel profile, $SHAPE $MODE $BATCH x $SEQ, cublas"
 CUBECL_DEBUG_LOG=stderr CUBECL_DEBUG_OPTION=profile timeout 150 "$BIN" bench --shape "$SHAPE" \
   --mode "$MODE" --batch "$BATCH" --seq "$SEQ" --dtype "$DTYPE" --device cuda --json \

@@ -2,8 +2,9 @@
 # Builds what a GPU run needs into gpu-bin/ (git-ignored), on the development machine: the GPU
 # machine has no Rust toolchain. The CUDA binary; the same with burn's fusion backend (the
 # `fusion` feature) and with fusion and cubecl's autotuning (`autotune`), the two measured side
-# by side with the first; the test binary holding the cuBLAS checks; and the peer script, all
-# stripped and gzipped so that together they fit a device run's 64 MiB carry.
+# by side with the first; the test binaries holding the cuBLAS checks and the GPU kernels'; and
+# the peer script, all stripped and gzipped so that together they fit a device run's 64 MiB
+# carry.
 # Then run scripts/gpu/side_by_side.sh on the GPU machine, carrying gpu-bin/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -18,15 +19,18 @@ for build in tuned=cuda,fusion,autotune fusion=cuda,fusion plain=cuda; do
   [ "$name" = plain ] && binary=gpu-bin/burnish
   strip -o "$binary" target/release/burnish
 done
-tests=$(cargo test --release -p burnish-peft --features cuda --no-run --message-format=json |
-  python3 -c 'import json, sys
+# The library test binary of a package built with CUDA.
+test_binary() {
+  cargo test --release -p "$1" --features cuda --no-run --message-format=json |
+    python3 -c 'import json, sys
 for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["lib"]:
-        print(m["executable"])')
-
-strip -o gpu-bin/peft-tests "$tests"
-gzip -9 gpu-bin/burnish gpu-bin/burnish-* gpu-bin/peft-tests
+        print(m["executable"])'
+}
+strip -o gpu-bin/peft-tests "$(test_binary burnish-peft)"
+strip -o gpu-bin/model-tests "$(test_binary burnish-model)"
+gzip -9 gpu-bin/burnish gpu-bin/burnish-* gpu-bin/*-tests
 cp ../shared/bench/peer_lora.py gpu-bin/
 du -b gpu-bin/* | awk '{ print; total += $1 } END {
   printf "total %.1f MiB\n", total / 2^20; if (total > 64 * 2^20) { print "over the 64 MiB carry"; exit 1 } }'

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # One prepared device run, most important first, inside a time budget: the cuBLAS route's checks
-# against the exact product and burn's matmul, `burnish bench` and the transformers + PEFT peer
+# against the exact product and burn's matmul; `burnish bench` and the transformers + PEFT peer
 # (peer_lora.py, run by peer_reserved.py to add torch's reserved memory) side by side on the
-# card, the first row again with f32 activations under the bf16 base, the same rows and scores
-# from the builds with burn's fusion backend and with fusion and autotuning (prepare.sh), the
-# larger shapes, the same bench on burn's matmul alone (the cuBLAS route's gain), the CUDA
-# build's scores against the CPU's on the fixture models, the quickstart recipe trained end to
-# end, then the first rows with activation checkpointing. A ratio table closes it; autotune.txt
-# lists the kernels the tuned build chose. Run from the repository root.
+# card; the CUDA build's scores against the CPU's on the fixture models; the first row again with
+# burnish's GPU kernels, and a kernel profile of it; the larger shapes; the quickstart recipe
+# trained end to end; the first row with f32 activations under the bf16 base, and on burn's
+# matmul alone (the cuBLAS route's gain); the same rows and scores from the builds with burn's
+# fusion backend and with fusion and autotuning (prepare.sh); then the first rows with
+# activation checkpointing. A ratio table closes it; autotune.txt lists the kernels the tuned
+# build chose. Run from the repository root.
 #
 # On the development machine (the GPU machine has no Rust toolchain):
 #   scripts/gpu/prepare.sh                 # fills gpu-bin/
@@ -105,6 +106,43 @@ DEV=$DEVICE step 240 "peer" python3 "$(dirname "$0")/peer_reserved.py" "$PEER" "
   >"$OUT/peer.txt" 2>"$OUT/peer.err" ||
   echo "peer failed or timed out: see $OUT/peer.err"
 
+log "parity: burnish score on the fixture models, $DEVICE (f32 and bf16) against cpu (f32)"
+for model in llama mistral qwen2; do
+  for run in "cpu f32" "$DEVICE f32" "$DEVICE bf16"; do
+    read -r dev dtype <<<"$run"
+    name="score-$model-$dev-$dtype"
+    step 60 "$name" "$BIN" score --model "tests/fixtures/models/$model" --ids "$IDS" --device "$dev" \
+      --dtype "$dtype" --json >"$OUT/$name.json" 2>"$OUT/$name.err" ||
+      echo "score $model on $dev in $dtype failed: see $OUT/$name.err"
+  done
+done
+
+# The first row with burnish's own GPU kernels (RMSNorm, SwiGLU, the attention's causal
+# softmax), off on CUDA by default since they computed wrong values there: what they gain once
+# right (scripts/gpu/kernel_check.sh tells which is wrong).
+if [ "$DEVICE" = cuda ]; then
+  log "burnish bench with burnish's GPU kernels"
+  BURNISH_GPU_KERNELS=all bench $ROUTE ${first[0]} 150
+fi
+
+# Where the first row's time goes now: cubecl's per-kernel times for the plain build
+# (kernels.txt; the raw log as kernels.log.gz).
+if [ "$DEVICE" = cuda ]; then
+  log "kernel profile of the first SFT row"
+  step 90 "kernel profile" env PARTS=profile BURNISH_MATMUL=$ROUTE OUT="$OUT" BURNISH="$BIN" \
+    "$(dirname "$0")/kernel_profile.sh" >"$OUT/profile.txt" 2>&1
+  head -n 12 "$OUT/profile.txt"
+fi
+
+log "burnish bench, larger shapes"
+for row in "${rest[@]}"; do bench $ROUTE $row 120; done
+
+log "end to end: the quickstart recipe trained on $DEVICE (the CPU gets 0/48 -> 48/48)"
+step 90 "quickstart" "$BIN" train recipes/quickstart.toml --device "$DEVICE" \
+  --set output.dir="$OUT/quickstart-run" >"$OUT/quickstart.txt" 2>"$OUT/quickstart.err" ||
+  echo "quickstart on $DEVICE failed: see $OUT/quickstart.err"
+grep "exact match" "$OUT/quickstart.txt"
+
 # The first row with the activations kept in f32 under the bf16 base (as before bf16
 # activations): what they gain, and a measurement should bf16 activations fail on the card.
 if [ "$DEVICE" = cuda ] && [ "$DTYPE" = bf16 ]; then
@@ -112,11 +150,9 @@ if [ "$DEVICE" = cuda ] && [ "$DTYPE" = bf16 ]; then
   BURNISH_ACTIVATIONS=f32 bench $ROUTE ${first[0]} 150
 fi
 
-# The first row with burn's ops where burnish's own GPU kernels run (RMSNorm, SwiGLU, the
-# attention's causal softmax): what the kernels gain.
-if [ "$DEVICE" = cuda ]; then
-  log "burnish bench, burn's ops instead of burnish's GPU kernels"
-  BURNISH_GPU_KERNELS=burn bench $ROUTE ${first[0]} 150
+if [ "$ROUTE" = cublas ]; then
+  log "burnish bench on burn's matmul (the cuBLAS route's gain)"
+  bench burn ${first[0]} 150
 fi
 
 # The other builds on the first rows, and their scores: burn's fusion backend, then fusion with
@@ -148,31 +184,6 @@ if [ -d target/autotune ]; then
   cp -r target/autotune "$OUT/"
   python3 "$(dirname "$0")/autotune_summary.py" target/autotune >"$OUT/autotune.txt" 2>&1
 fi
-
-log "burnish bench, larger shapes"
-for row in "${rest[@]}"; do bench $ROUTE $row 120; done
-
-if [ "$ROUTE" = cublas ]; then
-  log "burnish bench on burn's matmul (the cuBLAS route's gain)"
-  bench burn ${first[0]} 150
-fi
-
-log "parity: burnish score on the fixture models, $DEVICE (f32 and bf16) against cpu (f32)"
-for model in llama mistral qwen2; do
-  for run in "cpu f32" "$DEVICE f32" "$DEVICE bf16"; do
-    read -r dev dtype <<<"$run"
-    name="score-$model-$dev-$dtype"
-    step 60 "$name" "$BIN" score --model "tests/fixtures/models/$model" --ids "$IDS" --device "$dev" \
-      --dtype "$dtype" --json >"$OUT/$name.json" 2>"$OUT/$name.err" ||
-      echo "score $model on $dev in $dtype failed: see $OUT/$name.err"
-  done
-done
-
-log "end to end: the quickstart recipe trained on $DEVICE (the CPU gets 0/48 -> 48/48)"
-step 90 "quickstart" "$BIN" train recipes/quickstart.toml --device "$DEVICE" \
-  --set output.dir="$OUT/quickstart-run" >"$OUT/quickstart.txt" 2>"$OUT/quickstart.err" ||
-  echo "quickstart on $DEVICE failed: see $OUT/quickstart.err"
-grep "exact match" "$OUT/quickstart.txt"
 
 log "burnish bench with the layers recomputed in the backward pass (train.gradient_checkpointing)"
 for row in "${first[@]}"; do BENCH_FLAGS=--gradient-checkpointing bench $ROUTE $row 150; done

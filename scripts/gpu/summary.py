@@ -66,9 +66,8 @@ def row(key, o, p):
     matmul += "+recomputed" if o.get("gradient_checkpointing") else ""
     # A bf16 base whose activations were kept in f32 (BURNISH_ACTIVATIONS=f32).
     matmul += "+f32act" if o.get("dtype") == "bf16" and o.get("activations") == "f32" else ""
-    # burn's ops where burnish's own GPU kernels would run (BURNISH_GPU_KERNELS=burn).
-    backend = o.get("backend", "")
-    matmul += "+burnops" if o.get("gpu_kernels") is False and "cubecl" in backend and "fusion" not in backend else ""
+    # burnish's own GPU kernels in place of burn's ops (on CUDA: BURNISH_GPU_KERNELS=all).
+    matmul += "+gpukernels" if o.get("gpu_kernels") else ""
     print(f"{key[0]:16} {key[1]:4} {key[2]:<2} {key[3]:<5} {matmul:20}"
           f"{round(o['step_ms'], 1) if 'step_ms' in o else o.get('error', '—'):<9} "
           f"{str(p.get('step_ms', '—')):<9} "
