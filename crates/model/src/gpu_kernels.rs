@@ -86,10 +86,12 @@ fn rms_norm_forward_kernel<X: Float, W: Float>(
     weight: &Tensor<W>,
     out: &mut Tensor<X>,
     inv_rms: &mut Tensor<f32>,
-    eps: f32,
+    #[comptime] eps_bits: u32,
     #[comptime] units: usize,
     #[define(X, W)] _dtypes: [StorageType; 2],
 ) {
+    // A constant of the compiled kernel (one per model's epsilon), not a runtime scalar.
+    let eps = f32::new(comptime!(f32::from_bits(eps_bits)));
     let row = CUBE_POS;
     if row >= inv_rms.len() {
         terminate!();
@@ -293,7 +295,7 @@ impl GpuKernel<2, 2> for RmsNormForward {
             weight.into_tensor_arg(),
             out.clone().into_tensor_arg(),
             inv_rms.clone().into_tensor_arg(),
-            self.eps as f32,
+            (self.eps as f32).to_bits(),
             ROW_UNITS,
             dtypes,
         );
