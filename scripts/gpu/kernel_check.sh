@@ -44,7 +44,7 @@ run all-tiny all --shape tiny --mode sft --batch 2 --seq 64 --dtype bf16
 for kernels in burn all; do
   for dtype in f32 bf16; do
     BURNISH_GPU_KERNELS=$kernels timeout 60 "$BIN" score --model tests/fixtures/models/llama \
-      --ids 1,17,42,99,5,23,64,128,7,250,31,88,12,199,3,77 --device cuda --dtype "$dtype" \
+      --ids 1,17,42,99,5,23,64,128,7,250,31,88,12,199,3,77 --device "$DEVICE" --dtype "$dtype" \
       --json >"$OUT/check-score-$kernels-$dtype.json" 2>>"$OUT/check-score.err"
   done
 done

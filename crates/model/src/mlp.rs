@@ -64,13 +64,13 @@ impl ComposedOp<2> for SwigluOp {
         &self,
         [gate, up]: [Tensor<I, 2>; 2],
     ) -> (Tensor<I, 2>, Option<Tensor<I, 2>>) {
-        // g·σ(g)·u = g·u / (1 + e^-g): four passes, where burn's silu and product are eight
-        // (its sigmoid goes through a log-sigmoid); in f32, rounded once to the inputs'
-        // precision.
         #[cfg(any(feature = "cuda", feature = "wgpu"))]
         if let Some([out]) = gpu_kernel::launch(&SwigluForward, &[gate.clone(), up.clone()]) {
             return (out, None);
         }
+        // g·σ(g)·u = g·u / (1 + e^-g): four passes, where burn's silu and product are eight
+        // (its sigmoid goes through a log-sigmoid); in f32, rounded once to the inputs'
+        // precision.
         let dtype = gate.dtype();
         let [gate, up] = [gate, up].map(|t| t.cast(FloatDType::F32));
         let denominator = gate.clone().neg().exp().add_scalar(1.0);
