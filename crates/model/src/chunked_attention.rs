@@ -488,23 +488,33 @@ fn add_into_prefix<I: Backend>(whole: Option<Tensor<I, 4>>, part: Tensor<I, 4>) 
 mod tests {
     use super::*;
     use crate::attention::repeat_kv;
+    use burn::tensor::backend::AutodiffBackend;
     use burn::tensor::module::attention;
     use burn::tensor::ops::AttentionModuleOptions;
     use burn::tensor::{Distribution, TensorData, Tolerance};
 
     type AD = Autodiff<Flex>;
 
-    /// Output and the three gradients of `Σ out ∘ upstream`.
-    fn run(
-        attend: impl Fn(Tensor<AD, 4>, Tensor<AD, 4>, Tensor<AD, 4>) -> Tensor<AD, 4>,
-        inputs: &[Tensor<AD, 4>; 4],
+    /// Output and the three gradients of `Σ out ∘ upstream`, on autodiff backend `B`.
+    fn run<B: AutodiffBackend>(
+        attend: impl Fn(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) -> Tensor<B, 4>,
+        inputs: &[Tensor<B, 4>; 4],
     ) -> [TensorData; 4] {
         let [q, k, v, upstream] = inputs.clone();
         let (q, k, v) = (q.require_grad(), k.require_grad(), v.require_grad());
         let out = attend(q.clone(), k.clone(), v.clone());
         let grads = (out.clone() * upstream).sum().backward();
-        let grad = |t: &Tensor<AD, 4>| t.grad(&grads).expect("a gradient").into_data();
+        let grad = |t: &Tensor<B, 4>| t.grad(&grads).expect("a gradient").into_data();
         [out.into_data(), grad(&q), grad(&k), grad(&v)]
+    }
+
+    /// Two documents per row (packing) over the first 170 positions and the rest: the keys of
+    /// the other document are hidden (`[batch, 1, seq, seq]`).
+    fn two_documents(batch: usize, seq: usize) -> TensorData {
+        let document: Vec<bool> = (0..batch * seq * seq)
+            .map(|i| ((i / seq) % seq < 170) != (i % seq < 170))
+            .collect();
+        TensorData::new(document, [batch, 1, seq, seq])
     }
 
     #[test]
@@ -521,14 +531,7 @@ mod tests {
                 &device,
             )
         };
-        // Two documents per row (packing): keys of the other document are hidden.
-        let document: Vec<bool> = (0..batch * seq * seq)
-            .map(|i| ((i / seq) % seq < 170) != (i % seq < 170))
-            .collect();
-        let documents = Tensor::<AD, 4, Bool>::from_data(
-            TensorData::new(document, [batch, 1, seq, seq]),
-            &device,
-        );
+        let documents = Tensor::<AD, 4, Bool>::from_data(two_documents(batch, seq), &device);
         // Plain heads, and grouped queries (three query heads per key/value head).
         for kv_heads in [heads, 2] {
             let groups = heads / kv_heads;
@@ -721,11 +724,7 @@ mod tests {
             .into_data()
         };
         let inputs = [data(heads), data(kv_heads), data(kv_heads), data(heads)];
-        let document: Vec<bool> = (0..batch * seq * seq)
-            .map(|i| ((i / seq) % seq < 170) != (i % seq < 170))
-            .collect();
-        let documents = TensorData::new(document, [batch, 1, seq, seq]);
-        for mask in [None, Some(documents)] {
+        for mask in [None, Some(two_documents(batch, seq))] {
             let cpu_inputs = inputs
                 .clone()
                 .map(|d| Tensor::<AD, 4>::from_data(d, &device));
@@ -744,15 +743,13 @@ mod tests {
                 let gpu_mask = mask
                     .clone()
                     .map(|m| Tensor::<Autodiff<Plain>, 4, Bool>::from_data(m, &gpu_device));
-                let [q, k, v, upstream] = gpu_inputs;
-                let (q, k, v) = (q.require_grad(), k.require_grad(), v.require_grad());
-                let out = on::<Autodiff<Plain>, Plain>(&q, &k, &v, gpu_mask.as_ref(), kernel)
-                    .expect("op");
-                let grads = (out.clone() * upstream).sum().backward();
-                let grad = |t: &Tensor<Autodiff<Plain>, 4>| {
-                    t.grad(&grads).expect("a gradient").into_data()
-                };
-                let gpu = [out.into_data(), grad(&q), grad(&k), grad(&v)];
+                let gpu = run(
+                    |q, k, v| {
+                        on::<Autodiff<Plain>, Plain>(&q, &k, &v, gpu_mask.as_ref(), kernel)
+                            .expect("op")
+                    },
+                    &gpu_inputs,
+                );
                 for (gpu, cpu) in gpu.into_iter().zip(&cpu) {
                     gpu.assert_approx_eq::<f32>(cpu, tolerance);
                 }
