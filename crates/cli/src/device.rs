@@ -82,6 +82,9 @@ fn run_cuda<J: Job>(index: usize, job: J) -> Result<J::Output> {
     }
     let device = burn::backend::cuda::CudaDevice { index };
     let output = job.run::<burn::backend::Cuda>(device.clone());
+    if let Some(why) = burnish_peft::cublas::device_ordering_refused() {
+        eprintln!("note: the cuBLAS products were ordered by the host, not the device: {why}");
+    }
     // Let the device finish what the job left queued (freeing its buffers, say) before the
     // process exits: the driver tears down at exit and cubecl's server thread would panic on
     // a call into it.
@@ -111,12 +114,19 @@ pub fn base_dtype_for<B: Backend>(
 
 /// What the frozen projections' matrix products run on under backend `B` with the base held in
 /// `dtype` (resolved), for reports: `cublas-large` is cuBLAS for the products of at least
-/// `burnish_peft::cublas::MIN_ROUTED_PRODUCT` multiply-adds and burn's matmul for the rest (CUDA
-/// without the `fusion` feature); `cpu-bf16` the CPU's bf16 kernel.
+/// `burnish_peft::cublas::MIN_ROUTED_PRODUCT` multiply-adds, each ordered by the host, and burn's
+/// matmul for the rest (CUDA without the `fusion` feature); `cublas-async` cuBLAS from
+/// `MIN_DEVICE_ORDERED_PRODUCT` on, ordered by the device (`cublas-async-refused` when the
+/// driver refused that and the host ordered them); `cpu-bf16` the CPU's bf16 kernel.
 pub fn product_route<B: Backend>(dtype: BaseDtype) -> &'static str {
     #[cfg(feature = "cuda")]
     if burnish_peft::cublas::routes::<B>() {
-        return "cublas-large";
+        use burnish_peft::cublas::{CudaMatmul, Ordering, cuda_matmul, device_ordering_refused};
+        return match (cuda_matmul(), device_ordering_refused()) {
+            (CudaMatmul::Cublas(Ordering::Device), None) => "cublas-async",
+            (CudaMatmul::Cublas(Ordering::Device), Some(_)) => "cublas-async-refused",
+            _ => "cublas-large",
+        };
     }
     if burnish_peft::on_cpu::<B>() && dtype == BaseDtype::Bf16 && burnish_peft::cpu_bf16_available()
     {

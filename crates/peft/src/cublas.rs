@@ -6,18 +6,22 @@
 //! [`MIN_ROUTED_PRODUCT`]).
 //!
 //! cuBLAS is loaded at run time (nothing CUDA is needed to build). Both sides work in the
-//! device's primary context, so cuBLAS reads and writes cubecl's buffers in place. cubecl does
-//! not expose its CUDA stream, so each product is ordered by the host: cubecl's queue is
-//! drained, cuBLAS runs on a stream of its own, and that stream is drained before the result
-//! goes back to burn.
+//! device's primary context, so cuBLAS reads and writes cubecl's buffers in place, on a stream
+//! of its own per thread (cubecl does not expose its CUDA stream). Each product is ordered
+//! against cubecl's stream in one of two ways ([`Ordering`]): by the host, which drains
+//! cubecl's queue before the product and cuBLAS's stream after it, or on the device
+//! ([`device_order`](crate::device_order)), where the host queues both sides and goes on.
 //!
-//! `BURNISH_MATMUL=burn` in the environment turns the route off, for side-by-side measurements;
-//! without a loadable cuBLAS it is off too, and [`cuda_matmul`] says why.
+//! `BURNISH_MATMUL` in the environment picks the route: `cublas` (host-ordered, the default),
+//! `cublas-async` (device-ordered), or `burn` (burn's matmul alone, for side-by-side
+//! measurements); without a loadable cuBLAS it is burn's, and [`cuda_matmul`] says why.
 
 use std::any::TypeId;
 use std::collections::HashMap;
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicU32, Ordering as Atomically};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::thread::ThreadId;
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::NodeId;
@@ -37,6 +41,7 @@ use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation
 use cudarc::cublas::{CudaBlas, result as blas, sys as blas_sys};
 use cudarc::driver::{CudaContext, CudaStream};
 
+use crate::device_order::{Flags, reply, wait_for_signal};
 use crate::gemm_layout::ColumnMajorGemm;
 use crate::rebrand::rebrand;
 
@@ -49,17 +54,29 @@ type Tracked = Autodiff<Plain>;
 type Cube = CubeTensor<CudaRuntime>;
 type TrackedTensor = FloatTensor<Tracked>;
 
-/// The environment variable that picks the CUDA products' matmul: `cublas` (the default) or
-/// `burn`.
+/// The environment variable that picks the CUDA products' matmul: `cublas` (the default),
+/// `cublas-async` or `burn`.
 pub const MATMUL_ENV: &str = "BURNISH_MATMUL";
 
 /// Which matmul the frozen projections use on the CUDA backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CudaMatmul {
-    /// cuBLAS, through this module.
-    Cublas,
+    /// cuBLAS, through this module, each product ordered against cubecl's stream this way.
+    Cublas(Ordering),
     /// burn's own matmul, and why.
     Burn { why: String },
+}
+
+/// How a cuBLAS product is ordered against the work cubecl queues before and after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ordering {
+    /// The host drains cubecl's queue, runs the product and drains cuBLAS's stream: about half
+    /// a millisecond a product on an H100, and the host cannot queue ahead of the device.
+    Host,
+    /// The device orders both streams ([`device_order`](crate::device_order)); the host waits
+    /// for nothing. Falls back to [`Ordering::Host`] where the driver refuses the stream memory
+    /// operations it needs ([`device_ordering_refused`] says why).
+    Device,
 }
 
 /// The route for this process, decided once from [`MATMUL_ENV`] and whether cuBLAS loads.
@@ -67,52 +84,73 @@ pub fn cuda_matmul() -> &'static CudaMatmul {
     static ROUTE: OnceLock<CudaMatmul> = OnceLock::new();
     ROUTE.get_or_init(|| {
         let asked = std::env::var(MATMUL_ENV).unwrap_or_default();
-        match asked.as_str() {
-            "burn" => CudaMatmul::Burn {
-                why: format!("{MATMUL_ENV}=burn"),
-            },
-            "" | "cublas" => {
-                // SAFETY: only tries to open the library; no symbol is called.
-                if unsafe { blas_sys::is_culib_present() } {
-                    CudaMatmul::Cublas
-                } else {
-                    CudaMatmul::Burn {
-                        why: "libcublas was not found; add the folder holding the CUDA libraries \
-                              (often /usr/local/cuda/lib64) to LD_LIBRARY_PATH"
-                            .into(),
-                    }
-                }
+        let ordering = match asked.as_str() {
+            "burn" => {
+                return CudaMatmul::Burn {
+                    why: format!("{MATMUL_ENV}=burn"),
+                };
             }
-            other => CudaMatmul::Burn {
-                why: format!("{MATMUL_ENV}={other} is neither `cublas` nor `burn`"),
-            },
+            "" | "cublas" => Ordering::Host,
+            "cublas-async" => Ordering::Device,
+            other => {
+                return CudaMatmul::Burn {
+                    why: format!(
+                        "{MATMUL_ENV}={other} is none of `cublas`, `cublas-async` and `burn`"
+                    ),
+                };
+            }
+        };
+        // SAFETY: only tries to open the library; no symbol is called.
+        if unsafe { blas_sys::is_culib_present() } {
+            CudaMatmul::Cublas(ordering)
+        } else {
+            CudaMatmul::Burn {
+                why: "libcublas was not found; add the folder holding the CUDA libraries \
+                              (often /usr/local/cuda/lib64) to LD_LIBRARY_PATH"
+                    .into(),
+            }
         }
     })
 }
 
-/// The smallest product, in multiply-adds, that the route takes. Each cuBLAS product is ordered
-/// by the host (cubecl's queue drained before it, cuBLAS's stream after it), about half a
-/// millisecond a product on an H100 (2026-11-26, SmolLM2-135M SFT at 8 x 1024 tokens, 430
-/// products a step: 900 ms a step with every product routed, 691 ms on burn's matmul alone).
-/// cuBLAS's rate (~700 TFLOP/s against burn's ~94 in bf16) wins that back from about 2^35
-/// multiply-adds: the LM head's chunks, and the projections of models of TinyLlama's width.
+/// The smallest product, in multiply-adds, that the route takes with each product ordered by
+/// the host: about half a millisecond a product on an H100 (2026-11-26, SmolLM2-135M SFT at 8 x
+/// 1024 tokens, 430 products a step: 900 ms a step with every product routed, 691 ms on burn's
+/// matmul alone). cuBLAS's rate (~700 TFLOP/s against burn's ~94 in bf16) wins that back from
+/// about 2^35 multiply-adds: the LM head's chunks, and the projections of models of TinyLlama's
+/// width.
 pub const MIN_ROUTED_PRODUCT: usize = 1 << 35;
+
+/// The smallest product the route takes when the device orders it: the ordering adds two
+/// one-unit kernels and two stream operations, some microseconds of the device's time a
+/// product and none of the host's. At ~700 TFLOP/s against ~94, cuBLAS saves 8 µs from about
+/// 2^29 multiply-adds (an estimate, to be measured); the projections of SmolLM2-135M at 8 x 1024
+/// tokens are 2^29.8 to 2^32.7.
+pub const MIN_DEVICE_ORDERED_PRODUCT: usize = 1 << 28;
 
 /// `x·Wᵀ` (`transposed`; x `[n, k]`, weight `[o, k]`) or `x·W` (x `[n, o]`), both operands of
 /// one of f32, bf16 or f16, through cuBLAS when `B` is burnish's CUDA backend, with or without
-/// autodiff, the route is on and the product has at least [`MIN_ROUTED_PRODUCT`]
-/// multiply-adds; `None` otherwise, for the caller to use burn's matmul.
+/// autodiff, the route is on and the product has at least [`MIN_ROUTED_PRODUCT`] multiply-adds
+/// ([`MIN_DEVICE_ORDERED_PRODUCT`] when the device orders it); `None` otherwise, for the caller
+/// to use burn's matmul.
 pub(crate) fn matmul<B: Backend>(
     x: &Tensor<B, 2>,
     weight: &Tensor<B, 2>,
     transposed: bool,
 ) -> Option<Tensor<B, 2>> {
+    let CudaMatmul::Cublas(ordering) = *cuda_matmul() else {
+        return None;
+    };
+    let smallest = match ordering {
+        Ordering::Host => MIN_ROUTED_PRODUCT,
+        Ordering::Device => MIN_DEVICE_ORDERED_PRODUCT,
+    };
     let ([rows, inner], [d_out, d_in]) = (x.dims(), weight.dims());
     let cols = if transposed { d_out } else { d_in };
-    if rows * inner * cols < MIN_ROUTED_PRODUCT {
+    if rows * inner * cols < smallest {
         return None;
     }
-    routed(x, weight, transposed)
+    routed(x, weight, transposed, ordering)
 }
 
 /// Whether products on backend `B` can take the route: `B` is the plain CUDA backend, with or
@@ -120,14 +158,15 @@ pub(crate) fn matmul<B: Backend>(
 pub fn routes<B: Backend>() -> bool {
     let backend = TypeId::of::<B>();
     (backend == TypeId::of::<Plain>() || backend == TypeId::of::<Tracked>())
-        && *cuda_matmul() == CudaMatmul::Cublas
+        && matches!(cuda_matmul(), CudaMatmul::Cublas(_))
 }
 
-/// [`matmul`] whatever the product's size.
+/// [`matmul`] whatever the product's size, ordered as asked.
 fn routed<B: Backend>(
     x: &Tensor<B, 2>,
     weight: &Tensor<B, 2>,
     transposed: bool,
+    ordering: Ordering,
 ) -> Option<Tensor<B, 2>> {
     if !routes::<B>() || x.dtype() != weight.dtype() || data_type(x.dtype()).is_none() {
         return None;
@@ -136,19 +175,30 @@ fn routed<B: Backend>(
     let x = x.clone().into_primitive().tensor();
     let weight = weight.clone().into_primitive().tensor();
     let out: B::FloatTensorPrimitive = if backend == TypeId::of::<Plain>() {
-        rebrand(gemm(rebrand(x), false, rebrand(weight), transposed))
+        rebrand(gemm(
+            rebrand(x),
+            false,
+            rebrand(weight),
+            transposed,
+            ordering,
+        ))
     } else {
-        rebrand(tracked_product(rebrand(x), rebrand(weight), transposed))
+        let backward = ProductBackward {
+            transposed,
+            ordering,
+        };
+        rebrand(backward.tracked(rebrand(x), rebrand(weight)))
     };
     Some(Tensor::from_primitive(TensorPrimitive::Float(out)))
 }
 
 /// The autodiff node of `y = x·Wᵀ` (`dx = dy·W`, `dW = dyᵀ·x`) or of `y = x·W` (`dx = dy·Wᵀ`,
 /// `dW = xᵀ·dy`), each computed only when its input wants a gradient (a frozen base weight
-/// never does).
+/// never does), ordered as the forward product was.
 #[derive(Debug)]
 struct ProductBackward {
     transposed: bool,
+    ordering: Ordering,
 }
 
 impl Backward<Plain, 2> for ProductBackward {
@@ -164,37 +214,47 @@ impl Backward<Plain, 2> for ProductBackward {
         let (x_state, weight_state) = ops.state;
         let [x_parent, weight_parent] = ops.parents;
         let grad: Cube = grads.consume::<Plain>(&ops.node);
+        let ordering = self.ordering;
         if let (Some(parent), Some(x)) = (weight_parent, x_state) {
             let x: Cube = checkpointer.retrieve_node_output(x);
             let grad_weight = if self.transposed {
-                gemm(grad.clone(), true, x, false)
+                gemm(grad.clone(), true, x, false, ordering)
             } else {
-                gemm(x, true, grad.clone(), false)
+                gemm(x, true, grad.clone(), false, ordering)
             };
             grads.register::<Plain>(parent.id, grad_weight);
         }
         if let (Some(parent), Some(weight)) = (x_parent, weight_state) {
             let weight: Cube = checkpointer.retrieve_node_output(weight);
-            grads.register::<Plain>(parent.id, gemm(grad, false, weight, !self.transposed));
+            let grad_x = gemm(grad, false, weight, !self.transposed, ordering);
+            grads.register::<Plain>(parent.id, grad_x);
         }
     }
 }
 
-fn tracked_product(x: TrackedTensor, weight: TrackedTensor, transposed: bool) -> TrackedTensor {
-    let (x_tracked, weight_tracked) = (x.is_tracked(), weight.is_tracked());
-    match (ProductBackward { transposed })
-        .prepare::<NoCheckpointing>([x.node.clone(), weight.node.clone()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(mut prep) => {
-            let x_state = weight_tracked.then(|| prep.checkpoint(&x));
-            let weight_state = x_tracked.then(|| prep.checkpoint(&weight));
-            let out = gemm(x.primitive, false, weight.primitive, transposed);
-            prep.finish((x_state, weight_state), out)
-        }
-        OpsKind::UnTracked(prep) => {
-            prep.finish(gemm(x.primitive, false, weight.primitive, transposed))
+impl ProductBackward {
+    /// The forward product under autodiff, with this node recorded for the backward pass.
+    fn tracked(self, x: TrackedTensor, weight: TrackedTensor) -> TrackedTensor {
+        let (transposed, ordering) = (self.transposed, self.ordering);
+        let (x_tracked, weight_tracked) = (x.is_tracked(), weight.is_tracked());
+        match self
+            .prepare::<NoCheckpointing>([x.node.clone(), weight.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let x_state = weight_tracked.then(|| prep.checkpoint(&x));
+                let weight_state = x_tracked.then(|| prep.checkpoint(&weight));
+                let out = gemm(x.primitive, false, weight.primitive, transposed, ordering);
+                prep.finish((x_state, weight_state), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(gemm(
+                x.primitive,
+                false,
+                weight.primitive,
+                transposed,
+                ordering,
+            )),
         }
     }
 }
@@ -210,8 +270,9 @@ fn data_type(dtype: DType) -> Option<cudaDataType> {
 }
 
 /// Row-major `op(lhs)·op(rhs)`, where `op` transposes when its flag is set; both operands are
-/// 2-D and of one dtype, and so is the result, accumulated in f32.
-pub(crate) fn gemm(lhs: Cube, lhs_t: bool, rhs: Cube, rhs_t: bool) -> Cube {
+/// 2-D and of one dtype, and so is the result, accumulated in f32; ordered against cubecl's
+/// stream as `ordering` says.
+pub(crate) fn gemm(lhs: Cube, lhs_t: bool, rhs: Cube, rhs_t: bool, ordering: Ordering) -> Cube {
     assert_eq!(lhs.dtype, rhs.dtype, "cuBLAS product of two dtypes");
     let data_type = data_type(lhs.dtype).expect("cuBLAS product of an unsupported dtype");
     let (lhs, rhs) = (into_contiguous(lhs), into_contiguous(rhs));
@@ -237,9 +298,12 @@ pub(crate) fn gemm(lhs: Cube, lhs_t: bool, rhs: Cube, rhs_t: bool) -> Cube {
             .expect("cubecl hands out the buffer of a live tensor")
     };
     let (lhs_buffer, rhs_buffer, out_buffer) = (resource(&lhs), resource(&rhs), resource(&out));
-    block_on(client.sync()).expect("the CUDA queue drains before a cuBLAS product");
 
-    let device = Blas::of_device(lhs.device.index);
+    let lane = Lane::of(lhs.device.index);
+    lane.stream
+        .context()
+        .bind_to_thread()
+        .expect("the CUDA context binds to this thread");
     let operation = |transposed| {
         if transposed {
             cublasOperation_t::CUBLAS_OP_T
@@ -249,43 +313,46 @@ pub(crate) fn gemm(lhs: Cube, lhs_t: bool, rhs: Cube, rhs_t: bool) -> Cube {
     };
     let int = |value: usize| i32::try_from(value).expect("cuBLAS dimensions fit in i32");
     let (alpha, beta) = (1.0f32, 0.0f32);
-    device
-        .stream
-        .context()
-        .bind_to_thread()
-        .expect("the CUDA context binds to this thread");
-    // SAFETY: the three pointers address live cubecl buffers of the sizes `call` describes
-    // (held by the resources until this function returns); cubecl's queue has drained, so
-    // nothing else touches them until cuBLAS's stream is synchronized below; alpha and beta are
-    // f32 as CUBLAS_COMPUTE_32F requires.
-    unsafe {
-        blas::gemm_ex(
-            *device.blas.handle(),
-            operation(call.transpose_a),
-            operation(call.transpose_b),
-            int(call.m),
-            int(call.n),
-            int(call.k),
-            (&alpha as *const f32).cast::<c_void>(),
-            rhs_buffer.resource().ptr as *const c_void,
-            data_type,
-            int(call.lda),
-            lhs_buffer.resource().ptr as *const c_void,
-            data_type,
-            int(call.ldb),
-            (&beta as *const f32).cast::<c_void>(),
-            out_buffer.resource().ptr as *mut c_void,
-            data_type,
-            int(call.ldc),
-            cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-        )
+    // SAFETY: the three pointers address live cubecl buffers of the sizes `call` describes;
+    // nothing else touches them until the product is done: with the host ordering, cubecl's
+    // queue has drained and cuBLAS's stream is synchronized after it; with the device's,
+    // cuBLAS's stream starts after the work cubecl queued before it, and the work cubecl queues
+    // after it (a reuse of a buffer freed meanwhile included) waits for its end. alpha and beta
+    // are f32 as CUBLAS_COMPUTE_32F requires.
+    let product = || {
+        unsafe {
+            blas::gemm_ex(
+                *lane.blas.handle(),
+                operation(call.transpose_a),
+                operation(call.transpose_b),
+                int(call.m),
+                int(call.n),
+                int(call.k),
+                (&alpha as *const f32).cast::<c_void>(),
+                rhs_buffer.resource().ptr as *const c_void,
+                data_type,
+                int(call.lda),
+                lhs_buffer.resource().ptr as *const c_void,
+                data_type,
+                int(call.ldb),
+                (&beta as *const f32).cast::<c_void>(),
+                out_buffer.resource().ptr as *mut c_void,
+                data_type,
+                int(call.ldc),
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .expect("cuBLAS GemmEx runs")
+    };
+    match lane.device_order(&out, ordering) {
+        Some(order) => order.around(&lane.stream, product),
+        None => {
+            block_on(client.sync()).expect("the CUDA queue drains before a cuBLAS product");
+            product();
+            lane.stream.synchronize().expect("cuBLAS's stream finishes");
+        }
     }
-    .expect("cuBLAS GemmEx runs");
-    device
-        .stream
-        .synchronize()
-        .expect("cuBLAS's stream finishes");
     out
 }
 
@@ -293,29 +360,116 @@ fn matrix_dims(tensor: &Cube) -> [usize; 2] {
     tensor.meta.shape().dims::<2>()
 }
 
-/// A cuBLAS handle bound to a stream of its own on one device.
-struct Blas {
-    stream: Arc<CudaStream>,
-    blas: CudaBlas,
+/// Why the device could not order cuBLAS's products (the route then orders them by the host),
+/// if it was asked to and could not.
+pub fn device_ordering_refused() -> Option<&'static str> {
+    REFUSED.get().map(String::as_str)
 }
 
-impl Blas {
-    /// The handle for device `index`, created on first use and kept for the process.
-    fn of_device(index: usize) -> Arc<Blas> {
-        static HANDLES: OnceLock<Mutex<HashMap<usize, Arc<Blas>>>> = OnceLock::new();
-        let mut handles = HANDLES
+static REFUSED: OnceLock<String> = OnceLock::new();
+
+/// The lanes by device and thread.
+type Lanes = HashMap<(usize, ThreadId), Arc<Lane>>;
+
+/// A cuBLAS handle bound to a stream of its own, for one thread's products on one device (each
+/// thread has a cubecl stream of its own, which the device ordering follows).
+struct Lane {
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    /// The device ordering's counters, made on the first product that asks for it (or why it
+    /// cannot be).
+    order: OnceLock<Result<DeviceOrder, String>>,
+}
+
+impl Lane {
+    /// The lane of this thread on device `index`, created on first use and kept for the
+    /// process (never dropped: a handle's teardown after the driver's would fail at exit).
+    fn of(index: usize) -> Arc<Lane> {
+        static LANES: OnceLock<Mutex<Lanes>> = OnceLock::new();
+        let mut lanes = LANES
             .get_or_init(Default::default)
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        handles
-            .entry(index)
+        lanes
+            .entry((index, std::thread::current().id()))
             .or_insert_with(|| {
                 let context = CudaContext::new(index).expect("the CUDA device's primary context");
                 let stream = context.new_stream().expect("a CUDA stream for cuBLAS");
                 let blas = CudaBlas::new(stream.clone()).expect("a cuBLAS handle");
-                Arc::new(Blas { stream, blas })
+                Arc::new(Lane {
+                    stream,
+                    blas,
+                    order: OnceLock::new(),
+                })
             })
             .clone()
+    }
+
+    /// The device ordering when `ordering` asks for it and the driver allows it; `None` for the
+    /// host's.
+    fn device_order(&self, like: &Cube, ordering: Ordering) -> Option<&DeviceOrder> {
+        if ordering == Ordering::Host {
+            return None;
+        }
+        match self
+            .order
+            .get_or_init(|| DeviceOrder::new(like, &self.stream))
+        {
+            Ok(order) => Some(order),
+            Err(why) => {
+                let _ = REFUSED.set(why.clone());
+                None
+            }
+        }
+    }
+}
+
+/// The counters that order one lane's products against its thread's cubecl stream on the
+/// device, and the number of the last product.
+struct DeviceOrder {
+    flags: Flags<CudaRuntime>,
+    /// The device address of the first counter (the second follows it).
+    address: u64,
+    issued: AtomicU32,
+}
+
+impl DeviceOrder {
+    /// Counters at zero on `like`'s device, once the driver has shown it takes the stream
+    /// memory operations on `stream` (both at zero: met at once).
+    fn new(like: &Cube, stream: &CudaStream) -> Result<Self, String> {
+        let flags = Flags::new(like, [0, 0]);
+        block_on(like.client.sync()).map_err(|e| format!("cubecl's queue failed: {e:?}"))?;
+        let address = like
+            .client
+            .get_resource(flags.counters().handle.clone())
+            .map_err(|e| format!("cubecl did not hand out the counters' buffer: {e:?}"))?
+            .resource()
+            .ptr;
+        let refused = |e| format!("the CUDA driver refused a stream memory operation: {e}");
+        wait_for_signal(stream.cu_stream(), address, 0).map_err(refused)?;
+        reply(stream.cu_stream(), address + 4, 0).map_err(refused)?;
+        stream.synchronize().map_err(refused)?;
+        Ok(Self {
+            flags,
+            address,
+            issued: AtomicU32::new(0),
+        })
+    }
+
+    /// `work`, queued on `stream` between the work cubecl queued before it and what cubecl
+    /// queues after it, without the host waiting.
+    fn around(&self, stream: &CudaStream, work: impl FnOnce()) {
+        let number = self
+            .issued
+            .fetch_add(1, Atomically::Relaxed)
+            .wrapping_add(1);
+        self.flags.signal();
+        wait_for_signal(stream.cu_stream(), self.address, number)
+            .expect("the CUDA driver queues a wait it took before");
+        work();
+        reply(stream.cu_stream(), self.address + 4, number)
+            .expect("the CUDA driver queues a write it took before");
+        self.flags.await_reply();
     }
 }
 
@@ -326,11 +480,20 @@ mod tests {
     //! route to the exact product of the same inputs (computed on the host in f64) at the
     //! precision of its dtype, and to burn's own CUDA matmul at the precision that one keeps:
     //! burn 0.21 multiplies f32 operands in TF32 on tensor cores (10-bit mantissas), so f32
-    //! agreement with it is only to a few 1e-2 over hundreds of products.
+    //! agreement with it is only to a few 1e-2 over hundreds of products. Each check runs with
+    //! either ordering (`cublas_host_*`, `cublas_device_*`); a chain of dependent products
+    //! checks the device's ordering where a race would show (no host read between them).
     use super::*;
     use burn::tensor::{Distribution, TensorData, Tolerance};
 
     const GPU: &str = "needs an NVIDIA GPU and libcublas";
+
+    /// The route is on, and the device ordering was not refused (the tests would then check
+    /// the host's twice).
+    fn route_is_on() {
+        assert!(routes::<Plain>(), "{GPU}");
+        assert_eq!(device_ordering_refused(), None);
+    }
 
     fn random<B: Backend>(shape: [usize; 2], seed: u64, device: &B::Device) -> Tensor<B, 2> {
         B::seed(device, seed);
@@ -410,10 +573,8 @@ mod tests {
         }
     }
 
-    #[test]
-    #[ignore = "needs an NVIDIA GPU and libcublas"]
-    fn cublas_forward_equals_the_exact_product_and_burns_matmul() {
-        assert_eq!(*cuda_matmul(), CudaMatmul::Cublas, "{GPU}");
+    fn forward_equals_the_exact_product_and_burns_matmul(ordering: Ordering) {
+        route_is_on();
         let device = Default::default();
         for dtype in [DType::F32, DType::BF16] {
             // Odd sizes, a non-contiguous input, and the tied-head shape (many outputs), each
@@ -429,7 +590,7 @@ mod tests {
                     let x = random::<Plain>([from, rows], 1, &device)
                         .transpose()
                         .cast(dtype);
-                    let ours = routed(&x, &weight, transposed).expect("routed to cuBLAS");
+                    let ours = routed(&x, &weight, transposed, ordering).expect("routed to cuBLAS");
                     assert_eq!(ours.dims(), [rows, to]);
                     assert_eq!(ours.dtype(), dtype);
                     let ours = ours.into_data();
@@ -443,12 +604,11 @@ mod tests {
                 }
             }
         }
+        route_is_on();
     }
 
-    #[test]
-    #[ignore = "needs an NVIDIA GPU and libcublas"]
-    fn cublas_gradients_equal_the_exact_ones_and_burns() {
-        assert_eq!(*cuda_matmul(), CudaMatmul::Cublas, "{GPU}");
+    fn gradients_equal_the_exact_ones_and_burns(ordering: Ordering) {
+        route_is_on();
         let device = Default::default();
         for dtype in [DType::F32, DType::BF16] {
             for transposed in [true, false] {
@@ -468,7 +628,7 @@ mod tests {
                     )
                 };
                 let (ours_x, ours_w) =
-                    gradients(routed(&x, &weight, transposed).expect("routed to cuBLAS"));
+                    gradients(routed(&x, &weight, transposed, ordering).expect("routed to cuBLAS"));
                 // y = x·Wᵀ: dx = dy·W, dW = dyᵀ·x; y = x·W: dx = dy·Wᵀ, dW = xᵀ·dy.
                 let (dy, x_values, w_values) = (upstream.to_data(), x.to_data(), weight.to_data());
                 let exact_x = exact(&dy, false, &w_values, !transposed);
@@ -484,16 +644,15 @@ mod tests {
                 like_burn(&ours_w, burn_w, dtype);
             }
         }
+        route_is_on();
     }
 
-    #[test]
-    #[ignore = "needs an NVIDIA GPU and libcublas"]
-    fn cublas_leaves_a_frozen_weight_without_gradient() {
-        assert_eq!(*cuda_matmul(), CudaMatmul::Cublas, "{GPU}");
+    fn leaves_a_frozen_weight_without_gradient(ordering: Ordering) {
+        route_is_on();
         let device = Default::default();
         let x = random::<Tracked>([16, 32], 6, &device).require_grad();
         let weight = random::<Tracked>([24, 32], 7, &device);
-        let out = routed(&x, &weight, true).expect("routed to cuBLAS");
+        let out = routed(&x, &weight, true, ordering).expect("routed to cuBLAS");
         let grads = out.sum().backward();
         let ones = TensorData::new(vec![1.0f32; 16 * 24], [16, 24]);
         exactly(
@@ -502,5 +661,78 @@ mod tests {
             DType::F32,
         );
         assert!(weight.grad(&grads).is_none());
+        route_is_on();
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU and libcublas"]
+    fn cublas_host_forward_equals_the_exact_product_and_burns_matmul() {
+        forward_equals_the_exact_product_and_burns_matmul(Ordering::Host);
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU and libcublas"]
+    fn cublas_device_forward_equals_the_exact_product_and_burns_matmul() {
+        forward_equals_the_exact_product_and_burns_matmul(Ordering::Device);
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU and libcublas"]
+    fn cublas_host_gradients_equal_the_exact_ones_and_burns() {
+        gradients_equal_the_exact_ones_and_burns(Ordering::Host);
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU and libcublas"]
+    fn cublas_device_gradients_equal_the_exact_ones_and_burns() {
+        gradients_equal_the_exact_ones_and_burns(Ordering::Device);
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU and libcublas"]
+    fn cublas_host_leaves_a_frozen_weight_without_gradient() {
+        leaves_a_frozen_weight_without_gradient(Ordering::Host);
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU and libcublas"]
+    fn cublas_device_leaves_a_frozen_weight_without_gradient() {
+        leaves_a_frozen_weight_without_gradient(Ordering::Device);
+    }
+
+    /// Forty dependent products, each read at once by burn's element-wise ops on cubecl's
+    /// stream and each input dropped after it (its buffer free for the next allocation), queued
+    /// with no read by the host between them; then the backward pass through all of them. With
+    /// the device's ordering the values equal the host's: a product that ran before its input
+    /// was written, or a buffer reused under a running product, would show.
+    #[test]
+    #[ignore = "needs an NVIDIA GPU and libcublas"]
+    fn cublas_device_ordering_equals_the_hosts_over_a_chain() {
+        route_is_on();
+        let device = Default::default();
+        let chain = |ordering: Ordering| {
+            let start = random::<Tracked>([512, 384], 8, &device)
+                .cast(DType::BF16)
+                .require_grad();
+            let mut x = start.clone();
+            for layer in 0..40 {
+                let weight = random::<Tracked>([384, 384], 100 + layer, &device).cast(DType::BF16);
+                let y = routed(&x, &weight, layer % 2 == 0, ordering).expect("routed to cuBLAS");
+                x = (y * 0.05).tanh() + x;
+            }
+            let grads = x.clone().sum().backward();
+            let grad = start.grad(&grads).expect("the start's gradient");
+            (x.into_data(), grad.into_data())
+        };
+        let (host_out, host_grad) = chain(Ordering::Host);
+        let (device_out, device_grad) = chain(Ordering::Device);
+        let same = Tolerance::absolute(1e-6).set_relative(1e-6);
+        device_out
+            .convert::<f32>()
+            .assert_approx_eq::<f32>(&host_out.convert::<f32>(), same);
+        device_grad
+            .convert::<f32>()
+            .assert_approx_eq::<f32>(&host_grad.convert::<f32>(), same);
+        route_is_on();
     }
 }

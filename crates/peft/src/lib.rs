@@ -12,6 +12,8 @@ mod cpu_split_product;
 pub mod cpu_tensors;
 #[cfg(feature = "cuda")]
 pub mod cublas;
+#[cfg(any(feature = "cuda", all(test, feature = "wgpu")))]
+mod device_order;
 mod error;
 #[cfg(any(feature = "cuda", test))]
 mod gemm_layout;
