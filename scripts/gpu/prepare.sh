@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Builds what a GPU run needs into gpu-bin/ (git-ignored), on the development machine: the GPU
 # machine has no Rust toolchain. The CUDA binary; the same with burn's fusion backend (the
-# `fusion` feature) and with fusion and cubecl's autotuning (`autotune`), the two measured side
-# by side with the first; the test binaries holding the cuBLAS checks and the GPU kernels'; and
-# the peer script, all stripped and gzipped so that together they fit a device run's 64 MiB
-# carry.
+# `fusion` feature), measured side by side with the first; with TUNED=1 also one with fusion and
+# cubecl's autotuning (`autotune`: off by default since its first SmolLM2 row did not finish in
+# 150 s at `minimal` on an H100, 2026-11-27, a tenth of a run's device time); the test binaries
+# holding the cuBLAS checks and the GPU kernels'; and the peer script, all stripped and gzipped
+# so that together they fit a device run's 64 MiB carry.
 # Then run scripts/gpu/side_by_side.sh on the GPU machine, carrying gpu-bin/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -12,7 +13,9 @@ cd "$(dirname "$0")/../.."
 rm -rf gpu-bin && mkdir gpu-bin
 # name=features: gpu-bin/burnish-<name> (gpu-bin/burnish for the plain build, built last so that
 # target/release/burnish stays the plain CUDA build).
-for build in tuned=cuda,fusion,autotune fusion=cuda,fusion plain=cuda; do
+builds=(fusion=cuda,fusion plain=cuda)
+[ "${TUNED:-0}" = 1 ] && builds=(tuned=cuda,fusion,autotune "${builds[@]}")
+for build in "${builds[@]}"; do
   name=${build%%=*}
   cargo build --release --features "${build#*=}" -p burnish
   binary=gpu-bin/burnish-$name

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # One prepared device run, most important first, inside a time budget: the cuBLAS route's checks
 # against the exact product and burn's matmul, with each product ordered by the host and by the
-# device; `burnish bench` (on the device-ordered route when its checks pass) and the first row
-# with the host's ordering; the transformers + PEFT peer
-# (peer_lora.py, run by peer_reserved.py to add torch's reserved memory) side by side on the
-# card; the CUDA build's scores against the CPU's on the fixture models; the first row again with
-# burnish's GPU kernels, and a kernel profile of it; the larger shapes; the quickstart recipe
-# trained end to end; the first row with f32 activations under the bf16 base, and on burn's
-# matmul alone (the cuBLAS route's gain); the same rows and scores from the builds with burn's
-# fusion backend and with fusion and autotuning (prepare.sh); then the first rows with
+# device; `burnish bench` (on the device-ordered route when its checks pass, and the first row
+# with the host's ordering) and the transformers + PEFT peer (peer_lora.py, run by
+# peer_reserved.py to add torch's reserved memory) side by side on the card; the CUDA build's
+# scores against the CPU's on the fixture models; the first row again with burnish's GPU
+# kernels, and a kernel profile of it; the larger shapes; the quickstart recipe trained end to
+# end; the first row with f32 activations under the bf16 base, and on burn's matmul alone (the
+# cuBLAS route's gain); the same rows and scores from the build with burn's fusion backend and,
+# when prepare.sh made it (TUNED=1), with fusion and autotuning; then the first rows with
 # activation checkpointing. A ratio table closes it; autotune.txt lists the kernels the tuned
 # build chose. Run from the repository root.
 #
