@@ -93,8 +93,9 @@ ROUTE=burn
 if [ "$DEVICE" = cuda ]; then
   log "cuBLAS route against burn's matmul, host-ordered then device-ordered (burnish-peft's tests)"
   for ordering in host device; do
-    step 90 "cublas $ordering tests" "$TESTS" --ignored "cublas_$ordering" --test-threads 1 \
-      >"$OUT/cublas-$ordering-tests.txt" 2>&1
+    [ $ordering = host ] && matmul=cublas || matmul=cublas-async
+    BURNISH_MATMUL=$matmul step 90 "cublas $ordering tests" "$TESTS" --ignored "cublas_$ordering" \
+      --test-threads 1 >"$OUT/cublas-$ordering-tests.txt" 2>&1
     status=$?
     echo "exit $status" >>"$OUT/cublas-$ordering-tests.txt"
     tail -n 3 "$OUT/cublas-$ordering-tests.txt"

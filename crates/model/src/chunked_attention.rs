@@ -11,7 +11,8 @@
 //! pass without autodiff, uses burn's attention. On the CPU backend the op runs as one kernel
 //! per direction (`cpu_attention`); elsewhere it is composed of burn's tensor ops, with each
 //! chunk's causal softmax one kernel per direction on the plain GPU backends (`gpu_kernels`)
-//! when no mask beyond causality is given.
+//! when no mask beyond causality is given, and its products through cuBLAS on CUDA when the
+//! device orders them (`BURNISH_MATMUL=cublas-async`).
 
 use std::any::TypeId;
 
@@ -245,9 +246,20 @@ fn chunk_scores<I: Backend>(
     let scale = (head_dim as f64).powf(-0.5);
     // Scaled on the queries' side: a pass over `[.., len, head_dim]` rather than over the
     // scores' `[.., len, seen]`.
-    q_chunk
-        .mul_scalar(scale)
-        .matmul(k.clone().narrow(2, 0, start + len).swap_dims(2, 3))
+    product(
+        q_chunk.mul_scalar(scale),
+        k.clone().narrow(2, 0, start + len).swap_dims(2, 3),
+    )
+}
+
+/// `a·b` batch by batch: through cuBLAS where the CUDA build's device-ordered route takes it
+/// (`burnish_peft::batched_matmul`), burn's matmul otherwise.
+fn product<I: Backend>(a: Tensor<I, 4>, b: Tensor<I, 4>) -> Tensor<I, 4> {
+    #[cfg(feature = "cuda")]
+    if let Some(out) = burnish_peft::batched_matmul(&a, &b) {
+        return out;
+    }
+    a.matmul(b)
 }
 
 /// A chunk's `scores` ([`chunk_scores`]) with the keys `hidden` marks at -∞.
@@ -361,14 +373,14 @@ fn attention_forward<I: Backend>(
             #[cfg(any(feature = "cuda", feature = "wgpu"))]
             Visibility::Causal => {
                 let [probs, lse] = by_rows(&CausalSoftmax { start, len }, [scores]);
-                (probs.matmul(v_seen), lse)
+                (product(probs, v_seen), lse)
             }
             Visibility::Hidden(hidden) => {
                 let scores = masked(scores, hidden, start, len);
                 let max = scores.clone().max_dim(3);
                 let exp = (scores - max.clone()).exp();
                 let total = exp.clone().sum_dim(3);
-                (exp.matmul(v_seen) / total.clone(), max + total.log())
+                (product(exp, v_seen) / total.clone(), max + total.log())
             }
         };
         outs.push(ungrouped(out, heads).cast(dtype).swap_dims(1, 2));
@@ -434,9 +446,10 @@ fn attention_backward<I: Backend>(saved: Saved<I>, d_out: Tensor<I, 4>) -> [Tens
         let scores = chunk_scores(q_chunk.clone(), &k, start, len);
         let d_out_chunk = grouped(&d_out, kv_heads, start, len);
         let row_dots = (d_out_chunk.clone() * grouped(&out, kv_heads, start, len)).sum_dim(3);
-        let d_probs = d_out_chunk
-            .clone()
-            .matmul(v.clone().narrow(2, 0, seen).swap_dims(2, 3));
+        let d_probs = product(
+            d_out_chunk.clone(),
+            v.clone().narrow(2, 0, seen).swap_dims(2, 3),
+        );
         let (probs, d_scores) = match &visibility {
             #[cfg(any(feature = "cuda", feature = "wgpu"))]
             Visibility::Causal => {
@@ -449,14 +462,11 @@ fn attention_backward<I: Backend>(saved: Saved<I>, d_out: Tensor<I, 4>) -> [Tens
                 (probs.clone(), probs * (d_probs - row_dots))
             }
         };
-        let dv_part = probs.swap_dims(2, 3).matmul(d_out_chunk);
+        let dv_part = product(probs.swap_dims(2, 3), d_out_chunk);
         dv = Some(add_into_prefix(dv, dv_part));
-        let dq_chunk = d_scores
-            .clone()
-            .matmul(k.clone().narrow(2, 0, seen))
-            .mul_scalar(scale);
+        let dq_chunk = product(d_scores.clone(), k.clone().narrow(2, 0, seen)).mul_scalar(scale);
         dq.push(ungrouped(dq_chunk, heads).cast(dtypes[0]).swap_dims(1, 2));
-        let dk_part = d_scores.swap_dims(2, 3).matmul(q_chunk).mul_scalar(scale);
+        let dk_part = product(d_scores.swap_dims(2, 3), q_chunk).mul_scalar(scale);
         dk = Some(add_into_prefix(dk, dk_part));
     }
     dq.reverse();

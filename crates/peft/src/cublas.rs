@@ -12,6 +12,9 @@
 //! cubecl's queue before the product and cuBLAS's stream after it, or on the device
 //! ([`device_order`](crate::device_order)), where the host queues both sides and goes on.
 //!
+//! With the device's ordering the attention's batched products take cuBLAS too
+//! ([`batched_matmul`](crate::batched_matmul)).
+//!
 //! `BURNISH_MATMUL` in the environment picks the route: `cublas` (host-ordered, the default),
 //! `cublas-async` (device-ordered), or `burn` (burn's matmul alone, for side-by-side
 //! measurements); without a loadable cuBLAS it is burn's, and [`cuda_matmul`] says why.
@@ -48,10 +51,10 @@ use crate::rebrand::rebrand;
 /// burnish's CUDA backend as the binary instantiates it without the `fusion` feature (with it,
 /// `burn::backend::Cuda` wraps this one in burn's fusion backend, whose tensors are not cubecl's
 /// and which the route leaves to burn's matmul).
-type Plain = CubeBackend<CudaRuntime, f32, i32, u8>;
+pub(crate) type Plain = CubeBackend<CudaRuntime, f32, i32, u8>;
 /// The same backend under autodiff, as training runs it.
 type Tracked = Autodiff<Plain>;
-type Cube = CubeTensor<CudaRuntime>;
+pub(crate) type Cube = CubeTensor<CudaRuntime>;
 type TrackedTensor = FloatTensor<Tracked>;
 
 /// The environment variable that picks the CUDA products' matmul: `cublas` (the default),
@@ -260,7 +263,7 @@ impl ProductBackward {
 }
 
 /// cuBLAS's name for a tensor element type, for the types it multiplies here.
-fn data_type(dtype: DType) -> Option<cudaDataType> {
+pub(crate) fn data_type(dtype: DType) -> Option<cudaDataType> {
     match dtype {
         DType::F32 => Some(cudaDataType::CUDA_R_32F),
         DType::BF16 => Some(cudaDataType::CUDA_R_16BF),
@@ -299,30 +302,15 @@ pub(crate) fn gemm(lhs: Cube, lhs_t: bool, rhs: Cube, rhs_t: bool, ordering: Ord
     };
     let (lhs_buffer, rhs_buffer, out_buffer) = (resource(&lhs), resource(&rhs), resource(&out));
 
-    let lane = Lane::of(lhs.device.index);
-    lane.stream
-        .context()
-        .bind_to_thread()
-        .expect("the CUDA context binds to this thread");
-    let operation = |transposed| {
-        if transposed {
-            cublasOperation_t::CUBLAS_OP_T
-        } else {
-            cublasOperation_t::CUBLAS_OP_N
-        }
-    };
     let int = |value: usize| i32::try_from(value).expect("cuBLAS dimensions fit in i32");
     let (alpha, beta) = (1.0f32, 0.0f32);
-    // SAFETY: the three pointers address live cubecl buffers of the sizes `call` describes;
-    // nothing else touches them until the product is done: with the host ordering, cubecl's
-    // queue has drained and cuBLAS's stream is synchronized after it; with the device's,
-    // cuBLAS's stream starts after the work cubecl queued before it, and the work cubecl queues
-    // after it (a reuse of a buffer freed meanwhile included) waits for its end. alpha and beta
-    // are f32 as CUBLAS_COMPUTE_32F requires.
-    let product = || {
+    ordered(&out, ordering, |handle| {
+        // SAFETY: the three pointers address live cubecl buffers of the sizes `call`
+        // describes, which `ordered` keeps from other work until the product is done; alpha
+        // and beta are f32 as CUBLAS_COMPUTE_32F requires.
         unsafe {
             blas::gemm_ex(
-                *lane.blas.handle(),
+                handle,
                 operation(call.transpose_a),
                 operation(call.transpose_b),
                 int(call.m),
@@ -344,16 +332,43 @@ pub(crate) fn gemm(lhs: Cube, lhs_t: bool, rhs: Cube, rhs_t: bool, ordering: Ord
             )
         }
         .expect("cuBLAS GemmEx runs")
-    };
-    match lane.device_order(&out, ordering) {
-        Some(order) => order.around(&lane.stream, product),
+    });
+    out
+}
+
+/// cuBLAS's operation for an operand transposed or not.
+pub(crate) fn operation(transposed: bool) -> cublasOperation_t {
+    if transposed {
+        cublasOperation_t::CUBLAS_OP_T
+    } else {
+        cublasOperation_t::CUBLAS_OP_N
+    }
+}
+
+/// `call` (cuBLAS calls on the handle it is given, reading and writing cubecl buffers of
+/// `like`'s device), ordered against cubecl's stream as `ordering` says: with the host's,
+/// cubecl's queue drains first and cuBLAS's stream after; with the device's, cuBLAS's stream
+/// starts after the work cubecl queued before and the work cubecl queues after (a reuse of a
+/// buffer freed meanwhile included) waits for its end.
+pub(crate) fn ordered(
+    like: &Cube,
+    ordering: Ordering,
+    call: impl FnOnce(blas_sys::cublasHandle_t),
+) {
+    let lane = Lane::of(like.device.index);
+    lane.stream
+        .context()
+        .bind_to_thread()
+        .expect("the CUDA context binds to this thread");
+    let call = || call(*lane.blas.handle());
+    match lane.device_order(like, ordering) {
+        Some(order) => order.around(&lane.stream, call),
         None => {
-            block_on(client.sync()).expect("the CUDA queue drains before a cuBLAS product");
-            product();
+            block_on(like.client.sync()).expect("the CUDA queue drains before a cuBLAS product");
+            call();
             lane.stream.synchronize().expect("cuBLAS's stream finishes");
         }
     }
-    out
 }
 
 fn matrix_dims(tensor: &Cube) -> [usize; 2] {

@@ -4,6 +4,7 @@
 //! A row-major `[r, c]` buffer read column-major is its `[c, r]` transpose, so the row-major
 //! `C = op(L)·op(R)` is computed as the column-major `Cᵀ = op(R)ᵀ·op(L)ᵀ`: each operand's buffer
 //! is passed as it is, `R`'s as BLAS's first operand, and each transpose flag carries over.
+//! A batched product's operands ([`StridedOperand`]) are read in place where their strides allow.
 
 /// The arguments of a column-major `C = op(A)·op(B)` (`op(A)` is `m × k`, `op(B)` `k × n`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +58,44 @@ impl ColumnMajorGemm {
     /// The row-major result's dims.
     pub fn output_dims(&self) -> [usize; 2] {
         [self.n, self.m]
+    }
+}
+
+/// One `[b0, b1, rows, cols]` operand of a strided batched product as BLAS reads it in place:
+/// whether its matrices are stored column-major (a transposed view of row-major storage), their
+/// leading dimension, and the stride from one matrix to the next (the two batch axes folded
+/// into one), all in elements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct StridedOperand {
+    pub transposed: bool,
+    pub leading: usize,
+    pub batch_stride: usize,
+}
+
+impl StridedOperand {
+    /// The layout of a tensor of this shape and these strides, or `None` when BLAS cannot read
+    /// it in place: its batch axes fold into no single stride, or neither matrix axis has a
+    /// unit stride.
+    pub fn of([b0, b1, rows, cols]: [usize; 4], strides: [usize; 4]) -> Option<Self> {
+        let batch_stride = if b1 == 1 {
+            strides[0]
+        } else if b0 == 1 || strides[0] == b1 * strides[1] {
+            strides[1]
+        } else {
+            return None;
+        };
+        let (transposed, leading) = if strides[3] == 1 && (rows == 1 || strides[2] >= cols) {
+            (false, if rows == 1 { cols } else { strides[2] })
+        } else if strides[2] == 1 && (cols == 1 || strides[3] >= rows) {
+            (true, if cols == 1 { rows } else { strides[3] })
+        } else {
+            return None;
+        };
+        Some(Self {
+            transposed,
+            leading: leading.max(1),
+            batch_stride,
+        })
     }
 }
 
@@ -139,6 +178,55 @@ mod tests {
             // BLAS gets R's buffer first and L's second, each as it is.
             assert_eq!(column_major_gemm(&call, &rhs, &lhs), expected, "{call:?}");
         }
+    }
+
+    /// Every element of a strided tensor is where its layout says, and the leading dimension
+    /// covers a stored column (BLAS's requirement), for the layouts the attention's products
+    /// take: contiguous, a transposed view, a narrowed one, a single row, and folded batches.
+    #[test]
+    fn a_strided_operand_addresses_every_element_where_its_strides_do() {
+        let cases = [
+            ([2, 3, 70, 40], [8400, 2800, 40, 1], false),
+            ([2, 3, 40, 70], [8400, 2800, 1, 40], true),
+            ([2, 3, 50, 40], [8400, 2800, 40, 1], false),
+            ([2, 3, 40, 50], [8400, 2800, 1, 40], true),
+            ([1, 4, 1, 8], [32, 8, 0, 1], false),
+            ([1, 3, 70, 40], [9999, 2800, 40, 1], false),
+            ([2, 1, 70, 40], [2800, 7, 40, 1], false),
+        ];
+        for (shape, strides, transposed) in cases {
+            let layout = StridedOperand::of(shape, strides).expect("read in place");
+            assert_eq!(layout.transposed, transposed, "{shape:?} {strides:?}");
+            let [b0, b1, rows, cols] = shape;
+            let stored_rows = if transposed { rows } else { cols };
+            assert!(layout.leading >= stored_rows, "{shape:?} {strides:?}");
+            for (a, b, i, j) in (0..b0).flat_map(|a| {
+                (0..b1).flat_map(move |b| {
+                    (0..rows).flat_map(move |i| (0..cols).map(move |j| (a, b, i, j)))
+                })
+            }) {
+                let by_strides = a * strides[0] + b * strides[1] + i * strides[2] + j * strides[3];
+                let matrix = if transposed {
+                    j * layout.leading + i
+                } else {
+                    i * layout.leading + j
+                };
+                let by_layout = (a * b1 + b) * layout.batch_stride + matrix;
+                assert_eq!(
+                    by_layout, by_strides,
+                    "{shape:?} {strides:?} at {a} {b} {i} {j}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn heads_major_views_of_position_major_storage_are_not_read_in_place() {
+        // [batch 2, seq 70, heads 3, dim 40] storage viewed as [2, 3, 70, 40]: the head axis
+        // strides less than a matrix, so the batch axes fold into no single stride.
+        assert_eq!(StridedOperand::of([2, 3, 70, 40], [8400, 40, 120, 1]), None);
+        // Neither matrix axis with a unit stride.
+        assert_eq!(StridedOperand::of([1, 1, 4, 4], [32, 32, 8, 2]), None);
     }
 
     #[test]

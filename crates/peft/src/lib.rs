@@ -12,6 +12,8 @@ mod cpu_split_product;
 pub mod cpu_tensors;
 #[cfg(feature = "cuda")]
 pub mod cublas;
+#[cfg(feature = "cuda")]
+mod cublas_batched;
 #[cfg(any(feature = "cuda", all(test, feature = "wgpu")))]
 mod device_order;
 mod error;
@@ -33,6 +35,8 @@ pub use adapter::{
 };
 pub use config::{LoraConfig, LoraInit};
 pub use cpu_bf16::available as cpu_bf16_available;
+#[cfg(feature = "cuda")]
+pub use cublas_batched::batched_matmul;
 pub use error::{PeftError, Result};
 pub use linear::{AdaptableLinear, cast_to, project, unproject};
 pub use lora::Lora;

@@ -1,0 +1,200 @@
+//! Batched products `[b0, b1, r, k]·[b0, b1, k, c]` through cuBLAS on the CUDA backend: the
+//! attention's products (scores, probabilities by values, and their gradients), one strided
+//! batched call each. Taken only where the device orders the products
+//! ([`Ordering::Device`]): a host-ordered route would wait on every one of the hundreds a step.
+//!
+//! cuBLAS reads an operand in place when its two batch axes fold into one stride and its
+//! matrix has a unit stride along rows or columns (a transposed view is read as such); any
+//! other layout is made contiguous first, as burn's matmul does with the layouts it calls
+//! highly permuted.
+
+use std::any::TypeId;
+use std::ffi::c_void;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
+use burn_cubecl::kernel::into_contiguous;
+use cudarc::cublas::result as blas;
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t};
+
+use crate::cublas::{
+    Cube, CudaMatmul, MIN_DEVICE_ORDERED_PRODUCT, Ordering, Plain, cuda_matmul, data_type,
+    operation, ordered,
+};
+use crate::gemm_layout::StridedOperand as Layout;
+use crate::rebrand::rebrand;
+
+/// `lhs·rhs` batch by batch, both of one dtype (f32, bf16 or f16) and of the same batch axes,
+/// through cuBLAS when `B` is the plain CUDA backend, the route orders products on the device
+/// and the product has at least [`MIN_DEVICE_ORDERED_PRODUCT`] multiply-adds in all; `None`
+/// otherwise, for the caller to use burn's matmul. f32 operands multiply in TF32 (cuBLAS's
+/// `COMPUTE_32F_FAST_TF32`), as burn's CUDA matmul does; 16-bit ones accumulate in f32.
+pub fn batched_matmul<B: Backend>(lhs: &Tensor<B, 4>, rhs: &Tensor<B, 4>) -> Option<Tensor<B, 4>> {
+    if TypeId::of::<B>() != TypeId::of::<Plain>()
+        || *cuda_matmul() != CudaMatmul::Cublas(Ordering::Device)
+        || lhs.dtype() != rhs.dtype()
+        || data_type(lhs.dtype()).is_none()
+    {
+        return None;
+    }
+    let ([b0, b1, rows, inner], [r0, r1, rhs_inner, cols]) = (lhs.dims(), rhs.dims());
+    let multiply_adds = b0 * b1 * rows * inner * cols;
+    if [b0, b1] != [r0, r1] || inner != rhs_inner || multiply_adds < MIN_DEVICE_ORDERED_PRODUCT {
+        return None;
+    }
+    let primitive = |t: &Tensor<B, 4>| -> Cube { rebrand(t.clone().into_primitive().tensor()) };
+    let out = batched(primitive(lhs), primitive(rhs));
+    Some(Tensor::from_primitive(TensorPrimitive::Float(rebrand(out))))
+}
+
+/// `t` and its layout, made contiguous first where cuBLAS cannot read it in place.
+fn readable(t: Cube) -> (Cube, Layout) {
+    let dims = |t: &Cube| -> ([usize; 4], [usize; 4]) {
+        let strides: [usize; 4] = t.meta.strides()[..]
+            .try_into()
+            .expect("a 4-D tensor has four strides");
+        (t.meta.shape().dims::<4>(), strides)
+    };
+    let (shape, strides) = dims(&t);
+    if let Some(layout) = Layout::of(shape, strides) {
+        return (t, layout);
+    }
+    let t = into_contiguous(t);
+    let (shape, strides) = dims(&t);
+    let layout = Layout::of(shape, strides).expect("cuBLAS reads a contiguous tensor in place");
+    (t, layout)
+}
+
+/// The batched product, into a fresh contiguous `[b0, b1, rows, cols]` tensor.
+fn batched(lhs: Cube, rhs: Cube) -> Cube {
+    let [b0, b1, rows, inner] = lhs.meta.shape().dims::<4>();
+    let cols = rhs.meta.shape().dims::<4>()[3];
+    let dtype = lhs.dtype;
+    let cuda_type = data_type(dtype).expect("cuBLAS product of an unsupported dtype");
+    let compute = if dtype == DType::F32 {
+        cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
+    } else {
+        cublasComputeType_t::CUBLAS_COMPUTE_32F
+    };
+    let ((lhs, lhs_layout), (rhs, rhs_layout)) = (readable(lhs), readable(rhs));
+    let client = lhs.client.clone();
+    let handle = client.empty(b0 * b1 * rows * cols * dtype.size());
+    let out = Cube::new_contiguous(
+        client.clone(),
+        lhs.device.clone(),
+        Shape::new([b0, b1, rows, cols]),
+        handle,
+        dtype,
+    );
+    let resource = |tensor: &Cube| {
+        client
+            .get_resource(tensor.handle.clone())
+            .expect("cubecl hands out the buffer of a live tensor")
+    };
+    let (lhs_buffer, rhs_buffer, out_buffer) = (resource(&lhs), resource(&rhs), resource(&out));
+    let int = |value: usize| i32::try_from(value).expect("cuBLAS dimensions fit in i32");
+    let long = |value: usize| i64::try_from(value).expect("cuBLAS strides fit in i64");
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    // Row-major `C = L·R` as the column-major `Cᵀ = Rᵀ·Lᵀ` (see `gemm_layout`): a row-major
+    // operand read column-major is its transpose already, a transposed view needs `T`.
+    ordered(&out, Ordering::Device, |handle| {
+        // SAFETY: the pointers address live cubecl buffers laid out as `Layout` describes
+        // (leading dimensions and batch strides within each buffer), which `ordered` keeps from
+        // other work until the product is done; alpha and beta are f32 as both compute types
+        // require.
+        unsafe {
+            blas::gemm_strided_batched_ex(
+                handle,
+                operation(rhs_layout.transposed),
+                operation(lhs_layout.transposed),
+                int(cols),
+                int(rows),
+                int(inner),
+                (&alpha as *const f32).cast::<c_void>(),
+                rhs_buffer.resource().ptr as *const c_void,
+                cuda_type,
+                int(rhs_layout.leading),
+                long(rhs_layout.batch_stride),
+                lhs_buffer.resource().ptr as *const c_void,
+                cuda_type,
+                int(lhs_layout.leading),
+                long(lhs_layout.batch_stride),
+                (&beta as *const f32).cast::<c_void>(),
+                out_buffer.resource().ptr as *mut c_void,
+                cuda_type,
+                int(cols),
+                long(rows * cols),
+                int(b0 * b1),
+                compute,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .expect("cuBLAS GemmStridedBatchedEx runs")
+    });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+    use burn::tensor::{Distribution, Tolerance};
+
+    const GPU: &str = "needs an NVIDIA GPU and libcublas, and BURNISH_MATMUL=cublas-async";
+
+    /// The batched route against the CPU backend's f32 product of the same values, for operands
+    /// read in place (contiguous, a transposed view, a narrowed one) and copied first
+    /// (heads-major views of position-major storage), in f32 (TF32 on both sides of burn's
+    /// CUDA comparisons: a few 1e-3 here) and bf16.
+    #[test]
+    #[ignore = "needs an NVIDIA GPU and libcublas, and BURNISH_MATMUL=cublas-async"]
+    fn cublas_device_batched_products_equal_the_cpus() {
+        assert_eq!(
+            *cuda_matmul(),
+            CudaMatmul::Cublas(Ordering::Device),
+            "{GPU}"
+        );
+        let device = Default::default();
+        let random = |shape: [usize; 4], seed: u64| {
+            Plain::seed(&device, seed);
+            Tensor::<Plain, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device)
+        };
+        let cases: Vec<(Tensor<Plain, 4>, Tensor<Plain, 4>)> = vec![
+            (random([8, 3, 512, 64], 1), random([8, 3, 64, 1024], 2)),
+            (
+                random([8, 3, 512, 64], 3),
+                random([8, 3, 1024, 64], 4)
+                    .narrow(2, 0, 768)
+                    .swap_dims(2, 3),
+            ),
+            (
+                random([8, 1024, 3, 64], 5)
+                    .swap_dims(1, 2)
+                    .narrow(2, 256, 512),
+                random([8, 3, 64, 1024], 6),
+            ),
+            (
+                random([8, 3, 1024, 512], 7).swap_dims(2, 3),
+                random([8, 1024, 3, 64], 8).swap_dims(1, 2),
+            ),
+        ];
+        for dtype in [DType::F32, DType::BF16] {
+            for (lhs, rhs) in &cases {
+                let (lhs, rhs) = (lhs.clone().cast(dtype), rhs.clone().cast(dtype));
+                let ours = batched_matmul(&lhs, &rhs).expect("routed to cuBLAS");
+                assert_eq!(ours.dtype(), dtype);
+                let cpu = |t: &Tensor<Plain, 4>| {
+                    Tensor::<Flex, 4>::from_data(t.to_data().convert::<f32>(), &Default::default())
+                };
+                let reference = cpu(&lhs).matmul(cpu(&rhs)).into_data();
+                let tolerance = match dtype {
+                    DType::F32 => Tolerance::absolute(5e-2).set_relative(1e-2),
+                    _ => Tolerance::absolute(1e-1).set_relative(2e-2),
+                };
+                ours.into_data()
+                    .convert::<f32>()
+                    .assert_approx_eq::<f32>(&reference, tolerance);
+            }
+        }
+    }
+}
