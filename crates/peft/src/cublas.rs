@@ -283,31 +283,17 @@ pub(crate) fn gemm(lhs: Cube, lhs_t: bool, rhs: Cube, rhs_t: bool, ordering: Ord
         .expect("cuBLAS product of mismatched inner dimensions");
     let [rows, cols] = call.output_dims();
 
-    let client = lhs.client.clone();
-    let handle = client.empty(rows * cols * lhs.dtype.size());
-    let out = Cube::new_contiguous(
-        client.clone(),
-        lhs.device.clone(),
-        Shape::new([rows, cols]),
-        handle,
-        lhs.dtype,
-    );
+    let out = empty_like(&lhs, Shape::new([rows, cols]));
     if rows == 0 || cols == 0 {
         return out;
     }
-    let resource = |tensor: &Cube| {
-        client
-            .get_resource(tensor.handle.clone())
-            .expect("cubecl hands out the buffer of a live tensor")
-    };
-    let (lhs_buffer, rhs_buffer, out_buffer) = (resource(&lhs), resource(&rhs), resource(&out));
-
     let int = |value: usize| i32::try_from(value).expect("cuBLAS dimensions fit in i32");
     let (alpha, beta) = (1.0f32, 0.0f32);
     ordered(&out, ordering, |handle| {
-        // SAFETY: the three pointers address live cubecl buffers of the sizes `call`
-        // describes, which `ordered` keeps from other work until the product is done; alpha
-        // and beta are f32 as CUBLAS_COMPUTE_32F requires.
+        // SAFETY: the three addresses are of live cubecl buffers (the tensors are held until
+        // this function returns) of the sizes `call` describes, which `ordered` keeps from
+        // other work until the product is done; alpha and beta are f32 as CUBLAS_COMPUTE_32F
+        // requires.
         unsafe {
             blas::gemm_ex(
                 handle,
@@ -317,14 +303,14 @@ pub(crate) fn gemm(lhs: Cube, lhs_t: bool, rhs: Cube, rhs_t: bool, ordering: Ord
                 int(call.n),
                 int(call.k),
                 (&alpha as *const f32).cast::<c_void>(),
-                rhs_buffer.resource().ptr as *const c_void,
+                address(&rhs) as *const c_void,
                 data_type,
                 int(call.lda),
-                lhs_buffer.resource().ptr as *const c_void,
+                address(&lhs) as *const c_void,
                 data_type,
                 int(call.ldb),
                 (&beta as *const f32).cast::<c_void>(),
-                out_buffer.resource().ptr as *mut c_void,
+                address(&out) as *mut c_void,
                 data_type,
                 int(call.ldc),
                 cublasComputeType_t::CUBLAS_COMPUTE_32F,
@@ -334,6 +320,28 @@ pub(crate) fn gemm(lhs: Cube, lhs_t: bool, rhs: Cube, rhs_t: bool, ordering: Ord
         .expect("cuBLAS GemmEx runs")
     });
     out
+}
+
+/// A fresh contiguous tensor of `shape` in `like`'s dtype, on its device.
+pub(crate) fn empty_like(like: &Cube, shape: Shape) -> Cube {
+    let handle = like.client.empty(shape.num_elements() * like.dtype.size());
+    Cube::new_contiguous(
+        like.client.clone(),
+        like.device.clone(),
+        shape,
+        handle,
+        like.dtype,
+    )
+}
+
+/// The device address of `tensor`'s first element (valid while the tensor lives).
+pub(crate) fn address(tensor: &Cube) -> u64 {
+    tensor
+        .client
+        .get_resource(tensor.handle.clone())
+        .expect("cubecl hands out the buffer of a live tensor")
+        .resource()
+        .ptr
 }
 
 /// cuBLAS's operation for an operand transposed or not.

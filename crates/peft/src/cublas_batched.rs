@@ -18,8 +18,8 @@ use cudarc::cublas::result as blas;
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t};
 
 use crate::cublas::{
-    Cube, CudaMatmul, MIN_DEVICE_ORDERED_PRODUCT, Ordering, Plain, cuda_matmul, data_type,
-    operation, ordered,
+    Cube, CudaMatmul, MIN_DEVICE_ORDERED_PRODUCT, Ordering, Plain, address, cuda_matmul, data_type,
+    empty_like, operation, ordered,
 };
 use crate::gemm_layout::StridedOperand as Layout;
 use crate::rebrand::rebrand;
@@ -77,30 +77,16 @@ fn batched(lhs: Cube, rhs: Cube) -> Cube {
         cublasComputeType_t::CUBLAS_COMPUTE_32F
     };
     let ((lhs, lhs_layout), (rhs, rhs_layout)) = (readable(lhs), readable(rhs));
-    let client = lhs.client.clone();
-    let handle = client.empty(b0 * b1 * rows * cols * dtype.size());
-    let out = Cube::new_contiguous(
-        client.clone(),
-        lhs.device.clone(),
-        Shape::new([b0, b1, rows, cols]),
-        handle,
-        dtype,
-    );
-    let resource = |tensor: &Cube| {
-        client
-            .get_resource(tensor.handle.clone())
-            .expect("cubecl hands out the buffer of a live tensor")
-    };
-    let (lhs_buffer, rhs_buffer, out_buffer) = (resource(&lhs), resource(&rhs), resource(&out));
+    let out = empty_like(&lhs, Shape::new([b0, b1, rows, cols]));
     let int = |value: usize| i32::try_from(value).expect("cuBLAS dimensions fit in i32");
     let long = |value: usize| i64::try_from(value).expect("cuBLAS strides fit in i64");
     let (alpha, beta) = (1.0f32, 0.0f32);
     // Row-major `C = L·R` as the column-major `Cᵀ = Rᵀ·Lᵀ` (see `gemm_layout`): a row-major
     // operand read column-major is its transpose already, a transposed view needs `T`.
     ordered(&out, Ordering::Device, |handle| {
-        // SAFETY: the pointers address live cubecl buffers laid out as `Layout` describes
-        // (leading dimensions and batch strides within each buffer), which `ordered` keeps from
-        // other work until the product is done; alpha and beta are f32 as both compute types
+        // SAFETY: the addresses are of live cubecl buffers (the tensors are held until this
+        // function returns) laid out as `Layout` describes (leading dimensions and batch strides
+        // within each buffer), which `ordered` keeps from other work until the product is done; alpha and beta are f32 as both compute types
         // require.
         unsafe {
             blas::gemm_strided_batched_ex(
@@ -111,16 +97,16 @@ fn batched(lhs: Cube, rhs: Cube) -> Cube {
                 int(rows),
                 int(inner),
                 (&alpha as *const f32).cast::<c_void>(),
-                rhs_buffer.resource().ptr as *const c_void,
+                address(&rhs) as *const c_void,
                 cuda_type,
                 int(rhs_layout.leading),
                 long(rhs_layout.batch_stride),
-                lhs_buffer.resource().ptr as *const c_void,
+                address(&lhs) as *const c_void,
                 cuda_type,
                 int(lhs_layout.leading),
                 long(lhs_layout.batch_stride),
                 (&beta as *const f32).cast::<c_void>(),
-                out_buffer.resource().ptr as *mut c_void,
+                address(&out) as *mut c_void,
                 cuda_type,
                 int(cols),
                 long(rows * cols),
