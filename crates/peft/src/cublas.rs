@@ -126,9 +126,9 @@ pub const MIN_ROUTED_PRODUCT: usize = 1 << 35;
 
 /// The smallest product the route takes when the device orders it: the ordering adds two
 /// one-unit kernels and two stream operations, some microseconds of the device's time a
-/// product and none of the host's. At ~700 TFLOP/s against ~94, cuBLAS saves 8 µs from about
-/// 2^29 multiply-adds (an estimate, to be measured); the projections of SmolLM2-135M at 8 x 1024
-/// tokens are 2^29.8 to 2^32.7.
+/// product and none of the host's. At ~700 TFLOP/s against ~94, cuBLAS's saving covers ~8 µs of
+/// it from about 2^28.7 multiply-adds (an estimate, to be measured), rounded down here; the
+/// projections of SmolLM2-135M at 8 x 1024 tokens are 2^29.8 to 2^32.7.
 pub const MIN_DEVICE_ORDERED_PRODUCT: usize = 1 << 28;
 
 /// `x·Wᵀ` (`transposed`; x `[n, k]`, weight `[o, k]`) or `x·W` (x `[n, o]`), both operands of
@@ -239,6 +239,7 @@ impl ProductBackward {
     /// The forward product under autodiff, with this node recorded for the backward pass.
     fn tracked(self, x: TrackedTensor, weight: TrackedTensor) -> TrackedTensor {
         let (transposed, ordering) = (self.transposed, self.ordering);
+        let product = |x: Cube, weight: Cube| gemm(x, false, weight, transposed, ordering);
         let (x_tracked, weight_tracked) = (x.is_tracked(), weight.is_tracked());
         match self
             .prepare::<NoCheckpointing>([x.node.clone(), weight.node.clone()])
@@ -248,16 +249,10 @@ impl ProductBackward {
             OpsKind::Tracked(mut prep) => {
                 let x_state = weight_tracked.then(|| prep.checkpoint(&x));
                 let weight_state = x_tracked.then(|| prep.checkpoint(&weight));
-                let out = gemm(x.primitive, false, weight.primitive, transposed, ordering);
+                let out = product(x.primitive, weight.primitive);
                 prep.finish((x_state, weight_state), out)
             }
-            OpsKind::UnTracked(prep) => prep.finish(gemm(
-                x.primitive,
-                false,
-                weight.primitive,
-                transposed,
-                ordering,
-            )),
+            OpsKind::UnTracked(prep) => prep.finish(product(x.primitive, weight.primitive)),
         }
     }
 }

@@ -19,19 +19,20 @@ use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t};
 
 use crate::cublas::{
     Cube, CudaMatmul, MIN_DEVICE_ORDERED_PRODUCT, Ordering, Plain, address, cuda_matmul, data_type,
-    empty_like, operation, ordered,
+    device_ordering_refused, empty_like, operation, ordered,
 };
 use crate::gemm_layout::StridedOperand as Layout;
 use crate::rebrand::rebrand;
 
 /// `lhs·rhs` batch by batch, both of one dtype (f32, bf16 or f16) and of the same batch axes,
 /// through cuBLAS when `B` is the plain CUDA backend, the route orders products on the device
-/// and the product has at least [`MIN_DEVICE_ORDERED_PRODUCT`] multiply-adds in all; `None`
+/// (and the driver has not refused it) and the product has at least [`MIN_DEVICE_ORDERED_PRODUCT`] multiply-adds in all; `None`
 /// otherwise, for the caller to use burn's matmul. f32 operands multiply in TF32 (cuBLAS's
 /// `COMPUTE_32F_FAST_TF32`), as burn's CUDA matmul does; 16-bit ones accumulate in f32.
 pub fn batched_matmul<B: Backend>(lhs: &Tensor<B, 4>, rhs: &Tensor<B, 4>) -> Option<Tensor<B, 4>> {
     if TypeId::of::<B>() != TypeId::of::<Plain>()
         || *cuda_matmul() != CudaMatmul::Cublas(Ordering::Device)
+        || device_ordering_refused().is_some()
         || lhs.dtype() != rhs.dtype()
         || data_type(lhs.dtype()).is_none()
     {
@@ -86,8 +87,8 @@ fn batched(lhs: Cube, rhs: Cube) -> Cube {
     ordered(&out, Ordering::Device, |handle| {
         // SAFETY: the addresses are of live cubecl buffers (the tensors are held until this
         // function returns) laid out as `Layout` describes (leading dimensions and batch strides
-        // within each buffer), which `ordered` keeps from other work until the product is done; alpha and beta are f32 as both compute types
-        // require.
+        // within each buffer), which `ordered` keeps from other work until the product is done;
+        // alpha and beta are f32 as both compute types require.
         unsafe {
             blas::gemm_strided_batched_ex(
                 handle,
