@@ -148,8 +148,8 @@ fi
 log "burnish bench, larger shapes"
 for row in "${rest[@]}"; do bench $ROUTE $row 120; done
 
-log "end to end: the quickstart recipe trained on $DEVICE (the CPU gets 0/48 -> 48/48)"
-step 90 "quickstart" "$BIN" train recipes/quickstart.toml --device "$DEVICE" \
+log "end to end: the quickstart recipe trained on $DEVICE, matmul $ROUTE (the CPU gets 0/48 -> 48/48)"
+BURNISH_MATMUL=$ROUTE step 90 "quickstart" "$BIN" train recipes/quickstart.toml --device "$DEVICE" \
   --set output.dir="$OUT/quickstart-run" >"$OUT/quickstart.txt" 2>"$OUT/quickstart.err" ||
   echo "quickstart on $DEVICE failed: see $OUT/quickstart.err"
 grep "exact match" "$OUT/quickstart.txt"
