@@ -213,7 +213,7 @@ fn token_logprobs<B: Backend>(
     let (targets, mask) = (batch.targets.clone(), batch.mask.clone());
     match model.frozen_head_weight() {
         Some(head) => {
-            let chunk = positions_per_chunk::<B>(head.dims()[0]);
+            let chunk = positions_per_chunk::<B>(head.dims()[0], &head.device());
             masked_token_logprobs_chunked(hidden, head, targets, mask, gradient, chunk)
         }
         None => masked_token_logprobs(model.head(hidden), targets, mask),

@@ -11,21 +11,21 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor};
 use burnish_model::softmax_rows;
-use burnish_peft::{cast_to, first_value, on_cpu, project, unproject};
+use burnish_peft::{cast_to, f32_per_buffer, first_value, on_cpu, project, unproject};
 
 /// Logits held at once by [`masked_token_logprobs_chunked`] on the CPU (64 MiB in f32).
 const LOGITS_PER_CHUNK: usize = 1 << 24;
-/// The same on a GPU (256 MiB): each chunk costs a dozen kernel launches and two products
-/// whatever its size, so chunks are larger there.
+/// The same on a GPU (256 MiB, or what the device's largest buffer holds): each chunk costs a
+/// dozen kernel launches and two products whatever its size, so chunks are larger there.
 const LOGITS_PER_GPU_CHUNK: usize = 1 << 26;
 
-/// How many positions [`masked_token_logprobs_chunked`] takes at a time on backend `B` for a
-/// vocabulary of `vocab` tokens.
-pub fn positions_per_chunk<B: Backend>(vocab: usize) -> usize {
+/// How many positions [`masked_token_logprobs_chunked`] takes at a time on `device` of backend
+/// `B` for a vocabulary of `vocab` tokens.
+pub fn positions_per_chunk<B: Backend>(vocab: usize, device: &B::Device) -> usize {
     let logits = if on_cpu::<B>() {
         LOGITS_PER_CHUNK
     } else {
-        LOGITS_PER_GPU_CHUNK
+        f32_per_buffer::<B>(device, LOGITS_PER_GPU_CHUNK)
     };
     (logits / vocab.max(1)).max(1)
 }

@@ -33,16 +33,26 @@ use crate::gpu_kernels::{CausalSoftmax, CausalSoftmaxBackward};
 use burnish_peft::gpu_kernel;
 
 /// Scores one chunk of queries may hold (256 MiB in f32): on a GPU each chunk costs a few dozen
-/// kernel launches whatever its size, so chunks are as large as this allows.
+/// kernel launches whatever its size, so chunks are as large as this allows (and as the
+/// device's largest buffer holds, `burnish_peft::f32_per_buffer`).
 const SCORES_PER_CHUNK: usize = 1 << 26;
 
 /// Query positions per chunk for `[batch, heads, seq, _]` queries: the fewest chunks whose
-/// scores `[batch, heads, chunk, seq]` stay within [`SCORES_PER_CHUNK`], split evenly (in
-/// multiples of 64).
-fn chunk_rows([batch, heads, seq, _]: [usize; 4]) -> usize {
-    let rows = (SCORES_PER_CHUNK / (batch * heads * seq).max(1)).max(64);
-    let chunks = seq.div_ceil(rows).max(1);
-    seq.div_ceil(chunks).next_multiple_of(64).min(seq).max(1)
+/// scores `[batch, heads, chunk, seq]` stay within `scores` values, split evenly, in multiples of
+/// 64 that stay within it too (a device's largest buffer is a hard bound).
+fn chunk_rows([batch, heads, seq, _]: [usize; 4], scores: usize) -> usize {
+    let fit = (scores / (batch * heads * seq).max(1)).max(1);
+    if fit >= seq {
+        return seq.max(1);
+    }
+    let even = seq.div_ceil(seq.div_ceil(fit)).next_multiple_of(64);
+    if even <= fit {
+        even
+    } else if fit >= 64 {
+        fit / 64 * 64
+    } else {
+        fit
+    }
 }
 
 /// Causal attention of `q` over `k`, `v` (grouped-query heads not repeated), with `mask`
@@ -81,10 +91,11 @@ pub(crate) fn chunked_causal_attention<B: Backend>(
     out
 }
 
-/// The burn-op kernel, in chunks sized for `q`.
+/// The burn-op kernel, in chunks sized for `q` and its device.
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 fn chunks<B: Backend>(q: &Tensor<B, 4>) -> Kernel {
-    Kernel::Chunks(chunk_rows(q.dims()))
+    let scores = burnish_peft::f32_per_buffer::<B>(&q.device(), SCORES_PER_CHUNK);
+    Kernel::Chunks(chunk_rows(q.dims(), scores))
 }
 
 /// How the op computes.
@@ -109,7 +120,7 @@ fn on<B: Backend, I: Backend>(
     }
     let kernel = match kernel {
         Kernel::Cpu if q.dtype() == DType::F32 => Kernel::Cpu,
-        Kernel::Cpu => Kernel::Chunks(chunk_rows(q.dims())),
+        Kernel::Cpu => Kernel::Chunks(chunk_rows(q.dims(), SCORES_PER_CHUNK)),
         chunks => chunks,
     };
     let float = |t: &Tensor<B, 4>| -> FloatTensor<Autodiff<I>> {
@@ -693,13 +704,18 @@ mod tests {
 
     #[test]
     fn chunks_are_as_few_as_the_scores_budget_allows_and_even() {
+        let budget = SCORES_PER_CHUNK;
         // SmolLM2-135M at 8 x 1024: 302 MB of scores in f32, so two chunks of 512.
-        assert_eq!(chunk_rows([8, 9, 1024, 64]), 512);
+        assert_eq!(chunk_rows([8, 9, 1024, 64], budget), 512);
         // TinyLlama's 32 heads: four chunks of 256.
-        assert_eq!(chunk_rows([8, 32, 1024, 64]), 256);
+        assert_eq!(chunk_rows([8, 32, 1024, 64], budget), 256);
         // Short rows fit whole; 300 positions in two chunks round up to 192 (then 108).
-        assert_eq!(chunk_rows([1, 4, 100, 16]), 100);
-        assert_eq!(chunk_rows([1, 1 << 10, 300, 16]), 192);
+        assert_eq!(chunk_rows([1, 4, 100, 16], budget), 100);
+        assert_eq!(chunk_rows([1, 1 << 10, 300, 16], budget), 192);
+        // A device whose buffers hold 2^24 f32: at most 227 rows, so 192 (the even split's 256
+        // would not fit), and 48 for a budget under 64 rows.
+        assert_eq!(chunk_rows([8, 9, 1024, 64], 1 << 24), 192);
+        assert_eq!(chunk_rows([8, 9, 1024, 64], 48 * 8 * 9 * 1024 + 5), 48);
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod cpu_tensors;
 pub mod cublas;
 #[cfg(feature = "cuda")]
 mod cublas_batched;
+mod device_limits;
 #[cfg(any(feature = "cuda", all(test, feature = "wgpu")))]
 mod device_order;
 mod error;
@@ -37,6 +38,7 @@ pub use config::{LoraConfig, LoraInit};
 pub use cpu_bf16::available as cpu_bf16_available;
 #[cfg(feature = "cuda")]
 pub use cublas_batched::batched_matmul;
+pub use device_limits::{f32_per_buffer, largest_buffer};
 pub use error::{PeftError, Result};
 pub use linear::{AdaptableLinear, cast_to, project, unproject};
 pub use lora::Lora;
