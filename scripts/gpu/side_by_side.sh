@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One prepared device run, most important first, inside a time budget: the cuBLAS route's checks
 # against the exact product and burn's matmul, with each product ordered by the host and by the
-# device; `burnish bench` (on the device-ordered route when its checks pass, and the first row
-# with the host's ordering) and the transformers + PEFT peer (peer_lora.py, run by
+# device; the check of the routines that reduce long rows; `burnish bench` (on the
+# device-ordered route when its checks pass, and the first row with the host's ordering and with
+# burn's default reductions) and the transformers + PEFT peer (peer_lora.py, run by
 # peer_reserved.py to add torch's reserved memory) side by side on the card; the CUDA build's
 # scores against the CPU's on the fixture models; the first row again with burnish's GPU
 # kernels, and a kernel profile of it; the larger shapes; the quickstart recipe trained end to
@@ -103,6 +104,18 @@ if [ "$DEVICE" = cuda ]; then
     [ $ordering = host ] && ROUTE=cublas || ROUTE=cublas-async
   done
   echo "the bench rows take the route $ROUTE"
+  # Long rows reduced by cubek's routines for them (burnish_peft::reduce_rows, off on CUDA
+  # until checked there) against the CPU's reductions: when they pass, every row takes them.
+  log "reductions of long rows against the CPU's (burnish-peft's tests)"
+  BURNISH_GPU_KERNELS=WideRowReduction step 60 "wide row reduction tests" "$TESTS" --ignored \
+    wide_row_reduction --test-threads 1 >"$OUT/wide-row-reduction-tests.txt" 2>&1
+  status=$?
+  echo "exit $status" >>"$OUT/wide-row-reduction-tests.txt"
+  tail -n 3 "$OUT/wide-row-reduction-tests.txt"
+  if [ "$status" = 0 ]; then
+    export BURNISH_GPU_KERNELS=WideRowReduction
+    echo "the long rows' reductions passed their check: every row takes them"
+  fi
 fi
 
 log "burnish bench on $DEVICE, base in $DTYPE, matmul $ROUTE"
@@ -110,6 +123,10 @@ for row in "${first[@]}"; do bench $ROUTE $row 150; done
 if [ "$ROUTE" = cublas-async ]; then
   log "burnish bench, the first row with the products ordered by the host"
   bench cublas ${first[0]} 150
+fi
+if [ "${BURNISH_GPU_KERNELS:-}" = WideRowReduction ]; then
+  log "burnish bench, the first row with burn's default reductions (the long rows' routines' gain)"
+  BURNISH_GPU_KERNELS=burn bench $ROUTE ${first[0]} 150
 fi
 
 log "peer: transformers + PEFT"

@@ -142,6 +142,24 @@ pub fn own_gpu_kernels<B: Backend>() -> bool {
     burnish_peft::gpu_kernel::takes::<B>()
 }
 
+/// How `B` reduces a long row (a softmax's maximum and sum), for `bench`'s report: `wide` with
+/// cubek's routines for long rows (`burnish_peft::reduce_rows`), `burn` with burn's default.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+pub fn row_reduction<B: Backend>() -> &'static str {
+    if burnish_peft::gpu_kernel::reduces_wide_rows::<B>() {
+        "wide"
+    } else {
+        "burn"
+    }
+}
+
+/// Without a GPU backend built, every row is reduced by burn's default.
+#[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+#[allow(clippy::extra_unused_type_parameters)] // the signature the GPU builds have
+pub fn row_reduction<B: Backend>() -> &'static str {
+    "burn"
+}
+
 /// Without a GPU backend built, burnish's own GPU kernels run nowhere.
 #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
 #[allow(clippy::extra_unused_type_parameters)] // the signature the GPU builds have

@@ -24,6 +24,7 @@ use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Bool, DType, FloatDType, Tensor, TensorPrimitive};
+use burnish_peft::{RowReduction, reduce_rows};
 
 use crate::cpu_attention;
 use crate::cpu_kernel::rebrand;
@@ -388,9 +389,9 @@ fn attention_forward<I: Backend>(
             }
             Visibility::Hidden(hidden) => {
                 let scores = masked(scores, hidden, start, len);
-                let max = scores.clone().max_dim(3);
+                let max = reduce_rows(scores.clone(), RowReduction::Max);
                 let exp = (scores - max.clone()).exp();
-                let total = exp.clone().sum_dim(3);
+                let total = reduce_rows(exp.clone(), RowReduction::Sum);
                 (product(exp, v_seen) / total.clone(), max + total.log())
             }
         };
@@ -456,7 +457,10 @@ fn attention_backward<I: Backend>(saved: Saved<I>, d_out: Tensor<I, 4>) -> [Tens
         let q_chunk = grouped(&q, kv_heads, start, len);
         let scores = chunk_scores(q_chunk.clone(), &k, start, len);
         let d_out_chunk = grouped(&d_out, kv_heads, start, len);
-        let row_dots = (d_out_chunk.clone() * grouped(&out, kv_heads, start, len)).sum_dim(3);
+        let row_dots = reduce_rows(
+            d_out_chunk.clone() * grouped(&out, kv_heads, start, len),
+            RowReduction::Sum,
+        );
         let d_probs = product(
             d_out_chunk.clone(),
             v.clone().narrow(2, 0, seen).swap_dims(2, 3),

@@ -7,6 +7,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{FloatDType, Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
 use burnish_peft::composed_op::{self, ComposedOp};
+use burnish_peft::{RowReduction, reduce_rows};
 use rayon::prelude::*;
 
 use crate::cpu_kernel::{self, Kernel, tensor, values};
@@ -73,10 +74,7 @@ impl ComposedOp<2> for RmsNormOp {
         }
         let dtype = x.dtype();
         let x = x.cast(FloatDType::F32);
-        let inv_rms = x
-            .clone()
-            .square()
-            .mean_dim(1)
+        let inv_rms = reduce_rows(x.clone().square(), RowReduction::Mean)
             .add_scalar(self.eps)
             .sqrt()
             .recip();
@@ -108,7 +106,7 @@ impl ComposedOp<2> for RmsNormOp {
         });
         let dx = x_wanted.then(|| {
             let g = d_out * weight;
-            let dot = (g.clone() * x.clone()).sum_dim(1);
+            let dot = reduce_rows(g.clone() * x.clone(), RowReduction::Sum);
             let correction = r.clone() * r.clone() * r.clone() * dot.div_scalar(hidden);
             (g * r - x * correction).cast(x_dtype)
         });

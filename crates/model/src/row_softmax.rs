@@ -1,9 +1,11 @@
 //! The softmax of each row of a matrix together with the row's log-sum-exp, as values only:
 //! what a loss computed chunk by chunk needs from a chunk of logits. On the CPU backend one
-//! parallel pass per row; elsewhere burn's ops.
+//! parallel pass per row; elsewhere burn's ops (the reductions through
+//! [`reduce_rows`], one plane per row on the GPU backends).
 
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
+use burnish_peft::{RowReduction, reduce_rows};
 use rayon::prelude::*;
 
 use crate::cpu_kernel::{from_values, tensor, values, values_of};
@@ -30,9 +32,9 @@ pub fn softmax_rows<B: Backend>(logits: Tensor<B, 2>) -> (Tensor<B, 2>, Tensor<B
             from_values(tensor(lse, [rows, 1].into())),
         );
     }
-    let max = logits.clone().max_dim(1);
+    let max = reduce_rows(logits.clone(), RowReduction::Max);
     let exp = (logits - max.clone()).exp();
-    let total = exp.clone().sum_dim(1);
+    let total = reduce_rows(exp.clone(), RowReduction::Sum);
     (exp / total.clone(), max + total.log())
 }
 

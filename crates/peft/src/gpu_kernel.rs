@@ -9,6 +9,8 @@
 //! [`composed_op`](crate::composed_op), so callers keep no extra bound: [`launch`] returns
 //! `None` on every other backend, whose callers use burn's ops. On CUDA they stay off unless
 //! [`GPU_KERNELS_ENV`] asks for them: checked on wgpu, they computed wrong values on a card.
+//! The same switch also picks how long rows are reduced ([`row_reduction`](crate::row_reduction)):
+//! by routines of burn's own suited to them, on by default where checked (wgpu).
 
 use std::any::TypeId;
 use std::sync::OnceLock;
@@ -30,13 +32,19 @@ pub trait GpuKernel<const N: usize, const M: usize> {
     fn launch<R: CubeRuntime>(&self, inputs: &[CubeTensor<R>; N]) -> Option<[CubeTensor<R>; M]>;
 }
 
-/// The environment variable that picks the kernels: unset, those checked on the backend at hand
-/// (on wgpu every one; on CUDA none: in the first run on a card, 2026-11-27, they computed
-/// wrong values there, the RMSNorm forward pass at least); `all`, every one on either backend;
-/// `burn`, none (their work left to burn's ops, for side-by-side measurements); or a
-/// comma-separated list of kernel names (`RmsNormForward,SwigluBackward`), those alone, to tell
-/// which kernel a wrong result comes from.
+/// The environment variable that picks the kernels (and [`WIDE_ROW_REDUCTION`]): unset, those
+/// checked on the backend at hand (on wgpu every one; on CUDA none: in the first run on a card,
+/// 2026-11-27, burnish's kernels computed wrong values there, the RMSNorm forward pass at least,
+/// and the routines for long rows have not run on a card yet); `all`, every one on either
+/// backend; `burn`, none (their work left to burn's ops and default routines, for side-by-side
+/// measurements); or a comma-separated list of names (`RmsNormForward,SwigluBackward`), those
+/// alone, to tell which kernel a wrong result comes from.
 pub const GPU_KERNELS_ENV: &str = "BURNISH_GPU_KERNELS";
+
+/// The name [`GPU_KERNELS_ENV`] gives the reduction of long rows by routines suited to them
+/// ([`row_reduction`](crate::row_reduction)): not a kernel of burnish's own but routines of
+/// burn's (cubek's), picked over burn's default.
+const WIDE_ROW_REDUCTION: &str = "WideRowReduction";
 
 /// Which kernels [`GPU_KERNELS_ENV`] turns on.
 #[derive(Debug, PartialEq)]
@@ -56,7 +64,7 @@ impl Chosen {
         }
     }
 
-    /// Whether `kernel` runs on a plain backend, CUDA or wgpu.
+    /// Whether `kernel` (or [`WIDE_ROW_REDUCTION`]) runs on a plain backend, CUDA or wgpu.
     fn includes(&self, kernel: &str, cuda: bool) -> bool {
         match self {
             Self::Checked => !cuda,
@@ -65,12 +73,12 @@ impl Chosen {
         }
     }
 
-    /// Whether any kernel runs there.
+    /// Whether any kernel of burnish's own runs there.
     fn any(&self, cuda: bool) -> bool {
         match self {
             Self::Checked => !cuda,
             Self::All => true,
-            Self::Named(names) => !names.is_empty(),
+            Self::Named(names) => names.iter().any(|n| n != WIDE_ROW_REDUCTION),
         }
     }
 }
@@ -89,15 +97,21 @@ fn name<K>() -> &'static str {
 
 /// burn's CUDA backend without fusion, as burnish builds it.
 #[cfg(feature = "cuda")]
-type PlainCuda = CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
+pub(crate) type PlainCuda = CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
 /// burn's wgpu backend without fusion, as burnish builds it.
 #[cfg(feature = "wgpu")]
-type PlainWgpu = CubeBackend<cubecl::wgpu::WgpuRuntime, f32, i32, u32>;
+pub(crate) type PlainWgpu = CubeBackend<cubecl::wgpu::WgpuRuntime, f32, i32, u32>;
 
 /// Whether `I` is one of the plain cubecl backends burnish builds (CUDA, wgpu), which take the
-/// kernels, and any is on there.
+/// kernels, and any of burnish's own is on there.
 pub fn takes<I: Backend>() -> bool {
     plain::<I>().is_some_and(|cuda| chosen().any(cuda))
+}
+
+/// Whether `I` is one of the plain cubecl backends and reduces long rows there by routines
+/// suited to them ([`row_reduction`](crate::row_reduction)).
+pub fn reduces_wide_rows<I: Backend>() -> bool {
+    plain::<I>().is_some_and(|cuda| chosen().includes(WIDE_ROW_REDUCTION, cuda))
 }
 
 /// Whether `I` is one of the plain cubecl backends and kernel `K` is on there: a caller that
@@ -170,6 +184,11 @@ mod tests {
             checked.includes("RmsNormForward", false) && !checked.includes("RmsNormForward", true)
         );
         assert!(checked.any(false) && !checked.any(true));
+        assert!(checked.includes(WIDE_ROW_REDUCTION, false));
+        assert!(!checked.includes(WIDE_ROW_REDUCTION, true));
+        assert!(!Chosen::parse(Some("burn")).includes(WIDE_ROW_REDUCTION, false));
+        let routine_alone = Chosen::parse(Some(WIDE_ROW_REDUCTION));
+        assert!(routine_alone.includes(WIDE_ROW_REDUCTION, true) && !routine_alone.any(true));
         let all = Chosen::parse(Some("all"));
         assert!(all.includes("RmsNormForward", true) && all.any(true));
         let none = Chosen::parse(Some("burn"));

@@ -18,7 +18,9 @@ use burnish_model::{BaseDtype, HfConfig, RandomWeights, build_decoder};
 use burnish_peft::{LoraConfig, Targets};
 use clap::{Args, ValueEnum};
 
-use crate::device::{DeviceArg, Job, base_dtype_for, own_gpu_kernels, product_route, run_on};
+use crate::device::{
+    DeviceArg, Job, base_dtype_for, own_gpu_kernels, product_route, row_reduction, run_on,
+};
 use crate::memory::MemoryGauge;
 
 #[derive(Debug, Args)]
@@ -175,6 +177,7 @@ impl Job for Bench {
                 "matmul": product_route::<B>(a.dtype), "backend": B::name(&device),
                 "autotune": cfg!(feature = "autotune"),
                 "gpu_kernels": own_gpu_kernels::<B>(),
+                "row_reduction": row_reduction::<B>(),
                 "gradient_checkpointing": a.gradient_checkpointing,
             });
             println!("{out}");
