@@ -4,9 +4,9 @@
 //! burn 0.21 built without autotuning reduces with one unit (one thread) per row. A chunk of the
 //! cross-entropy, 1,365 rows of 49,152 logits, is then read by 1,365 threads: 2.4 ms for each
 //! of its two reductions on an H100, where the card's memory reads those 268 MB in about 0.1 ms
-//! (the per-kernel log of the second H100 run, 2026-11-27: 14 such launches, 32 ms of a 585 ms
-//! step); the attention's rows of 512 and 1,024 scores, one thread each, read at a fifth to a
-//! third of the card's bandwidth. cubek, whose routines burn's autotuning picks among, has two
+//! (the per-kernel log of the second H100 run, 2026-11-27: 12 such launches, 25 ms of a 585 ms
+//! step); the attention's rows of 512 and 1,024 scores, one thread each, 61 launches and 18 ms
+//! more. cubek, whose routines burn's autotuning picks among, has two
 //! that spread a row over many threads, and burnish picks them by the row's length:
 //! - from [`MIN_CUBE_ROW`] (a vocabulary): a cube (a block of threads) per row, their partial
 //!   results combined in shared memory, which every device has;
