@@ -1,7 +1,7 @@
 //! The softmax of each row of a matrix together with the row's log-sum-exp, as values only:
 //! what a loss computed chunk by chunk needs from a chunk of logits. On the CPU backend one
-//! parallel pass per row; elsewhere burn's ops (the reductions through
-//! [`reduce_rows`], one plane per row on the GPU backends).
+//! parallel pass per row; elsewhere burn's ops (the reductions through [`reduce_rows`], which
+//! spreads a row of logits over a block of threads on the GPU backends).
 
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
