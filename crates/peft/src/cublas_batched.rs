@@ -26,8 +26,9 @@ use crate::rebrand::rebrand;
 
 /// `lhs·rhs` batch by batch, both of one dtype (f32, bf16 or f16) and of the same batch axes,
 /// through cuBLAS when `B` is the plain CUDA backend, the route orders products on the device
-/// (and the driver has not refused it) and the product has at least [`MIN_DEVICE_ORDERED_PRODUCT`] multiply-adds in all; `None`
-/// otherwise, for the caller to use burn's matmul. f32 operands multiply in TF32 (cuBLAS's
+/// (and the driver has not refused it) and the product has at least
+/// [`MIN_DEVICE_ORDERED_PRODUCT`] multiply-adds in all; `None` otherwise, for the caller to use
+/// burn's matmul. f32 operands multiply in TF32 (cuBLAS's
 /// `COMPUTE_32F_FAST_TF32`), as burn's CUDA matmul does; 16-bit ones accumulate in f32.
 pub fn batched_matmul<B: Backend>(lhs: &Tensor<B, 4>, rhs: &Tensor<B, 4>) -> Option<Tensor<B, 4>> {
     if TypeId::of::<B>() != TypeId::of::<Plain>()

@@ -9,7 +9,7 @@ use burn::tensor::backend::Backend;
 /// The largest buffer, in bytes, that `device` of backend `B` allocates, where `B` is built on
 /// one of the cubecl runtimes burnish builds (wgpu, CUDA; plain, with autodiff or with fusion);
 /// `None` elsewhere (the CPU backend allocates what the host's memory allows).
-pub fn largest_buffer<B: Backend>(device: &B::Device) -> Option<u64> {
+fn largest_buffer<B: Backend>(device: &B::Device) -> Option<u64> {
     #[cfg(feature = "wgpu")]
     if let Some(bytes) = on::<B, cubecl::wgpu::WgpuRuntime>(device) {
         return Some(bytes);

@@ -39,7 +39,7 @@ pub use config::{LoraConfig, LoraInit};
 pub use cpu_bf16::available as cpu_bf16_available;
 #[cfg(feature = "cuda")]
 pub use cublas_batched::batched_matmul;
-pub use device_limits::{f32_per_buffer, largest_buffer};
+pub use device_limits::f32_per_buffer;
 pub use error::{PeftError, Result};
 pub use linear::{AdaptableLinear, cast_to, project, unproject};
 pub use lora::Lora;

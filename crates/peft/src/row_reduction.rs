@@ -6,8 +6,8 @@
 //! of its two reductions on an H100, where the card's memory reads those 268 MB in about 0.1 ms
 //! (the per-kernel log of the second H100 run, 2026-11-27: 12 such launches, 25 ms of a 585 ms
 //! step); the attention's rows of 512 and 1,024 scores, one thread each, 61 launches and 18 ms
-//! more. cubek, whose routines burn's autotuning picks among, has two
-//! that spread a row over many threads, and burnish picks them by the row's length:
+//! more. cubek, whose routines burn's autotuning picks among, has two that spread a row over
+//! many threads, and burnish picks them by the row's length:
 //! - from [`MIN_CUBE_ROW`] (a vocabulary): a cube (a block of threads) per row, their partial
 //!   results combined in shared memory, which every device has;
 //! - from [`MIN_PLANE_ROW`] (an attention chunk's keys, a hidden width): a plane (a warp) per
@@ -229,15 +229,10 @@ mod gpu_tests {
         Tensor::<Flex, D>::random(shape, Distribution::Normal(0.0, 3.0), &device).into_data()
     }
 
+    /// The CPU backend's reduction (burn's own there).
     fn by_cpu<const D: usize>(values: &TensorData, reduction: RowReduction) -> TensorData {
         let t = Tensor::<Flex, D>::from_data(values.clone(), &Default::default());
-        let dim = D - 1;
-        match reduction {
-            RowReduction::Max => t.max_dim(dim),
-            RowReduction::Sum => t.sum_dim(dim),
-            RowReduction::Mean => t.mean_dim(dim),
-        }
-        .into_data()
+        reduce_rows(t, reduction).into_data()
     }
 
     /// Rows of the lengths the callers reduce (an RMSNorm's width, one past a power of two, an
