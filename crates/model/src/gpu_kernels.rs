@@ -9,7 +9,7 @@
 
 use burn::tensor::DType;
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burnish_peft::gpu_kernel::{CubeRuntime, CubeTensor, GpuKernel};
 use cubecl::calculate_cube_count_elemwise;
 use cubecl::prelude::*;
@@ -24,9 +24,12 @@ fn float(dtype: DType) -> bool {
     matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
 }
 
-/// A fresh contiguous tensor of `like`'s device and `shape`.
+/// A fresh tensor of `like`'s device and `shape`, laid out row after row with no gap: the
+/// kernels index their outputs linearly. (burn's `empty_device_dtype` may pad each row to an
+/// aligned pitch, as it does on CUDA: a kernel writing linearly there fills the padding and
+/// leaves every row after the first wrong, which is how these kernels failed on a card.)
 fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: [usize; 2], dtype: DType) -> CubeTensor<R> {
-    empty_device_dtype(
+    empty_device_contiguous_dtype(
         like.client.clone(),
         like.device.clone(),
         shape.into(),
