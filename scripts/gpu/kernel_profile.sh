@@ -45,7 +45,7 @@ if [[ $PARTS == *timings* ]]; then
   bench 1 128 --warmup 3 --steps 10
 fi
 [[ $PARTS == *profile* ]] || { rm -rf "$WORK"; exit 0; }
-echo "== kernel profile, $SHAPE $MODE $BATCH x $SEQ, cublas"
+echo "== kernel profile, $SHAPE $MODE $BATCH x $SEQ, ${BURNISH_MATMUL:-cublas}"
 CUBECL_DEBUG_LOG=stderr CUBECL_DEBUG_OPTION=profile timeout 150 "$BIN" bench --shape "$SHAPE" \
   --mode "$MODE" --batch "$BATCH" --seq "$SEQ" --dtype "$DTYPE" --device cuda --json \
   --warmup 1 --steps 2 >/dev/null 2>"$WORK/kernels.log"

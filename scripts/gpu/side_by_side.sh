@@ -2,11 +2,11 @@
 # One prepared device run, most important first, inside a time budget: the cuBLAS route's checks
 # against the exact product and burn's matmul, with each product ordered by the host and by the
 # device; the check of the routines that reduce long rows; `burnish bench` (on the
-# device-ordered route when its checks pass, and the first row with the host's ordering and with
-# burn's default reductions) and the transformers + PEFT peer (peer_lora.py, run by
-# peer_reserved.py to add torch's reserved memory) side by side on the card; the CUDA build's
-# scores against the CPU's on the fixture models; the first row again with burnish's GPU
-# kernels, and a kernel profile of it; the larger shapes; the quickstart recipe trained end to
+# device-ordered route when its checks pass, the first row also on the other cuBLAS ordering,
+# checked or not, and with burn's default reductions) and the transformers + PEFT peer
+# (peer_lora.py, run by peer_reserved.py to add torch's reserved memory) side by side on the
+# card; the CUDA build's scores against the CPU's on the fixture models; burnish's GPU kernels'
+# checks and the first row with them, and a kernel profile of it; the larger shapes; the quickstart recipe trained end to
 # end; the first row with f32 activations under the bf16 base, and on burn's matmul alone (the
 # cuBLAS route's gain); the same rows and scores from the build with burn's fusion backend and,
 # when prepare.sh made it (TUNED=1), with fusion and autotuning; then the first rows with
@@ -86,13 +86,15 @@ fi
 # The token ids the parity checks score.
 IDS=1,17,42,99,5,23,64,128,7,250,31,88,12,199,3,77
 
-# The route the bench rows take: cuBLAS ordered by the device when the checks of both orderings
-# pass (a hang in the device's shows as its step's timeout); else cuBLAS ordered by the host
-# when its checks pass, as in the runs before (2026-11-27); else burn's matmul, so that the run
-# still measures something.
+# The route the bench rows take: cuBLAS ordered by the device when its checks pass (a hang
+# shows as its step's timeout); else cuBLAS ordered by the host when its checks pass; else
+# burn's matmul, so that the run still measures something. Each ordering is checked whatever the
+# other's result, and the first row is timed on each cuBLAS ordering the rows do not take, so
+# that a failed check still leaves the route's time on record.
 ROUTE=burn
+passed=()
 if [ "$DEVICE" = cuda ]; then
-  log "cuBLAS route against burn's matmul, host-ordered then device-ordered (burnish-peft's tests)"
+  log "cuBLAS route against the exact product and burn's matmul, host-ordered then device-ordered (burnish-peft's tests)"
   for ordering in host device; do
     [ $ordering = host ] && matmul=cublas || matmul=cublas-async
     BURNISH_MATMUL=$matmul step 90 "cublas $ordering tests" "$TESTS" --ignored "cublas_$ordering" \
@@ -100,31 +102,34 @@ if [ "$DEVICE" = cuda ]; then
     status=$?
     echo "exit $status" >>"$OUT/cublas-$ordering-tests.txt"
     tail -n 3 "$OUT/cublas-$ordering-tests.txt"
-    [ "$status" != 0 ] && break
-    [ $ordering = host ] && ROUTE=cublas || ROUTE=cublas-async
+    [ "$status" = 0 ] && ROUTE=$matmul && passed+=("$matmul")
   done
   echo "the bench rows take the route $ROUTE"
-  # Long rows reduced by cubek's routines for them (burnish_peft::reduce_rows, off on CUDA
-  # until checked there) against the CPU's reductions: when they pass, every row takes them.
+  # Long rows reduced by cubek's routines for them (burnish_peft::reduce_rows, on by default)
+  # against the CPU's reductions: when they fail, every row takes burn's default reductions.
   log "reductions of long rows against the CPU's (burnish-peft's tests)"
-  BURNISH_GPU_KERNELS=WideRowReduction step 60 "wide row reduction tests" "$TESTS" --ignored \
-    wide_row_reduction --test-threads 1 >"$OUT/wide-row-reduction-tests.txt" 2>&1
+  step 60 "wide row reduction tests" "$TESTS" --ignored wide_row_reduction --test-threads 1 \
+    >"$OUT/wide-row-reduction-tests.txt" 2>&1
   status=$?
   echo "exit $status" >>"$OUT/wide-row-reduction-tests.txt"
   tail -n 3 "$OUT/wide-row-reduction-tests.txt"
-  if [ "$status" = 0 ]; then
-    export BURNISH_GPU_KERNELS=WideRowReduction
-    echo "the long rows' reductions passed their check: every row takes them"
+  if [ "$status" != 0 ]; then
+    export BURNISH_GPU_KERNELS=burn
+    echo "the long rows' reductions failed their check: every row takes burn's"
   fi
 fi
 
 log "burnish bench on $DEVICE, base in $DTYPE, matmul $ROUTE"
 for row in "${first[@]}"; do bench $ROUTE $row 150; done
-if [ "$ROUTE" = cublas-async ]; then
-  log "burnish bench, the first row with the products ordered by the host"
-  bench cublas ${first[0]} 150
+if [ "$DEVICE" = cuda ]; then
+  for matmul in cublas cublas-async; do
+    [ "$matmul" = "$ROUTE" ] && continue
+    [[ " ${passed[*]} " == *" $matmul "* ]] && verdict="checks passed" || verdict="checks failed"
+    log "burnish bench, the first row on $matmul ($verdict)"
+    bench $matmul ${first[0]} 150
+  done
 fi
-if [ "${BURNISH_GPU_KERNELS:-}" = WideRowReduction ]; then
+if [ "$DEVICE" = cuda ] && [ -z "${BURNISH_GPU_KERNELS:-}" ]; then
   log "burnish bench, the first row with burn's default reductions (the long rows' routines' gain)"
   BURNISH_GPU_KERNELS=burn bench $ROUTE ${first[0]} 150
 fi
@@ -145,10 +150,16 @@ for model in llama mistral qwen2; do
   done
 done
 
-# The first row with burnish's own GPU kernels (RMSNorm, SwiGLU, the attention's causal
-# softmax), off on CUDA by default since they computed wrong values there: what they gain once
-# right (scripts/gpu/kernel_check.sh tells which is wrong).
+# burnish's own GPU kernels (RMSNorm, SwiGLU, the attention's causal softmax), off on CUDA by
+# default since they computed wrong values there (burn pads CUDA buffers' rows; their outputs
+# now have none): burnish-model's checks of them against the CPU, then the first row with them,
+# what they gain (scripts/gpu/kernel_check.sh tells which is wrong, should one be).
 if [ "$DEVICE" = cuda ]; then
+  log "burnish's GPU kernels against the CPU's (burnish-model's tests)"
+  BURNISH_GPU_KERNELS=all step 90 "gpu kernel tests" "$MODEL_TESTS" --ignored on_cuda \
+    --test-threads 1 >"$OUT/gpu-kernels-tests.txt" 2>&1
+  echo "exit $?" >>"$OUT/gpu-kernels-tests.txt"
+  tail -n 3 "$OUT/gpu-kernels-tests.txt"
   log "burnish bench with burnish's GPU kernels"
   BURNISH_GPU_KERNELS=all bench $ROUTE ${first[0]} 150
 fi

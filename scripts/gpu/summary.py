@@ -52,7 +52,7 @@ if card and "device" in card[0]:
     print(f"\ncard: {card[0]['device']}, torch {card[0]['torch']}, "
           f"bf16 matmul {card[0]['matmul_bf16_tflops']} TFLOP/s")
 
-for checks in ["cublas-host", "cublas-device", "wide-row-reduction"]:
+for checks in ["cublas-host", "cublas-device", "wide-row-reduction", "gpu-kernels"]:
     tests = out / f"{checks}-tests.txt"
     if tests.exists():
         results = [l for l in tests.read_text().splitlines()
@@ -70,8 +70,8 @@ def row(key, o, p):
     matmul += "+f32act" if o.get("dtype") == "bf16" and o.get("activations") == "f32" else ""
     # burnish's own GPU kernels in place of burn's ops (on CUDA: BURNISH_GPU_KERNELS=all).
     matmul += "+gpukernels" if o.get("gpu_kernels") else ""
-    # cubek's routines for long rows in place of burn's default reductions (on CUDA after
-    # their check passed: BURNISH_GPU_KERNELS=WideRowReduction).
+    # cubek's routines for long rows in place of burn's default reductions (the default on
+    # both GPU backends; BURNISH_GPU_KERNELS=burn turns them off).
     matmul += "+widereduce" if o.get("row_reduction") == "wide" else ""
     print(f"{key[0]:16} {key[1]:4} {key[2]:<2} {key[3]:<5} {matmul:20}"
           f"{round(o['step_ms'], 1) if 'step_ms' in o else o.get('error', '—'):<9} "
