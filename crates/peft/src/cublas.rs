@@ -45,7 +45,7 @@ use cudarc::cublas::{CudaBlas, result as blas, sys as blas_sys};
 use cudarc::driver::{CudaContext, CudaStream};
 
 use crate::device_order::{Flags, reply, wait_for_signal};
-use crate::gemm_layout::ColumnMajorGemm;
+use crate::gemm_layout::{ColumnMajorGemm, StridedOperand};
 use crate::rebrand::rebrand;
 
 /// burnish's CUDA backend as the binary instantiates it without the `fusion` feature (with it,
@@ -273,9 +273,12 @@ pub(crate) fn data_type(dtype: DType) -> Option<cudaDataType> {
 pub(crate) fn gemm(lhs: Cube, lhs_t: bool, rhs: Cube, rhs_t: bool, ordering: Ordering) -> Cube {
     assert_eq!(lhs.dtype, rhs.dtype, "cuBLAS product of two dtypes");
     let data_type = data_type(lhs.dtype).expect("cuBLAS product of an unsupported dtype");
-    let (lhs, rhs) = (into_contiguous(lhs), into_contiguous(rhs));
-    let call = ColumnMajorGemm::for_row_major(matrix_dims(&lhs), lhs_t, matrix_dims(&rhs), rhs_t)
-        .expect("cuBLAS product of mismatched inner dimensions");
+    let ((lhs, lhs_layout), (rhs, rhs_layout)) = (in_place(lhs), in_place(rhs));
+    let call = ColumnMajorGemm::for_row_major(
+        (matrix_dims(&lhs), lhs_t, lhs_layout),
+        (matrix_dims(&rhs), rhs_t, rhs_layout),
+    )
+    .expect("cuBLAS product of mismatched inner dimensions");
     let [rows, cols] = call.output_dims();
 
     let out = empty_like(&lhs, Shape::new([rows, cols]));
@@ -376,6 +379,22 @@ pub(crate) fn ordered(
 
 fn matrix_dims(tensor: &Cube) -> [usize; 2] {
     tensor.meta.shape().dims::<2>()
+}
+
+/// A matrix and its layout as cuBLAS reads it: in place where one axis has a unit stride (rows
+/// padded to a pitch, as burn lays out CUDA tensors whose rows are not a multiple of 512
+/// bytes, or a transposed view), else made contiguous first.
+fn in_place(t: Cube) -> (Cube, StridedOperand) {
+    let layout = |t: &Cube| {
+        let strides = t.meta.strides();
+        StridedOperand::of_matrix(matrix_dims(t), [strides[0], strides[1]])
+    };
+    if let Some(found) = layout(&t) {
+        return (t, found);
+    }
+    let t = into_contiguous(t);
+    let found = layout(&t).expect("cuBLAS reads a contiguous matrix in place");
+    (t, found)
 }
 
 /// Why the device could not order cuBLAS's products (the route then orders them by the host),
@@ -607,19 +626,30 @@ mod tests {
         route_is_on();
         let device = Default::default();
         for dtype in [DType::F32, DType::BF16] {
-            // Odd sizes, a non-contiguous input, and the tied-head shape (many outputs), each
-            // as x·Wᵀ and as x·W.
+            // Odd sizes and the tied-head shape (many outputs), each as x·Wᵀ and as x·W, with
+            // an input that is a transposed view and one whose rows are padded (both read in
+            // place).
             for (rows, d_in, d_out) in [(7, 33, 65), (256, 576, 1536), (64, 576, 49152)] {
                 let weight = random::<Plain>([d_out, d_in], 2, &device).cast(dtype);
-                for transposed in [true, false] {
+                for (transposed, padded) in [(true, false), (false, false), (true, true)] {
                     let (from, to) = if transposed {
                         (d_in, d_out)
                     } else {
                         (d_out, d_in)
                     };
-                    let x = random::<Plain>([from, rows], 1, &device)
-                        .transpose()
-                        .cast(dtype);
+                    let x = if padded {
+                        // 256 values more a row: 512 bytes or more, which burn's slice keeps
+                        // in place (an aligned offset) as a view with that row stride.
+                        let wide = random::<Plain>([rows, from + 256], 1, &device).cast(dtype);
+                        let x = wide.narrow(1, 0, from);
+                        let primitive: Cube = x.clone().into_primitive().tensor();
+                        assert_eq!(primitive.meta.strides()[..], [from + 256, 1]);
+                        x
+                    } else {
+                        random::<Plain>([from, rows], 1, &device)
+                            .transpose()
+                            .cast(dtype)
+                    };
                     let ours = routed(&x, &weight, transposed, ordering).expect("routed to cuBLAS");
                     assert_eq!(ours.dims(), [rows, to]);
                     assert_eq!(ours.dtype(), dtype);

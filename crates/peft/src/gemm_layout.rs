@@ -4,7 +4,8 @@
 //! A row-major `[r, c]` buffer read column-major is its `[c, r]` transpose, so the row-major
 //! `C = op(L)·op(R)` is computed as the column-major `Cᵀ = op(R)ᵀ·op(L)ᵀ`: each operand's buffer
 //! is passed as it is, `R`'s as BLAS's first operand, and each transpose flag carries over.
-//! A batched product's operands ([`StridedOperand`]) are read in place where their strides allow.
+//! Operands ([`StridedOperand`]) are read in place where their strides allow: rows padded to a
+//! pitch (as burn lays out CUDA tensors), transposed views, and a batched product's batches.
 
 /// The arguments of a column-major `C = op(A)·op(B)` (`op(A)` is `m × k`, `op(B)` `k × n`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,14 +23,12 @@ pub(crate) struct ColumnMajorGemm {
 }
 
 impl ColumnMajorGemm {
-    /// The call computing the row-major `[rows, cols]` result of `op(lhs)·op(rhs)` for
-    /// contiguous row-major operands of the given dims, `op` transposing where its flag is set;
-    /// `None` when the inner dimensions differ.
+    /// The call computing the row-major `[rows, cols]` result of `op(lhs)·op(rhs)`, `op`
+    /// transposing where its flag is set, for operands of the given dims stored as their
+    /// layouts say; `None` when the inner dimensions differ.
     pub fn for_row_major(
-        lhs: [usize; 2],
-        transpose_lhs: bool,
-        rhs: [usize; 2],
-        transpose_rhs: bool,
+        (lhs, transpose_lhs, lhs_layout): ([usize; 2], bool, StridedOperand),
+        (rhs, transpose_rhs, rhs_layout): ([usize; 2], bool, StridedOperand),
     ) -> Option<Self> {
         let [lhs_rows, lhs_cols] = lhs;
         let [rhs_rows, rhs_cols] = rhs;
@@ -43,14 +42,16 @@ impl ColumnMajorGemm {
         } else {
             (rhs_rows, rhs_cols)
         };
+        // A transposed view's buffer read column-major is the matrix itself, not its transpose:
+        // its flag flips.
         (inner == rhs_inner).then_some(Self {
-            transpose_a: transpose_rhs,
-            transpose_b: transpose_lhs,
+            transpose_a: transpose_rhs != rhs_layout.transposed,
+            transpose_b: transpose_lhs != lhs_layout.transposed,
             m: cols,
             n: rows,
             k: inner,
-            lda: rhs_cols,
-            ldb: lhs_cols,
+            lda: rhs_layout.leading,
+            ldb: lhs_layout.leading,
             ldc: cols,
         })
     }
@@ -73,6 +74,15 @@ pub(crate) struct StridedOperand {
 }
 
 impl StridedOperand {
+    /// The layout of a matrix of these dims and strides, or `None` when BLAS cannot read it in
+    /// place (neither axis has a unit stride).
+    pub fn of_matrix(
+        [rows, cols]: [usize; 2],
+        [row_stride, col_stride]: [usize; 2],
+    ) -> Option<Self> {
+        Self::of([1, 1, rows, cols], [0, 0, row_stride, col_stride])
+    }
+
     /// The layout of a tensor of this shape and these strides, or `None` when BLAS cannot read
     /// it in place: its batch axes fold into no single stride, or neither matrix axis has a
     /// unit stride.
@@ -152,6 +162,11 @@ mod tests {
         out
     }
 
+    /// The layout of a contiguous row-major matrix of these dims.
+    fn contiguous(dims: [usize; 2]) -> StridedOperand {
+        StridedOperand::of_matrix(dims, [dims[1], 1]).expect("a contiguous matrix")
+    }
+
     fn values(len: usize, seed: usize) -> Vec<f32> {
         (0..len)
             .map(|i| ((i * 7 + seed * 13) % 11) as f32 - 5.0)
@@ -171,8 +186,11 @@ mod tests {
         for (lhs_dims, lhs_t, rhs_dims, rhs_t) in cases {
             let lhs = values(lhs_dims[0] * lhs_dims[1], 1);
             let rhs = values(rhs_dims[0] * rhs_dims[1], 2);
-            let call = ColumnMajorGemm::for_row_major(lhs_dims, lhs_t, rhs_dims, rhs_t)
-                .expect("inner dimensions agree");
+            let call = ColumnMajorGemm::for_row_major(
+                (lhs_dims, lhs_t, contiguous(lhs_dims)),
+                (rhs_dims, rhs_t, contiguous(rhs_dims)),
+            )
+            .expect("inner dimensions agree");
             let expected = row_major_product((&lhs, lhs_dims, lhs_t), (&rhs, rhs_dims, rhs_t));
             assert_eq!(call.output_dims().iter().product::<usize>(), expected.len());
             // BLAS gets R's buffer first and L's second, each as it is.
@@ -229,10 +247,46 @@ mod tests {
         assert_eq!(StridedOperand::of([1, 1, 4, 4], [32, 32, 8, 2]), None);
     }
 
+    /// Operands read in place: `x` `[5, 3]` with its rows padded to 8 values (burn's pitched CUDA
+    /// layout), and `W` `[4, 3]` as a transposed view of a contiguous `[3, 4]` buffer, in the
+    /// frozen projection's products `x·Wᵀ` and `x·W` (then `W` is `[3, 4]` viewed from `[4, 3]`).
+    #[test]
+    fn padded_rows_and_transposed_views_are_read_in_place() {
+        let x_buffer = values(5 * 8, 1);
+        let x: Vec<f32> = (0..5)
+            .flat_map(|r| x_buffer[r * 8..r * 8 + 3].to_vec())
+            .collect();
+        let x_layout = StridedOperand::of_matrix([5, 3], [8, 1]).expect("padded rows");
+        assert_eq!((x_layout.transposed, x_layout.leading), (false, 8));
+        for (w_dims, w_t) in [([4, 3], true), ([3, 4], false)] {
+            // The view's storage is its transpose, contiguous.
+            let [w_rows, w_cols] = w_dims;
+            let w_buffer = values(w_rows * w_cols, 2);
+            let w: Vec<f32> = (0..w_rows)
+                .flat_map(|r| (0..w_cols).map(move |c| (r, c)))
+                .map(|(r, c)| w_buffer[c * w_rows + r])
+                .collect();
+            let w_layout = StridedOperand::of_matrix(w_dims, [1, w_rows]).expect("a view");
+            assert_eq!((w_layout.transposed, w_layout.leading), (true, w_rows));
+            let call =
+                ColumnMajorGemm::for_row_major(([5, 3], false, x_layout), (w_dims, w_t, w_layout))
+                    .expect("inner dimensions agree");
+            let expected = row_major_product((&x, [5, 3], false), (&w, w_dims, w_t));
+            assert_eq!(
+                column_major_gemm(&call, &w_buffer, &x_buffer),
+                expected,
+                "{call:?}"
+            );
+        }
+    }
+
     #[test]
     fn mismatched_inner_dimensions_have_no_call() {
         assert_eq!(
-            ColumnMajorGemm::for_row_major([5, 3], false, [4, 2], true),
+            ColumnMajorGemm::for_row_major(
+                ([5, 3], false, contiguous([5, 3])),
+                ([4, 2], true, contiguous([4, 2]))
+            ),
             None
         );
     }
