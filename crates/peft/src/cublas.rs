@@ -639,11 +639,12 @@ mod tests {
                     };
                     let x = if padded {
                         // 256 values more a row: 512 bytes or more, which burn's slice keeps
-                        // in place (an aligned offset) as a view with that row stride.
+                        // in place (an aligned offset) as a view of the wider rows.
                         let wide = random::<Plain>([rows, from + 256], 1, &device).cast(dtype);
                         let x = wide.narrow(1, 0, from);
                         let primitive: Cube = x.clone().into_primitive().tensor();
-                        assert_eq!(primitive.meta.strides()[..], [from + 256, 1]);
+                        let strides = primitive.meta.strides();
+                        assert!(strides[0] > from && strides[1] == 1, "{strides:?}");
                         x
                     } else {
                         random::<Plain>([from, rows], 1, &device)
