@@ -273,7 +273,7 @@ pub(crate) fn data_type(dtype: DType) -> Option<cudaDataType> {
 pub(crate) fn gemm(lhs: Cube, lhs_t: bool, rhs: Cube, rhs_t: bool, ordering: Ordering) -> Cube {
     assert_eq!(lhs.dtype, rhs.dtype, "cuBLAS product of two dtypes");
     let data_type = data_type(lhs.dtype).expect("cuBLAS product of an unsupported dtype");
-    let ((lhs, lhs_layout), (rhs, rhs_layout)) = (in_place(lhs), in_place(rhs));
+    let ((lhs, lhs_layout), (rhs, rhs_layout)) = (readable(lhs), readable(rhs));
     let call = ColumnMajorGemm::for_row_major(
         (matrix_dims(&lhs), lhs_t, lhs_layout),
         (matrix_dims(&rhs), rhs_t, rhs_layout),
@@ -381,19 +381,27 @@ fn matrix_dims(tensor: &Cube) -> [usize; 2] {
     tensor.meta.shape().dims::<2>()
 }
 
-/// A matrix and its layout as cuBLAS reads it: in place where one axis has a unit stride (rows
-/// padded to a pitch, as burn lays out most CUDA tensors, or a transposed view), else made
-/// contiguous first.
-fn in_place(t: Cube) -> (Cube, StridedOperand) {
+/// `t`, a matrix or a `[b0, b1, rows, cols]` batch of them, and its layout as cuBLAS reads it:
+/// in place where its matrices have a unit stride along one axis and its batch axes fold into
+/// one stride (rows padded to a pitch, as burn lays out most CUDA tensors, or a transposed
+/// view), else made contiguous first.
+pub(crate) fn readable(t: Cube) -> (Cube, StridedOperand) {
     let layout = |t: &Cube| {
         let strides = t.meta.strides();
-        StridedOperand::of_matrix(matrix_dims(t), [strides[0], strides[1]])
+        match t.meta.num_dims() {
+            2 => StridedOperand::of_matrix(matrix_dims(t), [strides[0], strides[1]]),
+            4 => StridedOperand::of(
+                t.meta.shape().dims::<4>(),
+                [strides[0], strides[1], strides[2], strides[3]],
+            ),
+            rank => panic!("cuBLAS operands are 2-D or 4-D, not {rank}-D"),
+        }
     };
     if let Some(found) = layout(&t) {
         return (t, found);
     }
     let t = into_contiguous(t);
-    let found = layout(&t).expect("cuBLAS reads a contiguous matrix in place");
+    let found = layout(&t).expect("cuBLAS reads a contiguous tensor in place");
     (t, found)
 }
 

@@ -13,15 +13,13 @@ use std::ffi::c_void;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
-use burn_cubecl::kernel::into_contiguous;
 use cudarc::cublas::result as blas;
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t};
 
 use crate::cublas::{
     Cube, CudaMatmul, MIN_DEVICE_ORDERED_PRODUCT, Ordering, Plain, address, cuda_matmul, data_type,
-    device_ordering_refused, empty_like, operation, ordered,
+    device_ordering_refused, empty_like, operation, ordered, readable,
 };
-use crate::gemm_layout::StridedOperand as Layout;
 use crate::rebrand::rebrand;
 
 /// `lhs·rhs` batch by batch, both of one dtype (f32, bf16 or f16) and of the same batch axes,
@@ -49,24 +47,6 @@ pub fn batched_matmul<B: Backend>(lhs: &Tensor<B, 4>, rhs: &Tensor<B, 4>) -> Opt
     Some(Tensor::from_primitive(TensorPrimitive::Float(rebrand(out))))
 }
 
-/// `t` and its layout, made contiguous first where cuBLAS cannot read it in place.
-fn readable(t: Cube) -> (Cube, Layout) {
-    let dims = |t: &Cube| -> ([usize; 4], [usize; 4]) {
-        let strides: [usize; 4] = t.meta.strides()[..]
-            .try_into()
-            .expect("a 4-D tensor has four strides");
-        (t.meta.shape().dims::<4>(), strides)
-    };
-    let (shape, strides) = dims(&t);
-    if let Some(layout) = Layout::of(shape, strides) {
-        return (t, layout);
-    }
-    let t = into_contiguous(t);
-    let (shape, strides) = dims(&t);
-    let layout = Layout::of(shape, strides).expect("cuBLAS reads a contiguous tensor in place");
-    (t, layout)
-}
-
 /// The batched product, into a fresh contiguous `[b0, b1, rows, cols]` tensor.
 fn batched(lhs: Cube, rhs: Cube) -> Cube {
     let [b0, b1, rows, inner] = lhs.meta.shape().dims::<4>();
@@ -87,9 +67,9 @@ fn batched(lhs: Cube, rhs: Cube) -> Cube {
     // operand read column-major is its transpose already, a transposed view needs `T`.
     ordered(&out, Ordering::Device, |handle| {
         // SAFETY: the addresses are of live cubecl buffers (the tensors are held until this
-        // function returns) laid out as `Layout` describes (leading dimensions and batch strides
-        // within each buffer), which `ordered` keeps from other work until the product is done;
-        // alpha and beta are f32 as both compute types require.
+        // function returns) laid out as their `StridedOperand`s describe (leading dimensions
+        // and batch strides within each buffer), which `ordered` keeps from other work until
+        // the product is done; alpha and beta are f32 as both compute types require.
         unsafe {
             blas::gemm_strided_batched_ex(
                 handle,

@@ -38,10 +38,10 @@ pub trait GpuKernel<const N: usize, const M: usize> {
 /// checked on the backend at hand (on wgpu every one; on CUDA the routines for long rows alone,
 /// checked on an H100 on 2026-11-28: burnish's kernels computed wrong values there, every row
 /// after a kernel's first, until their outputs were made unpadded; the next card checks them);
-/// `all`, every one on either
-/// backend; `burn`, none (their work left to burn's ops and default routines, for side-by-side
-/// measurements); or a comma-separated list of names (`RmsNormForward,SwigluBackward`), those
-/// alone, to tell which kernel a wrong result comes from.
+/// `all`, every one on either backend; `burn`, none (their work left to burn's ops and default
+/// routines, for side-by-side measurements); or a comma-separated list of names
+/// (`RmsNormForward,SwigluBackward`), those alone, to tell which kernel a wrong result comes
+/// from.
 pub const GPU_KERNELS_ENV: &str = "BURNISH_GPU_KERNELS";
 
 /// The name [`GPU_KERNELS_ENV`] gives the reduction of long rows by routines suited to them
