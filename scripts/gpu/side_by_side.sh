@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# One prepared device run, most important first, inside a time budget: the cuBLAS route's checks
+# One prepared device run, most important first, inside a time budget: whether the driver takes
+# the stream memory operations the device's ordering needs (stream_memop_probe.py); the cuBLAS
+# route's checks
 # against the exact product and burn's matmul, with each product ordered by the host and by the
 # device; the check of the routines that reduce long rows; `burnish bench` (on the
 # device-ordered route when its checks pass, the first row also on the other cuBLAS ordering,
@@ -96,6 +98,12 @@ ROUTE=burn
 passed=()
 hung=()
 if [ "$DEVICE" = cuda ]; then
+  # Whether the driver takes the stream memory operations the device's ordering needs, on plain
+  # and on pool memory (it refused them on cubecl's buffers on 2026-11-28).
+  log "stream memory operations (stream_memop_probe.py)"
+  step 30 "stream memory operation probe" python3 "$(dirname "$0")/stream_memop_probe.py" \
+    >"$OUT/stream-memop.txt" 2>&1
+  grep -E "attribute|memory:" "$OUT/stream-memop.txt"
   log "cuBLAS route against the exact product and burn's matmul, host-ordered then device-ordered (burnish-peft's tests)"
   for ordering in host device; do
     [ $ordering = host ] && matmul=cublas || matmul=cublas-async
