@@ -13,12 +13,12 @@ done
 BIN=${BURNISH:-$WORK/burnish}
 TESTS=${TESTS:-$WORK/peft-tests}
 MODEL_TESTS=${MODEL_TESTS:-$WORK/model-tests}
-# cuBLAS and NVRTC load at run time, and NVRTC needs the toolkit's headers: make both findable,
-# from the toolkit or from the Python packages' copies of its libraries.
+# cuBLAS, CUPTI and NVRTC load at run time, and NVRTC needs the toolkit's headers: make them
+# findable, from the toolkit or from the Python packages' copies of its libraries.
 if [ -z "${CUDA_PATH:-}" ] && [ ! -d /usr/local/cuda ] && command -v nvcc >/dev/null; then
   export CUDA_PATH=$(dirname "$(dirname "$(command -v nvcc)")")
 fi
-for lib in libcublas.so libnvrtc.so; do
+for lib in libcublas.so libcupti.so libnvrtc.so; do
   found=$(find "${CUDA_PATH:-/usr/local/cuda}/" /usr/local/cuda*/ /usr/lib/x86_64-linux-gnu/ \
     /opt/torch/.venv/lib/ -name "$lib*" 2>/dev/null | head -n 1)
   [ -n "$found" ] && export LD_LIBRARY_PATH="$(dirname "$found")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"

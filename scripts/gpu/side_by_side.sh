@@ -1,12 +1,10 @@
 #!/usr/bin/env bash
-# One prepared device run, most important first, inside a time budget: whether the driver takes
-# the stream memory operations the device's ordering needs (stream_memop_probe.py); the cuBLAS
-# route's checks
-# against the exact product and burn's matmul, with each product ordered by the host and by the
-# device; the check of the routines that reduce long rows; `burnish bench` (on the
-# device-ordered route when its checks pass, the first row also on the other cuBLAS ordering,
-# checked or not unless its check hung, and with burn's default reductions) and the
-# transformers + PEFT peer (peer_lora.py, run by peer_reserved.py to add torch's reserved
+# One prepared device run, most important first, inside a time budget: the cuBLAS route's
+# checks against the exact product and burn's matmul, with each product ordered by the host and
+# queued on cubecl's own stream; the check of the routines that reduce long rows; `burnish
+# bench` (on the stream-ordered route when its checks pass, the first row also on the other
+# cuBLAS ordering, checked or not unless its check hung, and with burn's default reductions) and
+# the transformers + PEFT peer (peer_lora.py, run by peer_reserved.py to add torch's reserved
 # memory) side by side on the card; the CUDA build's scores against the CPU's on the fixture
 # models; burnish's GPU kernels' checks and, when they pass, the first row with them; a kernel
 # profile of the first row; the larger shapes; the quickstart recipe trained end to end; the
@@ -89,23 +87,17 @@ fi
 # The token ids the parity checks score.
 IDS=1,17,42,99,5,23,64,128,7,250,31,88,12,199,3,77
 
-# The route the bench rows take: cuBLAS ordered by the device when its checks pass (a hang
-# shows as its step's timeout); else cuBLAS ordered by the host when its checks pass; else
-# burn's matmul, so that the run still measures something. Each ordering is checked whatever the
+# The route the bench rows take: cuBLAS on cubecl's stream when its checks pass (a hang shows
+# as its step's timeout); else cuBLAS ordered by the host when its checks pass; else burn's
+# matmul, so that the run still measures something. Each ordering is checked whatever the
 # other's result, and the first row is timed on each cuBLAS ordering the rows do not take, so
 # that a failed check still leaves the route's time on record.
 ROUTE=burn
 passed=()
 hung=()
 if [ "$DEVICE" = cuda ]; then
-  # Whether the driver takes the stream memory operations the device's ordering needs, on plain
-  # and on pool memory (it refused them on cubecl's buffers on 2026-11-28).
-  log "stream memory operations (stream_memop_probe.py)"
-  step 30 "stream memory operation probe" python3 "$(dirname "$0")/stream_memop_probe.py" \
-    >"$OUT/stream-memop.txt" 2>&1
-  grep -E "attribute|memory:" "$OUT/stream-memop.txt"
-  log "cuBLAS route against the exact product and burn's matmul, host-ordered then device-ordered (burnish-peft's tests)"
-  for ordering in host device; do
+  log "cuBLAS route against the exact product and burn's matmul, host-ordered then on cubecl's stream (burnish-peft's tests)"
+  for ordering in host stream; do
     [ $ordering = host ] && matmul=cublas || matmul=cublas-async
     BURNISH_MATMUL=$matmul step 90 "cublas $ordering tests" "$TESTS" --ignored "cublas_$ordering" \
       --test-threads 1 >"$OUT/cublas-$ordering-tests.txt" 2>&1

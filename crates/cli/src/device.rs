@@ -82,8 +82,8 @@ fn run_cuda<J: Job>(index: usize, job: J) -> Result<J::Output> {
     }
     let device = burn::backend::cuda::CudaDevice { index };
     let output = job.run::<burn::backend::Cuda>(device.clone());
-    if let Some(why) = burnish_peft::cublas::device_ordering_refused() {
-        eprintln!("note: the cuBLAS products were ordered by the host, not the device: {why}");
+    if let Some(why) = burnish_peft::cublas::stream_ordering_refused() {
+        eprintln!("note: the cuBLAS products were ordered by the host, not cubecl's stream: {why}");
     }
     // Let the device finish what the job left queued (freeing its buffers, say) before the
     // process exits: the driver tears down at exit and cubecl's server thread would panic on
@@ -116,15 +116,15 @@ pub fn base_dtype_for<B: Backend>(
 /// `dtype` (resolved), for reports: `cublas-large` is cuBLAS for the products of at least
 /// `burnish_peft::cublas::MIN_ROUTED_PRODUCT` multiply-adds, each ordered by the host, and burn's
 /// matmul for the rest (CUDA without the `fusion` feature); `cublas-async` cuBLAS from
-/// `MIN_DEVICE_ORDERED_PRODUCT` on, ordered by the device (`cublas-async-refused` when the
-/// driver refused that and the host ordered them); `cpu-bf16` the CPU's bf16 kernel.
+/// `MIN_STREAM_ORDERED_PRODUCT` on, queued on cubecl's stream (`cublas-async-refused` when that
+/// stream could not be found and the host ordered them); `cpu-bf16` the CPU's bf16 kernel.
 pub fn product_route<B: Backend>(dtype: BaseDtype) -> &'static str {
     #[cfg(feature = "cuda")]
     if burnish_peft::cublas::routes::<B>() {
-        use burnish_peft::cublas::{CudaMatmul, Ordering, cuda_matmul, device_ordering_refused};
-        return match (cuda_matmul(), device_ordering_refused()) {
-            (CudaMatmul::Cublas(Ordering::Device), None) => "cublas-async",
-            (CudaMatmul::Cublas(Ordering::Device), Some(_)) => "cublas-async-refused",
+        use burnish_peft::cublas::{CudaMatmul, Ordering, cuda_matmul, stream_ordering_refused};
+        return match (cuda_matmul(), stream_ordering_refused()) {
+            (CudaMatmul::Cublas(Ordering::Stream), None) => "cublas-async",
+            (CudaMatmul::Cublas(Ordering::Stream), Some(_)) => "cublas-async-refused",
             _ => "cublas-large",
         };
     }

@@ -264,7 +264,7 @@ fn chunk_scores<I: Backend>(
     )
 }
 
-/// `a·b` batch by batch: through cuBLAS where the CUDA build's device-ordered route takes it
+/// `a·b` batch by batch: through cuBLAS where the CUDA build's stream-ordered route takes it
 /// (`burnish_peft::batched_matmul`), burn's matmul otherwise.
 fn product<I: Backend>(a: Tensor<I, 4>, b: Tensor<I, 4>) -> Tensor<I, 4> {
     #[cfg(feature = "cuda")]

@@ -1,30 +1,26 @@
 //! `x·Wᵀ` and `x·W` on the CUDA backend through cuBLAS, with their own backward: the route that
-//! [`project`](crate::project) and [`unproject`](crate::unproject) take for the large frozen
-//! products (the LM head's, and the projections of wider models) of LoRA training, because
-//! burn 0.21's CUDA matmul runs at a fraction of cuBLAS's rate on the same card. Smaller
-//! products, every other backend, and every other product stay on burn's matmul (see
-//! [`MIN_ROUTED_PRODUCT`]).
+//! [`project`](crate::project) and [`unproject`](crate::unproject) take for the frozen products
+//! of LoRA training (the projections and the LM head), because burn 0.21's CUDA matmul runs at
+//! a fraction of cuBLAS's rate on the same card. Every other backend, and every other product,
+//! stays on burn's matmul.
 //!
 //! cuBLAS is loaded at run time (nothing CUDA is needed to build). Both sides work in the
-//! device's primary context, so cuBLAS reads and writes cubecl's buffers in place, on a stream
-//! of its own per thread (cubecl does not expose its CUDA stream). Each product is ordered
-//! against cubecl's stream in one of two ways ([`Ordering`]): by the host, which drains
-//! cubecl's queue before the product and cuBLAS's stream after it, or on the device
-//! ([`device_order`](crate::device_order)), where the host queues both sides and goes on.
-//!
-//! With the device's ordering the attention's batched products take cuBLAS too
+//! device's primary context, so cuBLAS reads and writes cubecl's buffers in place. Each product
+//! is ordered against the work cubecl queues in one of two ways ([`Ordering`]): by the host,
+//! which drains cubecl's queue before the product (run on a stream of cuBLAS's own) and that
+//! stream after it; or by cubecl's own stream, on which cuBLAS then queues the product between
+//! cubecl's kernels ([`cubecl_stream`](crate::cubecl_stream) finds it), the host waiting for
+//! nothing. With the stream's ordering the attention's batched products take cuBLAS too
 //! ([`batched_matmul`](crate::batched_matmul)).
 //!
 //! `BURNISH_MATMUL` in the environment picks the route: `cublas` (host-ordered, the default),
-//! `cublas-async` (device-ordered), or `burn` (burn's matmul alone, for side-by-side
+//! `cublas-async` (on cubecl's stream), or `burn` (burn's matmul alone, for side-by-side
 //! measurements); without a loadable cuBLAS it is burn's, and [`cuda_matmul`] says why.
 
 use std::any::TypeId;
 use std::collections::HashMap;
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicU32, Ordering as Atomically};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
-use std::thread::ThreadId;
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::NodeId;
@@ -40,11 +36,13 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::cuda::CudaRuntime;
 use cubecl::future::block_on;
+use cubecl::stream_id::StreamId;
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::cublas::{CudaBlas, result as blas, sys as blas_sys};
+use cudarc::driver::sys as driver_sys;
 use cudarc::driver::{CudaContext, CudaStream};
 
-use crate::device_order::{Flags, reply, wait_for_signal};
+use crate::cubecl_stream;
 use crate::gemm_layout::{ColumnMajorGemm, StridedOperand};
 use crate::rebrand::rebrand;
 
@@ -76,10 +74,10 @@ pub enum Ordering {
     /// The host drains cubecl's queue, runs the product and drains cuBLAS's stream: about half
     /// a millisecond a product on an H100, and the host cannot queue ahead of the device.
     Host,
-    /// The device orders both streams ([`device_order`](crate::device_order)); the host waits
-    /// for nothing. Falls back to [`Ordering::Host`] where the driver refuses the stream memory
-    /// operations it needs ([`device_ordering_refused`] says why).
-    Device,
+    /// cuBLAS queues the product on cubecl's own stream, which orders it; the host waits for
+    /// nothing. Falls back to [`Ordering::Host`] where that stream cannot be found
+    /// ([`stream_ordering_refused`] says why).
+    Stream,
 }
 
 /// The route for this process, decided once from [`MATMUL_ENV`] and whether cuBLAS loads.
@@ -94,7 +92,7 @@ pub fn cuda_matmul() -> &'static CudaMatmul {
                 };
             }
             "" | "cublas" => Ordering::Host,
-            "cublas-async" => Ordering::Device,
+            "cublas-async" => Ordering::Stream,
             other => {
                 return CudaMatmul::Burn {
                     why: format!(
@@ -124,18 +122,17 @@ pub fn cuda_matmul() -> &'static CudaMatmul {
 /// width.
 pub const MIN_ROUTED_PRODUCT: usize = 1 << 35;
 
-/// The smallest product the route takes when the device orders it: the ordering adds two
-/// one-unit kernels and two stream operations, some microseconds of the device's time a
-/// product and none of the host's. At ~700 TFLOP/s against ~94, cuBLAS's saving covers ~8 µs of
-/// it from about 2^28.7 multiply-adds (an estimate, to be measured), rounded down here; the
-/// projections of SmolLM2-135M at 8 x 1024 tokens are 2^29.8 to 2^32.7.
-pub const MIN_DEVICE_ORDERED_PRODUCT: usize = 1 << 28;
+/// The smallest product the route takes when cubecl's stream orders it, which costs the device
+/// nothing: the host's cost is three round trips to cubecl's server thread (the operands'
+/// addresses), some microseconds, which a product of a million multiply-adds takes on either
+/// matmul. The projections of SmolLM2-135M at 8 x 1024 tokens are 2^29.8 to 2^32.7.
+pub const MIN_STREAM_ORDERED_PRODUCT: usize = 1 << 20;
 
 /// `x·Wᵀ` (`transposed`; x `[n, k]`, weight `[o, k]`) or `x·W` (x `[n, o]`), both operands of
 /// one of f32, bf16 or f16, through cuBLAS when `B` is burnish's CUDA backend, with or without
 /// autodiff, the route is on and the product has at least [`MIN_ROUTED_PRODUCT`] multiply-adds
-/// ([`MIN_DEVICE_ORDERED_PRODUCT`] when the device orders it); `None` otherwise, for the caller
-/// to use burn's matmul.
+/// ([`MIN_STREAM_ORDERED_PRODUCT`] on cubecl's stream); `None` otherwise, for the caller to use
+/// burn's matmul. f32 products are full f32 (not TF32).
 pub(crate) fn matmul<B: Backend>(
     x: &Tensor<B, 2>,
     weight: &Tensor<B, 2>,
@@ -146,7 +143,7 @@ pub(crate) fn matmul<B: Backend>(
     };
     let smallest = match ordering {
         Ordering::Host => MIN_ROUTED_PRODUCT,
-        Ordering::Device => MIN_DEVICE_ORDERED_PRODUCT,
+        Ordering::Stream => MIN_STREAM_ORDERED_PRODUCT,
     };
     let ([rows, inner], [d_out, d_in]) = (x.dims(), weight.dims());
     let cols = if transposed { d_out } else { d_in };
@@ -290,8 +287,9 @@ pub(crate) fn gemm(lhs: Cube, lhs_t: bool, rhs: Cube, rhs_t: bool, ordering: Ord
     ordered(&out, ordering, |handle| {
         // SAFETY: the three addresses are of live cubecl buffers (the tensors are held until
         // this function returns) of the sizes `call` describes, which `ordered` keeps from
-        // other work until the product is done; alpha and beta are f32 as CUBLAS_COMPUTE_32F
-        // requires.
+        // other work until the product is done (on cubecl's stream, a buffer freed meanwhile
+        // goes only to work queued after it there); alpha and beta are f32 as
+        // CUBLAS_COMPUTE_32F requires.
         unsafe {
             blas::gemm_ex(
                 handle,
@@ -352,10 +350,11 @@ pub(crate) fn operation(transposed: bool) -> cublasOperation_t {
 }
 
 /// `call` (cuBLAS calls on the handle it is given, reading and writing cubecl buffers of
-/// `like`'s device), ordered against cubecl's stream as `ordering` says: with the host's,
-/// cubecl's queue drains first and cuBLAS's stream after; with the device's, cuBLAS's stream
-/// starts after the work cubecl queued before and the work cubecl queues after (a reuse of a
-/// buffer freed meanwhile included) waits for its end.
+/// `like`'s device), ordered against the work cubecl queues as `ordering` says: with the host's,
+/// cubecl's queue drains first and cuBLAS's own stream after; with the stream's, `call` queues
+/// on cubecl's stream for the current [`StreamId`], behind all that this thread submitted to
+/// cubecl before (`call` reads its operands' addresses first, each a blocking call to cubecl's
+/// server thread, which issues submissions in order) and ahead of what it submits after.
 pub(crate) fn ordered(
     like: &Cube,
     ordering: Ordering,
@@ -366,12 +365,22 @@ pub(crate) fn ordered(
         .context()
         .bind_to_thread()
         .expect("the CUDA context binds to this thread");
-    let call = || call(*lane.blas.handle());
-    match lane.device_order(like, ordering) {
-        Some(order) => order.around(&lane.stream, call),
+    let handle = *lane.blas.handle();
+    let on = |stream: driver_sys::CUstream| {
+        // SAFETY: `handle` is this lane's live cuBLAS handle, used by one thread at a time (the
+        // lane's), and `stream` a live stream of its context.
+        unsafe { blas::set_stream(handle, stream.cast()) }
+            .expect("cuBLAS takes a stream of its context");
+    };
+    match lane.cubecl_stream(like, ordering) {
+        Some(stream) => {
+            on(stream);
+            call(handle);
+        }
         None => {
+            on(lane.stream.cu_stream());
             block_on(like.client.sync()).expect("the CUDA queue drains before a cuBLAS product");
-            call();
+            call(handle);
             lane.stream.synchronize().expect("cuBLAS's stream finishes");
         }
     }
@@ -405,30 +414,31 @@ pub(crate) fn readable(t: Cube) -> (Cube, StridedOperand) {
     (t, found)
 }
 
-/// Why the device could not order cuBLAS's products (the route then orders them by the host),
-/// if it was asked to and could not.
-pub fn device_ordering_refused() -> Option<&'static str> {
+/// Why cuBLAS's products could not queue on cubecl's stream (the route then orders them by
+/// the host), if it was asked to and could not.
+pub fn stream_ordering_refused() -> Option<&'static str> {
     REFUSED.get().map(String::as_str)
 }
 
 static REFUSED: OnceLock<String> = OnceLock::new();
 
-/// The lanes by device and thread.
-type Lanes = HashMap<(usize, ThreadId), Arc<Lane>>;
+/// The lanes by device and cubecl stream.
+type Lanes = HashMap<(usize, StreamId), Arc<Lane>>;
 
-/// A cuBLAS handle bound to a stream of its own, for one thread's products on one device (each
-/// thread has a cubecl stream of its own, which the device ordering follows).
+/// A cuBLAS handle for one cubecl stream's products on one device, and a stream of its own for
+/// the products the host orders.
 struct Lane {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
-    /// The device ordering's counters, made on the first product that asks for it (or why it
-    /// cannot be).
-    order: OnceLock<Result<DeviceOrder, String>>,
+    /// cubecl's stream (an address), found on the first product that asks for it, or why it
+    /// could not be.
+    cubecl: OnceLock<Result<usize, String>>,
 }
 
 impl Lane {
-    /// The lane of this thread on device `index`, created on first use and kept for the
-    /// process (never dropped: a handle's teardown after the driver's would fail at exit).
+    /// The lane of the current [`StreamId`] on device `index`, created on first use and kept
+    /// for the process (never dropped: a handle's teardown after the driver's would fail at
+    /// exit).
     fn of(index: usize) -> Arc<Lane> {
         static LANES: OnceLock<Mutex<Lanes>> = OnceLock::new();
         let mut lanes = LANES
@@ -436,7 +446,7 @@ impl Lane {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         lanes
-            .entry((index, std::thread::current().id()))
+            .entry((index, StreamId::current()))
             .or_insert_with(|| {
                 let context = CudaContext::new(index).expect("the CUDA device's primary context");
                 let stream = context.new_stream().expect("a CUDA stream for cuBLAS");
@@ -444,77 +454,28 @@ impl Lane {
                 Arc::new(Lane {
                     stream,
                     blas,
-                    order: OnceLock::new(),
+                    cubecl: OnceLock::new(),
                 })
             })
             .clone()
     }
 
-    /// The device ordering when `ordering` asks for it and the driver allows it; `None` for the
-    /// host's.
-    fn device_order(&self, like: &Cube, ordering: Ordering) -> Option<&DeviceOrder> {
+    /// cubecl's stream when `ordering` asks for it and it could be found; `None` for the host's
+    /// ordering.
+    fn cubecl_stream(&self, like: &Cube, ordering: Ordering) -> Option<driver_sys::CUstream> {
         if ordering == Ordering::Host {
             return None;
         }
-        match self
-            .order
-            .get_or_init(|| DeviceOrder::new(like, &self.stream))
-        {
-            Ok(order) => Some(order),
+        let found = self
+            .cubecl
+            .get_or_init(|| cubecl_stream::of_this_stream(like).map(|stream| stream as usize));
+        match found {
+            Ok(stream) => Some(*stream as driver_sys::CUstream),
             Err(why) => {
                 let _ = REFUSED.set(why.clone());
                 None
             }
         }
-    }
-}
-
-/// The counters that order one lane's products against its thread's cubecl stream on the
-/// device, and the number of the last product.
-struct DeviceOrder {
-    flags: Flags<CudaRuntime>,
-    /// The device address of the first counter (the second follows it).
-    address: u64,
-    issued: AtomicU32,
-}
-
-impl DeviceOrder {
-    /// Counters at zero on `like`'s device, once the driver has shown it takes the stream
-    /// memory operations on `stream` (both at zero: met at once).
-    fn new(like: &Cube, stream: &CudaStream) -> Result<Self, String> {
-        let flags = Flags::new(like, [0, 0]);
-        block_on(like.client.sync()).map_err(|e| format!("cubecl's queue failed: {e:?}"))?;
-        let address = like
-            .client
-            .get_resource(flags.counters().handle.clone())
-            .map_err(|e| format!("cubecl did not hand out the counters' buffer: {e:?}"))?
-            .resource()
-            .ptr;
-        let refused = |e| format!("the CUDA driver refused a stream memory operation: {e}");
-        wait_for_signal(stream.cu_stream(), address, 0).map_err(refused)?;
-        reply(stream.cu_stream(), address + 4, 0).map_err(refused)?;
-        stream.synchronize().map_err(refused)?;
-        Ok(Self {
-            flags,
-            address,
-            issued: AtomicU32::new(0),
-        })
-    }
-
-    /// `work`, queued on `stream` between the work cubecl queued before it and what cubecl
-    /// queues after it, without the host waiting.
-    fn around(&self, stream: &CudaStream, work: impl FnOnce()) {
-        let number = self
-            .issued
-            .fetch_add(1, Atomically::Relaxed)
-            .wrapping_add(1);
-        self.flags.signal();
-        wait_for_signal(stream.cu_stream(), self.address, number)
-            .expect("the CUDA driver queues a wait it took before");
-        work();
-        reply(stream.cu_stream(), self.address + 4, number)
-            .expect("the CUDA driver queues a write it took before");
-        self.flags.await_reply();
     }
 }
 
@@ -526,19 +487,19 @@ mod tests {
     //! precision of its dtype, and no farther from it than burn's own CUDA matmul, which it
     //! replaces: burn 0.21 multiplies f32 operands in TF32 on tensor cores (10-bit mantissas),
     //! off the exact product by a few 1e-1 over hundreds of products. Each check runs with
-    //! either ordering (`cublas_host_*`, `cublas_device_*`); a chain of dependent products
-    //! checks the device's ordering where a race would show (no host read between them).
+    //! either ordering (`cublas_host_*`, `cublas_stream_*`); a chain of dependent products
+    //! checks the stream's ordering where a race would show (no host read between them).
     use super::*;
     use burn::tensor::{Distribution, TensorData, Tolerance};
     use rayon::prelude::*;
 
     const GPU: &str = "needs an NVIDIA GPU and libcublas";
 
-    /// The route is on, and the device ordering was not refused (the tests would then check
+    /// The route is on, and the stream ordering was not refused (the tests would then check
     /// the host's twice).
     fn route_is_on() {
         assert!(routes::<Plain>(), "{GPU}");
-        assert_eq!(device_ordering_refused(), None);
+        assert_eq!(stream_ordering_refused(), None);
     }
 
     fn random<B: Backend>(shape: [usize; 2], seed: u64, device: &B::Device) -> Tensor<B, 2> {
@@ -759,8 +720,8 @@ mod tests {
 
     #[test]
     #[ignore = "needs an NVIDIA GPU and libcublas"]
-    fn cublas_device_forward_equals_the_exact_product_as_closely_as_burns() {
-        forward_equals_the_exact_product_as_closely_as_burns(Ordering::Device);
+    fn cublas_stream_forward_equals_the_exact_product_as_closely_as_burns() {
+        forward_equals_the_exact_product_as_closely_as_burns(Ordering::Stream);
     }
 
     #[test]
@@ -771,8 +732,8 @@ mod tests {
 
     #[test]
     #[ignore = "needs an NVIDIA GPU and libcublas"]
-    fn cublas_device_gradients_equal_the_exact_ones_as_closely_as_burns() {
-        gradients_equal_the_exact_ones_as_closely_as_burns(Ordering::Device);
+    fn cublas_stream_gradients_equal_the_exact_ones_as_closely_as_burns() {
+        gradients_equal_the_exact_ones_as_closely_as_burns(Ordering::Stream);
     }
 
     #[test]
@@ -783,18 +744,18 @@ mod tests {
 
     #[test]
     #[ignore = "needs an NVIDIA GPU and libcublas"]
-    fn cublas_device_leaves_a_frozen_weight_without_gradient() {
-        leaves_a_frozen_weight_without_gradient(Ordering::Device);
+    fn cublas_stream_leaves_a_frozen_weight_without_gradient() {
+        leaves_a_frozen_weight_without_gradient(Ordering::Stream);
     }
 
     /// Forty dependent products, each read at once by burn's element-wise ops on cubecl's
     /// stream and each input dropped after it (its buffer free for the next allocation), queued
     /// with no read by the host between them; then the backward pass through all of them. With
-    /// the device's ordering the values equal the host's: a product that ran before its input
+    /// the stream's ordering the values equal the host's: a product that ran before its input
     /// was written, or a buffer reused under a running product, would show.
     #[test]
     #[ignore = "needs an NVIDIA GPU and libcublas"]
-    fn cublas_device_ordering_equals_the_hosts_over_a_chain() {
+    fn cublas_stream_ordering_equals_the_hosts_over_a_chain() {
         route_is_on();
         let device = Default::default();
         let chain = |ordering: Ordering| {
@@ -812,12 +773,12 @@ mod tests {
             (x.into_data(), grad.into_data())
         };
         let (host_out, host_grad) = chain(Ordering::Host);
-        let (device_out, device_grad) = chain(Ordering::Device);
+        let (stream_out, stream_grad) = chain(Ordering::Stream);
         let same = Tolerance::absolute(1e-6).set_relative(1e-6);
-        device_out
+        stream_out
             .convert::<f32>()
             .assert_approx_eq::<f32>(&host_out.convert::<f32>(), same);
-        device_grad
+        stream_grad
             .convert::<f32>()
             .assert_approx_eq::<f32>(&host_grad.convert::<f32>(), same);
         route_is_on();

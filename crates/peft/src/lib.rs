@@ -11,12 +11,12 @@ mod cpu_bf16;
 mod cpu_split_product;
 pub mod cpu_tensors;
 #[cfg(feature = "cuda")]
+mod cubecl_stream;
+#[cfg(feature = "cuda")]
 pub mod cublas;
 #[cfg(feature = "cuda")]
 mod cublas_batched;
 mod device_limits;
-#[cfg(any(feature = "cuda", all(test, feature = "wgpu")))]
-mod device_order;
 mod error;
 #[cfg(any(feature = "cuda", test))]
 mod gemm_layout;
