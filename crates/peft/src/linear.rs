@@ -207,7 +207,7 @@ pub fn cast_to<B: Backend, const D: usize>(x: Tensor<B, D>, dtype: DType) -> Ten
 /// - weight: `[out, in]`
 /// - output: `[..., out]`
 pub fn project<B: Backend, const D: usize>(x: Tensor<B, D>, weight: Tensor<B, 2>) -> Tensor<B, D> {
-    product(x, weight, true, Route::Cublas)
+    product(x, weight, true, Route::Projection)
 }
 
 /// Blocks of rows an adapter factor's gradient is split into on a GPU (see [`row_blocks`]).
@@ -217,8 +217,9 @@ const ROW_BLOCKS: usize = 16;
 const MIN_SPLIT_ROWS: usize = 4096;
 
 /// [`project`] for an adapter's low-rank factors: on the CPU the split product
-/// (`cpu_split_product`), elsewhere always burn's matmul (their products are thin, and on CUDA
-/// each would lose more to the cuBLAS route's host synchronization than it gains).
+/// (`cpu_split_product`); on CUDA cuBLAS where the route queues products on cubecl's stream
+/// (host-ordered, these thin products would lose more to the wait than they gain, and its
+/// threshold leaves them to burn); burn's matmul elsewhere.
 pub(crate) fn project_low_rank<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     weight: Tensor<B, 2>,
@@ -252,17 +253,16 @@ pub fn unproject<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     weight: Tensor<B, 2>,
 ) -> Tensor<B, D> {
-    product(x, weight, false, Route::Cublas)
+    product(x, weight, false, Route::Projection)
 }
 
-/// Which matmul a product may take.
+/// Which matmul a product may take on the CPU backend (elsewhere both take [`matmul`]).
 #[derive(Clone, Copy)]
 enum Route {
-    /// cuBLAS on the CUDA backend (where the build has it), on the CPU backend the bf16 kernel
-    /// for a bf16 weight (on CPUs that have one) or the split product (`cpu_split_product`) for
-    /// an f32 one, burn's matmul elsewhere.
-    Cublas,
-    /// An adapter's thin factor: the split product on the CPU backend, burn's matmul elsewhere.
+    /// The bf16 kernel for a bf16 weight (on CPUs that have one), else the split product
+    /// (`cpu_split_product`).
+    Projection,
+    /// An adapter's thin factor: the split product.
     LowRank,
 }
 
@@ -286,7 +286,7 @@ fn product<B: Backend, const D: usize>(
     let held: DType = weight.dtype();
     let flat: Tensor<B, 2> = x.reshape([rows, from]);
     let on_the_cpu = match route {
-        Route::Cublas => crate::cpu_bf16::matmul(&flat, &weight, transposed),
+        Route::Projection => crate::cpu_bf16::matmul(&flat, &weight, transposed),
         Route::LowRank => None,
     }
     .or_else(|| crate::cpu_split_product::matmul(&flat, &weight, transposed));
@@ -294,27 +294,24 @@ fn product<B: Backend, const D: usize>(
         return out.reshape(dims);
     }
     let out = if held == dtype {
-        matmul(flat, weight, transposed, route)
+        matmul(flat, weight, transposed)
     } else {
-        matmul(flat.cast(held), weight, transposed, route).cast(dtype)
+        matmul(flat.cast(held), weight, transposed).cast(dtype)
     };
     out.reshape(dims)
 }
 
-/// `x·Wᵀ` or `x·W` for 2-D operands of one dtype, on the matmul `route` allows.
-fn matmul<B: Backend>(
+/// `x·Wᵀ` (`transposed`) or `x·W` for 2-D operands of one dtype: through cuBLAS where the CUDA
+/// route takes the product (see `cublas::matmul`), burn's matmul otherwise.
+pub(crate) fn matmul<B: Backend>(
     x: Tensor<B, 2>,
     weight: Tensor<B, 2>,
     transposed: bool,
-    route: Route,
 ) -> Tensor<B, 2> {
     #[cfg(feature = "cuda")]
-    if let Route::Cublas = route
-        && let Some(out) = crate::cublas::matmul(&x, &weight, transposed)
-    {
+    if let Some(out) = crate::cublas::matmul(&x, &weight, transposed) {
         return out;
     }
-    let _ = route;
     if transposed {
         x.matmul(weight.transpose())
     } else {

@@ -9,7 +9,7 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use crate::composed_op::{self, ComposedOp};
 use crate::config::LoraInit;
-use crate::linear::{cast_to, project_low_rank, row_blocks};
+use crate::linear::{cast_to, matmul, project_low_rank, row_blocks};
 use crate::rebrand::on_cpu;
 
 /// Low-rank update of a linear layer.
@@ -186,14 +186,15 @@ impl ComposedOp<2> for FactorProduct {
         let blocks = row_blocks::<I>(x.dims()[0]);
         let d_factor = factor_wanted
             .then(|| factor_gradient(d_out.clone(), cast_to(x, factor.dtype()), blocks));
-        let dx = x_wanted.then(|| cast_to(d_out.matmul(factor), x_dtype));
+        let dx = x_wanted.then(|| cast_to(matmul(d_out, factor, false), x_dtype));
         [dx, d_factor]
     }
 }
 
-/// `dyᵀ·x`, the gradient of the factor `F` of `y = x·Fᵀ`, summed over the rows in `blocks`
-/// blocks (see [`row_blocks`]; `blocks` divides the rows): each block's partial sum one
-/// product of a batched product, then their sum.
+/// `dyᵀ·x`, the gradient of the factor `F` of `y = x·Fᵀ`: one product through cuBLAS where the
+/// CUDA route takes it (cuBLAS splits the long inner dimension itself), else summed over the
+/// rows in `blocks` blocks (see [`row_blocks`]; `blocks` divides the rows): each block's
+/// partial sum one product of a batched product, then their sum.
 ///
 /// # Shapes
 /// - d_out: `[rows, to]`
@@ -206,6 +207,10 @@ fn factor_gradient<B: Backend>(
 ) -> Tensor<B, 2> {
     let [rows, to] = d_out.dims();
     let from = x.dims()[1];
+    #[cfg(feature = "cuda")]
+    if let Some(product) = crate::cublas::matmul(&d_out.clone().transpose(), &x, false) {
+        return product;
+    }
     if blocks == 1 {
         return d_out.transpose().matmul(x);
     }
@@ -303,6 +308,67 @@ mod tests {
         factor_gradient(d_out, x, 16)
             .into_data()
             .assert_approx_eq::<f32>(&whole, Tolerance::absolute(1e-5));
+    }
+
+    /// On CUDA with the products queued on cubecl's stream (`BURNISH_MATMUL=cublas-async`),
+    /// the factor products, forward and backward, take cuBLAS: their values and gradients
+    /// against the CPU's, for bf16 inputs into f32 factors of SmolLM2's widths over 8192 rows
+    /// (the factor's gradient one product then, not blocks). Run by `side_by_side.sh` with the
+    /// other `cublas_stream` checks.
+    #[cfg(feature = "cuda")]
+    #[test]
+    #[ignore = "needs an NVIDIA GPU and libcublas, and BURNISH_MATMUL=cublas-async"]
+    fn cublas_stream_factor_products_equal_the_cpus() {
+        use crate::cublas::{CudaMatmul, Ordering, Plain, cuda_matmul, stream_ordering_refused};
+        assert_eq!(*cuda_matmul(), CudaMatmul::Cublas(Ordering::Stream));
+        type Cuda = Autodiff<Plain>;
+        type Cpu = Autodiff<Flex>;
+        let cpu_device = Default::default();
+        Flex::seed(&cpu_device, 7);
+        for ([rows, from], to) in [([8192, 576], 16), ([8192, 16], 576)] {
+            let normal = Distribution::Normal(0.0, 1.0);
+            let x = Tensor::<Cpu, 2>::random([rows, from], normal, &cpu_device)
+                .cast(FloatDType::BF16)
+                .detach();
+            let factor = Tensor::<Cpu, 2>::random([to, from], normal, &cpu_device);
+            let upstream = Tensor::<Cpu, 2>::random([rows, to], normal, &cpu_device);
+            let on_cpu = {
+                let (x, factor) = (x.clone().require_grad(), factor.clone().require_grad());
+                let out = factor_product(x.clone(), factor.clone());
+                let grads = (out.clone() * upstream.clone()).sum().backward();
+                [
+                    out.into_data(),
+                    x.grad(&grads).unwrap().into_data().convert::<f32>(),
+                    factor.grad(&grads).unwrap().into_data(),
+                ]
+            };
+            let on_cuda = {
+                let device = Default::default();
+                let moved = |t: &Tensor<Cpu, 2>| {
+                    Tensor::<Cuda, 2>::from_data(t.to_data().convert::<f32>(), &device)
+                };
+                let x = moved(&x).cast(FloatDType::BF16).require_grad();
+                let factor = moved(&factor).require_grad();
+                let out = factor_product(x.clone(), factor.clone());
+                let grads = (out.clone() * moved(&upstream)).sum().backward();
+                [
+                    out.into_data(),
+                    x.grad(&grads).unwrap().into_data().convert::<f32>(),
+                    factor.grad(&grads).unwrap().into_data(),
+                ]
+            };
+            // f32 products in a different order of summation; the input's gradient is rounded
+            // to bf16 on both sides (one step of bf16 apart at most).
+            let tolerances = [
+                Tolerance::absolute(1e-3).set_relative(1e-4),
+                Tolerance::absolute(1e-2).set_relative(8e-3),
+                Tolerance::absolute(1e-2).set_relative(1e-4),
+            ];
+            for ((cuda, cpu), tolerance) in on_cuda.iter().zip(&on_cpu).zip(tolerances) {
+                cuda.assert_approx_eq::<f32>(cpu, tolerance);
+            }
+        }
+        assert_eq!(stream_ordering_refused(), None);
     }
 
     fn a_values(init: LoraInit, d_in: usize, r: usize) -> Vec<f32> {
