@@ -123,9 +123,9 @@ pub fn cuda_matmul() -> &'static CudaMatmul {
 pub const MIN_ROUTED_PRODUCT: usize = 1 << 35;
 
 /// The smallest product the route takes when cubecl's stream orders it, which costs the device
-/// nothing: the host's cost is three round trips to cubecl's server thread (the operands'
-/// addresses), some microseconds, which a product of a million multiply-adds takes on either
-/// matmul. The projections of SmolLM2-135M at 8 x 1024 tokens are 2^29.8 to 2^32.7.
+/// nothing: the host's cost is a round trip to cubecl's server thread (which runs the cuBLAS
+/// call), some microseconds, which a product of a million multiply-adds takes on either matmul.
+/// The projections of SmolLM2-135M at 8 x 1024 tokens are 2^29.8 to 2^32.7.
 pub const MIN_STREAM_ORDERED_PRODUCT: usize = 1 << 20;
 
 /// `x·Wᵀ` (`transposed`; x `[n, k]`, weight `[o, k]`) or `x·W` (x `[n, o]`), both operands of
@@ -351,14 +351,15 @@ pub(crate) fn operation(transposed: bool) -> cublasOperation_t {
 
 /// `call` (cuBLAS calls on the handle it is given, reading and writing cubecl buffers of
 /// `like`'s device), ordered against the work cubecl queues as `ordering` says: with the host's,
-/// cubecl's queue drains first and cuBLAS's own stream after; with the stream's, `call` queues
-/// on cubecl's stream for the current [`StreamId`], behind all that this thread submitted to
-/// cubecl before (`call` reads its operands' addresses first, each a blocking call to cubecl's
-/// server thread, which issues submissions in order) and ahead of what it submits after.
+/// cubecl's queue drains first and cuBLAS's own stream after; with the stream's, cubecl's
+/// server thread runs `call` (cubecl's `exclusive`) on cubecl's stream for the current
+/// [`StreamId`], between the kernels it issued there before (all this thread submitted until
+/// now: the server takes submissions in order) and those it issues after. The host waits for
+/// that one call only, which is also where `call` reads its operands' addresses from the server.
 pub(crate) fn ordered(
     like: &Cube,
     ordering: Ordering,
-    call: impl FnOnce(blas_sys::cublasHandle_t),
+    call: impl FnOnce(blas_sys::cublasHandle_t) + Send,
 ) {
     let lane = Lane::of(like.device.index);
     lane.stream
@@ -366,24 +367,32 @@ pub(crate) fn ordered(
         .bind_to_thread()
         .expect("the CUDA context binds to this thread");
     let handle = *lane.blas.handle();
-    let on = |stream: driver_sys::CUstream| {
-        // SAFETY: `handle` is this lane's live cuBLAS handle, used by one thread at a time (the
-        // lane's), and `stream` a live stream of its context.
-        unsafe { blas::set_stream(handle, stream.cast()) }
-            .expect("cuBLAS takes a stream of its context");
-    };
     match lane.cubecl_stream(like, ordering) {
         Some(stream) => {
-            on(stream);
-            call(handle);
+            let (handle, stream) = (handle as usize, stream as usize);
+            like.client
+                .exclusive(move || {
+                    let handle = handle as blas_sys::cublasHandle_t;
+                    on_stream(handle, stream as driver_sys::CUstream);
+                    call(handle);
+                })
+                .expect("cubecl's server thread runs the cuBLAS call");
         }
         None => {
-            on(lane.stream.cu_stream());
+            on_stream(handle, lane.stream.cu_stream());
             block_on(like.client.sync()).expect("the CUDA queue drains before a cuBLAS product");
             call(handle);
             lane.stream.synchronize().expect("cuBLAS's stream finishes");
         }
     }
+}
+
+/// Points cuBLAS `handle` (a lane's, used by one thread at a time) at `stream`, a live stream
+/// of its context.
+fn on_stream(handle: blas_sys::cublasHandle_t, stream: driver_sys::CUstream) {
+    // SAFETY: as the caller promises.
+    unsafe { blas::set_stream(handle, stream.cast()) }
+        .expect("cuBLAS takes a stream of its context");
 }
 
 fn matrix_dims(tensor: &Cube) -> [usize; 2] {
