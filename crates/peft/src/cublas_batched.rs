@@ -12,7 +12,7 @@ use std::any::TypeId;
 use std::ffi::c_void;
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{Shape, Tensor, TensorPrimitive};
+use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
 use cudarc::cublas::result as blas;
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t};
 
@@ -26,7 +26,9 @@ use crate::rebrand::rebrand;
 /// through cuBLAS when `B` is the plain CUDA backend, the route queues products on cubecl's
 /// stream (and found it) and the product has at least [`MIN_STREAM_ORDERED_PRODUCT`]
 /// multiply-adds in all; `None` otherwise, for the caller to use burn's matmul. f32 operands
-/// multiply in full f32 (not TF32, unlike burn's CUDA matmul); 16-bit ones accumulate in f32.
+/// multiply in TF32 (cuBLAS's `COMPUTE_32F_FAST_TF32`), as burn's CUDA matmul does: the
+/// attention computes in f32 from bf16 activations, whose queries and keys TF32 holds exactly,
+/// at several times full f32's rate; 16-bit operands accumulate in f32.
 pub fn batched_matmul<B: Backend>(lhs: &Tensor<B, 4>, rhs: &Tensor<B, 4>) -> Option<Tensor<B, 4>> {
     if TypeId::of::<B>() != TypeId::of::<Plain>()
         || *cuda_matmul() != CudaMatmul::Cublas(Ordering::Stream)
@@ -50,7 +52,13 @@ pub fn batched_matmul<B: Backend>(lhs: &Tensor<B, 4>, rhs: &Tensor<B, 4>) -> Opt
 fn batched(lhs: Cube, rhs: Cube) -> Cube {
     let [b0, b1, rows, inner] = lhs.meta.shape().dims::<4>();
     let cols = rhs.meta.shape().dims::<4>()[3];
-    let cuda_type = data_type(lhs.dtype).expect("cuBLAS product of an unsupported dtype");
+    let dtype = lhs.dtype;
+    let cuda_type = data_type(dtype).expect("cuBLAS product of an unsupported dtype");
+    let compute = if dtype == DType::F32 {
+        cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
+    } else {
+        cublasComputeType_t::CUBLAS_COMPUTE_32F
+    };
     let ((lhs, lhs_layout), (rhs, rhs_layout)) = (readable(lhs), readable(rhs));
     let out = empty_like(&lhs, Shape::new([b0, b1, rows, cols]));
     let int = |value: usize| i32::try_from(value).expect("cuBLAS dimensions fit in i32");
@@ -63,7 +71,7 @@ fn batched(lhs: Cube, rhs: Cube) -> Cube {
         // function returns) laid out as their `StridedOperand`s describe (leading dimensions
         // and batch strides within each buffer), which `ordered` keeps from other work until
         // the product is done (on cubecl's stream, a buffer freed meanwhile goes only to work
-        // queued after it there); alpha and beta are f32 as CUBLAS_COMPUTE_32F requires.
+        // queued after it there); alpha and beta are f32 as both compute types require.
         unsafe {
             blas::gemm_strided_batched_ex(
                 handle,
@@ -87,7 +95,7 @@ fn batched(lhs: Cube, rhs: Cube) -> Cube {
                 int(cols),
                 long(rows * cols),
                 int(b0 * b1),
-                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                compute,
                 cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         }
@@ -100,14 +108,14 @@ fn batched(lhs: Cube, rhs: Cube) -> Cube {
 mod tests {
     use super::*;
     use burn::backend::Flex;
-    use burn::tensor::{DType, Distribution, Tolerance};
+    use burn::tensor::{Distribution, Tolerance};
 
     const GPU: &str = "needs an NVIDIA GPU and libcublas, and BURNISH_MATMUL=cublas-async";
 
     /// The batched route against the CPU backend's f32 product of the same values, for operands
     /// read in place (contiguous, a transposed view, a narrowed one) and copied first
-    /// (heads-major views of position-major storage), in f32 (to accumulation-order rounding,
-    /// as the 2-D route's checks hold it) and bf16.
+    /// (heads-major views of position-major storage), in f32 (TF32 on both sides of burn's
+    /// CUDA comparisons: a few 1e-3 here) and bf16.
     #[test]
     #[ignore = "needs an NVIDIA GPU and libcublas, and BURNISH_MATMUL=cublas-async"]
     fn cublas_stream_batched_products_equal_the_cpus() {
@@ -152,7 +160,7 @@ mod tests {
                 };
                 let reference = cpu(&lhs).matmul(cpu(&rhs)).into_data();
                 let tolerance = match dtype {
-                    DType::F32 => Tolerance::absolute(1e-3).set_relative(1e-4),
+                    DType::F32 => Tolerance::absolute(5e-2).set_relative(1e-2),
                     _ => Tolerance::absolute(1e-1).set_relative(2e-2),
                 };
                 ours.into_data()
