@@ -2,10 +2,11 @@
 //! products on that same stream: the stream then orders them against cubecl's kernels, and
 //! neither the host nor a second stream has to.
 //!
-//! cubecl keeps its streams private (one per [`StreamId`], made by its server thread). The
-//! driver names the stream of every kernel launch to a CUPTI subscriber, so [`of_this_stream`]
-//! subscribes, has cubecl launch one marker kernel of a launch shape nothing else uses, reads
-//! the stream from that launch's arguments and unsubscribes. CUPTI (`libcupti`, part of the
+//! cubecl keeps its streams private (one per [`StreamId`], modulo the number of streams it
+//! keeps, made by its server thread). The driver names the stream of every kernel launch to a
+//! CUPTI subscriber, so [`of_this_stream`] subscribes, has cubecl launch one marker kernel of a
+//! launch shape nothing else uses, reads the stream from that launch's arguments and
+//! unsubscribes. CUPTI (`libcupti`, part of the
 //! CUDA toolkit) loads at run time; without it, or where the driver refuses the subscription
 //! (another profiler holds it), the caller orders its products by the host instead.
 
@@ -23,9 +24,10 @@ use cudarc::driver::sys::{self as driver, CUstream};
 
 use crate::cublas::Cube;
 
-/// The marker's launch shape in cubes, which singles its launch out among those the driver
-/// reports while the subscription lasts.
-const MARKER_CUBES: (u32, u32, u32) = (1, 3, 5);
+/// The marker's launch shape in cubes (of one unit each), which singles its launch out among
+/// those the driver reports while the subscription lasts: no product or element-wise kernel
+/// divides its work into 2 × 3 × 1009 cubes.
+const MARKER_CUBES: (u32, u32, u32) = (2, 3, 1009);
 
 /// Writes one; its launch, not its effect, is the point.
 #[cube(launch)]
@@ -35,9 +37,9 @@ fn marker_kernel(out: &mut Tensor<u32>) {
     }
 }
 
-/// The stream of the marker's launch, as the callback saw it (an address: streams are
-/// pointers).
-static SEEN: Mutex<Option<usize>> = Mutex::new(None);
+/// The streams of the launches of the marker's shape, as the callback saw them (addresses:
+/// streams are pointers).
+static SEEN: Mutex<Vec<usize>> = Mutex::new(Vec::new());
 
 /// The CUDA stream cubecl queues the work of the current [`StreamId`] on, on `like`'s device.
 /// Takes a CUPTI subscription for the length of one marker launch, so one search runs at a time
@@ -53,7 +55,7 @@ pub(crate) fn of_this_stream(like: &Cube) -> Result<CUstream, String> {
     }
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
     let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(PoisonError::into_inner);
-    *seen() = None;
+    seen().clear();
     let mut subscriber: cupti::CUpti_SubscriberHandle = ptr::null_mut();
     // SAFETY: `on_launch` matches CUPTI's callback type and reads only the launch callbacks
     // enabled below; the subscription ends before this function returns.
@@ -83,9 +85,18 @@ pub(crate) fn of_this_stream(like: &Cube) -> Result<CUstream, String> {
     });
     launched?;
     ended?;
-    let stream = seen()
-        .take()
-        .ok_or("the driver reported no launch of the marker kernel")? as CUstream;
+    let streams = std::mem::take(&mut *seen());
+    let stream = match streams.as_slice() {
+        [] => return Err("the driver reported no launch of the marker kernel".into()),
+        [first, rest @ ..] if rest.iter().all(|other| other == first) => *first as CUstream,
+        _ => {
+            return Err(
+                "launches of the marker kernel's shape came on several streams: which is \
+                 cubecl's for this thread is unknown"
+                    .into(),
+            );
+        }
+    };
     on_the_devices_context(stream, like.device.index)?;
     Ok(stream)
 }
@@ -125,11 +136,11 @@ unsafe extern "C" fn on_launch(
     }
     let params = unsafe { &*data.functionParams.cast::<cupti::cuLaunchKernel_params>() };
     if (params.gridDimX, params.gridDimY, params.gridDimZ) == MARKER_CUBES {
-        *seen() = Some(params.hStream as usize);
+        seen().push(params.hStream as usize);
     }
 }
 
-fn seen() -> std::sync::MutexGuard<'static, Option<usize>> {
+fn seen() -> std::sync::MutexGuard<'static, Vec<usize>> {
     SEEN.lock().unwrap_or_else(PoisonError::into_inner)
 }
 

@@ -9,9 +9,9 @@
 //! is ordered against the work cubecl queues in one of two ways ([`Ordering`]): by the host,
 //! which drains cubecl's queue before the product (run on a stream of cuBLAS's own) and that
 //! stream after it; or by cubecl's own stream, on which cuBLAS then queues the product between
-//! cubecl's kernels ([`cubecl_stream`](crate::cubecl_stream) finds it), the host waiting for
-//! nothing. With the stream's ordering the attention's batched products take cuBLAS too
-//! ([`batched_matmul`](crate::batched_matmul)).
+//! cubecl's kernels ([`cubecl_stream`](crate::cubecl_stream) finds it), the host never waiting
+//! for the device. With the stream's ordering the adapters' products and the attention's
+//! batched products take cuBLAS too ([`batched_matmul`](crate::batched_matmul)).
 //!
 //! `BURNISH_MATMUL` in the environment picks the route: `cublas` (host-ordered, the default),
 //! `cublas-async` (on cubecl's stream), or `burn` (burn's matmul alone, for side-by-side
@@ -74,9 +74,10 @@ pub enum Ordering {
     /// The host drains cubecl's queue, runs the product and drains cuBLAS's stream: about half
     /// a millisecond a product on an H100, and the host cannot queue ahead of the device.
     Host,
-    /// cuBLAS queues the product on cubecl's own stream, which orders it; the host waits for
-    /// nothing. Falls back to [`Ordering::Host`] where that stream cannot be found
-    /// ([`stream_ordering_refused`] says why).
+    /// cuBLAS queues the product on cubecl's own stream, which orders it; the host waits only
+    /// for cubecl's server thread to take the call in turn, not for the device. Falls back to
+    /// [`Ordering::Host`] where that stream cannot be found ([`stream_ordering_refused`] says
+    /// why).
     Stream,
 }
 
@@ -124,8 +125,9 @@ pub const MIN_ROUTED_PRODUCT: usize = 1 << 35;
 
 /// The smallest product the route takes when cubecl's stream orders it, which costs the device
 /// nothing: the host's cost is a round trip to cubecl's server thread (which runs the cuBLAS
-/// call), some microseconds, which a product of a million multiply-adds takes on either matmul.
-/// The projections of SmolLM2-135M at 8 x 1024 tokens are 2^29.8 to 2^32.7.
+/// call after what was queued before it), some microseconds while that thread is busy, which a
+/// product of a million multiply-adds takes on either matmul. The projections of SmolLM2-135M
+/// at 8 x 1024 tokens are 2^29.8 to 2^32.7.
 pub const MIN_STREAM_ORDERED_PRODUCT: usize = 1 << 20;
 
 /// `x·Wᵀ` (`transposed`; x `[n, k]`, weight `[o, k]`) or `x·W` (x `[n, o]`), both operands of
@@ -141,9 +143,11 @@ pub(crate) fn matmul<B: Backend>(
     let CudaMatmul::Cublas(ordering) = *cuda_matmul() else {
         return None;
     };
+    // Once cubecl's stream could not be found, the host orders every product: the host's
+    // threshold then.
     let smallest = match ordering {
-        Ordering::Host => MIN_ROUTED_PRODUCT,
-        Ordering::Stream => MIN_STREAM_ORDERED_PRODUCT,
+        Ordering::Stream if stream_ordering_refused().is_none() => MIN_STREAM_ORDERED_PRODUCT,
+        _ => MIN_ROUTED_PRODUCT,
     };
     let ([rows, inner], [d_out, d_in]) = (x.dims(), weight.dims());
     let cols = if transposed { d_out } else { d_in };
@@ -362,10 +366,6 @@ pub(crate) fn ordered(
     call: impl FnOnce(blas_sys::cublasHandle_t) + Send,
 ) {
     let lane = Lane::of(like.device.index);
-    lane.stream
-        .context()
-        .bind_to_thread()
-        .expect("the CUDA context binds to this thread");
     let handle = *lane.blas.handle();
     match lane.cubecl_stream(like, ordering) {
         Some(stream) => {
@@ -379,6 +379,11 @@ pub(crate) fn ordered(
                 .expect("cubecl's server thread runs the cuBLAS call");
         }
         None => {
+            // cubecl's server thread has the context current; this one may not yet.
+            lane.stream
+                .context()
+                .bind_to_thread()
+                .expect("the CUDA context binds to this thread");
             on_stream(handle, lane.stream.cu_stream());
             block_on(like.client.sync()).expect("the CUDA queue drains before a cuBLAS product");
             call(handle);
