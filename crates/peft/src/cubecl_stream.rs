@@ -6,9 +6,9 @@
 //! keeps, made by its server thread). The driver names the stream of every kernel launch to a
 //! CUPTI subscriber, so [`of_this_stream`] subscribes, has cubecl launch one marker kernel of a
 //! launch shape nothing else uses, reads the stream from that launch's arguments and
-//! unsubscribes. CUPTI (`libcupti`, part of the
-//! CUDA toolkit) loads at run time; without it, or where the driver refuses the subscription
-//! (another profiler holds it), the caller orders its products by the host instead.
+//! unsubscribes. CUPTI (`libcupti`, part of the CUDA toolkit) loads at run time; without it, or
+//! where the driver refuses the subscription (another profiler holds it), the caller orders its
+//! products by the host instead.
 
 use std::ffi::{CStr, c_void};
 use std::ptr;
@@ -28,6 +28,13 @@ use crate::cublas::Cube;
 /// those the driver reports while the subscription lasts: no product or element-wise kernel
 /// divides its work into 2 × 3 × 1009 cubes.
 const MARKER_CUBES: (u32, u32, u32) = (2, 3, 1009);
+
+/// The driver calls whose callbacks are watched: `cuLaunchKernel` (how cubecl launches) and its
+/// per-thread-default-stream variant, whose parameters are laid out alike.
+const LAUNCHES: [cupti::CUpti_CallbackId; 2] = [
+    cupti::CUpti_driver_api_trace_cbid::CUPTI_DRIVER_TRACE_CBID_cuLaunchKernel as u32,
+    cupti::CUpti_driver_api_trace_cbid::CUPTI_DRIVER_TRACE_CBID_cuLaunchKernel_ptsz as u32,
+];
 
 /// Writes one; its launch, not its effect, is the point.
 #[cube(launch)]
@@ -62,19 +69,14 @@ pub(crate) fn of_this_stream(like: &Cube) -> Result<CUstream, String> {
     cupti_call("cuptiSubscribe", unsafe {
         cupti::cuptiSubscribe(&mut subscriber, Some(on_launch), ptr::null_mut())
     })?;
-    let watched = [
-        cupti::CUpti_driver_api_trace_cbid::CUPTI_DRIVER_TRACE_CBID_cuLaunchKernel,
-        cupti::CUpti_driver_api_trace_cbid::CUPTI_DRIVER_TRACE_CBID_cuLaunchKernel_ptsz,
-    ]
-    .into_iter()
-    .try_for_each(|launch| {
+    let watched = LAUNCHES.into_iter().try_for_each(|launch| {
         // SAFETY: `subscriber` is the live subscription made above.
         cupti_call("cuptiEnableCallback", unsafe {
             cupti::cuptiEnableCallback(
                 1,
                 subscriber,
                 cupti::CUpti_CallbackDomain::CUPTI_CB_DOMAIN_DRIVER_API,
-                launch as u32,
+                launch,
             )
         })
     });
@@ -123,13 +125,17 @@ fn launch_marker(like: &Cube) -> Result<(), String> {
 /// CUPTI's callback: notes the stream of a launch of the marker's shape, at the launch's entry.
 unsafe extern "C" fn on_launch(
     _userdata: *mut c_void,
-    _domain: cupti::CUpti_CallbackDomain,
-    _launch: cupti::CUpti_CallbackId,
+    domain: cupti::CUpti_CallbackDomain,
+    call: cupti::CUpti_CallbackId,
     data: *const c_void,
 ) {
-    // SAFETY: only the driver's cuLaunchKernel callbacks are enabled, whose data is a
-    // `CUpti_CallbackData` whose parameters are `cuLaunchKernel`'s (the `_ptsz` variant's are
-    // laid out alike).
+    if domain != cupti::CUpti_CallbackDomain::CUPTI_CB_DOMAIN_DRIVER_API
+        || !LAUNCHES.contains(&call)
+    {
+        return;
+    }
+    // SAFETY: the driver's data for a launch call is a `CUpti_CallbackData` whose parameters
+    // are `cuLaunchKernel`'s.
     let data = unsafe { &*data.cast::<cupti::CUpti_CallbackData>() };
     if data.callbackSite != cupti::CUpti_ApiCallbackSite::CUPTI_API_ENTER {
         return;
