@@ -147,12 +147,13 @@ DEV=$DEVICE step 240 "peer" python3 "$(dirname "$0")/peer_reserved.py" "$PEER" "
   >"$OUT/peer.txt" 2>"$OUT/peer.err" ||
   echo "peer failed or timed out: see $OUT/peer.err"
 
-log "parity: burnish score on the fixture models, $DEVICE (f32 and bf16) against cpu (f32)"
+# On the bench rows' route: on cubecl's stream every f32 product takes cuBLAS in full f32.
+log "parity: burnish score on the fixture models, $DEVICE (f32 and bf16, matmul $ROUTE) against cpu (f32)"
 for model in llama mistral qwen2; do
   for run in "cpu f32" "$DEVICE f32" "$DEVICE bf16"; do
     read -r dev dtype <<<"$run"
     name="score-$model-$dev-$dtype"
-    step 60 "$name" "$BIN" score --model "tests/fixtures/models/$model" --ids "$IDS" --device "$dev" \
+    BURNISH_MATMUL=$ROUTE step 60 "$name" "$BIN" score --model "tests/fixtures/models/$model" --ids "$IDS" --device "$dev" \
       --dtype "$dtype" --json >"$OUT/$name.json" 2>"$OUT/$name.err" ||
       echo "score $model on $dev in $dtype failed: see $OUT/$name.err"
   done

@@ -221,13 +221,23 @@ impl<B: Backend> Rotation<B> {
     /// - x, output: `[batch, seq, heads, head_dim]`
     pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [batch, seq, heads, head_dim] = x.dims();
-        let rotated = x
-            .clone()
-            .reshape([batch * seq * heads, head_dim])
-            .matmul(self.half_turn.clone())
+        let rows = x.clone().reshape([batch * seq * heads, head_dim]);
+        let rotated = self
+            .half_turned(rows)
             .reshape([batch, seq * heads * head_dim]);
         let x = x.reshape([batch, seq * heads * head_dim]);
         (x * self.cos.clone() + rotated * self.sin.clone()).reshape([batch, seq, heads, head_dim])
+    }
+
+    /// `rotate_half` of each row, as its product with the half-turn matrix: through cuBLAS where
+    /// the CUDA route takes it, since burn's CUDA matmul rounds f32 operands to TF32 and so loses
+    /// precision even on this product of ±1 entries.
+    fn half_turned(&self, rows: Tensor<B, 2>) -> Tensor<B, 2> {
+        #[cfg(feature = "cuda")]
+        if let Some(rotated) = burnish_peft::cublas::matmul(&rows, &self.half_turn, false) {
+            return rotated;
+        }
+        rows.matmul(self.half_turn.clone())
     }
 }
 

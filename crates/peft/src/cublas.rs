@@ -133,9 +133,10 @@ pub const MIN_STREAM_ORDERED_PRODUCT: usize = 1 << 20;
 /// `x·Wᵀ` (`transposed`; x `[n, k]`, weight `[o, k]`) or `x·W` (x `[n, o]`), both operands of
 /// one of f32, bf16 or f16, through cuBLAS when `B` is burnish's CUDA backend, with or without
 /// autodiff, the route is on and the product has at least [`MIN_ROUTED_PRODUCT`] multiply-adds
-/// ([`MIN_STREAM_ORDERED_PRODUCT`] on cubecl's stream); `None` otherwise, for the caller to use
-/// burn's matmul. f32 products are full f32 (not TF32).
-pub(crate) fn matmul<B: Backend>(
+/// (on cubecl's stream: [`MIN_STREAM_ORDERED_PRODUCT`], and any size in f32); `None` otherwise,
+/// for the caller to use burn's matmul. f32 products are full f32 here, where burn's are TF32:
+/// on cubecl's stream every f32 product takes the route for that alone.
+pub fn matmul<B: Backend>(
     x: &Tensor<B, 2>,
     weight: &Tensor<B, 2>,
     transposed: bool,
@@ -146,8 +147,10 @@ pub(crate) fn matmul<B: Backend>(
     // Once cubecl's stream could not be found, the host orders every product: the host's
     // threshold then.
     let smallest = match ordering {
-        Ordering::Stream if stream_ordering_refused().is_none() => MIN_STREAM_ORDERED_PRODUCT,
-        _ => MIN_ROUTED_PRODUCT,
+        Ordering::Stream if stream_ordering_refused().is_some() => MIN_ROUTED_PRODUCT,
+        Ordering::Stream if x.dtype() == DType::F32 => 0,
+        Ordering::Stream => MIN_STREAM_ORDERED_PRODUCT,
+        Ordering::Host => MIN_ROUTED_PRODUCT,
     };
     let ([rows, inner], [d_out, d_in]) = (x.dims(), weight.dims());
     let cols = if transposed { d_out } else { d_in };
