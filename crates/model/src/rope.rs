@@ -215,29 +215,20 @@ impl<B: Backend> Rotation<B> {
         }
     }
 
-    /// Rotates `x` in HF's convention: `x·cos + rotate_half(x)·sin`.
+    /// Rotates `x` in HF's convention: `x·cos + rotate_half(x)·sin`, `rotate_half` as the
+    /// product with the half-turn matrix (through cuBLAS where the CUDA route takes it: burn's
+    /// CUDA matmul rounds f32 operands to TF32, losing precision even on this product of ±1
+    /// entries).
     ///
     /// # Shapes
     /// - x, output: `[batch, seq, heads, head_dim]`
     pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [batch, seq, heads, head_dim] = x.dims();
         let rows = x.clone().reshape([batch * seq * heads, head_dim]);
-        let rotated = self
-            .half_turned(rows)
+        let rotated = burnish_peft::matmul(rows, self.half_turn.clone(), false)
             .reshape([batch, seq * heads * head_dim]);
         let x = x.reshape([batch, seq * heads * head_dim]);
         (x * self.cos.clone() + rotated * self.sin.clone()).reshape([batch, seq, heads, head_dim])
-    }
-
-    /// `rotate_half` of each row, as its product with the half-turn matrix: through cuBLAS where
-    /// the CUDA route takes it, since burn's CUDA matmul rounds f32 operands to TF32 and so loses
-    /// precision even on this product of ±1 entries.
-    fn half_turned(&self, rows: Tensor<B, 2>) -> Tensor<B, 2> {
-        #[cfg(feature = "cuda")]
-        if let Some(rotated) = burnish_peft::cublas::matmul(&rows, &self.half_turn, false) {
-            return rotated;
-        }
-        rows.matmul(self.half_turn.clone())
     }
 }
 

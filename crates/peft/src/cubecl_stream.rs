@@ -48,10 +48,11 @@ fn marker_kernel(out: &mut Tensor<u32>) {
 /// streams are pointers).
 static SEEN: Mutex<Vec<usize>> = Mutex::new(Vec::new());
 
-/// The CUDA stream cubecl queues the work of the current [`StreamId`] on, on `like`'s device.
+/// The CUDA stream cubecl queues the work of the current [`StreamId`] on, on `like`'s device,
+/// whose primary context is `context`.
 /// Takes a CUPTI subscription for the length of one marker launch, so one search runs at a time
 /// in the process.
-pub(crate) fn of_this_stream(like: &Cube) -> Result<CUstream, String> {
+pub(crate) fn of_this_stream(like: &Cube, context: &CudaContext) -> Result<CUstream, String> {
     // SAFETY: only tries to open the library; no symbol is called.
     if !unsafe { cupti::is_culib_present() } {
         return Err(
@@ -99,7 +100,7 @@ pub(crate) fn of_this_stream(like: &Cube) -> Result<CUstream, String> {
             );
         }
     };
-    on_the_devices_context(stream, like.device.index)?;
+    in_context(stream, context)?;
     Ok(stream)
 }
 
@@ -150,9 +151,8 @@ fn seen() -> std::sync::MutexGuard<'static, Vec<usize>> {
     SEEN.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// `stream` belongs to the primary context of device `index`, the one cuBLAS works in.
-fn on_the_devices_context(stream: CUstream, index: usize) -> Result<(), String> {
-    let context = CudaContext::new(index).map_err(|e| format!("the device's context: {e}"))?;
+/// `stream` belongs to `context` (the device's primary context, the one cuBLAS works in).
+fn in_context(stream: CUstream, context: &CudaContext) -> Result<(), String> {
     let mut owner: driver::CUcontext = ptr::null_mut();
     // SAFETY: `stream` is the live stream cubecl launched on, `owner` a place for the answer.
     unsafe { driver::cuStreamGetCtx(stream, &mut owner) }

@@ -136,7 +136,7 @@ pub const MIN_STREAM_ORDERED_PRODUCT: usize = 1 << 20;
 /// (on cubecl's stream: [`MIN_STREAM_ORDERED_PRODUCT`], and any size in f32); `None` otherwise,
 /// for the caller to use burn's matmul. f32 products are full f32 here, where burn's are TF32:
 /// on cubecl's stream every f32 product takes the route for that alone.
-pub fn matmul<B: Backend>(
+pub(crate) fn matmul<B: Backend>(
     x: &Tensor<B, 2>,
     weight: &Tensor<B, 2>,
     transposed: bool,
@@ -144,13 +144,12 @@ pub fn matmul<B: Backend>(
     let CudaMatmul::Cublas(ordering) = *cuda_matmul() else {
         return None;
     };
-    // Once cubecl's stream could not be found, the host orders every product: the host's
-    // threshold then.
-    let smallest = match ordering {
-        Ordering::Stream if stream_ordering_refused().is_some() => MIN_ROUTED_PRODUCT,
-        Ordering::Stream if x.dtype() == DType::F32 => 0,
-        Ordering::Stream => MIN_STREAM_ORDERED_PRODUCT,
-        Ordering::Host => MIN_ROUTED_PRODUCT,
+    let smallest = if !on_cubecls_stream() {
+        MIN_ROUTED_PRODUCT
+    } else if x.dtype() == DType::F32 {
+        0
+    } else {
+        MIN_STREAM_ORDERED_PRODUCT
     };
     let ([rows, inner], [d_out, d_in]) = (x.dims(), weight.dims());
     let cols = if transposed { d_out } else { d_in };
@@ -431,6 +430,12 @@ pub(crate) fn readable(t: Cube) -> (Cube, StridedOperand) {
     (t, found)
 }
 
+/// Whether cuBLAS's products queue on cubecl's stream: asked for, and not refused (once cubecl's
+/// stream could not be found, the host orders every product).
+pub(crate) fn on_cubecls_stream() -> bool {
+    *cuda_matmul() == CudaMatmul::Cublas(Ordering::Stream) && stream_ordering_refused().is_none()
+}
+
 /// Why cuBLAS's products could not queue on cubecl's stream (the route then orders them by
 /// the host), if it was asked to and could not.
 pub fn stream_ordering_refused() -> Option<&'static str> {
@@ -483,9 +488,9 @@ impl Lane {
         if ordering == Ordering::Host {
             return None;
         }
-        let found = self
-            .cubecl
-            .get_or_init(|| cubecl_stream::of_this_stream(like).map(|stream| stream as usize));
+        let found = self.cubecl.get_or_init(|| {
+            cubecl_stream::of_this_stream(like, self.stream.context()).map(|stream| stream as usize)
+        });
         match found {
             Ok(stream) => Some(*stream as driver_sys::CUstream),
             Err(why) => {

@@ -17,8 +17,8 @@ use cudarc::cublas::result as blas;
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t};
 
 use crate::cublas::{
-    Cube, CudaMatmul, MIN_STREAM_ORDERED_PRODUCT, Ordering, Plain, address, cuda_matmul, data_type,
-    empty_like, operation, ordered, readable, stream_ordering_refused,
+    Cube, MIN_STREAM_ORDERED_PRODUCT, Ordering, Plain, address, data_type, empty_like,
+    on_cubecls_stream, operation, ordered, readable,
 };
 use crate::rebrand::rebrand;
 
@@ -31,8 +31,7 @@ use crate::rebrand::rebrand;
 /// at several times full f32's rate; 16-bit operands accumulate in f32.
 pub fn batched_matmul<B: Backend>(lhs: &Tensor<B, 4>, rhs: &Tensor<B, 4>) -> Option<Tensor<B, 4>> {
     if TypeId::of::<B>() != TypeId::of::<Plain>()
-        || *cuda_matmul() != CudaMatmul::Cublas(Ordering::Stream)
-        || stream_ordering_refused().is_some()
+        || !on_cubecls_stream()
         || lhs.dtype() != rhs.dtype()
         || data_type(lhs.dtype()).is_none()
     {
@@ -107,6 +106,7 @@ fn batched(lhs: Cube, rhs: Cube) -> Cube {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cublas::{CudaMatmul, cuda_matmul, stream_ordering_refused};
     use burn::backend::Flex;
     use burn::tensor::{Distribution, Tolerance};
 

@@ -41,7 +41,7 @@ pub use cpu_bf16::available as cpu_bf16_available;
 pub use cublas_batched::batched_matmul;
 pub use device_limits::f32_per_buffer;
 pub use error::{PeftError, Result};
-pub use linear::{AdaptableLinear, cast_to, project, unproject};
+pub use linear::{AdaptableLinear, cast_to, matmul, project, unproject};
 pub use lora::Lora;
 pub use rebrand::{cpu_values, on_cpu, rebrand};
 pub use row_reduction::{RowReduction, reduce_rows};

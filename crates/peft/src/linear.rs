@@ -303,11 +303,7 @@ fn product<B: Backend, const D: usize>(
 
 /// `x·Wᵀ` (`transposed`) or `x·W` for 2-D operands of one dtype: through cuBLAS where the CUDA
 /// route takes the product (see `cublas::matmul`), burn's matmul otherwise.
-pub(crate) fn matmul<B: Backend>(
-    x: Tensor<B, 2>,
-    weight: Tensor<B, 2>,
-    transposed: bool,
-) -> Tensor<B, 2> {
+pub fn matmul<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 2>, transposed: bool) -> Tensor<B, 2> {
     #[cfg(feature = "cuda")]
     if let Some(out) = crate::cublas::matmul(&x, &weight, transposed) {
         return out;
