@@ -7,12 +7,14 @@
 //! both for every layer: 8 × 1024 tokens of 9 heads are 0.3 GB per copy per layer in f32.
 //!
 //! This is an autodiff op with its own backward, so it is specialized to the concrete backends
-//! burnish runs (the CPU backend, and CUDA or wgpu where built); any other backend, and every
-//! pass without autodiff, uses burn's attention. On the CPU backend the op runs as one kernel
-//! per direction (`cpu_attention`); elsewhere it is composed of burn's tensor ops, with each
-//! chunk's causal softmax one kernel per direction on the plain GPU backends (`gpu_kernels`)
-//! when no mask beyond causality is given, and its products through cuBLAS on CUDA when the
-//! device orders them (`BURNISH_MATMUL=cublas-async`).
+//! burnish runs (the CPU backend, and CUDA or wgpu where built); a pass without autodiff on
+//! those backends (scoring, a prompt's first pass) runs its forward pass alone, so it computes
+//! as training does, except the CPU backend's in 16-bit types. Any other backend uses burn's
+//! attention. On the CPU backend the op runs as one kernel per direction (`cpu_attention`);
+//! elsewhere it is composed of burn's tensor ops, with each chunk's causal softmax one kernel
+//! per direction on the plain GPU backends (`gpu_kernels`) when no mask beyond causality is
+//! given, and its products through cuBLAS on CUDA when cuBLAS queues on cubecl's stream
+//! (`BURNISH_MATMUL=cublas-async`): in full f32 for an f32 model, TF32 for 16-bit activations.
 
 use std::any::TypeId;
 
@@ -58,8 +60,9 @@ fn chunk_rows([batch, heads, seq, _]: [usize; 4], scores: usize) -> usize {
 
 /// Causal attention of `q` over `k`, `v` (grouped-query heads not repeated), with `mask`
 /// hiding more keys where it is `true`, through the chunked op when `B` is one of the autodiff
-/// backends it is built for, or the CPU kernel's forward pass on the CPU backend without
-/// autodiff (scoring, a prompt's first pass); `None` otherwise.
+/// backends it is built for, or its forward pass alone on those backends without autodiff
+/// (scoring, a prompt's first pass): the CPU kernel's in f32, the chunks' on a GPU, with their
+/// products on the same route as training's; `None` otherwise.
 ///
 /// # Shapes
 /// - q: `[batch, heads, seq, head_dim]`
@@ -86,10 +89,28 @@ pub(crate) fn chunked_causal_attention<B: Backend>(
     }
     let out = on::<B, Flex>(q, k, v, mask, Kernel::Cpu);
     #[cfg(feature = "cuda")]
-    let out = out.or_else(|| on::<B, burn::backend::Cuda>(q, k, v, mask, chunks(q)));
+    let out = out
+        .or_else(|| on::<B, burn::backend::Cuda>(q, k, v, mask, chunks(q)))
+        .or_else(|| untracked_on::<B, burn::backend::Cuda>(q, k, v, mask));
     #[cfg(feature = "wgpu")]
-    let out = out.or_else(|| on::<B, burn::backend::Wgpu>(q, k, v, mask, chunks(q)));
+    let out = out
+        .or_else(|| on::<B, burn::backend::Wgpu>(q, k, v, mask, chunks(q)))
+        .or_else(|| untracked_on::<B, burn::backend::Wgpu>(q, k, v, mask));
     out
+}
+
+/// The op's forward pass alone, in chunks, when `B` is the GPU backend `I` without autodiff.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+fn untracked_on<B: Backend, I: Backend>(
+    q: &Tensor<B, 4>,
+    k: &Tensor<B, 4>,
+    v: &Tensor<B, 4>,
+    mask: Option<&Tensor<B, 4, Bool>>,
+) -> Option<Tensor<B, 4>> {
+    if TypeId::of::<B>() != TypeId::of::<I>() {
+        return None;
+    }
+    Some(attention_forward(chunks(q), q, k, v, mask).0)
 }
 
 /// The burn-op kernel, in chunks sized for `q` and its device.
@@ -251,8 +272,8 @@ impl<I: Backend> Visibility<I> {
 fn chunk_scores<I: Backend>(
     q_chunk: Tensor<I, 4>,
     k: &Tensor<I, 4>,
-    start: usize,
-    len: usize,
+    (start, len): (usize, usize),
+    activations: DType,
 ) -> Tensor<I, 4> {
     let head_dim = q_chunk.dims()[3];
     let scale = (head_dim as f64).powf(-0.5);
@@ -261,16 +282,28 @@ fn chunk_scores<I: Backend>(
     product(
         q_chunk.mul_scalar(scale),
         k.clone().narrow(2, 0, start + len).swap_dims(2, 3),
+        activations,
     )
 }
 
-/// `a·b` batch by batch: through cuBLAS where the CUDA build's stream-ordered route takes it
-/// (`burnish_peft::batched_matmul`), burn's matmul otherwise.
-fn product<I: Backend>(a: Tensor<I, 4>, b: Tensor<I, 4>) -> Tensor<I, 4> {
+/// `a·b` batch by batch, of values computed from `activations` (the attention's inputs'
+/// dtype): through cuBLAS where the CUDA build's stream-ordered route takes it
+/// (`burnish_peft::batched_matmul`), in full f32 for an f32 model and in TF32 for values that
+/// were 16-bit activations; burn's matmul otherwise.
+fn product<I: Backend>(a: Tensor<I, 4>, b: Tensor<I, 4>, activations: DType) -> Tensor<I, 4> {
     #[cfg(feature = "cuda")]
-    if let Some(out) = burnish_peft::batched_matmul(&a, &b) {
-        return out;
+    {
+        use burnish_peft::F32Compute;
+        let f32_compute = match activations {
+            DType::F32 => F32Compute::Full,
+            _ => F32Compute::Tf32,
+        };
+        if let Some(out) = burnish_peft::batched_matmul(&a, &b, f32_compute) {
+            return out;
+        }
     }
+    #[cfg(not(feature = "cuda"))]
+    let _ = activations;
     a.matmul(b)
 }
 
@@ -379,20 +412,21 @@ fn attention_forward<I: Backend>(
     let mut lses = Vec::new();
     for start in (0..seq).step_by(chunk) {
         let len = chunk.min(seq - start);
-        let scores = chunk_scores(grouped(&q, kv_heads, start, len), &k, start, len);
+        let scores = chunk_scores(grouped(&q, kv_heads, start, len), &k, (start, len), dtype);
         let v_seen = v.clone().narrow(2, 0, start + len);
         let (out, lse) = match &visibility {
             #[cfg(any(feature = "cuda", feature = "wgpu"))]
             Visibility::Causal => {
                 let [probs, lse] = by_rows(&CausalSoftmax { start, len }, [scores]);
-                (product(probs, v_seen), lse)
+                (product(probs, v_seen, dtype), lse)
             }
             Visibility::Hidden(hidden) => {
                 let scores = masked(scores, hidden, start, len);
                 let max = reduce_rows(scores.clone(), RowReduction::Max);
                 let exp = (scores - max.clone()).exp();
                 let total = reduce_rows(exp.clone(), RowReduction::Sum);
-                (product(exp, v_seen) / total.clone(), max + total.log())
+                let out = product(exp, v_seen, dtype) / total.clone();
+                (out, max + total.log())
             }
         };
         outs.push(ungrouped(out, heads).cast(dtype).swap_dims(1, 2));
@@ -438,6 +472,7 @@ fn attention_backward<I: Backend>(saved: Saved<I>, d_out: Tensor<I, 4>) -> [Tens
         return grads.map(rebrand);
     };
     let dtypes = [q.dtype(), k.dtype(), v.dtype()];
+    let activations = dtypes[0];
     let [q, k, v, out, d_out] = [q, k, v, out, d_out].map(|t| t.cast(FloatDType::F32));
     let kv_heads = k.dims()[1];
     let [_, heads, seq, head_dim] = q.dims();
@@ -455,7 +490,7 @@ fn attention_backward<I: Backend>(saved: Saved<I>, d_out: Tensor<I, 4>) -> [Tens
         let len = chunk.min(seq - start);
         let seen = start + len;
         let q_chunk = grouped(&q, kv_heads, start, len);
-        let scores = chunk_scores(q_chunk.clone(), &k, start, len);
+        let scores = chunk_scores(q_chunk.clone(), &k, (start, len), activations);
         let d_out_chunk = grouped(&d_out, kv_heads, start, len);
         let row_dots = reduce_rows(
             d_out_chunk.clone() * grouped(&out, kv_heads, start, len),
@@ -464,6 +499,7 @@ fn attention_backward<I: Backend>(saved: Saved<I>, d_out: Tensor<I, 4>) -> [Tens
         let d_probs = product(
             d_out_chunk.clone(),
             v.clone().narrow(2, 0, seen).swap_dims(2, 3),
+            activations,
         );
         let (probs, d_scores) = match &visibility {
             #[cfg(any(feature = "cuda", feature = "wgpu"))]
@@ -477,11 +513,12 @@ fn attention_backward<I: Backend>(saved: Saved<I>, d_out: Tensor<I, 4>) -> [Tens
                 (probs.clone(), probs * (d_probs - row_dots))
             }
         };
-        let dv_part = product(probs.swap_dims(2, 3), d_out_chunk);
+        let dv_part = product(probs.swap_dims(2, 3), d_out_chunk, activations);
         dv = Some(add_into_prefix(dv, dv_part));
-        let dq_chunk = product(d_scores.clone(), k.clone().narrow(2, 0, seen)).mul_scalar(scale);
+        let dq_chunk =
+            product(d_scores.clone(), k.clone().narrow(2, 0, seen), activations).mul_scalar(scale);
         dq.push(ungrouped(dq_chunk, heads).cast(dtypes[0]).swap_dims(1, 2));
-        let dk_part = product(d_scores.swap_dims(2, 3), q_chunk).mul_scalar(scale);
+        let dk_part = product(d_scores.swap_dims(2, 3), q_chunk, activations).mul_scalar(scale);
         dk = Some(add_into_prefix(dk, dk_part));
     }
     dq.reverse();
@@ -733,7 +770,7 @@ mod tests {
 
     /// The op on a GPU backend (the GPU kernels' causal softmax without a mask, burn's masked
     /// ops with one) against the CPU kernel, grouped-query heads, in several chunks and in one,
-    /// to `tolerance`. On wgpu it needs a Vulkan device (a GPU's, or Mesa's lavapipe on the
+    /// and its forward pass without autodiff, to `tolerance`. On wgpu it needs a Vulkan device (a GPU's, or Mesa's lavapipe on the
     /// CPU): `cargo test --release -p burnish-model --features wgpu -- --ignored on_wgpu`; on
     /// CUDA an NVIDIA GPU, with `BURNISH_GPU_KERNELS=all` (`--features cuda`, `on_cuda`).
     #[cfg(any(feature = "wgpu", feature = "cuda"))]
@@ -784,6 +821,18 @@ mod tests {
                     gpu.assert_approx_eq::<f32>(cpu, tolerance);
                 }
             }
+            // Without autodiff (scoring): the forward pass alone, in the device's chunks.
+            let gpu_device = Default::default();
+            let [q, k, v, _] = inputs
+                .clone()
+                .map(|d| Tensor::<Plain, 4>::from_data(d, &gpu_device));
+            let gpu_mask = mask
+                .clone()
+                .map(|m| Tensor::<Plain, 4, Bool>::from_data(m, &gpu_device));
+            chunked_causal_attention(&q, &k, &v, gpu_mask.as_ref())
+                .expect("the op's forward pass")
+                .into_data()
+                .assert_approx_eq::<f32>(&cpu[0], tolerance);
         }
     }
 

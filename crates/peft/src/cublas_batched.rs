@@ -22,14 +22,30 @@ use crate::cublas::{
 };
 use crate::rebrand::rebrand;
 
+/// How a batched product multiplies f32 operands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum F32Compute {
+    /// TF32 on tensor cores (cuBLAS's `COMPUTE_32F_FAST_TF32`, 10-bit mantissas), as burn's CUDA
+    /// matmul does, at several times full f32's rate: for values that were 16-bit activations
+    /// (TF32 holds a bf16 query or key exactly), from [`MIN_STREAM_ORDERED_PRODUCT`]
+    /// multiply-adds.
+    Tf32,
+    /// Full f32, whatever the product's size (on cubecl's stream routing costs the device
+    /// nothing): for an f32 model's activations, where TF32 would be the largest error left.
+    Full,
+}
+
 /// `lhs·rhs` batch by batch, both of one dtype (f32, bf16 or f16) and of the same batch axes,
-/// through cuBLAS when `B` is the plain CUDA backend, the route queues products on cubecl's
-/// stream (and found it) and the product has at least [`MIN_STREAM_ORDERED_PRODUCT`]
-/// multiply-adds in all; `None` otherwise, for the caller to use burn's matmul. f32 operands
-/// multiply in TF32 (cuBLAS's `COMPUTE_32F_FAST_TF32`), as burn's CUDA matmul does: the
-/// attention computes in f32 from bf16 activations, whose queries and keys TF32 holds exactly,
-/// at several times full f32's rate; 16-bit operands accumulate in f32.
-pub fn batched_matmul<B: Backend>(lhs: &Tensor<B, 4>, rhs: &Tensor<B, 4>) -> Option<Tensor<B, 4>> {
+/// through cuBLAS when `B` is the plain CUDA backend and the route queues products on cubecl's
+/// stream (and found it), for products of at least [`MIN_STREAM_ORDERED_PRODUCT`] multiply-adds
+/// in all, or of any size in f32 with [`F32Compute::Full`]; `None` otherwise, for the caller to
+/// use burn's matmul. f32 operands multiply as `f32_compute` says; 16-bit operands accumulate
+/// in f32.
+pub fn batched_matmul<B: Backend>(
+    lhs: &Tensor<B, 4>,
+    rhs: &Tensor<B, 4>,
+    f32_compute: F32Compute,
+) -> Option<Tensor<B, 4>> {
     if TypeId::of::<B>() != TypeId::of::<Plain>()
         || !on_cubecls_stream()
         || lhs.dtype() != rhs.dtype()
@@ -38,26 +54,33 @@ pub fn batched_matmul<B: Backend>(lhs: &Tensor<B, 4>, rhs: &Tensor<B, 4>) -> Opt
         return None;
     }
     let ([b0, b1, rows, inner], [r0, r1, rhs_inner, cols]) = (lhs.dims(), rhs.dims());
+    let (smallest, compute) = match (lhs.dtype(), f32_compute) {
+        (DType::F32, F32Compute::Tf32) => (
+            MIN_STREAM_ORDERED_PRODUCT,
+            cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
+        ),
+        (DType::F32, F32Compute::Full) => (0, cublasComputeType_t::CUBLAS_COMPUTE_32F),
+        _ => (
+            MIN_STREAM_ORDERED_PRODUCT,
+            cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        ),
+    };
     let multiply_adds = b0 * b1 * rows * inner * cols;
-    if [b0, b1] != [r0, r1] || inner != rhs_inner || multiply_adds < MIN_STREAM_ORDERED_PRODUCT {
+    if [b0, b1] != [r0, r1] || inner != rhs_inner || multiply_adds < smallest {
         return None;
     }
     let primitive = |t: &Tensor<B, 4>| -> Cube { rebrand(t.clone().into_primitive().tensor()) };
-    let out = batched(primitive(lhs), primitive(rhs));
+    let out = batched(primitive(lhs), primitive(rhs), compute);
     Some(Tensor::from_primitive(TensorPrimitive::Float(rebrand(out))))
 }
 
-/// The batched product, into a fresh contiguous `[b0, b1, rows, cols]` tensor.
-fn batched(lhs: Cube, rhs: Cube) -> Cube {
+/// The batched product, computed as `compute` says, into a fresh contiguous `[b0, b1, rows,
+/// cols]` tensor.
+fn batched(lhs: Cube, rhs: Cube, compute: cublasComputeType_t) -> Cube {
     let [b0, b1, rows, inner] = lhs.meta.shape().dims::<4>();
     let cols = rhs.meta.shape().dims::<4>()[3];
     let dtype = lhs.dtype;
     let cuda_type = data_type(dtype).expect("cuBLAS product of an unsupported dtype");
-    let compute = if dtype == DType::F32 {
-        cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
-    } else {
-        cublasComputeType_t::CUBLAS_COMPUTE_32F
-    };
     let ((lhs, lhs_layout), (rhs, rhs_layout)) = (readable(lhs), readable(rhs));
     let out = empty_like(&lhs, Shape::new([b0, b1, rows, cols]));
     let int = |value: usize| i32::try_from(value).expect("cuBLAS dimensions fit in i32");
@@ -114,8 +137,9 @@ mod tests {
 
     /// The batched route against the CPU backend's f32 product of the same values, for operands
     /// read in place (contiguous, a transposed view, a narrowed one) and copied first
-    /// (heads-major views of position-major storage), in f32 (TF32 on both sides of burn's
-    /// CUDA comparisons: a few 1e-3 here) and bf16.
+    /// (heads-major views of position-major storage), in f32 (TF32: errors of a few 1e-3 here;
+    /// full f32: rounding of the accumulation order) and bf16; and a product too small for the
+    /// TF32 threshold, which full f32 takes.
     #[test]
     #[ignore = "needs an NVIDIA GPU and libcublas, and BURNISH_MATMUL=cublas-async"]
     fn cublas_stream_batched_products_equal_the_cpus() {
@@ -148,10 +172,13 @@ mod tests {
                 random([8, 1024, 3, 64], 8).swap_dims(1, 2),
             ),
         ];
-        for dtype in [DType::F32, DType::BF16] {
-            for (lhs, rhs) in &cases {
+        let small = (random([1, 2, 16, 16], 9), random([1, 2, 16, 24], 10));
+        let tf32 = [DType::F32, DType::BF16].map(|dtype| (dtype, F32Compute::Tf32));
+        for (dtype, f32_compute) in tf32.into_iter().chain([(DType::F32, F32Compute::Full)]) {
+            let full = f32_compute == F32Compute::Full;
+            for (lhs, rhs) in cases.iter().chain(full.then_some(&small)) {
                 let (lhs, rhs) = (lhs.clone().cast(dtype), rhs.clone().cast(dtype));
-                let ours = batched_matmul(&lhs, &rhs).unwrap_or_else(|| {
+                let ours = batched_matmul(&lhs, &rhs, f32_compute).unwrap_or_else(|| {
                     panic!("not routed to cuBLAS: {:?}", stream_ordering_refused())
                 });
                 assert_eq!(ours.dtype(), dtype);
@@ -159,8 +186,9 @@ mod tests {
                     Tensor::<Flex, 4>::from_data(t.to_data().convert::<f32>(), &Default::default())
                 };
                 let reference = cpu(&lhs).matmul(cpu(&rhs)).into_data();
-                let tolerance = match dtype {
-                    DType::F32 => Tolerance::absolute(5e-2).set_relative(1e-2),
+                let tolerance = match (dtype, f32_compute) {
+                    (DType::F32, F32Compute::Full) => Tolerance::absolute(1e-3).set_relative(1e-5),
+                    (DType::F32, F32Compute::Tf32) => Tolerance::absolute(5e-2).set_relative(1e-2),
                     _ => Tolerance::absolute(1e-1).set_relative(2e-2),
                 };
                 ours.into_data()
@@ -168,6 +196,11 @@ mod tests {
                     .assert_approx_eq::<f32>(&reference, tolerance);
             }
         }
+        let (lhs, rhs) = small;
+        assert!(
+            batched_matmul(&lhs, &rhs, F32Compute::Tf32).is_none(),
+            "TF32 takes only products from the threshold"
+        );
         assert_eq!(stream_ordering_refused(), None);
     }
 }

@@ -38,7 +38,7 @@ pub use adapter::{
 pub use config::{LoraConfig, LoraInit};
 pub use cpu_bf16::available as cpu_bf16_available;
 #[cfg(feature = "cuda")]
-pub use cublas_batched::batched_matmul;
+pub use cublas_batched::{F32Compute, batched_matmul};
 pub use device_limits::f32_per_buffer;
 pub use error::{PeftError, Result};
 pub use linear::{AdaptableLinear, cast_to, matmul, project, unproject};
