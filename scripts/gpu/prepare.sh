@@ -35,5 +35,7 @@ strip -o gpu-bin/peft-tests "$(test_binary burnish-peft)"
 strip -o gpu-bin/model-tests "$(test_binary burnish-model)"
 gzip -9 gpu-bin/burnish gpu-bin/burnish-* gpu-bin/*-tests
 cp ../shared/bench/peer_lora.py gpu-bin/
+# The commit built (with "-dirty" for uncommitted changes), which side_by_side.sh records.
+git describe --always --dirty >gpu-bin/commit
 du -b gpu-bin/* | awk '{ print; total += $1 } END {
   printf "total %.1f MiB\n", total / 2^20; if (total > 64 * 2^20) { print "over the 64 MiB carry"; exit 1 } }'

@@ -58,6 +58,7 @@ step() {
   timeout "$limit" "$@"
 }
 
+cp gpu-bin/commit "$OUT/commit.txt" 2>/dev/null || echo "gpu-bin/commit missing: the binaries' commit is unknown"
 if command -v nvidia-smi >/dev/null; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/card.csv"
 fi
