@@ -770,9 +770,10 @@ mod tests {
 
     /// The op on a GPU backend (the GPU kernels' causal softmax without a mask, burn's masked
     /// ops with one) against the CPU kernel, grouped-query heads, in several chunks and in one,
-    /// and its forward pass without autodiff, to `tolerance`. On wgpu it needs a Vulkan device (a GPU's, or Mesa's lavapipe on the
-    /// CPU): `cargo test --release -p burnish-model --features wgpu -- --ignored on_wgpu`; on
-    /// CUDA an NVIDIA GPU, with `BURNISH_GPU_KERNELS=all` (`--features cuda`, `on_cuda`).
+    /// and its forward pass without autodiff, to `tolerance`. On wgpu it needs a Vulkan device
+    /// (a GPU's, or Mesa's lavapipe on the CPU): `cargo test --release -p burnish-model
+    /// --features wgpu -- --ignored on_wgpu`; on CUDA an NVIDIA GPU, with
+    /// `BURNISH_GPU_KERNELS=all` (`--features cuda`, `on_cuda`).
     #[cfg(any(feature = "wgpu", feature = "cuda"))]
     fn on_a_gpu_the_op_equals_the_cpu_kernel<Plain: Backend>(tolerance: Tolerance<f32>) {
         assert!(
