@@ -81,36 +81,36 @@ pub(crate) fn chunked_causal_attention<B: Backend>(
     if q.dims().contains(&0) || k.dims()[1] == 0 {
         return None; // nothing to attend: burn's op returns the empty result
     }
-    if TypeId::of::<B>() == TypeId::of::<Flex>() && q.dtype() == DType::F32 {
-        let flex = |t: &Tensor<B, 4>| -> Tensor<Flex, 4> { rebrand(t.clone()) };
-        let mask = mask.map(|m| -> Tensor<Flex, 4, Bool> { rebrand(m.clone()) });
-        let (out, _) = cpu_attention::forward(&flex(q), &flex(k), &flex(v), mask.as_ref());
-        return Some(rebrand(out));
-    }
-    let out = on::<B, Flex>(q, k, v, mask, Kernel::Cpu);
+    // Without autodiff the CPU backend's 16-bit passes take burn's attention.
+    let out = match q.dtype() {
+        DType::F32 => untracked_on::<B, Flex>(q, k, v, mask, Kernel::Cpu),
+        _ => None,
+    };
+    let out = out.or_else(|| on::<B, Flex>(q, k, v, mask, Kernel::Cpu));
     #[cfg(feature = "cuda")]
     let out = out
         .or_else(|| on::<B, burn::backend::Cuda>(q, k, v, mask, chunks(q)))
-        .or_else(|| untracked_on::<B, burn::backend::Cuda>(q, k, v, mask));
+        .or_else(|| untracked_on::<B, burn::backend::Cuda>(q, k, v, mask, chunks(q)));
     #[cfg(feature = "wgpu")]
     let out = out
         .or_else(|| on::<B, burn::backend::Wgpu>(q, k, v, mask, chunks(q)))
-        .or_else(|| untracked_on::<B, burn::backend::Wgpu>(q, k, v, mask));
+        .or_else(|| untracked_on::<B, burn::backend::Wgpu>(q, k, v, mask, chunks(q)));
     out
 }
 
-/// The op's forward pass alone, in chunks, when `B` is the GPU backend `I` without autodiff.
-#[cfg(any(feature = "cuda", feature = "wgpu"))]
+/// The op's forward pass alone, through `kernel`, when `B` is the backend `I` (without
+/// autodiff).
 fn untracked_on<B: Backend, I: Backend>(
     q: &Tensor<B, 4>,
     k: &Tensor<B, 4>,
     v: &Tensor<B, 4>,
     mask: Option<&Tensor<B, 4, Bool>>,
+    kernel: Kernel,
 ) -> Option<Tensor<B, 4>> {
     if TypeId::of::<B>() != TypeId::of::<I>() {
         return None;
     }
-    Some(attention_forward(chunks(q), q, k, v, mask).0)
+    Some(attention_forward(kernel, q, k, v, mask).0)
 }
 
 /// The burn-op kernel, in chunks sized for `q` and its device.

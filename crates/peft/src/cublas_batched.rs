@@ -173,8 +173,12 @@ mod tests {
             ),
         ];
         let small = (random([1, 2, 16, 16], 9), random([1, 2, 16, 24], 10));
-        let tf32 = [DType::F32, DType::BF16].map(|dtype| (dtype, F32Compute::Tf32));
-        for (dtype, f32_compute) in tf32.into_iter().chain([(DType::F32, F32Compute::Full)]) {
+        let runs = [
+            (DType::F32, F32Compute::Tf32),
+            (DType::BF16, F32Compute::Tf32),
+            (DType::F32, F32Compute::Full),
+        ];
+        for (dtype, f32_compute) in runs {
             let full = f32_compute == F32Compute::Full;
             for (lhs, rhs) in cases.iter().chain(full.then_some(&small)) {
                 let (lhs, rhs) = (lhs.clone().cast(dtype), rhs.clone().cast(dtype));
