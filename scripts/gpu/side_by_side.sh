@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# One prepared device run, most important first, inside a time budget: the cuBLAS route's
-# checks against the exact product and burn's matmul, with each product ordered by the host and
-# queued on cubecl's own stream; the check of the routines that reduce long rows; `burnish
-# bench` (on the stream-ordered route when its checks pass, the first row also on the other
-# cuBLAS ordering, checked or not unless its check hung, and with burn's default reductions) and
-# the transformers + PEFT peer (peer_lora.py, run by peer_reserved.py to add torch's reserved
-# memory) side by side on the card; the CUDA build's scores against the CPU's on the fixture
-# models; burnish's GPU kernels' checks and, when they pass, the first row with them; a kernel
-# profile of the first row; the larger shapes; the quickstart recipe trained end to end; the
-# first row with f32 activations under the bf16 base, and on burn's matmul alone (the cuBLAS
-# route's gain); the same rows and scores from the build with burn's fusion backend and,
-# when prepare.sh made it (TUNED=1), with fusion and autotuning; then the first rows with
-# activation checkpointing. A ratio table closes it; autotune.txt lists the kernels the tuned
-# build chose. Run from the repository root.
+# One prepared device run, most important first, inside a time budget. First the checks, each
+# deciding what the rows run on: the cuBLAS route against the exact product and burn's matmul,
+# with each product queued on cubecl's own stream and ordered by the host; the routines that
+# reduce long rows; burnish's GPU kernels against the CPU's. Then `burnish bench` on the best
+# of what passed (the stream-ordered route, burnish's kernels) and the transformers + PEFT peer
+# (peer_lora.py, run by peer_reserved.py to add torch's reserved memory) side by side on the
+# card: the first rows, the CUDA build's scores against the CPU's on the fixture models, the
+# larger shapes; each of the first SFT row's alternatives on its own (the other cuBLAS
+# ordering, checked or not unless its check hung; burn's ops in place of burnish's kernels); a
+# kernel profile of the first row; the quickstart recipe trained end to end; the first row with f32
+# activations under the bf16 base, and on burn's matmul alone (the cuBLAS route's gain); the
+# same rows and scores from the build with burn's fusion backend and, when prepare.sh made it
+# (TUNED=1), with fusion and autotuning; then the first rows with activation checkpointing. A
+# ratio table closes it; autotune.txt lists the kernels the tuned build chose. Run from the
+# repository root.
 #
 # On the development machine (the GPU machine has no Rust toolchain):
 #   scripts/gpu/prepare.sh                 # fills gpu-bin/
@@ -124,23 +125,41 @@ if [ "$DEVICE" = cuda ]; then
     export BURNISH_GPU_KERNELS=burn
     echo "the long rows' reductions failed their check: every row takes burn's"
   fi
+  # burnish's own GPU kernels (RMSNorm, SwiGLU, the attention's causal softmax), off on CUDA
+  # by default since they computed wrong values there (burn pads CUDA buffers' rows; their
+  # outputs now have none): burnish-model's checks of them against the CPU. When they pass,
+  # every row takes them, and the first SFT row is timed without them too (what they gain);
+  # when they fail, scripts/gpu/kernel_check.sh tells which is wrong. Every kernel by name, so
+  # that the long rows' routines stay off when their check failed.
+  kernels=all
+  [ "${BURNISH_GPU_KERNELS:-}" = burn ] &&
+    kernels=RmsNormForward,RmsNormBackward,SwigluForward,SwigluBackward,CausalSoftmax,CausalSoftmaxBackward
+  log "burnish's GPU kernels against the CPU's (burnish-model's tests)"
+  BURNISH_GPU_KERNELS=$kernels step 90 "gpu kernel tests" "$MODEL_TESTS" --ignored on_cuda \
+    --test-threads 1 >"$OUT/gpu-kernels-tests.txt" 2>&1
+  status=$?
+  echo "exit $status" >>"$OUT/gpu-kernels-tests.txt"
+  tail -n 3 "$OUT/gpu-kernels-tests.txt"
+  if [ "$status" = 0 ]; then
+    # Unset again for the row without them: the default (the long rows' routines alone), or
+    # none where those failed.
+    KERNELS_OFF=${BURNISH_GPU_KERNELS:-}
+    export BURNISH_GPU_KERNELS=$kernels
+    echo "burnish's GPU kernels passed their check: every row takes them"
+  else
+    echo "burnish's GPU kernels failed their check: the rows leave their work to burn's ops"
+  fi
 fi
 
 log "burnish bench on $DEVICE, base in $DTYPE, matmul $ROUTE"
 for row in "${first[@]}"; do bench $ROUTE $row 150; done
-if [ "$DEVICE" = cuda ]; then
-  for matmul in cublas cublas-async; do
-    [ "$matmul" = "$ROUTE" ] && continue
-    # An ordering whose checks ran out of time (a hang) would spend the row's whole limit.
-    [[ " ${hung[*]} " == *" $matmul "* ]] && continue
-    [[ " ${passed[*]} " == *" $matmul "* ]] && verdict="checks passed" || verdict="checks failed"
-    log "burnish bench, the first row on $matmul ($verdict)"
-    bench $matmul ${first[0]} 150
-  done
-fi
-if [ "$DEVICE" = cuda ] && [ -z "${BURNISH_GPU_KERNELS:-}" ]; then
-  log "burnish bench, the first row with burn's default reductions (the long rows' routines' gain)"
-  BURNISH_GPU_KERNELS=burn bench $ROUTE ${first[0]} 150
+# Kernels that pass their checks could still fail a training step (a non-finite loss): then the
+# rows go back to burn's ops, and the first rows run again.
+if [ -n "${KERNELS_OFF+set}" ] && tail -n "${#first[@]}" "$OUT/ours.jsonl" | grep -q '"error"'; then
+  echo "a row failed with burnish's GPU kernels: the rows leave their work to burn's ops again"
+  export BURNISH_GPU_KERNELS=$KERNELS_OFF
+  unset KERNELS_OFF
+  for row in "${first[@]}"; do bench $ROUTE $row 150; done
 fi
 
 log "peer: transformers + PEFT"
@@ -160,26 +179,24 @@ for model in llama mistral qwen2; do
   done
 done
 
-# burnish's own GPU kernels (RMSNorm, SwiGLU, the attention's causal softmax), off on CUDA by
-# default since they computed wrong values there (burn pads CUDA buffers' rows; their outputs
-# now have none): burnish-model's checks of them against the CPU, then the first row with them,
-# what they gain (scripts/gpu/kernel_check.sh tells which is wrong, should one be).
-# Every kernel by name, so that the long rows' routines stay off when their check failed.
+log "burnish bench, larger shapes"
+for row in "${rest[@]}"; do bench $ROUTE $row 120; done
+
+# The first SFT row's alternatives, one at a time: the cuBLAS ordering the rows do not take,
+# and burn's ops in place of burnish's GPU kernels.
 if [ "$DEVICE" = cuda ]; then
-  kernels=RmsNormForward,RmsNormBackward,SwigluForward,SwigluBackward,CausalSoftmax,CausalSoftmaxBackward
-  [ "${BURNISH_GPU_KERNELS:-}" = burn ] || kernels=all
-  log "burnish's GPU kernels against the CPU's (burnish-model's tests)"
-  BURNISH_GPU_KERNELS=$kernels step 90 "gpu kernel tests" "$MODEL_TESTS" --ignored on_cuda \
-    --test-threads 1 >"$OUT/gpu-kernels-tests.txt" 2>&1
-  status=$?
-  echo "exit $status" >>"$OUT/gpu-kernels-tests.txt"
-  tail -n 3 "$OUT/gpu-kernels-tests.txt"
-  if [ "$status" = 0 ]; then
-    log "burnish bench with burnish's GPU kernels"
-    BURNISH_GPU_KERNELS=$kernels bench $ROUTE ${first[0]} 150
-  else
-    echo "burnish's GPU kernels failed their check: not timed (scripts/gpu/kernel_check.sh says which)"
-  fi
+  for matmul in cublas cublas-async; do
+    [ "$matmul" = "$ROUTE" ] && continue
+    # An ordering whose checks ran out of time (a hang) would spend the row's whole limit.
+    [[ " ${hung[*]} " == *" $matmul "* ]] && continue
+    [[ " ${passed[*]} " == *" $matmul "* ]] && verdict="checks passed" || verdict="checks failed"
+    log "burnish bench, the first row on $matmul ($verdict)"
+    bench $matmul ${first[0]} 150
+  done
+fi
+if [ -n "${KERNELS_OFF+set}" ]; then
+  log "burnish bench, the first row without burnish's GPU kernels (what they gain)"
+  BURNISH_GPU_KERNELS=$KERNELS_OFF bench $ROUTE ${first[0]} 150
 fi
 
 # Where the first row's time goes now: cubecl's per-kernel times for the plain build
@@ -190,9 +207,6 @@ if [ "$DEVICE" = cuda ]; then
     "$(dirname "$0")/kernel_profile.sh" >"$OUT/profile.txt" 2>&1
   head -n 12 "$OUT/profile.txt"
 fi
-
-log "burnish bench, larger shapes"
-for row in "${rest[@]}"; do bench $ROUTE $row 120; done
 
 log "end to end: the quickstart recipe trained on $DEVICE, matmul $ROUTE (the CPU gets 0/48 -> 48/48)"
 BURNISH_MATMUL=$ROUTE step 90 "quickstart" "$BIN" train recipes/quickstart.toml --device "$DEVICE" \

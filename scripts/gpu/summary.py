@@ -52,7 +52,7 @@ if card and "device" in card[0]:
     print(f"\ncard: {card[0]['device']}, torch {card[0]['torch']}, "
           f"bf16 matmul {card[0]['matmul_bf16_tflops']} TFLOP/s")
 
-for checks in ["cublas-host", "cublas-device", "wide-row-reduction", "gpu-kernels"]:
+for checks in ["cublas-host", "cublas-stream", "wide-row-reduction", "gpu-kernels"]:
     tests = out / f"{checks}-tests.txt"
     if tests.exists():
         results = [l for l in tests.read_text().splitlines()
