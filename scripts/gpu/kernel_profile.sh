@@ -11,8 +11,9 @@
 #
 # SHAPE, MODE, BATCH, SEQ and DTYPE pick the row (default: smollm2-135m SFT, 8 x 1024, bf16);
 # BUILD names the binary (plain, or one of prepare.sh's other builds: fusion, tuned); results
-# land in OUT (default: gpu-results/). PARTS=profile runs the profile alone (side_by_side.sh
-# does, after its bench rows); the default, "timings profile", runs both.
+# land in OUT (default: gpu-results/). PARTS names the parts to run: timings, profile and
+# details (one step with each launch's details); the default is "timings profile";
+# side_by_side.sh runs the profile after its bench rows, and the details last.
 set -uo pipefail
 DEVICE=cuda
 OUT=${OUT:-gpu-results}
@@ -44,13 +45,25 @@ if [[ $PARTS == *timings* ]]; then
   echo "== $SHAPE $MODE 1 x 128, cublas"
   bench 1 128 --warmup 3 --steps 10
 fi
-[[ $PARTS == *profile* ]] || { rm -rf "$WORK"; exit 0; }
-echo "== kernel profile, $SHAPE $MODE $BATCH x $SEQ, ${BURNISH_MATMUL:-cublas}"
-CUBECL_DEBUG_LOG=stderr CUBECL_DEBUG_OPTION=profile timeout 150 "$BIN" bench --shape "$SHAPE" \
-  --mode "$MODE" --batch "$BATCH" --seq "$SEQ" --dtype "$DTYPE" --device cuda --json \
-  --warmup 1 --steps 2 >/dev/null 2>"$WORK/kernels.log"
-grep -c '' "$WORK/kernels.log"
-python3 "$(dirname "$0")/kernel_profile.py" "$WORK/kernels.log" 3 60 >"$OUT/kernels.txt"
-head -n 30 "$OUT/kernels.txt"
-gzip -c "$WORK/kernels.log" >"$OUT/kernels.log.gz"
+if [[ $PARTS == *profile* ]]; then
+  echo "== kernel profile, $SHAPE $MODE $BATCH x $SEQ, ${BURNISH_MATMUL:-cublas}"
+  CUBECL_DEBUG_LOG=stderr CUBECL_DEBUG_OPTION=profile timeout 150 "$BIN" bench --shape "$SHAPE" \
+    --mode "$MODE" --batch "$BATCH" --seq "$SEQ" --dtype "$DTYPE" --device cuda --json \
+    --warmup 1 --steps 2 >/dev/null 2>"$WORK/kernels.log"
+  grep -c '' "$WORK/kernels.log"
+  python3 "$(dirname "$0")/kernel_profile.py" "$WORK/kernels.log" 3 60 >"$OUT/kernels.txt"
+  head -n 30 "$OUT/kernels.txt"
+  gzip -c "$WORK/kernels.log" >"$OUT/kernels.log.gz"
+fi
+# One step again, each launch logged with its details (the layouts of its operands, their
+# rank and type, its cube count: what tells a copy of a layer's scores from one of a LoRA
+# factor), as kernels-full.log.gz.
+if [[ $PARTS == *details* ]]; then
+  echo "== kernel profile with each launch's details, $SHAPE $MODE $BATCH x $SEQ, one step"
+  CUBECL_DEBUG_LOG=stderr CUBECL_DEBUG_OPTION=profile-full timeout 150 "$BIN" bench \
+    --shape "$SHAPE" --mode "$MODE" --batch "$BATCH" --seq "$SEQ" --dtype "$DTYPE" \
+    --device cuda --json --warmup 0 --steps 1 >/dev/null 2>"$WORK/kernels-full.log"
+  grep -c '^|' "$WORK/kernels-full.log"
+  gzip -c "$WORK/kernels-full.log" >"$OUT/kernels-full.log.gz"
+fi
 rm -rf "$WORK"

@@ -8,12 +8,12 @@
 # card: the first rows, the CUDA build's scores against the CPU's on the fixture models, the
 # larger shapes; each of the first SFT row's alternatives on its own (the other cuBLAS
 # ordering, checked or not unless its check hung; burn's ops in place of burnish's kernels); a
-# kernel profile of the first row; the quickstart recipe trained end to end; the first row with f32
-# activations under the bf16 base, and on burn's matmul alone (the cuBLAS route's gain); the
-# same rows and scores from the build with burn's fusion backend and, when prepare.sh made it
-# (TUNED=1), with fusion and autotuning; then the first rows with activation checkpointing. A
-# ratio table closes it; autotune.txt lists the kernels the tuned build chose. Run from the
-# repository root.
+# kernel profile of the first row; the quickstart recipe trained end to end; the first row
+# with f32 activations under the bf16 base, and on burn's matmul alone (the cuBLAS route's
+# gain); the same rows and scores from the build with burn's fusion backend and, when
+# prepare.sh made it (TUNED=1), with fusion and autotuning; the first rows with activation
+# checkpointing; one step profiled with each kernel launch's details. A ratio table closes it;
+# autotune.txt lists the kernels the tuned build chose. Run from the repository root.
 #
 # On the development machine (the GPU machine has no Rust toolchain):
 #   scripts/gpu/prepare.sh                 # fills gpu-bin/
@@ -258,6 +258,14 @@ fi
 
 log "burnish bench with the layers recomputed in the backward pass (train.gradient_checkpointing)"
 for row in "${first[@]}"; do BENCH_FLAGS=--gradient-checkpointing bench $ROUTE $row 150; done
+
+# Last, one step of the first SFT row with each kernel launch's details (kernels-full.log.gz),
+# to tell which tensors the profile's copies and casts are of.
+if [ "$DEVICE" = cuda ]; then
+  log "kernel profile with each launch's details, one step of the first SFT row"
+  step 60 "kernel details" env PARTS=details BURNISH_MATMUL=$ROUTE OUT="$OUT" BURNISH="$BIN" \
+    "$(dirname "$0")/kernel_profile.sh" >"$OUT/profile-details.txt" 2>&1
+fi
 
 log "summary"
 python3 "$(dirname "$0")/summary.py" "$OUT" "$DEVICE" | tee "$OUT/summary.txt"
