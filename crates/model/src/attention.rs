@@ -9,6 +9,7 @@ use burn::tensor::{Bool, DType, Tensor, TensorData};
 use burnish_peft::{AdaptableLinear, cast_to};
 
 use crate::chunked_attention::chunked_causal_attention;
+use crate::documents::{Documents, window_first_keys};
 use crate::rope::Rotations;
 
 /// Keys and values of one layer for the positions seen so far, before the GQA head repeat.
@@ -41,17 +42,16 @@ impl<B: Backend> Attention<B> {
     /// Attends the new positions `start..start + seq` to themselves and to the cached ones.
     /// When `cache` is given, it must hold exactly `start` positions and is extended.
     ///
-    /// `segments`, when given, hides keys of other documents (packed rows).
+    /// `documents`, when given, hides keys of other documents (packed rows).
     ///
     /// # Shapes
     /// - x: `[batch, seq, hidden]`
-    /// - segments: `[batch, 1, seq, seq]`, `true` where a query must not see a key
     /// - output: `[batch, seq, hidden]`
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         rotations: &Rotations<B>,
-        segments: Option<&Tensor<B, 4, Bool>>,
+        documents: Option<&Documents<B>>,
         cache: Option<&mut Option<LayerCache<B>>>,
     ) -> Tensor<B, 3> {
         let [batch, seq, _] = x.dims();
@@ -89,18 +89,29 @@ impl<B: Backend> Attention<B> {
         };
         let seen = k.dims()[2];
 
-        let window = self
-            .sliding_window
-            .filter(|&w| seen > w)
-            .map(|w| window_mask::<B>(seq, seen, w, &q.device()));
+        let window = self.sliding_window.filter(|&w| seen > w);
+        let device = q.device();
+        let window_mask = window.map(|w| window_mask::<B>(seq, seen, w, &device));
         // Keys hidden beyond causality, `[batch or 1, 1, seq, seen]`.
-        let hidden = match (window, segments) {
+        let hidden = match (window_mask, documents) {
             (None, None) => None,
             (Some(w), None) => Some(w),
-            (None, Some(s)) => Some(s.clone()),
-            (Some(w), Some(s)) => Some(s.clone().bool_or(w.expand([batch, 1, seq, seen]))),
+            (None, Some(d)) => Some(d.hidden.clone()),
+            (Some(w), Some(d)) => Some(d.hidden.clone().bool_or(w.expand([batch, 1, seq, seen]))),
         };
-        let out = match chunked_causal_attention(&q, &k, &v, hidden.as_ref()) {
+        // The same as each query's first visible key, `[batch, seq]`, where the keys a query
+        // sees are one run (documents laid out as runs, a window) and there is no cache.
+        let first_keys = match (window, documents) {
+            _ if seen != seq => None,
+            (None, None) => None,
+            (None, Some(d)) => d.first_keys.clone(),
+            (Some(w), None) => Some(window_first_keys(batch, seq, w, &device)),
+            (Some(w), Some(d)) => d
+                .first_keys
+                .clone()
+                .map(|first| first.max_pair(window_first_keys(batch, seq, w, &device))),
+        };
+        let out = match chunked_causal_attention(&q, &k, &v, hidden.as_ref(), first_keys.as_ref()) {
             Some(out) => out,
             None => {
                 // Scores and softmax in f32 whatever the activations' precision.

@@ -14,9 +14,10 @@
 use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{Bool, Int, Tensor};
+use burn::tensor::{Int, Tensor};
 
 use crate::decoder::{Decoder, DropoutSeeds, trains};
+use crate::documents::Documents;
 use crate::rope::Rotations;
 
 /// What checkpointed forward passes keep for their backward pass.
@@ -35,7 +36,7 @@ struct CheckpointedPass<B: AutodiffBackend> {
     /// The last layer's output, the leaf the rest of the forward pass started from.
     output: Tensor<B, 3>,
     rotations: Rotations<B>,
-    segments: Option<Tensor<B, 4, Bool>>,
+    documents: Option<Documents<B>>,
     /// Where each layer's dropout draws restarted.
     dropout: DropoutSeeds<B>,
 }
@@ -62,7 +63,7 @@ impl<B: AutodiffBackend> Decoder<B> {
         packing: Option<(&[usize], &[u32])>,
         checkpoints: &mut ActivationCheckpoints<B>,
     ) -> Tensor<B, 3> {
-        let (rotations, segments) = self.context(&ids, packing);
+        let (rotations, documents) = self.context(&ids, packing);
         let embedded = self.embed(ids);
         let seeds = self.dropout_seeds(&embedded.device());
         let mut inputs = Vec::with_capacity(self.layers.len());
@@ -73,7 +74,7 @@ impl<B: AutodiffBackend> Decoder<B> {
             // yet dropout applies as in training.
             let untracked = layer.clone().no_grad();
             seeds.reseed(i);
-            x = untracked.forward(x, &rotations, segments.as_ref(), None);
+            x = untracked.forward(x, &rotations, documents.as_ref(), None);
         }
         seeds.reseed(self.layers.len());
         let output = x.require_grad();
@@ -82,7 +83,7 @@ impl<B: AutodiffBackend> Decoder<B> {
             inputs,
             output: output.clone(),
             rotations,
-            segments,
+            documents,
             dropout: seeds,
         });
         self.norm.forward(output)
@@ -137,8 +138,12 @@ impl<B: AutodiffBackend> CheckpointedPass<B> {
         for (i, (layer, input)) in layers.rev() {
             self.dropout.reseed(i);
             let input = input.require_grad();
-            let output =
-                layer.forward(input.clone(), &self.rotations, self.segments.as_ref(), None);
+            let output = layer.forward(
+                input.clone(),
+                &self.rotations,
+                self.documents.as_ref(),
+                None,
+            );
             // ∂(Σ output ⊙ g)/∂output = g: the backward pass of the layer seeded with g.
             let mut grads = (output * gradient).sum().backward();
             gradient = match input.grad_remove(&mut grads) {

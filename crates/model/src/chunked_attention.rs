@@ -12,9 +12,11 @@
 //! as training does, except the CPU backend's in 16-bit types. Any other backend uses burn's
 //! attention. On the CPU backend the op runs as one kernel per direction (`cpu_attention`);
 //! elsewhere it is composed of burn's tensor ops, with each chunk's causal softmax one kernel
-//! per direction on the plain GPU backends (`gpu_kernels`) when no mask beyond causality is
-//! given, and its products through cuBLAS on CUDA when cuBLAS queues on cubecl's stream
-//! (`BURNISH_MATMUL=cublas-async`): in full f32 for an f32 model, TF32 for 16-bit activations.
+//! per direction on the plain GPU backends (`gpu_kernels`) when the keys each query sees are
+//! one run ending at it (causality alone, or from each query's first key: packed documents, a
+//! sliding window), and its products through cuBLAS on CUDA when cuBLAS queues on cubecl's
+//! stream (`BURNISH_MATMUL=cublas-async`): in full f32 for an f32 model, TF32 for 16-bit
+//! activations.
 
 use std::any::TypeId;
 
@@ -59,21 +61,24 @@ fn chunk_rows([batch, heads, seq, _]: [usize; 4], scores: usize) -> usize {
 }
 
 /// Causal attention of `q` over `k`, `v` (grouped-query heads not repeated), with `mask`
-/// hiding more keys where it is `true`, through the chunked op when `B` is one of the autodiff
-/// backends it is built for, or its forward pass alone on those backends without autodiff
-/// (scoring, a prompt's first pass): the CPU kernel's in f32, the chunks' on a GPU, with their
-/// products on the same route as training's; `None` otherwise.
+/// hiding more keys where it is `true` (and `first_keys`, when given, saying the same as each
+/// query's first visible key, for the GPU kernels), through the chunked op when `B` is one of
+/// the autodiff backends it is built for, or its forward pass alone on those backends without
+/// autodiff (scoring, a prompt's first pass): the CPU kernel's in f32, the chunks' on a GPU,
+/// with their products on the same route as training's; `None` otherwise.
 ///
 /// # Shapes
 /// - q: `[batch, heads, seq, head_dim]`
 /// - k, v: `[batch, kv_heads, seq, head_dim]`
 /// - mask: `[batch or 1, 1, seq, seq]`
+/// - first_keys: `[batch, seq]`
 /// - output: `[batch, heads, seq, head_dim]`
 pub(crate) fn chunked_causal_attention<B: Backend>(
     q: &Tensor<B, 4>,
     k: &Tensor<B, 4>,
     v: &Tensor<B, 4>,
     mask: Option<&Tensor<B, 4, Bool>>,
+    first_keys: Option<&Tensor<B, 2>>,
 ) -> Option<Tensor<B, 4>> {
     if q.dims()[2] != k.dims()[2] {
         return None; // queries after a cache: inference, not training
@@ -82,20 +87,52 @@ pub(crate) fn chunked_causal_attention<B: Backend>(
         return None; // nothing to attend: burn's op returns the empty result
     }
     // Without autodiff the CPU backend's 16-bit passes take burn's attention.
+    let hidden = Hidden { mask, first_keys };
     let out = match q.dtype() {
-        DType::F32 => untracked_on::<B, Flex>(q, k, v, mask, Kernel::Cpu),
+        DType::F32 => untracked_on::<B, Flex>(q, k, v, hidden, Kernel::Cpu),
         _ => None,
     };
-    let out = out.or_else(|| on::<B, Flex>(q, k, v, mask, Kernel::Cpu));
+    let out = out.or_else(|| on::<B, Flex>(q, k, v, hidden, Kernel::Cpu));
     #[cfg(feature = "cuda")]
     let out = out
-        .or_else(|| on::<B, burn::backend::Cuda>(q, k, v, mask, chunks(q)))
-        .or_else(|| untracked_on::<B, burn::backend::Cuda>(q, k, v, mask, chunks(q)));
+        .or_else(|| on::<B, burn::backend::Cuda>(q, k, v, hidden, chunks(q)))
+        .or_else(|| untracked_on::<B, burn::backend::Cuda>(q, k, v, hidden, chunks(q)));
     #[cfg(feature = "wgpu")]
     let out = out
-        .or_else(|| on::<B, burn::backend::Wgpu>(q, k, v, mask, chunks(q)))
-        .or_else(|| untracked_on::<B, burn::backend::Wgpu>(q, k, v, mask, chunks(q)));
+        .or_else(|| on::<B, burn::backend::Wgpu>(q, k, v, hidden, chunks(q)))
+        .or_else(|| untracked_on::<B, burn::backend::Wgpu>(q, k, v, hidden, chunks(q)));
     out
+}
+
+/// The keys hidden beyond causality, as [`chunked_causal_attention`] takes them.
+#[derive(Debug)]
+struct Hidden<'a, B: Backend> {
+    mask: Option<&'a Tensor<B, 4, Bool>>,
+    first_keys: Option<&'a Tensor<B, 2>>,
+}
+
+// References only: copied whatever `B` is (a derive would ask `B: Copy`).
+impl<B: Backend> Clone for Hidden<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<B: Backend> Copy for Hidden<'_, B> {}
+
+impl<B: Backend> Hidden<'_, B> {
+    /// The same on backend `I`, where `B` is `Autodiff<I>` (neither gets a gradient).
+    fn untracked<I: Backend>(self) -> (Option<Tensor<I, 4, Bool>>, Option<Tensor<I, 2>>) {
+        let mask = self
+            .mask
+            .map(|m| Tensor::<I, 4, Bool>::from_primitive(rebrand(m.clone().into_primitive())));
+        let first_keys = self.first_keys.map(|first| {
+            let tracked: FloatTensor<Autodiff<I>> =
+                rebrand(first.clone().into_primitive().tensor());
+            Tensor::<I, 2>::from_primitive(TensorPrimitive::Float(tracked.primitive))
+        });
+        (mask, first_keys)
+    }
 }
 
 /// The op's forward pass alone, through `kernel`, when `B` is the backend `I` (without
@@ -104,13 +141,13 @@ fn untracked_on<B: Backend, I: Backend>(
     q: &Tensor<B, 4>,
     k: &Tensor<B, 4>,
     v: &Tensor<B, 4>,
-    mask: Option<&Tensor<B, 4, Bool>>,
+    hidden: Hidden<B>,
     kernel: Kernel,
 ) -> Option<Tensor<B, 4>> {
     if TypeId::of::<B>() != TypeId::of::<I>() {
         return None;
     }
-    Some(attention_forward(kernel, q, k, v, mask).0)
+    Some(attention_forward(kernel, q, k, v, hidden.mask, hidden.first_keys).0)
 }
 
 /// The burn-op kernel, in chunks sized for `q` and its device.
@@ -134,7 +171,7 @@ fn on<B: Backend, I: Backend>(
     q: &Tensor<B, 4>,
     k: &Tensor<B, 4>,
     v: &Tensor<B, 4>,
-    mask: Option<&Tensor<B, 4, Bool>>,
+    hidden: Hidden<B>,
     kernel: Kernel,
 ) -> Option<Tensor<B, 4>> {
     if TypeId::of::<B>() != TypeId::of::<Autodiff<I>>() {
@@ -148,9 +185,8 @@ fn on<B: Backend, I: Backend>(
     let float = |t: &Tensor<B, 4>| -> FloatTensor<Autodiff<I>> {
         rebrand(t.clone().into_primitive().tensor())
     };
-    let mask =
-        mask.map(|m| Tensor::<I, 4, Bool>::from_primitive(rebrand(m.clone().into_primitive())));
-    let out = tracked::<I>(float(q), float(k), float(v), mask, kernel);
+    let (mask, first_keys) = hidden.untracked::<I>();
+    let out = tracked::<I>(float(q), float(k), float(v), mask, first_keys, kernel);
     Some(Tensor::from_primitive(TensorPrimitive::Float(rebrand(out))))
 }
 
@@ -162,6 +198,7 @@ struct Saved<I: Backend> {
     k: Tensor<I, 4>,
     v: Tensor<I, 4>,
     mask: Option<Tensor<I, 4, Bool>>,
+    first_keys: Option<Tensor<I, 2>>,
     out: Tensor<I, 4>,
     /// Per chunk of queries: `[batch, heads, chunk, 1]` (one chunk for the CPU kernel).
     lse: Vec<Tensor<I, 4>>,
@@ -190,6 +227,7 @@ fn tracked<I: Backend>(
     k: FloatTensor<Autodiff<I>>,
     v: FloatTensor<Autodiff<I>>,
     mask: Option<Tensor<I, 4, Bool>>,
+    first_keys: Option<Tensor<I, 2>>,
     kernel: Kernel,
 ) -> FloatTensor<Autodiff<I>> {
     let inner = |t: &FloatTensor<Autodiff<I>>| {
@@ -202,7 +240,14 @@ fn tracked<I: Backend>(
         .stateful()
     {
         OpsKind::Tracked(prep) => {
-            let (out, lse) = attention_forward(kernel, &q_in, &k_in, &v_in, mask.as_ref());
+            let (out, lse) = attention_forward(
+                kernel,
+                &q_in,
+                &k_in,
+                &v_in,
+                mask.as_ref(),
+                first_keys.as_ref(),
+            );
             let primitive = out.clone().into_primitive().tensor();
             let saved = Saved {
                 kernel,
@@ -210,13 +255,21 @@ fn tracked<I: Backend>(
                 k: k_in,
                 v: v_in,
                 mask,
+                first_keys,
                 out,
                 lse,
             };
             prep.finish(saved, primitive)
         }
         OpsKind::UnTracked(prep) => {
-            let (out, _) = attention_forward(kernel, &q_in, &k_in, &v_in, mask.as_ref());
+            let (out, _) = attention_forward(
+                kernel,
+                &q_in,
+                &k_in,
+                &v_in,
+                mask.as_ref(),
+                first_keys.as_ref(),
+            );
             prep.finish(out.into_primitive().tensor())
         }
     }
@@ -240,22 +293,36 @@ fn hidden_keys<I: Backend>(
 /// Which keys each query of a chunk sees, and so how the chunk's scores become probabilities.
 #[derive(Debug, Clone)]
 enum Visibility<I: Backend> {
-    /// Causality alone, which the GPU kernels apply from positions, with no mask tensor.
+    /// One run of keys ending at each query, which the GPU kernels apply from positions, with
+    /// no mask tensor: from key 0 (causality alone), or from each query's first visible key
+    /// (`[batch, seq]`, f32).
     #[cfg(any(feature = "cuda", feature = "wgpu"))]
-    Causal,
+    Run(Option<Tensor<I, 2>>),
     /// The keys [`hidden_keys`] marks are hidden: burn's ops fill their scores with -∞.
     Hidden(Tensor<I, 4, Bool>),
 }
 
 impl<I: Backend> Visibility<I> {
-    fn of(mask: Option<&Tensor<I, 4, Bool>>, seq: usize, device: &I::Device) -> Self {
+    fn of(
+        mask: Option<&Tensor<I, 4, Bool>>,
+        first_keys: Option<&Tensor<I, 2>>,
+        seq: usize,
+        device: &I::Device,
+    ) -> Self {
         #[cfg(any(feature = "cuda", feature = "wgpu"))]
-        if mask.is_none()
-            && gpu_kernel::takes_kernel::<I, CausalSoftmax>()
+        if gpu_kernel::takes_kernel::<I, CausalSoftmax>()
             && gpu_kernel::takes_kernel::<I, CausalSoftmaxBackward>()
         {
-            return Self::Causal;
+            match (mask, first_keys) {
+                (None, _) => return Self::Run(None),
+                (Some(_), Some(first)) => {
+                    return Self::Run(Some(burnish_peft::cast_to(first.clone(), DType::F32)));
+                }
+                (Some(_), None) => {}
+            }
         }
+        #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+        let _ = first_keys;
         Self::Hidden(hidden_keys(mask, seq, device))
     }
 }
@@ -328,20 +395,30 @@ fn masked<I: Backend>(
         .reshape([batch, kv_heads, rows, seen])
 }
 
-/// A 4-D tensor's rows as one matrix, through `kernel`, and back to 4-D (each output keeps its
-/// own width).
+/// `inputs` through `kernel`, each 4-D tensor's rows as one matrix, and the outputs back to
+/// 4-D in `[batch, heads, rows, _]` (each output keeps its own width).
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 fn by_rows<I: Backend, K, const N: usize, const M: usize>(
     kernel: &K,
-    inputs: [Tensor<I, 4>; N],
+    inputs: [RowsOf<I>; N],
 ) -> [Tensor<I, 4>; M]
 where
     K: gpu_kernel::GpuKernel<N, M>,
 {
-    let [batch, heads, rows, _] = inputs[0].dims();
-    let matrices = inputs.map(|t| {
-        let width = t.dims()[3];
-        t.reshape([batch * heads * rows, width])
+    let [batch, heads, rows] = inputs
+        .iter()
+        .find_map(|input| match input {
+            RowsOf::Tensor(t) => Some(t.dims()),
+            RowsOf::Matrix(_) => None,
+        })
+        .map(|[batch, heads, rows, _]| [batch, heads, rows])
+        .expect("a 4-D input");
+    let matrices = inputs.map(|input| match input {
+        RowsOf::Tensor(t) => {
+            let width = t.dims()[3];
+            t.reshape([batch * heads * rows, width])
+        }
+        RowsOf::Matrix(m) => m,
     });
     gpu_kernel::launch(kernel, &matrices)
         .expect("the GPU kernels take every f32 chunk of scores")
@@ -349,6 +426,27 @@ where
             let width = t.dims()[1];
             t.reshape([batch, heads, rows, width])
         })
+}
+
+/// An input of [`by_rows`]: a 4-D tensor taken row by row, or a matrix taken as it is.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+enum RowsOf<I: Backend> {
+    Tensor(Tensor<I, 4>),
+    Matrix(Tensor<I, 2>),
+}
+
+/// The causal softmax kernels' last input: each query's first visible key (`[batch, seq]`),
+/// or where every query sees from key 0, any matrix in its place (here `scores`' own rows),
+/// which the kernels do not read.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+fn first_keys_or_unread<I: Backend>(
+    first_keys: Option<&Tensor<I, 2>>,
+    scores: &Tensor<I, 4>,
+) -> RowsOf<I> {
+    match first_keys {
+        Some(first) => RowsOf::Matrix(first.clone()),
+        None => RowsOf::Tensor(scores.clone()),
+    }
 }
 
 /// Positions `start..start + len` of `t`'s heads, grouped by the key/value head they read
@@ -392,6 +490,7 @@ fn attention_forward<I: Backend>(
     k: &Tensor<I, 4>,
     v: &Tensor<I, 4>,
     mask: Option<&Tensor<I, 4, Bool>>,
+    first_keys: Option<&Tensor<I, 2>>,
 ) -> (Tensor<I, 4>, Vec<Tensor<I, 4>>) {
     let Kernel::Chunks(chunk) = kernel else {
         let (out, lse) = cpu_attention::forward(
@@ -407,7 +506,7 @@ fn attention_forward<I: Backend>(
     let [q, k, v] = [q, k, v].map(|t| t.clone().cast(FloatDType::F32));
     let [_, heads, seq, _] = q.dims();
     let kv_heads = k.dims()[1];
-    let visibility = Visibility::of(mask, seq, &q.device());
+    let visibility = Visibility::of(mask, first_keys, seq, &q.device());
     let mut outs = Vec::new();
     let mut lses = Vec::new();
     for start in (0..seq).step_by(chunk) {
@@ -416,8 +515,10 @@ fn attention_forward<I: Backend>(
         let v_seen = v.clone().narrow(2, 0, start + len);
         let (out, lse) = match &visibility {
             #[cfg(any(feature = "cuda", feature = "wgpu"))]
-            Visibility::Causal => {
-                let [probs, lse] = by_rows(&CausalSoftmax { start, len }, [scores]);
+            Visibility::Run(first_keys) => {
+                let softmax = CausalSoftmax::new(start, len, heads, first_keys.is_some());
+                let last = first_keys_or_unread(first_keys.as_ref(), &scores);
+                let [probs, lse] = by_rows(&softmax, [RowsOf::Tensor(scores), last]);
                 (product(probs, v_seen, dtype), lse)
             }
             Visibility::Hidden(hidden) => {
@@ -454,6 +555,7 @@ fn attention_backward<I: Backend>(saved: Saved<I>, d_out: Tensor<I, 4>) -> [Tens
         k,
         v,
         mask,
+        first_keys,
         out,
         lse,
     } = saved;
@@ -477,7 +579,7 @@ fn attention_backward<I: Backend>(saved: Saved<I>, d_out: Tensor<I, 4>) -> [Tens
     let kv_heads = k.dims()[1];
     let [_, heads, seq, head_dim] = q.dims();
     let scale = (head_dim as f64).powf(-0.5);
-    let visibility = Visibility::of(mask.as_ref(), seq, &q.device());
+    let visibility = Visibility::of(mask.as_ref(), first_keys.as_ref(), seq, &q.device());
     // The last chunk first: it sees every key, so its key and value gradients are the whole
     // tensors, which each earlier chunk adds into the prefix of keys it sees (no zero-filled
     // start, and one chunk needs no additions at all). Queries go grouped by the key/value head
@@ -503,9 +605,13 @@ fn attention_backward<I: Backend>(saved: Saved<I>, d_out: Tensor<I, 4>) -> [Tens
         );
         let (probs, d_scores) = match &visibility {
             #[cfg(any(feature = "cuda", feature = "wgpu"))]
-            Visibility::Causal => {
-                let softmax = CausalSoftmaxBackward(CausalSoftmax { start, len });
-                let [probs, d_scores] = by_rows(&softmax, [scores, lse, d_probs, row_dots]);
+            Visibility::Run(first_keys) => {
+                let softmax = CausalSoftmax::new(start, len, heads, first_keys.is_some());
+                let last = first_keys_or_unread(first_keys.as_ref(), &scores);
+                let [scores, lse, d_probs, row_dots] =
+                    [scores, lse, d_probs, row_dots].map(RowsOf::Tensor);
+                let inputs = [scores, lse, d_probs, row_dots, last];
+                let [probs, d_scores] = by_rows(&CausalSoftmaxBackward(softmax), inputs);
                 (probs, d_scores)
             }
             Visibility::Hidden(hidden) => {
@@ -550,6 +656,8 @@ fn add_into_prefix<I: Backend>(whole: Option<Tensor<I, 4>>, part: Tensor<I, 4>) 
 mod tests {
     use super::*;
     use crate::attention::repeat_kv;
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    use crate::documents::{Documents, window_first_keys};
     use burn::tensor::backend::AutodiffBackend;
     use burn::tensor::module::attention;
     use burn::tensor::ops::AttentionModuleOptions;
@@ -577,6 +685,14 @@ mod tests {
             .map(|i| ((i / seq) % seq < 170) != (i % seq < 170))
             .collect();
         TensorData::new(document, [batch, 1, seq, seq])
+    }
+
+    /// The keys `mask` hides, with no first keys.
+    fn by_mask<B: Backend>(mask: Option<&Tensor<B, 4, Bool>>) -> Hidden<'_, B> {
+        Hidden {
+            mask,
+            first_keys: None,
+        }
     }
 
     #[test]
@@ -621,7 +737,8 @@ mod tests {
                 for kernel in [Kernel::Cpu, Kernel::Chunks(128), Kernel::Chunks(512)] {
                     let ours = run(
                         |q, k, v| {
-                            on::<AD, Flex>(&q, &k, &v, mask.as_ref(), kernel).expect("the op")
+                            on::<AD, Flex>(&q, &k, &v, by_mask(mask.as_ref()), kernel)
+                                .expect("the op")
                         },
                         &inputs,
                     );
@@ -654,7 +771,7 @@ mod tests {
             random(heads),
         ];
         let attend = |q: Tensor<AD, 4>, k: Tensor<AD, 4>, v: Tensor<AD, 4>| {
-            on::<AD, Flex>(&q, &k, &v, None, Kernel::Chunks(64)).expect("the op")
+            on::<AD, Flex>(&q, &k, &v, by_mask(None), Kernel::Chunks(64)).expect("the op")
         };
         let f32s = run(attend, &inputs);
         let halves = run(
@@ -697,7 +814,7 @@ mod tests {
             .clone()
             .map(|t| Tensor::from_data(t.into_data(), &device));
         let attend = |q: Tensor<AD, 4>, k: Tensor<AD, 4>, v: Tensor<AD, 4>| {
-            on::<AD, Flex>(&q, &k, &v, None, Kernel::Cpu).expect("the op")
+            on::<AD, Flex>(&q, &k, &v, by_mask(None), Kernel::Cpu).expect("the op")
         };
         let strided = run(attend, &inputs);
         for (strided, contiguous) in strided.into_iter().zip(run(attend, &contiguous)) {
@@ -713,7 +830,7 @@ mod tests {
             Tensor::<Flex, 4>::random([2, heads, 150, 16], Distribution::Default, &device)
         };
         let (q, k, v) = (random(4), random(2), random(2));
-        let ours = chunked_causal_attention(&q, &k, &v, None).expect("the CPU kernel");
+        let ours = chunked_causal_attention(&q, &k, &v, None, None).expect("the CPU kernel");
         let options = AttentionModuleOptions {
             scale: None,
             softcap: None,
@@ -733,7 +850,7 @@ mod tests {
         let q = Tensor::<AD, 4>::from_data(TensorData::new(values, [1, 2, 3, 8]), &device);
         let kv = Tensor::<AD, 4>::ones([1, 1, 3, 8], &device);
         for kernel in [Kernel::Cpu, Kernel::Chunks(64)] {
-            let out = on::<AD, Flex>(&q, &kv, &kv, None, kernel).expect("the op");
+            let out = on::<AD, Flex>(&q, &kv, &kv, by_mask(None), kernel).expect("the op");
             let first_row = out.narrow(1, 0, 1).narrow(2, 0, 1).into_data();
             let first_row = first_row.to_vec::<f32>().unwrap();
             assert!(
@@ -765,7 +882,7 @@ mod tests {
         let device = Default::default();
         let q = Tensor::<Flex, 4>::zeros([1, 1, 1, 8], &device);
         let kv = Tensor::<Flex, 4>::zeros([1, 1, 4, 8], &device);
-        assert!(chunked_causal_attention(&q, &kv, &kv, None).is_none());
+        assert!(chunked_causal_attention(&q, &kv, &kv, None, None).is_none());
     }
 
     /// The op on a GPU backend (the GPU kernels' causal softmax without a mask, burn's masked
@@ -792,45 +909,80 @@ mod tests {
             .into_data()
         };
         let inputs = [data(heads), data(kv_heads), data(kv_heads), data(heads)];
-        for mask in [None, Some(two_documents(batch, seq))] {
+        // Keys hidden beyond causality, as a mask and as each query's first key: packed rows
+        // (two documents in the first row, three in the second) and a sliding window of 100.
+        let segments: Vec<u32> = (0..seq)
+            .map(|p| u32::from(p >= 170))
+            .chain((0..seq).map(|p| u32::from(p >= 40) + u32::from(p >= 250)))
+            .collect();
+        let documents = Documents::<Flex>::of_segments(&segments, batch, seq, &device);
+        let window = 100;
+        let window_mask: Vec<bool> = (0..batch * seq * seq)
+            .map(|i| (i % seq) + window <= (i / seq) % seq)
+            .collect();
+        let cases = [
+            None,
+            Some((
+                documents.hidden.into_data(),
+                documents.first_keys.expect("runs").into_data(),
+            )),
+            Some((
+                TensorData::new(window_mask, [batch, 1, seq, seq]),
+                window_first_keys::<Flex>(batch, seq, window, &device).into_data(),
+            )),
+        ];
+        for case in cases {
             let cpu_inputs = inputs
                 .clone()
                 .map(|d| Tensor::<AD, 4>::from_data(d, &device));
-            let cpu_mask = mask
-                .clone()
-                .map(|m| Tensor::<AD, 4, Bool>::from_data(m, &device));
+            let cpu_mask = case
+                .as_ref()
+                .map(|(mask, _)| Tensor::<AD, 4, Bool>::from_data(mask.clone(), &device));
             let cpu = run(
-                |q, k, v| on::<AD, Flex>(&q, &k, &v, cpu_mask.as_ref(), Kernel::Cpu).expect("op"),
+                |q, k, v| {
+                    on::<AD, Flex>(&q, &k, &v, by_mask(cpu_mask.as_ref()), Kernel::Cpu).expect("op")
+                },
                 &cpu_inputs,
             );
-            for kernel in [Kernel::Chunks(128), Kernel::Chunks(512)] {
-                let gpu_device = Default::default();
-                let gpu_inputs = inputs
-                    .clone()
-                    .map(|d| Tensor::<Autodiff<Plain>, 4>::from_data(d, &gpu_device));
-                let gpu_mask = mask
-                    .clone()
-                    .map(|m| Tensor::<Autodiff<Plain>, 4, Bool>::from_data(m, &gpu_device));
-                let gpu = run(
-                    |q, k, v| {
-                        on::<Autodiff<Plain>, Plain>(&q, &k, &v, gpu_mask.as_ref(), kernel)
-                            .expect("op")
-                    },
-                    &gpu_inputs,
-                );
-                for (gpu, cpu) in gpu.into_iter().zip(&cpu) {
-                    gpu.assert_approx_eq::<f32>(cpu, tolerance);
+            let gpu_device = Default::default();
+            let gpu_mask = case.as_ref().map(|(mask, _)| {
+                Tensor::<Autodiff<Plain>, 4, Bool>::from_data(mask.clone(), &gpu_device)
+            });
+            let gpu_first = case.as_ref().map(|(_, first)| {
+                Tensor::<Autodiff<Plain>, 2>::from_data(first.clone(), &gpu_device)
+            });
+            // With each query's first key (the kernels), and with the mask alone (burn's ops).
+            for first_keys in [gpu_first.as_ref(), None] {
+                let hidden = Hidden {
+                    mask: gpu_mask.as_ref(),
+                    first_keys,
+                };
+                for kernel in [Kernel::Chunks(128), Kernel::Chunks(512)] {
+                    let gpu_inputs = inputs
+                        .clone()
+                        .map(|d| Tensor::<Autodiff<Plain>, 4>::from_data(d, &gpu_device));
+                    let gpu = run(
+                        |q, k, v| {
+                            on::<Autodiff<Plain>, Plain>(&q, &k, &v, hidden, kernel).expect("op")
+                        },
+                        &gpu_inputs,
+                    );
+                    for (gpu, cpu) in gpu.into_iter().zip(&cpu) {
+                        gpu.assert_approx_eq::<f32>(cpu, tolerance);
+                    }
                 }
             }
             // Without autodiff (scoring): the forward pass alone, in the device's chunks.
-            let gpu_device = Default::default();
             let [q, k, v, _] = inputs
                 .clone()
                 .map(|d| Tensor::<Plain, 4>::from_data(d, &gpu_device));
-            let gpu_mask = mask
-                .clone()
-                .map(|m| Tensor::<Plain, 4, Bool>::from_data(m, &gpu_device));
-            chunked_causal_attention(&q, &k, &v, gpu_mask.as_ref())
+            let mask = case
+                .as_ref()
+                .map(|(mask, _)| Tensor::<Plain, 4, Bool>::from_data(mask.clone(), &gpu_device));
+            let first_keys = case
+                .as_ref()
+                .map(|(_, first)| Tensor::<Plain, 2>::from_data(first.clone(), &gpu_device));
+            chunked_causal_attention(&q, &k, &v, mask.as_ref(), first_keys.as_ref())
                 .expect("the op's forward pass")
                 .into_data()
                 .assert_approx_eq::<f32>(&cpu[0], tolerance);

@@ -7,9 +7,7 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::DropoutConfig;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::embedding;
-use burn::tensor::{
-    Bool, DType, Distribution, ElementConversion, FloatDType, Int, Tensor, TensorData,
-};
+use burn::tensor::{DType, Distribution, ElementConversion, FloatDType, Int, Tensor};
 use std::path::Path;
 
 use burnish_peft::{
@@ -18,6 +16,7 @@ use burnish_peft::{
 
 use crate::attention::{Attention, LayerCache};
 use crate::config::DecoderConfig;
+use crate::documents::Documents;
 use crate::mlp::Mlp;
 use crate::norm::RmsNorm;
 use crate::rope::{Rope, Rotations};
@@ -65,13 +64,13 @@ impl<B: Backend> DecoderLayer<B> {
         &self,
         x: Tensor<B, 3>,
         rotations: &Rotations<B>,
-        segments: Option<&Tensor<B, 4, Bool>>,
+        documents: Option<&Documents<B>>,
         cache: Option<&mut Option<LayerCache<B>>>,
     ) -> Tensor<B, 3> {
         let h = x.clone()
             + self
                 .self_attn
-                .forward(self.input_layernorm.forward(x), rotations, segments, cache);
+                .forward(self.input_layernorm.forward(x), rotations, documents, cache);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }
@@ -170,8 +169,8 @@ impl<B: Backend> Decoder<B> {
     /// - ids: `[batch, seq]`
     /// - output: `[batch, seq, hidden]`
     pub fn hidden_states(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        let (rotations, segments) = self.context(&ids, None);
-        self.trunk(ids, &rotations, segments.as_ref(), None)
+        let (rotations, documents) = self.context(&ids, None);
+        self.trunk(ids, &rotations, documents.as_ref(), None)
     }
 
     /// Next-token logits for rows that each hold several documents back to back: `positions`
@@ -202,19 +201,18 @@ impl<B: Backend> Decoder<B> {
         positions: &[usize],
         segments: &[u32],
     ) -> Tensor<B, 3> {
-        let (rotations, mask) = self.context(&ids, Some((positions, segments)));
-        self.trunk(ids, &rotations, mask.as_ref(), None)
+        let (rotations, documents) = self.context(&ids, Some((positions, segments)));
+        self.trunk(ids, &rotations, documents.as_ref(), None)
     }
 
     /// What every layer of a pass over `ids` shares: the rotary embeddings of its positions
     /// and, for packed rows (`packing` = per-token positions and document ids, `batch × seq`,
-    /// row-major), the mask hiding other documents' keys (`[batch, 1, seq, seq]`, `true` where
-    /// hidden).
+    /// row-major), their documents (which keys each query must not see).
     pub(crate) fn context(
         &self,
         ids: &Tensor<B, 2, Int>,
         packing: Option<(&[usize], &[u32])>,
-    ) -> (Rotations<B>, Option<Tensor<B, 4, Bool>>) {
+    ) -> (Rotations<B>, Option<Documents<B>>) {
         let [batch, seq] = ids.dims();
         let device = ids.device();
         let Some((positions, segments)) = packing else {
@@ -222,16 +220,8 @@ impl<B: Backend> Decoder<B> {
             return (self.rotations(&positions, 1, &device), None);
         };
         assert_eq!(positions.len(), batch * seq, "one position per token");
-        assert_eq!(segments.len(), batch * seq, "one segment id per token");
-        let hidden: Vec<bool> = (0..batch)
-            .flat_map(|b| {
-                let row = &segments[b * seq..(b + 1) * seq];
-                (0..seq).flat_map(move |q| (0..seq).map(move |k| row[q] != row[k]))
-            })
-            .collect();
-        let mask =
-            Tensor::<B, 4, Bool>::from_data(TensorData::new(hidden, [batch, 1, seq, seq]), &device);
-        (self.rotations(positions, batch, &device), Some(mask))
+        let documents = Documents::of_segments(segments, batch, seq, &device);
+        (self.rotations(positions, batch, &device), Some(documents))
     }
 
     /// Logits for the new positions `ids`, which follow the `cache.len()` positions in `cache`;
@@ -424,7 +414,7 @@ impl<B: Backend> Decoder<B> {
         &self,
         ids: Tensor<B, 2, Int>,
         rotations: &Rotations<B>,
-        segments: Option<&Tensor<B, 4, Bool>>,
+        documents: Option<&Documents<B>>,
         mut cache: Option<&mut Vec<Option<LayerCache<B>>>>,
     ) -> Tensor<B, 3> {
         let mut x = self.embed(ids);
@@ -432,7 +422,7 @@ impl<B: Backend> Decoder<B> {
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|layers| &mut layers[i]);
             seeds.reseed(i);
-            x = layer.forward(x, rotations, segments, slot);
+            x = layer.forward(x, rotations, documents, slot);
         }
         seeds.reseed(self.layers.len());
         self.norm.forward(x)

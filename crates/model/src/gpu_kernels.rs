@@ -157,36 +157,63 @@ fn rms_norm_backward_kernel<X: Float, W: Float, G: Float>(
     }
 }
 
+/// The first key the query of row `row` of a chunk of scores sees: key 0 (causality alone), or
+/// with `bounded` the query's entry in `first_keys` (`[batch, seq]`, positions as f32; a batch
+/// row's queries take `rows_per_batch` rows of scores).
+#[cube]
+fn first_key(
+    first_keys: &Tensor<f32>,
+    row: usize,
+    query: u32,
+    rows_per_batch: u32,
+    #[comptime] bounded: bool,
+) -> usize {
+    let mut first = 0usize;
+    if bounded {
+        let batch = row / rows_per_batch as usize;
+        let at = batch * first_keys.shape(1) + query as usize;
+        first = u32::cast_from(first_keys[at]) as usize;
+    }
+    first
+}
+
 /// Per row of a chunk of attention scores (`[rows, seen]`, the rows the chunk's queries, `len`
 /// per head and batch row, from position `start`): the softmax over the keys the row's query
-/// sees (causal: the query at position `p` sees keys `0..=p`; the others get 0), and its
-/// log-sum-exp.
+/// sees and its log-sum-exp. The query at position `p` sees keys `first..=p`, `first` being
+/// 0 (causality alone) or with `bounded` its entry in `first_keys` ([`first_key`]: its
+/// document's first position, a sliding window's); the other keys get 0.
 #[cube(launch)]
+#[allow(clippy::too_many_arguments)]
 fn causal_softmax_kernel(
     scores: &Tensor<f32>,
+    first_keys: &Tensor<f32>,
     probs: &mut Tensor<f32>,
     lse: &mut Tensor<f32>,
     start: u32,
     len: u32,
+    rows_per_batch: u32,
     #[comptime] units: usize,
+    #[comptime] bounded: bool,
 ) {
     let row = CUBE_POS;
     if row >= lse.len() {
         terminate!();
     }
     let seen = scores.shape(1);
-    let visible = (start + (row as u32) % len + 1) as usize;
+    let query = start + (row as u32) % len;
+    let visible = (query + 1) as usize;
+    let lowest = first_key(first_keys, row, query, rows_per_batch, bounded);
     let first = row * seen;
-    // Key 0 is seen by every query: a start for every unit's maximum.
-    let mut largest = scores[first];
-    let mut col = UNIT_POS as usize;
+    // The first visible key is seen by every unit: a start for every unit's maximum.
+    let mut largest = scores[first + lowest];
+    let mut col = lowest + UNIT_POS as usize;
     while col < visible {
         largest = max(largest, scores[first + col]);
         col += units;
     }
     let largest = cube_reduce(largest, units, true);
     let mut total = 0.0f32;
-    let mut col = UNIT_POS as usize;
+    let mut col = lowest + UNIT_POS as usize;
     while col < visible {
         total += f32::exp(scores[first + col] - largest);
         col += units;
@@ -198,7 +225,7 @@ fn causal_softmax_kernel(
     let mut col = UNIT_POS as usize;
     while col < seen {
         let p = f32::exp(scores[first + col] - largest) / total;
-        probs[first + col] = select(col < visible, p, 0.0f32);
+        probs[first + col] = select(col >= lowest && col < visible, p, 0.0f32);
         col += units;
     }
 }
@@ -207,15 +234,19 @@ fn causal_softmax_kernel(
 /// probabilities `P = exp(S − lse)` on the keys each query sees (0 elsewhere), and the scores'
 /// gradient `P ∘ (dP − rowsum(dO ∘ O))`.
 #[cube(launch)]
+#[allow(clippy::too_many_arguments)]
 fn causal_softmax_backward_kernel(
     scores: &Tensor<f32>,
     lse: &Tensor<f32>,
     d_probs: &Tensor<f32>,
     row_dots: &Tensor<f32>,
+    first_keys: &Tensor<f32>,
     probs: &mut Tensor<f32>,
     d_scores: &mut Tensor<f32>,
     start: u32,
     len: u32,
+    rows_per_batch: u32,
+    #[comptime] bounded: bool,
 ) {
     let i = ABSOLUTE_POS;
     if i >= probs.len() {
@@ -224,8 +255,14 @@ fn causal_softmax_backward_kernel(
     let seen = scores.shape(1);
     let row = i / seen;
     let col = i % seen;
-    let visible = (start + (row as u32) % len + 1) as usize;
-    let p = select(col < visible, f32::exp(scores[i] - lse[row]), 0.0f32);
+    let query = start + (row as u32) % len;
+    let visible = (query + 1) as usize;
+    let lowest = first_key(first_keys, row, query, rows_per_batch, bounded);
+    let p = select(
+        col >= lowest && col < visible,
+        f32::exp(scores[i] - lse[row]),
+        0.0f32,
+    );
     probs[i] = p;
     d_scores[i] = p * (d_probs[i] - row_dots[row]);
 }
@@ -337,31 +374,62 @@ impl GpuKernel<4, 1> for RmsNormBackward {
 }
 
 /// The causal softmax of one chunk of attention scores, in f32: `[scores]` (`[rows, seen]`) to
-/// `[probabilities, log-sum-exp]` (`[rows, 1]`); queries `start..start + len` (the rows cycle
-/// through them).
+/// `[scores, first keys]` (`[rows, seen]`, `[batch, seq]`) to `[probabilities, log-sum-exp]`
+/// (`[rows, 1]`) for queries `start..start + len` (the rows cycle through them, `heads · len`
+/// rows a batch row). Each query sees the keys from its first one (key 0, or with
+/// `first_keys` its entry in the second input; without, the second input is not read) to
+/// itself.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct CausalSoftmax {
-    pub start: usize,
-    pub len: usize,
+    start: usize,
+    len: usize,
+    heads: usize,
+    first_keys: bool,
 }
 
 impl CausalSoftmax {
-    /// The chunk's position arguments, or `None` when they do not fit the kernels' u32.
-    fn positions(&self) -> Option<(u32, u32)> {
+    pub(crate) fn new(start: usize, len: usize, heads: usize, first_keys: bool) -> Self {
+        Self {
+            start,
+            len,
+            heads,
+            first_keys,
+        }
+    }
+
+    /// The chunk's `start`, `len` and rows per batch row, or `None` when they do not fit the
+    /// kernels' u32.
+    fn positions(&self) -> Option<(u32, u32, u32)> {
         Some((
             u32::try_from(self.start).ok()?,
             u32::try_from(self.len).ok()?,
+            u32::try_from(self.heads.checked_mul(self.len)?).ok()?,
         ))
+    }
+
+    /// The kernels' first-keys argument: `input` made contiguous when it holds first keys,
+    /// else `scores` again (unread; no copy made).
+    fn first_keys_of<R: CubeRuntime>(
+        &self,
+        input: &CubeTensor<R>,
+        scores: &CubeTensor<R>,
+    ) -> CubeTensor<R> {
+        if self.first_keys {
+            into_contiguous(input.clone())
+        } else {
+            scores.clone()
+        }
     }
 }
 
-impl GpuKernel<1, 2> for CausalSoftmax {
-    fn launch<R: CubeRuntime>(&self, [scores]: &[CubeTensor<R>; 1]) -> Option<[CubeTensor<R>; 2]> {
-        let (start, len) = self.positions()?;
-        if scores.dtype != DType::F32 {
+impl GpuKernel<2, 2> for CausalSoftmax {
+    fn launch<R: CubeRuntime>(&self, inputs: &[CubeTensor<R>; 2]) -> Option<[CubeTensor<R>; 2]> {
+        let (start, len, rows_per_batch) = self.positions()?;
+        if inputs.iter().any(|t| t.dtype != DType::F32) {
             return None;
         }
-        let scores = into_contiguous(scores.clone());
+        let scores = into_contiguous(inputs[0].clone());
+        let first_keys = self.first_keys_of(&inputs[1], &scores);
         let [rows, seen] = dims(&scores);
         let probs = empty(&scores, [rows, seen], DType::F32);
         let lse = empty(&scores, [rows, 1], DType::F32);
@@ -371,27 +439,33 @@ impl GpuKernel<1, 2> for CausalSoftmax {
             cube_count,
             cube_dim,
             scores.into_tensor_arg(),
+            first_keys.into_tensor_arg(),
             probs.clone().into_tensor_arg(),
             lse.clone().into_tensor_arg(),
             start,
             len,
+            rows_per_batch,
             ROW_UNITS,
+            self.first_keys,
         );
         Some([probs, lse])
     }
 }
 
-/// [`CausalSoftmax`]'s backward pass: `[scores, lse, dP, rowsum(dO ∘ O)]` to `[P, dS]`.
+/// [`CausalSoftmax`]'s backward pass: `[scores, lse, dP, rowsum(dO ∘ O), first keys]` to `[P,
+/// dS]`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct CausalSoftmaxBackward(pub CausalSoftmax);
 
-impl GpuKernel<4, 2> for CausalSoftmaxBackward {
-    fn launch<R: CubeRuntime>(&self, inputs: &[CubeTensor<R>; 4]) -> Option<[CubeTensor<R>; 2]> {
-        let (start, len) = self.0.positions()?;
+impl GpuKernel<5, 2> for CausalSoftmaxBackward {
+    fn launch<R: CubeRuntime>(&self, inputs: &[CubeTensor<R>; 5]) -> Option<[CubeTensor<R>; 2]> {
+        let (start, len, rows_per_batch) = self.0.positions()?;
         if inputs.iter().any(|t| t.dtype != DType::F32) {
             return None;
         }
-        let [scores, lse, d_probs, row_dots] = inputs.clone().map(into_contiguous);
+        let [scores, lse, d_probs, row_dots] =
+            [0, 1, 2, 3].map(|i| into_contiguous(inputs[i].clone()));
+        let first_keys = self.0.first_keys_of(&inputs[4], &scores);
         let shape = dims(&scores);
         let probs = empty(&scores, shape, DType::F32);
         let d_scores = empty(&scores, shape, DType::F32);
@@ -404,10 +478,13 @@ impl GpuKernel<4, 2> for CausalSoftmaxBackward {
             lse.into_tensor_arg(),
             d_probs.into_tensor_arg(),
             row_dots.into_tensor_arg(),
+            first_keys.into_tensor_arg(),
             probs.clone().into_tensor_arg(),
             d_scores.clone().into_tensor_arg(),
             start,
             len,
+            rows_per_batch,
+            self.0.first_keys,
         );
         Some([probs, d_scores])
     }

@@ -53,6 +53,11 @@ pub struct BenchArgs {
     /// `train.gradient_checkpointing` does.
     #[arg(long)]
     gradient_checkpointing: bool,
+    /// Documents per row in the training modes: each row packed with this many documents of
+    /// equal length (positions restart, and attention stays within each document), as
+    /// `train.pack` lays rows out.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    documents: u32,
     /// Print one JSON object instead of a sentence.
     #[arg(long)]
     json: bool,
@@ -179,11 +184,12 @@ impl Job for Bench {
                 "gpu_kernels": own_gpu_kernels::<B>(),
                 "row_reduction": row_reduction::<B>(),
                 "gradient_checkpointing": a.gradient_checkpointing,
+                "documents": a.documents,
             });
             println!("{out}");
         } else {
             println!(
-                "{} {:?} batch {} x seq {}, base in {}{}: {:.1} ms/step, {:.0} tokens/s, peak memory {} ({})",
+                "{} {:?} batch {} x seq {}, base in {}{}{}: {:.1} ms/step, {:.0} tokens/s, peak memory {} ({})",
                 a.shape,
                 a.mode,
                 a.batch,
@@ -193,6 +199,11 @@ impl Job for Bench {
                     ", layers recomputed"
                 } else {
                     ""
+                },
+                if a.documents > 1 {
+                    format!(", {} documents a row", a.documents)
+                } else {
+                    String::new()
                 },
                 step_s * 1e3,
                 tokens_per_s,
@@ -240,10 +251,18 @@ fn train_steps<AD: AutodiffBackend>(
     let (mut model, _) = base.with_lora(&lora, 0)?;
     a.dtype.apply(&mut model);
     let mut model = Some(model);
+    // Documents of `length` tokens laid end to end (a row's last one may be shorter), numbered
+    // from 1 (0 is padding).
+    let length = a.seq.div_ceil(a.documents as usize) as u32;
     let rows = |tokens: &[u32]| {
         let trained = vec![true; tokens.len()];
-        let positions: Vec<u32> = (0..a.batch).flat_map(|_| 0..a.seq as u32).collect();
-        let segments = vec![1u32; tokens.len()];
+        let row = || 0..a.seq as u32;
+        let positions: Vec<u32> = (0..a.batch)
+            .flat_map(|_| row().map(|p| p % length))
+            .collect();
+        let segments: Vec<u32> = (0..a.batch)
+            .flat_map(|_| row().map(|p| 1 + p / length))
+            .collect();
         TokenBatch::<AD>::from_rows(
             a.batch, a.seq, tokens, &trained, &positions, &segments, device,
         )
