@@ -7,13 +7,14 @@
 # (peer_lora.py, run by peer_reserved.py to add torch's reserved memory) side by side on the
 # card: the first rows, the CUDA build's scores against the CPU's on the fixture models, the
 # larger shapes; each of the first SFT row's alternatives on its own (the other cuBLAS
-# ordering, checked or not unless its check hung; burn's ops in place of burnish's kernels); a
-# kernel profile of the first row; the quickstart recipe trained end to end; the first row
-# with f32 activations under the bf16 base, and on burn's matmul alone (the cuBLAS route's
-# gain); the same rows and scores from the build with burn's fusion backend and, when
-# prepare.sh made it (TUNED=1), with fusion and autotuning; the first rows with activation
-# checkpointing; one step profiled with each kernel launch's details. A ratio table closes it;
-# autotune.txt lists the kernels the tuned build chose. Run from the repository root.
+# ordering, checked or not unless its check hung; burn's ops in place of burnish's kernels;
+# rows packed with four documents, as the SFT recipes pack them); a kernel profile of the
+# first row; the quickstart recipe trained end to end; the first row with f32 activations
+# under the bf16 base, and on burn's matmul alone (the cuBLAS route's gain); the same rows and
+# scores from the build with burn's fusion backend and, when prepare.sh made it (TUNED=1), with
+# fusion and autotuning; the first rows with activation checkpointing; one step profiled with
+# each kernel launch's details. A ratio table closes it; autotune.txt lists the kernels the
+# tuned build chose. Run from the repository root.
 #
 # On the development machine (the GPU machine has no Rust toolchain):
 #   scripts/gpu/prepare.sh                 # fills gpu-bin/
@@ -198,6 +199,10 @@ if [ -n "${KERNELS_OFF+set}" ]; then
   log "burnish bench, the first row without burnish's GPU kernels (what they gain)"
   BURNISH_GPU_KERNELS=$KERNELS_OFF bench $ROUTE ${first[0]} 150
 fi
+# Rows packed as the SFT recipes pack them (train.pack): four documents a row, whose attention
+# takes the kernels from each query's first key (or burn's ops and a mask without them).
+log "burnish bench, the first row packed with four documents a row"
+BENCH_FLAGS="--documents 4" bench $ROUTE ${first[0]} 150
 
 # Where the first row's time goes now: cubecl's per-kernel times for the plain build
 # (kernels.txt; the raw log as kernels.log.gz).

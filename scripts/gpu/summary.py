@@ -66,6 +66,8 @@ def row(key, o, p):
     matmul = o.get("matmul", "—") + ("+fusion" if "fusion" in o.get("backend", "") else "")
     matmul += "+tuned" if o.get("autotune") else ""
     matmul += "+recomputed" if o.get("gradient_checkpointing") else ""
+    # Rows packed with several documents (bench --documents N).
+    matmul += f"+packed{o['documents']}" if o.get("documents", 1) > 1 else ""
     # A bf16 base whose activations were kept in f32 (BURNISH_ACTIVATIONS=f32).
     matmul += "+f32act" if o.get("dtype") == "bf16" and o.get("activations") == "f32" else ""
     # burnish's own GPU kernels in place of burn's ops (on CUDA: BURNISH_GPU_KERNELS=all).
