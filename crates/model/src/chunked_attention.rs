@@ -234,21 +234,21 @@ fn tracked<I: Backend>(
         Tensor::<I, 4>::from_primitive(TensorPrimitive::Float(t.primitive.clone()))
     };
     let (q_in, k_in, v_in) = (inner(&q), inner(&k), inner(&v));
+    let (out, lse) = attention_forward(
+        kernel,
+        &q_in,
+        &k_in,
+        &v_in,
+        mask.as_ref(),
+        first_keys.as_ref(),
+    );
+    let primitive = out.clone().into_primitive().tensor();
     match AttentionBackward
         .prepare::<NoCheckpointing>([q.node.clone(), k.node.clone(), v.node.clone()])
         .compute_bound()
         .stateful()
     {
         OpsKind::Tracked(prep) => {
-            let (out, lse) = attention_forward(
-                kernel,
-                &q_in,
-                &k_in,
-                &v_in,
-                mask.as_ref(),
-                first_keys.as_ref(),
-            );
-            let primitive = out.clone().into_primitive().tensor();
             let saved = Saved {
                 kernel,
                 q: q_in,
@@ -261,17 +261,7 @@ fn tracked<I: Backend>(
             };
             prep.finish(saved, primitive)
         }
-        OpsKind::UnTracked(prep) => {
-            let (out, _) = attention_forward(
-                kernel,
-                &q_in,
-                &k_in,
-                &v_in,
-                mask.as_ref(),
-                first_keys.as_ref(),
-            );
-            prep.finish(out.into_primitive().tensor())
-        }
+        OpsKind::UnTracked(prep) => prep.finish(primitive),
     }
 }
 
