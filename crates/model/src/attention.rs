@@ -5,11 +5,11 @@ use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, DType, Tensor, TensorData};
+use burn::tensor::{DType, Tensor};
 use burnish_peft::{AdaptableLinear, cast_to};
 
 use crate::chunked_attention::chunked_causal_attention;
-use crate::documents::{Documents, window_first_keys};
+use crate::documents::{Documents, window_first_keys, window_mask};
 use crate::rope::Rotations;
 
 /// Keys and values of one layer for the positions seen so far, before the GQA head repeat.
@@ -149,22 +149,4 @@ pub(crate) fn repeat_kv<B: Backend>(x: Tensor<B, 4>, groups: usize) -> Tensor<B,
     x.unsqueeze_dim::<5>(2)
         .expand([batch, kv_heads, groups, seq, head_dim])
         .reshape([batch, kv_heads * groups, seq, head_dim])
-}
-
-/// The positions a sliding window hides: query `i` (absolute position `seen - seq + i`) may see
-/// key `j` only if `pos - window < j`. Causality is applied separately.
-///
-/// # Shapes
-/// - output: `[1, 1, seq, seen]`, `true` where masked
-fn window_mask<B: Backend>(
-    seq: usize,
-    seen: usize,
-    window: usize,
-    device: &B::Device,
-) -> Tensor<B, 4, Bool> {
-    let offset = seen - seq;
-    let data: Vec<bool> = (0..seq)
-        .flat_map(|i| (0..seen).map(move |j| j + window <= offset + i))
-        .collect();
-    Tensor::from_data(TensorData::new(data, [1, 1, seq, seen]), device)
 }

@@ -647,7 +647,7 @@ mod tests {
     use super::*;
     use crate::attention::repeat_kv;
     #[cfg(any(feature = "wgpu", feature = "cuda"))]
-    use crate::documents::{Documents, window_first_keys};
+    use crate::documents::{Documents, window_first_keys, window_mask};
     use burn::tensor::backend::AutodiffBackend;
     use burn::tensor::module::attention;
     use burn::tensor::ops::AttentionModuleOptions;
@@ -907,9 +907,6 @@ mod tests {
             .collect();
         let documents = Documents::<Flex>::of_segments(&segments, batch, seq, &device);
         let window = 100;
-        let window_mask: Vec<bool> = (0..batch * seq * seq)
-            .map(|i| (i % seq) + window <= (i / seq) % seq)
-            .collect();
         let cases = [
             None,
             Some((
@@ -917,7 +914,7 @@ mod tests {
                 documents.first_keys.expect("runs").into_data(),
             )),
             Some((
-                TensorData::new(window_mask, [batch, 1, seq, seq]),
+                window_mask::<Flex>(seq, seq, window, &device).into_data(),
                 window_first_keys::<Flex>(batch, seq, window, &device).into_data(),
             )),
         ];

@@ -2,7 +2,7 @@
 //! (another document's) as a mask, which every attention path takes, and, when each document
 //! is one run of positions (as packing lays them out), as each query's first visible key,
 //! which the chunked attention's GPU kernels take instead of the mask (no mask is read or
-//! filled there; see `chunked_attention`).
+//! filled there; see `chunked_attention`). A sliding window's bound takes the same two forms.
 
 use std::collections::HashSet;
 
@@ -55,6 +55,24 @@ fn runs_first_keys(segments: &[u32], seq: usize) -> Option<Vec<f32>> {
         }
     }
     Some(first_keys)
+}
+
+/// The positions a sliding window hides: query `i` (absolute position `seen - seq + i`) may see
+/// key `j` only if `pos - window < j`. Causality is applied separately.
+///
+/// # Shapes
+/// - output: `[1, 1, seq, seen]`, `true` where masked
+pub(crate) fn window_mask<B: Backend>(
+    seq: usize,
+    seen: usize,
+    window: usize,
+    device: &B::Device,
+) -> Tensor<B, 4, Bool> {
+    let offset = seen - seq;
+    let data: Vec<bool> = (0..seq)
+        .flat_map(|i| (0..seen).map(move |j| j + window <= offset + i))
+        .collect();
+    Tensor::from_data(TensorData::new(data, [1, 1, seq, seen]), device)
 }
 
 /// The first key each query sees through a sliding window of `window` keys, `[batch, seq]`
