@@ -125,6 +125,20 @@ impl LoraConfig {
                 "is empty; name modules, give a regex, or use \"all-linear\"",
             ));
         }
+        if let Targets::Regex(_) = &self.targets {
+            for (key, set) in [
+                ("layers_to_transform", self.layers_to_transform.is_some()),
+                ("layers_pattern", self.layers_pattern.is_some()),
+            ] {
+                if set {
+                    return Err(PeftError::invalid(
+                        key,
+                        "cannot be used with a regex `target_modules` (PEFT refuses it too); \
+                         list the modules or use \"all-linear\", or put the layers in the regex",
+                    ));
+                }
+            }
+        }
         self.targets.compile()?;
         if let Some(exclude) = &self.exclude_modules {
             exclude.compile()?;

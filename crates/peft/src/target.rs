@@ -112,8 +112,10 @@ pub fn select_targets(names: &[String], config: &LoraConfig) -> Result<Vec<Selec
         if !config.targets.matches(name)? {
             continue;
         }
-        // PEFT narrows by layer only for list targets.
-        if let (Targets::List(_), Some(layers)) = (&config.targets, &config.layers_to_transform)
+        // PEFT narrows by layer for list targets and for `all-linear`, which it expands to a
+        // list first; it refuses layers with a regex (`LoraConfig::validate` does too).
+        if let Some(layers) = &config.layers_to_transform
+            && !matches!(config.targets, Targets::Regex(_))
             && !layer_index(name, config.layers_pattern.as_deref())
                 .is_some_and(|i| layers.contains(&i))
         {
@@ -213,6 +215,27 @@ mod tests {
         assert_eq!(find("model.layers.0.self_attn.q_proj").r, 4);
         assert_eq!(find("model.layers.2.self_attn.q_proj").alpha, 1.0);
         assert_eq!(find("model.layers.0.self_attn.q_proj").alpha, 8.0);
+    }
+
+    #[test]
+    fn layers_to_transform_narrows_all_linear_as_its_expanded_list() {
+        let mut c = config(Targets::AllLinear);
+        c.layers_to_transform = Some(vec![1]);
+        let got = chosen(&c);
+        assert_eq!(got.len(), 3);
+        assert!(
+            got.iter().all(|n| n.starts_with("model.layers.1.")),
+            "{got:?}"
+        );
+        // What is saved (the expanded names beside the same layers) selects the same modules.
+        let saved = config(Targets::List(resolved_target_names(
+            &select_targets(&names(), &c).unwrap(),
+        )));
+        let reloaded = LoraConfig {
+            layers_to_transform: Some(vec![1]),
+            ..saved
+        };
+        assert_eq!(chosen(&reloaded), got);
     }
 
     #[test]
