@@ -242,26 +242,98 @@ fn recipe_and_data_mismatches_are_errors_naming_the_key() {
 }
 
 #[test]
+fn a_run_says_what_it_cut_and_refuses_what_would_mix_or_misread() {
+    let work = tempfile::tempdir().unwrap();
+    let long = WORDS.join(" ").repeat(4);
+    let rows = vec![
+        json!({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "red"}]}),
+        json!({"messages": [{"role": "user", "content": "list"}, {"role": "assistant", "content": long}]}),
+        json!({"messages": [{"role": "user", "content": "hi"}]}),
+    ];
+    write_jsonl(&work.path().join("train.jsonl"), &rows);
+    let path = recipe(
+        work.path(),
+        "[adapter]\nr = 4\n\n[data]\ntrain = \"train.jsonl\"\nmax_length = 24\non_bad_row = \"skip\"\n\n[train]\nmax_steps = 2\nwarmup_steps = 5\nsave_every = 1\n",
+    );
+    let out = train(&path, &[]);
+    assert_success(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    for said in [
+        "1 training rows were longer than `data.max_length`",
+        "1 training rows were skipped",
+        "train.jsonl:3:",
+        "the warmup (5 steps) is as long as the run (2 steps)",
+    ] {
+        assert!(err.contains(said), "`{said}` missing from:\n{err}");
+    }
+
+    // A fresh run does not mix with the checkpoints of the one before.
+    let out = train(&path, &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--resume") && err.contains("checkpoint"),
+        "{err}"
+    );
+
+    // A tokenizer whose ids the model has no embedding for is named before the model loads.
+    let model = work.path().join("small-vocab");
+    std::fs::create_dir_all(&model).unwrap();
+    for entry in std::fs::read_dir(model_dir("llama")).unwrap() {
+        let from = entry.unwrap().path();
+        std::fs::copy(&from, model.join(from.file_name().unwrap())).unwrap();
+    }
+    let config_path = model.join("config.json");
+    let mut config: Value = serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
+    config["vocab_size"] = json!(3);
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let out = train(
+        &path,
+        &[
+            "--set",
+            &format!("model.base=\"{}\"", model.display()),
+            "--set",
+            "output.dir=\"other\"",
+        ],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("train.jsonl:1:") && err.contains("vocab_size"),
+        "{err}"
+    );
+}
+
+#[test]
 fn non_finite_steps_stop_the_run_or_are_skipped() {
-    use burnish_model::Pretrained;
-    use burnish_peft::{LoraConfig, save_adapter};
-    type B = crate::fixtures::B;
+    use burnish_peft::{SaveDtype, decode_f32, serialize};
 
     let work = tempfile::tempdir().unwrap();
-    // An adapter whose B holds a NaN: every step's loss is NaN.
+    // An adapter whose first B holds a NaN (burnish refuses to write one, so it is made by
+    // hand): every step's loss is NaN.
     let adapter = model_dir("llama").join("../../adapters/llama-qv");
-    let base = Pretrained::<B>::load(&model_dir("llama"), &Default::default())
-        .unwrap()
-        .model;
-    let (mut model, config): (_, LoraConfig) = base.with_adapter(&adapter).unwrap();
-    for (_, linear) in model.linears_mut() {
-        if let Some(lora) = &mut linear.lora {
-            lora.lora_b = burn::module::Param::from_tensor(lora.lora_b.val().add_scalar(f32::NAN));
-            break;
-        }
-    }
     let poisoned = work.path().join("poisoned");
-    save_adapter(&poisoned, &config, &model.linears()).unwrap();
+    std::fs::create_dir_all(&poisoned).unwrap();
+    std::fs::copy(
+        adapter.join("adapter_config.json"),
+        poisoned.join("adapter_config.json"),
+    )
+    .unwrap();
+    let bytes = std::fs::read(adapter.join("adapter_model.safetensors")).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = file
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| (name, view.shape().to_vec(), decode_f32(&view).unwrap()))
+        .collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let b = tensors.iter_mut().find(|t| t.0.contains("lora_B")).unwrap();
+    b.2[0] = f32::NAN;
+    std::fs::write(
+        poisoned.join("adapter_model.safetensors"),
+        serialize(&tensors, SaveDtype::F32).unwrap(),
+    )
+    .unwrap();
 
     let rows = vec![
         json!({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "red"}]}),
@@ -279,8 +351,15 @@ fn non_finite_steps_stop_the_run_or_are_skipped() {
         "{err}"
     );
 
+    // Skipped steps leave the poisoned adapter as it was, which is then not written.
     let out = train(&path, &["--set", "train.on_nonfinite=skip"]);
-    assert_success(&out);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("non-finite") && err.contains("lora_B"),
+        "{err}"
+    );
+    assert!(!work.path().join("run/adapter_model.safetensors").exists());
     let skipped = metrics(&work.path().join("run"))
         .iter()
         .filter(|l| l.get("skipped_step").is_some())

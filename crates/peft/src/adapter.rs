@@ -15,7 +15,7 @@ use crate::error::{PeftError, Result};
 use crate::linear::AdaptableLinear;
 use crate::lora::Lora;
 use crate::target::{Selected, resolved_target_names, select_targets};
-use crate::tensor_io::{SaveDtype, decode_f32, f32_values, serialize, write_atomic};
+use crate::tensor_io::{SaveDtype, decode_f32, f32_values, serialize, write_atomic_together};
 
 pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
 pub const ADAPTER_WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -75,8 +75,8 @@ pub fn trainable_parameters<B: Backend>(linears: &[(String, &AdaptableLinear<B>)
         .sum()
 }
 
-/// Writes the adapters of `linears` in PEFT's format into `dir` (created if needed); each file
-/// goes through a temporary name and a rename.
+/// Writes the adapters of `linears` in PEFT's format into `dir` (created if needed); both files
+/// go through temporary names before either is renamed, and non-finite weights are refused.
 pub fn save_adapter<B: Backend>(
     dir: &Path,
     config: &LoraConfig,
@@ -104,15 +104,24 @@ pub fn save_adapter<B: Backend>(
         return Err(PeftError::Merge("the model has no adapter to save".into()));
     }
     let weights_path = dir.join(ADAPTER_WEIGHTS_FILE);
+    if let Some((name, _, _)) = tensors
+        .iter()
+        .find(|(_, _, v)| v.iter().any(|x| !x.is_finite()))
+    {
+        return Err(PeftError::NonFiniteTensor {
+            path: weights_path,
+            name: name.clone(),
+        });
+    }
     let bytes = serialize(&tensors, SaveDtype::F32).map_err(|e| PeftError::Safetensors {
         path: weights_path.clone(),
         detail: e.to_string(),
     })?;
-    write_atomic(&weights_path, &bytes).map_err(io(&weights_path))?;
     let config_path = dir.join(ADAPTER_CONFIG_FILE);
     let json = config.to_json(&resolved_target_names(&selected));
     let text = serde_json::to_string_pretty(&json).expect("a JSON value always serializes");
-    write_atomic(&config_path, text.as_bytes()).map_err(io(&config_path))
+    write_atomic_together(&[(&weights_path, &bytes), (&config_path, text.as_bytes())])
+        .map_err(|(path, source)| PeftError::Io { path, source })
 }
 
 /// Reads a PEFT-format adapter from `dir` (written by PEFT or by burnish) and attaches it to the

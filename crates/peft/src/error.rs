@@ -48,6 +48,11 @@ pub enum PeftError {
     UnexpectedTensor { path: PathBuf, name: String },
     #[error("merge: {0}")]
     Merge(String),
+    #[error(
+        "{path}: tensor `{name}` holds non-finite values; refusing to write it (the training \
+         diverged: lower the learning rate)"
+    )]
+    NonFiniteTensor { path: PathBuf, name: String },
     #[error("module `{module}`: merging produced non-finite weights; nothing was changed")]
     NonFinite { module: String },
 }

@@ -46,4 +46,6 @@ pub use lora::Lora;
 pub use rebrand::{cpu_values, on_cpu, rebrand};
 pub use row_reduction::{RowReduction, reduce_rows};
 pub use target::{LM_HEAD, Selected, Targets, resolved_target_names, select_targets};
-pub use tensor_io::{SaveDtype, decode_f32, f32_values, first_value, serialize, write_atomic};
+pub use tensor_io::{
+    SaveDtype, decode_f32, f32_values, first_value, serialize, write_atomic, write_atomic_together,
+};

@@ -1,7 +1,7 @@
 //! Safetensors element conversion and atomic file writes, shared by model checkpoints and
 //! adapter files: F32 / BF16 / F16 bytes to f32 values and back.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
@@ -89,13 +89,41 @@ pub fn decode_f32(view: &TensorView<'_>) -> Result<Vec<f32>, Dtype> {
 /// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so a
 /// crash never leaves a half-written file under the final name.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = temporary_name(path);
+    std::fs::write(&tmp, bytes).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Writes files that belong together (an adapter's weights and config): every one to its
+/// temporary name first, then the renames, so a failed write changes none of them. On failure
+/// the error names the file it is about.
+pub fn write_atomic_together(files: &[(&Path, &[u8])]) -> Result<(), (PathBuf, std::io::Error)> {
+    let mut written = Vec::new();
+    for (path, bytes) in files {
+        let tmp = temporary_name(path);
+        if let Err(e) = std::fs::write(&tmp, bytes) {
+            for left in written.iter().chain([&tmp]) {
+                let _ = std::fs::remove_file(left);
+            }
+            return Err((path.to_path_buf(), e));
+        }
+        written.push(tmp);
+    }
+    for ((path, _), tmp) in files.iter().zip(&written) {
+        std::fs::rename(tmp, path).map_err(|e| (path.to_path_buf(), e))?;
+    }
+    Ok(())
+}
+
+/// The hidden name in `path`'s directory that a file is written under before its rename.
+fn temporary_name(path: &Path) -> PathBuf {
     let file_name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{file_name}.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
+    path.with_file_name(format!(".{file_name}.tmp-{}", std::process::id()))
 }
 
 /// Serializes named tensors `(name, shape, f32 values)` into safetensors bytes in `dtype`, with
