@@ -121,3 +121,23 @@ fn malformed_config_names_the_file() {
     let msg = load_error(dir.path());
     assert!(msg.contains("config.json"), "{msg}");
 }
+
+#[test]
+fn a_random_start_refuses_an_initializer_range_that_is_no_deviation() {
+    for bad in [
+        serde_json::json!(0.0),
+        serde_json::json!(-0.02),
+        serde_json::json!(1e40),
+    ] {
+        let dir = copy_fixture("llama");
+        edit_config(dir.path(), |c| c["initializer_range"] = bad.clone());
+        let msg = Pretrained::<B>::random(dir.path(), 0, &Default::default())
+            .err()
+            .unwrap_or_else(|| panic!("initializer_range {bad} was accepted"))
+            .to_string();
+        assert!(
+            msg.contains("config.json") && msg.contains("initializer_range"),
+            "{msg}"
+        );
+    }
+}
