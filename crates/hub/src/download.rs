@@ -195,7 +195,11 @@ impl Hub {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(io_err(parent))?;
         }
-        std::fs::write(&path, sha).map_err(io_err(&path))
+        // Through a temporary name, so a reader never finds half a commit id.
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+        std::fs::write(&tmp, sha).map_err(io_err(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io_err(&path))
     }
 
     /// The cached snapshot of `revision`, found through `refs/` unless it is a commit sha.

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use hf_hub::HFError;
 
 use crate::repo_id::RepoKind;
+use crate::settings::Settings;
 
 /// What went wrong talking to the Hub or preparing a push.
 #[derive(Debug, thiserror::Error)]
@@ -205,20 +206,20 @@ pub(crate) struct RequestContext<'a> {
     pub kind: RepoKind,
     pub repo: &'a str,
     pub revision: &'a str,
-    pub endpoint: &'a str,
-    pub has_token: bool,
+    pub settings: &'a Settings,
 }
 
 impl RequestContext<'_> {
     /// The error a download failure means for the user.
     pub(crate) fn error(&self, err: HFError) -> HubError {
         let (kind, repo) = (self.kind, self.repo.to_string());
+        let endpoint = self.settings.shown_endpoint();
         let denied = |status| HubError::AccessDenied {
             kind,
             repo: repo.clone(),
-            page: kind.page(self.endpoint, self.repo),
+            page: kind.page(&endpoint, self.repo),
             status,
-            token: if self.has_token {
+            token: if self.settings.token.is_some() {
                 TokenNote::Rejected
             } else {
                 TokenNote::NoneSet
@@ -230,7 +231,7 @@ impl RequestContext<'_> {
             HFError::RepoNotFound { .. } => HubError::RepoNotFound {
                 kind,
                 repo,
-                endpoint: self.endpoint.to_string(),
+                endpoint: endpoint.clone(),
             },
             HFError::RevisionNotFound { context, .. } => {
                 // The Hub says which of the two is missing; without that, `main` missing almost
@@ -240,12 +241,12 @@ impl RequestContext<'_> {
                     Some("RepoNotFound") => HubError::RepoNotFound {
                         kind,
                         repo,
-                        endpoint: self.endpoint.to_string(),
+                        endpoint: endpoint.clone(),
                     },
                     None if self.revision == "main" => HubError::RepoNotFound {
                         kind,
                         repo,
-                        endpoint: self.endpoint.to_string(),
+                        endpoint: endpoint.clone(),
                     },
                     _ => HubError::RevisionNotFound {
                         kind,
@@ -261,8 +262,8 @@ impl RequestContext<'_> {
                 path,
             },
             HFError::Request { .. } => HubError::Unreachable {
-                endpoint: self.endpoint.to_string(),
-                detail: err.to_string(),
+                endpoint: endpoint.clone(),
+                detail: self.settings.redact(&err.to_string()),
             },
             source => HubError::Hub { kind, repo, source },
         }
@@ -270,7 +271,12 @@ impl RequestContext<'_> {
 }
 
 /// The error a failed push step means for the user; `step` says what was being done.
-pub(crate) fn push_error(repo: &str, step: &'static str, err: HFError) -> HubError {
+pub(crate) fn push_error(
+    repo: &str,
+    step: &'static str,
+    err: HFError,
+    settings: &Settings,
+) -> HubError {
     let denied = |status| HubError::PushDenied {
         repo: repo.to_string(),
         owner: repo.split('/').next().unwrap_or(repo).to_string(),
@@ -282,7 +288,7 @@ pub(crate) fn push_error(repo: &str, step: &'static str, err: HFError) -> HubErr
         other => HubError::PushFailed {
             repo: repo.to_string(),
             step,
-            detail: other.to_string(),
+            detail: settings.redact(&other.to_string()),
         },
     }
 }

@@ -75,8 +75,8 @@ impl Hub {
                 builder = builder.token(token.secret());
             }
             Some(builder.build_sync().map_err(|e| HubError::ClientSetup {
-                endpoint: settings.endpoint.clone(),
-                detail: e.to_string(),
+                endpoint: settings.shown_endpoint(),
+                detail: settings.redact(&e.to_string()),
             })?)
         };
         Ok(Hub {
@@ -97,9 +97,10 @@ impl Hub {
         self.settings.offline
     }
 
-    /// The Hub's base URL (`HF_ENDPOINT`, default `https://huggingface.co`).
-    pub fn endpoint(&self) -> &str {
-        &self.settings.endpoint
+    /// The Hub's base URL (`HF_ENDPOINT`, default `https://huggingface.co`) as it may be shown:
+    /// credentials in it read `***`.
+    pub fn endpoint(&self) -> String {
+        self.settings.shown_endpoint()
     }
 
     /// The cache root (`HF_HUB_CACHE`, default `HF_HOME/hub`).
@@ -127,8 +128,7 @@ impl Hub {
             kind,
             repo,
             revision,
-            endpoint: &self.settings.endpoint,
-            has_token: self.settings.token.is_some(),
+            settings: &self.settings,
         }
     }
 }

@@ -199,7 +199,7 @@ impl Hub {
             .private(target.private)
             .exist_ok(true)
             .send()
-            .map_err(|e| push_error(repo, "creating the repo", e))?;
+            .map_err(|e| push_error(repo, "creating the repo", e, &self.settings))?;
         let operations: Vec<CommitOperation> = plan
             .files
             .iter()
@@ -213,7 +213,7 @@ impl Hub {
             .commit_message(target.message.clone())
             .revision(target.revision.clone())
             .send()
-            .map_err(|e| push_error(repo, "committing the files", e))?;
+            .map_err(|e| push_error(repo, "committing the files", e, &self.settings))?;
         Ok(Pushed {
             repo_url: created.url,
             commit_url: commit.commit_url,

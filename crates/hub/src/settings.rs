@@ -71,6 +71,30 @@ impl Settings {
             token,
         }
     }
+
+    /// The endpoint as it may be shown: credentials in it (`https://user:secret@host`) read
+    /// `***`.
+    pub fn shown_endpoint(&self) -> String {
+        self.redact(&self.endpoint)
+    }
+
+    /// `text` with the endpoint's credentials, wherever they appear, replaced by `***` (the
+    /// client's errors quote the URLs it requested).
+    pub fn redact(&self, text: &str) -> String {
+        let authority = self
+            .endpoint
+            .split_once("://")
+            .map_or(self.endpoint.as_str(), |(_, rest)| rest)
+            .split('/')
+            .next()
+            .unwrap_or_default();
+        match authority.rsplit_once('@') {
+            Some((credentials, _)) if !credentials.is_empty() => {
+                text.replace(&format!("{credentials}@"), "***@")
+            }
+            _ => text.to_string(),
+        }
+    }
 }
 
 /// Boolean environment values as the Python client reads them.
@@ -131,6 +155,17 @@ mod tests {
         assert_eq!(s.endpoint, "https://huggingface.co");
         assert_eq!(s.cache_dir, PathBuf::from("/home/u/.cache/huggingface/hub"));
         assert!(!s.offline);
+    }
+
+    #[test]
+    fn credentials_in_the_endpoint_are_never_shown() {
+        let s = settings(&[("HF_ENDPOINT", "https://me:s3cret@mirror.example/hf/")]);
+        assert_eq!(s.endpoint, "https://me:s3cret@mirror.example/hf");
+        assert_eq!(s.shown_endpoint(), "https://***@mirror.example/hf");
+        let error = "error sending request for url (https://me:s3cret@mirror.example/hf/api)";
+        assert!(!s.redact(error).contains("s3cret"), "{}", s.redact(error));
+        let plain = settings(&[("HF_ENDPOINT", "https://mirror.example/a@b")]);
+        assert_eq!(plain.shown_endpoint(), "https://mirror.example/a@b");
     }
 
     #[test]
