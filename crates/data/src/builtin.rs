@@ -1,7 +1,13 @@
 //! Named built-in chat templates for checkpoints that ship none. Each renders exactly what the
 //! model family's own template renders for plain conversations (checked against the originals in
 //! the golden tests) and wraps every assistant turn, end-of-turn token included, in
-//! `{% generation %}` so loss masks come straight from the template.
+//! `{% generation %}` so loss masks come straight from the template. None renders tool calls,
+//! tool schemas or reasoning, and only some render `tool` turns; [`Builtin::check`] rejects a
+//! conversation holding what its template would leave out.
+
+use serde_json::Value;
+
+use crate::message::Message;
 
 /// The names [`crate::ChatTemplate::builtin`] accepts.
 pub const BUILTIN_TEMPLATES: [&str; 7] = [
@@ -119,18 +125,59 @@ const ALPACA: &str = concat!(
     "{%- if add_generation_prompt -%}{{- '### Response:\\n' -}}{%- endif -%}",
 );
 
-/// The source of a built-in template.
-pub(crate) fn source(name: &str) -> Option<&'static str> {
-    Some(match name {
-        "chatml" => CHATML,
-        "llama3" => LLAMA3,
-        "mistral" => MISTRAL,
-        "gemma" => GEMMA,
-        "phi3" => PHI3,
-        "zephyr" => ZEPHYR,
-        "alpaca" => ALPACA,
-        _ => return None,
-    })
+/// Message keys other templates render as text, which no built-in renders.
+const UNRENDERED_KEYS: [&str; 3] = ["tool_calls", "reasoning_content", "thinking"];
+
+/// A built-in template and what it can render.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Builtin {
+    pub source: &'static str,
+    /// Whether `tool` turns are rendered (as a turn of their own role); the others raise on
+    /// them, or leave them out.
+    tool_turns: bool,
+}
+
+impl Builtin {
+    /// The built-in named `name`.
+    pub(crate) fn get(name: &str) -> Option<Self> {
+        let (source, tool_turns) = match name {
+            "chatml" => (CHATML, true),
+            "llama3" => (LLAMA3, true),
+            "mistral" => (MISTRAL, false),
+            "gemma" => (GEMMA, false),
+            "phi3" => (PHI3, false),
+            "zephyr" => (ZEPHYR, true),
+            "alpaca" => (ALPACA, false),
+            _ => return None,
+        };
+        Some(Self { source, tool_turns })
+    }
+
+    /// Rejects a conversation holding what this template would not render: tool schemas, a
+    /// message's tool calls or reasoning, or (where it has no such turn) a `tool` turn.
+    pub(crate) fn check(
+        &self,
+        messages: &[Message],
+        tools: Option<&[Value]>,
+    ) -> Result<(), String> {
+        const ADVICE: &str = "which this built-in template does not render; use the model's own chat template instead";
+        if tools.is_some_and(|t| !t.is_empty()) {
+            return Err(format!("the row has `tools`, {ADVICE}"));
+        }
+        for (i, m) in messages.iter().enumerate() {
+            if let Some(key) = UNRENDERED_KEYS.iter().find(|k| m.field(k).is_some()) {
+                return Err(format!(
+                    "message {i} (counting from 0) has `{key}`, {ADVICE}"
+                ));
+            }
+            if m.role == "tool" && !self.tool_turns {
+                return Err(format!(
+                    "message {i} (counting from 0) has role `tool`, {ADVICE}"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::batch::{shuffle, split_eval};
 use crate::error::{DataError, Result};
-use crate::example::{Encoded, Encoder, Example, PairExample, TrainOn};
+use crate::example::{Encoded, Encoder, Example, PairExample, TrainOn, check_pair};
 use crate::format::{AlpacaStyle, Fields, RowFormat, parse_row};
 use crate::reader::read_rows;
 
@@ -82,14 +82,16 @@ impl DataConfig {
     pub fn validate(&self) -> Result<()> {
         if !(0.0..1.0).contains(&self.eval_ratio) {
             return Err(DataError::Config {
-                key: "eval_ratio".into(),
+                key: "data.eval_ratio".into(),
                 detail: format!("must be in [0, 1), got {}", self.eval_ratio),
             });
         }
-        if self.max_length == Some(0) {
+        if let Some(n @ (0 | 1)) = self.max_length {
             return Err(DataError::Config {
-                key: "max_length".into(),
-                detail: "must be at least 1".into(),
+                key: "data.max_length".into(),
+                detail: format!(
+                    "must be at least 2, got {n}: a causal loss predicts each token from the ones before it"
+                ),
             });
         }
         Ok(())
@@ -203,6 +205,7 @@ pub fn load(paths: &[&Path], encoder: &Encoder, config: &DataConfig) -> Result<D
             (out, &row.path, row.line)
         })
         .collect();
+    let pairs_wanted = holds_pairs(&results);
     let mut ds = Dataset {
         report: Report {
             rows: rows.len(),
@@ -211,6 +214,17 @@ pub fn load(paths: &[&Path], encoder: &Encoder, config: &DataConfig) -> Result<D
         ..Default::default()
     };
     for (result, path, line) in results {
+        let result = result.and_then(|(encoded, truncated)| {
+            match (&encoded, pairs_wanted) {
+                (Encoded::Single(_), true) => Err(
+                    "a single sequence in a dataset of preference pairs: a dataset holds one kind of row; move such rows to a file of their own".to_string(),
+                ),
+                (Encoded::Pair(_), false) => Err(
+                    "a preference pair in a dataset of single sequences: a dataset holds one kind of row; move such rows to a file of their own".to_string(),
+                ),
+                _ => Ok((encoded, truncated)),
+            }
+        });
         match result {
             Ok((encoded, truncated)) => {
                 ds.report.truncated += truncated as usize;
@@ -227,7 +241,7 @@ pub fn load(paths: &[&Path], encoder: &Encoder, config: &DataConfig) -> Result<D
                     Encoded::Pair(p) => {
                         ds.report.tokens +=
                             2 * p.prompt_ids.len() + p.chosen_ids.len() + p.rejected_ids.len();
-                        ds.report.trained_tokens += p.chosen_ids.len() + p.rejected_ids.len();
+                        ds.report.trained_tokens += p.chosen().trained() + p.rejected().trained();
                         ds.pairs.push(p);
                         ds.pair_sources.push(Source {
                             path: path.clone(),
@@ -256,6 +270,23 @@ pub fn load(paths: &[&Path], encoder: &Encoder, config: &DataConfig) -> Result<D
         }
     }
     Ok(ds)
+}
+
+/// Whether the dataset is one of preference pairs: the kind most good rows have (the first good
+/// row's on a tie); rows of the other kind are then bad rows, never silently unused.
+fn holds_pairs(results: &[RowOutcome]) -> bool {
+    let is_pair = |r: &RowOutcome| match &r.0 {
+        Ok((Encoded::Pair(_), _)) => Some(true),
+        Ok((Encoded::Single(_), _)) => Some(false),
+        Err(_) => None,
+    };
+    let pairs = results.iter().filter(|r| is_pair(r) == Some(true)).count();
+    let singles = results.iter().filter(|r| is_pair(r) == Some(false)).count();
+    match pairs.cmp(&singles) {
+        std::cmp::Ordering::Greater => true,
+        std::cmp::Ordering::Less => false,
+        std::cmp::Ordering::Equal => results.iter().find_map(is_pair).unwrap_or(false),
+    }
 }
 
 /// Applies `max_length`: `(example, was truncated)` or the reason the row is rejected.
@@ -298,6 +329,12 @@ fn limit(encoded: Encoded, config: &DataConfig) -> std::result::Result<(Encoded,
                 })?;
             p.chosen_ids.truncate(room);
             p.rejected_ids.truncate(room);
+            if p.chosen_ids == p.rejected_ids {
+                return Err(format!(
+                    "`chosen` and `rejected` are identical after truncation to max_length = {max}; raise data.max_length"
+                ));
+            }
+            check_pair(&p)?;
             Encoded::Pair(p)
         }
     };

@@ -35,6 +35,13 @@ pub enum DataError {
         line: usize,
         reason: String,
     },
+    /// A dataset file whose layout cannot be read (not a row's problem, so not skippable).
+    #[error("{path}:{line}: {detail}")]
+    Layout {
+        path: PathBuf,
+        line: usize,
+        detail: String,
+    },
     /// A setting that cannot work.
     #[error("data config: `{key}`: {detail}")]
     Config { key: String, detail: String },

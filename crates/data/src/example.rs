@@ -9,6 +9,7 @@
 use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::format::Sample;
 use crate::message::Message;
@@ -50,9 +51,10 @@ impl Example {
         self.input_ids.is_empty()
     }
 
-    /// Number of trained tokens.
+    /// Number of tokens the loss is computed on: trained tokens after position 0 (the first token
+    /// is never predicted, whatever its mask says).
     pub fn trained(&self) -> usize {
-        self.labels_mask.iter().filter(|&&m| m).count()
+        self.labels_mask.iter().skip(1).filter(|&&m| m).count()
     }
 }
 
@@ -120,7 +122,10 @@ impl Encoder {
             Sample::Chat {
                 messages,
                 prompt_len,
-            } => self.encode_chat(messages, *prompt_len).map(Encoded::Single),
+                tools,
+            } => self
+                .encode_chat(messages, tools.as_deref(), *prompt_len)
+                .map(Encoded::Single),
             Sample::Text { prompt, completion } => {
                 self.encode_text(prompt, completion).map(Encoded::Single)
             }
@@ -128,33 +133,48 @@ impl Encoder {
                 prompt,
                 chosen,
                 rejected,
+                tools,
             } => self
-                .encode_pair(prompt, chosen, rejected)
+                .encode_pair(prompt, chosen, rejected, tools.as_deref())
                 .map(Encoded::Pair),
             Sample::TextPair {
                 prompt,
                 chosen,
                 rejected,
-            } => {
-                let eos = self.tokenizer.special.eos_token.clone().unwrap_or_default();
-                let prompt_ids = self.tokenize(prompt)?.0;
-                let completion = |c: &str| {
-                    self.tokenizer
-                        .encode(&format!("{c}{eos}"), false)
-                        .map_err(|e| e.to_string())
-                };
-                Ok(Encoded::Pair(PairExample {
-                    prompt_ids,
-                    chosen_ids: completion(chosen)?,
-                    rejected_ids: completion(rejected)?,
-                }))
-            }
+            } => self
+                .encode_text_pair(prompt, chosen, rejected)
+                .map(Encoded::Pair),
         }
     }
 
-    fn render(&self, messages: &[Message], agp: bool) -> Result<crate::Rendered, String> {
+    /// `text` ending with the end-of-sequence token exactly once.
+    fn with_eos(&self, text: &str) -> String {
+        match self.tokenizer.special.eos_token.as_deref() {
+            Some(eos) if !text.ends_with(eos) => format!("{text}{eos}"),
+            _ => text.to_string(),
+        }
+    }
+
+    /// Whether `text` holds nothing but (at most) the end-of-sequence token.
+    fn is_blank_completion(&self, text: &str) -> bool {
+        let eos = self.tokenizer.special.eos_token.as_deref().unwrap_or("");
+        text.is_empty() || text == eos
+    }
+
+    fn render(
+        &self,
+        messages: &[Message],
+        tools: Option<&[Value]>,
+        agp: bool,
+    ) -> Result<crate::Rendered, String> {
         self.template
-            .render_spans(messages, agp, &self.tokenizer.special, &self.template_vars)
+            .render_with_tools(
+                messages,
+                tools,
+                agp,
+                &self.tokenizer.special,
+                &self.template_vars,
+            )
             .map_err(|e| e.to_string())
     }
 
@@ -168,29 +188,45 @@ impl Encoder {
             .map_err(|e| e.to_string())
     }
 
-    /// Byte spans of the assistant turns of `rendered` (the render of `messages` without the
-    /// generation prompt): its `{% generation %}` spans, or else found by rendering prefixes.
+    /// Byte spans of the assistant turns of `rendered` (the render of `messages`, without tools
+    /// or the generation prompt): its `{% generation %}` spans, or else found by rendering
+    /// prefixes.
     pub fn assistant_spans(
         &self,
         messages: &[Message],
         rendered: &crate::Rendered,
     ) -> Result<Vec<Range<usize>>, String> {
+        self.spans(messages, None, rendered)
+    }
+
+    /// [`Self::assistant_spans`] of a render with `tools`.
+    fn spans(
+        &self,
+        messages: &[Message],
+        tools: Option<&[Value]>,
+        rendered: &crate::Rendered,
+    ) -> Result<Vec<Range<usize>>, String> {
         if self.template.has_generation_blocks() {
             Ok(rendered.generation_spans.clone())
         } else {
-            self.prefix_spans(messages, &rendered.text)
+            self.prefix_spans(messages, tools, &rendered.text)
         }
     }
 
     /// Span of the text each assistant turn adds, found by rendering prefixes.
-    fn prefix_spans(&self, messages: &[Message], full: &str) -> Result<Vec<Range<usize>>, String> {
+    fn prefix_spans(
+        &self,
+        messages: &[Message],
+        tools: Option<&[Value]>,
+        full: &str,
+    ) -> Result<Vec<Range<usize>>, String> {
         let mut spans = Vec::new();
         for (i, m) in messages.iter().enumerate() {
             if m.role != "assistant" {
                 continue;
             }
-            let before = self.render(&messages[..i], true)?.text;
-            let upto = self.render(&messages[..=i], false)?.text;
+            let before = self.render(&messages[..i], tools, true)?.text;
+            let upto = self.render(&messages[..=i], tools, false)?.text;
             if !upto.starts_with(&before) || !full.starts_with(&upto) {
                 return Err(format!(
                     "the chat template renders message {i} differently once later messages follow, so its assistant tokens cannot be found; use a template with {{% generation %}} blocks or train_on = \"all\""
@@ -201,17 +237,62 @@ impl Encoder {
         Ok(spans)
     }
 
-    fn encode_chat(
+    /// Indices of the assistant turns `train_on` trains on (none for `all`, which trains the text
+    /// as a whole); `prompt_len` is the row's prompt length when it gave one.
+    fn trained_turns(&self, messages: &[Message], prompt_len: Option<usize>) -> Vec<usize> {
+        let assistant = |(i, m): (usize, &Message)| (m.role == "assistant").then_some(i);
+        let all: Vec<usize> = messages.iter().enumerate().filter_map(assistant).collect();
+        match (self.train_on, prompt_len) {
+            (TrainOn::All, _) => Vec::new(),
+            (TrainOn::Assistant, _) => all,
+            (TrainOn::Completion, Some(n)) => all.into_iter().filter(|&i| i >= n).collect(),
+            (TrainOn::LastTurn | TrainOn::Completion, _) => {
+                all.last().copied().into_iter().collect()
+            }
+        }
+    }
+
+    /// Rejects conversations whose trained part would be an end-of-turn token alone (an
+    /// assistant turn with neither text nor tool calls), or (for
+    /// `train_on = "completion"`, which trains everything after the prompt) a trailing turn that is
+    /// not the assistant's.
+    fn check_conversation(
         &self,
         messages: &[Message],
         prompt_len: Option<usize>,
+    ) -> Result<(), String> {
+        for i in self.trained_turns(messages, prompt_len) {
+            if is_blank_turn(&messages[i]) {
+                return Err(format!(
+                    "the assistant turn at message {i} (counting from 0) is empty (no text and no tool calls): there is no answer to train on"
+                ));
+            }
+        }
+        if self.train_on == TrainOn::Completion
+            && let Some(last) = messages.last()
+            && last.role != "assistant"
+        {
+            return Err(format!(
+                "the conversation ends on a `{}` turn; the last message must be the assistant's (train_on = \"completion\" trains everything after the prompt)",
+                last.role
+            ));
+        }
+        Ok(())
+    }
+
+    fn encode_chat(
+        &self,
+        messages: &[Message],
+        tools: Option<&[Value]>,
+        prompt_len: Option<usize>,
     ) -> Result<Example, String> {
-        let rendered = self.render(messages, false)?;
+        self.check_conversation(messages, prompt_len)?;
+        let rendered = self.render(messages, tools, false)?;
         let text = &rendered.text;
         let spans: Vec<Range<usize>> = match self.train_on {
             TrainOn::All => vec![whole(text)],
             TrainOn::Assistant | TrainOn::LastTurn => {
-                let mut spans = self.assistant_spans(messages, &rendered)?;
+                let mut spans = self.spans(messages, tools, &rendered)?;
                 if self.train_on == TrainOn::LastTurn {
                     spans = spans.pop().into_iter().collect();
                 }
@@ -225,7 +306,7 @@ impl Encoder {
                         .rposition(|m| m.role == "assistant")
                         .ok_or("no assistant turn to train on")?,
                 };
-                let prompt = self.render(&messages[..prompt_len], true)?.text;
+                let prompt = self.render(&messages[..prompt_len], tools, true)?.text;
                 if !text.starts_with(&prompt) {
                     return Err("the rendered prompt is not a prefix of the rendered conversation, so the completion cannot be found".into());
                 }
@@ -247,12 +328,14 @@ impl Encoder {
     }
 
     fn encode_text(&self, prompt: &str, completion: &str) -> Result<Example, String> {
-        let eos = self.tokenizer.special.eos_token.as_deref().unwrap_or("");
-        let text = if completion.ends_with(eos) {
-            format!("{prompt}{completion}")
-        } else {
-            format!("{prompt}{completion}{eos}")
-        };
+        if self.is_blank_completion(completion) {
+            return Err(if prompt.is_empty() {
+                "the text is empty: nothing to train on".into()
+            } else {
+                "the completion is empty: nothing to train on".into()
+            });
+        }
+        let text = self.with_eos(&format!("{prompt}{completion}"));
         let span = match self.train_on {
             TrainOn::All => whole(&text),
             _ => Range {
@@ -266,9 +349,41 @@ impl Encoder {
             input_ids: ids,
         };
         if example.trained() == 0 {
-            return Err("the completion is empty: nothing to train on".into());
+            return Err(
+                "nothing to train on: the text is a single token, and the first token is never predicted"
+                    .into(),
+            );
         }
         Ok(example)
+    }
+
+    fn encode_text_pair(
+        &self,
+        prompt: &str,
+        chosen: &str,
+        rejected: &str,
+    ) -> Result<PairExample, String> {
+        let prompt_ids = self.tokenize(prompt)?.0;
+        let completion = |key: &str, c: &str| -> Result<Vec<u32>, String> {
+            if self.is_blank_completion(c) {
+                return Err(format!("`{key}` is empty: there is no answer to train on"));
+            }
+            let ids = self
+                .tokenizer
+                .encode(&self.with_eos(c), false)
+                .map_err(|e| e.to_string())?;
+            if ids.is_empty() {
+                return Err(format!("`{key}` renders to no tokens"));
+            }
+            Ok(ids)
+        };
+        let pair = PairExample {
+            prompt_ids,
+            chosen_ids: completion("chosen", chosen)?,
+            rejected_ids: completion("rejected", rejected)?,
+        };
+        check_pair(&pair)?;
+        Ok(pair)
     }
 
     fn encode_pair(
@@ -276,12 +391,23 @@ impl Encoder {
         prompt: &[Message],
         chosen: &[Message],
         rejected: &[Message],
+        tools: Option<&[Value]>,
     ) -> Result<PairExample, String> {
-        let prompt_text = self.render(prompt, true)?.text;
+        for (key, side) in [("chosen", chosen), ("rejected", rejected)] {
+            if let Some(i) = side
+                .iter()
+                .position(|m| m.role == "assistant" && is_blank_turn(m))
+            {
+                return Err(format!(
+                    "the `{key}` assistant turn at completion message {i} (counting from 0) is empty (no text and no tool calls): there is no answer to train on"
+                ));
+            }
+        }
+        let prompt_text = self.render(prompt, tools, true)?.text;
         let (prompt_ids, _) = self.tokenize(&prompt_text)?;
         let completion = |c: &[Message]| -> Result<Vec<u32>, String> {
             let all: Vec<Message> = prompt.iter().chain(c).cloned().collect();
-            let full = self.render(&all, false)?.text;
+            let full = self.render(&all, tools, false)?.text;
             let rest = full.strip_prefix(prompt_text.as_str()).ok_or(
                 "the rendered prompt is not a prefix of the rendered conversation, so the completion cannot be found",
             )?;
@@ -294,12 +420,36 @@ impl Encoder {
             }
             Ok(ids)
         };
-        Ok(PairExample {
+        let pair = PairExample {
             chosen_ids: completion(chosen)?,
             rejected_ids: completion(rejected)?,
             prompt_ids,
-        })
+        };
+        check_pair(&pair)?;
+        Ok(pair)
     }
+}
+
+/// Whether a turn has nothing to train on: no text and no tool calls.
+fn is_blank_turn(m: &Message) -> bool {
+    m.content.is_empty() && !m.has_tool_calls()
+}
+
+/// Rejects a pair that gives the loss nothing to compare: a side without a token after
+/// position 0 to predict, or sides that are the same tokens.
+pub(crate) fn check_pair(pair: &PairExample) -> Result<(), String> {
+    for (key, side) in [("chosen", pair.chosen()), ("rejected", pair.rejected())] {
+        if side.trained() == 0 {
+            return Err(format!(
+                "the `{key}` sequence has no token to train on after its first (prompt and completion together are {} token(s))",
+                side.len()
+            ));
+        }
+    }
+    if pair.chosen_ids == pair.rejected_ids {
+        return Err("`chosen` and `rejected` give the same tokens".into());
+    }
+    Ok(())
 }
 
 /// The span of all of `text`.
@@ -329,6 +479,23 @@ pub fn mask_from_spans(offsets: &[Offsets], spans: &[Range<usize>]) -> Vec<bool>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pair_side_without_a_predicted_token_is_rejected() {
+        let pair = |prompt: Vec<u32>, chosen: Vec<u32>| PairExample {
+            prompt_ids: prompt,
+            chosen_ids: chosen,
+            rejected_ids: vec![7, 8],
+        };
+        let err = check_pair(&pair(vec![], vec![5])).unwrap_err();
+        assert!(
+            err.contains("`chosen` sequence has no token to train on"),
+            "{err}"
+        );
+        assert!(check_pair(&pair(vec![1], vec![5])).is_ok());
+        let err = check_pair(&pair(vec![1], vec![7, 8])).unwrap_err();
+        assert!(err.contains("same tokens"), "{err}");
+    }
 
     #[test]
     fn overlap_rule_marks_straddling_tokens() {

@@ -2,11 +2,13 @@
 //! a preference pair). Shapes are `messages` (OpenAI style), ShareGPT (`conversations` with
 //! `from`/`value`), Alpaca (`instruction`/`input`/`output`), `prompt`/`completion` and preference
 //! pairs (`prompt` + `chosen`/`rejected`, or full `chosen`/`rejected` conversations sharing a
-//! prefix). Field names are configurable. Every problem is a reason string; the caller adds the
-//! file and line.
+//! prefix). Field names are configurable. A message keeps its keys other than the role and the
+//! content, and a conversational row its `tools` list, for the template, as transformers'
+//! `apply_chat_template(messages, tools=...)` gets them (ShareGPT rows keep their role and
+//! value only). Every problem is a reason string; the caller adds the file and line.
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::message::{Content, ContentPart, Message, ROLES};
 
@@ -14,8 +16,8 @@ use crate::message::{Content, ContentPart, Message, ROLES};
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RowFormat {
-    /// Decided per row from the fields present (preference, messages, ShareGPT, Alpaca,
-    /// prompt/completion, text, in that order).
+    /// Decided per row from the fields present and not null (preference, messages, ShareGPT,
+    /// Alpaca, prompt/completion, text, in that order).
     #[default]
     Auto,
     Messages,
@@ -58,6 +60,8 @@ pub struct Fields {
     pub chosen: String,
     pub rejected: String,
     pub text: String,
+    /// The row's list of tool schemas, passed to the template as `tools`.
+    pub tools: String,
 }
 
 impl Default for Fields {
@@ -78,11 +82,14 @@ impl Default for Fields {
             chosen: s("chosen"),
             rejected: s("rejected"),
             text: s("text"),
+            tools: s("tools"),
         }
     }
 }
 
-/// What one row is, before templating and tokenization.
+/// What one row is, before templating and tokenization. `tools` is the row's list of tool
+/// schemas (the template's `tools`; `None` when the row has none, as transformers passes
+/// `tools=None`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Sample {
     /// A conversation; `prompt_len` messages form the prompt when the row said so
@@ -90,6 +97,7 @@ pub enum Sample {
     Chat {
         messages: Vec<Message>,
         prompt_len: Option<usize>,
+        tools: Option<Vec<Value>>,
     },
     /// Plain text, no template: `prompt` then `completion` (EOS is appended when encoding).
     Text { prompt: String, completion: String },
@@ -98,6 +106,7 @@ pub enum Sample {
         prompt: Vec<Message>,
         chosen: Vec<Message>,
         rejected: Vec<Message>,
+        tools: Option<Vec<Value>>,
     },
     /// A preference pair of plain texts.
     TextPair {
@@ -121,7 +130,8 @@ pub fn parse_row(
     let obj = row
         .as_object()
         .ok_or_else(|| format!("a row must be a JSON object, found {}", kind(row)))?;
-    let has = |k: &str| obj.contains_key(k);
+    // A null field is an absent one (exports of mixed datasets fill missing columns with null).
+    let has = |k: &str| obj.get(k).is_some_and(|v| !v.is_null());
     let format = match format {
         RowFormat::Auto if has(&fields.chosen) && has(&fields.rejected) => RowFormat::Preference,
         RowFormat::Auto if has(&fields.messages) => RowFormat::Messages,
@@ -140,14 +150,20 @@ pub fn parse_row(
         f => f,
     };
     let field = |k: &str| obj.get(k).ok_or_else(|| format!("missing field `{k}`"));
-    match format {
+    // ShareGPT rows keep their role and value only, so they carry no tools either.
+    let row_tools = match format {
+        RowFormat::Sharegpt => None,
+        _ => tools(obj.get(&fields.tools), &fields.tools)?,
+    };
+    let sample = match format {
         RowFormat::Messages => {
             let messages = messages(field(&fields.messages)?, &fields.messages, fields, false)?;
             nonempty(&messages, &fields.messages)?;
-            Ok(Sample::Chat {
+            Sample::Chat {
                 messages,
                 prompt_len: None,
-            })
+                tools: None,
+            }
         }
         RowFormat::Sharegpt => {
             let messages = messages(
@@ -157,10 +173,11 @@ pub fn parse_row(
                 true,
             )?;
             nonempty(&messages, &fields.conversations)?;
-            Ok(Sample::Chat {
+            Sample::Chat {
                 messages,
                 prompt_len: None,
-            })
+                tools: None,
+            }
         }
         RowFormat::Alpaca => {
             let instruction = text(field(&fields.instruction)?, &fields.instruction)?;
@@ -169,7 +186,7 @@ pub fn parse_row(
                 Some(v) => text(v, &fields.input)?,
             };
             let output = text(field(&fields.output)?, &fields.output)?;
-            Ok(match alpaca {
+            match alpaca {
                 AlpacaStyle::Chat => {
                     let user = if input.is_empty() {
                         instruction
@@ -182,6 +199,7 @@ pub fn parse_row(
                             Message::new("assistant", output),
                         ],
                         prompt_len: Some(1),
+                        tools: None,
                     }
                 }
                 AlpacaStyle::Plain if input.is_empty() => Sample::Text {
@@ -196,40 +214,83 @@ pub fn parse_row(
                     ),
                     completion: output,
                 },
-            })
+            }
         }
         RowFormat::PromptCompletion => {
             let (p, c) = (field(&fields.prompt)?, field(&fields.completion)?);
             match (p, c) {
-                (Value::String(p), Value::String(c)) => Ok(Sample::Text {
+                (Value::String(p), Value::String(c)) => Sample::Text {
                     prompt: p.clone(),
                     completion: c.clone(),
-                }),
+                },
                 _ => {
                     let mut all = turns(p, &fields.prompt, fields)?;
                     let prompt_len = all.len();
                     all.extend(turns(c, &fields.completion, fields)?);
                     nonempty(&all, &fields.prompt)?;
-                    Ok(Sample::Chat {
+                    Sample::Chat {
                         messages: all,
                         prompt_len: Some(prompt_len),
-                    })
+                        tools: None,
+                    }
                 }
             }
         }
-        RowFormat::Preference => preference(obj, fields),
-        RowFormat::Text => Ok(Sample::Text {
+        RowFormat::Preference => preference(obj, fields)?,
+        RowFormat::Text => Sample::Text {
             prompt: String::new(),
             completion: text(field(&fields.text)?, &fields.text)?,
-        }),
+        },
         RowFormat::Auto => unreachable!("resolved above"),
+    };
+    with_tools(sample, row_tools, &fields.tools)
+}
+
+/// `sample` carrying the row's tools; a plain-text sample cannot (no template renders it).
+fn with_tools(
+    mut sample: Sample,
+    row_tools: Option<Vec<Value>>,
+    key: &str,
+) -> Result<Sample, String> {
+    match &mut sample {
+        Sample::Chat { tools, .. } | Sample::Pair { tools, .. } => *tools = row_tools,
+        Sample::Text { .. } | Sample::TextPair { .. } if row_tools.is_some() => {
+            return Err(format!(
+                "the row has `{key}`, but it is plain text, which no chat template renders, so the tools would be lost; give the row as messages or remove `{key}`"
+            ));
+        }
+        Sample::Text { .. } | Sample::TextPair { .. } => {}
+    }
+    Ok(sample)
+}
+
+/// A row's list of tool schemas: absent or null is none; otherwise a list of JSON objects.
+fn tools(v: Option<&Value>, key: &str) -> Result<Option<Vec<Value>>, String> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Array(list)) => {
+            if let Some((i, t)) = list.iter().enumerate().find(|(_, t)| !t.is_object()) {
+                return Err(format!(
+                    "`{key}[{i}]` must be a tool's JSON schema (an object), found {}",
+                    kind(t)
+                ));
+            }
+            Ok(Some(list.clone()))
+        }
+        Some(Value::String(_)) => Err(format!(
+            "`{key}` must be a list of tool schemas (JSON objects), found a string; if it holds JSON text, decode it into a list"
+        )),
+        Some(other) => Err(format!(
+            "`{key}` must be a list of tool schemas (JSON objects), found {}",
+            kind(other)
+        )),
     }
 }
 
 fn preference(obj: &serde_json::Map<String, Value>, fields: &Fields) -> Result<Sample, String> {
     let get = |k: &str| obj.get(k).ok_or_else(|| format!("missing field `{k}`"));
     let (chosen, rejected) = (get(&fields.chosen)?, get(&fields.rejected)?);
-    let prompt = obj.get(&fields.prompt);
+    let prompt = obj.get(&fields.prompt).filter(|v| !v.is_null());
     let sample = match (prompt, chosen, rejected) {
         (Some(Value::String(p)), Value::String(c), Value::String(r)) => Sample::TextPair {
             prompt: p.clone(),
@@ -240,6 +301,7 @@ fn preference(obj: &serde_json::Map<String, Value>, fields: &Fields) -> Result<S
             prompt: turns(p, &fields.prompt, fields)?,
             chosen: turns(c, &fields.chosen, fields)?,
             rejected: turns(r, &fields.rejected, fields)?,
+            tools: None,
         },
         (None, c, r) => {
             // Full conversations sharing a prefix: the shared messages are the prompt.
@@ -256,6 +318,7 @@ fn preference(obj: &serde_json::Map<String, Value>, fields: &Fields) -> Result<S
                 prompt: c[..shared].to_vec(),
                 chosen: c[shared..].to_vec(),
                 rejected: r[shared..].to_vec(),
+                tools: None,
             }
         }
     };
@@ -312,7 +375,10 @@ fn messages(v: &Value, key: &str, fields: &Fields, sharegpt: bool) -> Result<Vec
         .enumerate()
         .map(|(i, m)| {
             let at = format!("`{key}[{i}]`");
-            let role = m
+            let obj = m
+                .as_object()
+                .ok_or_else(|| format!("{at} must be an object, found {}", kind(m)))?;
+            let role = obj
                 .get(role_key)
                 .ok_or_else(|| format!("{at} has no `{role_key}`"))?
                 .as_str()
@@ -333,7 +399,34 @@ fn messages(v: &Value, key: &str, fields: &Fields, sharegpt: bool) -> Result<Vec
                     ROLES.join(", ")
                 ));
             };
-            let content = match m.get(content_key) {
+            // ShareGPT messages keep their role and value only.
+            let extra: Map<String, Value> = if sharegpt {
+                Map::new()
+            } else {
+                let mut extra = Map::new();
+                for (k, v) in obj {
+                    if k == role_key || k == content_key {
+                        continue;
+                    }
+                    if k == "role" || k == "content" {
+                        return Err(format!(
+                            "{at} has `{k}` besides the configured `{role_key}` and `{content_key}`; rename or remove one"
+                        ));
+                    }
+                    extra.insert(k.clone(), v.clone());
+                }
+                extra
+            };
+            let mut message = Message {
+                role: role.to_string(),
+                content: Content::Text(String::new()),
+                extra,
+            };
+            message.content = match obj.get(content_key) {
+                // An assistant turn that calls tools may have no text.
+                None | Some(Value::Null) if role == "assistant" && message.has_tool_calls() => {
+                    Content::Text(String::new())
+                }
                 Some(Value::String(s)) => Content::Text(s.clone()),
                 Some(Value::Array(parts)) => Content::Parts(
                     parts
@@ -357,10 +450,7 @@ fn messages(v: &Value, key: &str, fields: &Fields, sharegpt: bool) -> Result<Vec
                 }
                 None => return Err(format!("{at} has no `{content_key}`")),
             };
-            Ok(Message {
-                role: role.to_string(),
-                content,
-            })
+            Ok(message)
         })
         .collect()
 }
@@ -395,14 +485,15 @@ mod tests {
     fn every_shape_is_recognised() {
         let chat = parse(json!({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": [{"type": "text", "text": "b"}]}]})).unwrap();
         assert!(
-            matches!(chat, Sample::Chat { ref messages, prompt_len: None } if messages[1].text() == "b")
+            matches!(chat, Sample::Chat { ref messages, prompt_len: None, tools: None } if messages[1].text() == "b")
         );
         let share = parse(json!({"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]})).unwrap();
         assert_eq!(
             share,
             Sample::Chat {
                 messages: vec![Message::new("user", "a"), Message::new("assistant", "b")],
-                prompt_len: None
+                prompt_len: None,
+                tools: None,
             }
         );
         let alpaca = parse(json!({"instruction": "Do", "input": "x", "output": "done"})).unwrap();
@@ -413,7 +504,8 @@ mod tests {
                     Message::new("user", "Do\n\nx"),
                     Message::new("assistant", "done")
                 ],
-                prompt_len: Some(1)
+                prompt_len: Some(1),
+                tools: None,
             }
         );
         let plain = parse_row(
@@ -444,8 +536,15 @@ mod tests {
         );
         let pcm = parse(json!({"prompt": [{"role": "user", "content": "p"}], "completion": [{"role": "assistant", "content": "c"}]})).unwrap();
         assert!(
-            matches!(pcm, Sample::Chat { prompt_len: Some(1), ref messages } if messages.len() == 2)
+            matches!(pcm, Sample::Chat { prompt_len: Some(1), ref messages, .. } if messages.len() == 2)
         );
+        let exported = parse(json!({"chosen": null, "rejected": null, "prompt": null, "messages": [{"role": "user", "content": "a"}]})).unwrap();
+        assert!(matches!(exported, Sample::Chat { ref messages, .. } if messages.len() == 1));
+        let no_prompt = parse(json!({"prompt": null,
+            "chosen": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "c"}],
+            "rejected": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "r"}]}))
+        .unwrap();
+        assert!(matches!(no_prompt, Sample::Pair { ref prompt, .. } if prompt.len() == 1));
         let pair = parse(json!({"prompt": "p", "chosen": "c", "rejected": "r"})).unwrap();
         assert!(matches!(pair, Sample::TextPair { .. }));
         let implicit = parse(json!({
@@ -459,25 +558,83 @@ mod tests {
                 prompt: vec![Message::new("user", "p")],
                 chosen: vec![Message::new("assistant", "good")],
                 rejected: vec![Message::new("assistant", "bad")],
+                tools: None,
             }
         );
     }
 
     #[test]
+    fn other_message_keys_and_row_tools_are_kept() {
+        let call = json!({"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}});
+        let tool =
+            json!({"type": "function", "function": {"name": "get_weather", "parameters": {}}});
+        let row = json!({
+            "messages": [
+                {"role": "user", "content": "Weather?", "name": "ann"},
+                {"role": "assistant", "content": null, "tool_calls": [call]},
+                {"role": "tool", "content": "sunny", "tool_call_id": "c1"},
+                {"role": "assistant", "content": "Sunny.", "reasoning_content": "easy", "tool_calls": null}
+            ],
+            "tools": [tool]
+        });
+        let Sample::Chat {
+            messages, tools, ..
+        } = parse(row).unwrap()
+        else {
+            panic!("a conversation")
+        };
+        assert_eq!(tools, Some(vec![tool.clone()]));
+        assert_eq!(messages[0].extra["name"], "ann");
+        assert_eq!(messages[1].content, Content::Text(String::new()));
+        assert_eq!(messages[1].extra["tool_calls"], json!([call]));
+        assert!(messages[1].has_tool_calls());
+        assert_eq!(messages[2].extra["tool_call_id"], "c1");
+        assert_eq!(messages[3].extra["reasoning_content"], "easy");
+        assert!(messages[3].extra["tool_calls"].is_null());
+        assert!(!messages[3].has_tool_calls());
+        // A conversational preference pair carries the row's tools too.
+        let pair = parse(json!({
+            "prompt": [{"role": "user", "content": "q"}],
+            "chosen": [{"role": "assistant", "content": "", "tool_calls": [call]}],
+            "rejected": [{"role": "assistant", "content": "no"}],
+            "tools": [tool]
+        }))
+        .unwrap();
+        assert!(
+            matches!(pair, Sample::Pair { ref chosen, tools: Some(ref t), .. } if t.len() == 1 && chosen[0].has_tool_calls())
+        );
+        // ShareGPT messages keep their role and value only.
+        let share = parse(json!({"conversations": [{"from": "human", "value": "a", "weight": 0}]}))
+            .unwrap();
+        assert!(matches!(share, Sample::Chat { ref messages, .. } if messages[0].extra.is_empty()));
+    }
+
+    #[test]
     fn field_names_are_configurable() {
         let fields: Fields = serde_json::from_value(
-            json!({"messages": "dialog", "role": "speaker", "content": "text"}),
+            json!({"messages": "dialog", "role": "speaker", "content": "text", "tools": "functions"}),
         )
         .unwrap();
         let s = parse_row(
-            &json!({"dialog": [{"speaker": "user", "text": "a"}]}),
+            &json!({"dialog": [{"speaker": "user", "text": "a"}], "functions": [{"name": "f"}]}),
             RowFormat::Messages,
             &fields,
             AlpacaStyle::Chat,
         )
         .unwrap();
         assert!(
-            matches!(s, Sample::Chat { ref messages, .. } if messages[0] == Message::new("user", "a"))
+            matches!(s, Sample::Chat { ref messages, tools: Some(ref t), .. } if messages[0] == Message::new("user", "a") && t[0] == json!({"name": "f"}))
+        );
+        let err = parse_row(
+            &json!({"dialog": [{"speaker": "user", "text": "a", "role": "user"}]}),
+            RowFormat::Messages,
+            &fields,
+            AlpacaStyle::Chat,
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("`dialog[0]` has `role` besides the configured `speaker` and `text`"),
+            "{err}"
         );
         assert!(serde_json::from_value::<Fields>(json!({"mesages": "x"})).is_err());
     }
@@ -511,6 +668,30 @@ mod tests {
             ),
             (json!({"body": "x"}), "cannot tell the row's shape"),
             (json!({"text": 1}), "`text` must be a string"),
+            (
+                json!({"messages": [{"role": "assistant", "content": null}]}),
+                "`messages[0]`.content must be a string or a list of text parts, found null",
+            ),
+            (
+                json!({"messages": [{"role": "assistant", "tool_calls": []}]}),
+                "`messages[0]` has no `content`",
+            ),
+            (
+                json!({"messages": ["hi"]}),
+                "`messages[0]` must be an object",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "a"}], "tools": "[{}]"}),
+                "`tools` must be a list of tool schemas (JSON objects), found a string; if it holds JSON text, decode it",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "a"}], "tools": [1]}),
+                "`tools[0]` must be a tool's JSON schema (an object), found a number",
+            ),
+            (
+                json!({"text": "doc", "tools": [{"name": "f"}]}),
+                "the row has `tools`, but it is plain text",
+            ),
         ];
         for (row, reason) in cases {
             let err = parse(row.clone()).unwrap_err();

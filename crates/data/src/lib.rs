@@ -15,6 +15,7 @@
 //! let sample = Sample::Chat {
 //!     messages: vec![Message::new("user", "Hi"), Message::new("assistant", "Hello")],
 //!     prompt_len: None,
+//!     tools: None,
 //! };
 //! let Ok(Encoded::Single(example)) = encoder.encode(&sample) else { panic!("a bad row") };
 //! let trained: Vec<u32> = example

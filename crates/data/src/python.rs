@@ -84,6 +84,12 @@ fn python_repr(value: &Value) -> String {
 /// separators=None, sort_keys=False)`, without the HTML escaping of minijinja's own filter.
 pub(crate) fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
     let indent: Option<usize> = kwargs.get("indent")?;
+    if let Some(n) = indent.filter(|&n| n > MAX_INDENT) {
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            format!("tojson: indent = {n} is above the largest supported, {MAX_INDENT}"),
+        ));
+    }
     let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
     let ensure_ascii: Option<bool> = kwargs.get("ensure_ascii")?;
     let separators: Option<Vec<String>> = kwargs.get("separators")?;
@@ -109,9 +115,13 @@ pub(crate) fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
         ensure_ascii: ensure_ascii.unwrap_or(false),
     };
     let mut text = String::new();
-    style.write(&mut text, &json, 0);
+    style.write(&mut text, &json, 0)?;
     Ok(Value::from_safe_string(text))
 }
+
+/// The widest `tojson` indent accepted, so a template cannot make a value print as gigabytes of
+/// spaces.
+const MAX_INDENT: usize = 64;
 
 /// The options of Python's `json.dumps` that templates use.
 struct JsonStyle {
@@ -123,16 +133,16 @@ struct JsonStyle {
 }
 
 impl JsonStyle {
-    fn write(&self, out: &mut String, v: &serde_json::Value, level: usize) {
+    fn write(&self, out: &mut String, v: &serde_json::Value, level: usize) -> Result<(), Error> {
         use serde_json::Value as J;
         match v {
             J::Array(items) if !items.is_empty() => {
                 out.push('[');
                 for (i, item) in items.iter().enumerate() {
-                    self.separate(out, i > 0, level + 1);
-                    self.write(out, item, level + 1);
+                    self.separate(out, i > 0, level + 1)?;
+                    self.write(out, item, level + 1)?;
                 }
-                self.close(out, level);
+                self.newline(out, level)?;
                 out.push(']');
             }
             J::Object(map) if !map.is_empty() => {
@@ -142,34 +152,40 @@ impl JsonStyle {
                 }
                 out.push('{');
                 for (i, (k, item)) in entries.into_iter().enumerate() {
-                    self.separate(out, i > 0, level + 1);
+                    self.separate(out, i > 0, level + 1)?;
                     self.write_string(out, k);
                     out.push_str(&self.key_sep);
-                    self.write(out, item, level + 1);
+                    self.write(out, item, level + 1)?;
                 }
-                self.close(out, level);
+                self.newline(out, level)?;
                 out.push('}');
             }
             J::String(s) => self.write_string(out, s),
             other => out.push_str(&other.to_string()),
         }
+        Ok(())
     }
 
-    fn separate(&self, out: &mut String, not_first: bool, level: usize) {
+    fn separate(&self, out: &mut String, not_first: bool, level: usize) -> Result<(), Error> {
         if not_first {
             out.push_str(&self.item_sep);
         }
-        if let Some(n) = self.indent {
-            out.push('\n');
-            out.push_str(&" ".repeat(n * level));
-        }
+        self.newline(out, level)
     }
 
-    fn close(&self, out: &mut String, level: usize) {
+    /// A newline and the indent of `level`, when indenting.
+    fn newline(&self, out: &mut String, level: usize) -> Result<(), Error> {
         if let Some(n) = self.indent {
+            let width = n.checked_mul(level).ok_or_else(|| {
+                Error::new(
+                    ErrorKind::InvalidOperation,
+                    "tojson: the value is nested too deeply to indent",
+                )
+            })?;
             out.push('\n');
-            out.push_str(&" ".repeat(n * level));
+            out.extend(std::iter::repeat_n(' ', width));
         }
+        Ok(())
     }
 
     fn write_string(&self, out: &mut String, s: &str) {
@@ -296,6 +312,19 @@ mod tests {
         assert_eq!(
             render("{{ v | tojson(sort_keys=true, separators=(',', ':'), ensure_ascii=true) }}"),
             r#"{"a":{},"b":[1,"\u00e9"]}"#
+        );
+        let err = env
+            .template_from_str("{{ v | tojson(indent=100000000000) }}")
+            .unwrap()
+            .render(minijinja::context! { v => vec![1] })
+            .unwrap_err();
+        assert!(err.to_string().contains("indent = 100000000000"), "{err}");
+        assert_eq!(
+            env.template_from_str("{{ v | tojson(indent=64) }}")
+                .unwrap()
+                .render(minijinja::context! { v => vec![1] })
+                .unwrap(),
+            format!("[\n{}1\n]", " ".repeat(64))
         );
     }
 

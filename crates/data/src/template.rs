@@ -1,7 +1,7 @@
 //! Chat templates: where a checkpoint keeps its template (`chat_template.jinja`, or
 //! `tokenizer_config.json`'s `chat_template`, a string or a list of named templates), compiling it
-//! once, and rendering conversations as transformers' `apply_chat_template` does, with the byte
-//! spans of `{% generation %}` blocks. The Jinja dialect itself is in `jinja.rs`; named built-in
+//! once, and rendering conversations (and a row's tools) as transformers' `apply_chat_template`
+//! does, with the byte spans of `{% generation %}` blocks. The Jinja dialect itself is in `jinja.rs`; named built-in
 //! templates are in `builtin.rs`.
 
 use std::collections::BTreeMap;
@@ -12,6 +12,7 @@ use std::sync::Arc;
 use minijinja::value::Serde;
 use minijinja::{Environment, Error, Value};
 
+use crate::builtin::Builtin;
 use crate::error::{DataError, Result};
 use crate::jinja::{self, GENERATION_END, GENERATION_START};
 use crate::message::{Content, Message};
@@ -33,6 +34,10 @@ pub struct ChatTemplate {
     name: String,
     source: String,
     has_generation: bool,
+    /// Set for a built-in: list contents reach it joined into one string (its template
+    /// concatenates `message.content` as a string), and conversations holding what it does not
+    /// render are rejected. A checkpoint's own template gets the list, as transformers passes it.
+    builtin: Option<Builtin>,
     env: Arc<Environment<'static>>,
 }
 
@@ -60,6 +65,7 @@ impl ChatTemplate {
             name,
             source,
             has_generation,
+            builtin: None,
             env: Arc::new(env),
         })
     }
@@ -102,12 +108,17 @@ impl ChatTemplate {
         Self::new(name, source)
     }
 
-    /// A named built-in template (see [`crate::BUILTIN_TEMPLATES`]).
+    /// A named built-in template (see [`crate::BUILTIN_TEMPLATES`]). A message whose content is
+    /// a list of text parts reaches it as the parts' text joined; tools, tool calls and
+    /// reasoning, which built-ins do not render, are errors.
     pub fn builtin(name: &str) -> Result<Self> {
-        let source = crate::builtin::source(name).ok_or_else(|| DataError::UnknownTemplate {
+        let builtin = Builtin::get(name).ok_or_else(|| DataError::UnknownTemplate {
             name: name.to_string(),
         })?;
-        Self::new(name, source)
+        Ok(Self {
+            builtin: Some(builtin),
+            ..Self::new(name, builtin.source)?
+        })
     }
 
     /// The name errors report this template under.
@@ -152,15 +163,51 @@ impl ChatTemplate {
         special: &SpecialTokens,
         extra: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<Rendered> {
+        self.render_with_tools(messages, None, add_generation_prompt, special, extra)
+    }
+
+    /// [`Self::render_spans`] with a list of tool schemas, the template's `tools`
+    /// (`apply_chat_template(messages, tools=...)`); `None` passes none.
+    pub fn render_with_tools(
+        &self,
+        messages: &[Message],
+        tools: Option<&[serde_json::Value]>,
+        add_generation_prompt: bool,
+        special: &SpecialTokens,
+        extra: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Rendered> {
         let fail = |detail: String| DataError::Template {
             name: self.name.clone(),
             detail,
         };
-        if self.has_generation && messages.iter().any(holds_marker) {
+        if let Some(builtin) = &self.builtin {
+            builtin.check(messages, tools).map_err(fail)?;
+        }
+        if self.has_generation
+            && (messages.iter().any(holds_marker)
+                || tools.is_some_and(|t| t.iter().any(json_holds_marker)))
+        {
             return Err(fail(
-                "a message contains a reserved private-use character (U+F0000 or U+F0001)".into(),
+                "a message or tool contains a reserved private-use character (U+F0000 or U+F0001)"
+                    .into(),
             ));
         }
+        let joined: Vec<Message>;
+        let messages = if self.builtin.is_some()
+            && messages
+                .iter()
+                .any(|m| matches!(m.content, Content::Parts(_)))
+        {
+            joined = messages
+                .iter()
+                .enumerate()
+                .map(|(i, m)| join_text_parts(i, m))
+                .collect::<Result<_, String>>()
+                .map_err(fail)?;
+            &joined[..]
+        } else {
+            messages
+        };
         // The variables `apply_chat_template` passes: special tokens first (only those that are
         // set), then keyword arguments over them, then messages, tools, documents and the prompt flag.
         let mut vars: BTreeMap<String, Value> = BTreeMap::new();
@@ -178,7 +225,10 @@ impl ChatTemplate {
             vars.insert(k.clone(), Value::from(Serde(v)));
         }
         vars.insert("messages".into(), Value::from(Serde(messages)));
-        vars.insert("tools".into(), Value::from(()));
+        vars.insert(
+            "tools".into(),
+            tools.map_or(Value::from(()), |t| Value::from(Serde(t))),
+        );
         vars.insert("documents".into(), Value::from(()));
         vars.insert(
             "add_generation_prompt".into(),
@@ -204,13 +254,49 @@ impl ChatTemplate {
     }
 }
 
+/// `m` with a list content joined into one string; only text parts can be joined.
+fn join_text_parts(i: usize, m: &Message) -> Result<Message, String> {
+    if let Content::Parts(parts) = &m.content
+        && let Some(part) = parts.iter().find(|p| p.kind != "text")
+    {
+        return Err(format!(
+            "message {i} (counting from 0) has a `{}` part; built-in templates render text only",
+            part.kind
+        ));
+    }
+    Ok(Message {
+        content: Content::Text(m.text()),
+        ..m.clone()
+    })
+}
+
+fn has_marker(s: &str) -> bool {
+    s.contains([GENERATION_START, GENERATION_END])
+}
+
 fn holds_marker(m: &Message) -> bool {
-    let has = |s: &str| s.contains([GENERATION_START, GENERATION_END]);
-    has(&m.role)
+    has_marker(&m.role)
         || match &m.content {
-            Content::Text(t) => has(t),
-            Content::Parts(parts) => parts.iter().any(|p| has(&p.text) || has(&p.kind)),
+            Content::Text(t) => has_marker(t),
+            Content::Parts(parts) => parts
+                .iter()
+                .any(|p| has_marker(&p.text) || has_marker(&p.kind)),
         }
+        || m.extra
+            .iter()
+            .any(|(k, v)| has_marker(k) || json_holds_marker(v))
+}
+
+/// Whether a string anywhere in `v`, key or value, holds a generation marker.
+fn json_holds_marker(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::String(s) => has_marker(s),
+        serde_json::Value::Array(a) => a.iter().any(json_holds_marker),
+        serde_json::Value::Object(o) => {
+            o.iter().any(|(k, v)| has_marker(k) || json_holds_marker(v))
+        }
+        _ => false,
+    }
 }
 
 /// A template error with its cause chain, which carries `raise_exception`'s message.
@@ -309,6 +395,20 @@ mod tests {
         let err = template(source)
             .render_spans(
                 &[Message::new("assistant", "\u{F0001}")],
+                false,
+                &SpecialTokens::default(),
+                &Default::default(),
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("private-use"), "{err}");
+        let mut call = Message::new("assistant", "");
+        call.extra.insert(
+            "tool_calls".into(),
+            serde_json::json!([{"function": {"name": "\u{F0000}"}}]),
+        );
+        let err = template(source)
+            .render_spans(
+                &[call],
                 false,
                 &SpecialTokens::default(),
                 &Default::default(),

@@ -128,9 +128,42 @@ fn mask_string(mask: &[bool]) -> String {
     mask.iter().map(|&m| if m { '1' } else { '0' }).collect()
 }
 
+/// Templates whose prefix-derived masks equal their `_training` variant's on every conversation
+/// both render alike.
+const PREFIX_EXACT: &[&str] = &[
+    "cohere",
+    "cohere2",
+    "diffusion_gemma",
+    "gemma",
+    "gemma3",
+    "idefics3",
+    "qwen3",
+    "smolvlm",
+];
+
+/// Templates whose prefix-derived masks differ from their `_training` variant's on some
+/// conversation, legitimately: the training variant puts the `{% generation %}` block somewhere
+/// other than where the generation prompt ends (gpt-oss's channel header, an empty think block,
+/// the newline after the end-of-turn token). Every other template either matches or cannot be
+/// prefix-rendered (it renders earlier turns differently once later ones follow, e.g. reasoning
+/// stripped from history, or raises on a prefix), and the row is then rejected with a reason.
+const PREFIX_DIFFERENT: &[&str] = &[
+    "glm4moe",
+    "gptoss",
+    "llava_next",
+    "muse_glimmer",
+    "qwen2_5",
+    "qwen3_5_nothink",
+    "qwen3_5_think",
+    "qwen3_6",
+    "qwen3_8",
+];
+
 /// Token ids and assistant masks of templates with `{% generation %}` blocks equal
-/// `apply_chat_template(..., return_assistant_tokens_mask=True)`; templates without markers give
-/// the same masks by prefix rendering wherever they render the same text as their training variant.
+/// `apply_chat_template(..., return_assistant_tokens_mask=True)`; a conversation with an empty
+/// assistant turn is rejected by the encoder (the turn would train its end token alone); the
+/// original templates, without markers, give the same masks by prefix rendering except where
+/// [`PREFIX_DIFFERENT`] says why not.
 #[test]
 fn assistant_masks_match_transformers() {
     let g = golden();
@@ -138,6 +171,8 @@ fn assistant_masks_match_transformers() {
     let (mut exact, mut derived_same, mut derived_checked) = (0, 0, 0);
     let mut failures = Vec::new();
     let mut differing = std::collections::BTreeSet::new();
+    let mut prefix_checked = std::collections::BTreeSet::new();
+    let mut silently_different = std::collections::BTreeSet::new();
     let masks = g.json["masks"].as_array().unwrap();
     for m in masks {
         let name = m["template"].as_str().unwrap();
@@ -165,15 +200,22 @@ fn assistant_masks_match_transformers() {
             failures.push(format!("{name} × {conv}: mask {ours} != {expected}"));
             continue;
         }
+        let empty_turn = messages
+            .iter()
+            .any(|m| m.role == "assistant" && m.content.is_empty());
         if expected.contains('1') {
             // The encoder's output for a training row is the same.
             let sample = Sample::Chat {
                 messages: messages.clone(),
                 prompt_len: None,
+                tools: None,
             };
             match encoder.encode(&sample) {
                 Ok(Encoded::Single(e))
-                    if e.input_ids == ids && mask_string(&e.labels_mask) == expected => {}
+                    if !empty_turn
+                        && e.input_ids == ids
+                        && mask_string(&e.labels_mask) == expected => {}
+                Err(reason) if empty_turn && reason.contains("is empty") => {}
                 other => failures.push(format!("{name} × {conv}: encoder gave {other:?}")),
             }
         }
@@ -183,6 +225,7 @@ fn assistant_masks_match_transformers() {
             continue;
         };
         if !expected.contains('1')
+            || empty_turn
             || golden_text(&g, base, conv, false) != Some(rendered.text.as_str())
         {
             continue;
@@ -193,14 +236,34 @@ fn assistant_masks_match_transformers() {
         let sample = Sample::Chat {
             messages: messages.clone(),
             prompt_len: None,
+            tools: None,
         };
+        prefix_checked.insert(base);
         match plain.encode(&sample) {
             Ok(Encoded::Single(e)) if mask_string(&e.labels_mask) == expected => derived_same += 1,
-            _ => {
+            Ok(_) => {
+                silently_different.insert(base);
+                differing.insert(base);
+            }
+            Err(reason) => {
+                if !reason.contains("differently once later messages follow")
+                    && !reason.contains("chat template")
+                {
+                    failures.push(format!(
+                        "{base} × {conv}: prefix rendering failed: {reason}"
+                    ));
+                }
                 differing.insert(base);
             }
         }
     }
+    // The split into exact and differing templates is the one documented above.
+    let exact_templates: Vec<&str> = prefix_checked.difference(&differing).copied().collect();
+    assert_eq!(exact_templates, PREFIX_EXACT);
+    assert_eq!(
+        silently_different.into_iter().collect::<Vec<_>>(),
+        PREFIX_DIFFERENT
+    );
     eprintln!(
         "{exact}/{} token+mask goldens exact; prefix-derived masks equal the training template's on {derived_same}/{derived_checked} (differ or not prefix-stable: {differing:?})",
         masks.len()
@@ -224,6 +287,17 @@ fn builtins_render_like_the_originals() {
                     .iter()
                     .any(|m| matches!(m.content, burnish_data::Content::Parts(_)))
                 {
+                    // The originals print a list content as Python's repr (or raise); a
+                    // built-in gets the parts' text joined.
+                    let joined: Vec<Message> = messages
+                        .iter()
+                        .map(|m| Message::new(m.role.clone(), m.text()))
+                        .collect();
+                    assert_eq!(
+                        t.render(messages, agp, &g.special).unwrap(),
+                        t.render(&joined, agp, &g.special).unwrap(),
+                        "{builtin} × {conv}"
+                    );
                     continue;
                 }
                 let ours = t.render(messages, agp, &g.special).unwrap();
@@ -332,7 +406,9 @@ fn train_on_modes_select_the_right_tokens() {
         )
     };
     let (all, e) = run(TrainOn::All);
-    assert_eq!(e.trained(), e.len());
+    // Every token but the first, which nothing predicts.
+    assert!(e.labels_mask.iter().all(|&m| m));
+    assert_eq!(e.trained(), e.len() - 1);
     assert_eq!(all.len(), 1);
     assert_eq!(
         run(TrainOn::Assistant).0,
@@ -447,6 +523,7 @@ fn bos_appears_exactly_once() {
     let sample = Sample::Chat {
         messages: vec![Message::new("user", "Hi"), Message::new("assistant", "Yo")],
         prompt_len: None,
+        tools: None,
     };
     for template in ["llama3", "chatml"] {
         let enc = Encoder::new(
@@ -516,10 +593,12 @@ fn seeded_split_is_reproducible_and_keeps_sources() {
         rows("sharegpt.json"),
         rows("alpaca.json"),
         rows("prompt_completion.jsonl"),
-        rows("preference.jsonl"),
     ];
     let refs: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
-    let ds = load(&refs, &enc, &DataConfig::default()).unwrap();
+    let mut ds = load(&refs, &enc, &DataConfig::default()).unwrap();
+    let pairs = load(&[&rows("preference.jsonl")], &enc, &DataConfig::default()).unwrap();
+    ds.pairs = pairs.pairs;
+    ds.pair_sources = pairs.pair_sources;
     assert_eq!((ds.examples.len(), ds.pairs.len()), (7, 3));
     let (train, eval) = ds.clone().split_eval(0.3, 7);
     let (train2, eval2) = ds.clone().split_eval(0.3, 7);
@@ -548,10 +627,415 @@ fn a_token_straddling_the_boundary_is_trained() {
     let sample = Sample::Chat {
         messages: vec![Message::new("user", "x")],
         prompt_len: None,
+        tools: None,
     };
     let Ok(Encoded::Single(e)) = enc.encode(&sample) else {
         panic!("the template marks a generation span")
     };
     assert_eq!(e.input_ids, vec![87, 85, 264, 28, 261, 223, 389]);
     assert_eq!(mask_string(&e.labels_mask), "0000111");
+}
+
+/// A file named `name` holding `bytes`, in a directory of its own.
+fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("burnish-data-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+/// The rejected rows of `text` (JSON Lines) as (line, reason), loaded with `on_bad_row = "skip"`.
+fn rejections(name: &str, text: &str, enc: &Encoder, cfg: DataConfig) -> Vec<(usize, String)> {
+    let path = temp_file(name, text.as_bytes());
+    let cfg = DataConfig {
+        on_bad_row: OnBadRow::Skip,
+        ..cfg
+    };
+    let ds = load(&[&path], enc, &cfg).unwrap();
+    ds.report
+        .rejected
+        .iter()
+        .map(|r| (r.line, r.reason.clone()))
+        .collect()
+}
+
+fn assert_reasons(got: &[(usize, String)], expect: &[(usize, &str)]) {
+    assert_eq!(got.len(), expect.len(), "{got:?}");
+    for ((line, reason), (eline, ereason)) in got.iter().zip(expect) {
+        assert_eq!(line, eline, "{reason}");
+        assert!(reason.contains(ereason), "line {line}: {reason}");
+    }
+}
+
+#[test]
+fn rows_with_nothing_to_learn_are_bad_rows() {
+    let enc = chatml_encoder(TrainOn::Assistant);
+    let sft = concat!(
+        "{\"text\": \"\"}\n",
+        "{\"text\": \"<|im_end|>\"}\n",
+        "{\"prompt\": \"p\", \"completion\": \"\"}\n",
+        "{\"instruction\": \"x\", \"output\": \"\"}\n",
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}, {\"role\": \"assistant\", \"content\": \"\"}]}\n",
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}, {\"role\": \"assistant\", \"content\": \"b\"}]}\n",
+    );
+    assert_reasons(
+        &rejections("empty.jsonl", sft, &enc, DataConfig::default()),
+        &[
+            (1, "the text is empty"),
+            (2, "the text is empty"),
+            (3, "the completion is empty"),
+            (
+                4,
+                "the assistant turn at message 1 (counting from 0) is empty",
+            ),
+            (
+                5,
+                "the assistant turn at message 1 (counting from 0) is empty",
+            ),
+        ],
+    );
+    let dpo = concat!(
+        "{\"prompt\": \"\", \"chosen\": \"\", \"rejected\": \"no\"}\n",
+        "{\"prompt\": [{\"role\": \"user\", \"content\": \"q\"}], \"chosen\": [{\"role\": \"assistant\", \"content\": \"\"}], \"rejected\": [{\"role\": \"assistant\", \"content\": \"r\"}]}\n",
+        "{\"prompt\": \"q\", \"chosen\": \"yes\", \"rejected\": \"no\"}\n",
+    );
+    assert_reasons(
+        &rejections("empty_pairs.jsonl", dpo, &enc, DataConfig::default()),
+        &[
+            (1, "`chosen` is empty"),
+            (2, "the `chosen` assistant turn at completion message 0"),
+        ],
+    );
+    // A plain-text pair ends with EOS exactly once, as a plain-text example does.
+    let path = temp_file(
+        "eos.jsonl",
+        b"{\"prompt\": \"q\", \"chosen\": \"yes<|im_end|>\", \"rejected\": \"no\"}\n",
+    );
+    let ds = load(&[&path], &enc, &DataConfig::default()).unwrap();
+    let eos = enc.tokenizer.token_to_id("<|im_end|>").unwrap();
+    let pair = &ds.pairs[0];
+    assert_eq!(pair.chosen_ids.iter().filter(|&&i| i == eos).count(), 1);
+    assert_eq!(pair.rejected_ids.last(), Some(&eos));
+    assert_eq!(
+        ds.report.trained_tokens,
+        pair.chosen().trained() + pair.rejected().trained()
+    );
+    // The first token is never a target: it does not count as trained.
+    let e = Example {
+        input_ids: vec![1, 2, 3],
+        labels_mask: vec![true, false, true],
+    };
+    assert_eq!(e.trained(), 1);
+    // A length that leaves nothing to predict is a config error naming the key.
+    let one = DataConfig {
+        max_length: Some(1),
+        ..Default::default()
+    };
+    let err = load(&[&path], &enc, &one).unwrap_err().to_string();
+    assert!(
+        err.contains("`data.max_length`: must be at least 2"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_dataset_of_one_kind_rejects_rows_of_the_other() {
+    let enc = chatml_encoder(TrainOn::Assistant);
+    let text = concat!(
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}, {\"role\": \"assistant\", \"content\": \"b\"}]}\n",
+        "{\"prompt\": \"q\", \"chosen\": \"yes\", \"rejected\": \"no\"}\n",
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"c\"}, {\"role\": \"assistant\", \"content\": \"d\"}]}\n",
+    );
+    let path = temp_file("mixed.jsonl", text.as_bytes());
+    let err = load(&[&path], &enc, &DataConfig::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("mixed.jsonl:2: a preference pair in a dataset of single sequences"),
+        "{err}"
+    );
+    let skip = DataConfig {
+        on_bad_row: OnBadRow::Skip,
+        ..Default::default()
+    };
+    let ds = load(&[&path], &enc, &skip).unwrap();
+    assert_eq!((ds.examples.len(), ds.pairs.len()), (2, 0));
+    assert_eq!(ds.report.rejected.len(), 1);
+    assert_eq!(ds.report.rejected[0].line, 2);
+}
+
+#[test]
+fn completion_training_needs_the_assistant_to_speak_last() {
+    let row = "{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}, {\"role\": \"assistant\", \"content\": \"b\"}, {\"role\": \"user\", \"content\": \"c\"}]}\n";
+    assert_reasons(
+        &rejections(
+            "trailing.jsonl",
+            row,
+            &chatml_encoder(TrainOn::Completion),
+            DataConfig::default(),
+        ),
+        &[(
+            1,
+            "the conversation ends on a `user` turn; the last message must be the assistant's",
+        )],
+    );
+    // Assistant-turn training trains the assistant turn and leaves the trailing one untrained.
+    let enc = chatml_encoder(TrainOn::Assistant);
+    let path = temp_file("trailing_ok.jsonl", row.as_bytes());
+    let ds = load(&[&path], &enc, &DataConfig::default()).unwrap();
+    assert_eq!(
+        trained_text(&enc.tokenizer, &ds.examples[0]),
+        vec!["b<|im_end|>\n"]
+    );
+}
+
+#[test]
+fn truncation_that_makes_a_pair_identical_rejects_it() {
+    let enc = chatml_encoder(TrainOn::Assistant);
+    let prompt = enc.tokenizer.encode("q", false).unwrap().len();
+    let row = "{\"prompt\": \"q\", \"chosen\": \"the same long start, then yes\", \"rejected\": \"the same long start, then no\"}\n";
+    let cfg = DataConfig {
+        max_length: Some(prompt + 2),
+        ..Default::default()
+    };
+    assert_reasons(
+        &rejections("identical.jsonl", row, &enc, cfg),
+        &[(
+            1,
+            &format!(
+                "identical after truncation to max_length = {}; raise data.max_length",
+                prompt + 2
+            ),
+        )],
+    );
+}
+
+#[test]
+fn file_layout_comes_from_the_content() {
+    let enc = chatml_encoder(TrainOn::Assistant);
+    let row = "{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}, {\"role\": \"assistant\", \"content\": \"b\"}]}";
+    let cfg = DataConfig::default();
+    // A byte-order mark is skipped.
+    let bom = temp_file("bom.jsonl", format!("\u{feff}{row}\n{row}\n").as_bytes());
+    assert_eq!(load(&[&bom], &enc, &cfg).unwrap().examples.len(), 2);
+    // A line that is not UTF-8 is a bad row with its line, which can be skipped.
+    let mut bytes = format!("{row}\n").into_bytes();
+    bytes.extend_from_slice(b"{\"text\": \"\xff\"}\n");
+    bytes.extend_from_slice(format!("{row}\n").as_bytes());
+    let latin1 = temp_file("latin1.jsonl", &bytes);
+    let err = load(&[&latin1], &enc, &cfg).unwrap_err().to_string();
+    assert!(err.contains("latin1.jsonl:2: invalid UTF-8"), "{err}");
+    let skip = DataConfig {
+        on_bad_row: OnBadRow::Skip,
+        ..Default::default()
+    };
+    let ds = load(&[&latin1], &enc, &skip).unwrap();
+    assert_eq!(ds.examples.len(), 2);
+    assert_eq!(ds.report.rejected[0].line, 2);
+    // JSON Lines in a `.json` file and a pretty-printed array in a `.jsonl` file both read.
+    let lines = temp_file("lines.json", format!("{row}\n{row}\n").as_bytes());
+    assert_eq!(load(&[&lines], &enc, &cfg).unwrap().examples.len(), 2);
+    let array = temp_file(
+        "array.jsonl",
+        format!("[\n  {row},\n  {row}\n]\n").as_bytes(),
+    );
+    let ds = load(&[&array], &enc, &cfg).unwrap();
+    assert_eq!(ds.example_sources[1].line, 3);
+    // A file that is neither is a file-level error, with no advice to skip rows.
+    for (name, text) in [
+        ("object.json", "{\"rows\": []}".to_string()),
+        ("pretty.jsonl", format!("{{\n  \"rows\": [{row}]\n}}\n")),
+    ] {
+        let path = temp_file(name, text.as_bytes());
+        let err = load(&[&path], &enc, &cfg).unwrap_err().to_string();
+        assert!(err.contains(&format!("{name}:")), "{err}");
+        assert!(err.contains("`data` array"), "{err}");
+        assert!(!err.contains("on_bad_row"), "{err}");
+    }
+}
+
+#[test]
+fn builtin_templates_join_text_parts_and_reject_other_parts() {
+    let t = ChatTemplate::builtin("chatml").unwrap();
+    let part = |kind: &str, text: &str| burnish_data::ContentPart {
+        kind: kind.into(),
+        text: text.into(),
+    };
+    let parts = |p| Message {
+        role: "user".into(),
+        content: burnish_data::Content::Parts(p),
+        extra: Default::default(),
+    };
+    let special = SpecialTokens::default();
+    let text = t
+        .render(
+            &[parts(vec![part("text", "Hi "), part("text", "there")])],
+            false,
+            &special,
+        )
+        .unwrap();
+    assert_eq!(text, "<|im_start|>user\nHi there<|im_end|>\n");
+    let err = t
+        .render(&[parts(vec![part("image", "x")])], false, &special)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("message 0 (counting from 0) has a `image` part"),
+        "{err}"
+    );
+}
+
+/// A template that renders tool schemas, tool calls and tool results, as tool-using models'
+/// templates do, without `{% generation %}` blocks (assistant spans come from prefixes).
+const TOOL_TEMPLATE: &str = concat!(
+    "{%- if tools -%}{{ 'tools: ' ~ (tools | length) ~ '\\n' }}{%- endif -%}",
+    "{%- for m in messages -%}",
+    "{%- if m.role == 'tool' -%}{{ 'tool ' ~ m.tool_call_id ~ ': ' ~ m.content ~ '\\n' }}",
+    "{%- elif m.role == 'assistant' -%}{{ 'assistant: ' }}",
+    "{%- if m.tool_calls -%}{{ 'call ' ~ m.tool_calls[0].function.name }}",
+    "{%- else -%}{{ m.content }}{%- endif -%}{{ '.\\n' }}",
+    "{%- else -%}{{ m.role ~ ': ' ~ m.content ~ '\\n' }}",
+    "{%- endif -%}",
+    "{%- endfor -%}",
+    "{%- if add_generation_prompt -%}{{ 'assistant: ' }}{%- endif -%}",
+);
+
+/// A tool-using conversation as TRL's datasets have it: tool calls and tool results in the
+/// messages, the tool schemas in a `tools` column beside them.
+const TOOL_ROW: &str = concat!(
+    r#"{"messages": ["#,
+    r#"{"role": "user", "content": "Weather in Paris?"}, "#,
+    r#"{"role": "assistant", "content": null, "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}, "#,
+    r#"{"role": "tool", "content": "sunny", "tool_call_id": "call_1"}, "#,
+    r#"{"role": "assistant", "content": "Sunny"}], "#,
+    r#""tools": [{"type": "function", "function": {"name": "get_weather"}}, {"type": "function", "function": {"name": "get_time"}}]}"#,
+    "\n",
+);
+
+#[test]
+fn tool_calls_and_tools_reach_the_template_and_tool_calls_are_trained() {
+    let tokenizer = Tokenizer::from_dir(&fixtures().join("models/llama")).unwrap();
+    let template = ChatTemplate::new("tools", TOOL_TEMPLATE).unwrap();
+    let enc = Encoder::new(tokenizer, template, TrainOn::Assistant);
+    let path = temp_file("tools.jsonl", TOOL_ROW.as_bytes());
+    let ds = load(&[&path], &enc, &DataConfig::default()).unwrap();
+    let e = &ds.examples[0];
+    assert_eq!(
+        enc.tokenizer.decode(&e.input_ids, true).unwrap(),
+        concat!(
+            "tools: 2\n",
+            "user: Weather in Paris?\n",
+            "assistant: call get_weather.\n",
+            "tool call_1: sunny\n",
+            "assistant: Sunny.\n",
+        )
+    );
+    // The tool-call turn (whose content was null) is an assistant turn, trained as such (the
+    // space before `call` and `call` are one token, which straddles the turn's start).
+    assert_eq!(
+        trained_text(&enc.tokenizer, e),
+        vec![" call get_weather.\n", "Sunny.\n"]
+    );
+    // A preference pair whose chosen side calls a tool with empty content is no empty turn.
+    let pair = concat!(
+        r#"{"prompt": [{"role": "user", "content": "Weather?"}], "#,
+        r#""chosen": [{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather"}}]}], "#,
+        r#""rejected": [{"role": "assistant", "content": "No idea"}], "tools": [{"name": "get_weather"}]}"#,
+        "\n",
+    );
+    let path = temp_file("tool_pair.jsonl", pair.as_bytes());
+    let ds = load(&[&path], &enc, &DataConfig::default()).unwrap();
+    let p = &ds.pairs[0];
+    let text = |ids: &[u32]| enc.tokenizer.decode(ids, true).unwrap();
+    assert_eq!(text(&p.prompt_ids), "tools: 1\nuser: Weather?\nassistant: ");
+    assert_eq!(text(&p.chosen_ids), "call get_weather.\n");
+    assert_eq!(text(&p.rejected_ids), "No idea.\n");
+}
+
+#[test]
+fn builtin_templates_reject_what_they_cannot_render() {
+    let tokenizer = Tokenizer::from_dir(&fixtures().join("models/llama")).unwrap();
+    let builtin = |name: &str| {
+        Encoder::new(
+            tokenizer.clone(),
+            ChatTemplate::builtin(name).unwrap(),
+            TrainOn::Assistant,
+        )
+    };
+    let advice =
+        "which this built-in template does not render; use the model's own chat template instead";
+    let rows = concat!(
+        r#"{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": null, "tool_calls": [{"function": {"name": "f"}}]}]}"#,
+        "\n",
+        r#"{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "tools": [{"name": "f"}]}"#,
+        "\n",
+        r#"{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning_content": "hmm"}]}"#,
+        "\n",
+        r#"{"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "r"}, {"role": "assistant", "content": "a"}]}"#,
+        "\n",
+    );
+    assert_reasons(
+        &rejections(
+            "builtin_tools.jsonl",
+            rows,
+            &builtin("chatml"),
+            DataConfig::default(),
+        ),
+        &[
+            (
+                1,
+                &format!("message 1 (counting from 0) has `tool_calls`, {advice}"),
+            ),
+            (2, &format!("the row has `tools`, {advice}")),
+            (
+                3,
+                &format!("message 1 (counting from 0) has `reasoning_content`, {advice}"),
+            ),
+        ],
+    );
+    // phi3 has no tool turn (its template would leave it out); chatml renders one.
+    assert_reasons(
+        &rejections(
+            "builtin_tool_turn.jsonl",
+            rows,
+            &builtin("phi3"),
+            DataConfig::default(),
+        ),
+        &[
+            (1, "has `tool_calls`"),
+            (2, "the row has `tools`"),
+            (3, "has `reasoning_content`"),
+            (
+                4,
+                &format!("message 1 (counting from 0) has role `tool`, {advice}"),
+            ),
+        ],
+    );
+    // As an error, the row's file and line lead.
+    let path = temp_file("builtin_tools_error.jsonl", rows.as_bytes());
+    let err = load(&[&path], &builtin("llama3"), &DataConfig::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("builtin_tools_error.jsonl:1: chat template `llama3`: message 1 (counting from 0) has `tool_calls`"),
+        "{err}"
+    );
+    // Keys that hold nothing (an export filling missing columns with null) change nothing.
+    let plain = r#"{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}"#;
+    let filled = concat!(
+        r#"{"messages": [{"role": "user", "content": "q", "tool_calls": null, "name": null}, "#,
+        r#"{"role": "assistant", "content": "a", "tool_calls": [], "reasoning_content": null}], "tools": null}"#,
+    );
+    let enc = builtin("chatml");
+    let load_one = |name: &str, row: &str| {
+        let path = temp_file(name, format!("{row}\n").as_bytes());
+        load(&[&path], &enc, &DataConfig::default())
+            .unwrap()
+            .examples
+    };
+    assert_eq!(
+        load_one("plain.jsonl", plain),
+        load_one("filled.jsonl", filled)
+    );
 }
