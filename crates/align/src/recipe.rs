@@ -641,9 +641,15 @@ impl Recipe {
         if !(0.0..1.0).contains(&t.betas.0) || !(0.0..1.0).contains(&t.betas.1) {
             return Err("`train.betas` must each be in [0, 1)".into());
         }
-        if t.max_grad_norm < 0.0 || t.weight_decay < 0.0 || t.eps <= 0.0 {
+        let at_least_zero = |x: f64| x.is_finite() && x >= 0.0;
+        let fine = at_least_zero(t.max_grad_norm)
+            && at_least_zero(t.weight_decay)
+            && t.eps.is_finite()
+            && t.eps > 0.0;
+        if !fine {
             return Err(
-                "`train.max_grad_norm` and `train.weight_decay` must be >= 0, `train.eps` > 0"
+                "`train.max_grad_norm` and `train.weight_decay` must be numbers >= 0, \
+                 `train.eps` a number > 0"
                     .into(),
             );
         }
@@ -686,14 +692,28 @@ impl Recipe {
             }
         }
         let d = &self.dpo;
-        if d.beta <= 0.0 {
-            return Err("`dpo.beta` must be positive".into());
+        if !(d.beta.is_finite() && d.beta > 0.0) {
+            return Err("`dpo.beta` must be a positive number".into());
         }
         if d.rpo_alpha.is_some_and(|a| !(a.is_finite() && a >= 0.0)) {
             return Err("`dpo.rpo_alpha` must be a number >= 0".into());
         }
         if !(0.0..0.5).contains(&d.label_smoothing) {
             return Err("`dpo.label_smoothing` must be in [0, 0.5)".into());
+        }
+        // The run directory keeps the resolved recipe as TOML, which holds paths as text.
+        let paths = [&self.model.base, &self.output.dir]
+            .into_iter()
+            .chain(&self.data.train)
+            .chain(&self.data.eval)
+            .chain(self.check.iter().map(|c| &c.file));
+        for path in paths {
+            if path.to_str().is_none() {
+                return Err(format!(
+                    "{} is not valid UTF-8; a recipe keeps its paths as text: rename it",
+                    path.display()
+                ));
+            }
         }
         self.data.loader.validate().map_err(|e| e.to_string())
     }
@@ -871,6 +891,11 @@ dir = "runs/first"
             ("train.lr=-1.0", "train.lr"),
             ("dpo.label_smoothing=0.7", "dpo.label_smoothing"),
             ("adapter.dropout=1.5", "adapter.dropout"),
+            ("train.eps=nan", "train.eps"),
+            ("train.max_grad_norm=nan", "train.max_grad_norm"),
+            ("train.weight_decay=inf", "train.weight_decay"),
+            ("dpo.beta=nan", "dpo.beta"),
+            ("dpo.beta=inf", "dpo.beta"),
         ] {
             let err = parse(MINIMAL, &[set]).unwrap_err();
             assert!(err.contains(key), "{set}: {err}");

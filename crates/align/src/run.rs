@@ -11,8 +11,8 @@ use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};
 use burnish_data::{
-    Batch, BatchConfig, ChatTemplate, Dataset, Encoder, Example, Tokenizer, load, make_batches,
-    pack_best_fit_decreasing, shuffle,
+    Batch, BatchConfig, ChatTemplate, DataConfig, Dataset, Encoder, Example, Report, Tokenizer,
+    load, make_batches, pack_best_fit_decreasing, shuffle,
 };
 use burnish_model::{Decoder, HfConfig, Pretrained, linear_module_names, save_decoder};
 use burnish_peft::{
@@ -45,11 +45,14 @@ const TOKENIZER_FILES: &[&str] = &[
 /// What happened during a run, reported to the caller as it goes.
 #[derive(Debug, Clone)]
 pub enum RunEvent {
-    /// Data prepared: examples (or pairs) for training and evaluation, optimizer steps planned.
+    /// Data prepared: examples (or pairs) for training and evaluation, optimizer steps planned,
+    /// and what a person should know before the run starts (rows cut or skipped, a warmup
+    /// longer than the run).
     Prepared {
         train: usize,
         eval: usize,
         steps: usize,
+        notices: Vec<String>,
     },
     /// An optimizer step, with the tokens per second it ran at.
     Step {
@@ -101,6 +104,64 @@ pub fn lora_config(section: &AdapterSection, base: &Path) -> LoraConfig {
         base_model_name_or_path: Some(base.display().to_string()),
         ..Default::default()
     }
+}
+
+/// What loading `report` cut or skipped, in words, naming the first rows skipped.
+fn data_notices(report: &Report, which: &str, config: &DataConfig) -> Vec<String> {
+    const SHOWN: usize = 3;
+    let mut notices = Vec::new();
+    if report.truncated > 0 {
+        notices.push(format!(
+            "{} {which} rows were longer than `data.max_length` and were cut to their first {} \
+             tokens (`data.truncation = \"keep-start\"`)",
+            report.truncated,
+            config.max_length.unwrap_or_default(),
+        ));
+    }
+    if !report.rejected.is_empty() {
+        let first: Vec<String> = report
+            .rejected
+            .iter()
+            .take(SHOWN)
+            .map(|r| format!("{}:{}: {}", r.path.display(), r.line, r.reason))
+            .collect();
+        notices.push(format!(
+            "{} {which} rows were skipped (`data.on_bad_row = \"skip\"`); first: {}",
+            report.rejected.len(),
+            first.join("; ")
+        ));
+    }
+    notices
+}
+
+/// Refuses token ids the model has no embedding for (a tokenizer that does not belong to the
+/// model), naming the first row that holds one.
+fn check_vocabulary(data: &Dataset, vocab_size: usize, base: &Path) -> Result<(), RunError> {
+    let examples = data
+        .examples
+        .iter()
+        .map(|e| e.input_ids.as_slice())
+        .zip(&data.example_sources);
+    let pairs = data
+        .pairs
+        .iter()
+        .zip(&data.pair_sources)
+        .flat_map(|(p, source)| {
+            [&p.prompt_ids, &p.chosen_ids, &p.rejected_ids].map(|ids| (ids.as_slice(), source))
+        });
+    for (ids, source) in examples.chain(pairs) {
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab_size) {
+            return Err(RunError::Mismatch(format!(
+                "{}:{}: token id {id} is outside the model's vocabulary (`vocab_size` = \
+                 {vocab_size} in {}): the tokenizer does not belong to this model; use the \
+                 model's own tokenizer files",
+                source.path.display(),
+                source.line,
+                base.join("config.json").display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Token batches for SFT and instruction tuning, one `Vec` per optimizer step.
@@ -311,6 +372,9 @@ pub fn train<B: AutodiffBackend>(
     } else {
         (loaded, Dataset::default())
     };
+    for data in [&train_data, &eval_data] {
+        check_vocabulary(data, hf_config.decoder.vocab_size, base)?;
+    }
     let dpo = t.strategy == StrategyKind::Dpo;
     let (count, other) = if dpo {
         (train_data.pairs.len(), train_data.examples.len())
@@ -335,6 +399,14 @@ pub fn train<B: AutodiffBackend>(
 
     // Then the model, its adapter, and the optimizer.
     let dir = &recipe.output.dir;
+    if !resume && let Some(earlier) = checkpoints(dir).pop() {
+        return Err(RunError::Checkpoint(format!(
+            "{} holds a checkpoint of an earlier run: continue that run with --resume, or \
+             start afresh after removing {} (or pick another `output.dir`)",
+            earlier.display(),
+            dir.join("checkpoints").display()
+        )));
+    }
     let checkpoint = if resume {
         let latest = checkpoints(dir).pop().ok_or_else(|| {
             RunError::Checkpoint(format!(
@@ -411,7 +483,16 @@ pub fn train<B: AutodiffBackend>(
     };
     let batches_per_epoch = rows_per_epoch.div_ceil(micro);
     let steps_per_epoch = batches_per_epoch.div_ceil(t.gradient_accumulation);
-    let total_steps = t.max_steps.unwrap_or(t.epochs * steps_per_epoch);
+    let total_steps = match t.max_steps {
+        Some(steps) => steps,
+        None => t.epochs.checked_mul(steps_per_epoch).ok_or_else(|| {
+            RunError::Mismatch(format!(
+                "`train.epochs = {}` of {steps_per_epoch} steps each is more steps than can be \
+                 counted; lower it or set `train.max_steps`",
+                t.epochs
+            ))
+        })?,
+    };
     let warmup = match (t.warmup_steps, t.warmup_ratio) {
         (Some(s), _) => s,
         (None, Some(r)) => Schedule::warmup_from_ratio(r, total_steps),
@@ -442,10 +523,23 @@ pub fn train<B: AutodiffBackend>(
     } else {
         eval_data.examples.len()
     };
+    let mut notices = data_notices(&train_data.report, "training", &recipe.data.loader);
+    notices.extend(data_notices(
+        &eval_data.report,
+        "evaluation",
+        &recipe.data.loader,
+    ));
+    if warmup >= total_steps {
+        notices.push(format!(
+            "the warmup ({warmup} steps) is as long as the run ({total_steps} steps): the \
+             learning rate never reaches `train.lr`"
+        ));
+    }
     on_event(&RunEvent::Prepared {
         train: count,
         eval: eval_count,
         steps: total_steps,
+        notices,
     });
     let check_before = if resume { None } else { check(&model)? };
 
@@ -464,9 +558,10 @@ pub fn train<B: AutodiffBackend>(
             .collect(),
         _ => String::new(),
     };
-    let mut metrics_file = std::fs::File::create(&metrics_path).map_err(io_err(&metrics_path))?;
-    metrics_file
-        .write_all(kept.as_bytes())
+    burnish_peft::write_atomic(&metrics_path, kept.as_bytes()).map_err(io_err(&metrics_path))?;
+    let metrics_file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&metrics_path)
         .map_err(io_err(&metrics_path))?;
     let mut metrics_log = MetricsLog {
         file: metrics_file,
@@ -564,6 +659,13 @@ pub fn train<B: AutodiffBackend>(
             (sft_batches(&train_data.examples, seed), Vec::new())
         };
         let groups = if dpo { pairs.len() } else { sft.len() }.div_ceil(t.gradient_accumulation);
+        if groups == 0 {
+            return Err(RunError::Mismatch(
+                "no training batch holds two tokens, the fewest a next-token loss needs; \
+                 raise `data.max_length`"
+                    .into(),
+            ));
+        }
         for g in std::mem::take(&mut first_group)..groups {
             if step + skipped >= total_steps {
                 break 'epochs;
@@ -691,7 +793,9 @@ pub fn train<B: AutodiffBackend>(
             for file in TOKENIZER_FILES {
                 let from = base.join(file);
                 if from.exists() {
-                    std::fs::copy(&from, dir.join(file)).map_err(io_err(&from))?;
+                    let bytes = std::fs::read(&from).map_err(io_err(&from))?;
+                    let to = dir.join(file);
+                    burnish_peft::write_atomic(&to, &bytes).map_err(io_err(&to))?;
                 }
             }
         }

@@ -163,7 +163,12 @@ impl Progress {
 
     fn show(&mut self, event: &RunEvent) {
         match event {
-            RunEvent::Prepared { train, eval, steps } => {
+            RunEvent::Prepared {
+                train,
+                eval,
+                steps,
+                notices,
+            } => {
                 self.total = *steps;
                 if let Some(bar) = &self.bar {
                     bar.set_length(*steps as u64);
@@ -171,6 +176,9 @@ impl Progress {
                 self.line(format!(
                     "data: {train} training and {eval} evaluation items; {steps} optimizer steps"
                 ));
+                for notice in notices {
+                    self.line(format!("note: {notice}"));
+                }
             }
             RunEvent::Step {
                 metrics: m,
