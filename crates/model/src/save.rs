@@ -5,7 +5,7 @@ use std::path::Path;
 
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use burnish_peft::{SaveDtype, f32_values, serialize, write_atomic};
+use burnish_peft::{SaveDtype, f32_values, first_non_finite, serialize, write_atomic};
 
 use crate::config::HfConfig;
 use crate::decoder::Decoder;
@@ -59,13 +59,10 @@ pub fn save_decoder<B: Backend>(
     std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
     let weights_path = dir.join(SINGLE_FILE);
     let named = named_weights(model);
-    if let Some((name, _, _)) = named
-        .iter()
-        .find(|(_, _, v)| v.iter().any(|x| !x.is_finite()))
-    {
+    if let Some(name) = first_non_finite(&named) {
         return Err(ModelError::NonFinite {
             path: weights_path,
-            name: name.clone(),
+            name: name.to_string(),
         });
     }
     let bytes = serialize(&named, dtype).map_err(|e| ModelError::Safetensors {

@@ -15,7 +15,9 @@ use crate::error::{PeftError, Result};
 use crate::linear::AdaptableLinear;
 use crate::lora::Lora;
 use crate::target::{Selected, resolved_target_names, select_targets};
-use crate::tensor_io::{SaveDtype, decode_f32, f32_values, serialize, write_atomic_together};
+use crate::tensor_io::{
+    SaveDtype, decode_f32, f32_values, first_non_finite, serialize, write_atomic_together,
+};
 
 pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
 pub const ADAPTER_WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -104,13 +106,10 @@ pub fn save_adapter<B: Backend>(
         return Err(PeftError::Merge("the model has no adapter to save".into()));
     }
     let weights_path = dir.join(ADAPTER_WEIGHTS_FILE);
-    if let Some((name, _, _)) = tensors
-        .iter()
-        .find(|(_, _, v)| v.iter().any(|x| !x.is_finite()))
-    {
+    if let Some(name) = first_non_finite(&tensors) {
         return Err(PeftError::NonFiniteTensor {
             path: weights_path,
-            name: name.clone(),
+            name: name.to_string(),
         });
     }
     let bytes = serialize(&tensors, SaveDtype::F32).map_err(|e| PeftError::Safetensors {

@@ -126,6 +126,15 @@ fn temporary_name(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{file_name}.tmp-{}", std::process::id()))
 }
 
+/// The name of the first of the named tensors `(name, shape, f32 values)` holding a NaN or an
+/// infinity: what must never be written as weights.
+pub fn first_non_finite(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Option<&str> {
+    tensors
+        .iter()
+        .find(|(_, _, values)| values.iter().any(|x| !x.is_finite()))
+        .map(|(name, _, _)| name.as_str())
+}
+
 /// Serializes named tensors `(name, shape, f32 values)` into safetensors bytes in `dtype`, with
 /// the `{"format": "pt"}` metadata transformers expects.
 pub fn serialize(
