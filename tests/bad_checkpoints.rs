@@ -5,30 +5,12 @@ use std::path::Path;
 
 use burnish_model::Pretrained;
 
-use crate::fixtures::{B, model_dir};
-
-/// A writable copy of a fixture directory.
-fn copy_fixture(name: &str) -> tempfile::TempDir {
-    let out = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(model_dir(name)).unwrap() {
-        let path = entry.unwrap().path();
-        std::fs::copy(&path, out.path().join(path.file_name().unwrap())).unwrap();
-    }
-    out
-}
+use crate::fixtures::{B, copy_fixture, edit_config};
 
 fn load_error(dir: &Path) -> String {
     Pretrained::<B>::load(dir, &Default::default())
         .unwrap_err()
         .to_string()
-}
-
-fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
-    let path = dir.join("config.json");
-    let mut config: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    edit(&mut config);
-    std::fs::write(&path, serde_json::to_string(&config).unwrap()).unwrap();
 }
 
 #[test]

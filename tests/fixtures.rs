@@ -1,6 +1,6 @@
 //! Access to the committed fixture models and their `golden.json` reference outputs.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
@@ -35,6 +35,25 @@ pub struct GreedyCase {
 pub struct Golden {
     pub score: Vec<ScoreCase>,
     pub greedy: Vec<GreedyCase>,
+}
+
+/// A writable copy of a fixture model directory.
+pub fn copy_fixture(name: &str) -> tempfile::TempDir {
+    let out = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(model_dir(name)).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, out.path().join(path.file_name().unwrap())).unwrap();
+    }
+    out
+}
+
+/// Rewrites `dir`'s `config.json` through `edit`.
+pub fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = dir.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    edit(&mut config);
+    std::fs::write(&path, serde_json::to_string(&config).unwrap()).unwrap();
 }
 
 pub fn golden(name: &str) -> Golden {

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use serde_json::{Value, json};
 
-use crate::fixtures::{assert_success, model_dir};
+use crate::fixtures::{assert_success, copy_fixture, edit_config, model_dir};
 
 const WORDS: &[&str] = &[
     "red", "blue", "green", "cat", "dog", "bird", "sun", "moon", "tree", "fish",
@@ -277,21 +277,13 @@ fn a_run_says_what_it_cut_and_refuses_what_would_mix_or_misread() {
     );
 
     // A tokenizer whose ids the model has no embedding for is named before the model loads.
-    let model = work.path().join("small-vocab");
-    std::fs::create_dir_all(&model).unwrap();
-    for entry in std::fs::read_dir(model_dir("llama")).unwrap() {
-        let from = entry.unwrap().path();
-        std::fs::copy(&from, model.join(from.file_name().unwrap())).unwrap();
-    }
-    let config_path = model.join("config.json");
-    let mut config: Value = serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
-    config["vocab_size"] = json!(3);
-    std::fs::write(&config_path, config.to_string()).unwrap();
+    let model = copy_fixture("llama");
+    edit_config(model.path(), |c| c["vocab_size"] = json!(3));
     let out = train(
         &path,
         &[
             "--set",
-            &format!("model.base=\"{}\"", model.display()),
+            &format!("model.base=\"{}\"", model.path().display()),
             "--set",
             "output.dir=\"other\"",
         ],

@@ -207,7 +207,7 @@ mod tests {
             let t = ChatTemplate::builtin(name).unwrap();
             assert!(t.has_generation_blocks(), "{name}");
             let r = t
-                .render_spans(&chat(), true, &special(), &Default::default())
+                .render_spans(&chat(), None, true, &special(), &Default::default())
                 .unwrap();
             assert_eq!(r.generation_spans.len(), 1, "{name}: {}", r.text);
             assert!(

@@ -168,7 +168,7 @@ impl Encoder {
         agp: bool,
     ) -> Result<crate::Rendered, String> {
         self.template
-            .render_with_tools(
+            .render_spans(
                 messages,
                 tools,
                 agp,
@@ -188,19 +188,10 @@ impl Encoder {
             .map_err(|e| e.to_string())
     }
 
-    /// Byte spans of the assistant turns of `rendered` (the render of `messages`, without tools
-    /// or the generation prompt): its `{% generation %}` spans, or else found by rendering
+    /// Byte spans of the assistant turns of `rendered` (the render of `messages` with `tools`,
+    /// without the generation prompt): its `{% generation %}` spans, or else found by rendering
     /// prefixes.
     pub fn assistant_spans(
-        &self,
-        messages: &[Message],
-        rendered: &crate::Rendered,
-    ) -> Result<Vec<Range<usize>>, String> {
-        self.spans(messages, None, rendered)
-    }
-
-    /// [`Self::assistant_spans`] of a render with `tools`.
-    fn spans(
         &self,
         messages: &[Message],
         tools: Option<&[Value]>,
@@ -292,7 +283,7 @@ impl Encoder {
         let spans: Vec<Range<usize>> = match self.train_on {
             TrainOn::All => vec![whole(text)],
             TrainOn::Assistant | TrainOn::LastTurn => {
-                let mut spans = self.spans(messages, tools, &rendered)?;
+                let mut spans = self.assistant_spans(messages, tools, &rendered)?;
                 if self.train_on == TrainOn::LastTurn {
                     spans = spans.pop().into_iter().collect();
                 }

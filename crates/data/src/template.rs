@@ -147,6 +147,7 @@ impl ChatTemplate {
         Ok(self
             .render_spans(
                 messages,
+                None,
                 add_generation_prompt,
                 special,
                 &Default::default(),
@@ -154,21 +155,11 @@ impl ChatTemplate {
             .text)
     }
 
-    /// Renders with extra template variables (`extra`, e.g. `date_string` or `enable_thinking`,
-    /// passed like `apply_chat_template`'s keyword arguments) and returns the generation spans.
+    /// Renders with a list of tool schemas (the template's `tools`, as
+    /// `apply_chat_template(messages, tools=...)` passes them; `None` passes none) and extra
+    /// template variables (`extra`, e.g. `date_string` or `enable_thinking`, passed like
+    /// `apply_chat_template`'s keyword arguments), and returns the generation spans.
     pub fn render_spans(
-        &self,
-        messages: &[Message],
-        add_generation_prompt: bool,
-        special: &SpecialTokens,
-        extra: &serde_json::Map<String, serde_json::Value>,
-    ) -> Result<Rendered> {
-        self.render_with_tools(messages, None, add_generation_prompt, special, extra)
-    }
-
-    /// [`Self::render_spans`] with a list of tool schemas, the template's `tools`
-    /// (`apply_chat_template(messages, tools=...)`); `None` passes none.
-    pub fn render_with_tools(
         &self,
         messages: &[Message],
         tools: Option<&[serde_json::Value]>,
@@ -384,6 +375,7 @@ mod tests {
         let r = template(source)
             .render_spans(
                 &[Message::new("user", "hi"), Message::new("assistant", "yo")],
+                None,
                 false,
                 &SpecialTokens::default(),
                 &Default::default(),
@@ -395,6 +387,7 @@ mod tests {
         let err = template(source)
             .render_spans(
                 &[Message::new("assistant", "\u{F0001}")],
+                None,
                 false,
                 &SpecialTokens::default(),
                 &Default::default(),
@@ -409,6 +402,7 @@ mod tests {
         let err = template(source)
             .render_spans(
                 &[call],
+                None,
                 false,
                 &SpecialTokens::default(),
                 &Default::default(),

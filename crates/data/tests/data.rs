@@ -87,7 +87,7 @@ fn trl_templates_render_byte_exact() {
         let conv = r["conversation"].as_str().unwrap();
         let agp = r["add_generation_prompt"].as_bool().unwrap();
         let t = templates.entry(name).or_insert_with(|| template(name));
-        let ours = t.render_spans(&g.conversations[conv], agp, &g.special, &g.extra);
+        let ours = t.render_spans(&g.conversations[conv], None, agp, &g.special, &g.extra);
         match (r.get("text"), ours) {
             (Some(i), Ok(ours)) if ours.text == texts[i.as_u64().unwrap() as usize] => exact += 1,
             (None, Err(_)) => raised_both += 1,
@@ -190,7 +190,7 @@ fn assistant_masks_match_transformers() {
         encoder.template_vars = g.extra.clone();
         let rendered = encoder
             .template
-            .render_spans(messages, false, &g.special, &g.extra)
+            .render_spans(messages, None, false, &g.special, &g.extra)
             .unwrap();
         let (our_ids, offsets) = tokenizer
             .encode_with_offsets(&rendered.text, false)

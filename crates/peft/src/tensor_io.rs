@@ -89,11 +89,7 @@ pub fn decode_f32(view: &TensorView<'_>) -> Result<Vec<f32>, Dtype> {
 /// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so a
 /// crash never leaves a half-written file under the final name.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = temporary_name(path);
-    std::fs::write(&tmp, bytes).inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
-    })?;
-    std::fs::rename(&tmp, path)
+    write_atomic_together(&[(path, bytes)]).map_err(|(_, e)| e)
 }
 
 /// Writes files that belong together (an adapter's weights and config): every one to its

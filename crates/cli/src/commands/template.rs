@@ -103,6 +103,7 @@ pub fn render_json(
     let encoder = Encoder::new(tokenizer, template, TrainOn::Assistant);
     let rendered = encoder.template.render_spans(
         messages,
+        None,
         add_generation_prompt,
         &encoder.tokenizer.special,
         &Default::default(),
@@ -111,16 +112,17 @@ pub fn render_json(
         // The spans of the conversation itself; the generation prompt is never trained.
         let plain = encoder.template.render_spans(
             messages,
+            None,
             false,
             &encoder.tokenizer.special,
             &Default::default(),
         )?;
         encoder
-            .assistant_spans(messages, &plain)
+            .assistant_spans(messages, None, &plain)
             .map_err(anyhow::Error::msg)?
     } else {
         encoder
-            .assistant_spans(messages, &rendered)
+            .assistant_spans(messages, None, &rendered)
             .map_err(anyhow::Error::msg)?
     };
     let (ids, offsets) = encoder
