@@ -732,8 +732,10 @@ mod tests {
                         },
                         &inputs,
                     );
+                    // Gradients summed over 300 positions reach ~10: within 1e-5 of their size
+                    // (the summation order differs with the CPU's vector width).
                     for (ours, burns) in ours.into_iter().zip(&burns) {
-                        ours.assert_approx_eq::<f32>(burns, Tolerance::absolute(1e-5));
+                        ours.assert_approx_eq::<f32>(burns, Tolerance::rel_abs(1e-5, 1e-5));
                     }
                 }
             }
