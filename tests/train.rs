@@ -276,6 +276,74 @@ fn a_run_says_what_it_cut_and_refuses_what_would_mix_or_misread() {
         "{err}"
     );
 
+    // A resumed run keeps the batching, seed, adapter and data of the run it continues; what
+    // it may change, it is told of.
+    let resume_error = |extra: &[&str]| {
+        let mut args = vec!["--resume"];
+        args.extend_from_slice(extra);
+        let out = train(&path, &args);
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = resume_error(&["--set", "train.micro_batch_size=2", "--set", "adapter.r=8"]);
+    for said in [
+        "step-000001",
+        "`train.micro_batch_size` 4 → 2",
+        "`adapter.r` 4 → 8",
+    ] {
+        assert!(err.contains(said), "`{said}` missing from:\n{err}");
+    }
+    let data = work.path().join("train.jsonl");
+    let rows = std::fs::read_to_string(&data).unwrap();
+    std::fs::write(&data, rows.replace("red", "blue")).unwrap();
+    let err = resume_error(&[]);
+    assert!(err.contains("training data"), "{err}");
+    std::fs::write(&data, rows).unwrap();
+    let out = train(
+        &path,
+        &[
+            "--resume",
+            "--set",
+            "train.lr=1e-3",
+            "--set",
+            "train.max_steps=3",
+        ],
+    );
+    assert_success(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("resumed with changed settings")
+            && err.contains("`train.lr` 0.0002 → 0.001")
+            && err.contains("`train.max_steps` 2 → 3"),
+        "{err}"
+    );
+
+    // An adapter continued with `init_from` trains as saved: a recipe value that says otherwise
+    // is refused, not ignored.
+    let continued = |extra: &[&str]| {
+        let mut args = vec![
+            "--set",
+            "adapter.init_from=\"run\"",
+            "--set",
+            "output.dir=\"continued\"",
+        ];
+        args.extend_from_slice(extra);
+        train(&path, &args)
+    };
+    let out = continued(&["--set", "adapter.r=8", "--set", "adapter.dropout=0.05"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("`adapter.r = 8`, the adapter has 4") && !err.contains("dropout"),
+        "{err}"
+    );
+    assert_success(&continued(&[]));
+    let written =
+        burnish_align::Recipe::from_file(&work.path().join("continued/recipe.toml"), &[]).unwrap();
+    let mut keys = written.adapter.unwrap().given;
+    keys.sort();
+    assert_eq!(keys, ["init_from", "r"]);
+
     // A tokenizer whose ids the model has no embedding for is named before the model loads.
     let model = copy_fixture("llama");
     edit_config(model.path(), |c| c["vocab_size"] = json!(3));

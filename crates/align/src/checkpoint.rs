@@ -1,6 +1,7 @@
 //! Checkpoints of a run, under `RUN_DIR/checkpoints/step-NNNNNN/`: the trained weights (the
-//! adapter in PEFT's format, or the whole model), the optimizer's moments by parameter path, and
-//! where the run stands (step, epoch, next batch group, counters). Each is written into a
+//! adapter in PEFT's format, or the whole model), the optimizer's moments by parameter path,
+//! where the run stands (step, epoch, next batch group, counters), and which run it is
+//! ([`RunIdentity`], compared with the recipe on resume). Each is written into a
 //! temporary directory renamed into place, so a crash at any moment leaves the last complete
 //! checkpoint loadable; older ones beyond `keep` are removed.
 
@@ -12,11 +13,13 @@ use burnish_peft::{LoraConfig, SaveDtype, decode_f32, save_adapter, serialize, w
 use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 
+use crate::continuation::RunIdentity;
 use crate::error::RunError;
 use crate::optimizer::{AdamW, SavedMoments};
 
 const PROGRESS_FILE: &str = "progress.json";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const IDENTITY_FILE: &str = "identity.json";
 const PREFIX: &str = "step-";
 
 /// Where a run stands after an optimizer step.
@@ -88,6 +91,7 @@ pub fn save_checkpoint<B: AutodiffBackend>(
     base_config: &HfConfig,
     optimizer: &AdamW<B>,
     progress: &Progress,
+    identity: &RunIdentity,
     keep: usize,
 ) -> Result<PathBuf, RunError> {
     let parent = run_dir.join("checkpoints");
@@ -119,6 +123,9 @@ pub fn save_checkpoint<B: AutodiffBackend>(
     let bytes = serialize(&tensors, SaveDtype::F32)
         .map_err(|e| RunError::Checkpoint(format!("{}: {e}", optimizer_path.display())))?;
     write_atomic(&optimizer_path, &bytes).map_err(io_err(&optimizer_path))?;
+    let identity_path = tmp.join(IDENTITY_FILE);
+    let text = serde_json::to_string_pretty(identity).expect("an identity serializes");
+    write_atomic(&identity_path, text.as_bytes()).map_err(io_err(&identity_path))?;
     let progress_path = tmp.join(PROGRESS_FILE);
     let text = serde_json::to_string_pretty(progress).expect("progress serializes");
     write_atomic(&progress_path, text.as_bytes()).map_err(io_err(&progress_path))?;
@@ -162,4 +169,18 @@ pub fn read_checkpoint(dir: &Path) -> Result<(Progress, Vec<SavedMoments>), RunE
         });
     }
     Ok((progress, moments))
+}
+
+/// Reads which run a checkpoint belongs to.
+pub fn read_identity(dir: &Path) -> Result<RunIdentity, RunError> {
+    let path = dir.join(IDENTITY_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        RunError::Checkpoint(format!(
+            "{}: {e}; without it the checkpoint cannot be matched with the recipe: start a new \
+             run in another `output.dir`",
+            path.display()
+        ))
+    })?;
+    serde_json::from_str(&text)
+        .map_err(|e| RunError::Checkpoint(format!("{}: {e}", path.display())))
 }

@@ -5,6 +5,7 @@
 
 mod check;
 mod checkpoint;
+mod continuation;
 mod cpu_adamw;
 mod dpo;
 mod error;

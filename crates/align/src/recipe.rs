@@ -108,6 +108,9 @@ pub struct AdapterSection {
     pub init: AdapterInit,
     /// Start from this PEFT-format adapter instead of a fresh one (default: none).
     pub init_from: Option<PathBuf>,
+    /// The keys the recipe sets itself (the others hold their defaults).
+    #[serde(skip)]
+    pub given: Vec<String>,
 }
 
 impl Default for AdapterSection {
@@ -121,6 +124,7 @@ impl Default for AdapterSection {
             use_rslora: false,
             init: AdapterInit::Kaiming,
             init_from: None,
+            given: Vec::new(),
         }
     }
 }
@@ -540,6 +544,10 @@ impl Recipe {
         for spec in overrides {
             apply_override(&mut doc, spec).map_err(invalid)?;
         }
+        let adapter_keys: Vec<String> = match doc.get("adapter") {
+            Some(toml::Value::Table(t)) => t.keys().cloned().collect(),
+            _ => Vec::new(),
+        };
         let file: RecipeFile = toml::Value::Table(doc)
             .try_into()
             .map_err(|e: toml::de::Error| invalid(with_suggestion(&e.to_string())))?;
@@ -581,6 +589,7 @@ impl Recipe {
         let mut adapter = file.adapter;
         if let Some(a) = &mut adapter {
             a.init_from = a.init_from.take().map(anchor);
+            a.given = adapter_keys;
         }
         let recipe = Self {
             model: ModelSection {
@@ -722,13 +731,25 @@ impl Recipe {
 impl Recipe {
     /// The resolved recipe, every default written out, as TOML (what a run directory keeps).
     pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(&self.to_table()).expect("a TOML table always serializes")
+    }
+
+    /// The recipe as a TOML document, every default written out; an adapter continued from
+    /// `init_from` keeps only the keys the recipe set, since the rest come from that adapter.
+    pub fn to_table(&self) -> toml::Table {
         fn section<T: Serialize>(value: &T) -> toml::Value {
             toml::Value::try_from(value).expect("recipe sections serialize to TOML")
         }
         let mut doc = toml::Table::new();
         doc.insert("model".into(), section(&self.model));
         if let Some(a) = &self.adapter {
-            doc.insert("adapter".into(), section(a));
+            let mut table = section(a);
+            if a.init_from.is_some()
+                && let toml::Value::Table(t) = &mut table
+            {
+                t.retain(|key, _| key == "init_from" || a.given.iter().any(|g| g == key));
+            }
+            doc.insert("adapter".into(), table);
         }
         let mut data = match section(&self.data.loader) {
             toml::Value::Table(t) => t,
@@ -750,7 +771,7 @@ impl Recipe {
             doc.insert("check".into(), section(c));
         }
         doc.insert("output".into(), section(&self.output));
-        toml::to_string_pretty(&doc).expect("a TOML table always serializes")
+        doc
     }
 }
 
@@ -790,7 +811,27 @@ dir = "runs/first"
         assert_eq!((a.r, a.alpha, a.dropout), (8, 32.0, 0.05));
         assert_eq!(r.train, TrainSection::default());
         assert_eq!(r.dpo, DpoSection::default());
-        // The resolved recipe reads back to the same recipe.
+        assert_eq!(a.given, ["r"]);
+        // The resolved recipe reads back to the same recipe, every key now written.
+        let mut again = Recipe::from_toml(&r.to_toml(), &[], Path::new("r.toml")).unwrap();
+        let written = &mut again.adapter.as_mut().unwrap().given;
+        assert!(written.iter().any(|k| k == "target_modules"), "{written:?}");
+        written.clone_from(&a.given);
+        assert_eq!(again, r);
+    }
+
+    #[test]
+    fn a_continued_adapter_writes_only_the_keys_the_recipe_set() {
+        let r = parse(
+            &MINIMAL.replace("r = 8", "init_from = \"runs/sft\"\ndropout = 0.1"),
+            &[],
+        )
+        .unwrap();
+        let table = r.to_table();
+        let adapter = table["adapter"].as_table().unwrap();
+        let mut keys: Vec<&String> = adapter.keys().collect();
+        keys.sort();
+        assert_eq!(keys, ["dropout", "init_from"]);
         let again = Recipe::from_toml(&r.to_toml(), &[], Path::new("r.toml")).unwrap();
         assert_eq!(again, r);
     }

@@ -16,14 +16,17 @@ use burnish_data::{
 };
 use burnish_model::{Decoder, HfConfig, Pretrained, linear_module_names, save_decoder};
 use burnish_peft::{
-    LoraConfig, LoraInit, SaveDtype, Targets, f32_values, first_value, save_adapter, select_targets,
+    ADAPTER_CONFIG_FILE, LoraConfig, LoraInit, SaveDtype, Targets, f32_values, first_value,
+    save_adapter, select_targets,
 };
 use serde_json::json;
 
 use crate::check::{CheckReport, load_cases, run_check};
 use crate::checkpoint::{
-    Progress, checkpoints, read_checkpoint, remove_partial_checkpoints, save_checkpoint,
+    Progress, checkpoints, read_checkpoint, read_identity, remove_partial_checkpoints,
+    save_checkpoint,
 };
+use crate::continuation::{RunIdentity, check_init_from};
 use crate::error::{RunError, TrainError};
 use crate::optimizer::{AdamW, AdamWConfig};
 use crate::recipe::{
@@ -323,13 +326,21 @@ pub fn train<B: AutodiffBackend>(
         )));
     }
 
-    // The adapter's targets are checked against the config before anything is loaded.
-    let hf_config = HfConfig::from_file(&base.join("config.json"))?;
-    if let Some(section) = recipe.adapter.as_ref().filter(|a| a.init_from.is_none()) {
-        select_targets(
-            &linear_module_names(&hf_config.decoder),
-            &lora_config(section, &recipe.model.base),
-        )?;
+    // The adapter's targets, or the adapter it continues, are checked against the config before
+    // anything is loaded.
+    let config_path = base.join("config.json");
+    let hf_config = HfConfig::from_file(&config_path)?;
+    if let Some(section) = &recipe.adapter {
+        let modules = linear_module_names(&hf_config.decoder);
+        match &section.init_from {
+            None => {
+                select_targets(&modules, &lora_config(section, &recipe.model.base))?;
+            }
+            Some(from) => {
+                let loaded = LoraConfig::from_file(&from.join(ADAPTER_CONFIG_FILE))?;
+                check_init_from(section, &loaded, from, &modules, &recipe.model.base)?;
+            }
+        }
     }
 
     // Data next: it is cheap, and its errors should not wait for the model.
@@ -375,6 +386,8 @@ pub fn train<B: AutodiffBackend>(
     for data in [&train_data, &eval_data] {
         check_vocabulary(data, hf_config.decoder.vocab_size, base)?;
     }
+    let config_bytes = std::fs::read(&config_path).map_err(io_err(&config_path))?;
+    let identity = RunIdentity::of(recipe, &config_bytes, &train_data);
     let dpo = t.strategy == StrategyKind::Dpo;
     let (count, other) = if dpo {
         (train_data.pairs.len(), train_data.examples.len())
@@ -414,8 +427,9 @@ pub fn train<B: AutodiffBackend>(
                 dir.join("checkpoints").display()
             ))
         })?;
+        let changed = read_identity(&latest)?.compare(&identity, &latest)?;
         let (progress, moments) = read_checkpoint(&latest)?;
-        Some((latest, progress, moments))
+        Some((latest, progress, moments, changed))
     } else {
         None
     };
@@ -439,7 +453,7 @@ pub fn train<B: AutodiffBackend>(
         }
     };
     let mut adapter_config = None;
-    let resumed_from = checkpoint.as_ref().map(|(path, _, _)| path.as_path());
+    let resumed_from = checkpoint.as_ref().map(|(path, ..)| path.as_path());
     let mut model = match (&recipe.adapter, resumed_from) {
         (None, None) => pretrained.model,
         (None, Some(path)) => Pretrained::<B>::load(path, device)?.model,
@@ -511,19 +525,25 @@ pub fn train<B: AutodiffBackend>(
         weight_decay: t.weight_decay,
         max_grad_norm: (t.max_grad_norm > 0.0).then_some(t.max_grad_norm),
     });
-    if let Some((_, saved, moments)) = checkpoint {
+    let mut notices = Vec::new();
+    if let Some((_, saved, moments, changed)) = checkpoint {
         let inner_device = model.embed_tokens.val().inner().device();
         optimizer
             .import_state(&model, saved.step, moments, &inner_device)
             .map_err(RunError::Checkpoint)?;
         progress = saved;
+        notices = changed;
     }
     let eval_count = if dpo {
         eval_data.pairs.len()
     } else {
         eval_data.examples.len()
     };
-    let mut notices = data_notices(&train_data.report, "training", &recipe.data.loader);
+    notices.extend(data_notices(
+        &train_data.report,
+        "training",
+        &recipe.data.loader,
+    ));
     notices.extend(data_notices(
         &eval_data.report,
         "evaluation",
@@ -772,6 +792,7 @@ pub fn train<B: AutodiffBackend>(
                     &config,
                     &optimizer,
                     &at,
+                    &identity,
                     t.keep_checkpoints,
                 )?;
                 on_event(&RunEvent::Checkpoint { step, path });
