@@ -2,8 +2,10 @@
 //! loss equals transformers' `-100`-label loss on the llama fixture (1e-5); every DPO loss and
 //! reward metric equals TRL 1.16's formulas on the same log-probs (1e-6, relative above 1); three
 //! AdamW steps with global-norm clipping reproduce PEFT + torch's adapter (1e-5); learning-rate
-//! schedules equal transformers' `get_scheduler` (1e-12). The log-probs computed chunk by chunk
-//! from the hidden states equal the full logits' in value and gradient.
+//! schedules equal transformers' `get_scheduler` (1e-12). ORPO's loss and metrics on padded
+//! pairs through the llama fixture equal TRL's `ORPOTrainer` (1e-5, relative above 1), and
+//! `log1mexp` TRL's on both sides of its branch (1e-6 relative). The log-probs computed chunk by
+//! chunk from the hidden states equal the full logits' in value and gradient.
 
 use burn::tensor::{Int, Tensor, TensorData};
 use burnish_align::{
@@ -19,6 +21,29 @@ use crate::fixtures::{B, max_abs_diff, model_dir};
 struct Golden {
     sft: Sft,
     dpo: Dpo,
+    orpo: Orpo,
+}
+
+#[derive(Deserialize)]
+struct Orpo {
+    beta: f64,
+    pairs: Vec<OrpoPair>,
+    loss: f64,
+    metrics: std::collections::BTreeMap<String, f64>,
+    log1mexp: Log1mexp,
+}
+
+#[derive(Deserialize)]
+struct OrpoPair {
+    prompt: Vec<u32>,
+    chosen: Vec<u32>,
+    rejected: Vec<u32>,
+}
+
+#[derive(Deserialize)]
+struct Log1mexp {
+    x: Vec<f32>,
+    y: Vec<f64>,
 }
 
 #[derive(Deserialize)]
@@ -256,6 +281,60 @@ fn dpo_losses_and_metrics_equal_trl() {
                 "{key}: {value} vs TRL {reference}"
             );
         }
+    }
+}
+
+#[test]
+fn orpo_loss_and_metrics_equal_trl_through_the_model() {
+    use burn::backend::Autodiff;
+    use burnish_align::{Orpo, PairBatch, Strategy};
+    use burnish_data::PairExample;
+    type AD = Autodiff<B>;
+
+    let g = golden().orpo;
+    let device = Default::default();
+    let model = Pretrained::<AD>::load(&model_dir("llama"), &device)
+        .unwrap()
+        .model;
+    let pairs: Vec<PairExample> = g
+        .pairs
+        .iter()
+        .map(|p| PairExample {
+            prompt_ids: p.prompt.clone(),
+            chosen_ids: p.chosen.clone(),
+            rejected_ids: p.rejected.clone(),
+        })
+        .collect();
+    let refs: Vec<&PairExample> = pairs.iter().collect();
+    let batch = PairBatch::<AD>::from_pairs(&refs, 0, &device);
+    let out = Orpo { beta: g.beta }.loss(&model, &batch, None);
+    let close = |ours: f64, theirs: f64| (ours - theirs).abs() <= 1e-5 * theirs.abs().max(1.0);
+    let loss = out.loss_sum.into_data().to_vec::<f32>().unwrap()[0] as f64 / out.units;
+    assert!(close(loss, g.loss), "loss {loss} vs TRL {}", g.loss);
+    for (key, theirs) in &g.metrics {
+        let ours = out
+            .metrics
+            .iter()
+            .find(|(k, _)| k == key)
+            .unwrap_or_else(|| panic!("no metric {key}"))
+            .1;
+        assert!(close(ours, *theirs), "{key}: {ours} vs TRL {theirs}");
+    }
+
+    let x = Tensor::<B, 1>::from_data(
+        TensorData::new(g.log1mexp.x.clone(), [g.log1mexp.x.len()]),
+        &device,
+    );
+    let ours = burnish_align::log1mexp(x)
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap();
+    for ((x, ours), theirs) in g.log1mexp.x.iter().zip(ours).zip(&g.log1mexp.y) {
+        let ours = f64::from(ours);
+        assert!(
+            (ours - theirs).abs() <= 1e-6 * theirs.abs(),
+            "log1mexp({x}): {ours} vs TRL {theirs}"
+        );
     }
 }
 

@@ -134,9 +134,8 @@ fn sft_run_learns_and_writes_a_peft_adapter() {
     );
 }
 
-#[test]
-fn dpo_run_prefers_the_chosen_answers() {
-    let work = tempfile::tempdir().unwrap();
+/// Eight conversational preference rows in `dir/pairs.jsonl`.
+fn preference_rows(dir: &Path) {
     let rows: Vec<Value> = (0..8)
         .map(|i| {
             json!({
@@ -146,7 +145,13 @@ fn dpo_run_prefers_the_chosen_answers() {
             })
         })
         .collect();
-    write_jsonl(&work.path().join("pairs.jsonl"), &rows);
+    write_jsonl(&dir.join("pairs.jsonl"), &rows);
+}
+
+#[test]
+fn dpo_run_prefers_the_chosen_answers() {
+    let work = tempfile::tempdir().unwrap();
+    preference_rows(work.path());
     let path = recipe(
         work.path(),
         "[adapter]\nr = 8\nalpha = 16\ndropout = 0.0\n\n[data]\ntrain = \"pairs.jsonl\"\neval = \"pairs.jsonl\"\n\n[train]\nstrategy = \"dpo\"\nmax_steps = 15\nmicro_batch_size = 4\nlr = 1e-2\nschedule = \"constant\"\n\n[dpo]\nbeta = 0.1\n",
@@ -200,6 +205,40 @@ fn dpo_run_prefers_the_chosen_answers() {
         first > std::f64::consts::LN_2 + 1.0,
         "RPO loss {first} lacks its NLL term"
     );
+}
+
+#[test]
+fn orpo_run_prefers_the_chosen_answers_without_a_reference() {
+    let work = tempfile::tempdir().unwrap();
+    preference_rows(work.path());
+    let path = recipe(
+        work.path(),
+        "[adapter]\nr = 8\nalpha = 16\ndropout = 0.0\n\n[data]\ntrain = \"pairs.jsonl\"\neval = \"pairs.jsonl\"\n\n[train]\nstrategy = \"orpo\"\nmax_steps = 15\nmicro_batch_size = 4\nlr = 1e-2\nschedule = \"constant\"\n\n[orpo]\nbeta = 0.5\n",
+    );
+    let out = train(&path, &[]);
+    assert_success(&out);
+    let lines = metrics(&work.path().join("run"));
+    // The loss is the chosen sequences' NLL minus β times the mean log σ(log odds).
+    let first = &lines[0];
+    let value = |key: &str| first[key].as_f64().unwrap();
+    let parts = value("nll_loss") - 0.5 * value("log_odds_ratio");
+    assert!((value("loss") - parts).abs() < 1e-5, "{first}");
+    let eval = lines.iter().find(|l| l.get("eval_loss").is_some()).unwrap();
+    assert!(
+        eval["rewards/accuracies"].as_f64().unwrap() >= 0.9,
+        "{eval}"
+    );
+    assert!(eval["log_odds_chosen"].as_f64().unwrap() > 0.0, "{eval}");
+    assert!(
+        eval["eval_loss"].as_f64().unwrap() < value("loss"),
+        "{eval}"
+    );
+
+    // DPO's settings do not apply to ORPO: saying so beats ignoring them.
+    let out = train(&path, &["--set", "dpo.beta=0.2"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("`[dpo]`") && err.contains("orpo"), "{err}");
 }
 
 #[test]

@@ -36,6 +36,7 @@ fn token_batch(rows: &[(&[u32], usize)]) -> TokenBatch<AD> {
         inputs: Tensor::<AD, 2, Int>::from_data(TensorData::new(inputs, [n, len]), &device),
         targets: Tensor::<AD, 2, Int>::from_data(TensorData::new(targets, [n, len]), &device),
         mask: Tensor::<AD, 2>::from_data(TensorData::new(mask, [n, len]), &device),
+        present: Tensor::<AD, 2>::ones([n, len], &device),
         trained_tokens,
         tokens: n * len,
         packing: None,

@@ -8,6 +8,10 @@
   cosine) at every step of a 10-step run with 3 warmup steps.
 - `adamw_steps.*`: three LoRA SFT steps with PEFT + torch AdamW and global-norm clipping from the
   llama-qv adapter on the `sft` batch: the adapter after the third step, losses and gradient norms.
+- `orpo`: TRL 1.16's ORPO loss and metrics (`experimental.orpo.ORPOTrainer.get_batch_loss_metrics`,
+  the trainer's own code run on a stub trainer) for two preference pairs of different prompt and
+  completion lengths, padded, on the llama fixture in float32; and TRL's `log1mexp` at points on
+  both sides of its branch.
 - `dpo`: TRL 1.16's DPO losses and reward metrics (`DPOTrainer._compute_loss`), evaluated on fixed
   sequence log-probs with the same formulas: sigmoid, hinge, ipo (log-ratios averaged per
   completion token), robust; plus the label-smoothed sigmoid (conservative DPO) that older TRL
@@ -102,6 +106,55 @@ def dpo_cases() -> dict:
     }
 
 
+def orpo_case() -> dict:
+    """ORPO on the llama fixture through TRL's own ORPOTrainer methods. The trainer is built
+    without __init__ (no dataset, no training arguments): only the attributes those methods read
+    are set."""
+    from types import SimpleNamespace
+
+    from trl.experimental.orpo.orpo_trainer import ORPOTrainer, log1mexp
+
+    model_dir = REPO_ROOT / "tests" / "fixtures" / "models" / "llama"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    ids = json.loads((model_dir / "golden.json").read_text())["score"][1]["token_ids"]
+    pad = 0
+    pairs = [
+        {"prompt": ids[0:7], "chosen": ids[7:12], "rejected": ids[20:29]},
+        {"prompt": ids[30:34], "chosen": ids[40:51], "rejected": ids[51:54]},
+    ]
+    beta = 0.25
+
+    def side(name: str) -> dict:
+        rows = [p["prompt"] + p[name] for p in pairs]
+        width = max(len(r) for r in rows)
+        input_ids = [r + [pad] * (width - len(r)) for r in rows]
+        mask = [[1] * len(r) + [0] * (width - len(r)) for r in rows]
+        labels = [[-100] * len(p["prompt"]) + p[name] + [-100] * (width - len(p["prompt"]) - len(p[name])) for p in pairs]
+        return {
+            f"{name}_input_ids": torch.tensor(input_ids),
+            f"{name}_attention_mask": torch.tensor(mask),
+            f"{name}_labels": torch.tensor(labels),
+        }
+
+    trainer = ORPOTrainer.__new__(ORPOTrainer)
+    trainer.beta = beta
+    trainer.is_encoder_decoder = False
+    trainer.padding_value = pad
+    trainer.aux_loss_enabled = False
+    trainer.accelerator = SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x)
+    with torch.no_grad():
+        loss, metrics = trainer.get_batch_loss_metrics(model, {**side("chosen"), **side("rejected")})
+    points = [-20.0, -3.0, -0.7, -0.6931, -0.5, -0.1, -1e-3, -1e-6]
+    return {
+        "model": "llama",
+        "beta": beta,
+        "pairs": pairs,
+        "loss": loss.item(),
+        "metrics": {k: v for k, v in metrics.items() if not k.startswith("logits/")},
+        "log1mexp": {"x": points, "y": log1mexp(torch.tensor(points, dtype=torch.float64)).tolist()},
+    }
+
+
 def schedules() -> dict:
     """transformers' get_scheduler multipliers over 10 steps with 3 warmup steps, and the warmup
     that warmup_ratio 0.25 of 10 steps gives."""
@@ -129,7 +182,7 @@ def schedules() -> dict:
 def main() -> None:
     torch.set_num_threads(1)
     OUT.mkdir(parents=True, exist_ok=True)
-    golden = {"sft": sft_case(), "dpo": dpo_cases(), "schedules": schedules()}
+    golden = {"sft": sft_case(), "dpo": dpo_cases(), "orpo": orpo_case(), "schedules": schedules()}
     (OUT / "golden.json").write_text(json.dumps(golden, indent=1) + "\n")
     print("sft loss", golden["sft"]["loss"], "| dpo", golden["dpo"]["losses"])
 

@@ -10,6 +10,7 @@ mod cpu_adamw;
 mod dpo;
 mod error;
 mod optimizer;
+mod orpo;
 mod recipe;
 mod run;
 mod schedule;
@@ -24,14 +25,17 @@ pub use error::{RecipeError, RunError, TrainError};
 pub use optimizer::{
     AdamW, AdamWConfig, FlatGradients, SavedMoments, StepReport, flat_gradients, parameter_paths,
 };
+pub use orpo::{OrpoOutput, log1mexp, orpo_loss};
 pub use recipe::{
     AdapterInit, AdapterSection, CheckSection, DataSection, DpoLossName, DpoSection, HF_DATASETS,
-    HubDataset, ModelInit, ModelSection, OnNonFinite, OutputSection, Recipe, ScheduleName,
-    StrategyKind, TargetModules, TrainSection,
+    HubDataset, ModelInit, ModelSection, OnNonFinite, OrpoSection, OutputSection, Recipe,
+    ScheduleName, StrategyKind, TargetModules, TrainSection,
 };
 pub use run::{RunEvent, RunSummary, lora_config, train};
 pub use schedule::{Schedule, ScheduleKind};
-pub use strategy::{Dpo, PairBatch, Sft, StepOutput, Strategy, TokenBatch, reference_logps};
+pub use strategy::{
+    Dpo, Orpo, PairBatch, Preference, Sft, StepOutput, Strategy, TokenBatch, reference_logps,
+};
 pub use token_loss::{
     TokenLoss, masked_token_logprobs, masked_token_logprobs_chunked, masked_token_loss,
     positions_per_chunk,

@@ -154,6 +154,21 @@ pub enum StrategyKind {
     Instruct,
     /// Direct preference optimisation on chosen/rejected pairs.
     Dpo,
+    /// Odds-ratio preference optimisation on chosen/rejected pairs: SFT on the chosen replies
+    /// and a penalty on the rejected ones, without a reference model.
+    Orpo,
+}
+
+impl StrategyKind {
+    /// The name a recipe gives it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sft => "sft",
+            Self::Instruct => "instruct",
+            Self::Dpo => "dpo",
+            Self::Orpo => "orpo",
+        }
+    }
 }
 
 /// `[train]`: the loop.
@@ -308,6 +323,20 @@ impl DpoSection {
     }
 }
 
+/// `[orpo]`: odds-ratio preference optimisation settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OrpoSection {
+    /// Weight λ of the odds-ratio term against the chosen replies' NLL (default 0.1).
+    pub beta: f64,
+}
+
+impl Default for OrpoSection {
+    fn default() -> Self {
+        Self { beta: 0.1 }
+    }
+}
+
 /// `[data]`: the files and the data loader's settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DataSection {
@@ -414,6 +443,7 @@ pub struct Recipe {
     pub data: DataSection,
     pub train: TrainSection,
     pub dpo: DpoSection,
+    pub orpo: OrpoSection,
     pub check: Option<CheckSection>,
     pub output: OutputSection,
 }
@@ -428,6 +458,7 @@ struct RecipeFile {
     #[serde(default)]
     train: TrainSection,
     dpo: Option<DpoSection>,
+    orpo: Option<OrpoSection>,
     check: Option<CheckSection>,
     output: OutputSection,
 }
@@ -552,6 +583,18 @@ impl Recipe {
             .try_into()
             .map_err(|e: toml::de::Error| invalid(with_suggestion(&e.to_string())))?;
 
+        for (section, given, strategy) in [
+            ("dpo", file.dpo.is_some(), StrategyKind::Dpo),
+            ("orpo", file.orpo.is_some(), StrategyKind::Orpo),
+        ] {
+            if given && file.train.strategy != strategy {
+                return Err(invalid(format!(
+                    "`[{section}]` applies to `train.strategy = \"{section}\"` only, and this \
+                     recipe's is \"{}\": remove the section or change the strategy",
+                    file.train.strategy.name()
+                )));
+            }
+        }
         let mut data = file.data;
         let train = paths(data.remove("train"), "train").map_err(invalid)?;
         let eval = paths(data.remove("eval"), "eval").map_err(invalid)?;
@@ -607,6 +650,7 @@ impl Recipe {
             },
             train: file.train,
             dpo: file.dpo.unwrap_or_default(),
+            orpo: file.orpo.unwrap_or_default(),
             check: file.check.map(|c| CheckSection {
                 file: anchor(c.file),
                 ..c
@@ -700,6 +744,9 @@ impl Recipe {
                 return Err("`adapter.target_modules` is empty".into());
             }
         }
+        if !(self.orpo.beta.is_finite() && self.orpo.beta > 0.0) {
+            return Err("`orpo.beta` must be a positive number".into());
+        }
         let d = &self.dpo;
         if !(d.beta.is_finite() && d.beta > 0.0) {
             return Err("`dpo.beta` must be a positive number".into());
@@ -766,7 +813,11 @@ impl Recipe {
         data.insert("eval".into(), list(&self.data.eval));
         doc.insert("data".into(), toml::Value::Table(data));
         doc.insert("train".into(), section(&self.train));
-        doc.insert("dpo".into(), section(&self.dpo));
+        match self.train.strategy {
+            StrategyKind::Dpo => doc.insert("dpo".into(), section(&self.dpo)),
+            StrategyKind::Orpo => doc.insert("orpo".into(), section(&self.orpo)),
+            StrategyKind::Sft | StrategyKind::Instruct => None,
+        };
         if let Some(c) = &self.check {
             doc.insert("check".into(), section(c));
         }
@@ -937,9 +988,32 @@ dir = "runs/first"
             ("train.weight_decay=inf", "train.weight_decay"),
             ("dpo.beta=nan", "dpo.beta"),
             ("dpo.beta=inf", "dpo.beta"),
+            ("orpo.beta=0", "orpo.beta"),
         ] {
-            let err = parse(MINIMAL, &[set]).unwrap_err();
+            // A strategy's own section needs that strategy.
+            let section = key.split('.').next().unwrap();
+            let strategy = format!("train.strategy={section}");
+            let mut sets = vec![set];
+            if ["dpo", "orpo"].contains(&section) {
+                sets.push(&strategy);
+            }
+            let err = parse(MINIMAL, &sets).unwrap_err();
             assert!(err.contains(key), "{set}: {err}");
         }
+    }
+
+    #[test]
+    fn a_strategys_section_needs_that_strategy() {
+        let err = parse(MINIMAL, &["dpo.beta=0.2"]).unwrap_err();
+        assert!(err.contains("`[dpo]`") && err.contains("\"sft\""), "{err}");
+        let err = parse(MINIMAL, &["train.strategy=dpo", "orpo.beta=0.2"]).unwrap_err();
+        assert!(err.contains("`[orpo]`") && err.contains("\"dpo\""), "{err}");
+        let r = parse(MINIMAL, &["train.strategy=orpo", "orpo.beta=0.2"]).unwrap();
+        assert_eq!(r.orpo.beta, 0.2);
+        // The written recipe holds the strategy's own section only, and reads back.
+        let table = r.to_table();
+        assert!(table.contains_key("orpo") && !table.contains_key("dpo"));
+        let again = Recipe::from_toml(&r.to_toml(), &[], Path::new("r.toml")).unwrap();
+        assert_eq!(again.orpo, r.orpo);
     }
 }

@@ -11,8 +11,8 @@ use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};
 use burnish_data::{
-    Batch, BatchConfig, ChatTemplate, DataConfig, Dataset, Encoder, Example, Report, Tokenizer,
-    load, make_batches, pack_best_fit_decreasing, shuffle,
+    Batch, BatchConfig, ChatTemplate, DataConfig, Dataset, Encoder, Example, PairExample, Report,
+    Tokenizer, load, make_batches, pack_best_fit_decreasing, shuffle,
 };
 use burnish_model::{Decoder, HfConfig, Pretrained, linear_module_names, save_decoder};
 use burnish_peft::{
@@ -33,7 +33,9 @@ use crate::recipe::{
     AdapterInit, AdapterSection, ModelInit, OnNonFinite, Recipe, StrategyKind, TargetModules,
 };
 use crate::schedule::Schedule;
-use crate::strategy::{Dpo, PairBatch, Sft, Strategy, TokenBatch, reference_logps};
+use crate::strategy::{
+    Dpo, Orpo, PairBatch, Preference, Sft, Strategy, TokenBatch, reference_logps,
+};
 use crate::trainer::{Activations, StepMetrics, optimizer_step};
 
 /// Files a model directory carries besides weights and config.
@@ -194,12 +196,7 @@ fn pair_batches<B: AutodiffBackend>(
     order
         .chunks(micro)
         .map(|chunk| {
-            let chosen: Vec<Example> = chunk.iter().map(|&i| data.pairs[i].chosen()).collect();
-            let rejected: Vec<Example> = chunk.iter().map(|&i| data.pairs[i].rejected()).collect();
-            let to_tokens = |examples: &[Example]| {
-                let refs: Vec<&Example> = examples.iter().collect();
-                TokenBatch::from_batch(&Batch::padded(&refs, pad_id), device)
-            };
+            let pairs: Vec<&PairExample> = chunk.iter().map(|&i| &data.pairs[i]).collect();
             let precomputed = reference.map(|r| {
                 let column = |pick: fn(&(f32, f32)) -> f32| {
                     let values: Vec<f32> = chunk.iter().map(|&i| pick(&r[i])).collect();
@@ -209,9 +206,8 @@ fn pair_batches<B: AutodiffBackend>(
                 (column(|p| p.0), column(|p| p.1))
             });
             PairBatch {
-                chosen: to_tokens(&chosen),
-                rejected: to_tokens(&rejected),
                 reference: precomputed,
+                ..PairBatch::from_pairs(&pairs, pad_id, device)
             }
         })
         .collect()
@@ -388,21 +384,22 @@ pub fn train<B: AutodiffBackend>(
     }
     let config_bytes = std::fs::read(&config_path).map_err(io_err(&config_path))?;
     let identity = RunIdentity::of(recipe, &config_bytes, &train_data);
-    let dpo = t.strategy == StrategyKind::Dpo;
-    let (count, other) = if dpo {
+    // Preference strategies train on pairs, the others on examples.
+    let on_pairs = matches!(t.strategy, StrategyKind::Dpo | StrategyKind::Orpo);
+    let (count, other) = if on_pairs {
         (train_data.pairs.len(), train_data.examples.len())
     } else {
         (train_data.examples.len(), train_data.pairs.len())
     };
     if count == 0 {
-        let (want, have) = if dpo {
+        let (want, have) = if on_pairs {
             ("preference pairs", "examples")
         } else {
             ("examples", "preference pairs")
         };
         return Err(RunError::Mismatch(format!(
-            "`train.strategy = {:?}` needs {want}, but the training files hold none ({other} {have}); check `train.strategy` and `data.format`",
-            t.strategy
+            "`train.strategy = \"{}\"` needs {want}, but the training files hold none ({other} {have}); check `train.strategy` and `data.format`",
+            t.strategy.name()
         )));
     }
     let check_cases = match &recipe.check {
@@ -489,7 +486,7 @@ pub fn train<B: AutodiffBackend>(
     let micro = t.micro_batch_size;
     // Packed rows, not examples, make the micro-batches of a packed epoch.
     let rows_per_epoch = match (t.pack, recipe.data.loader.max_length) {
-        (true, Some(capacity)) if !dpo => {
+        (true, Some(capacity)) if !on_pairs => {
             let lengths: Vec<usize> = train_data.examples.iter().map(Example::len).collect();
             pack_best_fit_decreasing(&lengths, capacity).len()
         }
@@ -534,7 +531,7 @@ pub fn train<B: AutodiffBackend>(
         progress = saved;
         notices = changed;
     }
-    let eval_count = if dpo {
+    let eval_count = if on_pairs {
         eval_data.pairs.len()
     } else {
         eval_data.examples.len()
@@ -614,21 +611,26 @@ pub fn train<B: AutodiffBackend>(
         token_batches::<B>(&make_batches(examples, &config), device)
     };
     let activations = Activations::checkpointed_if(t.gradient_checkpointing);
-    let strategy_dpo = Dpo {
-        loss: recipe.dpo.loss(),
-        beta: recipe.dpo.beta,
-        rpo_alpha: recipe.dpo.rpo_alpha,
+    let preference = match t.strategy {
+        StrategyKind::Orpo => Preference::Orpo(Orpo {
+            beta: recipe.orpo.beta,
+        }),
+        _ => Preference::Dpo(Dpo {
+            loss: recipe.dpo.loss(),
+            beta: recipe.dpo.beta,
+            rpo_alpha: recipe.dpo.rpo_alpha,
+        }),
     };
-    let eval_sft = if dpo {
+    // Reference log-probs once before training: DPO's, when asked for (ORPO has no reference).
+    let precompute_ref = t.strategy == StrategyKind::Dpo && recipe.dpo.precompute_ref;
+    let eval_sft = if on_pairs {
         Vec::new()
     } else {
         sft_batches(&eval_data.examples, t.seed)
     };
-    let eval_pairs = if dpo {
-        let reference = recipe
-            .dpo
-            .precompute_ref
-            .then(|| precompute_reference(&model, &eval_data, micro, pad_id, device));
+    let eval_pairs = if on_pairs {
+        let reference =
+            precompute_ref.then(|| precompute_reference(&model, &eval_data, micro, pad_id, device));
         pair_batches::<B>(
             &eval_data,
             micro,
@@ -642,17 +644,17 @@ pub fn train<B: AutodiffBackend>(
     };
     let run_eval = |model: &Decoder<B>| -> Option<(f64, Vec<(&'static str, f64)>)> {
         let model = &model.for_evaluation();
-        if dpo && !eval_pairs.is_empty() {
-            Some(evaluate(model, &strategy_dpo, &eval_pairs))
-        } else if !dpo && !eval_sft.is_empty() {
+        if on_pairs && !eval_pairs.is_empty() {
+            Some(evaluate(model, &preference, &eval_pairs))
+        } else if !on_pairs && !eval_sft.is_empty() {
             Some(evaluate(model, &Sft, &eval_sft))
         } else {
             None
         }
     };
 
-    let train_reference = (dpo && recipe.dpo.precompute_ref)
-        .then(|| precompute_reference(&model, &train_data, micro, pad_id, device));
+    let train_reference =
+        precompute_ref.then(|| precompute_reference(&model, &train_data, micro, pad_id, device));
     let mut step = progress.step;
     let mut final_loss = f64::NAN;
     let mut trained_tokens = progress.trained_tokens;
@@ -663,7 +665,7 @@ pub fn train<B: AutodiffBackend>(
     'epochs: while step + skipped < total_steps {
         let seed = t.seed.wrapping_add(epoch);
         // One epoch of micro-batches, grouped into optimizer steps.
-        let (sft, pairs) = if dpo {
+        let (sft, pairs) = if on_pairs {
             (
                 Vec::new(),
                 pair_batches::<B>(
@@ -678,7 +680,8 @@ pub fn train<B: AutodiffBackend>(
         } else {
             (sft_batches(&train_data.examples, seed), Vec::new())
         };
-        let groups = if dpo { pairs.len() } else { sft.len() }.div_ceil(t.gradient_accumulation);
+        let groups =
+            if on_pairs { pairs.len() } else { sft.len() }.div_ceil(t.gradient_accumulation);
         if groups == 0 {
             return Err(RunError::Mismatch(
                 "no training batch holds two tokens, the fewest a next-token loss needs; \
@@ -695,7 +698,7 @@ pub fn train<B: AutodiffBackend>(
             let range = g * t.gradient_accumulation..((g + 1) * t.gradient_accumulation);
             let started = Instant::now();
             let backup = model.clone();
-            let (result, tokens) = if dpo {
+            let (result, tokens) = if on_pairs {
                 let slice = &pairs[range.start..range.end.min(pairs.len())];
                 let tokens = slice
                     .iter()
@@ -707,7 +710,7 @@ pub fn train<B: AutodiffBackend>(
                     .sum::<usize>();
                 let result = optimizer_step(
                     model,
-                    &strategy_dpo,
+                    &preference,
                     slice,
                     &mut optimizer,
                     &schedule,
@@ -868,6 +871,7 @@ fn model_card(
         (false, StrategyKind::Sft) => "Chat SFT",
         (false, StrategyKind::Instruct) => "Instruction tuning",
         (false, StrategyKind::Dpo) => "DPO",
+        (false, StrategyKind::Orpo) => "ORPO",
     };
     let mut front = String::from("---\n");
     if !scratch {

@@ -8,7 +8,10 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use burnish_model::{ActivationCheckpoints, Decoder};
 
+use burnish_data::{Batch, Example, PairExample};
+
 use crate::dpo::{DpoLoss, PairLogps, chosen_nll, dpo_loss};
+use crate::orpo::orpo_loss;
 use crate::token_loss::{
     masked_token_logprobs, masked_token_logprobs_chunked, positions_per_chunk,
 };
@@ -22,6 +25,9 @@ pub struct TokenBatch<B: Backend> {
     pub targets: Tensor<B, 2, Int>,
     /// `[batch, seq]`: 1.0 where the target is trained.
     pub mask: Tensor<B, 2>,
+    /// `[batch, seq]`: 1.0 where the target is a token of the input's own document, trained or
+    /// not (0.0 at padding and across packed documents' boundaries).
+    pub present: Tensor<B, 2>,
     /// Number of 1.0 entries in `mask`.
     pub trained_tokens: usize,
     /// Input tokens that are not padding (what throughput is counted in).
@@ -51,6 +57,7 @@ impl<B: Backend> TokenBatch<B> {
         let mut inputs = Vec::with_capacity(rows * n);
         let mut targets = Vec::with_capacity(rows * n);
         let mut mask = Vec::with_capacity(rows * n);
+        let mut present = Vec::with_capacity(rows * n);
         let mut pos = Vec::with_capacity(rows * n);
         let mut seg = Vec::with_capacity(rows * n);
         for r in 0..rows {
@@ -64,6 +71,7 @@ impl<B: Backend> TokenBatch<B> {
                 } else {
                     0.0
                 });
+                present.push(if same_document { 1.0f32 } else { 0.0 });
                 pos.push(positions[at(t)] as usize);
                 seg.push(segments[at(t)]);
             }
@@ -75,6 +83,7 @@ impl<B: Backend> TokenBatch<B> {
             inputs: Tensor::from_data(TensorData::new(inputs, [rows, n]), device),
             targets: Tensor::from_data(TensorData::new(targets, [rows, n]), device),
             mask: Tensor::from_data(TensorData::new(mask, [rows, n]), device),
+            present: Tensor::from_data(TensorData::new(present, [rows, n]), device),
             trained_tokens,
             tokens,
             packing,
@@ -90,16 +99,20 @@ impl<B: Backend> TokenBatch<B> {
             let [rows, have] = b.inputs.dims();
             let device = b.inputs.device();
             if have == n {
-                return (b.inputs.clone(), b.targets.clone(), b.mask.clone());
+                return (
+                    b.inputs.clone(),
+                    b.targets.clone(),
+                    b.mask.clone(),
+                    b.present.clone(),
+                );
             }
             let ids = || Tensor::<B, 2, Int>::zeros([rows, n - have], &device);
+            let zeros = || Tensor::<B, 2>::zeros([rows, n - have], &device);
             (
                 Tensor::cat(vec![b.inputs.clone(), ids()], 1),
                 Tensor::cat(vec![b.targets.clone(), ids()], 1),
-                Tensor::cat(
-                    vec![b.mask.clone(), Tensor::zeros([rows, n - have], &device)],
-                    1,
-                ),
+                Tensor::cat(vec![b.mask.clone(), zeros()], 1),
+                Tensor::cat(vec![b.present.clone(), zeros()], 1),
             )
         };
         let (a, b) = (padded(self), padded(other));
@@ -114,6 +127,7 @@ impl<B: Backend> TokenBatch<B> {
             inputs: Tensor::cat(vec![a.0, b.0], 0),
             targets: Tensor::cat(vec![a.1, b.1], 0),
             mask: Tensor::cat(vec![a.2, b.2], 0),
+            present: Tensor::cat(vec![a.3, b.3], 0),
             trained_tokens: self.trained_tokens + other.trained_tokens,
             tokens: self.tokens + other.tokens,
             packing,
@@ -229,6 +243,27 @@ pub struct PairBatch<B: Backend> {
     /// The reference's summed completion log-probs (chosen, rejected), each `[pairs]`, when they
     /// were computed once before training; `None` to compute them at every step.
     pub reference: Option<(Tensor<B, 1>, Tensor<B, 1>)>,
+}
+
+impl<B: Backend> PairBatch<B> {
+    /// Number of pairs.
+    pub fn pairs(&self) -> usize {
+        self.chosen.inputs.dims()[0]
+    }
+
+    /// The batch of `pairs`, each side padded with `pad_id`, without precomputed reference
+    /// log-probs.
+    pub fn from_pairs(pairs: &[&PairExample], pad_id: u32, device: &B::Device) -> Self {
+        let tokens = |examples: Vec<Example>| {
+            let refs: Vec<&Example> = examples.iter().collect();
+            TokenBatch::from_batch(&Batch::padded(&refs, pad_id), device)
+        };
+        Self {
+            chosen: tokens(pairs.iter().map(|p| p.chosen()).collect()),
+            rejected: tokens(pairs.iter().map(|p| p.rejected()).collect()),
+            reference: None,
+        }
+    }
 }
 
 /// The reference's summed completion log-probs of `batch` (chosen, rejected): the same model
@@ -347,6 +382,7 @@ fn inner_batch<B: AutodiffBackend>(batch: &TokenBatch<B>) -> TokenBatch<B::Inner
         inputs: batch.inputs.clone().inner(),
         targets: batch.targets.clone().inner(),
         mask: batch.mask.clone().inner(),
+        present: batch.present.clone().inner(),
         trained_tokens: batch.trained_tokens,
         tokens: batch.tokens,
         packing: batch.packing.clone(),
@@ -357,7 +393,7 @@ impl<B: AutodiffBackend> Strategy<B> for Dpo {
     type Batch = PairBatch<B>;
 
     fn units(&self, batch: &PairBatch<B>) -> f64 {
-        batch.chosen.inputs.dims()[0] as f64
+        batch.pairs() as f64
     }
 
     fn loss(
@@ -372,7 +408,7 @@ impl<B: AutodiffBackend> Strategy<B> for Dpo {
             None => reference_logps_of(model, &both),
         };
         let count = |b: &TokenBatch<B>| b.mask.clone().sum_dim(1).squeeze_dim::<1>(1);
-        let pairs = batch.chosen.inputs.dims()[0];
+        let pairs = batch.pairs();
         let hidden = trained_hidden_states(model, &both, checkpoints);
         let (policy_chosen, policy_rejected) =
             split_pairs(sequence_logps(model, hidden, &both, model.trains()));
@@ -408,6 +444,85 @@ impl<B: AutodiffBackend> Strategy<B> for Dpo {
                 ("logps/chosen", m.logps_chosen),
                 ("logps/rejected", m.logps_rejected),
             ],
+        }
+    }
+}
+
+/// Odds-ratio preference optimisation: no reference model, the chosen sequences' NLL in the
+/// loss (see [`crate::orpo`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Orpo {
+    pub beta: f64,
+}
+
+impl<B: AutodiffBackend> Strategy<B> for Orpo {
+    type Batch = PairBatch<B>;
+
+    fn units(&self, batch: &PairBatch<B>) -> f64 {
+        batch.pairs() as f64
+    }
+
+    fn loss(
+        &self,
+        model: &Decoder<B>,
+        batch: &PairBatch<B>,
+        checkpoints: Option<&mut ActivationCheckpoints<B>>,
+    ) -> StepOutput<B> {
+        let both = batch.both();
+        let pairs = batch.pairs();
+        // Every target of the chosen rows (the first half), none of the rejected rows.
+        let device = both.mask.device();
+        let halves: Vec<f32> = [1.0, 0.0]
+            .into_iter()
+            .flat_map(|v| std::iter::repeat_n(v, pairs))
+            .collect();
+        let chosen_rows =
+            Tensor::<B, 2>::from_data(TensorData::new(halves, [2 * pairs, 1]), &device);
+        let nll_mask = both.present.clone() * chosen_rows;
+        let completions = both.mask.clone();
+        // One pass of log-probs serves both terms: at every completion and chosen target.
+        let scored = TokenBatch {
+            mask: completions.clone().max_pair(nll_mask.clone()),
+            ..both
+        };
+        let hidden = trained_hidden_states(model, &scored, checkpoints);
+        let logprobs = token_logprobs(model, hidden, &scored, model.trains());
+        let average = (logprobs.clone() * completions.clone()).sum_dim(1)
+            / completions.sum_dim(1).clamp_min(1.0);
+        let (chosen, rejected) = split_pairs(average.squeeze_dim::<1>(1));
+        let nll = (logprobs * nll_mask.clone()).sum().neg() / nll_mask.sum().clamp_min(1.0);
+        let out = orpo_loss(self.beta, chosen, rejected, nll);
+        StepOutput {
+            loss_sum: out.loss.mul_scalar(pairs as f64),
+            units: pairs as f64,
+            metrics: out.metrics,
+        }
+    }
+}
+
+/// The preference strategies as one type for the training loop.
+#[derive(Debug, Clone, Copy)]
+pub enum Preference {
+    Dpo(Dpo),
+    Orpo(Orpo),
+}
+
+impl<B: AutodiffBackend> Strategy<B> for Preference {
+    type Batch = PairBatch<B>;
+
+    fn units(&self, batch: &PairBatch<B>) -> f64 {
+        batch.pairs() as f64
+    }
+
+    fn loss(
+        &self,
+        model: &Decoder<B>,
+        batch: &PairBatch<B>,
+        checkpoints: Option<&mut ActivationCheckpoints<B>>,
+    ) -> StepOutput<B> {
+        match self {
+            Self::Dpo(dpo) => dpo.loss(model, batch, checkpoints),
+            Self::Orpo(orpo) => orpo.loss(model, batch, checkpoints),
         }
     }
 }
