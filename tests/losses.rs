@@ -3,7 +3,8 @@
 //! reward metric equals TRL 1.16's formulas on the same log-probs (1e-6, relative above 1); three
 //! AdamW steps with global-norm clipping reproduce PEFT + torch's adapter (1e-5); learning-rate
 //! schedules equal transformers' `get_scheduler` (1e-12). ORPO's loss and metrics on padded
-//! pairs through the llama fixture equal TRL's `ORPOTrainer` (1e-5, relative above 1), and
+//! pairs through the llama fixture equal TRL's `ORPOTrainer`, and CPO's and SimPO's its
+//! `CPOTrainer`, for every loss type (1e-5, relative above 1), and
 //! `log1mexp` TRL's on both sides of its branch (1e-6 relative). The log-probs computed chunk by
 //! chunk from the hidden states equal the full logits' in value and gradient.
 
@@ -17,11 +18,32 @@ use serde::Deserialize;
 
 use crate::fixtures::{B, max_abs_diff, model_dir};
 
+type AD = burn::backend::Autodiff<B>;
+
 #[derive(Deserialize)]
 struct Golden {
     sft: Sft,
     dpo: Dpo,
     orpo: Orpo,
+    cpo: CpoGolden,
+}
+
+#[derive(Deserialize)]
+struct CpoGolden {
+    pairs: Vec<OrpoPair>,
+    cases: Vec<CpoCase>,
+}
+
+#[derive(Deserialize)]
+struct CpoCase {
+    name: String,
+    loss_type: String,
+    beta: f64,
+    label_smoothing: f64,
+    cpo_alpha: f64,
+    simpo_gamma: f64,
+    loss: f64,
+    metrics: std::collections::BTreeMap<String, f64>,
 }
 
 #[derive(Deserialize)]
@@ -153,9 +175,7 @@ fn chunked_logprobs_of_the_hidden_states_equal_transformers_loss() {
 
 #[test]
 fn chunked_logprobs_carry_the_full_logits_gradient() {
-    use burn::backend::Autodiff;
     use burn::tensor::{DType, Distribution};
-    type AD = Autodiff<B>;
     let device = Default::default();
     let (batch, seq, width, vocab) = (2, 5, 8, 11);
     <B as burn::tensor::backend::Backend>::seed(&device, 7);
@@ -284,20 +304,16 @@ fn dpo_losses_and_metrics_equal_trl() {
     }
 }
 
-#[test]
-fn orpo_loss_and_metrics_equal_trl_through_the_model() {
-    use burn::backend::Autodiff;
-    use burnish_align::{Orpo, PairBatch, Strategy};
+/// The llama fixture under autodiff and `pairs` as one padded batch.
+fn preference_case(
+    pairs: &[OrpoPair],
+) -> (burnish_model::Decoder<AD>, burnish_align::PairBatch<AD>) {
     use burnish_data::PairExample;
-    type AD = Autodiff<B>;
-
-    let g = golden().orpo;
     let device = Default::default();
     let model = Pretrained::<AD>::load(&model_dir("llama"), &device)
         .unwrap()
         .model;
-    let pairs: Vec<PairExample> = g
-        .pairs
+    let pairs: Vec<PairExample> = pairs
         .iter()
         .map(|p| PairExample {
             prompt_ids: p.prompt.clone(),
@@ -306,20 +322,72 @@ fn orpo_loss_and_metrics_equal_trl_through_the_model() {
         })
         .collect();
     let refs: Vec<&PairExample> = pairs.iter().collect();
-    let batch = PairBatch::<AD>::from_pairs(&refs, 0, &device);
-    let out = Orpo { beta: g.beta }.loss(&model, &batch, None);
+    (
+        model,
+        burnish_align::PairBatch::from_pairs(&refs, 0, &device),
+    )
+}
+
+/// A strategy's mean loss and metrics on a batch equal TRL's (1e-5, relative above 1).
+fn assert_trl_step(
+    case: &str,
+    out: burnish_align::StepOutput<AD>,
+    loss: f64,
+    metrics: &std::collections::BTreeMap<String, f64>,
+) {
     let close = |ours: f64, theirs: f64| (ours - theirs).abs() <= 1e-5 * theirs.abs().max(1.0);
-    let loss = out.loss_sum.into_data().to_vec::<f32>().unwrap()[0] as f64 / out.units;
-    assert!(close(loss, g.loss), "loss {loss} vs TRL {}", g.loss);
-    for (key, theirs) in &g.metrics {
+    let ours = out.loss_sum.into_data().to_vec::<f32>().unwrap()[0] as f64 / out.units;
+    assert!(close(ours, loss), "{case}: loss {ours} vs TRL {loss}");
+    for (key, theirs) in metrics {
         let ours = out
             .metrics
             .iter()
             .find(|(k, _)| k == key)
-            .unwrap_or_else(|| panic!("no metric {key}"))
+            .unwrap_or_else(|| panic!("{case}: no metric {key}"))
             .1;
-        assert!(close(ours, *theirs), "{key}: {ours} vs TRL {theirs}");
+        assert!(
+            close(ours, *theirs),
+            "{case}: {key}: {ours} vs TRL {theirs}"
+        );
     }
+}
+
+#[test]
+fn cpo_and_simpo_losses_and_metrics_equal_trl_through_the_model() {
+    use burnish_align::{Cpo, CpoLoss, Strategy};
+    let g = golden().cpo;
+    let (model, batch) = preference_case(&g.pairs);
+    assert_eq!(g.cases.len(), 5);
+    for case in &g.cases {
+        let e = case.label_smoothing;
+        let loss = match case.loss_type.as_str() {
+            "sigmoid" => CpoLoss::Sigmoid { label_smoothing: e },
+            "hinge" => CpoLoss::Hinge,
+            "ipo" => CpoLoss::Ipo,
+            "simpo" => CpoLoss::Simpo {
+                gamma: case.simpo_gamma,
+                label_smoothing: e,
+            },
+            other => panic!("unknown loss type {other}"),
+        };
+        let cpo = Cpo {
+            loss,
+            beta: case.beta,
+            alpha: case.cpo_alpha,
+        };
+        let out = cpo.loss(&model, &batch, None);
+        assert_trl_step(&case.name, out, case.loss, &case.metrics);
+    }
+}
+
+#[test]
+fn orpo_loss_and_metrics_equal_trl_through_the_model() {
+    use burnish_align::{Orpo, Strategy};
+    let g = golden().orpo;
+    let device = Default::default();
+    let (model, batch) = preference_case(&g.pairs);
+    let out = Orpo { beta: g.beta }.loss(&model, &batch, None);
+    assert_trl_step("orpo", out, g.loss, &g.metrics);
 
     let x = Tensor::<B, 1>::from_data(
         TensorData::new(g.log1mexp.x.clone(), [g.log1mexp.x.len()]),

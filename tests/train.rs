@@ -208,7 +208,7 @@ fn dpo_run_prefers_the_chosen_answers() {
 }
 
 #[test]
-fn orpo_run_prefers_the_chosen_answers_without_a_reference() {
+fn orpo_and_simpo_runs_prefer_the_chosen_answers_without_a_reference() {
     let work = tempfile::tempdir().unwrap();
     preference_rows(work.path());
     let path = recipe(
@@ -239,6 +239,23 @@ fn orpo_run_prefers_the_chosen_answers_without_a_reference() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("`[dpo]`") && err.contains("orpo"), "{err}");
+
+    // SimPO: CPO's `simpo` loss on average log-probs, with no NLL term.
+    let path = recipe(
+        work.path(),
+        "[adapter]\nr = 8\nalpha = 16\ndropout = 0.0\n\n[data]\ntrain = \"pairs.jsonl\"\neval = \"pairs.jsonl\"\n\n[train]\nstrategy = \"cpo\"\nmax_steps = 15\nmicro_batch_size = 4\nlr = 1e-2\nschedule = \"constant\"\n\n[cpo]\nloss = \"simpo\"\nbeta = 2.0\nsimpo_gamma = 0.5\ncpo_alpha = 0.0\n",
+    );
+    let out = train(&path, &[]);
+    assert_success(&out);
+    let lines = metrics(&work.path().join("run"));
+    assert_eq!(lines[0]["nll_loss"], 0.0);
+    let eval = lines.iter().find(|l| l.get("eval_loss").is_some()).unwrap();
+    assert!(
+        eval["rewards/accuracies"].as_f64().unwrap() >= 0.9,
+        "{eval}"
+    );
+    // Past the target margin γ: βΔ - γ > 0.
+    assert!(eval["rewards/margins"].as_f64().unwrap() > 0.5, "{eval}");
 }
 
 #[test]

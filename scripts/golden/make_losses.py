@@ -12,6 +12,9 @@
   the trainer's own code run on a stub trainer) for two preference pairs of different prompt and
   completion lengths, padded, on the llama fixture in float32; and TRL's `log1mexp` at points on
   both sides of its branch.
+- `cpo`: TRL 1.16's CPO losses and metrics (`experimental.cpo.CPOTrainer.get_batch_loss_metrics`
+  on a stub trainer, the same pairs and model as `orpo`) for every loss type (sigmoid with label
+  smoothing, hinge, ipo, simpo) and for SimPO proper (`cpo_alpha = 0`).
 - `dpo`: TRL 1.16's DPO losses and reward metrics (`DPOTrainer._compute_loss`), evaluated on fixed
   sequence log-probs with the same formulas: sigmoid, hinge, ipo (log-ratios averaged per
   completion token), robust; plus the label-smoothed sigmoid (conservative DPO) that older TRL
@@ -106,6 +109,58 @@ def dpo_cases() -> dict:
     }
 
 
+def padded_pairs(pairs: list, pad: int) -> dict:
+    """The batch TRL's preference collators make: each side's prompt + completion padded to the
+    side's longest row, labels -100 on the prompt and the padding."""
+
+    def side(name: str) -> dict:
+        rows = [p["prompt"] + p[name] for p in pairs]
+        width = max(len(r) for r in rows)
+        input_ids = [r + [pad] * (width - len(r)) for r in rows]
+        mask = [[1] * len(r) + [0] * (width - len(r)) for r in rows]
+        labels = [[-100] * len(p["prompt"]) + p[name] + [-100] * (width - len(p["prompt"]) - len(p[name])) for p in pairs]
+        return {
+            f"{name}_input_ids": torch.tensor(input_ids),
+            f"{name}_attention_mask": torch.tensor(mask),
+            f"{name}_labels": torch.tensor(labels),
+        }
+
+    return {**side("chosen"), **side("rejected")}
+
+
+def cpo_cases(orpo: dict) -> dict:
+    """CPO and SimPO through TRL's own CPOTrainer methods on ORPO's pairs."""
+    from types import SimpleNamespace
+
+    from trl.experimental.cpo.cpo_trainer import CPOTrainer
+
+    model_dir = REPO_ROOT / "tests" / "fixtures" / "models" / "llama"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    settings = [
+        {"name": "sigmoid", "loss_type": "sigmoid", "beta": 0.1, "label_smoothing": 0.1, "cpo_alpha": 1.0},
+        {"name": "hinge", "loss_type": "hinge", "beta": 0.3, "label_smoothing": 0.0, "cpo_alpha": 0.5},
+        {"name": "ipo", "loss_type": "ipo", "beta": 0.2, "label_smoothing": 0.0, "cpo_alpha": 1.0},
+        {"name": "simpo", "loss_type": "simpo", "beta": 2.0, "label_smoothing": 0.0, "cpo_alpha": 0.0, "simpo_gamma": 0.5},
+        {"name": "cpo_simpo", "loss_type": "simpo", "beta": 2.0, "label_smoothing": 0.1, "cpo_alpha": 0.3, "simpo_gamma": 1.2},
+    ]
+    cases = []
+    for setting in settings:
+        trainer = CPOTrainer.__new__(CPOTrainer)
+        for key in ["loss_type", "beta", "label_smoothing", "cpo_alpha"]:
+            setattr(trainer, key, setting[key])
+        trainer.simpo_gamma = setting.get("simpo_gamma", 0.5)
+        trainer.alpha = 0.0
+        trainer.is_encoder_decoder = False
+        trainer.pad_token_id = 0
+        trainer.aux_loss_enabled = False
+        trainer.accelerator = SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x)
+        with torch.no_grad():
+            loss, metrics = trainer.get_batch_loss_metrics(model, padded_pairs(orpo["pairs"], 0))
+        metrics = {k: float(v) for k, v in metrics.items() if not k.startswith("logits/")}
+        cases.append({**setting, "simpo_gamma": trainer.simpo_gamma, "loss": loss.item(), "metrics": metrics})
+    return {"pairs": orpo["pairs"], "cases": cases}
+
+
 def orpo_case() -> dict:
     """ORPO on the llama fixture through TRL's own ORPOTrainer methods. The trainer is built
     without __init__ (no dataset, no training arguments): only the attributes those methods read
@@ -124,18 +179,6 @@ def orpo_case() -> dict:
     ]
     beta = 0.25
 
-    def side(name: str) -> dict:
-        rows = [p["prompt"] + p[name] for p in pairs]
-        width = max(len(r) for r in rows)
-        input_ids = [r + [pad] * (width - len(r)) for r in rows]
-        mask = [[1] * len(r) + [0] * (width - len(r)) for r in rows]
-        labels = [[-100] * len(p["prompt"]) + p[name] + [-100] * (width - len(p["prompt"]) - len(p[name])) for p in pairs]
-        return {
-            f"{name}_input_ids": torch.tensor(input_ids),
-            f"{name}_attention_mask": torch.tensor(mask),
-            f"{name}_labels": torch.tensor(labels),
-        }
-
     trainer = ORPOTrainer.__new__(ORPOTrainer)
     trainer.beta = beta
     trainer.is_encoder_decoder = False
@@ -143,7 +186,7 @@ def orpo_case() -> dict:
     trainer.aux_loss_enabled = False
     trainer.accelerator = SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x)
     with torch.no_grad():
-        loss, metrics = trainer.get_batch_loss_metrics(model, {**side("chosen"), **side("rejected")})
+        loss, metrics = trainer.get_batch_loss_metrics(model, padded_pairs(pairs, pad))
     points = [-20.0, -3.0, -0.7, -0.6931, -0.5, -0.1, -1e-3, -1e-6]
     return {
         "model": "llama",
@@ -182,7 +225,8 @@ def schedules() -> dict:
 def main() -> None:
     torch.set_num_threads(1)
     OUT.mkdir(parents=True, exist_ok=True)
-    golden = {"sft": sft_case(), "dpo": dpo_cases(), "orpo": orpo_case(), "schedules": schedules()}
+    orpo = orpo_case()
+    golden = {"sft": sft_case(), "dpo": dpo_cases(), "orpo": orpo, "cpo": cpo_cases(orpo), "schedules": schedules()}
     (OUT / "golden.json").write_text(json.dumps(golden, indent=1) + "\n")
     print("sft loss", golden["sft"]["loss"], "| dpo", golden["dpo"]["losses"])
 

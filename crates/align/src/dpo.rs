@@ -70,6 +70,14 @@ pub fn chosen_nll<B: Backend>(
     policy_chosen.sum().neg() / chosen_tokens.sum().clamp_min(1.0)
 }
 
+/// `-(1-ε)·log σ(x) - ε·log σ(-x)`: the logistic loss of a preference margin `x` under label
+/// noise `ε` (DPO's and CPO's sigmoid losses).
+pub(crate) fn smoothed_sigmoid<B: Backend>(x: Tensor<B, 1>, e: f64) -> Tensor<B, 1> {
+    log_sigmoid(x.clone())
+        .mul_scalar(-(1.0 - e))
+        .sub(log_sigmoid(x.neg()).mul_scalar(e))
+}
+
 /// The DPO loss of `logps` with strength `beta`. Gradients flow through the policy log-probs only.
 pub fn dpo_loss<B: Backend>(kind: DpoLoss, beta: f64, logps: PairLogps<B>) -> DpoOutput<B> {
     let reference_chosen = logps.reference_chosen.detach();
@@ -80,9 +88,7 @@ pub fn dpo_loss<B: Backend>(kind: DpoLoss, beta: f64, logps: PairLogps<B>) -> Dp
     let scaled = delta.mul_scalar(beta);
 
     let per_pair = match kind {
-        DpoLoss::Sigmoid { label_smoothing: e } => log_sigmoid(scaled.clone())
-            .mul_scalar(-(1.0 - e))
-            .sub(log_sigmoid(scaled.neg()).mul_scalar(e)),
+        DpoLoss::Sigmoid { label_smoothing: e } => smoothed_sigmoid(scaled.clone(), e),
         DpoLoss::Hinge => relu(scaled.neg().add_scalar(1.0)),
         DpoLoss::Ipo => {
             let per_token = chosen_ratio.clone() / logps.chosen_tokens.clamp_min(1.0)

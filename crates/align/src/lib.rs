@@ -6,6 +6,7 @@
 mod check;
 mod checkpoint;
 mod continuation;
+mod cpo;
 mod cpu_adamw;
 mod dpo;
 mod error;
@@ -20,6 +21,7 @@ mod trainer;
 
 pub use check::{CheckAnswer, CheckCase, CheckReport, load_cases, run_check};
 pub use checkpoint::{Progress, checkpoints, read_checkpoint, save_checkpoint};
+pub use cpo::{CpoLoss, CpoOutput, cpo_loss};
 pub use dpo::{DpoLoss, DpoMetrics, DpoOutput, PairLogps, chosen_nll, dpo_loss};
 pub use error::{RecipeError, RunError, TrainError};
 pub use optimizer::{
@@ -27,14 +29,14 @@ pub use optimizer::{
 };
 pub use orpo::{OrpoOutput, log1mexp, orpo_loss};
 pub use recipe::{
-    AdapterInit, AdapterSection, CheckSection, DataSection, DpoLossName, DpoSection, HF_DATASETS,
-    HubDataset, ModelInit, ModelSection, OnNonFinite, OrpoSection, OutputSection, Recipe,
-    ScheduleName, StrategyKind, TargetModules, TrainSection,
+    AdapterInit, AdapterSection, CheckSection, CpoLossName, CpoSection, DataSection, DpoLossName,
+    DpoSection, HF_DATASETS, HubDataset, ModelInit, ModelSection, OnNonFinite, OrpoSection,
+    OutputSection, Recipe, ScheduleName, StrategyKind, TargetModules, TrainSection,
 };
 pub use run::{RunEvent, RunSummary, lora_config, train};
 pub use schedule::{Schedule, ScheduleKind};
 pub use strategy::{
-    Dpo, Orpo, PairBatch, Preference, Sft, StepOutput, Strategy, TokenBatch, reference_logps,
+    Cpo, Dpo, Orpo, PairBatch, Preference, Sft, StepOutput, Strategy, TokenBatch, reference_logps,
 };
 pub use token_loss::{
     TokenLoss, masked_token_logprobs, masked_token_logprobs_chunked, masked_token_loss,

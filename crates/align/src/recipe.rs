@@ -9,6 +9,7 @@ use burnish_data::DataConfig;
 use burnish_model::BaseDtype;
 use serde::{Deserialize, Serialize};
 
+use crate::cpo::CpoLoss;
 use crate::dpo::DpoLoss;
 use crate::error::RecipeError;
 use crate::schedule::ScheduleKind;
@@ -157,6 +158,9 @@ pub enum StrategyKind {
     /// Odds-ratio preference optimisation on chosen/rejected pairs: SFT on the chosen replies
     /// and a penalty on the rejected ones, without a reference model.
     Orpo,
+    /// Contrastive preference optimisation (and SimPO) on chosen/rejected pairs, without a
+    /// reference model.
+    Cpo,
 }
 
 impl StrategyKind {
@@ -167,6 +171,7 @@ impl StrategyKind {
             Self::Instruct => "instruct",
             Self::Dpo => "dpo",
             Self::Orpo => "orpo",
+            Self::Cpo => "cpo",
         }
     }
 }
@@ -337,6 +342,59 @@ impl Default for OrpoSection {
     }
 }
 
+/// `[cpo]`: contrastive preference optimisation (and SimPO) settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CpoSection {
+    /// Scale of the log-prob difference (default 0.1).
+    pub beta: f64,
+    /// `sigmoid`, `hinge`, `ipo` or `simpo` (default `sigmoid`).
+    pub loss: CpoLossName,
+    /// Assumed label noise for `sigmoid` and `simpo` (default 0).
+    pub label_smoothing: f64,
+    /// Weight of the chosen completions' NLL; 0 for SimPO (default 1).
+    pub cpo_alpha: f64,
+    /// SimPO's target reward margin γ (default 0.5).
+    pub simpo_gamma: f64,
+}
+
+impl Default for CpoSection {
+    fn default() -> Self {
+        Self {
+            beta: 0.1,
+            loss: CpoLossName::Sigmoid,
+            label_smoothing: 0.0,
+            cpo_alpha: 1.0,
+            simpo_gamma: 0.5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CpoLossName {
+    Sigmoid,
+    Hinge,
+    Ipo,
+    Simpo,
+}
+
+impl CpoSection {
+    /// The loss these settings describe.
+    pub fn loss(&self) -> CpoLoss {
+        let label_smoothing = self.label_smoothing;
+        match self.loss {
+            CpoLossName::Sigmoid => CpoLoss::Sigmoid { label_smoothing },
+            CpoLossName::Hinge => CpoLoss::Hinge,
+            CpoLossName::Ipo => CpoLoss::Ipo,
+            CpoLossName::Simpo => CpoLoss::Simpo {
+                gamma: self.simpo_gamma,
+                label_smoothing,
+            },
+        }
+    }
+}
+
 /// `[data]`: the files and the data loader's settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DataSection {
@@ -444,6 +502,7 @@ pub struct Recipe {
     pub train: TrainSection,
     pub dpo: DpoSection,
     pub orpo: OrpoSection,
+    pub cpo: CpoSection,
     pub check: Option<CheckSection>,
     pub output: OutputSection,
 }
@@ -459,6 +518,7 @@ struct RecipeFile {
     train: TrainSection,
     dpo: Option<DpoSection>,
     orpo: Option<OrpoSection>,
+    cpo: Option<CpoSection>,
     check: Option<CheckSection>,
     output: OutputSection,
 }
@@ -586,6 +646,7 @@ impl Recipe {
         for (section, given, strategy) in [
             ("dpo", file.dpo.is_some(), StrategyKind::Dpo),
             ("orpo", file.orpo.is_some(), StrategyKind::Orpo),
+            ("cpo", file.cpo.is_some(), StrategyKind::Cpo),
         ] {
             if given && file.train.strategy != strategy {
                 return Err(invalid(format!(
@@ -651,6 +712,7 @@ impl Recipe {
             train: file.train,
             dpo: file.dpo.unwrap_or_default(),
             orpo: file.orpo.unwrap_or_default(),
+            cpo: file.cpo.unwrap_or_default(),
             check: file.check.map(|c| CheckSection {
                 file: anchor(c.file),
                 ..c
@@ -747,6 +809,19 @@ impl Recipe {
         if !(self.orpo.beta.is_finite() && self.orpo.beta > 0.0) {
             return Err("`orpo.beta` must be a positive number".into());
         }
+        let c = &self.cpo;
+        if !(c.beta.is_finite() && c.beta > 0.0) {
+            return Err("`cpo.beta` must be a positive number".into());
+        }
+        if !(c.cpo_alpha.is_finite() && c.cpo_alpha >= 0.0) {
+            return Err("`cpo.cpo_alpha` must be a number >= 0".into());
+        }
+        if !c.simpo_gamma.is_finite() {
+            return Err("`cpo.simpo_gamma` must be a number".into());
+        }
+        if !(0.0..0.5).contains(&c.label_smoothing) {
+            return Err("`cpo.label_smoothing` must be in [0, 0.5)".into());
+        }
         let d = &self.dpo;
         if !(d.beta.is_finite() && d.beta > 0.0) {
             return Err("`dpo.beta` must be a positive number".into());
@@ -816,6 +891,7 @@ impl Recipe {
         match self.train.strategy {
             StrategyKind::Dpo => doc.insert("dpo".into(), section(&self.dpo)),
             StrategyKind::Orpo => doc.insert("orpo".into(), section(&self.orpo)),
+            StrategyKind::Cpo => doc.insert("cpo".into(), section(&self.cpo)),
             StrategyKind::Sft | StrategyKind::Instruct => None,
         };
         if let Some(c) = &self.check {
@@ -989,12 +1065,15 @@ dir = "runs/first"
             ("dpo.beta=nan", "dpo.beta"),
             ("dpo.beta=inf", "dpo.beta"),
             ("orpo.beta=0", "orpo.beta"),
+            ("cpo.beta=-1", "cpo.beta"),
+            ("cpo.cpo_alpha=-0.5", "cpo.cpo_alpha"),
+            ("cpo.label_smoothing=0.5", "cpo.label_smoothing"),
         ] {
             // A strategy's own section needs that strategy.
             let section = key.split('.').next().unwrap();
             let strategy = format!("train.strategy={section}");
             let mut sets = vec![set];
-            if ["dpo", "orpo"].contains(&section) {
+            if ["dpo", "orpo", "cpo"].contains(&section) {
                 sets.push(&strategy);
             }
             let err = parse(MINIMAL, &sets).unwrap_err();

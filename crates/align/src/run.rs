@@ -34,7 +34,7 @@ use crate::recipe::{
 };
 use crate::schedule::Schedule;
 use crate::strategy::{
-    Dpo, Orpo, PairBatch, Preference, Sft, Strategy, TokenBatch, reference_logps,
+    Cpo, Dpo, Orpo, PairBatch, Preference, Sft, Strategy, TokenBatch, reference_logps,
 };
 use crate::trainer::{Activations, StepMetrics, optimizer_step};
 
@@ -385,7 +385,10 @@ pub fn train<B: AutodiffBackend>(
     let config_bytes = std::fs::read(&config_path).map_err(io_err(&config_path))?;
     let identity = RunIdentity::of(recipe, &config_bytes, &train_data);
     // Preference strategies train on pairs, the others on examples.
-    let on_pairs = matches!(t.strategy, StrategyKind::Dpo | StrategyKind::Orpo);
+    let on_pairs = matches!(
+        t.strategy,
+        StrategyKind::Dpo | StrategyKind::Orpo | StrategyKind::Cpo
+    );
     let (count, other) = if on_pairs {
         (train_data.pairs.len(), train_data.examples.len())
     } else {
@@ -614,6 +617,11 @@ pub fn train<B: AutodiffBackend>(
     let preference = match t.strategy {
         StrategyKind::Orpo => Preference::Orpo(Orpo {
             beta: recipe.orpo.beta,
+        }),
+        StrategyKind::Cpo => Preference::Cpo(Cpo {
+            loss: recipe.cpo.loss(),
+            beta: recipe.cpo.beta,
+            alpha: recipe.cpo.cpo_alpha,
         }),
         _ => Preference::Dpo(Dpo {
             loss: recipe.dpo.loss(),
@@ -872,6 +880,7 @@ fn model_card(
         (false, StrategyKind::Instruct) => "Instruction tuning",
         (false, StrategyKind::Dpo) => "DPO",
         (false, StrategyKind::Orpo) => "ORPO",
+        (false, StrategyKind::Cpo) => "CPO",
     };
     let mut front = String::from("---\n");
     if !scratch {

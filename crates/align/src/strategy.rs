@@ -10,6 +10,7 @@ use burnish_model::{ActivationCheckpoints, Decoder};
 
 use burnish_data::{Batch, Example, PairExample};
 
+use crate::cpo::{CpoLoss, cpo_loss};
 use crate::dpo::{DpoLoss, PairLogps, chosen_nll, dpo_loss};
 use crate::orpo::orpo_loss;
 use crate::token_loss::{
@@ -500,11 +501,59 @@ impl<B: AutodiffBackend> Strategy<B> for Orpo {
     }
 }
 
+/// Contrastive preference optimisation and SimPO: no reference model, `alpha ×` the chosen
+/// completions' NLL in the loss (see [`crate::cpo`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Cpo {
+    pub loss: CpoLoss,
+    pub beta: f64,
+    /// Weight of the chosen completions' NLL (TRL's `cpo_alpha`; 0 for SimPO).
+    pub alpha: f64,
+}
+
+impl<B: AutodiffBackend> Strategy<B> for Cpo {
+    type Batch = PairBatch<B>;
+
+    fn units(&self, batch: &PairBatch<B>) -> f64 {
+        batch.pairs() as f64
+    }
+
+    fn loss(
+        &self,
+        model: &Decoder<B>,
+        batch: &PairBatch<B>,
+        checkpoints: Option<&mut ActivationCheckpoints<B>>,
+    ) -> StepOutput<B> {
+        let both = batch.both();
+        let pairs = batch.pairs();
+        let hidden = trained_hidden_states(model, &both, checkpoints);
+        let (chosen, rejected) = split_pairs(sequence_logps(model, hidden, &both, model.trains()));
+        let (chosen_tokens, rejected_tokens) =
+            split_pairs(both.mask.clone().sum_dim(1).squeeze_dim::<1>(1));
+        let nll = chosen_nll(chosen.clone(), chosen_tokens.clone());
+        let (chosen, rejected) = if self.loss.averages() {
+            (
+                chosen / chosen_tokens.clamp_min(1.0),
+                rejected / rejected_tokens.clamp_min(1.0),
+            )
+        } else {
+            (chosen, rejected)
+        };
+        let out = cpo_loss(self.loss, self.beta, self.alpha, chosen, rejected, nll);
+        StepOutput {
+            loss_sum: out.loss.mul_scalar(pairs as f64),
+            units: pairs as f64,
+            metrics: out.metrics,
+        }
+    }
+}
+
 /// The preference strategies as one type for the training loop.
 #[derive(Debug, Clone, Copy)]
 pub enum Preference {
     Dpo(Dpo),
     Orpo(Orpo),
+    Cpo(Cpo),
 }
 
 impl<B: AutodiffBackend> Strategy<B> for Preference {
@@ -523,6 +572,7 @@ impl<B: AutodiffBackend> Strategy<B> for Preference {
         match self {
             Self::Dpo(dpo) => dpo.loss(model, batch, checkpoints),
             Self::Orpo(orpo) => orpo.loss(model, batch, checkpoints),
+            Self::Cpo(cpo) => cpo.loss(model, batch, checkpoints),
         }
     }
 }
