@@ -75,6 +75,20 @@ pub fn cpo_loss<B: Backend>(
         (per_pair.mean() + nll.mul_scalar(alpha), value)
     };
 
+    let mut metrics = reward_metrics(beta, chosen, rejected);
+    metrics.push(("nll_loss", nll_value));
+    CpoOutput { loss, metrics }
+}
+
+/// The reward metrics of a reference-free preference loss, batch means under TRL's names:
+/// `rewards/chosen` and `rewards/rejected` (β × the policy's log-probs `chosen` and `rejected`),
+/// `rewards/accuracies` (the fraction of pairs whose chosen reward is strictly higher),
+/// `rewards/margins`, and `logps/*` (the log-probs themselves).
+pub(crate) fn reward_metrics<B: Backend>(
+    beta: f64,
+    chosen: Tensor<B, 1>,
+    rejected: Tensor<B, 1>,
+) -> Vec<(&'static str, f64)> {
     let mean = |t: Tensor<B, 1>| first_value(t.mean());
     let (chosen, rejected) = (chosen.detach(), rejected.detach());
     let chosen_rewards = chosen.clone().mul_scalar(beta);
@@ -83,14 +97,12 @@ pub fn cpo_loss<B: Backend>(
         .clone()
         .greater(rejected_rewards.clone())
         .float();
-    let metrics = vec![
+    vec![
         ("rewards/chosen", mean(chosen_rewards.clone())),
         ("rewards/rejected", mean(rejected_rewards.clone())),
         ("rewards/accuracies", mean(accuracies)),
         ("rewards/margins", mean(chosen_rewards - rejected_rewards)),
         ("logps/chosen", mean(chosen)),
         ("logps/rejected", mean(rejected)),
-        ("nll_loss", nll_value),
-    ];
-    CpoOutput { loss, metrics }
+    ]
 }

@@ -12,6 +12,8 @@ use burn::tensor::activation::log_sigmoid;
 use burn::tensor::backend::Backend;
 use burnish_peft::first_value;
 
+use crate::cpo::reward_metrics;
+
 /// `log(1 - e^x)` for `x < 0`, accurate on both sides of `-ln 2` (where TRL's `log1mexp`
 /// switches from `log1p(-e^x)` to `log(-expm1(x))`): near zero `1 - e^x` is computed from its
 /// series instead of a cancelling subtraction.
@@ -54,23 +56,11 @@ pub fn orpo_loss<B: Backend>(
     let loss = nll.clone() - ratio.clone().mean().mul_scalar(beta);
 
     let mean = |t: Tensor<B, 1>| first_value(t.detach().mean());
-    let (chosen, rejected) = (chosen.detach(), rejected.detach());
-    let chosen_rewards = chosen.clone().mul_scalar(beta);
-    let rejected_rewards = rejected.clone().mul_scalar(beta);
-    let accuracies = chosen_rewards
-        .clone()
-        .greater(rejected_rewards.clone())
-        .float();
-    let metrics = vec![
-        ("rewards/chosen", mean(chosen_rewards.clone())),
-        ("rewards/rejected", mean(rejected_rewards.clone())),
-        ("rewards/accuracies", mean(accuracies)),
-        ("rewards/margins", mean(chosen_rewards - rejected_rewards)),
-        ("logps/chosen", mean(chosen)),
-        ("logps/rejected", mean(rejected)),
+    let mut metrics = reward_metrics(beta, chosen, rejected);
+    metrics.extend([
         ("nll_loss", mean(nll)),
         ("log_odds_ratio", mean(ratio)),
         ("log_odds_chosen", mean(log_odds)),
-    ];
+    ]);
     OrpoOutput { loss, metrics }
 }
