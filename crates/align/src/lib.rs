@@ -1,7 +1,8 @@
 //! The trainer: recipes, the one training loop, and its strategies (chat SFT, instruction tuning,
-//! DPO), with checkpoints and metrics. So far it holds the strategies' objectives (the masked
-//! next-token loss of SFT and instruction tuning, the DPO family of preference losses with TRL's
-//! reward metrics) and the optimizer (AdamW with global-norm clipping).
+//! and the preference strategies DPO, ORPO and CPO/SimPO), with checkpoints and metrics: the
+//! strategies' objectives (the masked next-token loss of SFT and instruction tuning, the
+//! preference losses with TRL's reward metrics), the optimizer (AdamW with global-norm clipping)
+//! and its schedules, and what a resumed or continued run is checked against.
 
 mod check;
 mod checkpoint;

@@ -164,6 +164,11 @@ pub enum StrategyKind {
 }
 
 impl StrategyKind {
+    /// Whether it trains on preference pairs rather than examples.
+    pub fn trains_on_pairs(self) -> bool {
+        matches!(self, Self::Dpo | Self::Orpo | Self::Cpo)
+    }
+
     /// The name a recipe gives it.
     pub fn name(self) -> &'static str {
         match self {

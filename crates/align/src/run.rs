@@ -384,11 +384,7 @@ pub fn train<B: AutodiffBackend>(
     }
     let config_bytes = std::fs::read(&config_path).map_err(io_err(&config_path))?;
     let identity = RunIdentity::of(recipe, &config_bytes, &train_data);
-    // Preference strategies train on pairs, the others on examples.
-    let on_pairs = matches!(
-        t.strategy,
-        StrategyKind::Dpo | StrategyKind::Orpo | StrategyKind::Cpo
-    );
+    let on_pairs = t.strategy.trains_on_pairs();
     let (count, other) = if on_pairs {
         (train_data.pairs.len(), train_data.examples.len())
     } else {
@@ -629,7 +625,7 @@ pub fn train<B: AutodiffBackend>(
             rpo_alpha: recipe.dpo.rpo_alpha,
         }),
     };
-    // Reference log-probs once before training: DPO's, when asked for (ORPO has no reference).
+    // Reference log-probs once before training: DPO's, when asked for (ORPO and CPO have none).
     let precompute_ref = t.strategy == StrategyKind::Dpo && recipe.dpo.precompute_ref;
     let eval_sft = if on_pairs {
         Vec::new()
