@@ -11,7 +11,7 @@ use burn::backend::Autodiff;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use burnish_align::{
-    Activations, AdamW, AdamWConfig, Dpo, DpoLoss, PairBatch, Schedule, ScheduleKind, Sft,
+    Activations, AdamW, AdamWConfig, Dpo, DpoLoss, Orpo, PairBatch, Schedule, ScheduleKind, Sft,
     TokenBatch, optimizer_step,
 };
 use burnish_model::{BaseDtype, HfConfig, RandomWeights, build_decoder};
@@ -72,6 +72,8 @@ enum Mode {
     /// LoRA DPO steps on batch pairs of seq tokens (chosen and rejected), sigmoid loss, the
     /// reference being the same model with its adapter off.
     Dpo,
+    /// LoRA ORPO steps on the same pairs as `dpo`: no reference pass.
+    Orpo,
 }
 
 /// Configurations of the shapes people tune, as their `config.json` states them.
@@ -168,7 +170,8 @@ impl Job for Bench {
         } else {
             train_steps::<Autodiff<B>>(&a, &config, &ids, &rejected, &device, &mut memory)?
         };
-        let tokens = a.batch * a.seq * if a.mode == Mode::Dpo { 2 } else { 1 };
+        let pairs = matches!(a.mode, Mode::Dpo | Mode::Orpo);
+        let tokens = a.batch * a.seq * if pairs { 2 } else { 1 };
         let tokens_per_s = tokens as f64 / step_s;
         let peak = memory.peak_bytes();
         if a.json {
@@ -296,6 +299,14 @@ fn train_steps<AD: AutodiffBackend>(
             Mode::Dpo => optimizer_step(
                 current,
                 &dpo,
+                &pairs,
+                &mut optimizer,
+                &schedule,
+                activations,
+            )?,
+            Mode::Orpo => optimizer_step(
+                current,
+                &Orpo { beta: 0.1 },
                 &pairs,
                 &mut optimizer,
                 &schedule,
