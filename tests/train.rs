@@ -205,6 +205,35 @@ fn dpo_run_prefers_the_chosen_answers() {
         first > std::f64::consts::LN_2 + 1.0,
         "RPO loss {first} lacks its NLL term"
     );
+
+    // Continuing that adapter, the reference is still the base with the adapter off, computed
+    // once or at every step alike: the first step is not at ln 2, where the adapter as it starts
+    // would put it.
+    let first_loss = |extra: &str| {
+        let out = train(
+            &path,
+            &[
+                "--set",
+                "adapter.init_from=\"run\"",
+                "--set",
+                "train.max_steps=1",
+                "--set",
+                "output.dir=\"continued\"",
+                "--set",
+                extra,
+            ],
+        );
+        assert_success(&out);
+        metrics(&work.path().join("continued"))[0]["loss"]
+            .as_f64()
+            .unwrap()
+    };
+    let (once, every_step) = (
+        first_loss("dpo.precompute_ref=true"),
+        first_loss("dpo.precompute_ref=false"),
+    );
+    assert!((once - every_step).abs() < 1e-5, "{once} vs {every_step}");
+    assert!((once - std::f64::consts::LN_2).abs() > 1e-3, "{once}");
 }
 
 #[test]
