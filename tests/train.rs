@@ -234,6 +234,32 @@ fn dpo_run_prefers_the_chosen_answers() {
     );
     assert!((once - every_step).abs() < 1e-5, "{once} vs {every_step}");
     assert!((once - std::f64::consts::LN_2).abs() > 1e-3, "{once}");
+    // With that adapter as the reference too (TRL's `ref_adapter_name`), policy and reference
+    // agree at the first step: the loss starts at ln 2.
+    let own = first_loss("dpo.reference_adapter=\"run\"");
+    assert!((own - std::f64::consts::LN_2).abs() < 1e-5, "{own}");
+}
+
+#[test]
+fn full_fine_tuning_dpo_keeps_the_model_it_starts_from_as_reference() {
+    let work = tempfile::tempdir().unwrap();
+    preference_rows(work.path());
+    let path = recipe(
+        work.path(),
+        "[data]\ntrain = \"pairs.jsonl\"\neval = \"pairs.jsonl\"\n\n[train]\nstrategy = \"dpo\"\nmax_steps = 6\nmicro_batch_size = 4\nlr = 1e-3\nschedule = \"constant\"\n",
+    );
+    let out = train(&path, &[]);
+    assert_success(&out);
+    let lines = metrics(&work.path().join("run"));
+    // A reference that followed the training weights would hold every step at ln 2.
+    let losses: Vec<f64> = lines.iter().filter_map(|l| l["loss"].as_f64()).collect();
+    assert!(
+        (losses[0] - std::f64::consts::LN_2).abs() < 1e-5,
+        "{losses:?}"
+    );
+    assert!(losses[5] < losses[0] - 0.05, "{losses:?}");
+    let eval = lines.iter().find(|l| l.get("eval_loss").is_some()).unwrap();
+    assert!(eval["rewards/margins"].as_f64().unwrap() > 0.0, "{eval}");
 }
 
 #[test]

@@ -27,6 +27,7 @@ use crate::run::lora_config;
 const PATHS: &[&str] = &[
     "model.base",
     "adapter.init_from",
+    "dpo.reference_adapter",
     "data.train",
     "data.eval",
     "check.file",

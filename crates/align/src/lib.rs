@@ -37,7 +37,8 @@ pub use recipe::{
 pub use run::{RunEvent, RunSummary, lora_config, train};
 pub use schedule::{Schedule, ScheduleKind};
 pub use strategy::{
-    Cpo, Dpo, Orpo, PairBatch, Preference, Sft, StepOutput, Strategy, TokenBatch, reference_logps,
+    Cpo, Dpo, Orpo, PairBatch, Preference, Sft, StepOutput, Strategy, TokenBatch, frozen_logps,
+    reference_logps,
 };
 pub use token_loss::{
     TokenLoss, masked_token_logprobs, masked_token_logprobs_chunked, masked_token_loss,

@@ -295,8 +295,12 @@ pub struct DpoSection {
     /// Add this times the chosen completions' mean NLL to the loss (RPO; default: none).
     pub rpo_alpha: Option<f64>,
     /// Compute the reference log-probs once before training instead of at every step
-    /// (default false).
+    /// (default false; always so for a full fine-tune and with `reference_adapter`).
     pub precompute_ref: bool,
+    /// A PEFT-format adapter that, on the base, makes the reference model instead of the bare
+    /// base (TRL's `ref_adapter_name`; default: none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reference_adapter: Option<PathBuf>,
 }
 
 impl Default for DpoSection {
@@ -307,6 +311,7 @@ impl Default for DpoSection {
             label_smoothing: 0.0,
             rpo_alpha: None,
             precompute_ref: false,
+            reference_adapter: None,
         }
     }
 }
@@ -715,7 +720,10 @@ impl Recipe {
                 local: Default::default(),
             },
             train: file.train,
-            dpo: file.dpo.unwrap_or_default(),
+            dpo: file.dpo.map_or_else(Default::default, |d| DpoSection {
+                reference_adapter: d.reference_adapter.clone().map(anchor),
+                ..d
+            }),
             orpo: file.orpo.unwrap_or_default(),
             cpo: file.cpo.unwrap_or_default(),
             check: file.check.map(|c| CheckSection {
@@ -842,7 +850,8 @@ impl Recipe {
             .into_iter()
             .chain(&self.data.train)
             .chain(&self.data.eval)
-            .chain(self.check.iter().map(|c| &c.file));
+            .chain(self.check.iter().map(|c| &c.file))
+            .chain(&self.dpo.reference_adapter);
         for path in paths {
             if path.to_str().is_none() {
                 return Err(format!(

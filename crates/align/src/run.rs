@@ -34,7 +34,7 @@ use crate::recipe::{
 };
 use crate::schedule::Schedule;
 use crate::strategy::{
-    Cpo, Dpo, Orpo, PairBatch, Preference, Sft, Strategy, TokenBatch, reference_logps,
+    Cpo, Dpo, Orpo, PairBatch, Preference, Sft, Strategy, TokenBatch, frozen_logps, reference_logps,
 };
 use crate::trainer::{Activations, StepMetrics, optimizer_step};
 
@@ -213,9 +213,10 @@ fn pair_batches<B: AutodiffBackend>(
         .collect()
 }
 
-/// Every pair's reference log-probs (chosen, rejected), computed once, in pair order.
+/// Every pair's reference log-probs (chosen, rejected), computed once, in pair order: from
+/// `model` with its adapters off, or from a separate reference `model` as it is.
 fn precompute_reference<B: AutodiffBackend>(
-    model: &Decoder<B>,
+    (model, separate): (&Decoder<B>, bool),
     data: &Dataset,
     micro: usize,
     pad_id: u32,
@@ -224,7 +225,11 @@ fn precompute_reference<B: AutodiffBackend>(
     pair_batches::<B>(data, micro, pad_id, None, None, device)
         .iter()
         .flat_map(|batch| {
-            let (chosen, rejected) = reference_logps(model, batch);
+            let (chosen, rejected) = if separate {
+                frozen_logps(model, batch)
+            } else {
+                reference_logps(model, batch)
+            };
             f32_values(chosen)
                 .into_iter()
                 .zip(f32_values(rejected))
@@ -448,6 +453,16 @@ pub fn train<B: AutodiffBackend>(
             None => Ok(None),
         }
     };
+    // DPO's reference is the base: the trained model with its adapter off. A full fine-tune has
+    // no adapter to switch off, and a `dpo.reference_adapter` goes on a base of its own: those
+    // references are a copy of the base as loaded (never the training state, so a resumed run
+    // gets the same), with that adapter on it, and their log-probs are computed once before
+    // training.
+    let dpo = t.strategy == StrategyKind::Dpo;
+    let separate_reference =
+        dpo && (recipe.adapter.is_none() || recipe.dpo.reference_adapter.is_some());
+    let precompute_ref = dpo && (recipe.dpo.precompute_ref || separate_reference);
+    let reference_base = separate_reference.then(|| pretrained.model.clone());
     let mut adapter_config = None;
     let resumed_from = checkpoint.as_ref().map(|(path, ..)| path.as_path());
     let mut model = match (&recipe.adapter, resumed_from) {
@@ -473,6 +488,14 @@ pub fn train<B: AutodiffBackend>(
         },
     };
     recipe.model.dtype.apply(&mut model);
+    let reference_model = match (reference_base, &recipe.dpo.reference_adapter) {
+        (Some(base), Some(dir)) => Some(base.with_adapter(dir)?.0),
+        (base, _) => base,
+    }
+    .map(|mut reference| {
+        recipe.model.dtype.apply(&mut reference);
+        reference
+    });
     let mut progress = Progress {
         step: 0,
         skipped: 0,
@@ -625,16 +648,18 @@ pub fn train<B: AutodiffBackend>(
             rpo_alpha: recipe.dpo.rpo_alpha,
         }),
     };
-    // Reference log-probs once before training: DPO's, when asked for (ORPO and CPO have none).
-    let precompute_ref = t.strategy == StrategyKind::Dpo && recipe.dpo.precompute_ref;
+    let reference_of = match &reference_model {
+        Some(reference) => (reference, true),
+        None => (&model, false),
+    };
     let eval_sft = if on_pairs {
         Vec::new()
     } else {
         sft_batches(&eval_data.examples, t.seed)
     };
     let eval_pairs = if on_pairs {
-        let reference =
-            precompute_ref.then(|| precompute_reference(&model, &eval_data, micro, pad_id, device));
+        let reference = precompute_ref
+            .then(|| precompute_reference(reference_of, &eval_data, micro, pad_id, device));
         pair_batches::<B>(
             &eval_data,
             micro,
@@ -657,8 +682,9 @@ pub fn train<B: AutodiffBackend>(
         }
     };
 
-    let train_reference =
-        precompute_ref.then(|| precompute_reference(&model, &train_data, micro, pad_id, device));
+    let train_reference = precompute_ref
+        .then(|| precompute_reference(reference_of, &train_data, micro, pad_id, device));
+    drop(reference_model);
     let mut step = progress.step;
     let mut final_loss = f64::NAN;
     let mut trained_tokens = progress.trained_tokens;

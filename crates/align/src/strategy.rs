@@ -276,6 +276,15 @@ pub fn reference_logps<B: AutodiffBackend>(
     reference_logps_of(model, &batch.both())
 }
 
+/// The summed completion log-probs of `batch` (chosen, rejected) under `model` as it is, its
+/// adapters included, without gradient tracking: a frozen reference model's.
+pub fn frozen_logps<B: AutodiffBackend>(
+    model: &Decoder<B>,
+    batch: &PairBatch<B>,
+) -> (Tensor<B, 1>, Tensor<B, 1>) {
+    logps_without_gradient(&model.valid(), &batch.both())
+}
+
 /// [`reference_logps`] of a batch already made by [`PairBatch::both`].
 fn reference_logps_of<B: AutodiffBackend>(
     model: &Decoder<B>,
@@ -283,9 +292,16 @@ fn reference_logps_of<B: AutodiffBackend>(
 ) -> (Tensor<B, 1>, Tensor<B, 1>) {
     let mut reference = model.valid();
     reference.set_adapters_enabled(false);
+    logps_without_gradient(&reference, both)
+}
+
+fn logps_without_gradient<B: AutodiffBackend>(
+    model: &Decoder<B::InnerBackend>,
+    both: &TokenBatch<B>,
+) -> (Tensor<B, 1>, Tensor<B, 1>) {
     let both = inner_batch(both);
-    let hidden = hidden_states(&reference, &both);
-    let logps = sequence_logps(&reference, hidden, &both, false);
+    let hidden = hidden_states(model, &both);
+    let logps = sequence_logps(model, hidden, &both, false);
     split_pairs(Tensor::from_inner(logps))
 }
 
