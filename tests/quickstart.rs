@@ -56,6 +56,8 @@ fn quickstart_sft_then_dpo_learn_the_held_out_prompts() {
             "--set",
             &format!("adapter.init_from=\"{}\"", sft.display()),
             "--set",
+            &format!("dpo.reference_adapter=\"{}\"", sft.display()),
+            "--set",
             &format!("output.dir=\"{}\"", dpo.display()),
         ],
     );
