@@ -238,6 +238,36 @@ fn dpo_run_prefers_the_chosen_answers() {
     // agree at the first step: the loss starts at ln 2.
     let own = first_loss("dpo.reference_adapter=\"run\"");
     assert!((own - std::f64::consts::LN_2).abs() < 1e-5, "{own}");
+
+    // A reference adapter that is not there is named; a resumed run keeps its reference.
+    let with_reference = |reference: &str, extra: &[&str]| {
+        let mut args = vec![
+            "--set",
+            "adapter.init_from=\"run\"",
+            "--set",
+            "train.max_steps=2",
+            "--set",
+            "train.save_every=1",
+            "--set",
+            "output.dir=\"resumed\"",
+        ];
+        let reference = format!("dpo.reference_adapter=\"{reference}\"");
+        args.extend(["--set", reference.as_str()]);
+        args.extend_from_slice(extra);
+        train(&path, &args)
+    };
+    let out = with_reference("nowhere", &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("`dpo.reference_adapter`") && err.contains("adapter_model.safetensors"),
+        "{err}"
+    );
+    assert_success(&with_reference("run", &[]));
+    let out = with_reference("continued", &["--resume"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("reference adapter"), "{err}");
 }
 
 #[test]

@@ -73,20 +73,30 @@ pub struct RunIdentity {
     pub base_config: String,
     /// SHA-256 of the training rows as token ids and loss masks, in the order they were read.
     pub train_data: String,
+    /// SHA-256 of DPO's reference adapter's weights (`dpo.reference_adapter`), when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference_adapter: Option<String>,
     /// Every recipe setting but the paths: dotted key → TOML value.
     pub settings: BTreeMap<String, String>,
 }
 
 impl RunIdentity {
     /// The identity of `recipe`'s run, whose base has `base_config` (the bytes of its
-    /// `config.json`) and which trains on `train_data`.
-    pub fn of(recipe: &Recipe, base_config: &[u8], train_data: &Dataset) -> Self {
+    /// `config.json`), whose DPO reference adapter has the weights `reference_adapter` (the
+    /// bytes of its safetensors file) if any, and which trains on `train_data`.
+    pub fn of(
+        recipe: &Recipe,
+        base_config: &[u8],
+        reference_adapter: Option<&[u8]>,
+        train_data: &Dataset,
+    ) -> Self {
         let mut settings = BTreeMap::new();
         flatten("", &recipe.to_table(), &mut settings);
         settings.retain(|key, _| !listed(PATHS, key));
         Self {
             base_config: hex(&Sha256::digest(base_config)),
             train_data: data_digest(train_data),
+            reference_adapter: reference_adapter.map(|bytes| hex(&Sha256::digest(bytes))),
             settings,
         }
     }
@@ -97,6 +107,9 @@ impl RunIdentity {
         let mut refused = Vec::new();
         if self.base_config != now.base_config {
             refused.push("the base model's `config.json`".to_string());
+        }
+        if self.reference_adapter != now.reference_adapter {
+            refused.push("DPO's reference adapter's weights (`dpo.reference_adapter`)".to_string());
         }
         if self.train_data != now.train_data {
             refused.push(
@@ -278,6 +291,7 @@ mod tests {
         RunIdentity {
             base_config: "c".into(),
             train_data: "d".into(),
+            reference_adapter: None,
             settings: settings
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -316,12 +330,14 @@ mod tests {
             ("train.save_every", "2"),
         ]);
         other.train_data = "e".into();
+        other.reference_adapter = Some("f".into());
         let err = then.compare(&other, path).unwrap_err().to_string();
         for part in [
             "step-000002",
             "`train.micro_batch_size` 4 → 8",
             "`adapter.r` 8 → (not set)",
             "training data",
+            "`dpo.reference_adapter`",
         ] {
             assert!(err.contains(part), "{part}: {err}");
         }

@@ -16,8 +16,8 @@ use burnish_data::{
 };
 use burnish_model::{Decoder, HfConfig, Pretrained, linear_module_names, save_decoder};
 use burnish_peft::{
-    ADAPTER_CONFIG_FILE, LoraConfig, LoraInit, SaveDtype, Targets, f32_values, first_value,
-    save_adapter, select_targets,
+    ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, LoraConfig, LoraInit, SaveDtype, Targets,
+    f32_values, first_value, save_adapter, select_targets,
 };
 use serde_json::json;
 
@@ -388,7 +388,26 @@ pub fn train<B: AutodiffBackend>(
         check_vocabulary(data, hf_config.decoder.vocab_size, base)?;
     }
     let config_bytes = std::fs::read(&config_path).map_err(io_err(&config_path))?;
-    let identity = RunIdentity::of(recipe, &config_bytes, &train_data);
+    let reference_weights = match &recipe.dpo.reference_adapter {
+        Some(dir) => {
+            let path = dir.join(ADAPTER_WEIGHTS_FILE);
+            Some(std::fs::read(&path).map_err(|source| {
+                RunError::Mismatch(format!(
+                    "`dpo.reference_adapter`: cannot read {}: {source}; it must be a PEFT-format \
+                     adapter directory",
+                    path.display()
+                ))
+            })?)
+        }
+        None => None,
+    };
+    let identity = RunIdentity::of(
+        recipe,
+        &config_bytes,
+        reference_weights.as_deref(),
+        &train_data,
+    );
+    drop(reference_weights);
     let on_pairs = t.strategy.trains_on_pairs();
     let (count, other) = if on_pairs {
         (train_data.pairs.len(), train_data.examples.len())
