@@ -720,9 +720,9 @@ impl Recipe {
                 local: Default::default(),
             },
             train: file.train,
-            dpo: file.dpo.map_or_else(Default::default, |d| DpoSection {
-                reference_adapter: d.reference_adapter.clone().map(anchor),
-                ..d
+            dpo: file.dpo.map_or_else(Default::default, |mut d| {
+                d.reference_adapter = d.reference_adapter.take().map(anchor);
+                d
             }),
             orpo: file.orpo.unwrap_or_default(),
             cpo: file.cpo.unwrap_or_default(),

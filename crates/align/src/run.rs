@@ -14,7 +14,7 @@ use burnish_data::{
     Batch, BatchConfig, ChatTemplate, DataConfig, Dataset, Encoder, Example, PairExample, Report,
     Tokenizer, load, make_batches, pack_best_fit_decreasing, shuffle,
 };
-use burnish_model::{Decoder, HfConfig, Pretrained, linear_module_names, save_decoder};
+use burnish_model::{Decoder, HfConfig, ModelError, Pretrained, linear_module_names, save_decoder};
 use burnish_peft::{
     ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, LoraConfig, LoraInit, SaveDtype, Targets,
     f32_values, first_value, save_adapter, select_targets,
@@ -34,7 +34,7 @@ use crate::recipe::{
 };
 use crate::schedule::Schedule;
 use crate::strategy::{
-    Cpo, Dpo, Orpo, PairBatch, Preference, Sft, Strategy, TokenBatch, frozen_logps, reference_logps,
+    Cpo, Dpo, Orpo, PairBatch, Preference, Sft, Strategy, TokenBatch, frozen_logps,
 };
 use crate::trainer::{Activations, StepMetrics, optimizer_step};
 
@@ -213,10 +213,10 @@ fn pair_batches<B: AutodiffBackend>(
         .collect()
 }
 
-/// Every pair's reference log-probs (chosen, rejected), computed once, in pair order: from
-/// `model` with its adapters off, or from a separate reference `model` as it is.
+/// Every pair's log-probs (chosen, rejected) under the frozen reference `model`, computed once,
+/// in pair order.
 fn precompute_reference<B: AutodiffBackend>(
-    (model, separate): (&Decoder<B>, bool),
+    model: &Decoder<B>,
     data: &Dataset,
     micro: usize,
     pad_id: u32,
@@ -225,11 +225,7 @@ fn precompute_reference<B: AutodiffBackend>(
     pair_batches::<B>(data, micro, pad_id, None, None, device)
         .iter()
         .flat_map(|batch| {
-            let (chosen, rejected) = if separate {
-                frozen_logps(model, batch)
-            } else {
-                reference_logps(model, batch)
-            };
+            let (chosen, rejected) = frozen_logps(model, batch);
             f32_values(chosen)
                 .into_iter()
                 .zip(f32_values(rejected))
@@ -330,7 +326,11 @@ pub fn train<B: AutodiffBackend>(
     // The adapter's targets, or the adapter it continues, are checked against the config before
     // anything is loaded.
     let config_path = base.join("config.json");
-    let hf_config = HfConfig::from_file(&config_path)?;
+    let config_text = std::fs::read_to_string(&config_path).map_err(|source| ModelError::Io {
+        path: config_path.clone(),
+        source,
+    })?;
+    let hf_config = HfConfig::from_json_str(&config_text, &config_path)?;
     if let Some(section) = &recipe.adapter {
         let modules = linear_module_names(&hf_config.decoder);
         match &section.init_from {
@@ -387,7 +387,6 @@ pub fn train<B: AutodiffBackend>(
     for data in [&train_data, &eval_data] {
         check_vocabulary(data, hf_config.decoder.vocab_size, base)?;
     }
-    let config_bytes = std::fs::read(&config_path).map_err(io_err(&config_path))?;
     let reference_weights = match &recipe.dpo.reference_adapter {
         Some(dir) => {
             let path = dir.join(ADAPTER_WEIGHTS_FILE);
@@ -403,7 +402,7 @@ pub fn train<B: AutodiffBackend>(
     };
     let identity = RunIdentity::of(
         recipe,
-        &config_bytes,
+        config_text.as_bytes(),
         reference_weights.as_deref(),
         &train_data,
     );
@@ -507,14 +506,23 @@ pub fn train<B: AutodiffBackend>(
         },
     };
     recipe.model.dtype.apply(&mut model);
+    // The model whose log-probs are precomputed: the separate reference, or the trained model
+    // with its adapter off (a copy sharing its weights).
     let reference_model = match (reference_base, &recipe.dpo.reference_adapter) {
-        (Some(base), Some(dir)) => Some(base.with_adapter(dir)?.0),
-        (base, _) => base,
-    }
-    .map(|mut reference| {
-        recipe.model.dtype.apply(&mut reference);
-        reference
-    });
+        (Some(base), adapter) => {
+            let mut reference = match adapter {
+                Some(dir) => base.with_adapter(dir)?.0,
+                None => base,
+            };
+            recipe.model.dtype.apply(&mut reference);
+            Some(reference)
+        }
+        (None, _) => precompute_ref.then(|| {
+            let mut adapters_off = model.clone();
+            adapters_off.set_adapters_enabled(false);
+            adapters_off
+        }),
+    };
     let mut progress = Progress {
         step: 0,
         skipped: 0,
@@ -667,18 +675,15 @@ pub fn train<B: AutodiffBackend>(
             rpo_alpha: recipe.dpo.rpo_alpha,
         }),
     };
-    let reference_of = match &reference_model {
-        Some(reference) => (reference, true),
-        None => (&model, false),
-    };
     let eval_sft = if on_pairs {
         Vec::new()
     } else {
         sft_batches(&eval_data.examples, t.seed)
     };
     let eval_pairs = if on_pairs {
-        let reference = precompute_ref
-            .then(|| precompute_reference(reference_of, &eval_data, micro, pad_id, device));
+        let reference = reference_model
+            .as_ref()
+            .map(|r| precompute_reference(r, &eval_data, micro, pad_id, device));
         pair_batches::<B>(
             &eval_data,
             micro,
@@ -701,8 +706,9 @@ pub fn train<B: AutodiffBackend>(
         }
     };
 
-    let train_reference = precompute_ref
-        .then(|| precompute_reference(reference_of, &train_data, micro, pad_id, device));
+    let train_reference = reference_model
+        .as_ref()
+        .map(|r| precompute_reference(r, &train_data, micro, pad_id, device));
     drop(reference_model);
     let mut step = progress.step;
     let mut final_loss = f64::NAN;
