@@ -99,8 +99,12 @@ pub fn load_cases(
             .map_err(bad)?;
         let prompt = match &sample {
             Sample::Chat { messages, .. } => last_text(messages, "user"),
-            Sample::Pair { prompt, .. } => last_text(prompt, "user"),
-            Sample::Text { prompt, .. } | Sample::TextPair { prompt, .. } => prompt.clone(),
+            Sample::Pair { prompt, .. } | Sample::Labeled { prompt, .. } => {
+                last_text(prompt, "user")
+            }
+            Sample::Text { prompt, .. }
+            | Sample::TextPair { prompt, .. }
+            | Sample::TextLabeled { prompt, .. } => prompt.clone(),
         };
         let encoder = match sample {
             Sample::Text { .. } => &completion,
@@ -122,6 +126,13 @@ pub fn load_cases(
                 (example.input_ids[..start].to_vec(), expected, None)
             }
             Encoded::Pair(pair) => (pair.prompt_ids, pair.chosen_ids, Some(pair.rejected_ids)),
+            Encoded::Labeled(l) if l.desirable => (l.prompt_ids, l.completion_ids, None),
+            Encoded::Labeled(_) => {
+                return Err(bad(
+                    "the row's completion is labeled undesirable, so it is no answer to check                      against; give check rows whose completion is desirable"
+                        .into(),
+                ));
+            }
         };
         let case = CheckCase {
             prompt,

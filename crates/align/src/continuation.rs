@@ -174,8 +174,9 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// SHA-256 of the examples' token ids and masks, then the pairs' token ids, each sequence
-/// preceded by its length so that no two datasets hash alike by concatenation.
+/// SHA-256 of the examples' token ids and masks, then the pairs' and the labeled completions'
+/// token ids (and labels), each sequence preceded by its length so that no two datasets hash
+/// alike by concatenation.
 fn data_digest(data: &Dataset) -> String {
     let mut hasher = Sha256::new();
     let mut ids = |tag: u8, ids: &[u32]| {
@@ -192,6 +193,13 @@ fn data_digest(data: &Dataset) -> String {
         ids(b'p', &pair.prompt_ids);
         ids(b'c', &pair.chosen_ids);
         ids(b'r', &pair.rejected_ids);
+    }
+    for labeled in &data.labeled {
+        ids(b'q', &labeled.prompt_ids);
+        ids(
+            if labeled.desirable { b'd' } else { b'u' },
+            &labeled.completion_ids,
+        );
     }
     for example in &data.examples {
         hasher.update([b'm']);

@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::batch::{shuffle, split_eval};
 use crate::error::{DataError, Result};
-use crate::example::{Encoded, Encoder, Example, PairExample, TrainOn, check_pair};
+use crate::example::{
+    Encoded, Encoder, Example, LabeledExample, PairExample, TrainOn, check_labeled, check_pair,
+};
 use crate::format::{AlpacaStyle, Fields, RowFormat, parse_row};
 use crate::reader::read_rows;
 
@@ -129,13 +131,16 @@ pub struct Source {
 }
 
 /// Examples of a dataset and what loading them did: `examples[i]` came from
-/// `example_sources[i]`, `pairs[i]` from `pair_sources[i]`.
+/// `example_sources[i]`, `pairs[i]` from `pair_sources[i]`, `labeled[i]` from
+/// `labeled_sources[i]`. A loaded dataset holds one kind of row.
 #[derive(Debug, Clone, Default)]
 pub struct Dataset {
     pub examples: Vec<Example>,
     pub example_sources: Vec<Source>,
     pub pairs: Vec<PairExample>,
     pub pair_sources: Vec<Source>,
+    pub labeled: Vec<LabeledExample>,
+    pub labeled_sources: Vec<Source>,
     pub report: Report,
 }
 
@@ -161,12 +166,18 @@ impl Dataset {
         ] = part(self.examples, self.example_sources, eval_ratio, seed);
         let [(pairs, pair_sources), (eval_pairs, eval_pair_sources)] =
             part(self.pairs, self.pair_sources, eval_ratio, seed);
+        let [
+            (labeled, labeled_sources),
+            (eval_labeled, eval_labeled_sources),
+        ] = part(self.labeled, self.labeled_sources, eval_ratio, seed);
         (
             Dataset {
                 examples,
                 example_sources,
                 pairs,
                 pair_sources,
+                labeled,
+                labeled_sources,
                 report: self.report,
             },
             Dataset {
@@ -174,9 +185,35 @@ impl Dataset {
                 example_sources: eval_example_sources,
                 pairs: eval_pairs,
                 pair_sources: eval_pair_sources,
+                labeled: eval_labeled,
+                labeled_sources: eval_labeled_sources,
                 report: Report::default(),
             },
         )
+    }
+
+    /// The dataset with each preference pair split in two labeled completions, its chosen one
+    /// desirable and its rejected one not, after those it already holds: every pair's chosen
+    /// completion first, then every rejected one, as TRL's `unpair_preference_dataset` orders
+    /// them (so a shuffle-free batch of neighbours never holds both sides of one prompt).
+    pub fn unpaired(mut self) -> Self {
+        let pairs = std::mem::take(&mut self.pairs);
+        let sources = std::mem::take(&mut self.pair_sources);
+        for desirable in [true, false] {
+            for (pair, source) in pairs.iter().zip(&sources) {
+                self.labeled.push(LabeledExample {
+                    prompt_ids: pair.prompt_ids.clone(),
+                    completion_ids: if desirable {
+                        pair.chosen_ids.clone()
+                    } else {
+                        pair.rejected_ids.clone()
+                    },
+                    desirable,
+                });
+                self.labeled_sources.push(source.clone());
+            }
+        }
+        self
     }
 }
 
@@ -205,7 +242,7 @@ pub fn load(paths: &[&Path], encoder: &Encoder, config: &DataConfig) -> Result<D
             (out, &row.path, row.line)
         })
         .collect();
-    let pairs_wanted = holds_pairs(&results);
+    let wanted = majority_kind(&results);
     let mut ds = Dataset {
         report: Report {
             rows: rows.len(),
@@ -215,14 +252,15 @@ pub fn load(paths: &[&Path], encoder: &Encoder, config: &DataConfig) -> Result<D
     };
     for (result, path, line) in results {
         let result = result.and_then(|(encoded, truncated)| {
-            match (&encoded, pairs_wanted) {
-                (Encoded::Single(_), true) => Err(
-                    "a single sequence in a dataset of preference pairs: a dataset holds one kind of row; move such rows to a file of their own".to_string(),
-                ),
-                (Encoded::Pair(_), false) => Err(
-                    "a preference pair in a dataset of single sequences: a dataset holds one kind of row; move such rows to a file of their own".to_string(),
-                ),
-                _ => Ok((encoded, truncated)),
+            let kind = RowKind::of(&encoded);
+            if kind == wanted {
+                Ok((encoded, truncated))
+            } else {
+                Err(format!(
+                    "{} in a dataset of {}: a dataset holds one kind of row; move such rows to a file of their own",
+                    kind.one(),
+                    wanted.many()
+                ))
             }
         });
         match result {
@@ -244,6 +282,16 @@ pub fn load(paths: &[&Path], encoder: &Encoder, config: &DataConfig) -> Result<D
                         ds.report.trained_tokens += p.chosen().trained() + p.rejected().trained();
                         ds.pairs.push(p);
                         ds.pair_sources.push(Source {
+                            path: path.clone(),
+                            line,
+                        });
+                    }
+                    Encoded::Labeled(l) => {
+                        let sequence = l.example();
+                        ds.report.tokens += sequence.len();
+                        ds.report.trained_tokens += sequence.trained();
+                        ds.labeled.push(l);
+                        ds.labeled_sources.push(Source {
                             path: path.clone(),
                             line,
                         });
@@ -272,21 +320,55 @@ pub fn load(paths: &[&Path], encoder: &Encoder, config: &DataConfig) -> Result<D
     Ok(ds)
 }
 
-/// Whether the dataset is one of preference pairs: the kind most good rows have (the first good
-/// row's on a tie); rows of the other kind are then bad rows, never silently unused.
-fn holds_pairs(results: &[RowOutcome]) -> bool {
-    let is_pair = |r: &RowOutcome| match &r.0 {
-        Ok((Encoded::Pair(_), _)) => Some(true),
-        Ok((Encoded::Single(_), _)) => Some(false),
-        Err(_) => None,
-    };
-    let pairs = results.iter().filter(|r| is_pair(r) == Some(true)).count();
-    let singles = results.iter().filter(|r| is_pair(r) == Some(false)).count();
-    match pairs.cmp(&singles) {
-        std::cmp::Ordering::Greater => true,
-        std::cmp::Ordering::Less => false,
-        std::cmp::Ordering::Equal => results.iter().find_map(is_pair).unwrap_or(false),
+/// The kinds of row a dataset can hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RowKind {
+    Single,
+    Pair,
+    Labeled,
+}
+
+impl RowKind {
+    fn of(encoded: &Encoded) -> Self {
+        match encoded {
+            Encoded::Single(_) => Self::Single,
+            Encoded::Pair(_) => Self::Pair,
+            Encoded::Labeled(_) => Self::Labeled,
+        }
     }
+
+    fn one(self) -> &'static str {
+        match self {
+            Self::Single => "a single sequence",
+            Self::Pair => "a preference pair",
+            Self::Labeled => "a labeled completion",
+        }
+    }
+
+    fn many(self) -> &'static str {
+        match self {
+            Self::Single => "single sequences",
+            Self::Pair => "preference pairs",
+            Self::Labeled => "labeled completions",
+        }
+    }
+}
+
+/// The kind of row the dataset holds: the kind most good rows have (the first good row's on a
+/// tie); rows of another kind are then bad rows, never silently unused.
+fn majority_kind(results: &[RowOutcome]) -> RowKind {
+    let kind = |r: &RowOutcome| r.0.as_ref().ok().map(|(e, _)| RowKind::of(e));
+    let count = |k: RowKind| results.iter().filter(|r| kind(r) == Some(k)).count();
+    let most = [RowKind::Single, RowKind::Pair, RowKind::Labeled]
+        .into_iter()
+        .map(count)
+        .max()
+        .unwrap_or(0);
+    results
+        .iter()
+        .filter_map(kind)
+        .find(|&k| count(k) == most)
+        .unwrap_or(RowKind::Single)
 }
 
 /// Applies `max_length`: `(example, was truncated)` or the reason the row is rejected.
@@ -297,6 +379,7 @@ fn limit(encoded: Encoded, config: &DataConfig) -> std::result::Result<(Encoded,
     let len = match &encoded {
         Encoded::Single(e) => e.len(),
         Encoded::Pair(p) => p.prompt_ids.len() + p.chosen_ids.len().max(p.rejected_ids.len()),
+        Encoded::Labeled(l) => l.prompt_ids.len() + l.completion_ids.len(),
     };
     if len <= max {
         return Ok((encoded, false));
@@ -318,15 +401,7 @@ fn limit(encoded: Encoded, config: &DataConfig) -> std::result::Result<(Encoded,
             Encoded::Single(e)
         }
         Encoded::Pair(mut p) => {
-            let room = max
-                .checked_sub(p.prompt_ids.len())
-                .filter(|&r| r > 0)
-                .ok_or_else(|| {
-                    format!(
-                        "the prompt alone has {} tokens, max_length = {max}",
-                        p.prompt_ids.len()
-                    )
-                })?;
+            let room = completion_room(&p.prompt_ids, max)?;
             p.chosen_ids.truncate(room);
             p.rejected_ids.truncate(room);
             if p.chosen_ids == p.rejected_ids {
@@ -337,6 +412,24 @@ fn limit(encoded: Encoded, config: &DataConfig) -> std::result::Result<(Encoded,
             check_pair(&p)?;
             Encoded::Pair(p)
         }
+        Encoded::Labeled(mut l) => {
+            let room = completion_room(&l.prompt_ids, max)?;
+            l.completion_ids.truncate(room);
+            check_labeled(&l)?;
+            Encoded::Labeled(l)
+        }
     };
     Ok((encoded, true))
+}
+
+/// The tokens a completion keeps after `prompt` within `max` (at least one), or why none fit.
+fn completion_room(prompt: &[u32], max: usize) -> std::result::Result<usize, String> {
+    max.checked_sub(prompt.len())
+        .filter(|&r| r > 0)
+        .ok_or_else(|| {
+            format!(
+                "the prompt alone has {} tokens, max_length = {max}",
+                prompt.len()
+            )
+        })
 }

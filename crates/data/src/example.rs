@@ -1,5 +1,6 @@
 //! Tokenization and loss masks: a [`Sample`] becomes an [`Example`] (token ids and which of them
-//! are trained) or a [`PairExample`] for preference training. Assistant spans come from the
+//! are trained), a [`PairExample`] for preference training, or a [`LabeledExample`] for training
+//! on unpaired preferences. Assistant spans come from the
 //! template's `{% generation %}` blocks when it has them, otherwise from rendering prefixes of the
 //! conversation (the text an assistant turn adds is what the prefix with the generation prompt
 //! does not already hold). A token is trained when its bytes overlap a trained span, exactly as
@@ -79,6 +80,22 @@ impl PairExample {
     }
 }
 
+/// A completion labeled desirable or not (unpaired preference training, KTO): the prompt's ids,
+/// then the completion's (all of it trained, as a pair's sides are).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LabeledExample {
+    pub prompt_ids: Vec<u32>,
+    pub completion_ids: Vec<u32>,
+    pub desirable: bool,
+}
+
+impl LabeledExample {
+    /// The sequence with its completion mask.
+    pub fn example(&self) -> Example {
+        join(&self.prompt_ids, &self.completion_ids)
+    }
+}
+
 fn join(prompt: &[u32], completion: &[u32]) -> Example {
     Example {
         input_ids: prompt.iter().chain(completion).copied().collect(),
@@ -93,6 +110,7 @@ fn join(prompt: &[u32], completion: &[u32]) -> Example {
 pub enum Encoded {
     Single(Example),
     Pair(PairExample),
+    Labeled(LabeledExample),
 }
 
 /// Renders and tokenizes samples; cheap to share across threads.
@@ -144,6 +162,40 @@ impl Encoder {
             } => self
                 .encode_text_pair(prompt, chosen, rejected)
                 .map(Encoded::Pair),
+            Sample::Labeled {
+                prompt,
+                completion,
+                desirable,
+                tools,
+            } => {
+                self.check_completion_turns("completion", completion)?;
+                let prompt_text = self.render(prompt, tools.as_deref(), true)?.text;
+                let labeled = LabeledExample {
+                    prompt_ids: self.tokenize(&prompt_text)?.0,
+                    completion_ids: self.chat_completion_ids(
+                        prompt,
+                        &prompt_text,
+                        completion,
+                        tools.as_deref(),
+                    )?,
+                    desirable: *desirable,
+                };
+                check_labeled(&labeled)?;
+                Ok(Encoded::Labeled(labeled))
+            }
+            Sample::TextLabeled {
+                prompt,
+                completion,
+                desirable,
+            } => {
+                let labeled = LabeledExample {
+                    prompt_ids: self.tokenize(prompt)?.0,
+                    completion_ids: self.text_completion_ids("completion", completion)?,
+                    desirable: *desirable,
+                };
+                check_labeled(&labeled)?;
+                Ok(Encoded::Labeled(labeled))
+            }
         }
     }
 
@@ -354,27 +406,65 @@ impl Encoder {
         chosen: &str,
         rejected: &str,
     ) -> Result<PairExample, String> {
-        let prompt_ids = self.tokenize(prompt)?.0;
-        let completion = |key: &str, c: &str| -> Result<Vec<u32>, String> {
-            if self.is_blank_completion(c) {
-                return Err(format!("`{key}` is empty: there is no answer to train on"));
-            }
-            let ids = self
-                .tokenizer
-                .encode(&self.with_eos(c), false)
-                .map_err(|e| e.to_string())?;
-            if ids.is_empty() {
-                return Err(format!("`{key}` renders to no tokens"));
-            }
-            Ok(ids)
-        };
         let pair = PairExample {
-            prompt_ids,
-            chosen_ids: completion("chosen", chosen)?,
-            rejected_ids: completion("rejected", rejected)?,
+            prompt_ids: self.tokenize(prompt)?.0,
+            chosen_ids: self.text_completion_ids("chosen", chosen)?,
+            rejected_ids: self.text_completion_ids("rejected", rejected)?,
         };
         check_pair(&pair)?;
         Ok(pair)
+    }
+
+    /// The ids of the plain-text completion `key` (`text`), ending with the end-of-sequence token.
+    fn text_completion_ids(&self, key: &str, text: &str) -> Result<Vec<u32>, String> {
+        if self.is_blank_completion(text) {
+            return Err(format!("`{key}` is empty: there is no answer to train on"));
+        }
+        let ids = self
+            .tokenizer
+            .encode(&self.with_eos(text), false)
+            .map_err(|e| e.to_string())?;
+        if ids.is_empty() {
+            return Err(format!("`{key}` renders to no tokens"));
+        }
+        Ok(ids)
+    }
+
+    /// Rejects a completion `key` holding an assistant turn with nothing to train on.
+    fn check_completion_turns(&self, key: &str, completion: &[Message]) -> Result<(), String> {
+        match completion
+            .iter()
+            .position(|m| m.role == "assistant" && is_blank_turn(m))
+        {
+            Some(i) => Err(format!(
+                "the `{key}` assistant turn at completion message {i} (counting from 0) is empty (no text and no tool calls): there is no answer to train on"
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// The ids of what `completion` adds to the conversation `prompt` (rendered, with the
+    /// generation prompt, as `prompt_text`).
+    fn chat_completion_ids(
+        &self,
+        prompt: &[Message],
+        prompt_text: &str,
+        completion: &[Message],
+        tools: Option<&[Value]>,
+    ) -> Result<Vec<u32>, String> {
+        let all: Vec<Message> = prompt.iter().chain(completion).cloned().collect();
+        let full = self.render(&all, tools, false)?.text;
+        let rest = full.strip_prefix(prompt_text).ok_or(
+            "the rendered prompt is not a prefix of the rendered conversation, so the completion cannot be found",
+        )?;
+        let ids = self
+            .tokenizer
+            .encode(rest, false)
+            .map_err(|e| e.to_string())?;
+        if ids.is_empty() {
+            return Err("a completion renders to no tokens".into());
+        }
+        Ok(ids)
     }
 
     fn encode_pair(
@@ -385,35 +475,13 @@ impl Encoder {
         tools: Option<&[Value]>,
     ) -> Result<PairExample, String> {
         for (key, side) in [("chosen", chosen), ("rejected", rejected)] {
-            if let Some(i) = side
-                .iter()
-                .position(|m| m.role == "assistant" && is_blank_turn(m))
-            {
-                return Err(format!(
-                    "the `{key}` assistant turn at completion message {i} (counting from 0) is empty (no text and no tool calls): there is no answer to train on"
-                ));
-            }
+            self.check_completion_turns(key, side)?;
         }
         let prompt_text = self.render(prompt, tools, true)?.text;
         let (prompt_ids, _) = self.tokenize(&prompt_text)?;
-        let completion = |c: &[Message]| -> Result<Vec<u32>, String> {
-            let all: Vec<Message> = prompt.iter().chain(c).cloned().collect();
-            let full = self.render(&all, tools, false)?.text;
-            let rest = full.strip_prefix(prompt_text.as_str()).ok_or(
-                "the rendered prompt is not a prefix of the rendered conversation, so the completion cannot be found",
-            )?;
-            let ids = self
-                .tokenizer
-                .encode(rest, false)
-                .map_err(|e| e.to_string())?;
-            if ids.is_empty() {
-                return Err("a completion of the pair renders to no tokens".into());
-            }
-            Ok(ids)
-        };
         let pair = PairExample {
-            chosen_ids: completion(chosen)?,
-            rejected_ids: completion(rejected)?,
+            chosen_ids: self.chat_completion_ids(prompt, &prompt_text, chosen, tools)?,
+            rejected_ids: self.chat_completion_ids(prompt, &prompt_text, rejected, tools)?,
             prompt_ids,
         };
         check_pair(&pair)?;
@@ -439,6 +507,18 @@ pub(crate) fn check_pair(pair: &PairExample) -> Result<(), String> {
     }
     if pair.chosen_ids == pair.rejected_ids {
         return Err("`chosen` and `rejected` give the same tokens".into());
+    }
+    Ok(())
+}
+
+/// Rejects a labeled completion with no token to train on after position 0.
+pub(crate) fn check_labeled(labeled: &LabeledExample) -> Result<(), String> {
+    let sequence = labeled.example();
+    if sequence.trained() == 0 {
+        return Err(format!(
+            "the sequence has no token to train on after its first (prompt and completion together are {} token(s))",
+            sequence.len()
+        ));
     }
     Ok(())
 }

@@ -1,8 +1,9 @@
-//! Row shapes: how one JSON row becomes a [`Sample`] (a conversation, a prompt/completion text, or
-//! a preference pair). Shapes are `messages` (OpenAI style), ShareGPT (`conversations` with
-//! `from`/`value`), Alpaca (`instruction`/`input`/`output`), `prompt`/`completion` and preference
-//! pairs (`prompt` + `chosen`/`rejected`, or full `chosen`/`rejected` conversations sharing a
-//! prefix). Field names are configurable. A message keeps its keys other than the role and the
+//! Row shapes: how one JSON row becomes a [`Sample`] (a conversation, a prompt/completion text, a
+//! preference pair, or a completion labeled desirable or not). Shapes are `messages` (OpenAI
+//! style), ShareGPT (`conversations` with `from`/`value`), Alpaca (`instruction`/`input`/
+//! `output`), `prompt`/`completion`, preference pairs (`prompt` + `chosen`/`rejected`, or full
+//! `chosen`/`rejected` conversations sharing a prefix) and unpaired preferences (`prompt` +
+//! `completion` + a boolean `label`, TRL's KTO rows). Field names are configurable. A message keeps its keys other than the role and the
 //! content, and a conversational row its `tools` list, for the template, as transformers'
 //! `apply_chat_template(messages, tools=...)` gets them (ShareGPT rows keep their role and
 //! value only). Every problem is a reason string; the caller adds the file and line.
@@ -16,8 +17,8 @@ use crate::message::{Content, ContentPart, Message, ROLES};
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RowFormat {
-    /// Decided per row from the fields present and not null (preference, messages, ShareGPT,
-    /// Alpaca, prompt/completion, text, in that order).
+    /// Decided per row from the fields present and not null (preference, unpaired, messages,
+    /// ShareGPT, Alpaca, prompt/completion, text, in that order).
     #[default]
     Auto,
     Messages,
@@ -25,6 +26,9 @@ pub enum RowFormat {
     Alpaca,
     PromptCompletion,
     Preference,
+    /// `prompt`, `completion` and `label`: true for a desirable completion, false for an
+    /// undesirable one (KTO's unpaired preference rows).
+    Unpaired,
     /// A plain document in one field (`text`), no template, every token trained (language
     /// modelling, as TRL's `text` datasets).
     Text,
@@ -60,6 +64,8 @@ pub struct Fields {
     pub chosen: String,
     pub rejected: String,
     pub text: String,
+    /// An unpaired completion's desirability (true or false).
+    pub label: String,
     /// The row's list of tool schemas, passed to the template as `tools`.
     pub tools: String,
 }
@@ -82,6 +88,7 @@ impl Default for Fields {
             chosen: s("chosen"),
             rejected: s("rejected"),
             text: s("text"),
+            label: s("label"),
             tools: s("tools"),
         }
     }
@@ -114,6 +121,19 @@ pub enum Sample {
         chosen: String,
         rejected: String,
     },
+    /// A completion of a conversation's prompt messages, desirable or not.
+    Labeled {
+        prompt: Vec<Message>,
+        completion: Vec<Message>,
+        desirable: bool,
+        tools: Option<Vec<Value>>,
+    },
+    /// A completion of a plain-text prompt, desirable or not.
+    TextLabeled {
+        prompt: String,
+        completion: String,
+        desirable: bool,
+    },
 }
 
 /// The Stanford Alpaca preambles.
@@ -134,6 +154,9 @@ pub fn parse_row(
     let has = |k: &str| obj.get(k).is_some_and(|v| !v.is_null());
     let format = match format {
         RowFormat::Auto if has(&fields.chosen) && has(&fields.rejected) => RowFormat::Preference,
+        RowFormat::Auto if has(&fields.prompt) && has(&fields.completion) && has(&fields.label) => {
+            RowFormat::Unpaired
+        }
         RowFormat::Auto if has(&fields.messages) => RowFormat::Messages,
         RowFormat::Auto if has(&fields.conversations) => RowFormat::Sharegpt,
         RowFormat::Auto if has(&fields.instruction) && has(&fields.output) => RowFormat::Alpaca,
@@ -237,6 +260,26 @@ pub fn parse_row(
             }
         }
         RowFormat::Preference => preference(obj, fields)?,
+        RowFormat::Unpaired => {
+            let desirable = label(field(&fields.label)?, &fields.label)?;
+            match (field(&fields.prompt)?, field(&fields.completion)?) {
+                (Value::String(p), Value::String(c)) => Sample::TextLabeled {
+                    prompt: p.clone(),
+                    completion: c.clone(),
+                    desirable,
+                },
+                (p, c) => {
+                    let completion = turns(c, &fields.completion, fields)?;
+                    nonempty(&completion, &fields.completion)?;
+                    Sample::Labeled {
+                        prompt: turns(p, &fields.prompt, fields)?,
+                        completion,
+                        desirable,
+                        tools: None,
+                    }
+                }
+            }
+        }
         RowFormat::Text => Sample::Text {
             prompt: String::new(),
             completion: text(field(&fields.text)?, &fields.text)?,
@@ -253,13 +296,17 @@ fn with_tools(
     key: &str,
 ) -> Result<Sample, String> {
     match &mut sample {
-        Sample::Chat { tools, .. } | Sample::Pair { tools, .. } => *tools = row_tools,
-        Sample::Text { .. } | Sample::TextPair { .. } if row_tools.is_some() => {
+        Sample::Chat { tools, .. } | Sample::Pair { tools, .. } | Sample::Labeled { tools, .. } => {
+            *tools = row_tools
+        }
+        Sample::Text { .. } | Sample::TextPair { .. } | Sample::TextLabeled { .. }
+            if row_tools.is_some() =>
+        {
             return Err(format!(
                 "the row has `{key}`, but it is plain text, which no chat template renders, so the tools would be lost; give the row as messages or remove `{key}`"
             ));
         }
-        Sample::Text { .. } | Sample::TextPair { .. } => {}
+        Sample::Text { .. } | Sample::TextPair { .. } | Sample::TextLabeled { .. } => {}
     }
     Ok(sample)
 }
@@ -455,6 +502,22 @@ fn messages(v: &Value, key: &str, fields: &Fields, sharegpt: bool) -> Result<Vec
         .collect()
 }
 
+/// An unpaired completion's label: `true` or `false` (or 1 and 0, as tables export booleans).
+fn label(v: &Value, key: &str) -> Result<bool, String> {
+    match v {
+        Value::Bool(b) => Ok(*b),
+        Value::Number(n) if n.as_u64() == Some(1) => Ok(true),
+        Value::Number(n) if n.as_u64() == Some(0) => Ok(false),
+        other => Err(format!(
+            "`{key}` must be true (a desirable completion) or false (an undesirable one), found {}",
+            match other {
+                Value::Number(n) => format!("the number {n}"),
+                _ => kind(other).to_string(),
+            }
+        )),
+    }
+}
+
 fn text(v: &Value, key: &str) -> Result<String, String> {
     v.as_str()
         .map(String::from)
@@ -561,6 +624,66 @@ mod tests {
                 tools: None,
             }
         );
+    }
+
+    #[test]
+    fn unpaired_rows_are_labeled_completions() {
+        let text = parse(json!({"prompt": "p", "completion": "c", "label": false})).unwrap();
+        assert_eq!(
+            text,
+            Sample::TextLabeled {
+                prompt: "p".into(),
+                completion: "c".into(),
+                desirable: false
+            }
+        );
+        let tool = json!({"type": "function", "function": {"name": "f", "parameters": {}}});
+        let chat = parse(json!({
+            "prompt": [{"role": "user", "content": "p"}],
+            "completion": [{"role": "assistant", "content": "c"}],
+            "label": 1,
+            "tools": [tool]
+        }))
+        .unwrap();
+        assert_eq!(
+            chat,
+            Sample::Labeled {
+                prompt: vec![Message::new("user", "p")],
+                completion: vec![Message::new("assistant", "c")],
+                desirable: true,
+                tools: Some(vec![tool]),
+            }
+        );
+        let unpaired = |row: Value| {
+            parse_row(
+                &row,
+                RowFormat::Unpaired,
+                &Fields::default(),
+                AlpacaStyle::Chat,
+            )
+            .unwrap_err()
+        };
+        for (row, reason) in [
+            (
+                json!({"prompt": "p", "completion": "c", "label": "yes"}),
+                "`label` must be true (a desirable completion) or false (an undesirable one), found a string",
+            ),
+            (
+                json!({"prompt": "p", "completion": "c", "label": 2}),
+                "found the number 2",
+            ),
+            (
+                json!({"prompt": "p", "completion": "c"}),
+                "missing field `label`",
+            ),
+            (
+                json!({"prompt": [{"role": "user", "content": "p"}], "completion": [], "label": true}),
+                "`completion` is an empty conversation",
+            ),
+        ] {
+            let err = unpaired(row);
+            assert!(err.contains(reason), "{err}");
+        }
     }
 
     #[test]

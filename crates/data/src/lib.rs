@@ -46,7 +46,9 @@ pub use batch::{Batch, BatchConfig, make_batches, pack_best_fit_decreasing, shuf
 pub use builtin::BUILTIN_TEMPLATES;
 pub use dataset::{DataConfig, Dataset, OnBadRow, Rejection, Report, Source, Truncation, load};
 pub use error::{DataError, Result};
-pub use example::{Encoded, Encoder, Example, PairExample, TrainOn, mask_from_spans};
+pub use example::{
+    Encoded, Encoder, Example, LabeledExample, PairExample, TrainOn, mask_from_spans,
+};
 pub use format::{AlpacaStyle, Fields, RowFormat, Sample, parse_row};
 pub use jinja::SOURCE_DATE_EPOCH;
 pub use message::{Content, ContentPart, Message, ROLES};

@@ -395,6 +395,65 @@ fn every_row_shape_loads_with_exact_masks() {
 }
 
 #[test]
+fn labeled_completions_load_and_pairs_split_into_them() {
+    let enc = chatml_encoder(TrainOn::Assistant);
+    let tok = &enc.tokenizer;
+    let text = |ids: &[u32]| tok.decode(ids, false).unwrap();
+    let ds = load(&[&rows("unpaired.jsonl")], &enc, &DataConfig::default()).unwrap();
+    assert_eq!(
+        (ds.examples.len(), ds.pairs.len(), ds.labeled.len()),
+        (0, 0, 3)
+    );
+    let labels: Vec<bool> = ds.labeled.iter().map(|l| l.desirable).collect();
+    assert_eq!(labels, [true, false, false]);
+    assert_eq!(text(&ds.labeled[0].completion_ids), "Paris.<|im_end|>\n");
+    assert!(text(&ds.labeled[1].prompt_ids).ends_with("2+2?<|im_end|>\n<|im_start|>assistant\n"));
+    // A text completion ends with the end-of-sequence token, as TRL appends it.
+    assert_eq!(text(&ds.labeled[2].completion_ids), " green<|im_end|>");
+    let sequence = ds.labeled[0].example();
+    assert_eq!(sequence.trained(), ds.labeled[0].completion_ids.len());
+    assert_eq!(ds.labeled_sources[2].line, 3);
+
+    // `max_length` cuts the completion after its prompt.
+    let prompt = ds.labeled[0].prompt_ids.len();
+    let short = DataConfig {
+        max_length: Some(prompt + 1),
+        ..Default::default()
+    };
+    let cut = load(&[&rows("unpaired.jsonl")], &enc, &short).unwrap();
+    assert_eq!(cut.labeled[0].completion_ids.len(), 1);
+    for l in &cut.labeled {
+        assert!(l.prompt_ids.len() + l.completion_ids.len() <= prompt + 1);
+    }
+    assert_eq!(cut.report.truncated, 1, "the other rows fit");
+
+    // Pairs split into their chosen completions (desirable), then their rejected ones.
+    let pairs = load(&[&rows("preference.jsonl")], &enc, &DataConfig::default()).unwrap();
+    let split = pairs.clone().unpaired();
+    assert!(split.pairs.is_empty());
+    assert_eq!(split.labeled.len(), 6);
+    for (i, pair) in pairs.pairs.iter().enumerate() {
+        let (chosen, rejected) = (&split.labeled[i], &split.labeled[i + 3]);
+        assert!(chosen.desirable && !rejected.desirable);
+        assert_eq!(chosen.prompt_ids, pair.prompt_ids);
+        assert_eq!(chosen.completion_ids, pair.chosen_ids);
+        assert_eq!(rejected.completion_ids, pair.rejected_ids);
+        assert_eq!(split.labeled_sources[i + 3], pairs.pair_sources[i]);
+    }
+
+    // Labeled rows among pairs are bad rows of another kind (a tie goes to the first row's).
+    let mixed = [rows("preference.jsonl"), rows("unpaired.jsonl")];
+    let err = load(&[&mixed[0], &mixed[1]], &enc, &DataConfig::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("unpaired.jsonl:1")
+            && err.contains("a labeled completion in a dataset of preference pairs"),
+        "{err}"
+    );
+}
+
+#[test]
 fn train_on_modes_select_the_right_tokens() {
     let path = rows("messages.jsonl");
     let run = |mode| {

@@ -26,6 +26,7 @@ enum FormatArg {
     Alpaca,
     PromptCompletion,
     Preference,
+    Unpaired,
     Text,
 }
 
@@ -81,6 +82,7 @@ pub fn run(cmd: DataCommand) -> Result<()> {
             FormatArg::Alpaca => RowFormat::Alpaca,
             FormatArg::PromptCompletion => RowFormat::PromptCompletion,
             FormatArg::Preference => RowFormat::Preference,
+            FormatArg::Unpaired => RowFormat::Unpaired,
             FormatArg::Text => RowFormat::Text,
         },
         train_on,
@@ -128,7 +130,8 @@ pub fn mark_trained(tokenizer: &Tokenizer, example: &Example) -> Result<String> 
     Ok(out)
 }
 
-/// The preview text: `n` examples (pairs shown as chosen and rejected sequences), then statistics.
+/// The preview text: `n` examples (pairs shown as chosen and rejected sequences, labeled
+/// completions with their label), then statistics.
 pub fn preview(tokenizer: &Tokenizer, ds: &Dataset, n: usize) -> Result<String> {
     let mut out = String::new();
     let mut shown = 0;
@@ -150,6 +153,22 @@ pub fn preview(tokenizer: &Tokenizer, ds: &Dataset, n: usize) -> Result<String> 
         writeln!(out, "── pair {} ({}:{line})", i + 1, path.display())?;
         writeln!(out, "chosen:   {}", mark_trained(tokenizer, &p.chosen())?)?;
         writeln!(out, "rejected: {}", mark_trained(tokenizer, &p.rejected())?)?;
+        shown += 1;
+    }
+    for (i, l) in ds.labeled.iter().take(n.saturating_sub(shown)).enumerate() {
+        let burnish_data::Source { path, line } = &ds.labeled_sources[i];
+        let label = if l.desirable {
+            "desirable"
+        } else {
+            "undesirable"
+        };
+        writeln!(
+            out,
+            "── {label} completion {} ({}:{line})",
+            i + 1,
+            path.display()
+        )?;
+        writeln!(out, "{}", mark_trained(tokenizer, &l.example())?)?;
     }
     let r = &ds.report;
     writeln!(out, "── statistics")?;
@@ -157,7 +176,7 @@ pub fn preview(tokenizer: &Tokenizer, ds: &Dataset, n: usize) -> Result<String> 
     writeln!(
         out,
         "examples:       {}",
-        ds.examples.len() + ds.pairs.len()
+        ds.examples.len() + ds.pairs.len() + ds.labeled.len()
     )?;
     writeln!(out, "tokens:         {}", r.tokens)?;
     writeln!(out, "trained tokens: {}", r.trained_tokens)?;
