@@ -26,6 +26,33 @@ struct Golden {
     dpo: Dpo,
     orpo: Orpo,
     cpo: CpoGolden,
+    kto: KtoGolden,
+}
+
+#[derive(Deserialize)]
+struct KtoGolden {
+    adapter: String,
+    cases: Vec<KtoCase>,
+}
+
+#[derive(Deserialize)]
+struct KtoCase {
+    name: String,
+    loss_type: String,
+    beta: f64,
+    desirable_weight: f64,
+    undesirable_weight: f64,
+    max_length: Option<usize>,
+    rows: Vec<KtoRow>,
+    loss: f64,
+    metrics: std::collections::BTreeMap<String, f64>,
+}
+
+#[derive(Deserialize)]
+struct KtoRow {
+    prompt: Vec<u32>,
+    completion: Vec<u32>,
+    label: bool,
 }
 
 #[derive(Deserialize)]
@@ -403,6 +430,46 @@ fn orpo_loss_and_metrics_equal_trl_through_the_model() {
             (ours - theirs).abs() <= 1e-6 * theirs.abs(),
             "log1mexp({x}): {ours} vs TRL {theirs}"
         );
+    }
+}
+
+#[test]
+fn kto_losses_and_metrics_equal_trl_through_the_model() {
+    use burnish_align::{Kto, KtoLoss, LabeledBatch, Strategy};
+    use burnish_data::LabeledExample;
+    let g = golden().kto;
+    let device = Default::default();
+    let base = Pretrained::<AD>::load(&model_dir("llama"), &device)
+        .unwrap()
+        .model;
+    let adapter = model_dir("llama").join("../../adapters").join(&g.adapter);
+    let (model, _) = base.with_adapter(&adapter).unwrap();
+    assert_eq!(g.cases.len(), 3);
+    for case in &g.cases {
+        let rows: Vec<LabeledExample> = case
+            .rows
+            .iter()
+            .map(|r| LabeledExample {
+                prompt_ids: r.prompt.clone(),
+                completion_ids: r.completion.clone(),
+                desirable: r.label,
+            })
+            .collect();
+        let refs: Vec<&LabeledExample> = rows.iter().collect();
+        let uses_kl = case.loss_type == "kto";
+        let batch = LabeledBatch::from_labeled(&refs, 0, uses_kl, case.max_length, &device);
+        // The reference is the policy with its adapter off, as TRL's for a PEFT model.
+        let kto = Kto {
+            loss: KtoLoss {
+                beta: case.beta,
+                uses_kl,
+                desirable_weight: case.desirable_weight,
+                undesirable_weight: case.undesirable_weight,
+            },
+            reference: None,
+        };
+        let out = kto.loss(&model, &batch, None);
+        assert_trl_step(&case.name, out, case.loss, &case.metrics);
     }
 }
 

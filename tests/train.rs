@@ -293,6 +293,141 @@ fn full_fine_tuning_dpo_keeps_the_model_it_starts_from_as_reference() {
 }
 
 #[test]
+fn kto_runs_learn_from_unpaired_labels() {
+    let work = tempfile::tempdir().unwrap();
+    preference_rows(work.path());
+    // Preference pairs become a desirable and an undesirable completion each.
+    let path = recipe(
+        work.path(),
+        "[adapter]\nr = 8\nalpha = 16\ndropout = 0.0\n\n[data]\ntrain = \"pairs.jsonl\"\neval = \"pairs.jsonl\"\n\n[train]\nstrategy = \"kto\"\nmax_steps = 15\nmicro_batch_size = 4\nlr = 1e-2\nschedule = \"constant\"\n\n[kto]\nbeta = 0.5\n",
+    );
+    let out = train(&path, &[]);
+    assert_success(&out);
+    let said =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("16 training and 16 evaluation items"),
+        "8 pairs are 16 labeled completions: {said}"
+    );
+    let lines = metrics(&work.path().join("run"));
+    // The adapter starts as a no-op: policy and reference agree, the KL estimate is 0 and
+    // every completion's loss is 1 - σ(0).
+    let first = &lines[0];
+    assert!(
+        (first["loss"].as_f64().unwrap() - 0.5).abs() < 1e-5,
+        "{first}"
+    );
+    assert!(first["kl"].as_f64().unwrap().abs() < 1e-5, "{first}");
+    let eval = lines.iter().find(|l| l.get("eval_loss").is_some()).unwrap();
+    assert!(eval["rewards/margins"].as_f64().unwrap() > 0.0, "{eval}");
+    assert!(eval["rewards/chosen"].as_f64().unwrap() > 0.0, "{eval}");
+    assert!(eval["eval_loss"].as_f64().unwrap() < 0.45, "{eval}");
+
+    // With the adapter it continues as the reference too, policy and reference agree at first.
+    let out = train(
+        &path,
+        &[
+            "--set",
+            "adapter.init_from=\"run\"",
+            "--set",
+            "kto.reference_adapter=\"run\"",
+            "--set",
+            "train.max_steps=1",
+            "--set",
+            "output.dir=\"continued\"",
+        ],
+    );
+    assert_success(&out);
+    let first = &metrics(&work.path().join("continued"))[0];
+    assert!(
+        (first["loss"].as_f64().unwrap() - 0.5).abs() < 1e-5,
+        "{first}"
+    );
+    assert!(
+        first["rewards/margins"].as_f64().unwrap().abs() < 1e-5,
+        "{first}"
+    );
+
+    // Rows labeled one by one, trained in full with a copy of the base as the reference.
+    let rows: Vec<Value> = (0..8)
+        .map(|i| {
+            json!({
+                "prompt": [{"role": "user", "content": format!("is the {} big?", WORDS[i])}],
+                "completion": [{"role": "assistant", "content": if i % 2 == 0 { "yes, very big" } else { "no" }}],
+                "label": i % 2 == 0,
+            })
+        })
+        .collect();
+    write_jsonl(&work.path().join("labeled.jsonl"), &rows);
+    let path = recipe(
+        work.path(),
+        "[data]\ntrain = \"labeled.jsonl\"\n\n[train]\nstrategy = \"kto\"\nmax_steps = 4\nmicro_batch_size = 3\nlr = 1e-3\nschedule = \"constant\"\n\n[kto]\ndesirable_weight = 1.5\n",
+    );
+    let out = train(&path, &[]);
+    assert_success(&out);
+    let losses: Vec<f64> = metrics(&work.path().join("run"))
+        .iter()
+        .filter_map(|l| l["loss"].as_f64())
+        .collect();
+    // A batch of 3 then one of 5 (a lone last row joins the batch before it): 2 steps an epoch.
+    assert_eq!(losses.len(), 4, "{losses:?}");
+    assert!(losses[2] < losses[0] - 0.01, "{losses:?}");
+
+    // Unbalanced labels get the KTO paper's advice on the weights.
+    let out = train(
+        &path,
+        &[
+            "--set",
+            "data.train=[\"labeled.jsonl\", \"pairs.jsonl\"]",
+            "--set",
+            "train.max_steps=1",
+        ],
+    );
+    assert!(
+        !out.status.success(),
+        "labeled rows and pairs are two kinds of row"
+    );
+    let unbalanced: Vec<Value> = rows.iter().take(5).cloned().collect();
+    write_jsonl(&work.path().join("unbalanced.jsonl"), &unbalanced);
+    let out = train(
+        &path,
+        &[
+            "--set",
+            "data.train=\"unbalanced.jsonl\"",
+            "--set",
+            "train.max_steps=1",
+        ],
+    );
+    assert_success(&out);
+    let said =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("3 desirable and 2 undesirable")
+            && said.contains("`kto.undesirable_weight` in [1.69, 2.25]"),
+        "{said}"
+    );
+
+    // The KL term needs two rows in a micro-batch.
+    let out = train(&path, &["--set", "train.micro_batch_size=1"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("train.micro_batch_size") && err.contains("apo_zero_unpaired"),
+        "{err}"
+    );
+    // Conversations are no preference data.
+    let chat = json!({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]});
+    write_jsonl(&work.path().join("chat.jsonl"), &[chat]);
+    let out = train(&path, &["--set", "data.train=\"chat.jsonl\""]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("labeled completions (or preference pairs)"),
+        "{err}"
+    );
+}
+
+#[test]
 fn orpo_and_simpo_runs_prefer_the_chosen_answers_without_a_reference() {
     let work = tempfile::tempdir().unwrap();
     preference_rows(work.path());

@@ -15,6 +15,11 @@
 - `cpo`: TRL 1.16's CPO losses and metrics (`experimental.cpo.CPOTrainer.get_batch_loss_metrics`
   on a stub trainer, the same pairs and model as `orpo`) for every loss type (sigmoid with label
   smoothing, hinge, ipo, simpo) and for SimPO proper (`cpo_alpha = 0`).
+- `kto`: TRL 1.16's KTO loss and metrics (`KTOTrainer._compute_loss` on a stub trainer, through
+  TRL's own unpaired-preference collator and fused LM head) for labeled completions on the llama
+  fixture with the llama-qv adapter as the policy and the adapter switched off as the reference:
+  the `kto` loss with its KL term (completions rotated by one row within the batch, some of those
+  rows cut at `max_length`), with desirable/undesirable weights, and `apo_zero_unpaired`.
 - `dpo`: TRL 1.16's DPO losses and reward metrics (`DPOTrainer._compute_loss`), evaluated on fixed
   sequence log-probs with the same formulas: sigmoid, hinge, ipo (log-ratios averaged per
   completion token), robust; plus the label-smoothed sigmoid (conservative DPO) that older TRL
@@ -198,6 +203,70 @@ def orpo_case() -> dict:
     }
 
 
+def kto_cases() -> dict:
+    """KTO through TRL's own KTOTrainer._compute_loss. The trainer is built without __init__:
+    only the attributes that method reads are set. Each batch is TRL's collator output for rows
+    whose KL completion is the previous row's (the first row takes the last's)."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from peft import PeftModel
+    from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference, KTOTrainer
+    from trl.trainer.utils import add_fused_lm_head
+
+    model_dir = REPO_ROOT / "tests" / "fixtures" / "models" / "llama"
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    add_fused_lm_head(base, outputs=("log_probs", "entropy", "mean_logits"))
+    model = PeftModel.from_pretrained(base, REPO_ROOT / "tests" / "fixtures" / "adapters" / "llama-qv").eval()
+    ids = json.loads((model_dir / "golden.json").read_text())["score"][1]["token_ids"]
+    rows = [
+        {"prompt": ids[0:7], "completion": ids[7:12], "label": True},
+        {"prompt": ids[30:34], "completion": ids[40:51], "label": False},
+        {"prompt": ids[12:15], "completion": ids[20:29], "label": True},
+        {"prompt": ids[2:11], "completion": ids[51:54], "label": False},
+    ]
+    settings = [
+        {"name": "kto", "loss_type": "kto", "beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0, "max_length": None, "rows": [0, 1, 2, 3]},
+        {"name": "weighted", "loss_type": "kto", "beta": 0.5, "desirable_weight": 1.33, "undesirable_weight": 0.7, "max_length": 16, "rows": [1, 2, 3]},
+        {"name": "apo_zero_unpaired", "loss_type": "apo_zero_unpaired", "beta": 0.2, "desirable_weight": 1.0, "undesirable_weight": 0.5, "max_length": None, "rows": [0, 1, 2]},
+    ]
+    cases = []
+    for setting in settings:
+        picked = [rows[i] for i in setting["rows"]]
+        calculate_kl = setting["loss_type"] == "kto"
+        examples = []
+        for i, row in enumerate(picked):
+            example = {"prompt_ids": row["prompt"], "completion_ids": row["completion"], "label": row["label"]}
+            if calculate_kl:
+                example["KL_completion_ids"] = picked[i - 1]["completion"]
+            examples.append(example)
+        batch = DataCollatorForUnpairedPreference(pad_token_id=0, max_length=setting["max_length"])(examples)
+
+        trainer = KTOTrainer.__new__(KTOTrainer)
+        trainer.model = model
+        trainer.ref_model = None
+        trainer.loss_type = setting["loss_type"]
+        trainer.beta = setting["beta"]
+        trainer.desirable_weight = setting["desirable_weight"]
+        trainer.undesirable_weight = setting["undesirable_weight"]
+        trainer.calculate_KL = calculate_kl
+        trainer.precompute_ref_logps = False
+        trainer.aux_loss_enabled = False
+        trainer.args = SimpleNamespace(gradient_checkpointing_kwargs=None)
+        trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        trainer._total_train_tokens = 0
+        trainer._tp_size = 1
+        trainer.accelerator = SimpleNamespace(
+            device=torch.device("cpu"), gather_for_metrics=lambda x: x, unwrap_model=lambda m: m
+        )
+        with torch.no_grad():
+            loss = trainer._compute_loss(model, batch, return_outputs=False)
+        kept = ("kl", "rewards/", "logps/")
+        metrics = {k: v[-1] for k, v in trainer._metrics["eval"].items() if k.startswith(kept)}
+        cases.append({**setting, "rows": picked, "loss": loss.item(), "metrics": metrics})
+    return {"model": "llama", "adapter": "llama-qv", "cases": cases}
+
+
 def schedules() -> dict:
     """transformers' get_scheduler multipliers over 10 steps with 3 warmup steps, and the warmup
     that warmup_ratio 0.25 of 10 steps gives."""
@@ -226,7 +295,14 @@ def main() -> None:
     torch.set_num_threads(1)
     OUT.mkdir(parents=True, exist_ok=True)
     orpo = orpo_case()
-    golden = {"sft": sft_case(), "dpo": dpo_cases(), "orpo": orpo, "cpo": cpo_cases(orpo), "schedules": schedules()}
+    golden = {
+        "sft": sft_case(),
+        "dpo": dpo_cases(),
+        "orpo": orpo,
+        "cpo": cpo_cases(orpo),
+        "kto": kto_cases(),
+        "schedules": schedules(),
+    }
     (OUT / "golden.json").write_text(json.dumps(golden, indent=1) + "\n")
     print("sft loss", golden["sft"]["loss"], "| dpo", golden["dpo"]["losses"])
 

@@ -28,6 +28,7 @@ const PATHS: &[&str] = &[
     "model.base",
     "adapter.init_from",
     "dpo.reference_adapter",
+    "kto.reference_adapter",
     "data.train",
     "data.eval",
     "check.file",
@@ -73,7 +74,8 @@ pub struct RunIdentity {
     pub base_config: String,
     /// SHA-256 of the training rows as token ids and loss masks, in the order they were read.
     pub train_data: String,
-    /// SHA-256 of DPO's reference adapter's weights (`dpo.reference_adapter`), when there is one.
+    /// SHA-256 of the reference adapter's weights (`dpo.reference_adapter` or
+    /// `kto.reference_adapter`), when there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference_adapter: Option<String>,
     /// Every recipe setting but the paths: dotted key → TOML value.
@@ -82,7 +84,7 @@ pub struct RunIdentity {
 
 impl RunIdentity {
     /// The identity of `recipe`'s run, whose base has `base_config` (the bytes of its
-    /// `config.json`), whose DPO reference adapter has the weights `reference_adapter` (the
+    /// `config.json`), whose reference adapter has the weights `reference_adapter` (the
     /// bytes of its safetensors file) if any, and which trains on `train_data`.
     pub fn of(
         recipe: &Recipe,
@@ -109,7 +111,11 @@ impl RunIdentity {
             refused.push("the base model's `config.json`".to_string());
         }
         if self.reference_adapter != now.reference_adapter {
-            refused.push("DPO's reference adapter's weights (`dpo.reference_adapter`)".to_string());
+            refused.push(
+                "the reference adapter's weights (`dpo.reference_adapter` or \
+                 `kto.reference_adapter`)"
+                    .to_string(),
+            );
         }
         if self.train_data != now.train_data {
             refused.push(

@@ -1,7 +1,7 @@
 //! The trainer: recipes, the one training loop, and its strategies (chat SFT, instruction tuning,
-//! and the preference strategies DPO, ORPO and CPO/SimPO), with checkpoints and metrics: the
-//! strategies' objectives (the masked next-token loss of SFT and instruction tuning, the
-//! preference losses with TRL's reward metrics), the optimizer (AdamW with global-norm clipping)
+//! the preference strategies DPO, ORPO and CPO/SimPO, and KTO on unpaired preferences), with
+//! checkpoints and metrics: the strategies' objectives (the masked next-token loss of SFT and
+//! instruction tuning, the preference losses with TRL's reward metrics), the optimizer (AdamW with global-norm clipping)
 //! and its schedules, and what a resumed or continued run is checked against.
 
 mod check;
@@ -11,6 +11,7 @@ mod cpo;
 mod cpu_adamw;
 mod dpo;
 mod error;
+mod kto;
 mod optimizer;
 mod orpo;
 mod recipe;
@@ -25,23 +26,25 @@ pub use checkpoint::{Progress, checkpoints, read_checkpoint, save_checkpoint};
 pub use cpo::{CpoLoss, CpoOutput, cpo_loss};
 pub use dpo::{DpoLoss, DpoMetrics, DpoOutput, PairLogps, chosen_nll, dpo_loss};
 pub use error::{RecipeError, RunError, TrainError};
+pub use kto::{KtoLoss, KtoOutput, LabeledLogps, kl_estimate, kto_loss};
 pub use optimizer::{
     AdamW, AdamWConfig, FlatGradients, SavedMoments, StepReport, flat_gradients, parameter_paths,
 };
 pub use orpo::{OrpoOutput, log1mexp, orpo_loss};
 pub use recipe::{
     AdapterInit, AdapterSection, CheckSection, CpoLossName, CpoSection, DataSection, DpoLossName,
-    DpoSection, HF_DATASETS, HubDataset, ModelInit, ModelSection, OnNonFinite, OrpoSection,
-    OutputSection, Recipe, ScheduleName, StrategyKind, TargetModules, TrainSection,
+    DpoSection, HF_DATASETS, HubDataset, KtoLossName, KtoSection, ModelInit, ModelSection,
+    OnNonFinite, OrpoSection, OutputSection, Recipe, Rows, ScheduleName, StrategyKind,
+    TargetModules, TrainSection,
 };
 pub use run::{RunEvent, RunSummary, lora_config, train};
 pub use schedule::{Schedule, ScheduleKind};
 pub use strategy::{
-    Cpo, Dpo, Orpo, PairBatch, Preference, Sft, StepOutput, Strategy, TokenBatch, frozen_logps,
-    reference_logps,
+    Cpo, Dpo, Kto, LabeledBatch, Orpo, PairBatch, Preference, Sft, StepOutput, Strategy,
+    TokenBatch, frozen_logps, reference_logps,
 };
 pub use token_loss::{
     TokenLoss, masked_token_logprobs, masked_token_logprobs_chunked, masked_token_loss,
     positions_per_chunk,
 };
-pub use trainer::{Activations, StepMetrics, optimizer_step};
+pub use trainer::{Activations, MetricMeans, StepMetrics, optimizer_step};

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::cpo::CpoLoss;
 use crate::dpo::DpoLoss;
 use crate::error::RecipeError;
+use crate::kto::KtoLoss;
 use crate::schedule::ScheduleKind;
 
 /// `[model]`: the base checkpoint.
@@ -161,12 +162,30 @@ pub enum StrategyKind {
     /// Contrastive preference optimisation (and SimPO) on chosen/rejected pairs, without a
     /// reference model.
     Cpo,
+    /// Kahneman–Tversky optimisation on completions labeled desirable or undesirable (or on
+    /// preference pairs, split in two such completions).
+    Kto,
+}
+
+/// The rows a strategy trains on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rows {
+    /// Single sequences (SFT, instruction tuning).
+    Examples,
+    /// Chosen/rejected pairs.
+    Pairs,
+    /// Completions labeled desirable or not.
+    Labeled,
 }
 
 impl StrategyKind {
-    /// Whether it trains on preference pairs rather than examples.
-    pub fn trains_on_pairs(self) -> bool {
-        matches!(self, Self::Dpo | Self::Orpo | Self::Cpo)
+    /// The rows it trains on.
+    pub fn rows(self) -> Rows {
+        match self {
+            Self::Sft | Self::Instruct => Rows::Examples,
+            Self::Dpo | Self::Orpo | Self::Cpo => Rows::Pairs,
+            Self::Kto => Rows::Labeled,
+        }
     }
 
     /// The name a recipe gives it.
@@ -177,6 +196,7 @@ impl StrategyKind {
             Self::Dpo => "dpo",
             Self::Orpo => "orpo",
             Self::Cpo => "cpo",
+            Self::Kto => "kto",
         }
     }
 }
@@ -185,7 +205,7 @@ impl StrategyKind {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainSection {
-    /// `sft`, `instruct` or `dpo` (default `sft`).
+    /// `sft`, `instruct`, `dpo`, `orpo`, `cpo` or `kto` (default `sft`).
     pub strategy: StrategyKind,
     /// Passes over the training data (default 1); ignored when `max_steps` is set.
     pub epochs: usize,
@@ -405,6 +425,57 @@ impl CpoSection {
     }
 }
 
+/// `[kto]`: Kahneman–Tversky optimisation settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KtoSection {
+    /// Scale of the log-ratios (default 0.1).
+    pub beta: f64,
+    /// `kto` or `apo_zero_unpaired` (default `kto`).
+    pub loss: KtoLossName,
+    /// Weight of the desirable completions' losses (default 1).
+    pub desirable_weight: f64,
+    /// Weight of the undesirable completions' losses (default 1).
+    pub undesirable_weight: f64,
+    /// A PEFT-format adapter that, on the base, makes the reference model instead of the bare
+    /// base (TRL's `ref_adapter_name`; default: none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reference_adapter: Option<PathBuf>,
+}
+
+impl Default for KtoSection {
+    fn default() -> Self {
+        Self {
+            beta: 0.1,
+            loss: KtoLossName::Kto,
+            desirable_weight: 1.0,
+            undesirable_weight: 1.0,
+            reference_adapter: None,
+        }
+    }
+}
+
+/// KTO's losses, by TRL's names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KtoLossName {
+    #[serde(rename = "kto")]
+    Kto,
+    #[serde(rename = "apo_zero_unpaired")]
+    ApoZeroUnpaired,
+}
+
+impl KtoSection {
+    /// The loss these settings describe.
+    pub fn loss(&self) -> KtoLoss {
+        KtoLoss {
+            beta: self.beta,
+            uses_kl: self.loss == KtoLossName::Kto,
+            desirable_weight: self.desirable_weight,
+            undesirable_weight: self.undesirable_weight,
+        }
+    }
+}
+
 /// `[data]`: the files and the data loader's settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DataSection {
@@ -513,6 +584,7 @@ pub struct Recipe {
     pub dpo: DpoSection,
     pub orpo: OrpoSection,
     pub cpo: CpoSection,
+    pub kto: KtoSection,
     pub check: Option<CheckSection>,
     pub output: OutputSection,
 }
@@ -529,6 +601,7 @@ struct RecipeFile {
     dpo: Option<DpoSection>,
     orpo: Option<OrpoSection>,
     cpo: Option<CpoSection>,
+    kto: Option<KtoSection>,
     check: Option<CheckSection>,
     output: OutputSection,
 }
@@ -657,6 +730,7 @@ impl Recipe {
             ("dpo", file.dpo.is_some(), StrategyKind::Dpo),
             ("orpo", file.orpo.is_some(), StrategyKind::Orpo),
             ("cpo", file.cpo.is_some(), StrategyKind::Cpo),
+            ("kto", file.kto.is_some(), StrategyKind::Kto),
         ] {
             if given && file.train.strategy != strategy {
                 return Err(invalid(format!(
@@ -726,6 +800,10 @@ impl Recipe {
             }),
             orpo: file.orpo.unwrap_or_default(),
             cpo: file.cpo.unwrap_or_default(),
+            kto: file.kto.map_or_else(Default::default, |mut k| {
+                k.reference_adapter = k.reference_adapter.take().map(anchor);
+                k
+            }),
             check: file.check.map(|c| CheckSection {
                 file: anchor(c.file),
                 ..c
@@ -791,8 +869,39 @@ impl Recipe {
         if t.pack && self.data.loader.max_length.is_none() {
             return Err("`train.pack` needs `data.max_length` (the packed row length)".into());
         }
-        if t.pack && t.strategy == StrategyKind::Dpo {
-            return Err("`train.pack` is for sft and instruct; DPO pairs are not packed".into());
+        if t.pack && t.strategy.rows() != Rows::Examples {
+            return Err(format!(
+                "`train.pack` is for sft and instruct; the rows of `train.strategy = \"{}\"` \
+                 are not packed",
+                t.strategy.name()
+            ));
+        }
+        let k = &self.kto;
+        if t.strategy == StrategyKind::Kto && k.loss == KtoLossName::Kto && t.micro_batch_size < 2 {
+            return Err(
+                "`kto.loss = \"kto\"` estimates its KL term from each micro-batch's prompts \
+                 paired with other rows' completions: `train.micro_batch_size` must be at least \
+                 2 (or use `kto.loss = \"apo_zero_unpaired\"`, which has no KL term)"
+                    .into(),
+            );
+        }
+        if !(k.beta.is_finite() && k.beta > 0.0) {
+            return Err("`kto.beta` must be a positive number".into());
+        }
+        for (key, w) in [
+            ("kto.desirable_weight", k.desirable_weight),
+            ("kto.undesirable_weight", k.undesirable_weight),
+        ] {
+            if !(w.is_finite() && w >= 0.0) {
+                return Err(format!("`{key}` must be a number >= 0"));
+            }
+        }
+        if k.desirable_weight == 0.0 && k.undesirable_weight == 0.0 {
+            return Err(
+                "`kto.desirable_weight` and `kto.undesirable_weight` are both 0: nothing would \
+                 train"
+                    .into(),
+            );
         }
         if self.model.init == ModelInit::Random && self.adapter.is_some() {
             return Err(
@@ -851,7 +960,8 @@ impl Recipe {
             .chain(&self.data.train)
             .chain(&self.data.eval)
             .chain(self.check.iter().map(|c| &c.file))
-            .chain(&self.dpo.reference_adapter);
+            .chain(&self.dpo.reference_adapter)
+            .chain(&self.kto.reference_adapter);
         for path in paths {
             if path.to_str().is_none() {
                 return Err(format!(
@@ -865,6 +975,17 @@ impl Recipe {
 }
 
 impl Recipe {
+    /// The adapter that, on the base, makes the reference model, with its recipe key: the
+    /// strategy's own `reference_adapter` (DPO's or KTO's), when it has one.
+    pub fn reference_adapter(&self) -> Option<(&'static str, &Path)> {
+        let (key, path) = match self.train.strategy {
+            StrategyKind::Dpo => ("dpo.reference_adapter", &self.dpo.reference_adapter),
+            StrategyKind::Kto => ("kto.reference_adapter", &self.kto.reference_adapter),
+            _ => return None,
+        };
+        path.as_deref().map(|p| (key, p))
+    }
+
     /// The resolved recipe, every default written out, as TOML (what a run directory keeps).
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(&self.to_table()).expect("a TOML table always serializes")
@@ -906,6 +1027,7 @@ impl Recipe {
             StrategyKind::Dpo => doc.insert("dpo".into(), section(&self.dpo)),
             StrategyKind::Orpo => doc.insert("orpo".into(), section(&self.orpo)),
             StrategyKind::Cpo => doc.insert("cpo".into(), section(&self.cpo)),
+            StrategyKind::Kto => doc.insert("kto".into(), section(&self.kto)),
             StrategyKind::Sft | StrategyKind::Instruct => None,
         };
         if let Some(c) = &self.check {
@@ -1082,13 +1204,19 @@ dir = "runs/first"
             ("cpo.beta=-1", "cpo.beta"),
             ("cpo.cpo_alpha=-0.5", "cpo.cpo_alpha"),
             ("cpo.label_smoothing=0.5", "cpo.label_smoothing"),
+            ("kto.beta=0", "kto.beta"),
+            ("kto.undesirable_weight=-1", "kto.undesirable_weight"),
+            ("train.micro_batch_size=1", "train.micro_batch_size"),
         ] {
             // A strategy's own section needs that strategy.
             let section = key.split('.').next().unwrap();
             let strategy = format!("train.strategy={section}");
             let mut sets = vec![set];
-            if ["dpo", "orpo", "cpo"].contains(&section) {
+            if ["dpo", "orpo", "cpo", "kto"].contains(&section) {
                 sets.push(&strategy);
+            }
+            if set.starts_with("train.micro_batch_size=1") {
+                sets.push("train.strategy=kto");
             }
             let err = parse(MINIMAL, &sets).unwrap_err();
             assert!(err.contains(key), "{set}: {err}");

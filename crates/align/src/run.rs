@@ -11,8 +11,8 @@ use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};
 use burnish_data::{
-    Batch, BatchConfig, ChatTemplate, DataConfig, Dataset, Encoder, Example, PairExample, Report,
-    Tokenizer, load, make_batches, pack_best_fit_decreasing, shuffle,
+    Batch, BatchConfig, ChatTemplate, DataConfig, Dataset, Encoder, Example, LabeledExample,
+    PairExample, Report, Tokenizer, load, make_batches, pack_best_fit_decreasing, shuffle,
 };
 use burnish_model::{Decoder, HfConfig, ModelError, Pretrained, linear_module_names, save_decoder};
 use burnish_peft::{
@@ -30,13 +30,15 @@ use crate::continuation::{RunIdentity, check_init_from};
 use crate::error::{RunError, TrainError};
 use crate::optimizer::{AdamW, AdamWConfig};
 use crate::recipe::{
-    AdapterInit, AdapterSection, ModelInit, OnNonFinite, Recipe, StrategyKind, TargetModules,
+    AdapterInit, AdapterSection, KtoSection, ModelInit, OnNonFinite, Recipe, Rows, StrategyKind,
+    TargetModules,
 };
 use crate::schedule::Schedule;
 use crate::strategy::{
-    Cpo, Dpo, Orpo, PairBatch, Preference, Sft, Strategy, TokenBatch, frozen_logps,
+    Cpo, Dpo, Kto, LabeledBatch, Orpo, PairBatch, Preference, Sft, Strategy, TokenBatch,
+    frozen_logps,
 };
-use crate::trainer::{Activations, StepMetrics, optimizer_step};
+use crate::trainer::{Activations, MetricMeans, StepMetrics, optimizer_step};
 
 /// Files a model directory carries besides weights and config.
 const TOKENIZER_FILES: &[&str] = &[
@@ -139,6 +141,32 @@ fn data_notices(report: &Report, which: &str, config: &DataConfig) -> Vec<String
     notices
 }
 
+/// Advice when the desirable and undesirable completions are unbalanced and neither weight
+/// evens them out in the range the KTO paper (its eq. 8) gives: `desirable_weight ×
+/// desirable` from 1 to 4/3 times `undesirable_weight × undesirable`.
+fn kto_balance_notice(rows: &[LabeledExample], kto: &KtoSection) -> Option<String> {
+    let desirable = rows.iter().filter(|r| r.desirable).count();
+    let undesirable = rows.len() - desirable;
+    if desirable == undesirable {
+        return None;
+    }
+    let (d, u) = (desirable.max(1) as f64, undesirable.max(1) as f64);
+    let (wd, wu) = (kto.desirable_weight, kto.undesirable_weight);
+    let desirable_range = (u * wu / d, u * wu / d * 4.0 / 3.0);
+    let undesirable_range = (d * wd / u * 3.0 / 4.0, d * wd / u);
+    let within = |w: f64, (low, high): (f64, f64)| (low..=high).contains(&w);
+    if within(wd, desirable_range) || within(wu, undesirable_range) {
+        return None;
+    }
+    Some(format!(
+        "the training data holds {desirable} desirable and {undesirable} undesirable \
+         completions, and the KTO weights do not balance them: set either \
+         `kto.desirable_weight` in [{:.2}, {:.2}] or `kto.undesirable_weight` in \
+         [{:.2}, {:.2}], not both",
+        desirable_range.0, desirable_range.1, undesirable_range.0, undesirable_range.1
+    ))
+}
+
 /// Refuses token ids the model has no embedding for (a tokenizer that does not belong to the
 /// model), naming the first row that holds one.
 fn check_vocabulary(data: &Dataset, vocab_size: usize, base: &Path) -> Result<(), RunError> {
@@ -154,7 +182,14 @@ fn check_vocabulary(data: &Dataset, vocab_size: usize, base: &Path) -> Result<()
         .flat_map(|(p, source)| {
             [&p.prompt_ids, &p.chosen_ids, &p.rejected_ids].map(|ids| (ids.as_slice(), source))
         });
-    for (ids, source) in examples.chain(pairs) {
+    let labeled = data
+        .labeled
+        .iter()
+        .zip(&data.labeled_sources)
+        .flat_map(|(l, source)| {
+            [&l.prompt_ids, &l.completion_ids].map(|ids| (ids.as_slice(), source))
+        });
+    for (ids, source) in examples.chain(pairs).chain(labeled) {
         if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab_size) {
             return Err(RunError::Mismatch(format!(
                 "{}:{}: token id {id} is outside the model's vocabulary (`vocab_size` = \
@@ -213,6 +248,49 @@ fn pair_batches<B: AutodiffBackend>(
         .collect()
 }
 
+/// Batches of labeled completions for KTO, shuffled with `seed` (`None` keeps the data's order),
+/// with their mismatched rows when `mismatched`. A lone row left at the end joins the batch
+/// before it: a row's mismatched completion comes from another row of its batch.
+fn labeled_batches<B: AutodiffBackend>(
+    data: &Dataset,
+    micro: usize,
+    pad_id: u32,
+    seed: Option<u64>,
+    mismatched: bool,
+    max_length: Option<usize>,
+    device: &B::Device,
+) -> Vec<LabeledBatch<B>> {
+    let mut order: Vec<usize> = (0..data.labeled.len()).collect();
+    if let Some(seed) = seed {
+        shuffle(&mut order, seed);
+    }
+    let n = labeled_batch_count(order.len(), micro);
+    (0..n)
+        .map(|b| {
+            let end = if b + 1 == n {
+                order.len()
+            } else {
+                (b + 1) * micro
+            };
+            let rows: Vec<&LabeledExample> = order[b * micro..end]
+                .iter()
+                .map(|&i| &data.labeled[i])
+                .collect();
+            LabeledBatch::from_labeled(&rows, pad_id, mismatched, max_length, device)
+        })
+        .collect()
+}
+
+/// How many micro-batches [`labeled_batches`] makes of `rows` rows.
+fn labeled_batch_count(rows: usize, micro: usize) -> usize {
+    let n = rows.div_ceil(micro);
+    if n >= 2 && rows % micro == 1 {
+        n - 1
+    } else {
+        n
+    }
+}
+
 /// Every pair's log-probs (chosen, rejected) under the frozen reference `model`, computed once,
 /// in pair order.
 fn precompute_reference<B: AutodiffBackend>(
@@ -234,6 +312,99 @@ fn precompute_reference<B: AutodiffBackend>(
         .collect()
 }
 
+/// One pass of micro-batches over a dataset, of the strategy's kind of row.
+enum Batches<B: AutodiffBackend> {
+    Tokens(Vec<TokenBatch<B>>),
+    Pairs(Vec<PairBatch<B>>),
+    Labeled(Vec<LabeledBatch<B>>),
+}
+
+impl<B: AutodiffBackend> Batches<B> {
+    fn len(&self) -> usize {
+        match self {
+            Self::Tokens(b) => b.len(),
+            Self::Pairs(b) => b.len(),
+            Self::Labeled(b) => b.len(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What a micro-batch counts toward throughput (input tokens that are not padding) and toward
+/// the run's trained tokens.
+trait Counted {
+    fn tokens(&self) -> usize;
+    fn trained_tokens(&self) -> usize;
+}
+
+impl<B: AutodiffBackend> Counted for TokenBatch<B> {
+    fn tokens(&self) -> usize {
+        self.tokens
+    }
+
+    fn trained_tokens(&self) -> usize {
+        self.trained_tokens
+    }
+}
+
+impl<B: AutodiffBackend> Counted for PairBatch<B> {
+    fn tokens(&self) -> usize {
+        self.chosen.tokens + self.rejected.tokens
+    }
+
+    fn trained_tokens(&self) -> usize {
+        self.chosen.trained_tokens + self.rejected.trained_tokens
+    }
+}
+
+/// A KTO batch counts its trained rows; its mismatched rows are only scored.
+impl<B: AutodiffBackend> Counted for LabeledBatch<B> {
+    fn tokens(&self) -> usize {
+        self.matched.tokens
+    }
+
+    fn trained_tokens(&self) -> usize {
+        self.matched.trained_tokens
+    }
+}
+
+/// [`optimizer_step`] over the micro-batches of `batches` in `range` (cut at the end), with the
+/// trained tokens it took (when it succeeded) and the input tokens it read.
+#[allow(clippy::type_complexity)]
+fn counted_step<B, S>(
+    model: Decoder<B>,
+    strategy: &S,
+    batches: &[S::Batch],
+    range: std::ops::Range<usize>,
+    optimizer: &mut AdamW<B>,
+    schedule: &Schedule,
+    activations: Activations,
+) -> (
+    Result<((Decoder<B>, StepMetrics), usize), TrainError>,
+    usize,
+)
+where
+    B: AutodiffBackend,
+    S: Strategy<B>,
+    S::Batch: Counted,
+{
+    let micro_batches = &batches[range.start..range.end.min(batches.len())];
+    let tokens = micro_batches.iter().map(Counted::tokens).sum();
+    let trained = micro_batches.iter().map(Counted::trained_tokens).sum();
+    let result = optimizer_step(
+        model,
+        strategy,
+        micro_batches,
+        optimizer,
+        schedule,
+        activations,
+    );
+    (result.map(|done| (done, trained)), tokens)
+}
+
 /// Mean loss per unit and mean metrics of `strategy` over `batches`.
 fn evaluate<B: AutodiffBackend, S: Strategy<B>>(
     model: &Decoder<B>,
@@ -241,19 +412,14 @@ fn evaluate<B: AutodiffBackend, S: Strategy<B>>(
     batches: &[S::Batch],
 ) -> (f64, Vec<(&'static str, f64)>) {
     let (mut sum, mut units) = (0.0, 0.0);
-    let mut metrics: Vec<(&'static str, f64)> = Vec::new();
+    let mut metrics = MetricMeans::default();
     for batch in batches {
         let out = strategy.loss(model, batch, None);
         sum += first_value(out.loss_sum);
         units += out.units;
-        for (name, v) in out.metrics {
-            match metrics.iter_mut().find(|(n, _)| *n == name) {
-                Some((_, s)) => *s += v / batches.len() as f64,
-                None => metrics.push((name, v / batches.len() as f64)),
-            }
-        }
+        metrics.add(out.metrics);
     }
-    (sum / units.max(1.0), metrics)
+    (sum / units.max(1.0), metrics.means())
 }
 
 /// `metrics.jsonl`, one JSON object per line, counting what it has written.
@@ -384,16 +550,22 @@ pub fn train<B: AutodiffBackend>(
     } else {
         (loaded, Dataset::default())
     };
+    // KTO trains on labeled completions; preference pairs become two of them.
+    let rows = t.strategy.rows();
+    let (train_data, eval_data) = match rows {
+        Rows::Labeled => (train_data.unpaired(), eval_data.unpaired()),
+        Rows::Examples | Rows::Pairs => (train_data, eval_data),
+    };
     for data in [&train_data, &eval_data] {
         check_vocabulary(data, hf_config.decoder.vocab_size, base)?;
     }
-    let reference_weights = match &recipe.dpo.reference_adapter {
-        Some(dir) => {
+    let reference_weights = match recipe.reference_adapter() {
+        Some((key, dir)) => {
             let path = dir.join(ADAPTER_WEIGHTS_FILE);
             Some(std::fs::read(&path).map_err(|source| {
                 RunError::Mismatch(format!(
-                    "`dpo.reference_adapter`: cannot read {}: {source}; it must be a PEFT-format \
-                     adapter directory",
+                    "`{key}`: cannot read {}: {source}; it must be a PEFT-format adapter \
+                     directory",
                     path.display()
                 ))
             })?)
@@ -407,22 +579,36 @@ pub fn train<B: AutodiffBackend>(
         &train_data,
     );
     drop(reference_weights);
-    let on_pairs = t.strategy.trains_on_pairs();
-    let (count, other) = if on_pairs {
-        (train_data.pairs.len(), train_data.examples.len())
-    } else {
-        (train_data.examples.len(), train_data.pairs.len())
+    let count_of = |data: &Dataset| match rows {
+        Rows::Examples => data.examples.len(),
+        Rows::Pairs => data.pairs.len(),
+        Rows::Labeled => data.labeled.len(),
     };
+    let count = count_of(&train_data);
     if count == 0 {
-        let (want, have) = if on_pairs {
-            ("preference pairs", "examples")
-        } else {
-            ("examples", "preference pairs")
+        let want = match rows {
+            Rows::Examples => "examples",
+            Rows::Pairs => "preference pairs",
+            Rows::Labeled => "labeled completions (or preference pairs)",
         };
         return Err(RunError::Mismatch(format!(
-            "`train.strategy = \"{}\"` needs {want}, but the training files hold none ({other} {have}); check `train.strategy` and `data.format`",
-            t.strategy.name()
+            "`train.strategy = \"{}\"` needs {want}, but the training files hold none ({} \
+             examples, {} preference pairs, {} labeled completions); check `train.strategy` \
+             and `data.format`",
+            t.strategy.name(),
+            train_data.examples.len(),
+            train_data.pairs.len(),
+            train_data.labeled.len(),
         )));
+    }
+    let kto_uses_kl = t.strategy == StrategyKind::Kto && recipe.kto.loss().uses_kl;
+    if kto_uses_kl && count < 2 {
+        return Err(RunError::Mismatch(
+            "`kto.loss = \"kto\"` estimates its KL term from prompts paired with other rows' \
+             completions, and the training files hold one row: add rows or use \
+             `kto.loss = \"apo_zero_unpaired\"`"
+                .into(),
+        ));
     }
     let check_cases = match &recipe.check {
         Some(c) => load_cases(&c.file, &encoder, &recipe.data.loader)?,
@@ -471,14 +657,14 @@ pub fn train<B: AutodiffBackend>(
             None => Ok(None),
         }
     };
-    // DPO's reference is the base: the trained model with its adapter off. A full fine-tune has
-    // no adapter to switch off, and a `dpo.reference_adapter` goes on a base of its own: those
-    // references are a copy of the base as loaded (never the training state, so a resumed run
-    // gets the same), with that adapter on it, and their log-probs are computed once before
-    // training.
+    // DPO's and KTO's reference is the base: the trained model with its adapter off. A full
+    // fine-tune has no adapter to switch off, and a `reference_adapter` goes on a base of its
+    // own: those references are a copy of the base as loaded (never the training state, so a
+    // resumed run gets the same), with that adapter on it. DPO computes their log-probs once
+    // before training; KTO keeps the copy, since its mismatched rows change with every batch.
     let dpo = t.strategy == StrategyKind::Dpo;
-    let separate_reference =
-        dpo && (recipe.adapter.is_none() || recipe.dpo.reference_adapter.is_some());
+    let separate_reference = matches!(t.strategy, StrategyKind::Dpo | StrategyKind::Kto)
+        && (recipe.adapter.is_none() || recipe.reference_adapter().is_some());
     let precompute_ref = dpo && (recipe.dpo.precompute_ref || separate_reference);
     let reference_base = separate_reference.then(|| pretrained.model.clone());
     let mut adapter_config = None;
@@ -506,12 +692,13 @@ pub fn train<B: AutodiffBackend>(
         },
     };
     recipe.model.dtype.apply(&mut model);
-    // The model whose log-probs are precomputed: the separate reference, or the trained model
-    // with its adapter off (a copy sharing its weights).
-    let reference_model = match (reference_base, &recipe.dpo.reference_adapter) {
+    // The reference model: the separate one (DPO precomputes its log-probs, KTO keeps it), or,
+    // for DPO's precomputed log-probs, the trained model with its adapter off (a copy sharing
+    // its weights).
+    let reference_model = match (reference_base, recipe.reference_adapter()) {
         (Some(base), adapter) => {
             let mut reference = match adapter {
-                Some(dir) => base.with_adapter(dir)?.0,
+                Some((_, dir)) => base.with_adapter(dir)?.0,
                 None => base,
             };
             recipe.model.dtype.apply(&mut reference);
@@ -534,14 +721,16 @@ pub fn train<B: AutodiffBackend>(
 
     let micro = t.micro_batch_size;
     // Packed rows, not examples, make the micro-batches of a packed epoch.
-    let rows_per_epoch = match (t.pack, recipe.data.loader.max_length) {
-        (true, Some(capacity)) if !on_pairs => {
+    let batches_per_epoch = match (rows, t.pack, recipe.data.loader.max_length) {
+        (Rows::Examples, true, Some(capacity)) => {
             let lengths: Vec<usize> = train_data.examples.iter().map(Example::len).collect();
-            pack_best_fit_decreasing(&lengths, capacity).len()
+            pack_best_fit_decreasing(&lengths, capacity)
+                .len()
+                .div_ceil(micro)
         }
-        _ => count,
+        (Rows::Labeled, ..) => labeled_batch_count(count, micro),
+        _ => count.div_ceil(micro),
     };
-    let batches_per_epoch = rows_per_epoch.div_ceil(micro);
     let steps_per_epoch = batches_per_epoch.div_ceil(t.gradient_accumulation);
     let total_steps = match t.max_steps {
         Some(steps) => steps,
@@ -580,11 +769,7 @@ pub fn train<B: AutodiffBackend>(
         progress = saved;
         notices = changed;
     }
-    let eval_count = if on_pairs {
-        eval_data.pairs.len()
-    } else {
-        eval_data.examples.len()
-    };
+    let eval_count = count_of(&eval_data);
     notices.extend(data_notices(
         &train_data.report,
         "training",
@@ -595,6 +780,9 @@ pub fn train<B: AutodiffBackend>(
         "evaluation",
         &recipe.data.loader,
     ));
+    if t.strategy == StrategyKind::Kto {
+        notices.extend(kto_balance_notice(&train_data.labeled, &recipe.kto));
+    }
     if warmup >= total_steps {
         notices.push(format!(
             "the warmup ({warmup} steps) is as long as the run ({total_steps} steps): the \
@@ -650,14 +838,37 @@ pub fn train<B: AutodiffBackend>(
     };
 
     let pack = t.pack.then_some(recipe.data.loader.max_length).flatten();
-    let sft_batches = |examples: &[Example], seed: u64| {
-        let config = BatchConfig {
-            batch_size: micro,
-            pack_length: pack,
+    // One pass over `data` in micro-batches; `reference` holds DPO's precomputed log-probs.
+    let batches = |data: &Dataset, seed: u64, reference: Option<&[(f32, f32)]>| match rows {
+        Rows::Examples => {
+            let config = BatchConfig {
+                batch_size: micro,
+                pack_length: pack,
+                pad_id,
+                seed,
+            };
+            Batches::Tokens(token_batches::<B>(
+                &make_batches(&data.examples, &config),
+                device,
+            ))
+        }
+        Rows::Pairs => Batches::Pairs(pair_batches::<B>(
+            data,
+            micro,
             pad_id,
-            seed,
-        };
-        token_batches::<B>(&make_batches(examples, &config), device)
+            Some(seed),
+            reference,
+            device,
+        )),
+        Rows::Labeled => Batches::Labeled(labeled_batches::<B>(
+            data,
+            micro,
+            pad_id,
+            Some(seed),
+            kto_uses_kl,
+            recipe.data.loader.max_length,
+            device,
+        )),
     };
     let activations = Activations::checkpointed_if(t.gradient_checkpointing);
     let preference = match t.strategy {
@@ -675,41 +886,31 @@ pub fn train<B: AutodiffBackend>(
             rpo_alpha: recipe.dpo.rpo_alpha,
         }),
     };
-    let eval_sft = if on_pairs {
-        Vec::new()
-    } else {
-        sft_batches(&eval_data.examples, t.seed)
-    };
-    let eval_pairs = if on_pairs {
-        let reference = reference_model
+    let reference_of = |data: &Dataset| {
+        reference_model
             .as_ref()
-            .map(|r| precompute_reference(r, &eval_data, micro, pad_id, device));
-        pair_batches::<B>(
-            &eval_data,
-            micro,
-            pad_id,
-            Some(t.seed),
-            reference.as_deref(),
-            device,
-        )
-    } else {
-        Vec::new()
+            .filter(|_| precompute_ref)
+            .map(|r| precompute_reference(r, data, micro, pad_id, device))
+    };
+    let eval_batches = batches(&eval_data, t.seed, reference_of(&eval_data).as_deref());
+    let train_reference = reference_of(&train_data);
+    // KTO keeps its separate reference for the run; DPO's is done with.
+    let kto = Kto {
+        loss: recipe.kto.loss(),
+        reference: reference_model
+            .filter(|_| t.strategy == StrategyKind::Kto)
+            .map(|r| r.valid()),
     };
     let run_eval = |model: &Decoder<B>| -> Option<(f64, Vec<(&'static str, f64)>)> {
         let model = &model.for_evaluation();
-        if on_pairs && !eval_pairs.is_empty() {
-            Some(evaluate(model, &preference, &eval_pairs))
-        } else if !on_pairs && !eval_sft.is_empty() {
-            Some(evaluate(model, &Sft, &eval_sft))
-        } else {
-            None
+        match &eval_batches {
+            _ if eval_batches.is_empty() => None,
+            Batches::Tokens(b) => Some(evaluate(model, &Sft, b)),
+            Batches::Pairs(b) => Some(evaluate(model, &preference, b)),
+            Batches::Labeled(b) => Some(evaluate(model, &kto, b)),
         }
     };
 
-    let train_reference = reference_model
-        .as_ref()
-        .map(|r| precompute_reference(r, &train_data, micro, pad_id, device));
-    drop(reference_model);
     let mut step = progress.step;
     let mut final_loss = f64::NAN;
     let mut trained_tokens = progress.trained_tokens;
@@ -720,23 +921,8 @@ pub fn train<B: AutodiffBackend>(
     'epochs: while step + skipped < total_steps {
         let seed = t.seed.wrapping_add(epoch);
         // One epoch of micro-batches, grouped into optimizer steps.
-        let (sft, pairs) = if on_pairs {
-            (
-                Vec::new(),
-                pair_batches::<B>(
-                    &train_data,
-                    micro,
-                    pad_id,
-                    Some(seed),
-                    train_reference.as_deref(),
-                    device,
-                ),
-            )
-        } else {
-            (sft_batches(&train_data.examples, seed), Vec::new())
-        };
-        let groups =
-            if on_pairs { pairs.len() } else { sft.len() }.div_ceil(t.gradient_accumulation);
+        let epoch_batches = batches(&train_data, seed, train_reference.as_deref());
+        let groups = epoch_batches.len().div_ceil(t.gradient_accumulation);
         if groups == 0 {
             return Err(RunError::Mismatch(
                 "no training batch holds two tokens, the fewest a next-token loss needs; \
@@ -753,32 +939,34 @@ pub fn train<B: AutodiffBackend>(
             let range = g * t.gradient_accumulation..((g + 1) * t.gradient_accumulation);
             let started = Instant::now();
             let backup = model.clone();
-            let (result, tokens) = if on_pairs {
-                let slice = &pairs[range.start..range.end.min(pairs.len())];
-                let tokens = slice
-                    .iter()
-                    .map(|p| p.chosen.tokens + p.rejected.tokens)
-                    .sum::<usize>();
-                let trained = slice
-                    .iter()
-                    .map(|p| p.chosen.trained_tokens + p.rejected.trained_tokens)
-                    .sum::<usize>();
-                let result = optimizer_step(
+            let (result, tokens) = match &epoch_batches {
+                Batches::Tokens(b) => counted_step(
                     model,
-                    &preference,
-                    slice,
+                    &Sft,
+                    b,
+                    range.clone(),
                     &mut optimizer,
                     &schedule,
                     activations,
-                );
-                (result.map(|r| (r, trained)), tokens)
-            } else {
-                let slice = &sft[range.start..range.end.min(sft.len())];
-                let tokens = slice.iter().map(|b| b.tokens).sum::<usize>();
-                let trained = slice.iter().map(|b| b.trained_tokens).sum::<usize>();
-                let result =
-                    optimizer_step(model, &Sft, slice, &mut optimizer, &schedule, activations);
-                (result.map(|r| (r, trained)), tokens)
+                ),
+                Batches::Pairs(b) => counted_step(
+                    model,
+                    &preference,
+                    b,
+                    range.clone(),
+                    &mut optimizer,
+                    &schedule,
+                    activations,
+                ),
+                Batches::Labeled(b) => counted_step(
+                    model,
+                    &kto,
+                    b,
+                    range.clone(),
+                    &mut optimizer,
+                    &schedule,
+                    activations,
+                ),
             };
             let ((next, metrics), trained) = match result {
                 Ok(done) => done,
@@ -928,6 +1116,7 @@ fn model_card(
         (false, StrategyKind::Dpo) => "DPO",
         (false, StrategyKind::Orpo) => "ORPO",
         (false, StrategyKind::Cpo) => "CPO",
+        (false, StrategyKind::Kto) => "KTO",
     };
     let mut front = String::from("---\n");
     if !scratch {

@@ -1,6 +1,7 @@
 //! Strategies: what a trainer optimises, the only seam between trainer kinds. A strategy turns
 //! a batch into a *summed* loss and the number of units it sums over (trained tokens for SFT and
-//! instruction tuning, preference pairs for DPO); the loop divides by the units of the whole
+//! instruction tuning, preference pairs for DPO, ORPO and CPO, labeled completions for KTO); the
+//! loop divides by the units of the whole
 //! accumulated batch, so gradient accumulation never averages per-micro-batch means.
 
 use burn::module::AutodiffModule;
@@ -8,10 +9,11 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use burnish_model::{ActivationCheckpoints, Decoder};
 
-use burnish_data::{Batch, Example, PairExample};
+use burnish_data::{Batch, Example, LabeledExample, PairExample};
 
 use crate::cpo::{CpoLoss, cpo_loss};
 use crate::dpo::{DpoLoss, PairLogps, chosen_nll, dpo_loss};
+use crate::kto::{KtoLoss, LabeledLogps, kl_estimate, kto_loss};
 use crate::orpo::orpo_loss;
 use crate::token_loss::{
     masked_token_logprobs, masked_token_logprobs_chunked, positions_per_chunk,
@@ -282,7 +284,7 @@ pub fn frozen_logps<B: AutodiffBackend>(
     model: &Decoder<B>,
     batch: &PairBatch<B>,
 ) -> (Tensor<B, 1>, Tensor<B, 1>) {
-    logps_without_gradient(&model.valid(), &batch.both())
+    split_pairs(logps_without_gradient(&model.valid(), &batch.both()))
 }
 
 /// [`reference_logps`] of a batch already made by [`PairBatch::both`].
@@ -292,17 +294,18 @@ fn reference_logps_of<B: AutodiffBackend>(
 ) -> (Tensor<B, 1>, Tensor<B, 1>) {
     let mut reference = model.valid();
     reference.set_adapters_enabled(false);
-    logps_without_gradient(&reference, both)
+    split_pairs(logps_without_gradient(&reference, both))
 }
 
+/// The summed completion log-probs of every row of `batch` under `model`, without gradient
+/// tracking.
 fn logps_without_gradient<B: AutodiffBackend>(
     model: &Decoder<B::InnerBackend>,
-    both: &TokenBatch<B>,
-) -> (Tensor<B, 1>, Tensor<B, 1>) {
-    let both = inner_batch(both);
-    let hidden = hidden_states(model, &both);
-    let logps = sequence_logps(model, hidden, &both, false);
-    split_pairs(Tensor::from_inner(logps))
+    batch: &TokenBatch<B>,
+) -> Tensor<B, 1> {
+    let batch = inner_batch(batch);
+    let hidden = hidden_states(model, &batch);
+    Tensor::from_inner(sequence_logps(model, hidden, &batch, false))
 }
 
 impl<B: Backend> PairBatch<B> {
@@ -589,6 +592,128 @@ impl<B: AutodiffBackend> Strategy<B> for Preference {
             Self::Dpo(dpo) => dpo.loss(model, batch, checkpoints),
             Self::Orpo(orpo) => orpo.loss(model, batch, checkpoints),
             Self::Cpo(cpo) => cpo.loss(model, batch, checkpoints),
+        }
+    }
+}
+
+/// Completions labeled desirable or not, each after its prompt, and for KTO's KL estimate the
+/// same prompts each followed by another row's completion.
+#[derive(Debug, Clone)]
+pub struct LabeledBatch<B: Backend> {
+    /// `prompt_i + completion_i`, the completions trained.
+    pub matched: TokenBatch<B>,
+    /// `prompt_i + completion_{i-1}`: the completions rotated by one row within the batch, as
+    /// TRL's collator pairs them; `None` when the loss needs no KL estimate.
+    pub mismatched: Option<TokenBatch<B>>,
+    /// Whether each row's completion is desirable.
+    pub desirable: Vec<bool>,
+}
+
+impl<B: Backend> LabeledBatch<B> {
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.desirable.len()
+    }
+
+    /// The batch of `rows`, padded with `pad_id`; with `mismatched`, also their prompts with the
+    /// rotated completions, each cut to `max_length` tokens when given (as the matched rows
+    /// already are).
+    pub fn from_labeled(
+        rows: &[&LabeledExample],
+        pad_id: u32,
+        mismatched: bool,
+        max_length: Option<usize>,
+        device: &B::Device,
+    ) -> Self {
+        let tokens = |examples: Vec<Example>| {
+            let refs: Vec<&Example> = examples.iter().collect();
+            TokenBatch::from_batch(&Batch::padded(&refs, pad_id), device)
+        };
+        let matched = tokens(rows.iter().map(|r| r.example()).collect());
+        let mismatched = mismatched.then(|| {
+            let n = rows.len();
+            let rotated = (0..n).map(|i| {
+                let other = rows[(i + n - 1) % n];
+                let mut sequence = LabeledExample {
+                    completion_ids: other.completion_ids.clone(),
+                    ..rows[i].clone()
+                }
+                .example();
+                if let Some(max) = max_length {
+                    sequence.input_ids.truncate(max);
+                    sequence.labels_mask.truncate(max);
+                }
+                sequence
+            });
+            tokens(rotated.collect())
+        });
+        Self {
+            matched,
+            mismatched,
+            desirable: rows.iter().map(|r| r.desirable).collect(),
+        }
+    }
+}
+
+/// Kahneman–Tversky optimisation (see [`crate::kto`]). Its reference is `reference` when given
+/// (a frozen model of its own), else the trained model with its adapters off; both reference
+/// passes and the policy's KL pass run without gradient tracking, at every step.
+#[derive(Debug, Clone)]
+pub struct Kto<B: AutodiffBackend> {
+    pub loss: KtoLoss,
+    pub reference: Option<Decoder<B::InnerBackend>>,
+}
+
+impl<B: AutodiffBackend> Strategy<B> for Kto<B> {
+    type Batch = LabeledBatch<B>;
+
+    fn units(&self, batch: &LabeledBatch<B>) -> f64 {
+        batch.rows() as f64
+    }
+
+    fn loss(
+        &self,
+        model: &Decoder<B>,
+        batch: &LabeledBatch<B>,
+        checkpoints: Option<&mut ActivationCheckpoints<B>>,
+    ) -> StepOutput<B> {
+        let rows = batch.rows();
+        let mismatched = batch.mismatched.as_ref().filter(|_| self.loss.uses_kl);
+        // The reference scores both kinds of row in one pass; the policy's KL pass is frozen.
+        let scored = match mismatched {
+            Some(m) => batch.matched.concat(m),
+            None => batch.matched.clone(),
+        };
+        let reference = match &self.reference {
+            Some(frozen) => logps_without_gradient(frozen, &scored),
+            None => {
+                let mut adapters_off = model.valid();
+                adapters_off.set_adapters_enabled(false);
+                logps_without_gradient(&adapters_off, &scored)
+            }
+        };
+        let kl = match mismatched {
+            Some(m) => {
+                let policy = logps_without_gradient(&model.valid(), m);
+                kl_estimate(policy, reference.clone().slice(rows..2 * rows))
+            }
+            None => 0.0,
+        };
+        let hidden = trained_hidden_states(model, &batch.matched, checkpoints);
+        let policy = sequence_logps(model, hidden, &batch.matched, model.trains());
+        let out = kto_loss(
+            self.loss,
+            LabeledLogps {
+                policy,
+                reference: reference.slice(0..rows),
+                desirable: batch.desirable.clone(),
+            },
+            kl,
+        );
+        StepOutput {
+            loss_sum: out.loss.mul_scalar(rows as f64),
+            units: rows as f64,
+            metrics: out.metrics,
         }
     }
 }

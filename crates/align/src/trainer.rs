@@ -13,6 +13,36 @@ use crate::optimizer::{AdamW, flat_gradients};
 use crate::schedule::Schedule;
 use crate::strategy::Strategy;
 
+/// The means of named metrics over the micro-batches that report them (a KTO batch without an
+/// undesirable completion has no `rewards/rejected`), in the order first reported.
+#[derive(Debug, Clone, Default)]
+pub struct MetricMeans {
+    sums: Vec<(&'static str, f64, usize)>,
+}
+
+impl MetricMeans {
+    /// Adds one micro-batch's metrics.
+    pub fn add(&mut self, metrics: Vec<(&'static str, f64)>) {
+        for (name, v) in metrics {
+            match self.sums.iter_mut().find(|(n, ..)| *n == name) {
+                Some((_, sum, count)) => {
+                    *sum += v;
+                    *count += 1;
+                }
+                None => self.sums.push((name, v, 1)),
+            }
+        }
+    }
+
+    /// Each metric's mean.
+    pub fn means(&self) -> Vec<(&'static str, f64)> {
+        self.sums
+            .iter()
+            .map(|&(name, sum, count)| (name, sum / count as f64))
+            .collect()
+    }
+}
+
 /// What one optimizer step reports (the strategy's metrics are averaged over micro-batches).
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepMetrics {
@@ -72,7 +102,7 @@ where
     // One micro-batch graph at a time: forward, scale by the whole batch's units, backward.
     let mut accumulator = GradientsAccumulator::<Decoder<B>>::new();
     let mut loss = 0.0;
-    let mut metrics: Vec<(&'static str, f64)> = Vec::new();
+    let mut metrics = MetricMeans::default();
     for batch in micro_batches {
         let mut checkpoints =
             (activations == Activations::Checkpoint).then(ActivationCheckpoints::default);
@@ -83,21 +113,12 @@ where
             return Err(TrainError::NonFiniteLoss { step, loss: value });
         }
         loss += value;
-        for (name, v) in output.metrics {
-            match metrics.iter_mut().find(|(n, _)| *n == name) {
-                Some((_, sum)) => *sum += v,
-                None => metrics.push((name, v)),
-            }
-        }
+        metrics.add(output.metrics);
         let grads = match checkpoints {
             Some(checkpoints) => checkpoints.backward(&model, scaled),
             None => GradientsParams::from_grads(scaled.backward(), &model),
         };
         accumulator.accumulate(&model, grads);
-    }
-    let count = micro_batches.len() as f64;
-    for (_, v) in &mut metrics {
-        *v /= count;
     }
 
     let lr = schedule.lr(step - 1);
@@ -115,7 +136,7 @@ where
             lr,
             grad_norm: report.grad_norm,
             units: total_units,
-            metrics,
+            metrics: metrics.means(),
         },
     ))
 }

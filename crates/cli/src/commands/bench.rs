@@ -11,8 +11,8 @@ use burn::backend::Autodiff;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use burnish_align::{
-    Activations, AdamW, AdamWConfig, Dpo, DpoLoss, Orpo, PairBatch, Schedule, ScheduleKind, Sft,
-    TokenBatch, optimizer_step,
+    Activations, AdamW, AdamWConfig, Dpo, DpoLoss, Kto, KtoLoss, LabeledBatch, Orpo, PairBatch,
+    Schedule, ScheduleKind, Sft, TokenBatch, optimizer_step,
 };
 use burnish_model::{BaseDtype, HfConfig, RandomWeights, build_decoder};
 use burnish_peft::{LoraConfig, Targets};
@@ -74,6 +74,10 @@ enum Mode {
     Dpo,
     /// LoRA ORPO steps on the same pairs as `dpo`: no reference pass.
     Orpo,
+    /// LoRA KTO steps on batch labeled completions of seq tokens (half of them desirable): the
+    /// trained pass, and without gradients the policy's and the reference's (adapter off)
+    /// passes over the KL rows and the reference's over the trained rows.
+    Kto,
 }
 
 /// Configurations of the shapes people tune, as their `config.json` states them.
@@ -276,6 +280,21 @@ fn train_steps<AD: AutodiffBackend>(
         rejected: rows(rejected),
         reference: None,
     }];
+    // Other tokens of the same shape stand in for the rotated completions of the KL rows.
+    let labeled = [LabeledBatch {
+        matched: rows(ids),
+        mismatched: Some(rows(rejected)),
+        desirable: (0..a.batch).map(|i| i % 2 == 0).collect(),
+    }];
+    let kto = Kto {
+        loss: KtoLoss {
+            beta: 0.1,
+            uses_kl: true,
+            desirable_weight: 1.0,
+            undesirable_weight: 1.0,
+        },
+        reference: None,
+    };
     let dpo = Dpo {
         loss: DpoLoss::Sigmoid {
             label_smoothing: 0.0,
@@ -308,6 +327,14 @@ fn train_steps<AD: AutodiffBackend>(
                 current,
                 &Orpo { beta: 0.1 },
                 &pairs,
+                &mut optimizer,
+                &schedule,
+                activations,
+            )?,
+            Mode::Kto => optimizer_step(
+                current,
+                &kto,
+                &labeled,
                 &mut optimizer,
                 &schedule,
                 activations,
