@@ -633,10 +633,10 @@ impl<B: Backend> LabeledBatch<B> {
         let mismatched = mismatched.then(|| {
             let n = rows.len();
             let rotated = (0..n).map(|i| {
-                let other = rows[(i + n - 1) % n];
                 let mut sequence = LabeledExample {
-                    completion_ids: other.completion_ids.clone(),
-                    ..rows[i].clone()
+                    prompt_ids: rows[i].prompt_ids.clone(),
+                    completion_ids: rows[(i + n - 1) % n].completion_ids.clone(),
+                    desirable: rows[i].desirable,
                 }
                 .example();
                 if let Some(max) = max_length {

@@ -266,35 +266,30 @@ pub fn load(paths: &[&Path], encoder: &Encoder, config: &DataConfig) -> Result<D
         match result {
             Ok((encoded, truncated)) => {
                 ds.report.truncated += truncated as usize;
+                let source = Source {
+                    path: path.clone(),
+                    line,
+                };
                 match encoded {
                     Encoded::Single(e) => {
                         ds.report.tokens += e.len();
                         ds.report.trained_tokens += e.trained();
                         ds.examples.push(e);
-                        ds.example_sources.push(Source {
-                            path: path.clone(),
-                            line,
-                        });
+                        ds.example_sources.push(source);
                     }
                     Encoded::Pair(p) => {
                         ds.report.tokens +=
                             2 * p.prompt_ids.len() + p.chosen_ids.len() + p.rejected_ids.len();
                         ds.report.trained_tokens += p.chosen().trained() + p.rejected().trained();
                         ds.pairs.push(p);
-                        ds.pair_sources.push(Source {
-                            path: path.clone(),
-                            line,
-                        });
+                        ds.pair_sources.push(source);
                     }
                     Encoded::Labeled(l) => {
                         let sequence = l.example();
                         ds.report.tokens += sequence.len();
                         ds.report.trained_tokens += sequence.trained();
                         ds.labeled.push(l);
-                        ds.labeled_sources.push(Source {
-                            path: path.clone(),
-                            line,
-                        });
+                        ds.labeled_sources.push(source);
                     }
                 }
             }
