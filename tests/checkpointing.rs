@@ -200,13 +200,9 @@ fn recomputed_layers_give_every_parameter_its_gradient() {
     }
     assert!(base("qwen2").lm_head.is_none() && base("llama").lm_head.is_some());
 
-    let dpo = Dpo {
-        loss: DpoLoss::Sigmoid {
-            label_smoothing: 0.0,
-        },
-        beta: 0.1,
-        rpo_alpha: Some(0.5),
-    };
+    // RPO: the sigmoid loss and half the chosen completions' NLL.
+    let mut dpo = Dpo::sigmoid(0.1);
+    dpo.terms.push((DpoLoss::Sft, 0.5));
     let pairs = PairBatch {
         chosen: rows(&[(0, 20), (3, 15)]),
         rejected: rows(&[(30, 41), (2, 13)]),

@@ -10,8 +10,8 @@
 
 use burn::tensor::{Int, Tensor, TensorData};
 use burnish_align::{
-    DpoLoss, PairLogps, dpo_loss, masked_token_logprobs, masked_token_logprobs_chunked,
-    masked_token_loss,
+    DpoLoss, FDivergence, PairLogps, dpo_loss, masked_token_logprobs,
+    masked_token_logprobs_chunked, masked_token_loss,
 };
 use burnish_model::Pretrained;
 use serde::Deserialize;
@@ -27,6 +27,45 @@ struct Golden {
     orpo: Orpo,
     cpo: CpoGolden,
     kto: KtoGolden,
+    dpo_model: DpoModelGolden,
+}
+
+#[derive(Deserialize)]
+struct DpoModelGolden {
+    adapter: String,
+    pairs: Vec<OrpoPair>,
+    cases: Vec<DpoModelCase>,
+    stub: DpoStub,
+}
+
+/// Summed log-probs of six pairs (chosen rows, then rejected rows) and TRL's results on them.
+#[derive(Deserialize)]
+struct DpoStub {
+    policy: Vec<f32>,
+    reference: Vec<f32>,
+    tokens: Vec<f32>,
+    cases: Vec<DpoStubCase>,
+}
+
+#[derive(Deserialize)]
+struct DpoStubCase {
+    name: String,
+    loss: f64,
+    metrics: std::collections::BTreeMap<String, f64>,
+}
+
+#[derive(Deserialize)]
+struct DpoModelCase {
+    name: String,
+    loss_type: Vec<String>,
+    loss_weights: Vec<f64>,
+    beta: f64,
+    label_smoothing: f64,
+    discopop_tau: f64,
+    f_divergence_type: String,
+    f_alpha_divergence_coef: f64,
+    loss: f64,
+    metrics: std::collections::BTreeMap<String, f64>,
 }
 
 #[derive(Deserialize)]
@@ -306,7 +345,7 @@ fn dpo_losses_and_metrics_equal_trl() {
         ("ipo", DpoLoss::Ipo),
         ("robust", DpoLoss::Robust { label_smoothing: e }),
     ] {
-        let out = dpo_loss(kind, g.beta, logps());
+        let out = dpo_loss(&[(kind, 1.0)], g.beta, FDivergence::ReverseKl, logps());
         let ours = scalar(out.loss);
         let theirs = g.losses[name];
         assert!(
@@ -430,6 +469,87 @@ fn orpo_loss_and_metrics_equal_trl_through_the_model() {
             (ours - theirs).abs() <= 1e-6 * theirs.abs(),
             "log1mexp({x}): {ours} vs TRL {theirs}"
         );
+    }
+}
+
+#[test]
+fn dpo_variants_equal_trl_through_the_model() {
+    use burnish_align::{Dpo, DpoLosses, DpoSection, Strategy};
+    let g = golden().dpo_model;
+    let (base, batch) = preference_case(&g.pairs);
+    let adapter = model_dir("llama").join("../../adapters").join(&g.adapter);
+    let (model, _) = base.with_adapter(&adapter).unwrap();
+    assert_eq!(g.cases.len(), 20);
+    // Read by the recipe's names, as a `[dpo]` section gives them.
+    fn parse<T: serde::de::DeserializeOwned>(name: &str) -> T {
+        serde_json::from_value(serde_json::json!(name)).unwrap()
+    }
+    let device = Default::default();
+    let halves = |v: &[f32]| {
+        let n = v.len() / 2;
+        let t =
+            |part: &[f32]| Tensor::<B, 1>::from_data(TensorData::new(part.to_vec(), [n]), &device);
+        (t(&v[..n]), t(&v[n..]))
+    };
+    assert_eq!(g.stub.cases.len(), g.cases.len());
+    for (case, stub) in g.cases.iter().zip(&g.stub.cases) {
+        assert_eq!(case.name, stub.name);
+        let section = DpoSection {
+            beta: case.beta,
+            loss: DpoLosses::Many(case.loss_type.iter().map(|n| parse(n)).collect()),
+            loss_weights: Some(case.loss_weights.clone()),
+            label_smoothing: case.label_smoothing,
+            discopop_tau: case.discopop_tau,
+            f_divergence_type: parse(&case.f_divergence_type),
+            f_alpha_divergence_coef: case.f_alpha_divergence_coef,
+            ..DpoSection::default()
+        };
+        let dpo: Dpo = section.strategy();
+        // The reference is the policy with its adapter off, as TRL's for a PEFT model.
+        let out = dpo.loss(&model, &batch, None);
+        assert_trl_step(&case.name, out, case.loss, &case.metrics);
+
+        // On fixed log-probs that the policy and the reference order differently.
+        let (policy_chosen, policy_rejected) = halves(&g.stub.policy);
+        let (reference_chosen, reference_rejected) = halves(&g.stub.reference);
+        let (chosen_tokens, rejected_tokens) = halves(&g.stub.tokens);
+        let out = dpo_loss(
+            &dpo.terms,
+            dpo.beta,
+            dpo.divergence,
+            PairLogps {
+                policy_chosen,
+                policy_rejected,
+                reference_chosen,
+                reference_rejected,
+                chosen_tokens,
+                rejected_tokens,
+            },
+        );
+        let close = |ours: f64, theirs: f64| (ours - theirs).abs() <= 1e-5 * theirs.abs().max(1.0);
+        let ours = scalar(out.loss);
+        assert!(
+            close(ours, stub.loss),
+            "{} on fixed log-probs: {ours} vs TRL {}",
+            stub.name,
+            stub.loss
+        );
+        let m = out.metrics;
+        for (key, value) in [
+            ("rewards/chosen", m.rewards_chosen),
+            ("rewards/rejected", m.rewards_rejected),
+            ("rewards/accuracies", m.rewards_accuracies),
+            ("rewards/margins", m.rewards_margins),
+            ("logps/chosen", m.logps_chosen),
+            ("logps/rejected", m.logps_rejected),
+        ] {
+            let theirs = stub.metrics[key];
+            assert!(
+                close(value, theirs),
+                "{}: {key} {value} vs TRL {theirs}",
+                stub.name
+            );
+        }
     }
 }
 

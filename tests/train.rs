@@ -206,6 +206,32 @@ fn dpo_run_prefers_the_chosen_answers() {
         "RPO loss {first} lacks its NLL term"
     );
 
+    // Other loss types train, alone or weighted together (MPO), under other divergences: the
+    // sorting losses' gradients follow each value to its sorted place.
+    for sets in [
+        &["dpo.loss=\"aot\""][..],
+        &[
+            "dpo.loss=[\"sigmoid\", \"bco_pair\", \"sft\"]",
+            "dpo.loss_weights=[0.8, 0.2, 1.0]",
+        ],
+        &[
+            "dpo.loss=\"ipo\"",
+            "dpo.f_divergence_type=\"js_divergence\"",
+        ],
+    ] {
+        let mut args = vec!["--set", "train.max_steps=3"];
+        for set in sets {
+            args.extend(["--set", set]);
+        }
+        let out = train(&path, &args);
+        assert_success(&out);
+        let losses: Vec<f64> = metrics(&work.path().join("run"))
+            .iter()
+            .filter_map(|l| l["loss"].as_f64())
+            .collect();
+        assert!(losses[2] < losses[0], "{sets:?}: {losses:?}");
+    }
+
     // Continuing that adapter, the reference is still the base with the adapter off, computed
     // once or at every step alike: the first step is not at ln 2, where the adapter as it starts
     // would put it.

@@ -7,8 +7,8 @@ use burn::backend::Autodiff;
 use burn::module::AutodiffModule;
 use burn::tensor::{DType, FloatDType, Int, Tensor, TensorData};
 use burnish_align::{
-    Activations, AdamW, AdamWConfig, Dpo, DpoLoss, PairBatch, Schedule, ScheduleKind, Sft,
-    TokenBatch, masked_token_logprobs, optimizer_step, reference_logps,
+    Activations, AdamW, AdamWConfig, Dpo, PairBatch, Schedule, ScheduleKind, Sft, TokenBatch,
+    masked_token_logprobs, optimizer_step, reference_logps,
 };
 use burnish_model::{Decoder, Pretrained, named_weights};
 use burnish_peft::{LoraConfig, Targets};
@@ -340,13 +340,7 @@ fn ten_dpo_steps(mut model: Decoder<AD>) -> [burnish_align::StepMetrics; 2] {
         rejected: token_batch(&[(&rejected, 10)]),
         reference: None,
     }];
-    let dpo = Dpo {
-        loss: DpoLoss::Sigmoid {
-            label_smoothing: 0.0,
-        },
-        beta: 0.1,
-        rpo_alpha: None,
-    };
+    let dpo = Dpo::sigmoid(0.1);
     let mut optimizer = AdamW::new(AdamWConfig::default());
     let mut first = None;
     let mut last = None;

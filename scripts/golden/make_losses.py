@@ -20,6 +20,13 @@
   fixture with the llama-qv adapter as the policy and the adapter switched off as the reference:
   the `kto` loss with its KL term (completions rotated by one row within the batch, some of those
   rows cut at `max_length`), with desirable/undesirable weights, and `apo_zero_unpaired`.
+- `dpo_model`: TRL 1.16's DPO loss and metrics (`DPOTrainer._compute_loss` on a stub trainer,
+  through TRL's own preference collator and fused LM head) for three pairs on the llama fixture
+  with the llama-qv adapter as the policy and the adapter switched off as the reference: every
+  loss type, weighted combinations (RPO, MPO) and the f-divergences; and `dpo_model["stub"]`,
+  the same method on six pairs of fixed per-token log-probs (stub policy and reference models
+  return them), whose margins the policy and the reference order differently, as the sorting
+  losses (`aot`, `aot_unpaired`) need to be told apart from unsorted ones.
 - `dpo`: TRL 1.16's DPO losses and reward metrics (`DPOTrainer._compute_loss`), evaluated on fixed
   sequence log-probs with the same formulas: sigmoid, hinge, ipo (log-ratios averaged per
   completion token), robust; plus the label-smoothed sigmoid (conservative DPO) that older TRL
@@ -203,6 +210,158 @@ def orpo_case() -> dict:
     }
 
 
+def dpo_model_cases() -> dict:
+    """DPO and its variants through TRL's own DPOTrainer._compute_loss. The trainer is built
+    without __init__: only the attributes that method reads are set."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from peft import PeftModel
+    from trl.trainer.dpo_trainer import DataCollatorForPreference, DPOTrainer
+    from trl.trainer.utils import add_fused_lm_head
+
+    model_dir = REPO_ROOT / "tests" / "fixtures" / "models" / "llama"
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    add_fused_lm_head(base, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    model = PeftModel.from_pretrained(base, REPO_ROOT / "tests" / "fixtures" / "adapters" / "llama-qv").eval()
+    ids = json.loads((model_dir / "golden.json").read_text())["score"][1]["token_ids"]
+    pairs = [
+        {"prompt": ids[0:7], "chosen": ids[7:12], "rejected": ids[20:29]},
+        {"prompt": ids[30:34], "chosen": ids[40:51], "rejected": ids[51:54]},
+        {"prompt": ids[12:15], "chosen": ids[2:6], "rejected": ids[60:68]},
+    ]
+    batch = DataCollatorForPreference(pad_token_id=0)(
+        [{"prompt_ids": p["prompt"], "chosen_ids": p["chosen"], "rejected_ids": p["rejected"]} for p in pairs]
+    )
+    single = [
+        ("sigmoid", 0.1, 0.0),
+        ("hinge", 0.3, 0.0),
+        ("ipo", 0.2, 0.0),
+        ("robust", 0.1, 0.2),
+        ("exo_pair", 0.1, 1e-3),
+        ("nca_pair", 0.5, 0.0),
+        ("bco_pair", 0.5, 0.0),
+        ("sppo_hard", 0.5, 0.0),
+        ("aot", 0.5, 0.1),
+        ("aot_unpaired", 0.5, 0.1),
+        ("apo_zero", 0.5, 0.0),
+        ("apo_down", 0.5, 0.0),
+        ("discopop", 0.5, 0.0),
+        ("sigmoid_norm", 2.0, 0.0),
+        ("sft", 0.1, 0.0),
+    ]
+    settings = [
+        {"name": name, "loss_type": [name], "loss_weights": [1.0], "beta": beta, "label_smoothing": e}
+        for name, beta, e in single
+    ]
+    settings += [
+        {"name": "rpo", "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5], "beta": 0.1, "label_smoothing": 0.0},
+        {"name": "mpo", "loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0], "beta": 0.1, "label_smoothing": 0.0},
+        {"name": "forward_kl", "loss_type": ["sigmoid"], "loss_weights": [1.0], "beta": 0.5, "label_smoothing": 0.0, "f_divergence_type": "forward_kl"},
+        {"name": "js_ipo", "loss_type": ["ipo"], "loss_weights": [1.0], "beta": 0.5, "label_smoothing": 0.0, "f_divergence_type": "js_divergence"},
+        {"name": "alpha_hinge", "loss_type": ["hinge"], "loss_weights": [1.0], "beta": 0.5, "label_smoothing": 0.0, "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3},
+    ]
+    cases = []
+    for setting in settings:
+        setting = {"f_divergence_type": "reverse_kl", "f_alpha_divergence_coef": 0.5, "discopop_tau": 0.05, **setting}
+        trainer = DPOTrainer.__new__(DPOTrainer)
+        trainer.model = model
+        trainer.ref_model = None
+        trainer.beta = setting["beta"]
+        trainer.loss_types = setting["loss_type"]
+        trainer.loss_weights = setting["loss_weights"]
+        trainer.label_smoothing = setting["label_smoothing"]
+        trainer.f_divergence_type = setting["f_divergence_type"]
+        trainer.f_alpha_divergence_coef = setting["f_alpha_divergence_coef"]
+        trainer.ld_alpha = None
+        trainer.use_weighting = False
+        trainer.precompute_ref_logps = False
+        trainer.aux_loss_enabled = False
+        trainer.args = SimpleNamespace(gradient_checkpointing_kwargs=None, discopop_tau=setting["discopop_tau"])
+        trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        trainer._total_train_tokens = 0
+        trainer._tp_size = 1
+        trainer.accelerator = SimpleNamespace(
+            device=torch.device("cpu"), gather_for_metrics=lambda x: x, gather=lambda x: x, unwrap_model=lambda m: m
+        )
+        with torch.no_grad():
+            loss = trainer._compute_loss(model, batch, return_outputs=False)
+        kept = ("rewards/", "logps/")
+        metrics = {k: v[-1] for k, v in trainer._metrics["eval"].items() if k.startswith(kept)}
+        cases.append({**setting, "loss": loss.item(), "metrics": metrics})
+    return {"model": "llama", "adapter": "llama-qv", "pairs": pairs, "cases": cases, "stub": dpo_stub_cases(settings)}
+
+
+def dpo_stub_cases(settings: list) -> dict:
+    """DPOTrainer._compute_loss with stub models that return fixed per-token log-probs: six
+    pairs, completions of 2 to 7 tokens after a one-token prompt, padded to 8."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    gen = torch.Generator().manual_seed(11)
+    pairs, width = 6, 8
+    lengths = torch.randint(2, 8, (2 * pairs,), generator=gen)
+    completion_mask = torch.zeros(2 * pairs, width, dtype=torch.long)
+    for row, n in enumerate(lengths.tolist()):
+        completion_mask[row, 1 : 1 + n] = 1
+    shifted = completion_mask[:, 1:].float()
+    policy = -3 * torch.rand(2 * pairs, width - 1, generator=gen) * shifted
+    reference = (policy + 0.8 * torch.randn(2 * pairs, width - 1, generator=gen)).clamp(max=0) * shifted
+
+    class Stub(torch.nn.Module):
+        """A model whose fused LM head returns `per_token` whatever the input."""
+
+        is_gradient_checkpointing = False
+
+        def __init__(self, per_token):
+            super().__init__()
+            self.per_token = per_token
+
+        def forward(self, **_kwargs):
+            zeros = torch.zeros_like(self.per_token)
+            return SimpleNamespace(log_probs=self.per_token, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
+
+    batch = {
+        "input_ids": torch.zeros(2 * pairs, width, dtype=torch.long),
+        "attention_mask": torch.ones(2 * pairs, width, dtype=torch.long),
+        "completion_mask": completion_mask,
+    }
+    cases = []
+    for setting in settings:
+        setting = {"f_divergence_type": "reverse_kl", "f_alpha_divergence_coef": 0.5, "discopop_tau": 0.05, **setting}
+        trainer = DPOTrainer.__new__(DPOTrainer)
+        trainer.model = Stub(policy).eval()
+        trainer.ref_model = Stub(reference)
+        trainer.beta = setting["beta"]
+        trainer.loss_types = setting["loss_type"]
+        trainer.loss_weights = setting["loss_weights"]
+        trainer.label_smoothing = setting["label_smoothing"]
+        trainer.f_divergence_type = setting["f_divergence_type"]
+        trainer.f_alpha_divergence_coef = setting["f_alpha_divergence_coef"]
+        trainer.ld_alpha = None
+        trainer.use_weighting = False
+        trainer.precompute_ref_logps = False
+        trainer.aux_loss_enabled = False
+        trainer.args = SimpleNamespace(gradient_checkpointing_kwargs=None, discopop_tau=setting["discopop_tau"])
+        trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        trainer._total_train_tokens = 0
+        trainer._tp_size = 1
+        trainer.accelerator = SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x, gather=lambda x: x)
+        loss = trainer._compute_loss(trainer.model, batch, return_outputs=False)
+        kept = ("rewards/", "logps/")
+        metrics = {k: v[-1] for k, v in trainer._metrics["eval"].items() if k.startswith(kept)}
+        cases.append({"name": setting["name"], "loss": loss.item(), "metrics": metrics})
+    tokens = completion_mask.sum(dim=1).float()
+    return {
+        "policy": policy.sum(dim=1).tolist(),
+        "reference": reference.sum(dim=1).tolist(),
+        "tokens": tokens.tolist(),
+        "cases": cases,
+    }
+
+
 def kto_cases() -> dict:
     """KTO through TRL's own KTOTrainer._compute_loss. The trainer is built without __init__:
     only the attributes that method reads are set. Each batch is TRL's collator output for rows
@@ -301,6 +460,7 @@ def main() -> None:
         "orpo": orpo,
         "cpo": cpo_cases(orpo),
         "kto": kto_cases(),
+        "dpo_model": dpo_model_cases(),
         "schedules": schedules(),
     }
     (OUT / "golden.json").write_text(json.dumps(golden, indent=1) + "\n")

@@ -24,7 +24,7 @@ mod trainer;
 pub use check::{CheckAnswer, CheckCase, CheckReport, load_cases, run_check};
 pub use checkpoint::{Progress, checkpoints, read_checkpoint, save_checkpoint};
 pub use cpo::{CpoLoss, CpoOutput, cpo_loss};
-pub use dpo::{DpoLoss, DpoMetrics, DpoOutput, PairLogps, chosen_nll, dpo_loss};
+pub use dpo::{DpoLoss, DpoMetrics, DpoOutput, FDivergence, PairLogps, chosen_nll, dpo_loss};
 pub use error::{RecipeError, RunError, TrainError};
 pub use kto::{KtoLoss, KtoOutput, LabeledLogps, kl_estimate, kto_loss};
 pub use optimizer::{
@@ -33,9 +33,9 @@ pub use optimizer::{
 pub use orpo::{OrpoOutput, log1mexp, orpo_loss};
 pub use recipe::{
     AdapterInit, AdapterSection, CheckSection, CpoLossName, CpoSection, DataSection, DpoLossName,
-    DpoSection, HF_DATASETS, HubDataset, KtoLossName, KtoSection, ModelInit, ModelSection,
-    OnNonFinite, OrpoSection, OutputSection, Recipe, Rows, ScheduleName, StrategyKind,
-    TargetModules, TrainSection,
+    DpoLosses, DpoSection, FDivergenceName, HF_DATASETS, HubDataset, KtoLossName, KtoSection,
+    ModelInit, ModelSection, OnNonFinite, OrpoSection, OutputSection, Recipe, Rows, ScheduleName,
+    StrategyKind, TargetModules, TrainSection,
 };
 pub use run::{RunEvent, RunSummary, lora_config, train};
 pub use schedule::{Schedule, ScheduleKind};

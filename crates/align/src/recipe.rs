@@ -10,10 +10,11 @@ use burnish_model::BaseDtype;
 use serde::{Deserialize, Serialize};
 
 use crate::cpo::CpoLoss;
-use crate::dpo::DpoLoss;
+use crate::dpo::{DpoLoss, FDivergence};
 use crate::error::RecipeError;
 use crate::kto::KtoLoss;
 use crate::schedule::ScheduleKind;
+use crate::strategy::Dpo;
 
 /// `[model]`: the base checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -308,10 +309,21 @@ impl From<ScheduleName> for ScheduleKind {
 pub struct DpoSection {
     /// Strength of the KL penalty (default 0.1).
     pub beta: f64,
-    /// `sigmoid`, `hinge`, `ipo` or `robust` (default `sigmoid`).
-    pub loss: DpoLossName,
-    /// Assumed label noise for `sigmoid` and `robust` (default 0).
+    /// A loss type or a list of them, by TRL's names (default `sigmoid`).
+    pub loss: DpoLosses,
+    /// Each loss's weight when `loss` is a list (default: 1 each).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss_weights: Option<Vec<f64>>,
+    /// Assumed label noise for `sigmoid`, `robust`, `exo_pair`, `aot` and `aot_unpaired`
+    /// (default 0).
     pub label_smoothing: f64,
+    /// DiscoPOP's temperature τ (default 0.05).
+    pub discopop_tau: f64,
+    /// `reverse_kl`, `forward_kl`, `js_divergence` or `alpha_divergence` (default
+    /// `reverse_kl`).
+    pub f_divergence_type: FDivergenceName,
+    /// α of `alpha_divergence` (default 0.5).
+    pub f_alpha_divergence_coef: f64,
     /// Add this times the chosen completions' mean NLL to the loss (RPO; default: none).
     pub rpo_alpha: Option<f64>,
     /// Compute the reference log-probs once before training instead of at every step
@@ -327,8 +339,12 @@ impl Default for DpoSection {
     fn default() -> Self {
         Self {
             beta: 0.1,
-            loss: DpoLossName::Sigmoid,
+            loss: DpoLosses::One(DpoLossName::Sigmoid),
+            loss_weights: None,
             label_smoothing: 0.0,
+            discopop_tau: 0.05,
+            f_divergence_type: FDivergenceName::ReverseKl,
+            f_alpha_divergence_coef: 0.5,
             rpo_alpha: None,
             precompute_ref: false,
             reference_adapter: None,
@@ -336,25 +352,195 @@ impl Default for DpoSection {
     }
 }
 
+/// DPO's loss types, by TRL's names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[serde(rename_all = "snake_case")]
 pub enum DpoLossName {
     Sigmoid,
     Hinge,
     Ipo,
     Robust,
+    ExoPair,
+    NcaPair,
+    BcoPair,
+    SppoHard,
+    Aot,
+    AotUnpaired,
+    ApoZero,
+    ApoDown,
+    Discopop,
+    SigmoidNorm,
+    Sft,
+}
+
+/// One loss type, or several summed with `loss_weights`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum DpoLosses {
+    One(DpoLossName),
+    Many(Vec<DpoLossName>),
+}
+
+/// A name or a list of names; an unknown name is an error listing the known ones.
+impl<'de> Deserialize<'de> for DpoLosses {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::{IntoDeserializer, SeqAccess, Visitor};
+        struct Names;
+        impl<'de> Visitor<'de> for Names {
+            type Value = DpoLosses;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a DPO loss type or a list of them")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<DpoLosses, E> {
+                DpoLossName::deserialize(name.into_deserializer()).map(DpoLosses::One)
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<DpoLosses, A::Error> {
+                let mut names = Vec::new();
+                while let Some(name) = seq.next_element()? {
+                    names.push(name);
+                }
+                Ok(DpoLosses::Many(names))
+            }
+        }
+        deserializer.deserialize_any(Names)
+    }
+}
+
+impl DpoLosses {
+    fn names(&self) -> &[DpoLossName] {
+        match self {
+            Self::One(name) => std::slice::from_ref(name),
+            Self::Many(names) => names,
+        }
+    }
+}
+
+/// f-DPO's divergences, by TRL's names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FDivergenceName {
+    ReverseKl,
+    ForwardKl,
+    JsDivergence,
+    AlphaDivergence,
 }
 
 impl DpoSection {
-    /// The loss these settings describe.
-    pub fn loss(&self) -> DpoLoss {
+    /// The strategy these settings describe: the loss terms with their weights (RPO's NLL term
+    /// last), the strength and the divergence.
+    pub fn strategy(&self) -> Dpo {
         let e = self.label_smoothing;
-        match self.loss {
-            DpoLossName::Sigmoid => DpoLoss::Sigmoid { label_smoothing: e },
-            DpoLossName::Hinge => DpoLoss::Hinge,
-            DpoLossName::Ipo => DpoLoss::Ipo,
-            DpoLossName::Robust => DpoLoss::Robust { label_smoothing: e },
+        let names = self.loss.names();
+        let weights = self
+            .loss_weights
+            .clone()
+            .unwrap_or_else(|| vec![1.0; names.len()]);
+        let mut terms: Vec<(DpoLoss, f64)> = names
+            .iter()
+            .zip(weights)
+            .map(|(name, weight)| {
+                let loss = match name {
+                    DpoLossName::Sigmoid => DpoLoss::Sigmoid { label_smoothing: e },
+                    DpoLossName::Hinge => DpoLoss::Hinge,
+                    DpoLossName::Ipo => DpoLoss::Ipo,
+                    DpoLossName::Robust => DpoLoss::Robust { label_smoothing: e },
+                    DpoLossName::ExoPair => DpoLoss::ExoPair { label_smoothing: e },
+                    DpoLossName::NcaPair => DpoLoss::NcaPair,
+                    DpoLossName::BcoPair => DpoLoss::BcoPair,
+                    DpoLossName::SppoHard => DpoLoss::SppoHard,
+                    DpoLossName::Aot => DpoLoss::Aot { label_smoothing: e },
+                    DpoLossName::AotUnpaired => DpoLoss::AotUnpaired { label_smoothing: e },
+                    DpoLossName::ApoZero => DpoLoss::ApoZero,
+                    DpoLossName::ApoDown => DpoLoss::ApoDown,
+                    DpoLossName::Discopop => DpoLoss::Discopop {
+                        tau: self.discopop_tau,
+                    },
+                    DpoLossName::SigmoidNorm => DpoLoss::SigmoidNorm,
+                    DpoLossName::Sft => DpoLoss::Sft,
+                };
+                (loss, weight)
+            })
+            .collect();
+        terms.extend(self.rpo_alpha.map(|alpha| (DpoLoss::Sft, alpha)));
+        Dpo {
+            terms,
+            beta: self.beta,
+            divergence: match self.f_divergence_type {
+                FDivergenceName::ReverseKl => FDivergence::ReverseKl,
+                FDivergenceName::ForwardKl => FDivergence::ForwardKl,
+                FDivergenceName::JsDivergence => FDivergence::JsDivergence,
+                FDivergenceName::AlphaDivergence => FDivergence::Alpha {
+                    alpha: self.f_alpha_divergence_coef,
+                },
+            },
         }
+    }
+
+    /// Why these settings cannot describe a loss, if they cannot.
+    fn check(&self) -> Result<(), String> {
+        let names = self.loss.names();
+        if names.is_empty() {
+            return Err("`dpo.loss` is an empty list: name at least one loss type".into());
+        }
+        if let Some(weights) = &self.loss_weights {
+            if weights.len() != names.len() {
+                return Err(format!(
+                    "`dpo.loss_weights` has {} weights for {} loss types: give one weight per \
+                     type in `dpo.loss`",
+                    weights.len(),
+                    names.len()
+                ));
+            }
+            if weights.iter().any(|w| !w.is_finite()) {
+                return Err("`dpo.loss_weights` must all be numbers".into());
+            }
+        }
+        if !(self.beta.is_finite() && self.beta > 0.0) {
+            return Err("`dpo.beta` must be a positive number".into());
+        }
+        if self.rpo_alpha.is_some_and(|a| !(a.is_finite() && a >= 0.0)) {
+            return Err("`dpo.rpo_alpha` must be a number >= 0".into());
+        }
+        if self.rpo_alpha.is_some() && names.contains(&DpoLossName::Sft) {
+            return Err(
+                "`dpo.rpo_alpha` adds the `sft` loss, which `dpo.loss` already lists: keep one \
+                 (weigh it with `dpo.loss_weights`)"
+                    .into(),
+            );
+        }
+        if !(0.0..0.5).contains(&self.label_smoothing) {
+            return Err("`dpo.label_smoothing` must be in [0, 0.5)".into());
+        }
+        if names.contains(&DpoLossName::ExoPair) && self.label_smoothing == 0.0 {
+            return Err(
+                "the `exo_pair` loss needs `dpo.label_smoothing` > 0 (its authors use 1e-3)".into(),
+            );
+        }
+        if !(self.discopop_tau.is_finite() && self.discopop_tau > 0.0) {
+            return Err("`dpo.discopop_tau` must be a positive number".into());
+        }
+        if !self.f_alpha_divergence_coef.is_finite() {
+            return Err("`dpo.f_alpha_divergence_coef` must be a number".into());
+        }
+        // The terms follow the names, in order.
+        let dpo = self.strategy();
+        if dpo.divergence != FDivergence::ReverseKl
+            && let Some((name, _)) = names
+                .iter()
+                .zip(&dpo.terms)
+                .find(|(_, (loss, _))| !loss.allows_f_divergence())
+        {
+            return Err(format!(
+                "`dpo.f_divergence_type` other than \"reverse_kl\" applies to the sigmoid, \
+                 sigmoid_norm, hinge, ipo, exo_pair, robust, discopop and sft losses only, and \
+                 `dpo.loss` holds {}",
+                toml::Value::try_from(name).expect("a loss name serializes")
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -944,16 +1130,7 @@ impl Recipe {
         if !(0.0..0.5).contains(&c.label_smoothing) {
             return Err("`cpo.label_smoothing` must be in [0, 0.5)".into());
         }
-        let d = &self.dpo;
-        if !(d.beta.is_finite() && d.beta > 0.0) {
-            return Err("`dpo.beta` must be a positive number".into());
-        }
-        if d.rpo_alpha.is_some_and(|a| !(a.is_finite() && a >= 0.0)) {
-            return Err("`dpo.rpo_alpha` must be a number >= 0".into());
-        }
-        if !(0.0..0.5).contains(&d.label_smoothing) {
-            return Err("`dpo.label_smoothing` must be in [0, 0.5)".into());
-        }
+        self.dpo.check()?;
         // The run directory keeps the resolved recipe as TOML, which holds paths as text.
         let paths = [&self.model.base, &self.output.dir]
             .into_iter()
@@ -1220,6 +1397,55 @@ dir = "runs/first"
             }
             let err = parse(MINIMAL, &sets).unwrap_err();
             assert!(err.contains(key), "{set}: {err}");
+        }
+    }
+
+    #[test]
+    fn dpo_losses_combine_by_trls_names() {
+        let dpo = |sets: &[&str]| {
+            let mut all = vec!["train.strategy=dpo"];
+            all.extend_from_slice(sets);
+            parse(MINIMAL, &all)
+        };
+        let r = dpo(&[
+            "dpo.loss=[\"sigmoid\", \"bco_pair\", \"sft\"]",
+            "dpo.loss_weights=[0.8, 0.2, 1.0]",
+        ])
+        .unwrap();
+        let terms = r.dpo.strategy().terms;
+        assert_eq!(terms.len(), 3);
+        assert_eq!(terms[1], (DpoLoss::BcoPair, 0.2));
+        let again = Recipe::from_toml(&r.to_toml(), &[], Path::new("r.toml")).unwrap();
+        assert_eq!(again.dpo, r.dpo);
+        // RPO's α is the `sft` term's weight.
+        let r = dpo(&["dpo.rpo_alpha=0.5"]).unwrap();
+        assert_eq!(r.dpo.strategy().terms[1], (DpoLoss::Sft, 0.5));
+        for (sets, says) in [
+            (
+                &["dpo.loss=[\"sigmoid\", \"sft\"]", "dpo.loss_weights=[1.0]"][..],
+                "`dpo.loss_weights` has 1 weights for 2",
+            ),
+            (&["dpo.loss=[]"], "empty list"),
+            (
+                &["dpo.loss=\"sft\"", "dpo.rpo_alpha=1.0"],
+                "`dpo.rpo_alpha` adds",
+            ),
+            (&["dpo.loss=\"exo_pair\""], "`dpo.label_smoothing` > 0"),
+            (
+                &[
+                    "dpo.loss=\"nca_pair\"",
+                    "dpo.f_divergence_type=\"js_divergence\"",
+                ],
+                "holds \"nca_pair\"",
+            ),
+            (
+                &["dpo.loss=\"simpo\""],
+                "unknown variant `simpo`, expected one of `sigmoid`",
+            ),
+            (&["dpo.loss=3"], "a DPO loss type or a list of them"),
+        ] {
+            let err = dpo(sets).unwrap_err();
+            assert!(err.contains(says), "{sets:?}: {err}");
         }
     }
 

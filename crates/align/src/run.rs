@@ -35,8 +35,7 @@ use crate::recipe::{
 };
 use crate::schedule::Schedule;
 use crate::strategy::{
-    Cpo, Dpo, Kto, LabeledBatch, Orpo, PairBatch, Preference, Sft, Strategy, TokenBatch,
-    frozen_logps,
+    Cpo, Kto, LabeledBatch, Orpo, PairBatch, Preference, Sft, Strategy, TokenBatch, frozen_logps,
 };
 use crate::trainer::{Activations, MetricMeans, StepMetrics, optimizer_step};
 
@@ -880,11 +879,7 @@ pub fn train<B: AutodiffBackend>(
             beta: recipe.cpo.beta,
             alpha: recipe.cpo.cpo_alpha,
         }),
-        _ => Preference::Dpo(Dpo {
-            loss: recipe.dpo.loss(),
-            beta: recipe.dpo.beta,
-            rpo_alpha: recipe.dpo.rpo_alpha,
-        }),
+        _ => Preference::Dpo(recipe.dpo.strategy()),
     };
     let reference_of = |data: &Dataset| {
         reference_model

@@ -12,7 +12,7 @@ use burnish_model::{ActivationCheckpoints, Decoder};
 use burnish_data::{Batch, Example, LabeledExample, PairExample};
 
 use crate::cpo::{CpoLoss, cpo_loss};
-use crate::dpo::{DpoLoss, PairLogps, chosen_nll, dpo_loss};
+use crate::dpo::{DpoLoss, FDivergence, PairLogps, chosen_nll, dpo_loss};
 use crate::kto::{KtoLoss, LabeledLogps, kl_estimate, kto_loss};
 use crate::orpo::orpo_loss;
 use crate::token_loss::{
@@ -375,14 +375,31 @@ impl<B: AutodiffBackend> Strategy<B> for Sft {
     }
 }
 
-/// Direct preference optimisation; the reference is the same model with its adapters switched
-/// off, run without gradient tracking (no second copy of the weights).
-#[derive(Debug, Clone, Copy)]
+/// Direct preference optimisation and its variants (see [`crate::dpo`]); the reference is the
+/// same model with its adapters switched off, run without gradient tracking (no second copy of
+/// the weights), unless the batch holds its precomputed log-probs.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Dpo {
-    pub loss: DpoLoss,
+    /// The loss terms and their weights (RPO adds `(DpoLoss::Sft, α)` to the sigmoid loss).
+    pub terms: Vec<(DpoLoss, f64)>,
     pub beta: f64,
-    /// Weight of the chosen completions' NLL added to the loss (RPO); `None` for plain DPO.
-    pub rpo_alpha: Option<f64>,
+    pub divergence: FDivergence,
+}
+
+impl Dpo {
+    /// The original DPO loss with strength `beta`.
+    pub fn sigmoid(beta: f64) -> Self {
+        Self {
+            terms: vec![(
+                DpoLoss::Sigmoid {
+                    label_smoothing: 0.0,
+                },
+                1.0,
+            )],
+            beta,
+            divergence: FDivergence::ReverseKl,
+        }
+    }
 }
 
 /// Summed completion log-probs per row, from the final `hidden` states of `batch`.
@@ -432,26 +449,20 @@ impl<B: AutodiffBackend> Strategy<B> for Dpo {
         let hidden = trained_hidden_states(model, &both, checkpoints);
         let (policy_chosen, policy_rejected) =
             split_pairs(sequence_logps(model, hidden, &both, model.trains()));
-        let chosen_tokens = count(&batch.chosen);
-        let rpo = self.rpo_alpha.map(|alpha| {
-            chosen_nll(policy_chosen.clone(), chosen_tokens.clone()).mul_scalar(alpha)
-        });
         let out = dpo_loss(
-            self.loss,
+            &self.terms,
             self.beta,
+            self.divergence,
             PairLogps {
                 policy_chosen,
                 policy_rejected,
                 reference_chosen,
                 reference_rejected,
-                chosen_tokens,
+                chosen_tokens: count(&batch.chosen),
                 rejected_tokens: count(&batch.rejected),
             },
         );
-        let loss = match rpo {
-            Some(term) => out.loss + term,
-            None => out.loss,
-        };
+        let loss = out.loss;
         let m = out.metrics;
         StepOutput {
             loss_sum: loss.mul_scalar(pairs as f64),
@@ -568,7 +579,7 @@ impl<B: AutodiffBackend> Strategy<B> for Cpo {
 }
 
 /// The preference strategies as one type for the training loop.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum Preference {
     Dpo(Dpo),
     Orpo(Orpo),

@@ -11,8 +11,8 @@ use burn::backend::Autodiff;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use burnish_align::{
-    Activations, AdamW, AdamWConfig, Dpo, DpoLoss, Kto, KtoLoss, LabeledBatch, Orpo, PairBatch,
-    Schedule, ScheduleKind, Sft, TokenBatch, optimizer_step,
+    Activations, AdamW, AdamWConfig, Dpo, Kto, KtoLoss, LabeledBatch, Orpo, PairBatch, Schedule,
+    ScheduleKind, Sft, TokenBatch, optimizer_step,
 };
 use burnish_model::{BaseDtype, HfConfig, RandomWeights, build_decoder};
 use burnish_peft::{LoraConfig, Targets};
@@ -295,13 +295,7 @@ fn train_steps<AD: AutodiffBackend>(
         },
         reference: None,
     };
-    let dpo = Dpo {
-        loss: DpoLoss::Sigmoid {
-            label_smoothing: 0.0,
-        },
-        beta: 0.1,
-        rpo_alpha: None,
-    };
+    let dpo = Dpo::sigmoid(0.1);
     let schedule = Schedule {
         kind: ScheduleKind::Constant,
         peak_lr: 1e-4,
