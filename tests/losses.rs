@@ -108,6 +108,7 @@ struct CpoCase {
     label_smoothing: f64,
     cpo_alpha: f64,
     simpo_gamma: f64,
+    alpha: f64,
     loss: f64,
     metrics: std::collections::BTreeMap<String, f64>,
 }
@@ -423,7 +424,7 @@ fn cpo_and_simpo_losses_and_metrics_equal_trl_through_the_model() {
     use burnish_align::{Cpo, CpoLoss, Strategy};
     let g = golden().cpo;
     let (model, batch) = preference_case(&g.pairs);
-    assert_eq!(g.cases.len(), 5);
+    assert_eq!(g.cases.len(), 7);
     for case in &g.cases {
         let e = case.label_smoothing;
         let loss = match case.loss_type.as_str() {
@@ -439,7 +440,8 @@ fn cpo_and_simpo_losses_and_metrics_equal_trl_through_the_model() {
         let cpo = Cpo {
             loss,
             beta: case.beta,
-            alpha: case.cpo_alpha,
+            cpo_alpha: case.cpo_alpha,
+            alpha: case.alpha,
         };
         let out = cpo.loss(&model, &batch, None);
         assert_trl_step(&case.name, out, case.loss, &case.metrics);

@@ -14,7 +14,8 @@
   both sides of its branch.
 - `cpo`: TRL 1.16's CPO losses and metrics (`experimental.cpo.CPOTrainer.get_batch_loss_metrics`
   on a stub trainer, the same pairs and model as `orpo`) for every loss type (sigmoid with label
-  smoothing, hinge, ipo, simpo) and for SimPO proper (`cpo_alpha = 0`).
+  smoothing, hinge, ipo, simpo), for SimPO proper (`cpo_alpha = 0`) and for AlphaPO's rewards
+  (`alpha`).
 - `kto`: TRL 1.16's KTO loss and metrics (`KTOTrainer._compute_loss` on a stub trainer, through
   TRL's own unpaired-preference collator and fused LM head) for labeled completions on the llama
   fixture with the llama-qv adapter as the policy and the adapter switched off as the reference:
@@ -154,6 +155,9 @@ def cpo_cases(orpo: dict) -> dict:
         {"name": "ipo", "loss_type": "ipo", "beta": 0.2, "label_smoothing": 0.0, "cpo_alpha": 1.0},
         {"name": "simpo", "loss_type": "simpo", "beta": 2.0, "label_smoothing": 0.0, "cpo_alpha": 0.0, "simpo_gamma": 0.5},
         {"name": "cpo_simpo", "loss_type": "simpo", "beta": 2.0, "label_smoothing": 0.1, "cpo_alpha": 0.3, "simpo_gamma": 1.2},
+        # AlphaPO (TRL's `loss_type="alphapo"`: simpo with cpo_alpha 0), and its rewards under the sigmoid loss.
+        {"name": "alphapo", "loss_type": "simpo", "beta": 2.0, "label_smoothing": 0.0, "cpo_alpha": 0.0, "simpo_gamma": 0.5, "alpha": 0.25},
+        {"name": "sigmoid_alpha", "loss_type": "sigmoid", "beta": 0.1, "label_smoothing": 0.0, "cpo_alpha": 1.0, "alpha": -0.05},
     ]
     cases = []
     for setting in settings:
@@ -161,7 +165,7 @@ def cpo_cases(orpo: dict) -> dict:
         for key in ["loss_type", "beta", "label_smoothing", "cpo_alpha"]:
             setattr(trainer, key, setting[key])
         trainer.simpo_gamma = setting.get("simpo_gamma", 0.5)
-        trainer.alpha = 0.0
+        trainer.alpha = setting.get("alpha", 0.0)
         trainer.is_encoder_decoder = False
         trainer.pad_token_id = 0
         trainer.aux_loss_enabled = False
@@ -169,7 +173,9 @@ def cpo_cases(orpo: dict) -> dict:
         with torch.no_grad():
             loss, metrics = trainer.get_batch_loss_metrics(model, padded_pairs(orpo["pairs"], 0))
         metrics = {k: float(v) for k, v in metrics.items() if not k.startswith("logits/")}
-        cases.append({**setting, "simpo_gamma": trainer.simpo_gamma, "loss": loss.item(), "metrics": metrics})
+        cases.append(
+            {**setting, "simpo_gamma": trainer.simpo_gamma, "alpha": trainer.alpha, "loss": loss.item(), "metrics": metrics}
+        )
     return {"pairs": orpo["pairs"], "cases": cases}
 
 

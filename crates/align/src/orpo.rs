@@ -56,7 +56,7 @@ pub fn orpo_loss<B: Backend>(
     let loss = nll.clone() - ratio.clone().mean().mul_scalar(beta);
 
     let mean = |t: Tensor<B, 1>| first_value(t.detach().mean());
-    let mut metrics = reward_metrics(beta, chosen, rejected);
+    let mut metrics = reward_metrics(beta, [chosen.clone(), rejected.clone()], [chosen, rejected]);
     metrics.extend([
         ("nll_loss", mean(nll)),
         ("log_odds_ratio", mean(ratio)),

@@ -14,7 +14,7 @@ use crate::dpo::{DpoLoss, FDivergence};
 use crate::error::RecipeError;
 use crate::kto::KtoLoss;
 use crate::schedule::ScheduleKind;
-use crate::strategy::Dpo;
+use crate::strategy::{Cpo, Dpo};
 
 /// `[model]`: the base checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -564,7 +564,8 @@ impl Default for OrpoSection {
 pub struct CpoSection {
     /// Scale of the log-prob difference (default 0.1).
     pub beta: f64,
-    /// `sigmoid`, `hinge`, `ipo` or `simpo` (default `sigmoid`).
+    /// `sigmoid`, `hinge`, `ipo`, `simpo` or `alphapo` (SimPO with AlphaPO's rewards and no NLL
+    /// term) (default `sigmoid`).
     pub loss: CpoLossName,
     /// Assumed label noise for `sigmoid` and `simpo` (default 0).
     pub label_smoothing: f64,
@@ -572,6 +573,9 @@ pub struct CpoSection {
     pub cpo_alpha: f64,
     /// SimPO's target reward margin γ (default 0.5).
     pub simpo_gamma: f64,
+    /// AlphaPO's reward shape α: rewards `(1 - p^(-α)) / α` of the completions' probabilities
+    /// `p` instead of their log-probs (default 0: the log-probs).
+    pub alpha: f64,
 }
 
 impl Default for CpoSection {
@@ -582,6 +586,7 @@ impl Default for CpoSection {
             label_smoothing: 0.0,
             cpo_alpha: 1.0,
             simpo_gamma: 0.5,
+            alpha: 0.0,
         }
     }
 }
@@ -593,20 +598,30 @@ pub enum CpoLossName {
     Hinge,
     Ipo,
     Simpo,
+    Alphapo,
 }
 
 impl CpoSection {
-    /// The loss these settings describe.
-    pub fn loss(&self) -> CpoLoss {
+    /// The strategy these settings describe; `alphapo` is SimPO without the NLL term, as TRL
+    /// reads it.
+    pub fn strategy(&self) -> Cpo {
         let label_smoothing = self.label_smoothing;
-        match self.loss {
-            CpoLossName::Sigmoid => CpoLoss::Sigmoid { label_smoothing },
-            CpoLossName::Hinge => CpoLoss::Hinge,
-            CpoLossName::Ipo => CpoLoss::Ipo,
-            CpoLossName::Simpo => CpoLoss::Simpo {
-                gamma: self.simpo_gamma,
-                label_smoothing,
-            },
+        let simpo = CpoLoss::Simpo {
+            gamma: self.simpo_gamma,
+            label_smoothing,
+        };
+        let (loss, cpo_alpha) = match self.loss {
+            CpoLossName::Sigmoid => (CpoLoss::Sigmoid { label_smoothing }, self.cpo_alpha),
+            CpoLossName::Hinge => (CpoLoss::Hinge, self.cpo_alpha),
+            CpoLossName::Ipo => (CpoLoss::Ipo, self.cpo_alpha),
+            CpoLossName::Simpo => (simpo, self.cpo_alpha),
+            CpoLossName::Alphapo => (simpo, 0.0),
+        };
+        Cpo {
+            loss,
+            beta: self.beta,
+            cpo_alpha,
+            alpha: self.alpha,
         }
     }
 }
@@ -1130,6 +1145,17 @@ impl Recipe {
         if !(0.0..0.5).contains(&c.label_smoothing) {
             return Err("`cpo.label_smoothing` must be in [0, 0.5)".into());
         }
+        if !c.alpha.is_finite() {
+            return Err("`cpo.alpha` must be a number".into());
+        }
+        if c.loss == CpoLossName::Alphapo && ![0.0, 1.0].contains(&c.cpo_alpha) {
+            return Err(
+                "`cpo.loss = \"alphapo\"` is SimPO without the NLL term, so it takes no \
+                 `cpo.cpo_alpha`: remove it, or use `loss = \"simpo\"` with `alpha` to keep \
+                 the NLL term"
+                    .into(),
+            );
+        }
         self.dpo.check()?;
         // The run directory keeps the resolved recipe as TOML, which holds paths as text.
         let paths = [&self.model.base, &self.output.dir]
@@ -1447,6 +1473,21 @@ dir = "runs/first"
             let err = dpo(sets).unwrap_err();
             assert!(err.contains(says), "{sets:?}: {err}");
         }
+    }
+
+    #[test]
+    fn alphapo_is_simpo_without_the_nll_term() {
+        let cpo = |sets: &[&str]| {
+            let mut all = vec!["train.strategy=cpo"];
+            all.extend_from_slice(sets);
+            parse(MINIMAL, &all)
+        };
+        let r = cpo(&["cpo.loss=\"alphapo\"", "cpo.alpha=0.25"]).unwrap();
+        let strategy = r.cpo.strategy();
+        assert!(matches!(strategy.loss, CpoLoss::Simpo { .. }));
+        assert_eq!((strategy.cpo_alpha, strategy.alpha), (0.0, 0.25));
+        let err = cpo(&["cpo.loss=\"alphapo\"", "cpo.cpo_alpha=0.5"]).unwrap_err();
+        assert!(err.contains("`cpo.cpo_alpha`"), "{err}");
     }
 
     #[test]

@@ -35,7 +35,7 @@ use crate::recipe::{
 };
 use crate::schedule::Schedule;
 use crate::strategy::{
-    Cpo, Kto, LabeledBatch, Orpo, PairBatch, Preference, Sft, Strategy, TokenBatch, frozen_logps,
+    Kto, LabeledBatch, Orpo, PairBatch, Preference, Sft, Strategy, TokenBatch, frozen_logps,
 };
 use crate::trainer::{Activations, MetricMeans, StepMetrics, optimizer_step};
 
@@ -874,11 +874,7 @@ pub fn train<B: AutodiffBackend>(
         StrategyKind::Orpo => Preference::Orpo(Orpo {
             beta: recipe.orpo.beta,
         }),
-        StrategyKind::Cpo => Preference::Cpo(Cpo {
-            loss: recipe.cpo.loss(),
-            beta: recipe.cpo.beta,
-            alpha: recipe.cpo.cpo_alpha,
-        }),
+        StrategyKind::Cpo => Preference::Cpo(recipe.cpo.strategy()),
         _ => Preference::Dpo(recipe.dpo.strategy()),
     };
     let reference_of = |data: &Dataset| {

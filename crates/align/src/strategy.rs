@@ -531,13 +531,15 @@ impl<B: AutodiffBackend> Strategy<B> for Orpo {
     }
 }
 
-/// Contrastive preference optimisation and SimPO: no reference model, `alpha ×` the chosen
-/// completions' NLL in the loss (see [`crate::cpo`]).
+/// Contrastive preference optimisation, SimPO and AlphaPO: no reference model, `cpo_alpha ×` the
+/// chosen completions' NLL in the loss (see [`crate::cpo`]).
 #[derive(Debug, Clone, Copy)]
 pub struct Cpo {
     pub loss: CpoLoss,
     pub beta: f64,
-    /// Weight of the chosen completions' NLL (TRL's `cpo_alpha`; 0 for SimPO).
+    /// Weight of the chosen completions' NLL (0 for SimPO and AlphaPO).
+    pub cpo_alpha: f64,
+    /// AlphaPO's reward shape (0: the log-probs themselves).
     pub alpha: f64,
 }
 
@@ -569,7 +571,15 @@ impl<B: AutodiffBackend> Strategy<B> for Cpo {
         } else {
             (chosen, rejected)
         };
-        let out = cpo_loss(self.loss, self.beta, self.alpha, chosen, rejected, nll);
+        let out = cpo_loss(
+            self.loss,
+            self.beta,
+            self.cpo_alpha,
+            self.alpha,
+            chosen,
+            rejected,
+            nll,
+        );
         StepOutput {
             loss_sum: out.loss.mul_scalar(pairs as f64),
             units: pairs as f64,

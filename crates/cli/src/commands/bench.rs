@@ -11,8 +11,8 @@ use burn::backend::Autodiff;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use burnish_align::{
-    Activations, AdamW, AdamWConfig, Dpo, Kto, KtoLoss, LabeledBatch, Orpo, PairBatch, Schedule,
-    ScheduleKind, Sft, TokenBatch, optimizer_step,
+    Activations, AdamW, AdamWConfig, Cpo, CpoLoss, Dpo, Kto, KtoLoss, LabeledBatch, Orpo,
+    PairBatch, Schedule, ScheduleKind, Sft, TokenBatch, optimizer_step,
 };
 use burnish_model::{BaseDtype, HfConfig, RandomWeights, build_decoder};
 use burnish_peft::{LoraConfig, Targets};
@@ -74,6 +74,8 @@ enum Mode {
     Dpo,
     /// LoRA ORPO steps on the same pairs as `dpo`: no reference pass.
     Orpo,
+    /// LoRA CPO steps (sigmoid loss and the chosen completions' NLL) on the same pairs as `dpo`.
+    Cpo,
     /// LoRA KTO steps on batch labeled completions of seq tokens (half of them desirable): the
     /// trained pass, and without gradients the policy's and the reference's (adapter off)
     /// passes over the KL rows and the reference's over the trained rows.
@@ -174,7 +176,7 @@ impl Job for Bench {
         } else {
             train_steps::<Autodiff<B>>(&a, &config, &ids, &rejected, &device, &mut memory)?
         };
-        let pairs = matches!(a.mode, Mode::Dpo | Mode::Orpo);
+        let pairs = matches!(a.mode, Mode::Dpo | Mode::Orpo | Mode::Cpo);
         let tokens = a.batch * a.seq * if pairs { 2 } else { 1 };
         let tokens_per_s = tokens as f64 / step_s;
         let peak = memory.peak_bytes();
@@ -320,6 +322,21 @@ fn train_steps<AD: AutodiffBackend>(
             Mode::Orpo => optimizer_step(
                 current,
                 &Orpo { beta: 0.1 },
+                &pairs,
+                &mut optimizer,
+                &schedule,
+                activations,
+            )?,
+            Mode::Cpo => optimizer_step(
+                current,
+                &Cpo {
+                    loss: CpoLoss::Sigmoid {
+                        label_smoothing: 0.0,
+                    },
+                    beta: 0.1,
+                    cpo_alpha: 1.0,
+                    alpha: 0.0,
+                },
                 &pairs,
                 &mut optimizer,
                 &schedule,
