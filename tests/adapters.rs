@@ -1,7 +1,8 @@
-//! LoRA against PEFT 0.21 (fixtures from `scripts/golden/make_adapters.py`): PEFT-saved adapters
-//! reproduce PEFT's log-probs (1e-4) and merged weights (1e-6), trainable-parameter counts equal
-//! PEFT's, fresh adapters leave the model unchanged, only adapter tensors get gradients, the
-//! on/off switch restores the base, our writer reproduces PEFT's files, and bad configs fail.
+//! LoRA and DoRA against PEFT 0.21 (fixtures from `scripts/golden/make_adapters.py`): PEFT-saved
+//! adapters reproduce PEFT's log-probs (1e-4) and merged weights (1e-6), DoRA its gradients
+//! (1e-4 of the largest), trainable-parameter counts equal PEFT's, fresh adapters leave the
+//! model unchanged, only adapter tensors get gradients, the on/off switch restores the base, our
+//! writer reproduces PEFT's files, and bad configs fail.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -17,7 +18,7 @@ use serde::Deserialize;
 
 use crate::fixtures::{B, golden, max_abs_diff, model_dir};
 
-const ADAPTERS: &[&str] = &["llama-qv", "qwen2-all", "mistral-layer1"];
+const ADAPTERS: &[&str] = &["llama-qv", "qwen2-all", "mistral-layer1", "llama-dora"];
 
 fn adapter_dir(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -141,6 +142,11 @@ fn fresh_adapters_change_nothing_and_match_peft_counts() {
             "llama",
         ),
         ("qwen2-all", Targets::AllLinear, "qwen2"),
+        (
+            "llama-dora",
+            Targets::List(vec!["q_proj".into(), "v_proj".into(), "down_proj".into()]),
+            "llama",
+        ),
     ] {
         let golden = adapter_golden(name);
         let peft_config =
@@ -222,6 +228,75 @@ fn only_adapter_tensors_receive_gradients() {
     assert_eq!(adapted, 4, "q_proj and down_proj of both layers");
 }
 
+/// DoRA's gradients (A, B and the magnitudes; the row norms held constant) equal PEFT's for
+/// the first score case's mean negative log-prob.
+#[test]
+fn dora_gradients_match_peft() {
+    type AD = Autodiff<B>;
+    let name = "llama-dora";
+    let golden: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter_dir(name).join("golden.json")).unwrap(),
+    )
+    .unwrap();
+    let device = Default::default();
+    let base = Pretrained::<AD>::load(&model_dir("llama"), &device)
+        .unwrap()
+        .model;
+    let (model, config) = base.with_adapter(&adapter_dir(name)).unwrap();
+    assert!(config.use_dora);
+    let ids: Vec<i64> = adapter_golden(name).score[0]
+        .token_ids
+        .iter()
+        .map(|&id| i64::from(id))
+        .collect();
+    let n = ids.len();
+    let input = Tensor::<AD, 2, Int>::from_data(TensorData::new(ids.clone(), [1, n]), &device);
+    let targets =
+        Tensor::<AD, 2, Int>::from_data(TensorData::new(ids[1..].to_vec(), [n - 1, 1]), &device);
+    let logits: Tensor<AD, 2> = model.forward(input).squeeze_dim(0).narrow(0, 0, n - 1);
+    let logprobs = burn::tensor::activation::log_softmax(logits, 1);
+    let loss = logprobs.gather(1, targets).mean().neg();
+    let ours = loss.clone().into_scalar();
+    let theirs = golden["loss"].as_f64().unwrap() as f32;
+    assert!(
+        (ours - theirs).abs() <= 1e-5,
+        "loss {ours} vs PEFT {theirs}"
+    );
+    let grads = loss.backward();
+    let expected = read_tensors(&adapter_dir(name).join("grads.safetensors"));
+    let mut seen = 0;
+    for (module, linear) in model.linears() {
+        let Some(lora) = &linear.lora else { continue };
+        let magnitude = lora.magnitude.as_ref().expect("a DoRA adapter").val();
+        for (key, grad) in [
+            (
+                format!("base_model.model.{module}.lora_A.weight"),
+                lora.lora_a.val().grad(&grads),
+            ),
+            (
+                format!("base_model.model.{module}.lora_B.weight"),
+                lora.lora_b.val().grad(&grads),
+            ),
+            (
+                format!("base_model.model.{module}.lora_magnitude_vector"),
+                magnitude.grad(&grads).map(|g| g.unsqueeze::<2>()),
+            ),
+        ] {
+            let grad = grad.unwrap_or_else(|| panic!("{key}: no gradient"));
+            let ours = grad.into_data().to_vec::<f32>().unwrap();
+            let (_, theirs) = &expected[&key];
+            let scale = theirs.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+            let worst = max_abs_diff(&ours, theirs);
+            assert!(
+                worst <= 1e-4 * scale,
+                "{key}: max |Δ| = {worst:e} (largest {scale:e})"
+            );
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, expected.len());
+}
+
 #[test]
 fn our_writer_reproduces_peft_files() {
     for name in ADAPTERS {
@@ -287,8 +362,14 @@ fn bad_adapters_are_clear_errors() {
     };
 
     let dir = copy();
+    // A DoRA config over plain LoRA weights: the magnitudes are missing.
     edit(dir.path(), "use_dora", true.into());
-    assert!(load(dir.path()).contains("use_dora"));
+    let msg = load(dir.path());
+    assert!(msg.contains("q_proj.lora_magnitude_vector"), "{msg}");
+
+    let dir = copy();
+    edit(dir.path(), "fan_in_fan_out", true.into());
+    assert!(load(dir.path()).contains("fan_in_fan_out"));
 
     let dir = copy();
     edit(dir.path(), "r", 8.into());

@@ -132,6 +132,30 @@ fn sft_run_learns_and_writes_a_peft_adapter() {
         eval_bf16 < 0.5 * first,
         "bf16 base: eval loss {eval_bf16} did not fall well below the first step's {first}"
     );
+
+    // DoRA, with adapter dropout drawing: learns as well, and writes PEFT's DoRA adapter.
+    let out = train(
+        &path,
+        &[
+            "--set",
+            "adapter.use_dora=true",
+            "--set",
+            "adapter.dropout=0.1",
+            "--set",
+            "output.dir=\"run-dora\"",
+        ],
+    );
+    assert_success(&out);
+    let dora = work.path().join("run-dora");
+    let eval_dora = first_eval_loss(&metrics(&dora));
+    assert!(
+        eval_dora < 0.5 * first,
+        "DoRA: eval loss {eval_dora} did not fall well below the first step's {first}"
+    );
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(dora.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(config["use_dora"], true);
+    assert_ne!(score(&["--adapter", dora.to_str().unwrap()]), score(&[]));
 }
 
 /// Eight conversational preference rows in `dir/pairs.jsonl`.

@@ -6,11 +6,14 @@ Writes, under tests/fixtures/adapters/:
   <name>/golden.json      PEFT's trainable-parameter count and per-token log-probs of
                           model + adapter on the model's score cases
   <name>/merged.safetensors  the adapted weights after PEFT's merge_and_unload (f32)
+  <name>/grads.safetensors   (DoRA only) the adapter's gradients of the first score case's
+                          mean negative log-prob, its value in golden.json's `loss`
 and tests/fixtures/merges/golden.safetensors + golden.json: PEFT's merge_utils (task
 arithmetic, TIES, DARE) and the linear / SLERP formulas on small random task tensors.
 
 Adapters are created with init_lora_weights=False so B is non-zero and the adapter really
-changes the outputs. Run after make_models.py, from the repository root:
+changes the outputs; a DoRA adapter's magnitudes are then scaled by random factors, so that
+its rescaling of each row matters too. Run after make_models.py, from the repository root:
 
     .venv/bin/python scripts/golden/make_adapters.py
 
@@ -57,6 +60,8 @@ ADAPTER_SPECS = {
         "mistral",
         dict(r=2, lora_alpha=4, target_modules=["gate_proj", "up_proj", "o_proj"], layers_to_transform=[1]),
     ),
+    # DoRA on attention and an MLP projection.
+    "llama-dora": ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True)),
 }
 
 
@@ -82,6 +87,11 @@ def make_adapter(name: str, base_name: str, kwargs: dict) -> None:
     model = load_base(base_name)
     config = LoraConfig(task_type="CAUSAL_LM", lora_dropout=0.0, init_lora_weights=False, **kwargs)
     peft_model = get_peft_model(model, config)
+    if config.use_dora:
+        with torch.no_grad():
+            for param_name, param in peft_model.named_parameters():
+                if "lora_magnitude_vector" in param_name:
+                    param.mul_(1 + 0.2 * torch.randn_like(param))
     peft_model.save_pretrained(out)
     (out / "README.md").unlink()  # PEFT's model card template; not needed by the tests
     trainable, _ = peft_model.get_nb_trainable_parameters()
@@ -93,6 +103,9 @@ def make_adapter(name: str, base_name: str, kwargs: dict) -> None:
         {"token_ids": c["token_ids"], "logprobs": token_logprobs(reloaded, c["token_ids"])}
         for c in cases
     ]
+    loss = None
+    if config.use_dora:
+        loss = save_gradients(out, base_name, cases[0]["token_ids"])
     base_model = reloaded.get_base_model()
     adapted = sorted(n.removesuffix(".base_layer") for n, m in base_model.named_modules() if hasattr(m, "lora_A"))
     merged = reloaded.merge_and_unload()
@@ -105,8 +118,30 @@ def make_adapter(name: str, base_name: str, kwargs: dict) -> None:
         "adapted_modules": adapted,
         "score": score,
     }
+    if loss is not None:
+        golden["loss"] = loss
     (out / "golden.json").write_text(json.dumps(golden, indent=1) + "\n")
     print(f"{name}: {len(adapted)} modules, {trainable} trainable parameters")
+
+
+def save_gradients(out: Path, base_name: str, ids: list[int]) -> float:
+    """The gradients of `ids`' mean negative log-prob for every adapter tensor, keyed as in
+    adapter_model.safetensors, written to grads.safetensors; returns the loss."""
+    model = PeftModel.from_pretrained(load_base(base_name), out, is_trainable=True).eval()
+    logits = model(torch.tensor([ids])).logits[0]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    targets = torch.tensor(ids[1:])
+    loss = -logprobs[:-1].gather(1, targets[:, None]).mean()
+    loss.backward()
+    grads = {}
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            saved = name.replace(".default", "")
+            if "lora_magnitude_vector" in saved:
+                saved = saved.removesuffix(".weight")
+            grads[saved] = param.grad.contiguous()
+    save_file(grads, out / "grads.safetensors", metadata={"format": "pt"})
+    return loss.item()
 
 
 def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995) -> torch.Tensor:

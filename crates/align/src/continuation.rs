@@ -256,6 +256,11 @@ pub fn check_init_from(
         section.use_rslora.to_string(),
         loaded.use_rslora.to_string(),
     );
+    differ(
+        "use_dora",
+        section.use_dora.to_string(),
+        loaded.use_dora.to_string(),
+    );
     if given("target_modules") || given("layers_to_transform") {
         let names = |config: &LoraConfig| -> Result<BTreeSet<String>, RunError> {
             Ok(select_targets(modules, config)?

@@ -107,6 +107,9 @@ pub struct AdapterSection {
     pub layers_to_transform: Option<Vec<usize>>,
     /// Scale by `alpha / √r` (default false).
     pub use_rslora: bool,
+    /// DoRA: also learn the magnitude of each output row of every adapted weight (default
+    /// false).
+    pub use_dora: bool,
     /// `kaiming` (PEFT's default) or `gaussian` (default `kaiming`).
     pub init: AdapterInit,
     /// Start from this PEFT-format adapter instead of a fresh one (default: none).
@@ -125,6 +128,7 @@ impl Default for AdapterSection {
             target_modules: TargetModules::Named("all-linear".into()),
             layers_to_transform: None,
             use_rslora: false,
+            use_dora: false,
             init: AdapterInit::Kaiming,
             init_from: None,
             given: Vec::new(),

@@ -103,6 +103,7 @@ pub fn lora_config(section: &AdapterSection, base: &Path) -> LoraConfig {
         },
         layers_to_transform: section.layers_to_transform.clone(),
         use_rslora: section.use_rslora,
+        use_dora: section.use_dora,
         init: match section.init {
             AdapterInit::Kaiming => LoraInit::Kaiming,
             AdapterInit::Gaussian => LoraInit::Gaussian,

@@ -1,6 +1,7 @@
 //! Attaching LoRA adapters to a model's named linear layers, and PEFT's on-disk adapter format:
 //! `adapter_config.json` plus `adapter_model.safetensors` with keys
-//! `base_model.model.<module>.lora_A.weight` `[r, in]` and `...lora_B.weight` `[out, r]`.
+//! `base_model.model.<module>.lora_A.weight` `[r, in]` and `...lora_B.weight` `[out, r]`, and
+//! for DoRA `base_model.model.<module>.lora_magnitude_vector` `[out]`.
 //! The model is seen only as a list of `(module name, &mut AdaptableLinear)`.
 
 use std::collections::BTreeSet;
@@ -29,6 +30,11 @@ fn key(module: &str, matrix: &str) -> String {
     format!("base_model.model.{module}.{matrix}.weight")
 }
 
+/// Where PEFT keeps a DoRA adapter's magnitude.
+fn magnitude_key(module: &str) -> String {
+    format!("base_model.model.{module}.lora_magnitude_vector")
+}
+
 /// A per-module seed, so adding a module does not shift the others' initial values.
 fn module_seed(seed: u64, name: &str) -> u64 {
     name.bytes().fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| {
@@ -37,7 +43,8 @@ fn module_seed(seed: u64, name: &str) -> u64 {
 }
 
 /// Attaches fresh adapters (B = 0, so outputs are unchanged) to the modules `config` targets,
-/// freezing their base weights. Returns the modules chosen.
+/// freezing their base weights; a DoRA adapter's magnitude starts as its base weight's row norms,
+/// as PEFT's does. Returns the modules chosen.
 pub fn attach_lora<B: Backend>(
     linears: &mut NamedLinears<'_, B>,
     config: &LoraConfig,
@@ -60,19 +67,32 @@ pub fn attach_lora<B: Backend>(
             module_seed(seed, &s.name),
             &device,
         );
+        let lora = if config.use_dora {
+            // Through the host, so the magnitude is a parameter of its own, not a result.
+            let norms = lora.row_norms(layer.weight.val()).into_data();
+            lora.with_magnitude(Tensor::from_data(norms, &device))
+        } else {
+            lora
+        };
         layer.attach(lora);
     }
     Ok(selected)
 }
 
-/// Number of trainable adapter values: `Σ r · (in + out)` over adapted modules.
+/// Number of trainable adapter values: `Σ r · (in + out)` over adapted modules, plus `out` for
+/// each DoRA magnitude.
 pub fn trainable_parameters<B: Backend>(linears: &[(String, &AdaptableLinear<B>)]) -> usize {
     linears
         .iter()
         .filter_map(|(_, l)| {
-            l.lora
-                .as_ref()
-                .map(|lora| lora.rank() * (l.d_in() + l.d_out()))
+            l.lora.as_ref().map(|lora| {
+                let magnitude = if lora.magnitude.is_some() {
+                    l.d_out()
+                } else {
+                    0
+                };
+                lora.rank() * (l.d_in() + l.d_out()) + magnitude
+            })
         })
         .sum()
 }
@@ -95,6 +115,10 @@ pub fn save_adapter<B: Backend>(
         let Some(lora) = &layer.lora else { continue };
         for (matrix, t) in [("lora_A", lora.lora_a.val()), ("lora_B", lora.lora_b.val())] {
             tensors.push((key(name, matrix), t.dims().to_vec(), f32_values(t)));
+        }
+        if let Some(magnitude) = &lora.magnitude {
+            let m = magnitude.val();
+            tensors.push((magnitude_key(name), m.dims().to_vec(), f32_values(m)));
         }
         selected.push(Selected {
             name: name.clone(),
@@ -150,8 +174,7 @@ pub fn load_adapter<B: Backend>(
             .find(|(n, _)| *n == s.name)
             .expect("selected from these names");
         let device = layer.weight.device();
-        let mut read = |matrix: &str, shape: [usize; 2]| -> Result<Tensor<B, 2>> {
-            let name = key(&s.name, matrix);
+        let mut read = |name: String, shape: &[usize]| -> Result<Vec<f32>> {
             let view = file.tensor(&name).map_err(|_| PeftError::MissingTensor {
                 path: path.clone(),
                 name: name.clone(),
@@ -170,16 +193,22 @@ pub fn load_adapter<B: Backend>(
                 dtype: format!("{dtype:?}"),
             })?;
             used.insert(name);
-            Ok(Tensor::from_data(TensorData::new(values, shape), &device))
+            Ok(values)
         };
-        let a = read("lora_A", [s.r, layer.d_in()])?;
-        let b = read("lora_B", [layer.d_out(), s.r])?;
-        loras.push(Lora::new(
-            a,
-            b,
-            config.scale(s.r, s.alpha),
-            config.lora_dropout,
-        ));
+        let matrix = |values: Vec<f32>, shape: [usize; 2]| {
+            Tensor::<B, 2>::from_data(TensorData::new(values, shape), &device)
+        };
+        let (a_shape, b_shape) = ([s.r, layer.d_in()], [layer.d_out(), s.r]);
+        let a = matrix(read(key(&s.name, "lora_A"), &a_shape)?, a_shape);
+        let b = matrix(read(key(&s.name, "lora_B"), &b_shape)?, b_shape);
+        let lora = Lora::new(a, b, config.scale(s.r, s.alpha), config.lora_dropout);
+        loras.push(if config.use_dora {
+            let out = layer.d_out();
+            let m = read(magnitude_key(&s.name), &[out])?;
+            lora.with_magnitude(Tensor::from_data(TensorData::new(m, [out]), &device))
+        } else {
+            lora
+        });
     }
     let mut names = file.names();
     names.sort_unstable();

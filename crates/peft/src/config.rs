@@ -1,6 +1,6 @@
 //! The LoRA configuration and its on-disk form, PEFT's `adapter_config.json` for a causal LM.
-//! Options PEFT has and burnish does not implement (DoRA, trained biases, `modules_to_save`, ...)
-//! are refused by name when a config is read, never ignored.
+//! Options PEFT has and burnish does not implement (trained biases, `modules_to_save`, ...) are
+//! refused by name when a config is read, never ignored.
 
 use std::path::Path;
 
@@ -37,6 +37,8 @@ pub struct LoraConfig {
     pub alpha_pattern: Vec<(String, f64)>,
     /// Scale by `alpha / √r` instead of `alpha / r`.
     pub use_rslora: bool,
+    /// DoRA: each adapted layer also learns the magnitude of every output row of its weight.
+    pub use_dora: bool,
     pub init: LoraInit,
     pub base_model_name_or_path: Option<String>,
 }
@@ -55,6 +57,7 @@ impl Default for LoraConfig {
             rank_pattern: Vec::new(),
             alpha_pattern: Vec::new(),
             use_rslora: false,
+            use_dora: false,
             init: LoraInit::Kaiming,
             base_model_name_or_path: None,
         }
@@ -65,7 +68,7 @@ impl Default for LoraConfig {
 /// the value that means "off".
 fn is_off(key: &str, value: &Value) -> Option<bool> {
     let off = match key {
-        "use_dora" | "fan_in_fan_out" | "lora_bias" | "use_qalora" | "use_bdlora" => {
+        "fan_in_fan_out" | "lora_bias" | "use_qalora" | "use_bdlora" => {
             matches!(value, Value::Null | Value::Bool(false))
         }
         "bias" => matches!(value, Value::Null) || value == "none",
@@ -299,6 +302,10 @@ impl LoraConfig {
                 .get("use_rslora")
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
+            use_dora: match map.get("use_dora") {
+                None | Some(Value::Null) => false,
+                Some(v) => v.as_bool().ok_or_else(|| bad("use_dora"))?,
+            },
             init,
             base_model_name_or_path: map
                 .get("base_model_name_or_path")
@@ -360,7 +367,7 @@ impl LoraConfig {
             "revision": null,
             "target_modules": target_modules,
             "task_type": "CAUSAL_LM",
-            "use_dora": false,
+            "use_dora": self.use_dora,
             "use_rslora": self.use_rslora,
         })
     }
@@ -375,10 +382,10 @@ mod tests {
     }
 
     #[test]
-    fn dora_and_trained_bias_are_refused_by_name() {
+    fn trained_bias_and_saved_modules_are_refused_by_name() {
         let base = json!({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "target_modules": ["q_proj"]});
         for (key, value) in [
-            ("use_dora", json!(true)),
+            ("fan_in_fan_out", json!(true)),
             ("bias", json!("all")),
             ("modules_to_save", json!(["lm_head"])),
         ] {
@@ -404,6 +411,7 @@ mod tests {
             rank_pattern: vec![("v_proj".into(), 2)],
             alpha_pattern: vec![("q_proj".into(), 3.5)],
             use_rslora: true,
+            use_dora: true,
             ..Default::default()
         };
         let json = config.to_json(&["q_proj".into(), "v_proj".into()]);

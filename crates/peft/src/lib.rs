@@ -1,5 +1,6 @@
 //! Adapter modules for burnish: the adaptable linear layer every model projection is built from,
-//! LoRA adapters that attach to it (PEFT's targeting rules, initialisation and on-disk format),
+//! LoRA and DoRA adapters that attach to it (PEFT's targeting rules, initialisation and on-disk
+//! format),
 //! merging an adapter into its base, and merging several adapters or models into one.
 //! This crate knows nothing of any particular model architecture: a model hands it its linear
 //! layers by name.

@@ -1,15 +1,18 @@
 //! The adaptable linear layer: a base projection in Hugging Face layout (`weight` `[out, in]`,
 //! optional `bias` `[out]`) to which a LoRA adapter attaches. With an adapter attached the base
 //! is frozen (no gradient, so no optimizer state); the adapter can be switched off, which turns
-//! the same model into its own DPO reference, and merged into the base or unmerged again.
+//! the same model into its own DPO reference, and merged into the base or unmerged again. With a
+//! DoRA adapter the layer computes `m/‖W + s·B·A‖ ⊙ (x·Wᵀ + s·x·Aᵀ·Bᵀ) + b`, the row norms held
+//! constant in the backward pass, exactly as PEFT's DoRA layer does.
 
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, ElementConversion, FloatDType, Tensor};
+use burn::tensor::{DType, ElementConversion, FloatDType, Tensor, TensorData};
 
 use crate::error::{PeftError, Result};
 use crate::lora::Lora;
 use crate::rebrand::on_cpu;
+use crate::tensor_io::f32_values;
 
 /// A linear projection `y = x·Wᵀ + b (+ LoRA)` whose weight is stored as `[out, in]`, exactly
 /// as the checkpoint holds it, so loading and saving need no transposes.
@@ -26,6 +29,10 @@ pub struct AdaptableLinear<B: Backend> {
     /// True while the adapter's update is folded into `weight`.
     #[module(skip)]
     pub merged: bool,
+    /// While a DoRA adapter is merged: the factor `m/‖W + s·B·A‖` each output row was scaled
+    /// by, to take it back out.
+    #[module(skip)]
+    merged_dora_scale: Option<Vec<f32>>,
 }
 
 impl<B: Backend> AdaptableLinear<B> {
@@ -37,6 +44,7 @@ impl<B: Backend> AdaptableLinear<B> {
             lora: None,
             adapter_enabled: true,
             merged: false,
+            merged_dora_scale: None,
         }
     }
 
@@ -76,9 +84,42 @@ impl<B: Backend> AdaptableLinear<B> {
     pub fn forward<const D: usize>(&self, input: Tensor<B, D>) -> Tensor<B, D> {
         let base = self.forward_base(input.clone());
         match self.active_lora() {
-            Some(lora) => base + lora.forward(input),
+            Some(lora) => match &lora.magnitude {
+                Some(magnitude) => self.forward_dora(lora, magnitude.val(), base, input),
+                None => base + lora.forward(input),
+            },
             None => base,
         }
+    }
+
+    /// DoRA's output, from the base projection `base` of `input` (bias included): the update
+    /// `(m/n - 1) ⊙ x'·Wᵀ + m/n ⊙ s·x'·Aᵀ·Bᵀ` added to it, with `n` the row norms of `W + s·B·A`
+    /// (a constant) and `x'` the adapter's input: `input` after dropout while that draws, when
+    /// `x'·Wᵀ` is a product of its own, else `input`, whose `x·Wᵀ` is `base` less the bias.
+    fn forward_dora<const D: usize>(
+        &self,
+        lora: &Lora<B>,
+        magnitude: Tensor<B, 1>,
+        base: Tensor<B, D>,
+        input: Tensor<B, D>,
+    ) -> Tensor<B, D> {
+        let dtype = base.dtype();
+        let norms = lora.row_norms(self.weight.val());
+        let scale = (magnitude / norms).unsqueeze::<D>();
+        let dropout = B::ad_enabled(&input.device()) && lora.dropout.prob > 0.0;
+        let (projected, adapter_input) = if dropout {
+            let dropped = lora.dropout.forward(input);
+            (project(dropped.clone(), self.weight.val()), dropped)
+        } else {
+            let projected = match &self.bias {
+                Some(bias) => base.clone() - cast_to(bias.val(), dtype).unsqueeze(),
+                None => base.clone(),
+            };
+            (projected, input)
+        };
+        let update = cast_to(scale.clone().sub_scalar(1.0), dtype) * projected
+            + cast_to(scale, dtype) * lora.update(adapter_input);
+        base + update
     }
 
     /// [`AdaptableLinear::forward`] of layers that all read `input` (a layer's query, key and
@@ -147,28 +188,51 @@ impl<B: Backend> AdaptableLinear<B> {
             .then_some(weight)
     }
 
-    /// The base weight with the adapter's update `s·B·A` folded in, when an unmerged adapter is
-    /// attached; an error naming `name` if any merged value would not be finite.
+    /// The base weight with the adapter's update `s·B·A` folded in (and for DoRA each row then
+    /// scaled to its magnitude), when an unmerged adapter is attached; an error naming `name` if
+    /// any merged value would not be finite.
     pub fn merged_weight(&self, name: &str) -> Result<Option<Tensor<B, 2>>> {
+        Ok(self
+            .merged_weight_and_scale(name)?
+            .map(|(weight, _)| weight))
+    }
+
+    /// [`AdaptableLinear::merged_weight`] and, for DoRA, the factor each row was scaled by.
+    fn merged_weight_and_scale(&self, name: &str) -> Result<Option<MergedWeight<B>>> {
         let Some(lora) = self.lora.as_ref().filter(|_| !self.merged) else {
             return Ok(None);
         };
         let delta = lora.delta_weight();
         let merged = self.weight.val().cast(delta.dtype()) + delta;
+        let (merged, scale) = match &lora.magnitude {
+            Some(magnitude) => {
+                let norms = merged
+                    .clone()
+                    .powi_scalar(2)
+                    .sum_dim(1)
+                    .sqrt()
+                    .squeeze_dim(1);
+                let scale = magnitude.val() / norms;
+                (merged * scale.clone().unsqueeze_dim(1), Some(scale))
+            }
+            None => (merged, None),
+        };
         let all_finite: i64 = merged.clone().is_finite().all().int().into_scalar().elem();
         if all_finite == 0 {
             return Err(PeftError::NonFinite {
                 module: name.into(),
             });
         }
-        Ok(Some(merged))
+        Ok(Some((merged, scale)))
     }
 
-    /// Folds the adapter into the base weight (`W + s·B·A`); forward then skips the adapter.
-    /// Refuses, leaving the layer unchanged, if the result would not be finite.
+    /// Folds the adapter into the base weight (`W + s·B·A`, DoRA's rows scaled); forward then
+    /// skips the adapter. Refuses, leaving the layer unchanged, if the result would not be
+    /// finite.
     pub fn merge(&mut self, name: &str) -> Result<()> {
-        if let Some(weight) = self.merged_weight(name)? {
+        if let Some((weight, scale)) = self.merged_weight_and_scale(name)? {
             self.set_merged_weight(weight);
+            self.merged_dora_scale = scale.map(f32_values);
         }
         Ok(())
     }
@@ -179,16 +243,25 @@ impl<B: Backend> AdaptableLinear<B> {
         self.merged = true;
     }
 
-    /// Takes a merged adapter's update back out of the base weight.
+    /// Takes an adapter merged by [`AdaptableLinear::merge`] back out of the base weight.
     pub fn unmerge(&mut self) {
         if let (Some(lora), true) = (&self.lora, self.merged) {
             let delta = lora.delta_weight();
-            let weight = self.weight.val().cast(delta.dtype()) - delta;
-            self.weight = Param::from_tensor(weight).set_require_grad(false);
+            let mut weight = self.weight.val().cast(delta.dtype());
+            if let Some(scale) = self.merged_dora_scale.take() {
+                let rows = scale.len();
+                let scale =
+                    Tensor::<B, 1>::from_data(TensorData::new(scale, [rows]), &delta.device());
+                weight = weight / scale.unsqueeze_dim(1);
+            }
+            self.weight = Param::from_tensor(weight - delta).set_require_grad(false);
             self.merged = false;
         }
     }
 }
+
+/// A merged weight `[out, in]` and, for DoRA, the factor `[out]` its rows were scaled by.
+type MergedWeight<B> = (Tensor<B, 2>, Option<Tensor<B, 1>>);
 
 /// `x` in `dtype`; `x` itself, with no cast in the autodiff graph, when it is already.
 pub fn cast_to<B: Backend, const D: usize>(x: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
@@ -407,6 +480,43 @@ mod tests {
             // The same sums, grouped into one product.
             shared.assert_approx_eq::<f32>(alone, Tolerance::absolute(1e-5).set_relative(1e-5));
         }
+    }
+
+    #[test]
+    fn dora_rescales_each_row_to_its_magnitude_and_merges_and_unmerges() {
+        let device = Default::default();
+        let weight = Tensor::<Flex, 2>::from_floats([[3.0, 0.0], [0.0, 1.0]], &device);
+        let mut layer =
+            AdaptableLinear::new(weight, Some(Tensor::from_floats([0.5, -1.0], &device)));
+        // ΔW = 0.5·B·A = [[1, 1], [0, 0]]: W + ΔW = [[4, 1], [0, 1]], row norms √17 and 1.
+        let a = Tensor::<Flex, 2>::from_floats([[1.0, 1.0]], &device);
+        let b = Tensor::<Flex, 2>::from_floats([[2.0], [0.0]], &device);
+        let lora = Lora::new(a, b, 0.5, 0.0);
+        let norms = lora.row_norms(layer.weight.val()).into_data();
+        norms.assert_approx_eq::<f32>(
+            &TensorData::from([17f32.sqrt(), 1.0]),
+            Tolerance::absolute(1e-6),
+        );
+        layer.attach(lora.with_magnitude(Tensor::from_floats([2.0, 3.0], &device)));
+        let x = Tensor::<Flex, 2>::from_floats([[1.0, 2.0]], &device);
+        // (W + ΔW)·x = [6, 2], rows scaled by 2/√17 and 3, then the bias.
+        let expected = TensorData::from([[12.0 / 17f32.sqrt() + 0.5, 6.0 - 1.0]]);
+        let tolerance = Tolerance::absolute(1e-5);
+        layer
+            .forward(x.clone())
+            .into_data()
+            .assert_approx_eq::<f32>(&expected, tolerance);
+        layer.merge("m").unwrap();
+        layer
+            .forward(x.clone())
+            .into_data()
+            .assert_approx_eq::<f32>(&expected, tolerance);
+        layer.unmerge();
+        layer
+            .weight
+            .val()
+            .into_data()
+            .assert_approx_eq::<f32>(&TensorData::from([[3.0f32, 0.0], [0.0, 1.0]]), tolerance);
     }
 
     #[test]

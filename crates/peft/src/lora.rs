@@ -1,10 +1,13 @@
 //! The LoRA adapter of one linear layer: `s · (dropout(x) · Aᵀ) · Bᵀ`, computed factored, with
 //! A `[r, in]` and B `[out, r]` as PEFT stores them. The dense `s · B · A` is formed only to merge.
+//! A DoRA adapter also holds a magnitude `m` `[out]`; the layer it is attached to rescales each
+//! output row of `W + s·B·A` to it (see `AdaptableLinear`), the row norms `‖W + s·B·A‖` coming
+//! from factored products too.
 
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{FloatDType, Tensor, TensorData};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use crate::composed_op::{self, ComposedOp};
@@ -24,6 +27,8 @@ pub struct Lora<B: Backend> {
     /// `alpha / r` (or `alpha / √r` with rsLoRA).
     #[module(skip)]
     pub scale: f64,
+    /// DoRA's magnitude of each output row `[out]`; `None` for plain LoRA.
+    pub magnitude: Option<Param<Tensor<B, 1>>>,
 }
 
 impl<B: Backend> Lora<B> {
@@ -34,7 +39,14 @@ impl<B: Backend> Lora<B> {
             lora_b: Param::from_tensor(lora_b),
             dropout: DropoutConfig::new(dropout).init(),
             scale,
+            magnitude: None,
         }
+    }
+
+    /// The adapter as DoRA, with the magnitude `m` `[out]` of each output row.
+    pub fn with_magnitude(mut self, magnitude: Tensor<B, 1>) -> Self {
+        self.magnitude = Some(Param::from_tensor(magnitude));
+        self
     }
 
     /// A fresh adapter for a base weight of shape `[d_out, d_in]`: A drawn from `seed` as `init`
@@ -78,14 +90,41 @@ impl<B: Backend> Lora<B> {
     /// - input: `[..., in]`
     /// - output: `[..., out]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        self.update(self.dropout.forward(x))
+    }
+
+    /// `s · (x · Aᵀ) · Bᵀ`, no dropout.
+    ///
+    /// # Shapes
+    /// - input: `[..., in]`
+    /// - output: `[..., out]`
+    pub fn update<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         // In the factors' precision (f32) whatever the input's, the result returned in the
         // input's, as PEFT does.
         let dtype = x.dtype();
         // Scaled at rank width, the narrowest point: `s·((x·A)·B)` up to rounding, for a
         // fraction of the element-wise work of scaling the output.
-        let down = factor_product(self.dropout.forward(x), self.lora_a.val());
+        let down = factor_product(x, self.lora_a.val());
         let down = down.mul_scalar(self.scale);
         cast_to(factor_product(down, self.lora_b.val()), dtype)
+    }
+
+    /// The norm of each output row of `W + s·B·A` for the base `weight` `[out, in]`, in f32 and
+    /// without gradient (DoRA treats it as a constant), from factored products:
+    /// `‖Wᵢ‖² + 2s·Bᵢ·(W·Aᵀ)ᵢ + s²·Bᵢ·(A·Aᵀ)·Bᵢᵀ`, never the dense `B·A`.
+    pub fn row_norms(&self, weight: Tensor<B, 2>) -> Tensor<B, 1> {
+        let weight = weight.detach().cast(FloatDType::F32);
+        let (a, b) = (
+            self.lora_a.val().detach().cast(FloatDType::F32),
+            self.lora_b.val().detach().cast(FloatDType::F32),
+        );
+        let s = self.scale;
+        let squares = weight.clone().powi_scalar(2).sum_dim(1);
+        let cross = (b.clone() * weight.matmul(a.clone().transpose())).sum_dim(1);
+        let gram = a.clone().matmul(a.transpose());
+        let quadratic = (b.clone().matmul(gram) * b).sum_dim(1);
+        let norms = squares + cross.mul_scalar(2.0 * s) + quadratic.mul_scalar(s * s);
+        norms.clamp_min(0.0).sqrt().squeeze_dim(1)
     }
 
     /// [`Lora::forward`] of adapters whose layers read the same input (a layer's query, key and
@@ -93,8 +132,8 @@ impl<B: Backend> Lora<B> {
     /// product `x·[A₁; A₂; …]ᵀ`: one product of the summed ranks' width instead of one thin
     /// product each, forward and backward (the input's gradient then needs no sum over the
     /// adapters either). `None`, for one product each, when fewer than two adapters are given,
-    /// when any applies dropout here (each draws its own mask over the input) or when their
-    /// factors' dtypes differ.
+    /// when any applies dropout here (each draws its own mask over the input), is DoRA (its
+    /// layer rescales the sum) or when their factors' dtypes differ.
     ///
     /// # Shapes
     /// - x: `[..., in]`
@@ -107,7 +146,12 @@ impl<B: Backend> Lora<B> {
         // Dropout draws only while gradients are tracked, as `Dropout::forward` decides.
         let dropout =
             B::ad_enabled(&x.device()) && loras.iter().any(|lora| lora.dropout.prob > 0.0);
-        if loras.len() < 2 || dropout || loras.iter().any(|l| l.lora_a.val().dtype() != dtype) {
+        let dora = loras.iter().any(|lora| lora.magnitude.is_some());
+        if loras.len() < 2
+            || dropout
+            || dora
+            || loras.iter().any(|l| l.lora_a.val().dtype() != dtype)
+        {
             return None;
         }
         let input_dtype = x.dtype();
@@ -124,7 +168,7 @@ impl<B: Backend> Lora<B> {
         Some(updates.collect())
     }
 
-    /// The dense update `s · B · A` `[out, in]`, for merging.
+    /// The dense update `s · B · A` `[out, in]`, for merging (DoRA's rescaling is the layer's).
     pub fn delta_weight(&self) -> Tensor<B, 2> {
         self.lora_b
             .val()
