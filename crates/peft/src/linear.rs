@@ -59,12 +59,13 @@ impl<B: Backend> AdaptableLinear<B> {
     }
 
     /// Attaches `lora` and freezes the base weight and bias.
-    pub fn attach(&mut self, lora: Lora<B>) {
+    pub fn attach(&mut self, mut lora: Lora<B>) {
         self.weight = Param::from_tensor(self.weight.val()).set_require_grad(false);
         self.bias = self
             .bias
             .take()
             .map(|b| Param::from_tensor(b.val()).set_require_grad(false));
+        lora.remember_base(self.weight.val());
         self.lora = Some(lora);
         self.merged = false;
     }
@@ -76,6 +77,9 @@ impl<B: Backend> AdaptableLinear<B> {
     pub fn hold_base_in(&mut self, dtype: FloatDType) {
         let weight = self.weight.val().cast(dtype);
         self.weight = Param::from_tensor(weight).set_require_grad(false);
+        if let Some(lora) = &mut self.lora {
+            lora.remember_base(self.weight.val());
+        }
     }
 
     /// # Shapes
@@ -92,10 +96,11 @@ impl<B: Backend> AdaptableLinear<B> {
         }
     }
 
-    /// DoRA's output, from the base projection `base` of `input` (bias included): the update
-    /// `(m/n - 1) ⊙ x'·Wᵀ + m/n ⊙ s·x'·Aᵀ·Bᵀ` added to it, with `n` the row norms of `W + s·B·A`
-    /// (a constant) and `x'` the adapter's input: `input` after dropout while that draws, when
-    /// `x'·Wᵀ` is a product of its own, else `input`, whose `x·Wᵀ` is `base` less the bias.
+    /// DoRA's output `base + (m/n - 1) ⊙ x'·Wᵀ + m/n ⊙ s·x'·Aᵀ·Bᵀ`, from the base projection
+    /// `base` of `input` (bias included), with `n` the row norms of `W + s·B·A` (a constant) and
+    /// `x'` the adapter's input. Without dropout `x' = input`, and the sum is
+    /// `m/n ⊙ (x·Wᵀ + s·x·Aᵀ·Bᵀ) + b`; while dropout draws, `x'` is the dropped input, whose
+    /// `x'·Wᵀ` is a product of its own.
     fn forward_dora<const D: usize>(
         &self,
         lora: &Lora<B>,
@@ -105,21 +110,26 @@ impl<B: Backend> AdaptableLinear<B> {
     ) -> Tensor<B, D> {
         let dtype = base.dtype();
         let norms = lora.row_norms(self.weight.val());
-        let scale = (magnitude / norms).unsqueeze::<D>();
-        let dropout = B::ad_enabled(&input.device()) && lora.dropout.prob > 0.0;
-        let (projected, adapter_input) = if dropout {
+        let scale = cast_to((magnitude / norms).unsqueeze::<D>(), dtype);
+        let bias = self
+            .bias
+            .as_ref()
+            .map(|bias| cast_to(bias.val(), dtype).unsqueeze::<D>());
+        if B::ad_enabled(&input.device()) && lora.dropout.prob > 0.0 {
             let dropped = lora.dropout.forward(input);
-            (project(dropped.clone(), self.weight.val()), dropped)
-        } else {
-            let projected = match &self.bias {
-                Some(bias) => base.clone() - cast_to(bias.val(), dtype).unsqueeze(),
-                None => base.clone(),
-            };
-            (projected, input)
+            let projected = project(dropped.clone(), self.weight.val());
+            let adapted = (projected.clone() + lora.update(dropped)) * scale;
+            return base + adapted - projected;
+        }
+        let projected = match bias.clone() {
+            Some(bias) => base - bias,
+            None => base,
         };
-        let update = cast_to(scale.clone().sub_scalar(1.0), dtype) * projected
-            + cast_to(scale, dtype) * lora.update(adapter_input);
-        base + update
+        let adapted = (projected + lora.update(input)) * scale;
+        match bias {
+            Some(bias) => adapted + bias,
+            None => adapted,
+        }
     }
 
     /// [`AdaptableLinear::forward`] of layers that all read `input` (a layer's query, key and

@@ -7,12 +7,12 @@
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::backend::Backend;
-use burn::tensor::{FloatDType, Tensor, TensorData};
+use burn::tensor::{DType, FloatDType, Tensor, TensorData};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use crate::composed_op::{self, ComposedOp};
 use crate::config::LoraInit;
-use crate::linear::{cast_to, matmul, project_low_rank, row_blocks};
+use crate::linear::{cast_to, matmul, project, project_low_rank, row_blocks};
 use crate::rebrand::on_cpu;
 
 /// Low-rank update of a linear layer.
@@ -29,6 +29,10 @@ pub struct Lora<B: Backend> {
     pub scale: f64,
     /// DoRA's magnitude of each output row `[out]`; `None` for plain LoRA.
     pub magnitude: Option<Param<Tensor<B, 1>>>,
+    /// DoRA: the squared norms `‖Wᵢ‖²` of the frozen base weight's rows, once the layer has
+    /// told them (they never change while the adapter trains).
+    #[module(skip)]
+    base_row_squares: Option<Vec<f32>>,
 }
 
 impl<B: Backend> Lora<B> {
@@ -40,6 +44,7 @@ impl<B: Backend> Lora<B> {
             dropout: DropoutConfig::new(dropout).init(),
             scale,
             magnitude: None,
+            base_row_squares: None,
         }
     }
 
@@ -113,18 +118,42 @@ impl<B: Backend> Lora<B> {
     /// without gradient (DoRA treats it as a constant), from factored products:
     /// `‖Wᵢ‖² + 2s·Bᵢ·(W·Aᵀ)ᵢ + s²·Bᵢ·(A·Aᵀ)·Bᵢᵀ`, never the dense `B·A`.
     pub fn row_norms(&self, weight: Tensor<B, 2>) -> Tensor<B, 1> {
-        let weight = weight.detach().cast(FloatDType::F32);
+        let weight = weight.detach();
         let (a, b) = (
             self.lora_a.val().detach().cast(FloatDType::F32),
             self.lora_b.val().detach().cast(FloatDType::F32),
         );
         let s = self.scale;
-        let squares = weight.clone().powi_scalar(2).sum_dim(1);
-        let cross = (b.clone() * weight.matmul(a.clone().transpose())).sum_dim(1);
+        let squares = match &self.base_row_squares {
+            Some(values) => {
+                let rows = values.len();
+                Tensor::from_data(TensorData::new(values.clone(), [rows]), &a.device())
+            }
+            None => row_squares(weight.clone()),
+        };
+        // `W·Aᵀ`: a base held in f32 multiplies A directly; one held in bf16 through its own
+        // product (`A·Wᵀ`, A's rows as its input), which reads it as it is, where a cast would
+        // copy the whole weight (on the CPU, in each case the faster by a step's time).
+        let projected = if weight.dtype() == DType::F32 {
+            weight.matmul(a.clone().transpose())
+        } else {
+            project(a.clone(), weight).transpose().cast(FloatDType::F32)
+        };
+        let cross = (b.clone() * projected).sum_dim(1);
         let gram = a.clone().matmul(a.transpose());
         let quadratic = (b.clone().matmul(gram) * b).sum_dim(1);
-        let norms = squares + cross.mul_scalar(2.0 * s) + quadratic.mul_scalar(s * s);
+        let norms =
+            squares.unsqueeze_dim(1) + cross.mul_scalar(2.0 * s) + quadratic.mul_scalar(s * s);
         norms.clamp_min(0.0).sqrt().squeeze_dim(1)
+    }
+
+    /// Keeps the row norms of the frozen base `weight` this adapter is attached to, for
+    /// [`Lora::row_norms`] (DoRA only: a plain adapter keeps nothing).
+    pub(crate) fn remember_base(&mut self, weight: Tensor<B, 2>) {
+        if self.magnitude.is_some() {
+            let squares = row_squares(weight.detach()).into_data();
+            self.base_row_squares = Some(squares.convert::<f32>().into_vec().expect("f32 values"));
+        }
     }
 
     /// [`Lora::forward`] of adapters whose layers read the same input (a layer's query, key and
@@ -175,6 +204,15 @@ impl<B: Backend> Lora<B> {
             .matmul(self.lora_a.val())
             .mul_scalar(self.scale)
     }
+}
+
+/// `‖Wᵢ‖²` of each row of `weight`, in f32.
+fn row_squares<B: Backend>(weight: Tensor<B, 2>) -> Tensor<B, 1> {
+    weight
+        .cast(FloatDType::F32)
+        .powi_scalar(2)
+        .sum_dim(1)
+        .squeeze_dim(1)
 }
 
 /// `x·Fᵀ` for one of an adapter's factors `F` (`A` `[rank, in]`, or `B` `[out, rank]`), in

@@ -58,6 +58,9 @@ pub struct BenchArgs {
     /// `train.pack` lays rows out.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     documents: u32,
+    /// DoRA adapters instead of plain LoRA in the training modes (`adapter.use_dora`).
+    #[arg(long)]
+    dora: bool,
     /// Print one JSON object instead of a sentence.
     #[arg(long)]
     json: bool,
@@ -194,6 +197,7 @@ impl Job for Bench {
                 "row_reduction": row_reduction::<B>(),
                 "gradient_checkpointing": a.gradient_checkpointing,
                 "documents": a.documents,
+                "dora": a.dora,
             });
             println!("{out}");
         } else {
@@ -255,6 +259,7 @@ fn train_steps<AD: AutodiffBackend>(
         r: a.rank,
         lora_alpha: 2.0 * a.rank as f64,
         targets: Targets::AllLinear,
+        use_dora: a.dora,
         ..Default::default()
     };
     let (mut model, _) = base.with_lora(&lora, 0)?;
