@@ -133,6 +133,29 @@ fn sft_run_learns_and_writes_a_peft_adapter() {
         "bf16 base: eval loss {eval_bf16} did not fall well below the first step's {first}"
     );
 
+    // NEFTune's noisy embeddings: the first step's loss moves, and the run still learns.
+    let out = train(
+        &path,
+        &[
+            "--set",
+            "train.neftune_noise_alpha=5.0",
+            "--set",
+            "output.dir=\"run-neftune\"",
+        ],
+    );
+    assert_success(&out);
+    let lines = metrics(&work.path().join("run-neftune"));
+    let noisy_first = lines[0]["loss"].as_f64().unwrap();
+    assert!(
+        (noisy_first - first).abs() > 1e-6,
+        "{noisy_first} vs {first}"
+    );
+    let eval_neftune = first_eval_loss(&lines);
+    assert!(
+        eval_neftune < 0.5 * first,
+        "NEFTune: eval loss {eval_neftune} did not fall well below the first step's {first}"
+    );
+
     // DoRA, with adapter dropout drawing: learns as well, and writes PEFT's DoRA adapter.
     let out = train(
         &path,

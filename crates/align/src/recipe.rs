@@ -242,6 +242,9 @@ pub struct TrainSection {
     /// the layers' activations there (default false): less memory, one more forward pass of
     /// the layers per step.
     pub gradient_checkpointing: bool,
+    /// NEFTune's α: uniform noise of at most `α/√(seq·hidden)` added to the token embeddings
+    /// of the trained forward passes (sft and instruct; default: none).
+    pub neftune_noise_alpha: Option<f64>,
     /// Evaluate every this many optimizer steps (default 0: only at the end).
     pub eval_every: usize,
     /// Seed of adapter initialisation, shuffling and dropout (default 0).
@@ -280,6 +283,7 @@ impl Default for TrainSection {
             max_grad_norm: 1.0,
             pack: false,
             gradient_checkpointing: false,
+            neftune_noise_alpha: None,
             eval_every: 0,
             seed: 0,
             on_nonfinite: OnNonFinite::Stop,
@@ -1081,6 +1085,18 @@ impl Recipe {
                 t.strategy.name()
             ));
         }
+        if let Some(alpha) = t.neftune_noise_alpha {
+            if !(alpha.is_finite() && alpha > 0.0) {
+                return Err("`train.neftune_noise_alpha` must be a positive number".into());
+            }
+            if t.strategy.rows() != Rows::Examples {
+                return Err(format!(
+                    "`train.neftune_noise_alpha` applies to sft and instruct, and this recipe's \
+                     strategy is \"{}\": remove it",
+                    t.strategy.name()
+                ));
+            }
+        }
         let k = &self.kto;
         if t.strategy == StrategyKind::Kto && k.loss == KtoLossName::Kto && t.micro_batch_size < 2 {
             return Err(
@@ -1414,6 +1430,7 @@ dir = "runs/first"
             ("kto.beta=0", "kto.beta"),
             ("kto.undesirable_weight=-1", "kto.undesirable_weight"),
             ("train.micro_batch_size=1", "train.micro_batch_size"),
+            ("train.neftune_noise_alpha=0", "train.neftune_noise_alpha"),
         ] {
             // A strategy's own section needs that strategy.
             let section = key.split('.').next().unwrap();
@@ -1477,6 +1494,18 @@ dir = "runs/first"
             let err = dpo(sets).unwrap_err();
             assert!(err.contains(says), "{sets:?}: {err}");
         }
+    }
+
+    #[test]
+    fn neftune_is_for_sft_and_instruct() {
+        let r = parse(MINIMAL, &["train.neftune_noise_alpha=5.0"]).unwrap();
+        assert_eq!(r.train.neftune_noise_alpha, Some(5.0));
+        let err = parse(
+            MINIMAL,
+            &["train.neftune_noise_alpha=5.0", "train.strategy=dpo"],
+        )
+        .unwrap_err();
+        assert!(err.contains("applies to sft and instruct"), "{err}");
     }
 
     #[test]

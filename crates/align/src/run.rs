@@ -692,6 +692,7 @@ pub fn train<B: AutodiffBackend>(
         },
     };
     recipe.model.dtype.apply(&mut model);
+    model.neftune_noise_alpha = t.neftune_noise_alpha;
     // The reference model: the separate one (DPO precomputes its log-probs, KTO keeps it), or,
     // for DPO's precomputed log-probs, the trained model with its adapter off (a copy sharing
     // its weights).

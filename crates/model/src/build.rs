@@ -110,5 +110,6 @@ pub fn build_decoder<B: Backend>(
         rope: Rope::new(c.head_dim, c.rope_theta, &c.rope_scaling),
         config: c.clone(),
         activations: FloatDType::F32,
+        neftune_noise_alpha: None,
     })
 }

@@ -150,6 +150,10 @@ pub struct Decoder<B: Backend> {
     /// adapters and logits compute in f32 whatever it is.
     #[module(skip)]
     pub(crate) activations: FloatDType,
+    /// NEFTune: while the model trains, noise drawn uniformly from `±α/√(seq·hidden)` is added
+    /// to the token embeddings, as transformers' `neftune_noise_alpha` does; `None` for none.
+    #[module(skip)]
+    pub neftune_noise_alpha: Option<f64>,
 }
 
 impl<B: Backend> Decoder<B> {
@@ -435,7 +439,21 @@ impl<B: Backend> Decoder<B> {
     /// - ids: `[batch, seq]`
     /// - output: `[batch, seq, hidden]`
     pub(crate) fn embed(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        embedding(self.embed_tokens.val(), ids).cast(self.activations)
+        let embedded = embedding(self.embed_tokens.val(), ids);
+        let embedded = match self.neftune_noise_alpha {
+            Some(alpha) if self.trains() => {
+                let [_, seq, hidden] = embedded.dims();
+                let bound = alpha / ((seq * hidden) as f64).sqrt();
+                let noise = Tensor::random(
+                    embedded.shape(),
+                    Distribution::Uniform(-bound, bound),
+                    &embedded.device(),
+                );
+                embedded + noise
+            }
+            _ => embedded,
+        };
+        embedded.cast(self.activations)
     }
 
     /// Where adapters apply dropout (a training pass with a dropout probability above 0), one
@@ -457,5 +475,77 @@ impl<B: Backend> Decoder<B> {
             base,
             device: device.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::build::build_decoder;
+    use crate::config::HfConfig;
+    use crate::weights::RandomWeights;
+    use burn::backend::{Autodiff, Flex};
+    use burn::tensor::TensorData;
+
+    type AD = Autodiff<Flex>;
+
+    /// NEFTune's noise: uniform within `±α/√(seq·hidden)` on the trained forward pass, drawn
+    /// from the backend's seeded stream, and none once the model is set up for evaluation.
+    #[test]
+    fn neftune_adds_bounded_uniform_noise_while_training_only() {
+        let config = HfConfig::from_json_str(
+            r#"{"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0}"#,
+            Path::new("config.json"),
+        )
+        .unwrap();
+        let device = Default::default();
+        let mut model: Decoder<AD> = build_decoder(
+            &config.decoder,
+            &RandomWeights { seed: 0, std: 0.02 },
+            &device,
+        )
+        .unwrap();
+        assert!(model.trains());
+        let (rows, seq) = (4, 50);
+        let ids: Vec<i64> = (0..rows * seq).map(|i| (i * 7 % 64) as i64).collect();
+        let ids = Tensor::<AD, 2, Int>::from_data(TensorData::new(ids, [rows, seq]), &device);
+        let values = |t: Tensor<AD, 3>| t.into_data().to_vec::<f32>().unwrap();
+        let clean = values(model.embed(ids.clone()));
+
+        let alpha = 5.0;
+        model.neftune_noise_alpha = Some(alpha);
+        let noisy = |model: &Decoder<AD>| {
+            AD::seed(&device, 7);
+            values(model.embed(ids.clone()))
+        };
+        let first = noisy(&model);
+        assert_eq!(first, noisy(&model), "the same seed draws the same noise");
+        let noise: Vec<f64> = first
+            .iter()
+            .zip(&clean)
+            .map(|(n, c)| f64::from(n - c))
+            .collect();
+        let bound = alpha / ((seq * 32) as f64).sqrt();
+        let largest = noise.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        let mean = noise.iter().sum::<f64>() / noise.len() as f64;
+        let mean_abs = noise.iter().map(|v| v.abs()).sum::<f64>() / noise.len() as f64;
+        assert!(largest <= bound * (1.0 + 1e-5), "{largest} > {bound}");
+        assert!(
+            largest >= 0.99 * bound,
+            "{largest} fills too little of ±{bound}"
+        );
+        assert!(mean.abs() < 0.02 * bound, "mean {mean}");
+        assert!(
+            (mean_abs / bound - 0.5).abs() < 0.02,
+            "mean |noise| {mean_abs}"
+        );
+
+        assert_eq!(
+            noisy(&model.for_evaluation()),
+            clean,
+            "no noise in evaluation"
+        );
     }
 }
