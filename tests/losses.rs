@@ -353,15 +353,7 @@ fn dpo_losses_and_metrics_equal_trl() {
             (ours - theirs).abs() <= 1e-6 * theirs.abs().max(1.0),
             "{name}: {ours} vs TRL {theirs}"
         );
-        let m = out.metrics;
-        for (key, value) in [
-            ("rewards/chosen", m.rewards_chosen),
-            ("rewards/rejected", m.rewards_rejected),
-            ("rewards/accuracies", m.rewards_accuracies),
-            ("rewards/margins", m.rewards_margins),
-            ("logps/chosen", m.logps_chosen),
-            ("logps/rejected", m.logps_rejected),
-        ] {
+        for (key, value) in out.metrics.named() {
             let reference = g.metrics[key];
             assert!(
                 (value - reference).abs() <= 1e-6 * reference.abs().max(1.0),
@@ -536,15 +528,7 @@ fn dpo_variants_equal_trl_through_the_model() {
             stub.name,
             stub.loss
         );
-        let m = out.metrics;
-        for (key, value) in [
-            ("rewards/chosen", m.rewards_chosen),
-            ("rewards/rejected", m.rewards_rejected),
-            ("rewards/accuracies", m.rewards_accuracies),
-            ("rewards/margins", m.rewards_margins),
-            ("logps/chosen", m.logps_chosen),
-            ("logps/rejected", m.logps_rejected),
-        ] {
+        for (key, value) in out.metrics.named() {
             let theirs = stub.metrics[key];
             assert!(
                 close(value, theirs),

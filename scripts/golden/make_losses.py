@@ -217,13 +217,9 @@ def orpo_case() -> dict:
 
 
 def dpo_model_cases() -> dict:
-    """DPO and its variants through TRL's own DPOTrainer._compute_loss. The trainer is built
-    without __init__: only the attributes that method reads are set."""
-    from collections import defaultdict
-    from types import SimpleNamespace
-
+    """DPO and its variants through TRL's own DPOTrainer._compute_loss (see trl_dpo_loss)."""
     from peft import PeftModel
-    from trl.trainer.dpo_trainer import DataCollatorForPreference, DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
     from trl.trainer.utils import add_fused_lm_head
 
     model_dir = REPO_ROOT / "tests" / "fixtures" / "models" / "llama"
@@ -270,41 +266,50 @@ def dpo_model_cases() -> dict:
     cases = []
     for setting in settings:
         setting = {"f_divergence_type": "reverse_kl", "f_alpha_divergence_coef": 0.5, "discopop_tau": 0.05, **setting}
-        trainer = DPOTrainer.__new__(DPOTrainer)
-        trainer.model = model
-        trainer.ref_model = None
-        trainer.beta = setting["beta"]
-        trainer.loss_types = setting["loss_type"]
-        trainer.loss_weights = setting["loss_weights"]
-        trainer.label_smoothing = setting["label_smoothing"]
-        trainer.f_divergence_type = setting["f_divergence_type"]
-        trainer.f_alpha_divergence_coef = setting["f_alpha_divergence_coef"]
-        trainer.ld_alpha = None
-        trainer.use_weighting = False
-        trainer.precompute_ref_logps = False
-        trainer.aux_loss_enabled = False
-        trainer.args = SimpleNamespace(gradient_checkpointing_kwargs=None, discopop_tau=setting["discopop_tau"])
-        trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-        trainer._total_train_tokens = 0
-        trainer._tp_size = 1
-        trainer.accelerator = SimpleNamespace(
-            device=torch.device("cpu"), gather_for_metrics=lambda x: x, gather=lambda x: x, unwrap_model=lambda m: m
-        )
         with torch.no_grad():
-            loss = trainer._compute_loss(model, batch, return_outputs=False)
-        kept = ("rewards/", "logps/")
-        metrics = {k: v[-1] for k, v in trainer._metrics["eval"].items() if k.startswith(kept)}
-        cases.append({**setting, "loss": loss.item(), "metrics": metrics})
+            loss, metrics = trl_dpo_loss(setting, model, None, batch)
+        cases.append({**setting, "loss": loss, "metrics": metrics})
     return {"model": "llama", "adapter": "llama-qv", "pairs": pairs, "cases": cases, "stub": dpo_stub_cases(settings)}
+
+
+def trl_dpo_loss(setting: dict, model, ref_model, batch: dict) -> tuple[float, dict]:
+    """TRL's DPOTrainer._compute_loss of `batch` on a trainer built without __init__ (only the
+    attributes that method reads are set): the loss and the reward and log-prob metrics."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    trainer = DPOTrainer.__new__(DPOTrainer)
+    trainer.model = model
+    trainer.ref_model = ref_model
+    trainer.beta = setting["beta"]
+    trainer.loss_types = setting["loss_type"]
+    trainer.loss_weights = setting["loss_weights"]
+    trainer.label_smoothing = setting["label_smoothing"]
+    trainer.f_divergence_type = setting["f_divergence_type"]
+    trainer.f_alpha_divergence_coef = setting["f_alpha_divergence_coef"]
+    trainer.ld_alpha = None
+    trainer.use_weighting = False
+    trainer.precompute_ref_logps = False
+    trainer.aux_loss_enabled = False
+    trainer.args = SimpleNamespace(gradient_checkpointing_kwargs=None, discopop_tau=setting["discopop_tau"])
+    trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+    trainer._total_train_tokens = 0
+    trainer._tp_size = 1
+    trainer.accelerator = SimpleNamespace(
+        device=torch.device("cpu"), gather_for_metrics=lambda x: x, gather=lambda x: x, unwrap_model=lambda m: m
+    )
+    loss = trainer._compute_loss(model, batch, return_outputs=False)
+    kept = ("rewards/", "logps/")
+    metrics = {k: v[-1] for k, v in trainer._metrics["eval"].items() if k.startswith(kept)}
+    return loss.item(), metrics
 
 
 def dpo_stub_cases(settings: list) -> dict:
     """DPOTrainer._compute_loss with stub models that return fixed per-token log-probs: six
     pairs, completions of 2 to 7 tokens after a one-token prompt, padded to 8."""
-    from collections import defaultdict
     from types import SimpleNamespace
-
-    from trl.trainer.dpo_trainer import DPOTrainer
 
     gen = torch.Generator().manual_seed(11)
     pairs, width = 6, 8
@@ -337,28 +342,8 @@ def dpo_stub_cases(settings: list) -> dict:
     cases = []
     for setting in settings:
         setting = {"f_divergence_type": "reverse_kl", "f_alpha_divergence_coef": 0.5, "discopop_tau": 0.05, **setting}
-        trainer = DPOTrainer.__new__(DPOTrainer)
-        trainer.model = Stub(policy).eval()
-        trainer.ref_model = Stub(reference)
-        trainer.beta = setting["beta"]
-        trainer.loss_types = setting["loss_type"]
-        trainer.loss_weights = setting["loss_weights"]
-        trainer.label_smoothing = setting["label_smoothing"]
-        trainer.f_divergence_type = setting["f_divergence_type"]
-        trainer.f_alpha_divergence_coef = setting["f_alpha_divergence_coef"]
-        trainer.ld_alpha = None
-        trainer.use_weighting = False
-        trainer.precompute_ref_logps = False
-        trainer.aux_loss_enabled = False
-        trainer.args = SimpleNamespace(gradient_checkpointing_kwargs=None, discopop_tau=setting["discopop_tau"])
-        trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-        trainer._total_train_tokens = 0
-        trainer._tp_size = 1
-        trainer.accelerator = SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x, gather=lambda x: x)
-        loss = trainer._compute_loss(trainer.model, batch, return_outputs=False)
-        kept = ("rewards/", "logps/")
-        metrics = {k: v[-1] for k, v in trainer._metrics["eval"].items() if k.startswith(kept)}
-        cases.append({"name": setting["name"], "loss": loss.item(), "metrics": metrics})
+        loss, metrics = trl_dpo_loss(setting, Stub(policy).eval(), Stub(reference), batch)
+        cases.append({"name": setting["name"], "loss": loss, "metrics": metrics})
     tokens = completion_mask.sum(dim=1).float()
     return {
         "policy": policy.sum(dim=1).tolist(),

@@ -122,6 +122,20 @@ pub struct DpoMetrics {
     pub logps_rejected: f64,
 }
 
+impl DpoMetrics {
+    /// The metrics under TRL's names.
+    pub fn named(&self) -> [(&'static str, f64); 6] {
+        [
+            ("rewards/chosen", self.rewards_chosen),
+            ("rewards/rejected", self.rewards_rejected),
+            ("rewards/accuracies", self.rewards_accuracies),
+            ("rewards/margins", self.rewards_margins),
+            ("logps/chosen", self.logps_chosen),
+            ("logps/rejected", self.logps_rejected),
+        ]
+    }
+}
+
 /// The loss (mean over pairs) and the metrics of one batch.
 #[derive(Debug, Clone)]
 pub struct DpoOutput<B: Backend> {

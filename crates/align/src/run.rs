@@ -248,22 +248,20 @@ fn pair_batches<B: AutodiffBackend>(
         .collect()
 }
 
-/// Batches of labeled completions for KTO, shuffled with `seed` (`None` keeps the data's order),
-/// with their mismatched rows when `mismatched`. A lone row left at the end joins the batch
+/// Batches of labeled completions for KTO, shuffled with `seed`, with their mismatched rows when
+/// `mismatched`. A lone row left at the end joins the batch
 /// before it: a row's mismatched completion comes from another row of its batch.
 fn labeled_batches<B: AutodiffBackend>(
     data: &Dataset,
     micro: usize,
     pad_id: u32,
-    seed: Option<u64>,
+    seed: u64,
     mismatched: bool,
     max_length: Option<usize>,
     device: &B::Device,
 ) -> Vec<LabeledBatch<B>> {
     let mut order: Vec<usize> = (0..data.labeled.len()).collect();
-    if let Some(seed) = seed {
-        shuffle(&mut order, seed);
-    }
+    shuffle(&mut order, seed);
     let n = labeled_batch_count(order.len(), micro);
     (0..n)
         .map(|b| {
@@ -865,7 +863,7 @@ pub fn train<B: AutodiffBackend>(
             data,
             micro,
             pad_id,
-            Some(seed),
+            seed,
             kto_uses_kl,
             recipe.data.loader.max_length,
             device,

@@ -462,19 +462,10 @@ impl<B: AutodiffBackend> Strategy<B> for Dpo {
                 rejected_tokens: count(&batch.rejected),
             },
         );
-        let loss = out.loss;
-        let m = out.metrics;
         StepOutput {
-            loss_sum: loss.mul_scalar(pairs as f64),
+            loss_sum: out.loss.mul_scalar(pairs as f64),
             units: pairs as f64,
-            metrics: vec![
-                ("rewards/chosen", m.rewards_chosen),
-                ("rewards/rejected", m.rewards_rejected),
-                ("rewards/accuracies", m.rewards_accuracies),
-                ("rewards/margins", m.rewards_margins),
-                ("logps/chosen", m.logps_chosen),
-                ("logps/rejected", m.logps_rejected),
-            ],
+            metrics: out.metrics.named().to_vec(),
         }
     }
 }
