@@ -23,6 +23,7 @@ type AD = burn::backend::Autodiff<B>;
 #[derive(Deserialize)]
 struct Golden {
     sft: Sft,
+    accuracy: AccuracyCase,
     dpo: Dpo,
     orpo: Orpo,
     cpo: CpoGolden,
@@ -140,6 +141,13 @@ struct Sft {
     input_ids: Vec<Vec<i64>>,
     labels: Vec<Vec<i64>>,
     loss: f32,
+}
+
+#[derive(Deserialize)]
+struct AccuracyCase {
+    input_ids: Vec<Vec<u32>>,
+    labels: Vec<Vec<i64>>,
+    accuracy: f64,
 }
 
 #[derive(Deserialize)]
@@ -537,6 +545,47 @@ fn dpo_variants_equal_trl_through_the_model() {
             );
         }
     }
+}
+
+#[test]
+fn sft_evaluation_reports_trls_token_accuracy() {
+    use burnish_align::{Sft, Strategy, TokenBatch};
+    let g = golden().accuracy;
+    let device = Default::default();
+    let model = Pretrained::<AD>::load(&model_dir("llama"), &device)
+        .unwrap()
+        .model;
+    let (rows, len) = (g.input_ids.len(), g.input_ids[0].len());
+    let ids: Vec<u32> = g.input_ids.iter().flatten().copied().collect();
+    let trained: Vec<bool> = g.labels.iter().flatten().map(|&l| l != -100).collect();
+    let positions: Vec<u32> = (0..rows).flat_map(|_| 0..len as u32).collect();
+    let segments = vec![1; rows * len];
+    let batch =
+        TokenBatch::<AD>::from_rows(rows, len, &ids, &trained, &positions, &segments, &device);
+    let accuracy = |model: &burnish_model::Decoder<AD>| {
+        Sft.loss(model, &batch, None)
+            .metrics
+            .iter()
+            .find(|(name, _)| *name == "mean_token_accuracy")
+            .map(|(_, v)| *v)
+    };
+    let ours = accuracy(&model.for_evaluation()).expect("evaluation reports the accuracy");
+    assert!(
+        (ours - g.accuracy).abs() < 1e-6,
+        "{ours} vs TRL {}",
+        g.accuracy
+    );
+    // A training step does not pay for it.
+    let (trained_model, _) = model
+        .with_lora(
+            &burnish_peft::LoraConfig {
+                targets: burnish_peft::Targets::AllLinear,
+                ..Default::default()
+            },
+            0,
+        )
+        .unwrap();
+    assert_eq!(accuracy(&trained_model), None);
 }
 
 #[test]

@@ -4,6 +4,10 @@
 - `sft`: transformers' causal-LM loss (labels with -100 on untrained positions) of a fixed
   two-sequence batch on the llama fixture, in float32: the mean over every trained token of the
   batch.
+- `accuracy`: TRL's `mean_token_accuracy` (the fraction of trained targets that are the first
+  most likely token of their position, as its fused head's `is_top1` decides) of two rows on the
+  llama fixture, one of them continued greedily by the model, so that the fraction is neither 0
+  nor 1.
 - `schedules`: learning rates of transformers' `get_scheduler` (constant with warmup, linear,
   cosine) at every step of a 10-step run with 3 warmup steps.
 - `adamw_steps.*`: three LoRA SFT steps with PEFT + torch AdamW and global-norm clipping from the
@@ -66,6 +70,27 @@ def sft_case() -> dict:
     with torch.no_grad():
         loss = model(input_ids=torch.tensor(ids), labels=torch.tensor(labels)).loss
     return {"model": "llama", "input_ids": ids, "labels": labels, "loss": loss.item()}
+
+
+def accuracy_case() -> dict:
+    model_dir = REPO_ROOT / "tests" / "fixtures" / "models" / "llama"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    cases = json.loads((model_dir / "golden.json").read_text())["score"]
+    length = 24
+    greedy = list(cases[1]["token_ids"][:8])
+    with torch.no_grad():
+        while len(greedy) < length:
+            greedy.append(int(model(torch.tensor([greedy])).logits[0, -1].argmax()))
+    ids = [cases[0]["token_ids"][:length], greedy]
+    # The first five tokens of each row untrained.
+    labels = [[-100] * 5 + row[5:] for row in ids]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor(ids)).logits
+    shifted = torch.tensor(labels)[:, 1:]
+    trained = shifted != -100
+    top1 = logits[:, :-1].argmax(-1) == shifted
+    accuracy = ((top1 & trained).sum() / trained.sum()).item()
+    return {"model": "llama", "input_ids": ids, "labels": labels, "accuracy": accuracy}
 
 
 def dpo_cases() -> dict:
@@ -447,6 +472,7 @@ def main() -> None:
     orpo = orpo_case()
     golden = {
         "sft": sft_case(),
+        "accuracy": accuracy_case(),
         "dpo": dpo_cases(),
         "orpo": orpo,
         "cpo": cpo_cases(orpo),

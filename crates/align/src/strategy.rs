@@ -10,6 +10,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use burnish_model::{ActivationCheckpoints, Decoder};
 
 use burnish_data::{Batch, Example, LabeledExample, PairExample};
+use burnish_peft::first_value;
 
 use crate::cpo::{CpoLoss, cpo_loss};
 use crate::dpo::{DpoLoss, FDivergence, PairLogps, chosen_nll, dpo_loss};
@@ -237,6 +238,37 @@ fn token_logprobs<B: Backend>(
     }
 }
 
+/// The fraction of `batch`'s trained targets that are `model`'s most likely token at their
+/// position (TRL's `mean_token_accuracy`), from its final `hidden` states, the logits computed a
+/// chunk of positions at a time; `None` when nothing is trained.
+fn token_accuracy<B: Backend>(
+    model: &Decoder<B>,
+    hidden: Tensor<B, 3>,
+    batch: &TokenBatch<B>,
+) -> Option<f64> {
+    if batch.trained_tokens == 0 {
+        return None;
+    }
+    let [rows, seq, width] = hidden.dims();
+    let positions = rows * seq;
+    let hidden = hidden.reshape([1, positions, width]);
+    let targets = batch.targets.clone().reshape([positions]);
+    let mask = batch.mask.clone().reshape([positions]);
+    let chunk = positions_per_chunk::<B>(model.config.vocab_size, &hidden.device());
+    let mut correct = 0.0;
+    for start in (0..positions).step_by(chunk) {
+        let len = chunk.min(positions - start);
+        let logits = model.head(hidden.clone().narrow(1, start, len));
+        let predicted: Tensor<B, 1, Int> = logits.argmax(2).reshape([len]);
+        let hits = predicted
+            .equal(targets.clone().narrow(0, start, len))
+            .float()
+            * mask.clone().narrow(0, start, len);
+        correct += first_value(hits.sum());
+    }
+    Some(correct / batch.trained_tokens as f64)
+}
+
 /// Chosen and rejected completions of the same prompts, row for row; the masks cover the
 /// completion tokens only.
 #[derive(Debug, Clone)]
@@ -365,12 +397,19 @@ impl<B: AutodiffBackend> Strategy<B> for Sft {
         checkpoints: Option<&mut ActivationCheckpoints<B>>,
     ) -> StepOutput<B> {
         let hidden = trained_hidden_states(model, batch, checkpoints);
+        let training = model.trains();
+        // Evaluation also reports how often the most likely token is the target.
+        let metrics = match training {
+            true => None,
+            false => token_accuracy(model, hidden.clone(), batch),
+        };
         StepOutput {
-            loss_sum: token_logprobs(model, hidden, batch, model.trains())
-                .sum()
-                .neg(),
+            loss_sum: token_logprobs(model, hidden, batch, training).sum().neg(),
             units: self.units(batch),
-            metrics: Vec::new(),
+            metrics: metrics
+                .map(|accuracy| ("mean_token_accuracy", accuracy))
+                .into_iter()
+                .collect(),
         }
     }
 }
