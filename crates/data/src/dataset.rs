@@ -353,16 +353,16 @@ impl RowKind {
 /// tie); rows of another kind are then bad rows, never silently unused.
 fn majority_kind(results: &[RowOutcome]) -> RowKind {
     let kind = |r: &RowOutcome| r.0.as_ref().ok().map(|(e, _)| RowKind::of(e));
-    let count = |k: RowKind| results.iter().filter(|r| kind(r) == Some(k)).count();
-    let most = [RowKind::Single, RowKind::Pair, RowKind::Labeled]
-        .into_iter()
-        .map(count)
-        .max()
-        .unwrap_or(0);
+    // Counted once, indexed by the kind's discriminant: the tie-break looks counts up.
+    let mut counts = [0usize; 3];
+    for k in results.iter().filter_map(kind) {
+        counts[k as usize] += 1;
+    }
+    let most = counts.into_iter().max().unwrap_or(0);
     results
         .iter()
         .filter_map(kind)
-        .find(|&k| count(k) == most)
+        .find(|&k| counts[k as usize] == most)
         .unwrap_or(RowKind::Single)
 }
 

@@ -497,14 +497,8 @@ fn is_blank_turn(m: &Message) -> bool {
 /// Rejects a pair that gives the loss nothing to compare: a side without a token after
 /// position 0 to predict, or sides that are the same tokens.
 pub(crate) fn check_pair(pair: &PairExample) -> Result<(), String> {
-    for (key, side) in [("chosen", pair.chosen()), ("rejected", pair.rejected())] {
-        if side.trained() == 0 {
-            return Err(format!(
-                "the `{key}` sequence has no token to train on after its first (prompt and completion together are {} token(s))",
-                side.len()
-            ));
-        }
-    }
+    check_trainable("the `chosen` sequence", &pair.chosen())?;
+    check_trainable("the `rejected` sequence", &pair.rejected())?;
     if pair.chosen_ids == pair.rejected_ids {
         return Err("`chosen` and `rejected` give the same tokens".into());
     }
@@ -513,10 +507,15 @@ pub(crate) fn check_pair(pair: &PairExample) -> Result<(), String> {
 
 /// Rejects a labeled completion with no token to train on after position 0.
 pub(crate) fn check_labeled(labeled: &LabeledExample) -> Result<(), String> {
-    let sequence = labeled.example();
+    check_trainable("the sequence", &labeled.example())
+}
+
+/// Rejects a prompt + completion `sequence` (named `what`) with no token to train on after
+/// position 0.
+fn check_trainable(what: &str, sequence: &Example) -> Result<(), String> {
     if sequence.trained() == 0 {
         return Err(format!(
-            "the sequence has no token to train on after its first (prompt and completion together are {} token(s))",
+            "{what} has no token to train on after its first (prompt and completion together are {} token(s))",
             sequence.len()
         ));
     }
