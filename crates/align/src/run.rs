@@ -35,7 +35,8 @@ use crate::recipe::{
 };
 use crate::schedule::Schedule;
 use crate::strategy::{
-    Kto, LabeledBatch, Orpo, PairBatch, Preference, Sft, Strategy, TokenBatch, frozen_logps,
+    Kto, LabeledBatch, Orpo, PairBatch, Preference, Sft, Strategy, TokenBatch, adapters_off,
+    frozen_logps,
 };
 use crate::trainer::{Activations, MetricMeans, StepMetrics, optimizer_step};
 
@@ -249,8 +250,8 @@ fn pair_batches<B: AutodiffBackend>(
 }
 
 /// Batches of labeled completions for KTO, shuffled with `seed`, with their mismatched rows when
-/// `mismatched`. A lone row left at the end joins the batch
-/// before it: a row's mismatched completion comes from another row of its batch.
+/// `mismatched`. A lone row left at the end joins the batch before it: a row's mismatched
+/// completion comes from another row of its batch.
 fn labeled_batches<B: AutodiffBackend>(
     data: &Dataset,
     micro: usize,
@@ -703,11 +704,7 @@ pub fn train<B: AutodiffBackend>(
             recipe.model.dtype.apply(&mut reference);
             Some(reference)
         }
-        (None, _) => precompute_ref.then(|| {
-            let mut adapters_off = model.clone();
-            adapters_off.set_adapters_enabled(false);
-            adapters_off
-        }),
+        (None, _) => precompute_ref.then(|| adapters_off(model.clone())),
     };
     let mut progress = Progress {
         step: 0,

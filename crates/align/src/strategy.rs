@@ -1,8 +1,8 @@
 //! Strategies: what a trainer optimises, the only seam between trainer kinds. A strategy turns
 //! a batch into a *summed* loss and the number of units it sums over (trained tokens for SFT and
 //! instruction tuning, preference pairs for DPO, ORPO and CPO, labeled completions for KTO); the
-//! loop divides by the units of the whole
-//! accumulated batch, so gradient accumulation never averages per-micro-batch means.
+//! loop divides by the units of the whole accumulated batch, so gradient accumulation never
+//! averages per-micro-batch means.
 
 use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -324,9 +324,13 @@ fn reference_logps_of<B: AutodiffBackend>(
     model: &Decoder<B>,
     both: &TokenBatch<B>,
 ) -> (Tensor<B, 1>, Tensor<B, 1>) {
-    let mut reference = model.valid();
-    reference.set_adapters_enabled(false);
-    split_pairs(logps_without_gradient(&reference, both))
+    split_pairs(logps_without_gradient(&adapters_off(model.valid()), both))
+}
+
+/// `model` with its adapters switched off: the base it trains on, sharing its weights.
+pub(crate) fn adapters_off<B: Backend>(mut model: Decoder<B>) -> Decoder<B> {
+    model.set_adapters_enabled(false);
+    model
 }
 
 /// The summed completion log-probs of every row of `batch` under `model`, without gradient
@@ -735,17 +739,14 @@ impl<B: AutodiffBackend> Strategy<B> for Kto<B> {
             Some(m) => batch.matched.concat(m),
             None => batch.matched.clone(),
         };
+        let frozen_policy = model.valid();
         let reference = match &self.reference {
             Some(frozen) => logps_without_gradient(frozen, &scored),
-            None => {
-                let mut adapters_off = model.valid();
-                adapters_off.set_adapters_enabled(false);
-                logps_without_gradient(&adapters_off, &scored)
-            }
+            None => logps_without_gradient(&adapters_off(frozen_policy.clone()), &scored),
         };
         let kl = match mismatched {
             Some(m) => {
-                let policy = logps_without_gradient(&model.valid(), m);
+                let policy = logps_without_gradient(&frozen_policy, m);
                 kl_estimate(policy, reference.clone().slice(rows..2 * rows))
             }
             None => 0.0,
