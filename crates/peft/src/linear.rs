@@ -86,49 +86,40 @@ impl<B: Backend> AdaptableLinear<B> {
     /// - input: `[..., in]`
     /// - output: `[..., out]`
     pub fn forward<const D: usize>(&self, input: Tensor<B, D>) -> Tensor<B, D> {
-        let base = self.forward_base(input.clone());
         match self.active_lora() {
             Some(lora) => match &lora.magnitude {
-                Some(magnitude) => self.forward_dora(lora, magnitude.val(), base, input),
-                None => base + lora.forward(input),
+                Some(magnitude) => self.forward_dora(lora, magnitude.val(), input),
+                None => self.forward_base(input.clone()) + lora.forward(input),
             },
-            None => base,
+            None => self.forward_base(input),
         }
     }
 
-    /// DoRA's output `base + (m/n - 1) ⊙ x'·Wᵀ + m/n ⊙ s·x'·Aᵀ·Bᵀ`, from the base projection
-    /// `base` of `input` (bias included), with `n` the row norms of `W + s·B·A` (a constant) and
-    /// `x'` the adapter's input. Without dropout `x' = input`, and the sum is
-    /// `m/n ⊙ (x·Wᵀ + s·x·Aᵀ·Bᵀ) + b`; while dropout draws, `x'` is the dropped input, whose
-    /// `x'·Wᵀ` is a product of its own.
+    /// DoRA's output `x·Wᵀ + (m/n - 1) ⊙ x'·Wᵀ + m/n ⊙ s·x'·Aᵀ·Bᵀ + b`, with `n` the row norms
+    /// of `W + s·B·A` (a constant) and `x'` the adapter's input. Without dropout `x' = input`,
+    /// and the sum is `m/n ⊙ (x·Wᵀ + s·x·Aᵀ·Bᵀ) + b`; while dropout draws, `x'` is the dropped
+    /// input, whose `x'·Wᵀ` is a product of its own.
     fn forward_dora<const D: usize>(
         &self,
         lora: &Lora<B>,
         magnitude: Tensor<B, 1>,
-        base: Tensor<B, D>,
         input: Tensor<B, D>,
     ) -> Tensor<B, D> {
-        let dtype = base.dtype();
+        let projected = project(input.clone(), self.weight.val());
+        let dtype = projected.dtype();
         let norms = lora.row_norms(self.weight.val());
         let scale = cast_to((magnitude / norms).unsqueeze::<D>(), dtype);
-        let bias = self
-            .bias
-            .as_ref()
-            .map(|bias| cast_to(bias.val(), dtype).unsqueeze::<D>());
-        if B::ad_enabled(&input.device()) && lora.dropout.prob > 0.0 {
+        let output = if B::ad_enabled(&input.device()) && lora.dropout.prob > 0.0 {
             let dropped = lora.dropout.forward(input);
-            let projected = project(dropped.clone(), self.weight.val());
-            let adapted = (projected.clone() + lora.update(dropped)) * scale;
-            return base + adapted - projected;
-        }
-        let projected = match bias.clone() {
-            Some(bias) => base - bias,
-            None => base,
+            let dropped_projected = project(dropped.clone(), self.weight.val());
+            let adapted = (dropped_projected.clone() + lora.update(dropped)) * scale;
+            projected + adapted - dropped_projected
+        } else {
+            (projected + lora.update(input)) * scale
         };
-        let adapted = (projected + lora.update(input)) * scale;
-        match bias {
-            Some(bias) => adapted + bias,
-            None => adapted,
+        match &self.bias {
+            Some(bias) => output + cast_to(bias.val(), dtype).unsqueeze(),
+            None => output,
         }
     }
 
