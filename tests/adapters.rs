@@ -2,7 +2,9 @@
 //! adapters reproduce PEFT's log-probs (1e-4) and merged weights (1e-6), DoRA its gradients
 //! (1e-4 of the largest), trainable-parameter counts equal PEFT's, fresh adapters leave the
 //! model unchanged, only adapter tensors get gradients, the on/off switch restores the base, our
-//! writer reproduces PEFT's files, and bad configs fail.
+//! writer reproduces PEFT's files, and bad configs fail. A reward model's adapter (SEQ_CLS, its
+//! `score` head saved whole) reproduces PEFT's rewards (1e-5), merges into transformers' own
+//! sequence-classifier checkpoint (1e-6), and is written back as PEFT wrote it.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -303,13 +305,14 @@ fn our_writer_reproduces_peft_files() {
         let model = with_adapter(name);
         let config = LoraConfig::from_file(&adapter_dir(name).join("adapter_config.json")).unwrap();
         let out = tempfile::tempdir().unwrap();
-        save_adapter(out.path(), &config, &model.model.linears()).unwrap();
+        save_adapter(out.path(), &config, &model.model.linears(), &[]).unwrap();
         // For scripts/golden/check_adapter_in_peft.py, which loads these into PEFT.
         if let Some(export) = std::env::var_os("BURNISH_EXPORT_ADAPTERS") {
             save_adapter(
                 &PathBuf::from(export).join(name),
                 &config,
                 &model.model.linears(),
+                &[],
             )
             .unwrap();
         }
@@ -336,6 +339,126 @@ fn our_writer_reproduces_peft_files() {
             token_logprobs(&model.model, ids).unwrap()
         );
     }
+}
+
+#[derive(Deserialize)]
+struct RewardAdapterGolden {
+    trainable_parameters: usize,
+    rewards: Vec<RewardCase>,
+}
+
+#[derive(Deserialize)]
+struct RewardCase {
+    token_ids: Vec<u32>,
+    reward: f32,
+}
+
+/// Each case's reward under a classifier `model`, read where transformers reads it.
+fn rewards_of(model: &burnish_model::Decoder<B>, cases: &[RewardCase]) -> Vec<f32> {
+    cases
+        .iter()
+        .map(|c| {
+            let n = c.token_ids.len();
+            let ids: Vec<i64> = c.token_ids.iter().map(|&t| i64::from(t)).collect();
+            let ids =
+                Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, n]), &Default::default());
+            let at = burnish_model::scored_position(&c.token_ids, model.config.pad_token_id);
+            let scores = model.scores(model.hidden_states(ids), &[at]);
+            scores.into_data().to_vec::<f32>().unwrap()[0]
+        })
+        .collect()
+}
+
+#[test]
+fn reward_adapters_reproduce_peft_and_merge_into_a_transformers_classifier() {
+    let name = "llama-reward";
+    let golden: RewardAdapterGolden = serde_json::from_str(
+        &std::fs::read_to_string(adapter_dir(name).join("golden.json")).unwrap(),
+    )
+    .unwrap();
+    let base = Pretrained::<B>::load(&model_dir("llama"), &Default::default()).unwrap();
+    let (model, config) = base.model.with_adapter(&adapter_dir(name)).unwrap();
+    assert!(model.is_classifier() && model.lm_head.is_none());
+    let theirs: Vec<f32> = golden.rewards.iter().map(|c| c.reward).collect();
+    let close = |ours: &[f32], tolerance: f32| {
+        ours.iter()
+            .zip(&theirs)
+            .all(|(a, b)| (a - b).abs() <= tolerance)
+    };
+    let ours = rewards_of(&model, &golden.rewards);
+    assert!(close(&ours, 1e-5), "{ours:?} vs PEFT {theirs:?}");
+    let head = model.score.as_ref().unwrap().val().dims()[1];
+    assert_eq!(
+        trainable_parameters(&model.linears()) + head,
+        golden.trainable_parameters
+    );
+
+    // Written back: PEFT's tensors, the head among them, and a SEQ_CLS config.
+    let out = tempfile::tempdir().unwrap();
+    save_adapter(
+        out.path(),
+        &config,
+        &model.linears(),
+        &model.whole_modules(),
+    )
+    .unwrap();
+    assert_eq!(
+        read_tensors(&adapter_dir(name).join("adapter_model.safetensors")),
+        read_tensors(&out.path().join("adapter_model.safetensors"))
+    );
+    let written: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(written["task_type"], "SEQ_CLS");
+    assert_eq!(
+        written["modules_to_save"],
+        serde_json::json!(["classifier", "score"])
+    );
+
+    // Merged, it is transformers' own merged classifier, which burnish also loads as one.
+    let mut merged = model.clone();
+    merged.merge_and_unload().unwrap();
+    let reference = model_dir("llama-reward");
+    let theirs_weights = read_tensors(&reference.join("model.safetensors"));
+    let ours_weights: BTreeMap<String, (Vec<usize>, Vec<f32>)> =
+        burnish_model::named_weights(&merged)
+            .into_iter()
+            .map(|(name, shape, values)| (name, (shape, values)))
+            .collect();
+    assert_eq!(
+        theirs_weights.keys().collect::<Vec<_>>(),
+        ours_weights.keys().collect::<Vec<_>>()
+    );
+    for (key, (shape, values)) in &theirs_weights {
+        assert_eq!(&ours_weights[key].0, shape, "{key}");
+        assert!(max_abs_diff(&ours_weights[key].1, values) <= 1e-6, "{key}");
+    }
+    let loaded = Pretrained::<B>::load(&reference, &Default::default()).unwrap();
+    assert!(loaded.model.is_classifier());
+    let ours = rewards_of(&loaded.model, &golden.rewards);
+    assert!(close(&ours, 1e-5), "{ours:?} vs transformers {theirs:?}");
+
+    // Saved by burnish, it is a classifier's checkpoint again.
+    let saved = tempfile::tempdir().unwrap();
+    burnish_model::save_decoder(
+        &merged,
+        &loaded.config,
+        saved.path(),
+        burnish_peft::SaveDtype::F32,
+    )
+    .unwrap();
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(saved.path().join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        config["architectures"],
+        serde_json::json!(["LlamaForSequenceClassification"])
+    );
+    assert_eq!(config["id2label"], serde_json::json!({"0": "LABEL_0"}));
+    let again = Pretrained::<B>::load(saved.path(), &Default::default()).unwrap();
+    assert_eq!(
+        rewards_of(&again.model, &golden.rewards),
+        rewards_of(&merged, &golden.rewards)
+    );
 }
 
 #[test]

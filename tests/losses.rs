@@ -5,7 +5,8 @@
 //! schedules equal transformers' `get_scheduler` (1e-12). ORPO's loss and metrics on padded
 //! pairs through the llama fixture equal TRL's `ORPOTrainer`, and CPO's and SimPO's its
 //! `CPOTrainer`, for every loss type (1e-5, relative above 1), and
-//! `log1mexp` TRL's on both sides of its branch (1e-6 relative). The log-probs computed chunk by
+//! `log1mexp` TRL's on both sides of its branch (1e-6 relative). KTO's loss and metrics equal
+//! TRL's `KTOTrainer`, and a reward model's rewards, loss and metrics its `RewardTrainer` (1e-5). The log-probs computed chunk by
 //! chunk from the hidden states equal the full logits' in value and gradient.
 
 use burn::tensor::{Int, Tensor, TensorData};
@@ -28,7 +29,32 @@ struct Golden {
     orpo: Orpo,
     cpo: CpoGolden,
     kto: KtoGolden,
+    reward: RewardGolden,
     dpo_model: DpoModelGolden,
+}
+
+#[derive(Deserialize)]
+struct RewardGolden {
+    adapter: String,
+    pad_token_id: u32,
+    pairs: Vec<RewardPair>,
+    cases: Vec<RewardCase>,
+}
+
+#[derive(Deserialize)]
+struct RewardPair {
+    chosen_ids: Vec<u32>,
+    rejected_ids: Vec<u32>,
+}
+
+#[derive(Deserialize)]
+struct RewardCase {
+    name: String,
+    center_rewards_coefficient: Option<f64>,
+    loss: f64,
+    /// Chosen rows' rewards, then rejected rows'.
+    rewards: Vec<f64>,
+    metrics: std::collections::BTreeMap<String, f64>,
 }
 
 #[derive(Deserialize)]
@@ -624,6 +650,56 @@ fn kto_losses_and_metrics_equal_trl_through_the_model() {
             reference: None,
         };
         let out = kto.loss(&model, &batch, None);
+        assert_trl_step(&case.name, out, case.loss, &case.metrics);
+    }
+}
+
+/// The llama fixture as a one-label classifier with the llama-reward adapter (LoRA and its
+/// `score` head) scores whole sequences as TRL's RewardTrainer does: at each row's last token that
+/// is not the pad token, so a chosen row ending with it is scored before it, and one holding it
+/// within is scored at its end.
+#[test]
+fn reward_model_losses_and_metrics_equal_trl_through_the_model() {
+    use burnish_align::{Reward, ScoredPairs, Strategy};
+    use burnish_data::PairExample;
+    let g = golden().reward;
+    let device = Default::default();
+    let base = Pretrained::<AD>::load(&model_dir("llama"), &device)
+        .unwrap()
+        .model;
+    let adapter = model_dir("llama").join("../../adapters").join(&g.adapter);
+    let (model, _) = base.with_adapter(&adapter).unwrap();
+    assert!(model.is_classifier() && model.lm_head.is_none());
+    let pairs: Vec<PairExample> = g
+        .pairs
+        .iter()
+        .map(|p| PairExample {
+            prompt_ids: Vec::new(),
+            chosen_ids: p.chosen_ids.clone(),
+            rejected_ids: p.rejected_ids.clone(),
+        })
+        .collect();
+    let refs: Vec<&PairExample> = pairs.iter().collect();
+    let batch = ScoredPairs::from_pairs(&refs, g.pad_token_id, &device);
+    let pad_ended = g.pairs[1].chosen_ids.len() - 2;
+    assert_eq!(batch.positions[1], pad_ended, "scored before its pad token");
+    let rewards = Reward::rewards(&model, &batch, None)
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap();
+    assert_eq!(g.cases.len(), 2);
+    for case in &g.cases {
+        for (ours, theirs) in rewards.iter().zip(&case.rewards) {
+            assert!(
+                (f64::from(*ours) - theirs).abs() < 1e-5,
+                "{}: reward {ours} vs TRL {theirs}",
+                case.name
+            );
+        }
+        let reward = Reward {
+            center_rewards_coefficient: case.center_rewards_coefficient,
+        };
+        let out = reward.loss(&model, &batch, None);
         assert_trl_step(&case.name, out, case.loss, &case.metrics);
     }
 }

@@ -366,6 +366,117 @@ fn full_fine_tuning_dpo_keeps_the_model_it_starts_from_as_reference() {
 }
 
 #[test]
+fn reward_models_learn_to_score_the_chosen_reply_higher() {
+    let work = tempfile::tempdir().unwrap();
+    preference_rows(work.path());
+    let path = recipe(
+        work.path(),
+        "[adapter]\nr = 8\nalpha = 16\ndropout = 0.0\n\n[data]\ntrain = \"pairs.jsonl\"\neval = \"pairs.jsonl\"\n\n[train]\nstrategy = \"reward\"\nmax_steps = 15\nmicro_batch_size = 4\nlr = 1e-2\nschedule = \"constant\"\n\n[reward]\ncenter_rewards_coefficient = 0.01\n",
+    );
+    let out = train(&path, &[]);
+    assert_success(&out);
+    let lines = metrics(&work.path().join("run"));
+    let eval = lines.iter().find(|l| l.get("eval_loss").is_some()).unwrap();
+    assert_eq!(eval["accuracy"].as_f64().unwrap(), 1.0, "{eval}");
+    assert!(eval["margin"].as_f64().unwrap() > 1.0, "{eval}");
+    assert!(
+        eval["eval_loss"].as_f64().unwrap() < lines[0]["loss"].as_f64().unwrap() / 2.0,
+        "{eval}"
+    );
+
+    // The adapter is PEFT's for a sequence classifier: the head is saved whole beside it.
+    let run = work.path().join("run");
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(run.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(config["task_type"], "SEQ_CLS");
+    let weights = std::fs::read(run.join("adapter_model.safetensors")).unwrap();
+    let names = safetensors::SafeTensors::deserialize(&weights)
+        .unwrap()
+        .names()
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+    assert!(
+        names.contains(&"base_model.model.score.weight".to_string()),
+        "{names:?}"
+    );
+    let card = std::fs::read_to_string(run.join("README.md")).unwrap();
+    assert!(card.contains("pipeline_tag: text-classification"), "{card}");
+
+    // Merged, it is a sequence-classifier checkpoint, which does not generate.
+    let merged = work.path().join("merged");
+    let out = burnish(&[
+        "merge",
+        "--model",
+        model_dir("llama").to_str().unwrap(),
+        "--adapter",
+        run.to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    assert_success(&out);
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(merged.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        config["architectures"],
+        json!(["LlamaForSequenceClassification"])
+    );
+    let out = burnish(&[
+        "generate",
+        "--model",
+        merged.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--prompt",
+        "hello",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("reward model"), "{err}");
+    // `score` gives its reward of a text instead.
+    let out = burnish(&[
+        "score",
+        "--model",
+        merged.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--text",
+        "is the cat big? yes, very big",
+        "--json",
+    ]);
+    assert_success(&out);
+    let scored: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(scored["reward"].as_f64().unwrap().is_finite(), "{scored}");
+
+    // Trained in full, with checkpoints, and resumed: the checkpoint is a classifier too.
+    let full = recipe(
+        work.path(),
+        "[data]\ntrain = \"pairs.jsonl\"\n\n[train]\nstrategy = \"reward\"\nmax_steps = 2\nsave_every = 1\nmicro_batch_size = 4\nlr = 1e-3\n",
+    );
+    let out = train(&full, &["--set", "output.dir=\"full\""]);
+    assert_success(&out);
+    let out = train(
+        &full,
+        &[
+            "--set",
+            "output.dir=\"full\"",
+            "--set",
+            "train.max_steps=3",
+            "--resume",
+        ],
+    );
+    assert_success(&out);
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(work.path().join("full/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        config["architectures"],
+        json!(["LlamaForSequenceClassification"])
+    );
+    assert_eq!(config["pad_token_id"], json!(0));
+}
+
+#[test]
 fn kto_runs_learn_from_unpaired_labels() {
     let work = tempfile::tempdir().unwrap();
     preference_rows(work.path());

@@ -8,6 +8,10 @@ Writes, under tests/fixtures/adapters/:
   <name>/merged.safetensors  the adapted weights after PEFT's merge_and_unload (f32)
   <name>/grads.safetensors   (DoRA only) the adapter's gradients of the first score case's
                           mean negative log-prob, its value in golden.json's `loss`
+and, for `llama-reward` (a reward model: LlamaForSequenceClassification with one label, LoRA on
+q/v and its `score` head trained whole, PEFT's task_type SEQ_CLS), golden.json holds each score
+case's reward instead of log-probs, and tests/fixtures/models/llama-reward is that model merged
+and saved by transformers (a sequence-classification checkpoint: `score.weight`, no `lm_head`);
 and tests/fixtures/merges/golden.safetensors + golden.json: PEFT's merge_utils (task
 arithmetic, TIES, DARE) and the linear / SLERP formulas on small random task tensors.
 
@@ -31,7 +35,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import merge_utils
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Relative paths, so the base_model_name_or_path PEFT records names the fixture, not this machine.
@@ -124,6 +128,58 @@ def make_adapter(name: str, base_name: str, kwargs: dict) -> None:
     print(f"{name}: {len(adapted)} modules, {trainable} trainable parameters")
 
 
+def reward_of(model, ids: list[int]) -> float:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0, 0].item()
+
+
+def make_reward_adapter() -> None:
+    """A reward model's adapter as TRL's RewardTrainer trains it with PEFT: the base loaded as a
+    one-label sequence classifier (a fresh `score` head), LoRA with task_type SEQ_CLS, which makes
+    PEFT train and save the head whole (`modules_to_save`). The head is set to larger random
+    values than its initialisation so that rewards are of order one."""
+    name, base_name = "llama-reward", "llama"
+    out = ADAPTERS / name
+    if out.exists():
+        shutil.rmtree(out)
+    torch.manual_seed(1234)
+
+    def load_classifier(path):
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=torch.float32, attn_implementation="eager"
+        )
+        return model.eval()
+
+    config = LoraConfig(
+        task_type="SEQ_CLS", r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+        target_modules=["q_proj", "v_proj"],
+    )
+    peft_model = get_peft_model(load_classifier(MODELS / base_name), config)
+    with torch.no_grad():
+        head = peft_model.base_model.model.score.modules_to_save["default"].weight
+        head.copy_(0.3 * torch.randn_like(head))
+    peft_model.save_pretrained(out)
+    (out / "README.md").unlink()
+    trainable, _ = peft_model.get_nb_trainable_parameters()
+
+    reloaded = PeftModel.from_pretrained(load_classifier(MODELS / base_name), out).eval()
+    cases = json.loads((MODELS / base_name / "golden.json").read_text())["score"]
+    rewards = [{"token_ids": c["token_ids"], "reward": reward_of(reloaded, c["token_ids"])} for c in cases]
+    golden = {"base_model": base_name, "trainable_parameters": trainable, "rewards": rewards}
+    (out / "golden.json").write_text(json.dumps(golden, indent=1) + "\n")
+
+    merged_dir = MODELS / name
+    if merged_dir.exists():
+        shutil.rmtree(merged_dir)
+    reloaded.merge_and_unload().save_pretrained(merged_dir)
+    for file in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]:
+        shutil.copy(MODELS / base_name / file, merged_dir / file)
+    merged = load_classifier(merged_dir)
+    for case in rewards:
+        assert abs(reward_of(merged, case["token_ids"]) - case["reward"]) < 1e-5
+    print(f"{name}: {trainable} trainable parameters, rewards {[round(r['reward'], 4) for r in rewards]}")
+
+
 def save_gradients(out: Path, base_name: str, ids: list[int]) -> float:
     """The gradients of `ids`' mean negative log-prob for every adapter tensor, keyed as in
     adapter_model.safetensors, written to grads.safetensors; returns the loss."""
@@ -202,6 +258,7 @@ def main() -> None:
     ADAPTERS.mkdir(parents=True, exist_ok=True)
     for name, (base_name, kwargs) in ADAPTER_SPECS.items():
         make_adapter(name, base_name, kwargs)
+    make_reward_adapter()
     make_merges()
 
 

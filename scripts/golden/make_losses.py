@@ -8,6 +8,12 @@
   most likely token of their position, as its fused head's `is_top1` decides) of two rows on the
   llama fixture, one of them continued greedily by the model, so that the fraction is neither 0
   nor 1.
+- `reward`: TRL 1.16's reward-model loss and metrics (`RewardTrainer.compute_loss` on a stub
+  trainer, through TRL's own preference collator) for preference pairs of whole sequences on the
+  llama fixture as a one-label sequence classifier with the llama-reward adapter (LoRA plus its
+  `score` head): each sequence's reward is read at its last token that is not the pad token, as
+  transformers reads it, so one sequence holds the pad token within it and one ends with it;
+  plain, and with `center_rewards_coefficient`.
 - `schedules`: learning rates of transformers' `get_scheduler` (constant with warmup, linear,
   cosine) at every step of a 10-step run with 3 warmup steps.
 - `adamw_steps.*`: three LoRA SFT steps with PEFT + torch AdamW and global-norm clipping from the
@@ -442,6 +448,50 @@ def kto_cases() -> dict:
     return {"model": "llama", "adapter": "llama-qv", "cases": cases}
 
 
+def reward_cases() -> dict:
+    """Reward modelling through TRL's own RewardTrainer.compute_loss on a stub trainer (only the
+    attributes that method reads are set), on TRL's collator output."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+    from trl.trainer.reward_trainer import DataCollatorForPreference, RewardTrainer
+
+    model_dir = REPO_ROOT / "tests" / "fixtures" / "models" / "llama"
+    base = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, num_labels=1, dtype=torch.float32, attn_implementation="eager"
+    )
+    model = PeftModel.from_pretrained(base, REPO_ROOT / "tests" / "fixtures" / "adapters" / "llama-reward").eval()
+    pad = model.config.pad_token_id
+    ids = json.loads((model_dir / "golden.json").read_text())["score"][1]["token_ids"]
+    pairs = [
+        {"chosen_ids": ids[0:7] + ids[40:48], "rejected_ids": ids[0:12]},
+        {"chosen_ids": ids[12:20] + [pad], "rejected_ids": ids[12:16] + ids[55:58]},
+        {"chosen_ids": ids[30:34] + [pad] + ids[50:55], "rejected_ids": ids[30:34] + ids[20:29]},
+    ]
+    settings = [
+        {"name": "plain", "center_rewards_coefficient": None},
+        {"name": "centered", "center_rewards_coefficient": 0.01},
+    ]
+    cases = []
+    for setting in settings:
+        batch = DataCollatorForPreference(pad_token_id=pad)([dict(p) for p in pairs])
+        trainer = RewardTrainer.__new__(RewardTrainer)
+        trainer.model = model
+        trainer.args = SimpleNamespace(center_rewards_coefficient=setting["center_rewards_coefficient"])
+        trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        trainer._total_train_tokens = 0
+        trainer._tp_size = 1
+        trainer.accelerator = SimpleNamespace(gather_for_metrics=lambda x: x, gather=lambda x: x)
+        with torch.no_grad():
+            loss, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True)
+        metrics = {k: v[-1] for k, v in trainer._metrics["eval"].items() if k != "num_tokens"}
+        rewards = outputs.logits.squeeze(-1).tolist()
+        cases.append({**setting, "loss": loss.item(), "rewards": rewards, "metrics": metrics})
+    return {"model": "llama", "adapter": "llama-reward", "pad_token_id": pad, "pairs": pairs, "cases": cases}
+
+
 def schedules() -> dict:
     """transformers' get_scheduler multipliers over 10 steps with 3 warmup steps, and the warmup
     that warmup_ratio 0.25 of 10 steps gives."""
@@ -477,6 +527,7 @@ def main() -> None:
         "orpo": orpo,
         "cpo": cpo_cases(orpo),
         "kto": kto_cases(),
+        "reward": reward_cases(),
         "dpo_model": dpo_model_cases(),
         "schedules": schedules(),
     }

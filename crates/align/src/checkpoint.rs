@@ -105,7 +105,7 @@ pub fn save_checkpoint<B: AutodiffBackend>(
     std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
 
     match adapter {
-        Some(config) => save_adapter(&tmp, config, &model.linears())?,
+        Some(config) => save_adapter(&tmp, config, &model.linears(), &model.whole_modules())?,
         None => save_decoder(model, base_config, &tmp, SaveDtype::F32)?,
     }
     let moments = optimizer.export_state(model);

@@ -1,7 +1,8 @@
 //! The trainer: recipes, the one training loop, and its strategies (chat SFT, instruction tuning,
-//! the preference strategies DPO, ORPO and CPO/SimPO, and KTO on unpaired preferences), with
-//! checkpoints and metrics: the strategies' objectives (the masked next-token loss of SFT and
-//! instruction tuning, the preference losses with TRL's reward metrics), the optimizer (AdamW with global-norm clipping)
+//! the preference strategies DPO, ORPO and CPO/SimPO, KTO on unpaired preferences, and reward
+//! modelling), with checkpoints and metrics: the strategies' objectives (the masked next-token
+//! loss of SFT and instruction tuning, the preference losses with TRL's reward metrics, the
+//! reward model's pairwise loss), the optimizer (AdamW with global-norm clipping)
 //! and its schedules, and what a resumed or continued run is checked against.
 
 mod check;
@@ -15,6 +16,7 @@ mod kto;
 mod optimizer;
 mod orpo;
 mod recipe;
+mod reward;
 mod run;
 mod schedule;
 mod strategy;
@@ -34,9 +36,10 @@ pub use orpo::{OrpoOutput, log1mexp, orpo_loss};
 pub use recipe::{
     AdapterInit, AdapterSection, CheckSection, CpoLossName, CpoSection, DataSection, DpoLossName,
     DpoLosses, DpoSection, FDivergenceName, HF_DATASETS, HubDataset, KtoLossName, KtoSection,
-    ModelInit, ModelSection, OnNonFinite, OrpoSection, OutputSection, Recipe, Rows, ScheduleName,
-    StrategyKind, TargetModules, TrainSection,
+    ModelInit, ModelSection, OnNonFinite, OrpoSection, OutputSection, Recipe, RewardSection, Rows,
+    ScheduleName, StrategyKind, TargetModules, TrainSection,
 };
+pub use reward::{Reward, RewardOutput, ScoredPairs, reward_loss};
 pub use run::{RunEvent, RunSummary, lora_config, train};
 pub use schedule::{Schedule, ScheduleKind};
 pub use strategy::{

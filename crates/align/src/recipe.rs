@@ -170,6 +170,9 @@ pub enum StrategyKind {
     /// Kahneman–Tversky optimisation on completions labeled desirable or undesirable (or on
     /// preference pairs, split in two such completions).
     Kto,
+    /// A reward model: the base becomes a sequence classifier with one output, trained to score
+    /// the chosen sequence of each preference pair above the rejected one.
+    Reward,
 }
 
 /// The rows a strategy trains on.
@@ -188,7 +191,7 @@ impl StrategyKind {
     pub fn rows(self) -> Rows {
         match self {
             Self::Sft | Self::Instruct => Rows::Examples,
-            Self::Dpo | Self::Orpo | Self::Cpo => Rows::Pairs,
+            Self::Dpo | Self::Orpo | Self::Cpo | Self::Reward => Rows::Pairs,
             Self::Kto => Rows::Labeled,
         }
     }
@@ -202,6 +205,7 @@ impl StrategyKind {
             Self::Orpo => "orpo",
             Self::Cpo => "cpo",
             Self::Kto => "kto",
+            Self::Reward => "reward",
         }
     }
 }
@@ -210,7 +214,7 @@ impl StrategyKind {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainSection {
-    /// `sft`, `instruct`, `dpo`, `orpo`, `cpo` or `kto` (default `sft`).
+    /// `sft`, `instruct`, `dpo`, `orpo`, `cpo`, `kto` or `reward` (default `sft`).
     pub strategy: StrategyKind,
     /// Passes over the training data (default 1); ignored when `max_steps` is set.
     pub epochs: usize,
@@ -685,6 +689,25 @@ impl KtoSection {
     }
 }
 
+/// `[reward]`: reward-model settings.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RewardSection {
+    /// Weight of the mean squared sum of each pair's rewards, which keeps rewards centred on
+    /// zero (TRL's `center_rewards_coefficient`; default: none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub center_rewards_coefficient: Option<f64>,
+}
+
+impl RewardSection {
+    /// The strategy these settings describe.
+    pub fn strategy(&self) -> crate::reward::Reward {
+        crate::reward::Reward {
+            center_rewards_coefficient: self.center_rewards_coefficient,
+        }
+    }
+}
+
 /// `[data]`: the files and the data loader's settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DataSection {
@@ -794,6 +817,7 @@ pub struct Recipe {
     pub orpo: OrpoSection,
     pub cpo: CpoSection,
     pub kto: KtoSection,
+    pub reward: RewardSection,
     pub check: Option<CheckSection>,
     pub output: OutputSection,
 }
@@ -811,6 +835,7 @@ struct RecipeFile {
     orpo: Option<OrpoSection>,
     cpo: Option<CpoSection>,
     kto: Option<KtoSection>,
+    reward: Option<RewardSection>,
     check: Option<CheckSection>,
     output: OutputSection,
 }
@@ -940,6 +965,7 @@ impl Recipe {
             ("orpo", file.orpo.is_some(), StrategyKind::Orpo),
             ("cpo", file.cpo.is_some(), StrategyKind::Cpo),
             ("kto", file.kto.is_some(), StrategyKind::Kto),
+            ("reward", file.reward.is_some(), StrategyKind::Reward),
         ] {
             if given && file.train.strategy != strategy {
                 return Err(invalid(format!(
@@ -1013,6 +1039,7 @@ impl Recipe {
                 k.reference_adapter = k.reference_adapter.take().map(anchor);
                 k
             }),
+            reward: file.reward.unwrap_or_default(),
             check: file.check.map(|c| CheckSection {
                 file: anchor(c.file),
                 ..c
@@ -1023,6 +1050,35 @@ impl Recipe {
         };
         recipe.validate().map_err(invalid)?;
         Ok(recipe)
+    }
+
+    /// The checks of a reward model's recipe.
+    fn validate_reward(&self) -> Result<(), String> {
+        if let Some(c) = self.reward.center_rewards_coefficient
+            && !(c.is_finite() && c >= 0.0)
+        {
+            return Err("`reward.center_rewards_coefficient` must be a number >= 0".into());
+        }
+        if self.data.loader.max_length.is_some()
+            && self.data.loader.truncation == burnish_data::Truncation::KeepStart
+        {
+            return Err(
+                "a reward model scores each sequence at its last token, so a pair cut to \
+                 `data.max_length` would be scored where it was cut: set `data.truncation = \
+                 \"drop\"` (with `data.on_bad_row = \"skip\"` to leave longer pairs out, as \
+                 TRL's RewardTrainer does) or remove `data.max_length`"
+                    .into(),
+            );
+        }
+        if self.check.is_some() {
+            return Err(
+                "`[check]` compares generated answers, and a reward model does not generate: \
+                 remove it and give `data.eval` (or `data.eval_ratio`), whose pairwise \
+                 accuracy is reported"
+                    .into(),
+            );
+        }
+        Ok(())
     }
 
     /// Every check that needs no file or tensor.
@@ -1123,6 +1179,9 @@ impl Recipe {
                  train"
                     .into(),
             );
+        }
+        if t.strategy == StrategyKind::Reward {
+            self.validate_reward()?;
         }
         if self.model.init == ModelInit::Random && self.adapter.is_some() {
             return Err(
@@ -1251,6 +1310,7 @@ impl Recipe {
             StrategyKind::Orpo => doc.insert("orpo".into(), section(&self.orpo)),
             StrategyKind::Cpo => doc.insert("cpo".into(), section(&self.cpo)),
             StrategyKind::Kto => doc.insert("kto".into(), section(&self.kto)),
+            StrategyKind::Reward => doc.insert("reward".into(), section(&self.reward)),
             StrategyKind::Sft | StrategyKind::Instruct => None,
         };
         if let Some(c) = &self.check {
@@ -1431,12 +1491,16 @@ dir = "runs/first"
             ("kto.undesirable_weight=-1", "kto.undesirable_weight"),
             ("train.micro_batch_size=1", "train.micro_batch_size"),
             ("train.neftune_noise_alpha=0", "train.neftune_noise_alpha"),
+            (
+                "reward.center_rewards_coefficient=-1",
+                "reward.center_rewards_coefficient",
+            ),
         ] {
             // A strategy's own section needs that strategy.
             let section = key.split('.').next().unwrap();
             let strategy = format!("train.strategy={section}");
             let mut sets = vec![set];
-            if ["dpo", "orpo", "cpo", "kto"].contains(&section) {
+            if ["dpo", "orpo", "cpo", "kto", "reward"].contains(&section) {
                 sets.push(&strategy);
             }
             if set.starts_with("train.micro_batch_size=1") {
@@ -1445,6 +1509,33 @@ dir = "runs/first"
             let err = parse(MINIMAL, &sets).unwrap_err();
             assert!(err.contains(key), "{set}: {err}");
         }
+    }
+
+    /// A reward model scores each sequence at its end: a sequence cut to `max_length` and a
+    /// held-out generation check are refused, with what to do instead.
+    #[test]
+    fn reward_recipes_refuse_cut_sequences_and_generation_checks() {
+        let reward = |sets: &[&str]| {
+            let mut all = vec!["train.strategy=reward"];
+            all.extend_from_slice(sets);
+            parse(MINIMAL, &all)
+        };
+        let r = reward(&["reward.center_rewards_coefficient=0.01"]).unwrap();
+        assert_eq!(r.reward.center_rewards_coefficient, Some(0.01));
+        assert!(
+            r.to_toml()
+                .contains("[reward]\ncenter_rewards_coefficient = 0.01")
+        );
+        let err = reward(&["data.max_length=64"]).unwrap_err();
+        assert!(err.contains("data.truncation = \"drop\""), "{err}");
+        reward(&["data.max_length=64", "data.truncation=\"drop\""]).unwrap();
+        let err = reward(&["check.file=\"held-out.jsonl\""]).unwrap_err();
+        assert!(
+            err.contains("[check]") && err.contains("data.eval"),
+            "{err}"
+        );
+        let err = parse(MINIMAL, &["reward.center_rewards_coefficient=0.01"]).unwrap_err();
+        assert!(err.contains("[reward]"), "{err}");
     }
 
     #[test]

@@ -14,9 +14,12 @@ use burnish_data::{
     Batch, BatchConfig, ChatTemplate, DataConfig, Dataset, Encoder, Example, LabeledExample,
     PairExample, Report, Tokenizer, load, make_batches, pack_best_fit_decreasing, shuffle,
 };
-use burnish_model::{Decoder, HfConfig, ModelError, Pretrained, linear_module_names, save_decoder};
+use burnish_model::{
+    Decoder, HfConfig, ModelError, Pretrained, RandomWeights, TensorSource, linear_module_names,
+    save_decoder,
+};
 use burnish_peft::{
-    ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, LoraConfig, LoraInit, SaveDtype, Targets,
+    ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, LoraConfig, LoraInit, SaveDtype, Targets, Task,
     f32_values, first_value, save_adapter, select_targets,
 };
 use serde_json::json;
@@ -33,6 +36,7 @@ use crate::recipe::{
     AdapterInit, AdapterSection, KtoSection, ModelInit, OnNonFinite, Recipe, Rows, StrategyKind,
     TargetModules,
 };
+use crate::reward::ScoredPairs;
 use crate::schedule::Schedule;
 use crate::strategy::{
     Kto, LabeledBatch, Orpo, PairBatch, Preference, Sft, Strategy, TokenBatch, adapters_off,
@@ -249,6 +253,25 @@ fn pair_batches<B: AutodiffBackend>(
         .collect()
 }
 
+/// Pair batches for a reward model: whole sequences, shuffled with `seed`.
+fn scored_batches<B: AutodiffBackend>(
+    data: &Dataset,
+    micro: usize,
+    pad_id: u32,
+    seed: u64,
+    device: &B::Device,
+) -> Vec<ScoredPairs<B>> {
+    let mut order: Vec<usize> = (0..data.pairs.len()).collect();
+    shuffle(&mut order, seed);
+    order
+        .chunks(micro)
+        .map(|chunk| {
+            let pairs: Vec<&PairExample> = chunk.iter().map(|&i| &data.pairs[i]).collect();
+            ScoredPairs::from_pairs(&pairs, pad_id, device)
+        })
+        .collect()
+}
+
 /// Batches of labeled completions for KTO, shuffled with `seed`, with their mismatched rows when
 /// `mismatched`. A lone row left at the end joins the batch before it: a row's mismatched
 /// completion comes from another row of its batch.
@@ -316,6 +339,7 @@ enum Batches<B: AutodiffBackend> {
     Tokens(Vec<TokenBatch<B>>),
     Pairs(Vec<PairBatch<B>>),
     Labeled(Vec<LabeledBatch<B>>),
+    Scored(Vec<ScoredPairs<B>>),
 }
 
 impl<B: AutodiffBackend> Batches<B> {
@@ -324,6 +348,7 @@ impl<B: AutodiffBackend> Batches<B> {
             Self::Tokens(b) => b.len(),
             Self::Pairs(b) => b.len(),
             Self::Labeled(b) => b.len(),
+            Self::Scored(b) => b.len(),
         }
     }
 
@@ -367,6 +392,17 @@ impl<B: AutodiffBackend> Counted for LabeledBatch<B> {
 
     fn trained_tokens(&self) -> usize {
         self.matched.trained_tokens
+    }
+}
+
+/// A reward model's pairs count every token: each one feeds the scores.
+impl<B: AutodiffBackend> Counted for ScoredPairs<B> {
+    fn tokens(&self) -> usize {
+        self.tokens
+    }
+
+    fn trained_tokens(&self) -> usize {
+        self.tokens
     }
 }
 
@@ -496,6 +532,24 @@ pub fn train<B: AutodiffBackend>(
         source,
     })?;
     let hf_config = HfConfig::from_json_str(&config_text, &config_path)?;
+    let reward = t.strategy == StrategyKind::Reward;
+    match hf_config.decoder.classifier_labels {
+        Some(_) if !reward => {
+            return Err(RunError::Mismatch(format!(
+                "{} is a sequence classifier (a reward model), which has no LM head: only \
+                 `train.strategy = \"reward\"` trains it",
+                config_path.display()
+            )));
+        }
+        Some(labels) if labels != 1 => {
+            return Err(RunError::Mismatch(format!(
+                "{} is a classifier with {labels} labels, and a reward model has one: start \
+                 from its causal LM, or from a one-label classifier",
+                config_path.display()
+            )));
+        }
+        _ => {}
+    }
     if let Some(section) = &recipe.adapter {
         let modules = linear_module_names(&hf_config.decoder);
         match &section.init_from {
@@ -637,10 +691,19 @@ pub fn train<B: AutodiffBackend>(
     } else {
         None
     };
-    let pretrained = match recipe.model.init {
+    let mut pretrained = match recipe.model.init {
         ModelInit::Pretrained => Pretrained::<B>::load(base, device)?,
         ModelInit::Random => Pretrained::<B>::random(base, t.seed, device)?,
     };
+    // A reward model starts from the base as a one-label classifier: a causal LM gets a fresh
+    // head, drawn with the config's `initializer_range` as transformers draws it.
+    if reward && !pretrained.model.is_classifier() {
+        let std = pretrained.config.initializer_range(&config_path)?;
+        let hidden = hf_config.decoder.hidden_size;
+        let head = RandomWeights { seed: t.seed, std }.read("score.weight", &[1, hidden])?;
+        let model = pretrained.model;
+        pretrained.model = model.into_classifier(Tensor::from_data(head, device));
+    }
     let config = pretrained.config.clone();
     let stop_tokens = pretrained.eos_token_ids();
     let check = |model: &Decoder<B>| -> Result<Option<CheckReport>, RunError> {
@@ -690,6 +753,16 @@ pub fn train<B: AutodiffBackend>(
             }
         },
     };
+    if reward {
+        // Its head trains whole, and is saved beside the adapter as PEFT saves a SEQ_CLS task's;
+        // it scores each row before the pad token the loader pads with, which a saved model's
+        // config names.
+        model.score = model.score.map(|head| head.set_require_grad(true));
+        model.config.pad_token_id = Some(pad_id);
+        if let Some(lora) = &mut adapter_config {
+            lora.task = Task::SequenceClassification;
+        }
+    }
     recipe.model.dtype.apply(&mut model);
     model.neftune_noise_alpha = t.neftune_noise_alpha;
     // The reference model: the separate one (DPO precomputes its log-probs, KTO keeps it), or,
@@ -848,6 +921,9 @@ pub fn train<B: AutodiffBackend>(
                 device,
             ))
         }
+        Rows::Pairs if reward => {
+            Batches::Scored(scored_batches::<B>(data, micro, pad_id, seed, device))
+        }
         Rows::Pairs => Batches::Pairs(pair_batches::<B>(
             data,
             micro,
@@ -867,6 +943,7 @@ pub fn train<B: AutodiffBackend>(
         )),
     };
     let activations = Activations::checkpointed_if(t.gradient_checkpointing);
+    let reward_strategy = recipe.reward.strategy();
     let preference = match t.strategy {
         StrategyKind::Orpo => Preference::Orpo(Orpo {
             beta: recipe.orpo.beta,
@@ -896,6 +973,7 @@ pub fn train<B: AutodiffBackend>(
             Batches::Tokens(b) => Some(evaluate(model, &Sft, b)),
             Batches::Pairs(b) => Some(evaluate(model, &preference, b)),
             Batches::Labeled(b) => Some(evaluate(model, &kto, b)),
+            Batches::Scored(b) => Some(evaluate(model, &reward_strategy, b)),
         }
     };
 
@@ -949,6 +1027,15 @@ pub fn train<B: AutodiffBackend>(
                 Batches::Labeled(b) => counted_step(
                     model,
                     &kto,
+                    b,
+                    range.clone(),
+                    &mut optimizer,
+                    &schedule,
+                    activations,
+                ),
+                Batches::Scored(b) => counted_step(
+                    model,
+                    &reward_strategy,
                     b,
                     range.clone(),
                     &mut optimizer,
@@ -1042,7 +1129,7 @@ pub fn train<B: AutodiffBackend>(
 
     // Outputs: the adapter (or the whole model), tokenizer files, and a model card.
     match &adapter_config {
-        Some(lora) => save_adapter(dir, lora, &model.linears())?,
+        Some(lora) => save_adapter(dir, lora, &model.linears(), &model.whole_modules())?,
         None => {
             save_decoder(&model, &config, dir, SaveDtype::F32)?;
             for file in TOKENIZER_FILES {
@@ -1105,6 +1192,7 @@ fn model_card(
         (false, StrategyKind::Orpo) => "ORPO",
         (false, StrategyKind::Cpo) => "CPO",
         (false, StrategyKind::Kto) => "KTO",
+        (false, StrategyKind::Reward) => "Reward modelling",
     };
     let mut front = String::from("---\n");
     if !scratch {
@@ -1133,8 +1221,12 @@ fn model_card(
         (false, true) => "lora",
         (false, false) => "full-fine-tune",
     };
+    let pipeline = match recipe.train.strategy {
+        StrategyKind::Reward => "text-classification",
+        _ => "text-generation",
+    };
     front.push_str(&format!(
-        "pipeline_tag: text-generation\ntags:\n- burnish\n- {method}\n---\n"
+        "pipeline_tag: {pipeline}\ntags:\n- burnish\n- {method}\n---\n"
     ));
     let of = if scratch {
         format!("(the architecture and tokenizer of `{base}`)")

@@ -85,7 +85,17 @@ pub fn build_decoder<B: Backend>(
         });
     }
 
-    let lm_head = if c.tie_word_embeddings {
+    // A sequence classifier has a `score` head instead of an LM head.
+    let score = match c.classifier_labels {
+        Some(labels) => Some(Param::from_tensor(tensor(
+            weights,
+            "score.weight",
+            [labels, hidden],
+            device,
+        )?)),
+        None => None,
+    };
+    let lm_head = if c.tie_word_embeddings || score.is_some() {
         None
     } else {
         Some(linear(
@@ -107,6 +117,7 @@ pub fn build_decoder<B: Backend>(
         layers,
         norm: norm("model.norm.weight")?,
         lm_head,
+        score,
         rope: Rope::new(c.head_dim, c.rope_theta, &c.rope_scaling),
         config: c.clone(),
         activations: FloatDType::F32,

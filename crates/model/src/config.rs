@@ -10,6 +10,9 @@ use serde_json::Value;
 use crate::error::{ModelError, Result};
 use crate::rope::RopeScaling;
 
+/// How a sequence classifier's architecture name ends (`LlamaForSequenceClassification`).
+pub const CLASSIFIER_SUFFIX: &str = "ForSequenceClassification";
+
 /// The architectures this decoder implements exactly.
 pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2"];
 
@@ -63,6 +66,11 @@ struct RawConfig {
     quantization_config: Option<Value>,
     bos_token_id: Option<TokenIds>,
     eos_token_id: Option<TokenIds>,
+    pad_token_id: Option<TokenIds>,
+    #[serde(default)]
+    architectures: Vec<String>,
+    num_labels: Option<usize>,
+    id2label: Option<serde_json::Map<String, Value>>,
 }
 
 fn default_hidden_act() -> String {
@@ -98,6 +106,11 @@ pub struct DecoderConfig {
     pub sliding_window: Option<usize>,
     pub eos_token_ids: Vec<u32>,
     pub bos_token_id: Option<u32>,
+    /// The padding token; a sequence classifier reads each row's score at its last other token.
+    pub pad_token_id: Option<u32>,
+    /// `Some(labels)` for a sequence-classification checkpoint (`*ForSequenceClassification`:
+    /// a `score` head of `labels` outputs and no LM head), `None` for a causal LM.
+    pub classifier_labels: Option<usize>,
 }
 
 /// A parsed `config.json`: the resolved config plus the original JSON object.
@@ -126,6 +139,26 @@ impl HfConfig {
             serde_json::from_value(Value::Object(raw.clone())).map_err(json_err)?;
         let decoder = resolve(parsed, path)?;
         Ok(Self { decoder, raw })
+    }
+
+    /// The standard deviation transformers initialises weights with (`initializer_range`, 0.02
+    /// when absent); `path` is used in errors.
+    pub fn initializer_range(&self, path: &Path) -> Result<f32> {
+        match self.raw.get("initializer_range") {
+            None | Some(Value::Null) => Ok(0.02),
+            Some(value) => value
+                .as_f64()
+                .map(|x| x as f32)
+                .filter(|x| x.is_finite() && *x > 0.0 && *x <= 1.0)
+                .ok_or_else(|| ModelError::InvalidConfig {
+                    path: path.to_path_buf(),
+                    key: "initializer_range".into(),
+                    detail: format!(
+                        "{value} is not a standard deviation in (0, 1]; transformers' models \
+                         use 0.02"
+                    ),
+                }),
+        }
     }
 }
 
@@ -250,6 +283,19 @@ fn resolve(c: RawConfig, path: &Path) -> Result<DecoderConfig> {
     }
 
     let attention_bias = c.attention_bias.unwrap_or(false);
+    // transformers' default for a classifier is two labels, unless `id2label` lists them.
+    let classifier_labels = c
+        .architectures
+        .iter()
+        .any(|a| a.ends_with(CLASSIFIER_SUFFIX))
+        .then(|| {
+            c.num_labels
+                .or(c.id2label.as_ref().map(|m| m.len()))
+                .unwrap_or(2)
+        });
+    if classifier_labels == Some(0) {
+        return Err(invalid("num_labels", "a classifier needs a label".into()));
+    }
     let qkv_bias = model_type == "qwen2" || attention_bias;
 
     Ok(DecoderConfig {
@@ -273,6 +319,11 @@ fn resolve(c: RawConfig, path: &Path) -> Result<DecoderConfig> {
             Some(TokenIds::One(id)) => Some(id),
             _ => None,
         },
+        pad_token_id: match c.pad_token_id {
+            Some(TokenIds::One(id)) => Some(id),
+            _ => None,
+        },
+        classifier_labels,
         model_type,
     })
 }

@@ -1,5 +1,6 @@
 //! The Llama-style decoder (Llama, Mistral, Qwen2 and their derivatives): token embedding,
-//! pre-norm layers of attention and SwiGLU, final RMSNorm and the LM head (tied or not).
+//! pre-norm layers of attention and SwiGLU, final RMSNorm and the LM head (tied or not), or, for
+//! a sequence classifier (a reward model), a `score` head read at each row's last token.
 //! Field names follow the checkpoint keys, so `model.layers.3.mlp.up_proj.weight` is
 //! `layers[3].mlp.up_proj.weight`.
 
@@ -11,7 +12,8 @@ use burn::tensor::{DType, Distribution, ElementConversion, FloatDType, Int, Tens
 use std::path::Path;
 
 use burnish_peft::{
-    AdaptableLinear, LoraConfig, Selected, attach_lora, cast_to, load_adapter, project,
+    AdaptableLinear, LoraConfig, Selected, Task, WholeModule, attach_lora, cast_to, load_adapter,
+    project,
 };
 
 use crate::attention::{Attention, LayerCache};
@@ -42,10 +44,20 @@ pub fn linear_module_names(c: &DecoderConfig) -> Vec<String> {
                 .map(move |p| format!("model.layers.{i}.{p}"))
         })
         .collect();
-    if !c.tie_word_embeddings {
+    if !c.tie_word_embeddings && c.classifier_labels.is_none() {
         names.push("lm_head".into());
     }
     names
+}
+
+/// Where a sequence classifier reads a row's score, as transformers does: at its last token that
+/// is not `pad` (so a row that ends with the pad token is read before it), or at its last token
+/// when there is no pad token; at 0 when every token is `pad`.
+pub fn scored_position(row: &[u32], pad: Option<u32>) -> usize {
+    match pad {
+        Some(pad) => row.iter().rposition(|&t| t != pad).unwrap_or(0),
+        None => row.len().saturating_sub(1),
+    }
 }
 
 /// One transformer block: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
@@ -139,8 +151,11 @@ pub struct Decoder<B: Backend> {
     pub embed_tokens: Param<Tensor<B, 2>>,
     pub layers: Vec<DecoderLayer<B>>,
     pub norm: RmsNorm<B>,
-    /// `None` when the head is tied to `embed_tokens`.
+    /// `None` when the head is tied to `embed_tokens`, or when the model is a classifier.
     pub lm_head: Option<AdaptableLinear<B>>,
+    /// A sequence classifier's head `[labels, hidden]` (transformers' `score`, no bias): the
+    /// model then scores sequences and has no LM head. `None` for a causal LM.
+    pub score: Option<Param<Tensor<B, 2>>>,
     #[module(skip)]
     pub config: DecoderConfig,
     #[module(skip)]
@@ -256,6 +271,64 @@ impl<B: Backend> Decoder<B> {
         cast_to(logits, DType::F32)
     }
 
+    /// Whether the model is a sequence classifier (a reward model): it scores sequences with
+    /// [`scores`](Self::scores) and has no LM head.
+    pub fn is_classifier(&self) -> bool {
+        self.score.is_some()
+    }
+
+    /// The model as a sequence classifier with `head` (`[labels, hidden]`) as its `score` head:
+    /// its LM head, if untied, is dropped, as transformers' `*ForSequenceClassification` loads a
+    /// causal LM's checkpoint without it. The head is trainable.
+    pub fn into_classifier(mut self, head: Tensor<B, 2>) -> Self {
+        let labels = head.dims()[0];
+        self.lm_head = None;
+        self.score = Some(Param::from_tensor(head).set_require_grad(true));
+        self.config.classifier_labels = Some(labels);
+        self
+    }
+
+    /// The modules an adapter of this model saves whole beside its adapters: a classifier's
+    /// `score` head (PEFT's `modules_to_save` for a SEQ_CLS task); none for a causal LM.
+    pub fn whole_modules(&self) -> Vec<WholeModule<B>> {
+        self.score
+            .iter()
+            .map(|head| WholeModule {
+                name: "score".into(),
+                weight: head.val(),
+            })
+            .collect()
+    }
+
+    /// Each row's scores (`[rows, labels]`, in f32) from its final `hidden` states, read at
+    /// position `positions[row]` (see [`scored_position`]).
+    ///
+    /// # Panics
+    /// If the model is not a classifier, or `positions` does not hold one position per row.
+    ///
+    /// # Shapes
+    /// - hidden: `[rows, seq, hidden]`
+    /// - output: `[rows, labels]`
+    pub fn scores(&self, hidden: Tensor<B, 3>, positions: &[usize]) -> Tensor<B, 2> {
+        let head = self
+            .score
+            .as_ref()
+            .expect("scores need a classifier's head");
+        let [rows, seq, width] = hidden.dims();
+        assert_eq!(positions.len(), rows, "one scored position per row");
+        let flat: Vec<i64> = positions
+            .iter()
+            .enumerate()
+            .map(|(r, &p)| (r * seq + p) as i64)
+            .collect();
+        let device = hidden.device();
+        let picked = hidden.reshape([rows * seq, width]).select(
+            0,
+            Tensor::<B, 1, Int>::from_data(burn::tensor::TensorData::new(flat, [rows]), &device),
+        );
+        cast_to(picked, DType::F32).matmul(head.val().transpose())
+    }
+
     /// Whether any of the model's parameters gets a gradient (false for an evaluation copy,
     /// see [`for_evaluation`](Self::for_evaluation)).
     pub fn trains(&self) -> bool {
@@ -337,9 +410,22 @@ impl<B: Backend> Decoder<B> {
     }
 
     /// Freezes every base weight, then loads the PEFT-format adapter in `dir` onto its modules.
+    /// A sequence classifier's adapter (`task_type` SEQ_CLS) also brings its `score` head, which
+    /// makes the model a classifier (frozen, like the rest).
     pub fn with_adapter(self, dir: &Path) -> burnish_peft::Result<(Self, LoraConfig)> {
         let mut model = self.no_grad();
-        let config = load_adapter(dir, &mut model.linears_mut())?;
+        let (config, whole) = load_adapter(dir, &mut model.linears_mut())?;
+        for module in whole {
+            model = model.into_classifier(module.weight).no_grad();
+        }
+        if config.task == Task::SequenceClassification && !model.is_classifier() {
+            return Err(burnish_peft::PeftError::MissingTensor {
+                path: dir.join(burnish_peft::ADAPTER_WEIGHTS_FILE),
+                name: "base_model.model.score.weight (a SEQ_CLS adapter on a causal LM needs \
+                       its classifier head)"
+                    .into(),
+            });
+        }
         Ok((model, config))
     }
 

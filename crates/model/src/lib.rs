@@ -34,7 +34,9 @@ pub use base_dtype::{ACTIVATIONS_ENV, BaseDtype};
 pub use build::build_decoder;
 pub use checkpointing::ActivationCheckpoints;
 pub use config::{DecoderConfig, HfConfig, SUPPORTED_MODEL_TYPES, TokenIds};
-pub use decoder::{Decoder, DecoderLayer, KvCache, LAYER_PROJECTIONS, linear_module_names};
+pub use decoder::{
+    Decoder, DecoderLayer, KvCache, LAYER_PROJECTIONS, linear_module_names, scored_position,
+};
 pub use documents::Documents;
 pub use error::{ModelError, Result};
 pub use generate::{GenerateOptions, argmax, generate};
@@ -46,5 +48,5 @@ pub use pretrained::Pretrained;
 pub use rope::{Rope, RopeScaling, Rotation, Rotations};
 pub use row_softmax::softmax_rows;
 pub use save::{named_weights, save_decoder};
-pub use score::token_logprobs;
+pub use score::{sequence_scores, token_logprobs};
 pub use weights::{RandomWeights, TensorSource, Weights};

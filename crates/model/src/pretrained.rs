@@ -8,7 +8,7 @@ use burnish_peft::SaveDtype;
 use crate::build::build_decoder;
 use crate::config::HfConfig;
 use crate::decoder::Decoder;
-use crate::error::{ModelError, Result};
+use crate::error::Result;
 use crate::generation_config::GenerationConfig;
 use crate::weights::{RandomWeights, Weights};
 
@@ -47,21 +47,7 @@ impl<B: Backend> Pretrained<B> {
         let config = HfConfig::from_file(&config_path)?;
         let generation =
             GenerationConfig::from_file_or_default(&dir.join("generation_config.json"))?;
-        let std = match config.raw.get("initializer_range") {
-            None | Some(serde_json::Value::Null) => 0.02,
-            Some(value) => value
-                .as_f64()
-                .map(|x| x as f32)
-                .filter(|x| x.is_finite() && *x > 0.0 && *x <= 1.0)
-                .ok_or_else(|| ModelError::InvalidConfig {
-                    path: config_path.clone(),
-                    key: "initializer_range".into(),
-                    detail: format!(
-                        "{value} is not a standard deviation in (0, 1]; transformers' models \
-                         use 0.02"
-                    ),
-                })?,
-        };
+        let std = config.initializer_range(&config_path)?;
         let model = build_decoder(&config.decoder, &RandomWeights { seed, std }, device)?;
         Ok(Self {
             model,

@@ -1,5 +1,6 @@
 //! Writing a [`Decoder`] back in Hugging Face layout: `model.safetensors` under the original key
-//! names plus `config.json`, each through a temporary file and a rename.
+//! names plus `config.json`, each through a temporary file and a rename. A classifier is written
+//! as transformers' `*ForSequenceClassification` checkpoint: `score.weight`, no LM head.
 
 use std::path::Path;
 
@@ -7,7 +8,7 @@ use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 use burnish_peft::{SaveDtype, f32_values, first_non_finite, serialize, write_atomic};
 
-use crate::config::HfConfig;
+use crate::config::{CLASSIFIER_SUFFIX, HfConfig};
 use crate::decoder::Decoder;
 use crate::error::{ModelError, Result};
 use crate::weights::SINGLE_FILE;
@@ -37,6 +38,9 @@ pub fn named_weights<B: Backend>(model: &Decoder<B>) -> Vec<(String, Vec<usize>,
         ));
     }
     out.push(values("model.norm.weight".into(), model.norm.weight.val()));
+    if let Some(score) = &model.score {
+        out.push(values("score.weight".into(), score.val()));
+    }
     for (name, linear) in model.linears() {
         out.push(values(format!("{name}.weight"), linear.weight.val()));
         if let Some(bias) = &linear.bias {
@@ -45,6 +49,48 @@ pub fn named_weights<B: Backend>(model: &Decoder<B>) -> Vec<(String, Vec<usize>,
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
+}
+
+/// Turns a causal LM's `config.json` into its sequence classifier's: the architecture renamed
+/// (`LlamaForCausalLM` → `LlamaForSequenceClassification`), `labels` labels, and the pad token
+/// the scores are read before.
+fn classifier_config(
+    raw: &mut serde_json::Map<String, serde_json::Value>,
+    labels: usize,
+    pad_token_id: Option<u32>,
+) {
+    use serde_json::{Value, json};
+    let renamed: Vec<Value> = match raw.get("architectures") {
+        Some(Value::Array(names)) => names
+            .iter()
+            .filter_map(Value::as_str)
+            .map(|name| {
+                let family = name.find("For").map_or(name, |at| &name[..at]);
+                json!(format!("{family}{CLASSIFIER_SUFFIX}"))
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    if !renamed.is_empty() {
+        raw.insert("architectures".into(), Value::Array(renamed));
+    }
+    let names: Vec<String> = (0..labels).map(|i| format!("LABEL_{i}")).collect();
+    let id2label: serde_json::Map<String, Value> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (i.to_string(), json!(n)))
+        .collect();
+    let label2id: serde_json::Map<String, Value> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.clone(), json!(i)))
+        .collect();
+    raw.insert("id2label".into(), Value::Object(id2label));
+    raw.insert("label2id".into(), Value::Object(label2id));
+    raw.remove("num_labels");
+    if let Some(pad) = pad_token_id {
+        raw.insert("pad_token_id".into(), json!(pad));
+    }
 }
 
 /// Writes `model` into `dir` as `model.safetensors` plus `config.json` (the original config
@@ -78,6 +124,9 @@ pub fn save_decoder<B: Backend>(
         "dtype"
     };
     raw.insert(key.into(), dtype.torch_name().into());
+    if let Some(labels) = model.config.classifier_labels {
+        classifier_config(&mut raw, labels, model.config.pad_token_id);
+    }
     let text = serde_json::to_string_pretty(&raw).expect("a JSON map always serializes");
     let config_path = dir.join("config.json");
     write_atomic(&config_path, text.as_bytes()).map_err(|e| ModelError::io(&config_path, e))

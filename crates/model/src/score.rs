@@ -1,5 +1,6 @@
 //! Per-token log-likelihood: `log p(ids[i+1] | ids[..=i])` for every position of a sequence.
-//! This is the parity probe behind `burnish score`, and the quantity DPO sums.
+//! This is the parity probe behind `burnish score`, and the quantity DPO sums. For a sequence
+//! classifier (a reward model), a sequence's scores instead.
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
@@ -7,8 +8,22 @@ use burn::tensor::{Int, Tensor, TensorData};
 
 use burnish_peft::f32_values;
 
-use crate::decoder::Decoder;
+use crate::decoder::{Decoder, scored_position};
 use crate::error::{ModelError, Result};
+
+/// `ids` as a one-row batch for `model`, refused if a token is outside its vocabulary.
+fn one_row<B: Backend>(model: &Decoder<B>, ids: &[u32]) -> Result<Tensor<B, 2, Int>> {
+    let vocab = model.config.vocab_size;
+    if let Some(&bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+        return Err(ModelError::Input(format!(
+            "token {bad} is outside the vocabulary (size {vocab})"
+        )));
+    }
+    Ok(Tensor::from_data(
+        TensorData::new(ids.iter().map(|&t| t as i64).collect(), [1, ids.len()]),
+        &model.embed_tokens.val().device(),
+    ))
+}
 
 /// The log-probability of each token of `ids` given the tokens before it (length `n - 1`).
 pub fn token_logprobs<B: Backend>(model: &Decoder<B>, ids: &[u32]) -> Result<Vec<f32>> {
@@ -18,23 +33,34 @@ pub fn token_logprobs<B: Backend>(model: &Decoder<B>, ids: &[u32]) -> Result<Vec
             "scoring needs at least two tokens".into(),
         ));
     }
-    let vocab = model.config.vocab_size;
-    if let Some(&bad) = ids.iter().find(|&&t| t as usize >= vocab) {
-        return Err(ModelError::Input(format!(
-            "token {bad} is outside the vocabulary (size {vocab})"
-        )));
+    if model.is_classifier() {
+        return Err(ModelError::Input(
+            "the model is a sequence classifier (a reward model), which has no LM head to give \
+             token log-probabilities; use `sequence_scores`"
+                .into(),
+        ));
     }
-    let device = model.embed_tokens.val().device();
-    let to_tensor = |slice: &[u32]| {
-        Tensor::<B, 2, Int>::from_data(
-            TensorData::new(slice.iter().map(|&t| t as i64).collect(), [1, slice.len()]),
-            &device,
-        )
-    };
+    let to_tensor = |slice: &[u32]| one_row(model, slice);
     // [1, n-1, vocab]: predictions for positions 1..n
-    let logits = model.forward(to_tensor(&ids[..n - 1]));
+    let logits = model.forward(to_tensor(&ids[..n - 1])?);
     let logprobs = log_softmax(logits, 2);
     // [1, n-1, 1]
-    let targets = to_tensor(&ids[1..]).unsqueeze_dim::<3>(2);
+    let targets = to_tensor(&ids[1..])?.unsqueeze_dim::<3>(2);
     Ok(f32_values(logprobs.gather(2, targets)))
+}
+
+/// A sequence classifier's scores of `ids` (one per label; a reward model's reward), read at
+/// its last token that is not the pad token, as transformers reads it.
+pub fn sequence_scores<B: Backend>(model: &Decoder<B>, ids: &[u32]) -> Result<Vec<f32>> {
+    if !model.is_classifier() {
+        return Err(ModelError::Input(
+            "the model is a causal LM, not a sequence classifier: it has no scores".into(),
+        ));
+    }
+    if ids.is_empty() {
+        return Err(ModelError::Input("scoring needs at least one token".into()));
+    }
+    let hidden = model.hidden_states(one_row(model, ids)?);
+    let at = scored_position(ids, model.config.pad_token_id);
+    Ok(f32_values(model.scores(hidden, &[at])))
 }

@@ -1,7 +1,8 @@
 //! Attaching LoRA adapters to a model's named linear layers, and PEFT's on-disk adapter format:
 //! `adapter_config.json` plus `adapter_model.safetensors` with keys
 //! `base_model.model.<module>.lora_A.weight` `[r, in]` and `...lora_B.weight` `[out, r]`, and
-//! for DoRA `base_model.model.<module>.lora_magnitude_vector` `[out]`.
+//! for DoRA `base_model.model.<module>.lora_magnitude_vector` `[out]`; a sequence classifier's
+//! head is saved whole as `base_model.model.score.weight` (PEFT's `modules_to_save`).
 //! The model is seen only as a list of `(module name, &mut AdaptableLinear)`.
 
 use std::collections::BTreeSet;
@@ -11,7 +12,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use safetensors::SafeTensors;
 
-use crate::config::LoraConfig;
+use crate::config::{CLASSIFIER_HEADS, LoraConfig, Task};
 use crate::error::{PeftError, Result};
 use crate::linear::AdaptableLinear;
 use crate::lora::Lora;
@@ -30,9 +31,23 @@ fn key(module: &str, matrix: &str) -> String {
     format!("base_model.model.{module}.{matrix}.weight")
 }
 
+/// Where PEFT keeps a module saved whole.
+fn whole_key(module: &str) -> String {
+    format!("base_model.model.{module}.weight")
+}
+
 /// Where PEFT keeps a DoRA adapter's magnitude.
 fn magnitude_key(module: &str) -> String {
     format!("base_model.model.{module}.lora_magnitude_vector")
+}
+
+/// A module saved whole beside the adapters (PEFT's `modules_to_save`): a sequence classifier's
+/// head, under its module name (`score`).
+#[derive(Debug, Clone)]
+pub struct WholeModule<B: Backend> {
+    pub name: String,
+    /// `[out, in]`
+    pub weight: Tensor<B, 2>,
 }
 
 /// A per-module seed, so adding a module does not shift the others' initial values.
@@ -97,12 +112,14 @@ pub fn trainable_parameters<B: Backend>(linears: &[(String, &AdaptableLinear<B>)
         .sum()
 }
 
-/// Writes the adapters of `linears` in PEFT's format into `dir` (created if needed); both files
-/// go through temporary names before either is renamed, and non-finite weights are refused.
+/// Writes the adapters of `linears`, and the modules saved `whole`, in PEFT's format into `dir`
+/// (created if needed); both files go through temporary names before either is renamed, and
+/// non-finite weights are refused.
 pub fn save_adapter<B: Backend>(
     dir: &Path,
     config: &LoraConfig,
     linears: &[(String, &AdaptableLinear<B>)],
+    whole: &[WholeModule<B>],
 ) -> Result<()> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -129,6 +146,10 @@ pub fn save_adapter<B: Backend>(
     if selected.is_empty() {
         return Err(PeftError::Merge("the model has no adapter to save".into()));
     }
+    for module in whole {
+        let w = module.weight.clone();
+        tensors.push((whole_key(&module.name), w.dims().to_vec(), f32_values(w)));
+    }
     let weights_path = dir.join(ADAPTER_WEIGHTS_FILE);
     if let Some(name) = first_non_finite(&tensors) {
         return Err(PeftError::NonFiniteTensor {
@@ -148,11 +169,13 @@ pub fn save_adapter<B: Backend>(
 }
 
 /// Reads a PEFT-format adapter from `dir` (written by PEFT or by burnish) and attaches it to the
-/// modules its config targets. Every tensor in the file must be used and have the right shape.
+/// modules its config targets; returns its config and the modules it saved whole (a sequence
+/// classifier's head), for the model to take. Every tensor in the file must be used and have the
+/// right shape.
 pub fn load_adapter<B: Backend>(
     dir: &Path,
     linears: &mut NamedLinears<'_, B>,
-) -> Result<LoraConfig> {
+) -> Result<(LoraConfig, Vec<WholeModule<B>>)> {
     let config = LoraConfig::from_file(&dir.join(ADAPTER_CONFIG_FILE))?;
     let path = dir.join(ADAPTER_WEIGHTS_FILE);
     let bytes = std::fs::read(&path).map_err(|source| PeftError::Io {
@@ -212,10 +235,31 @@ pub fn load_adapter<B: Backend>(
     }
     let mut names = file.names();
     names.sort_unstable();
-    if let Some(extra) = names.into_iter().find(|n| !used.contains(*n)) {
-        return Err(PeftError::UnexpectedTensor {
-            path,
-            name: extra.to_string(),
+    let mut whole = Vec::new();
+    for name in names.into_iter().filter(|n| !used.contains(*n)) {
+        let head = CLASSIFIER_HEADS
+            .into_iter()
+            .find(|h| *name == whole_key(h))
+            .filter(|_| config.task == Task::SequenceClassification);
+        let view = file.tensor(name).expect("a listed tensor");
+        let (Some(head), [out, d_in]) = (head, view.shape()) else {
+            return Err(PeftError::UnexpectedTensor {
+                path,
+                name: name.to_string(),
+            });
+        };
+        let values = decode_f32(&view).map_err(|dtype| PeftError::UnsupportedDtype {
+            path: path.clone(),
+            name: name.to_string(),
+            dtype: format!("{dtype:?}"),
+        })?;
+        let device = linears
+            .first()
+            .map(|(_, l)| l.weight.device())
+            .unwrap_or_default();
+        whole.push(WholeModule {
+            name: head.to_string(),
+            weight: Tensor::from_data(TensorData::new(values, [*out, *d_in]), &device),
         });
     }
     for (s, lora) in selected.iter().zip(loras) {
@@ -225,5 +269,5 @@ pub fn load_adapter<B: Backend>(
             .expect("selected from these names");
         layer.attach(lora);
     }
-    Ok(config)
+    Ok((config, whole))
 }

@@ -1,6 +1,7 @@
-//! The LoRA configuration and its on-disk form, PEFT's `adapter_config.json` for a causal LM.
-//! Options PEFT has and burnish does not implement (trained biases, `modules_to_save`, ...) are
-//! refused by name when a config is read, never ignored.
+//! The LoRA configuration and its on-disk form, PEFT's `adapter_config.json` for a causal LM or
+//! a sequence classifier (a reward model, whose `score` head PEFT saves whole). Options PEFT has
+//! and burnish does not implement (trained biases, other `modules_to_save`, ...) are refused by
+//! name when a config is read, never ignored.
 
 use std::path::Path;
 
@@ -17,6 +18,20 @@ pub enum LoraInit {
     /// A normal with std 1/r, B zero.
     Gaussian,
 }
+
+/// What the adapted model is, as PEFT's `task_type` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Task {
+    /// `CAUSAL_LM`: a language model; only the adapters are saved.
+    #[default]
+    CausalLm,
+    /// `SEQ_CLS`: a sequence classifier (a reward model); PEFT trains and saves its head whole.
+    SequenceClassification,
+}
+
+/// The heads PEFT adds to `modules_to_save` for a `SEQ_CLS` task: whichever the model has is
+/// trained whole and saved beside the adapters.
+pub const CLASSIFIER_HEADS: [&str; 2] = ["classifier", "score"];
 
 /// A LoRA adapter's configuration, as PEFT defines it.
 #[derive(Debug, Clone, PartialEq)]
@@ -41,6 +56,7 @@ pub struct LoraConfig {
     pub use_dora: bool,
     pub init: LoraInit,
     pub base_model_name_or_path: Option<String>,
+    pub task: Task,
 }
 
 impl Default for LoraConfig {
@@ -60,6 +76,7 @@ impl Default for LoraConfig {
             use_dora: false,
             init: LoraInit::Kaiming,
             base_model_name_or_path: None,
+            task: Task::CausalLm,
         }
     }
 }
@@ -72,8 +89,7 @@ fn is_off(key: &str, value: &Value) -> Option<bool> {
             matches!(value, Value::Null | Value::Bool(false))
         }
         "bias" => matches!(value, Value::Null) || value == "none",
-        "modules_to_save"
-        | "target_parameters"
+        "target_parameters"
         | "trainable_token_indices"
         | "layer_replication"
         | "megatron_config"
@@ -177,12 +193,40 @@ impl LoraConfig {
                 format!("`{peft_type}`; only LORA adapters can be loaded"),
             ));
         }
-        if let Some(task) = map.get("task_type").and_then(Value::as_str)
-            && task != "CAUSAL_LM"
+        let task = match map.get("task_type") {
+            None | Some(Value::Null) => Task::CausalLm,
+            Some(v) if v == "CAUSAL_LM" => Task::CausalLm,
+            Some(v) if v == "SEQ_CLS" => Task::SequenceClassification,
+            Some(v) => {
+                return Err(unsupported(
+                    "task_type",
+                    format!(
+                        "{v}; only CAUSAL_LM and SEQ_CLS (reward model) adapters can be loaded"
+                    ),
+                ));
+            }
+        };
+        // Only a classifier's head may be saved whole, as PEFT saves it for SEQ_CLS.
+        let saved_whole: Vec<&str> = match map.get("modules_to_save") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(items)) => items.iter().map(|v| v.as_str().unwrap_or("")).collect(),
+            Some(other) => {
+                return Err(unsupported(
+                    "modules_to_save",
+                    format!("{other}; expected a list of module names"),
+                ));
+            }
+        };
+        if let Some(module) = saved_whole
+            .iter()
+            .find(|m| task != Task::SequenceClassification || !CLASSIFIER_HEADS.contains(m))
         {
             return Err(unsupported(
-                "task_type",
-                format!("`{task}`; only CAUSAL_LM adapters can be loaded"),
+                "modules_to_save",
+                format!(
+                    "`{module}`; burnish trains modules whole only for a sequence classifier's \
+                     head (`task_type` SEQ_CLS, `score`)"
+                ),
             ));
         }
         for (key, value) in map {
@@ -311,6 +355,7 @@ impl LoraConfig {
                 .get("base_model_name_or_path")
                 .and_then(Value::as_str)
                 .map(String::from),
+            task,
         };
         config.validate()?;
         Ok(config)
@@ -360,13 +405,19 @@ impl LoraConfig {
             "lora_alpha": num(self.lora_alpha),
             "lora_bias": false,
             "lora_dropout": self.lora_dropout,
-            "modules_to_save": null,
+            "modules_to_save": match self.task {
+                Task::CausalLm => Value::Null,
+                Task::SequenceClassification => json!(CLASSIFIER_HEADS),
+            },
             "peft_type": "LORA",
             "r": self.r,
             "rank_pattern": rank_pattern,
             "revision": null,
             "target_modules": target_modules,
-            "task_type": "CAUSAL_LM",
+            "task_type": match self.task {
+                Task::CausalLm => "CAUSAL_LM",
+                Task::SequenceClassification => "SEQ_CLS",
+            },
             "use_dora": self.use_dora,
             "use_rslora": self.use_rslora,
         })
@@ -473,10 +524,31 @@ mod tests {
     #[test]
     fn other_task_types_are_refused() {
         let err = parse(
-            json!({"peft_type": "LORA", "task_type": "SEQ_CLS", "target_modules": ["q_proj"]}),
+            json!({"peft_type": "LORA", "task_type": "TOKEN_CLS", "target_modules": ["q_proj"]}),
         )
         .unwrap_err()
         .to_string();
         assert!(err.contains("task_type"), "{err}");
+    }
+
+    /// A reward model's adapter: PEFT saves the classifier head whole, and nothing else may be.
+    #[test]
+    fn sequence_classifiers_save_their_head_whole() {
+        let seq_cls = json!({"peft_type": "LORA", "task_type": "SEQ_CLS", "r": 4,
+            "target_modules": ["q_proj"], "modules_to_save": ["classifier", "score"]});
+        let config = parse(seq_cls.clone()).unwrap();
+        assert_eq!(config.task, Task::SequenceClassification);
+        let written = config.to_json(&["q_proj".into()]);
+        assert_eq!(written["task_type"], "SEQ_CLS");
+        assert_eq!(written["modules_to_save"], json!(["classifier", "score"]));
+        assert_eq!(parse(written).unwrap(), config);
+
+        let mut other = seq_cls;
+        other["modules_to_save"] = json!(["score", "lm_head"]);
+        let err = parse(other).unwrap_err().to_string();
+        assert!(
+            err.contains("modules_to_save") && err.contains("lm_head"),
+            "{err}"
+        );
     }
 }

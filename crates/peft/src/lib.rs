@@ -33,10 +33,10 @@ mod target;
 mod tensor_io;
 
 pub use adapter::{
-    ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, NamedLinears, attach_lora, load_adapter,
-    save_adapter, trainable_parameters,
+    ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, NamedLinears, WholeModule, attach_lora,
+    load_adapter, save_adapter, trainable_parameters,
 };
-pub use config::{LoraConfig, LoraInit};
+pub use config::{CLASSIFIER_HEADS, LoraConfig, LoraInit, Task};
 pub use cpu_bf16::available as cpu_bf16_available;
 #[cfg(feature = "cuda")]
 pub use cublas_batched::{F32Compute, batched_matmul};

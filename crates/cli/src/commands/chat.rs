@@ -51,6 +51,7 @@ impl Job for Chat {
         let pretrained =
             Pretrained::<B>::load_with_adapter(&args.model, args.adapter.as_deref(), &device)
                 .with_context(|| format!("loading {}", args.model.display()))?;
+        super::require_lm_head(&pretrained.model, &args.model)?;
         let options = args.sampling.options(&pretrained, &tokenizer);
         let opening: Vec<Message> = args
             .system

@@ -62,6 +62,7 @@ impl Job for Generate {
         let pretrained =
             Pretrained::<B>::load_with_adapter(&args.model, args.adapter.as_deref(), &device)
                 .with_context(|| format!("loading {}", args.model.display()))?;
+        super::require_lm_head(&pretrained.model, &args.model)?;
 
         let options = args.sampling.options(&pretrained, &tokenizer);
         generate_to_stdout(&pretrained.model, &tokenizer, &prompt_ids, &options)?;

@@ -110,11 +110,22 @@ fn input_weights(base_dir: &Path, input: &Path, base: &Pretrained<Cpu>) -> Resul
     if input.join(ADAPTER_CONFIG_FILE).exists() {
         let mut model = Pretrained::<Cpu>::load_with_adapter(base_dir, Some(input), &device)
             .with_context(|| format!("applying adapter {}", input.display()))?;
+        ensure!(
+            !model.model.is_classifier(),
+            "{}: a reward model's adapter; --method merges language models only (fold a \
+             reward adapter alone with --model DIR --adapter DIR)",
+            input.display()
+        );
         model.model.merge_and_unload()?;
         return Ok(named_weights(&model.model));
     }
     let model = Pretrained::<Cpu>::load(input, &device)
         .with_context(|| format!("loading {}", input.display()))?;
+    ensure!(
+        !model.model.is_classifier(),
+        "{}: a sequence classifier (a reward model); --method merges language models only",
+        input.display()
+    );
     ensure!(
         model.config.decoder.model_type == base.config.decoder.model_type
             && model.config.decoder.hidden_size == base.config.decoder.hidden_size
@@ -184,6 +195,11 @@ pub fn run(mut args: MergeArgs) -> Result<()> {
             .expect("clap requires --base with --method");
         let base = Pretrained::<Cpu>::load(&base_dir, &device)
             .with_context(|| format!("loading {}", base_dir.display()))?;
+        ensure!(
+            !base.model.is_classifier(),
+            "{}: a sequence classifier (a reward model); --method merges language models only",
+            base_dir.display()
+        );
         let base_weights = named_weights(&base.model);
         let mut inputs = Vec::with_capacity(args.inputs.len());
         for spec in &args.inputs {

@@ -1,7 +1,8 @@
 //! `burnish score`: the log-probability of each token of a text (or id list) given its prefix.
 //! With `--json` it prints exactly one object, `{"token_ids", "logprobs", "sum"}`, where
 //! `logprobs[i] = log p(token_ids[i+1] | token_ids[..=i])`. This interface is kept stable: it is
-//! our log-likelihood tool and parity probe.
+//! our log-likelihood tool and parity probe. A sequence classifier (a reward model) gets its
+//! reward instead, read at the last token that is not the pad token: `{"token_ids", "reward"}`.
 
 use std::path::PathBuf;
 
@@ -9,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::backend::Backend;
 use burnish_data::Tokenizer;
 use burnish_hub::resolve_model;
-use burnish_model::{BaseDtype, Pretrained, token_logprobs};
+use burnish_model::{BaseDtype, Pretrained, sequence_scores, token_logprobs};
 use clap::Args;
 
 use crate::device::{DeviceArg, Job, base_dtype_for, run_on};
@@ -65,6 +66,17 @@ impl Job for Score {
             Pretrained::<B>::load_with_adapter(&args.model, args.adapter.as_deref(), &device)
                 .with_context(|| format!("loading {}", args.model.display()))?;
         base_dtype_for::<B>(args.dtype, &device, true)?.apply(&mut pretrained.model);
+        if pretrained.model.is_classifier() {
+            let reward = sequence_scores(&pretrained.model, &ids)?[0];
+            match args.json {
+                true => println!(
+                    "{}",
+                    serde_json::json!({"token_ids": ids, "reward": reward})
+                ),
+                false => println!("reward {reward:.6}"),
+            }
+            return Ok(());
+        }
         let logprobs = token_logprobs(&pretrained.model, &ids)?;
         let sum: f64 = logprobs.iter().map(|&l| f64::from(l)).sum();
         if args.json {
