@@ -39,6 +39,8 @@ struct RewardGolden {
     pad_token_id: u32,
     pairs: Vec<RewardPair>,
     cases: Vec<RewardCase>,
+    /// TRL's token ids of each row of `data/rows/preference.jsonl`.
+    tokenized: Vec<RewardPair>,
 }
 
 #[derive(Deserialize)]
@@ -51,6 +53,7 @@ struct RewardPair {
 struct RewardCase {
     name: String,
     center_rewards_coefficient: Option<f64>,
+    margins: Option<Vec<f32>>,
     loss: f64,
     /// Chosen rows' rewards, then rejected rows'.
     rewards: Vec<f64>,
@@ -412,6 +415,7 @@ fn preference_case(
             prompt_ids: p.prompt.clone(),
             chosen_ids: p.chosen.clone(),
             rejected_ids: p.rejected.clone(),
+            margin: None,
         })
         .collect();
     let refs: Vec<&PairExample> = pairs.iter().collect();
@@ -670,25 +674,27 @@ fn reward_model_losses_and_metrics_equal_trl_through_the_model() {
     let adapter = model_dir("llama").join("../../adapters").join(&g.adapter);
     let (model, _) = base.with_adapter(&adapter).unwrap();
     assert!(model.is_classifier() && model.lm_head.is_none());
-    let pairs: Vec<PairExample> = g
-        .pairs
-        .iter()
-        .map(|p| PairExample {
-            prompt_ids: Vec::new(),
-            chosen_ids: p.chosen_ids.clone(),
-            rejected_ids: p.rejected_ids.clone(),
-        })
-        .collect();
-    let refs: Vec<&PairExample> = pairs.iter().collect();
-    let batch = ScoredPairs::from_pairs(&refs, g.pad_token_id, &device);
-    let pad_ended = g.pairs[1].chosen_ids.len() - 2;
-    assert_eq!(batch.positions[1], pad_ended, "scored before its pad token");
-    let rewards = Reward::rewards(&model, &batch, None)
-        .into_data()
-        .to_vec::<f32>()
-        .unwrap();
-    assert_eq!(g.cases.len(), 2);
+    assert_eq!(g.cases.len(), 3);
     for case in &g.cases {
+        let pairs: Vec<PairExample> = g
+            .pairs
+            .iter()
+            .enumerate()
+            .map(|(i, p)| PairExample {
+                prompt_ids: Vec::new(),
+                chosen_ids: p.chosen_ids.clone(),
+                rejected_ids: p.rejected_ids.clone(),
+                margin: case.margins.as_ref().map(|m| m[i]),
+            })
+            .collect();
+        let refs: Vec<&PairExample> = pairs.iter().collect();
+        let batch = ScoredPairs::from_pairs(&refs, g.pad_token_id, &device);
+        let pad_ended = g.pairs[1].chosen_ids.len() - 2;
+        assert_eq!(batch.positions[1], pad_ended, "scored before its pad token");
+        let rewards = Reward::rewards(&model, &batch, None)
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
         for (ours, theirs) in rewards.iter().zip(&case.rewards) {
             assert!(
                 (f64::from(*ours) - theirs).abs() < 1e-5,
@@ -701,6 +707,36 @@ fn reward_model_losses_and_metrics_equal_trl_through_the_model() {
         };
         let out = reward.loss(&model, &batch, None);
         assert_trl_step(&case.name, out, case.loss, &case.metrics);
+    }
+}
+
+/// A reward model's sequences are TRL's: the loader's pairs, prompt and completion joined, are
+/// the ids `RewardTrainer` makes of each whole conversation (through the chat template) and of
+/// each text row (EOS appended).
+#[test]
+fn reward_model_sequences_are_trls_tokenization_of_each_row() {
+    use burnish_data::{ChatTemplate, DataConfig, Encoder, Tokenizer, TrainOn, load};
+    let g = golden().reward;
+    let dir = model_dir("llama");
+    let encoder = Encoder::new(
+        Tokenizer::from_dir(&dir).unwrap(),
+        ChatTemplate::from_dir(&dir).unwrap(),
+        TrainOn::Assistant,
+    );
+    let file = dir.join("../../data/rows/preference.jsonl");
+    let data = load(&[file.as_path()], &encoder, &DataConfig::default()).unwrap();
+    assert_eq!(data.pairs.len(), g.tokenized.len());
+    for (i, (pair, theirs)) in data.pairs.iter().zip(&g.tokenized).enumerate() {
+        assert_eq!(
+            pair.chosen().input_ids,
+            theirs.chosen_ids,
+            "row {i}: chosen"
+        );
+        assert_eq!(
+            pair.rejected().input_ids,
+            theirs.rejected_ids,
+            "row {i}: rejected"
+        );
     }
 }
 

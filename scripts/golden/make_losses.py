@@ -13,7 +13,10 @@
   llama fixture as a one-label sequence classifier with the llama-reward adapter (LoRA plus its
   `score` head): each sequence's reward is read at its last token that is not the pad token, as
   transformers reads it, so one sequence holds the pad token within it and one ends with it;
-  plain, and with `center_rewards_coefficient`.
+  plain, with `center_rewards_coefficient`, and with per-pair margins (TRL's `margin` column)
+  besides it; and `reward["tokenized"]`, the token ids TRL's `RewardTrainer._prepare_dataset`
+  makes of each row of tests/fixtures/data/rows/preference.jsonl with the llama fixture's
+  tokenizer (whole conversations through the chat template, text rows with EOS appended).
 - `schedules`: learning rates of transformers' `get_scheduler` (constant with warmup, linear,
   cosine) at every step of a 10-step run with 3 warmup steps.
 - `adamw_steps.*`: three LoRA SFT steps with PEFT + torch AdamW and global-norm clipping from the
@@ -471,12 +474,17 @@ def reward_cases() -> dict:
         {"chosen_ids": ids[30:34] + [pad] + ids[50:55], "rejected_ids": ids[30:34] + ids[20:29]},
     ]
     settings = [
-        {"name": "plain", "center_rewards_coefficient": None},
-        {"name": "centered", "center_rewards_coefficient": 0.01},
+        {"name": "plain", "center_rewards_coefficient": None, "margins": None},
+        {"name": "centered", "center_rewards_coefficient": 0.01, "margins": None},
+        {"name": "margin_centered", "center_rewards_coefficient": 0.01, "margins": [0.5, 0.0, -1.0]},
     ]
     cases = []
     for setting in settings:
-        batch = DataCollatorForPreference(pad_token_id=pad)([dict(p) for p in pairs])
+        examples = [dict(p) for p in pairs]
+        if setting["margins"] is not None:
+            for example, margin in zip(examples, setting["margins"]):
+                example["margin"] = margin
+        batch = DataCollatorForPreference(pad_token_id=pad)(examples)
         trainer = RewardTrainer.__new__(RewardTrainer)
         trainer.model = model
         trainer.args = SimpleNamespace(center_rewards_coefficient=setting["center_rewards_coefficient"])
@@ -489,7 +497,34 @@ def reward_cases() -> dict:
         metrics = {k: v[-1] for k, v in trainer._metrics["eval"].items() if k != "num_tokens"}
         rewards = outputs.logits.squeeze(-1).tolist()
         cases.append({**setting, "loss": loss.item(), "rewards": rewards, "metrics": metrics})
-    return {"model": "llama", "adapter": "llama-reward", "pad_token_id": pad, "pairs": pairs, "cases": cases}
+    return {
+        "model": "llama",
+        "adapter": "llama-reward",
+        "pad_token_id": pad,
+        "pairs": pairs,
+        "cases": cases,
+        "tokenized": reward_tokenization(model_dir),
+    }
+
+
+def reward_tokenization(model_dir: Path) -> list:
+    """TRL's own preprocessing of preference rows for a reward model, one row at a time (the
+    rows' shapes differ, which one Arrow table cannot hold)."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl.trainer.reward_trainer import RewardTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    path = REPO_ROOT / "tests" / "fixtures" / "data" / "rows" / "preference.jsonl"
+    trainer = RewardTrainer.__new__(RewardTrainer)
+    args = SimpleNamespace(dataset_num_proc=None, max_length=None)
+    out = []
+    for line in path.read_text().splitlines():
+        row = RewardTrainer._prepare_dataset(trainer, Dataset.from_list([json.loads(line)]), tokenizer, args, "train")[0]
+        out.append({"chosen_ids": row["chosen_ids"], "rejected_ids": row["rejected_ids"]})
+    return out
 
 
 def schedules() -> dict:

@@ -181,8 +181,8 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// SHA-256 of the examples' token ids and masks, then the pairs' and the labeled completions'
-/// token ids (and labels), each sequence preceded by its length so that no two datasets hash
-/// alike by concatenation.
+/// token ids (and labels, and pairs' margins), each sequence preceded by its length so that no
+/// two datasets hash alike by concatenation.
 fn data_digest(data: &Dataset) -> String {
     let mut hasher = Sha256::new();
     let mut ids = |tag: u8, ids: &[u32]| {
@@ -206,6 +206,14 @@ fn data_digest(data: &Dataset) -> String {
             if labeled.desirable { b'd' } else { b'u' },
             &labeled.completion_ids,
         );
+    }
+    // Margins by pair index, so that data without margins hashes as before they were read.
+    for (i, pair) in data.pairs.iter().enumerate() {
+        if let Some(margin) = pair.margin {
+            hasher.update([b'g']);
+            hasher.update((i as u64).to_le_bytes());
+            hasher.update(margin.to_le_bytes());
+        }
     }
     for example in &data.examples {
         hasher.update([b'm']);

@@ -1,7 +1,8 @@
 //! Reward modelling (TRL's `RewardTrainer`): a sequence classifier with one output scores each
 //! whole sequence of a preference pair at its last token that is not the pad token, and learns
 //! to score the chosen one higher, by the Bradley–Terry loss
-//! `-log σ(r_chosen - r_rejected)`, averaged over pairs, plus, when
+//! `-log σ(r_chosen - r_rejected - margin)`, averaged over pairs (`margin` is the pair's own, from
+//! its row, 0 without one), plus, when
 //! `center_rewards_coefficient` is set, that coefficient times the mean of `(r_chosen +
 //! r_rejected)²`, which keeps rewards centred on zero. Metrics are TRL's: `accuracy` (the
 //! fraction of pairs scored the right way round), `margin` (the mean of `r_chosen - r_rejected`)
@@ -24,6 +25,8 @@ pub struct ScoredPairs<B: Backend> {
     pub ids: Tensor<B, 2, Int>,
     /// Where each row is scored: its last token that is not the pad token.
     pub positions: Vec<usize>,
+    /// Each pair's margin (0 for a pair without one); `None` when no pair has one.
+    pub margins: Option<Vec<f32>>,
     /// Tokens that are not padding.
     pub tokens: usize,
 }
@@ -48,8 +51,13 @@ impl<B: Backend> ScoredPairs<B> {
             ids.extend(row.iter().map(|&t| i64::from(t)));
             ids.extend(std::iter::repeat_n(i64::from(pad_id), len - row.len()));
         }
+        let margins = pairs
+            .iter()
+            .any(|p| p.margin.is_some())
+            .then(|| pairs.iter().map(|p| p.margin.unwrap_or(0.0)).collect());
         Self {
             ids: Tensor::from_data(TensorData::new(ids, [rows.len(), len]), device),
+            margins,
             positions: rows
                 .iter()
                 .map(|r| scored_position(r, Some(pad_id)))
@@ -67,14 +75,20 @@ pub struct RewardOutput<B: Backend> {
     pub metrics: Vec<(&'static str, f64)>,
 }
 
-/// TRL's reward-model loss and metrics for rewards `chosen` and `rejected` (`[pairs]`).
+/// TRL's reward-model loss and metrics for rewards `chosen` and `rejected` (`[pairs]`), each
+/// pair's reward gap to clear in `required` when given.
 pub fn reward_loss<B: Backend>(
     chosen: Tensor<B, 1>,
     rejected: Tensor<B, 1>,
+    required: Option<Tensor<B, 1>>,
     center_rewards_coefficient: Option<f64>,
 ) -> RewardOutput<B> {
     let margins = chosen.clone() - rejected.clone();
-    let mut loss = log_sigmoid(margins.clone()).mean().neg();
+    let cleared = match required {
+        Some(required) => margins.clone() - required,
+        None => margins.clone(),
+    };
+    let mut loss = log_sigmoid(cleared).mean().neg();
     if let Some(c) = center_rewards_coefficient {
         let sums = chosen.clone() + rejected.clone();
         loss = loss + (sums.clone() * sums).mean().mul_scalar(c);
@@ -147,9 +161,14 @@ impl<B: AutodiffBackend> Strategy<B> for Reward {
     ) -> StepOutput<B> {
         let pairs = batch.pairs();
         let rewards = Self::rewards(model, batch, checkpoints);
+        let required = batch
+            .margins
+            .as_ref()
+            .map(|m| Tensor::from_data(TensorData::new(m.clone(), [pairs]), &rewards.device()));
         let out = reward_loss(
             rewards.clone().slice(0..pairs),
             rewards.slice(pairs..2 * pairs),
+            required,
             self.center_rewards_coefficient,
         );
         StepOutput {

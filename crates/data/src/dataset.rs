@@ -13,7 +13,7 @@ use crate::error::{DataError, Result};
 use crate::example::{
     Encoded, Encoder, Example, LabeledExample, PairExample, TrainOn, check_labeled, check_pair,
 };
-use crate::format::{AlpacaStyle, Fields, RowFormat, parse_row};
+use crate::format::{AlpacaStyle, Fields, RowFormat, parse_row, with_margin};
 use crate::reader::read_rows;
 
 /// What to do with a row that cannot become an example.
@@ -236,8 +236,10 @@ pub fn load(paths: &[&Path], encoder: &Encoder, config: &DataConfig) -> Result<D
         .map(|row| {
             let out = row
                 .parse()
-                .and_then(|v| parse_row(&v, config.format, &config.fields, config.alpaca_style))
-                .and_then(|s| encoder.encode(&s))
+                .and_then(|v| {
+                    let sample = parse_row(&v, config.format, &config.fields, config.alpaca_style)?;
+                    with_margin(encoder.encode(&sample)?, &v, &config.fields)
+                })
                 .and_then(|e| limit(e, config));
             (out, &row.path, row.line)
         })

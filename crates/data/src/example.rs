@@ -61,11 +61,15 @@ impl Example {
 
 /// A preference pair: the shared prompt's ids, then each completion's ids (the whole completion
 /// is trained, its end-of-turn token included). `prompt_ids + chosen_ids` is the chosen sequence.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PairExample {
     pub prompt_ids: Vec<u32>,
     pub chosen_ids: Vec<u32>,
     pub rejected_ids: Vec<u32>,
+    /// The reward gap the chosen sequence must clear (TRL's reward-model `margin` column);
+    /// read by reward models only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub margin: Option<f32>,
 }
 
 impl PairExample {
@@ -106,7 +110,7 @@ fn join(prompt: &[u32], completion: &[u32]) -> Example {
 }
 
 /// An encoded sample.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Encoded {
     Single(Example),
     Pair(PairExample),
@@ -410,6 +414,7 @@ impl Encoder {
             prompt_ids: self.tokenize(prompt)?.0,
             chosen_ids: self.text_completion_ids("chosen", chosen)?,
             rejected_ids: self.text_completion_ids("rejected", rejected)?,
+            margin: None,
         };
         check_pair(&pair)?;
         Ok(pair)
@@ -483,6 +488,7 @@ impl Encoder {
             chosen_ids: self.chat_completion_ids(prompt, &prompt_text, chosen, tools)?,
             rejected_ids: self.chat_completion_ids(prompt, &prompt_text, rejected, tools)?,
             prompt_ids,
+            margin: None,
         };
         check_pair(&pair)?;
         Ok(pair)
@@ -556,6 +562,7 @@ mod tests {
             prompt_ids: prompt,
             chosen_ids: chosen,
             rejected_ids: vec![7, 8],
+            margin: None,
         };
         let err = check_pair(&pair(vec![], vec![5])).unwrap_err();
         assert!(

@@ -3,7 +3,8 @@
 //! style), ShareGPT (`conversations` with `from`/`value`), Alpaca (`instruction`/`input`/
 //! `output`), `prompt`/`completion`, preference pairs (`prompt` + `chosen`/`rejected`, or full
 //! `chosen`/`rejected` conversations sharing a prefix) and unpaired preferences (`prompt` +
-//! `completion` + a boolean `label`, TRL's KTO rows). Field names are configurable. A message keeps its keys other than the role and the
+//! `completion` + a boolean `label`, TRL's KTO rows); a preference pair may carry a numeric
+//! `margin` (TRL's reward-model column). Field names are configurable. A message keeps its keys other than the role and the
 //! content, and a conversational row its `tools` list, for the template, as transformers'
 //! `apply_chat_template(messages, tools=...)` gets them (ShareGPT rows keep their role and
 //! value only). Every problem is a reason string; the caller adds the file and line.
@@ -11,6 +12,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::example::Encoded;
 use crate::message::{Content, ContentPart, Message, ROLES};
 
 /// Which shape rows have.
@@ -66,6 +68,9 @@ pub struct Fields {
     pub text: String,
     /// An unpaired completion's desirability (true or false).
     pub label: String,
+    /// A preference pair's margin: the reward gap a reward model must score the chosen
+    /// sequence above the rejected one by (optional).
+    pub margin: String,
     /// The row's list of tool schemas, passed to the template as `tools`.
     pub tools: String,
 }
@@ -89,6 +94,7 @@ impl Default for Fields {
             rejected: s("rejected"),
             text: s("text"),
             label: s("label"),
+            margin: s("margin"),
             tools: s("tools"),
         }
     }
@@ -287,6 +293,29 @@ pub fn parse_row(
         RowFormat::Auto => unreachable!("resolved above"),
     };
     with_tools(sample, row_tools, &fields.tools)
+}
+
+/// `encoded` with its row's margin when it is a preference pair: a finite number, or absent (or
+/// null) for none.
+pub fn with_margin(encoded: Encoded, row: &Value, fields: &Fields) -> Result<Encoded, String> {
+    let Encoded::Pair(mut pair) = encoded else {
+        return Ok(encoded);
+    };
+    let key = &fields.margin;
+    pair.margin = match row.get(key) {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => match n.as_f64().map(|x| x as f32) {
+            Some(x) if x.is_finite() => Some(x),
+            _ => return Err(format!("`{key}` must be a finite number, found {n}")),
+        },
+        Some(other) => {
+            return Err(format!(
+                "`{key}` must be a number (the reward gap the chosen sequence must clear), found {}",
+                kind(other)
+            ));
+        }
+    };
+    Ok(Encoded::Pair(pair))
 }
 
 /// `sample` carrying the row's tools; a plain-text sample cannot (no template renders it).
@@ -624,6 +653,32 @@ mod tests {
                 tools: None,
             }
         );
+    }
+
+    /// A pair's margin is a finite number or absent; other rows keep no margin.
+    #[test]
+    fn preference_pairs_carry_their_margin() {
+        let pair = || {
+            Encoded::Pair(crate::example::PairExample {
+                prompt_ids: vec![1],
+                chosen_ids: vec![2],
+                rejected_ids: vec![3],
+                margin: None,
+            })
+        };
+        let margin = |row: Value| match with_margin(pair(), &row, &Fields::default()) {
+            Ok(Encoded::Pair(p)) => Ok(p.margin),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(e),
+        };
+        assert_eq!(margin(json!({"margin": 1.5})), Ok(Some(1.5)));
+        assert_eq!(margin(json!({"margin": -2})), Ok(Some(-2.0)));
+        assert_eq!(margin(json!({"margin": null})), Ok(None));
+        assert_eq!(margin(json!({})), Ok(None));
+        let err = margin(json!({"margin": "high"})).unwrap_err();
+        assert!(err.contains("`margin` must be a number"), "{err}");
+        let err = margin(json!({"margin": 1e300})).unwrap_err();
+        assert!(err.contains("finite"), "{err}");
     }
 
     #[test]
