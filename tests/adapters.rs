@@ -402,6 +402,11 @@ fn reward_adapters_reproduce_peft_and_merge_into_a_transformers_classifier() {
         &model.whole_modules(),
     )
     .unwrap();
+    // For scripts/golden/check_adapter_in_peft.py, which loads it into PEFT.
+    if let Some(export) = std::env::var_os("BURNISH_EXPORT_ADAPTERS") {
+        let dir = PathBuf::from(export).join(name);
+        save_adapter(&dir, &config, &model.linears(), &model.whole_modules()).unwrap();
+    }
     assert_eq!(
         read_tensors(&adapter_dir(name).join("adapter_model.safetensors")),
         read_tensors(&out.path().join("adapter_model.safetensors"))
