@@ -65,6 +65,8 @@ struct DpoModelGolden {
     adapter: String,
     pairs: Vec<OrpoPair>,
     cases: Vec<DpoModelCase>,
+    /// LD-DPO and WPO cases, through the model only.
+    weighted: Vec<DpoModelCase>,
     stub: DpoStub,
 }
 
@@ -94,6 +96,10 @@ struct DpoModelCase {
     discopop_tau: f64,
     f_divergence_type: String,
     f_alpha_divergence_coef: f64,
+    #[serde(default)]
+    ld_alpha: Option<f64>,
+    #[serde(default)]
+    use_weighting: bool,
     loss: f64,
     metrics: std::collections::BTreeMap<String, f64>,
 }
@@ -360,6 +366,8 @@ fn dpo_losses_and_metrics_equal_trl() {
         reference_rejected: t(&g.reference_rejected),
         chosen_tokens: t(&g.chosen_tokens),
         rejected_tokens: t(&g.rejected_tokens),
+        sft_chosen: None,
+        pair_weights: None,
     };
     let rpo = scalar(burnish_align::chosen_nll(
         t(&g.policy_chosen),
@@ -504,6 +512,45 @@ fn orpo_loss_and_metrics_equal_trl_through_the_model() {
     }
 }
 
+/// LD-DPO (completion tokens past the shared length weighted by `ld_alpha`, for the policy and
+/// the reference, computed at every step or once before training; the SFT term unweighted) and
+/// WPO (each pair's loss weighted by its completions' aligned probabilities) through the model
+/// equal TRL's `DPOTrainer._compute_loss`.
+#[test]
+fn ld_dpo_and_wpo_equal_trl_through_the_model() {
+    use burnish_align::{DpoLosses, DpoSection, Strategy, frozen_logps};
+    let g = golden().dpo_model;
+    let (base, batch) = preference_case(&g.pairs);
+    let adapter = model_dir("llama").join("../../adapters").join(&g.adapter);
+    let (model, _) = base.clone().with_adapter(&adapter).unwrap();
+    assert_eq!(g.weighted.len(), 4);
+    for case in &g.weighted {
+        let section = DpoSection {
+            beta: case.beta,
+            loss: DpoLosses::Many(
+                case.loss_type
+                    .iter()
+                    .map(|n| serde_json::from_value(serde_json::json!(n)).unwrap())
+                    .collect(),
+            ),
+            loss_weights: Some(case.loss_weights.clone()),
+            ld_alpha: case.ld_alpha,
+            use_weighting: case.use_weighting,
+            ..DpoSection::default()
+        };
+        let dpo = section.strategy();
+        let out = dpo.loss(&model, &batch, None);
+        assert_trl_step(&case.name, out, case.loss, &case.metrics);
+        // The reference's log-probs computed once, as before a run, weighed alike.
+        let precomputed = burnish_align::PairBatch {
+            reference: Some(frozen_logps(&base, &batch, case.ld_alpha)),
+            ..batch.clone()
+        };
+        let out = dpo.loss(&model, &precomputed, None);
+        assert_trl_step(&case.name, out, case.loss, &case.metrics);
+    }
+}
+
 #[test]
 fn dpo_variants_equal_trl_through_the_model() {
     use burnish_align::{Dpo, DpoLosses, DpoSection, Strategy};
@@ -556,6 +603,8 @@ fn dpo_variants_equal_trl_through_the_model() {
                 reference_rejected,
                 chosen_tokens,
                 rejected_tokens,
+                sft_chosen: None,
+                pair_weights: None,
             },
         );
         let close = |ours: f64, theirs: f64| (ours - theirs).abs() <= 1e-5 * theirs.abs().max(1.0);

@@ -37,7 +37,9 @@
 - `dpo_model`: TRL 1.16's DPO loss and metrics (`DPOTrainer._compute_loss` on a stub trainer,
   through TRL's own preference collator and fused LM head) for three pairs on the llama fixture
   with the llama-qv adapter as the policy and the adapter switched off as the reference: every
-  loss type, weighted combinations (RPO, MPO) and the f-divergences; and `dpo_model["stub"]`,
+  loss type, weighted combinations (RPO, MPO) and the f-divergences; `dpo_model["weighted"]`,
+  LD-DPO's weighted log-probs (`ld_alpha`, with and without the unweighted SFT term) and WPO's
+  weighted pairs (`use_weighting`), through the model; and `dpo_model["stub"]`,
   the same method on six pairs of fixed per-token log-probs (stub policy and reference models
   return them), whose margins the policy and the reference order differently, as the sorting
   losses (`aot`, `aot_unpaired`) need to be told apart from unsorted ones.
@@ -258,7 +260,7 @@ def dpo_model_cases() -> dict:
 
     model_dir = REPO_ROOT / "tests" / "fixtures" / "models" / "llama"
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
-    add_fused_lm_head(base, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    add_fused_lm_head(base, outputs=("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs"))
     model = PeftModel.from_pretrained(base, REPO_ROOT / "tests" / "fixtures" / "adapters" / "llama-qv").eval()
     ids = json.loads((model_dir / "golden.json").read_text())["score"][1]["token_ids"]
     pairs = [
@@ -297,13 +299,31 @@ def dpo_model_cases() -> dict:
         {"name": "js_ipo", "loss_type": ["ipo"], "loss_weights": [1.0], "beta": 0.5, "label_smoothing": 0.0, "f_divergence_type": "js_divergence"},
         {"name": "alpha_hinge", "loss_type": ["hinge"], "loss_weights": [1.0], "beta": 0.5, "label_smoothing": 0.0, "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3},
     ]
-    cases = []
-    for setting in settings:
-        setting = {"f_divergence_type": "reverse_kl", "f_alpha_divergence_coef": 0.5, "discopop_tau": 0.05, **setting}
-        with torch.no_grad():
-            loss, metrics = trl_dpo_loss(setting, model, None, batch)
-        cases.append({**setting, "loss": loss, "metrics": metrics})
-    return {"model": "llama", "adapter": "llama-qv", "pairs": pairs, "cases": cases, "stub": dpo_stub_cases(settings)}
+    # Weighted log-probs (LD-DPO) and weighted pairs (WPO): through the model only.
+    weighted = [
+        {"name": "ld_dpo", "loss_type": ["sigmoid"], "loss_weights": [1.0], "beta": 0.5, "label_smoothing": 0.0, "ld_alpha": 0.5},
+        {"name": "ld_rpo", "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5], "beta": 0.5, "label_smoothing": 0.0, "ld_alpha": 0.2},
+        {"name": "wpo", "loss_type": ["sigmoid"], "loss_weights": [1.0], "beta": 0.5, "label_smoothing": 0.0, "use_weighting": True},
+        {"name": "wpo_ld_ipo", "loss_type": ["ipo", "hinge"], "loss_weights": [1.0, 0.3], "beta": 0.2, "label_smoothing": 0.0, "use_weighting": True, "ld_alpha": 0.0},
+    ]
+
+    def run(settings: list) -> list:
+        cases = []
+        for setting in settings:
+            setting = {"f_divergence_type": "reverse_kl", "f_alpha_divergence_coef": 0.5, "discopop_tau": 0.05, **setting}
+            with torch.no_grad():
+                loss, metrics = trl_dpo_loss(setting, model, None, batch)
+            cases.append({**setting, "loss": loss, "metrics": metrics})
+        return cases
+
+    return {
+        "model": "llama",
+        "adapter": "llama-qv",
+        "pairs": pairs,
+        "cases": run(settings),
+        "weighted": run(weighted),
+        "stub": dpo_stub_cases(settings),
+    }
 
 
 def trl_dpo_loss(setting: dict, model, ref_model, batch: dict) -> tuple[float, dict]:
@@ -323,8 +343,8 @@ def trl_dpo_loss(setting: dict, model, ref_model, batch: dict) -> tuple[float, d
     trainer.label_smoothing = setting["label_smoothing"]
     trainer.f_divergence_type = setting["f_divergence_type"]
     trainer.f_alpha_divergence_coef = setting["f_alpha_divergence_coef"]
-    trainer.ld_alpha = None
-    trainer.use_weighting = False
+    trainer.ld_alpha = setting.get("ld_alpha")
+    trainer.use_weighting = setting.get("use_weighting", False)
     trainer.precompute_ref_logps = False
     trainer.aux_loss_enabled = False
     trainer.args = SimpleNamespace(gradient_checkpointing_kwargs=None, discopop_tau=setting["discopop_tau"])

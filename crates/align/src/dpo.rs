@@ -109,6 +109,11 @@ pub struct PairLogps<B: Backend> {
     /// Completion tokens of each chosen / rejected response (used by IPO).
     pub chosen_tokens: Tensor<B, 1>,
     pub rejected_tokens: Tensor<B, 1>,
+    /// The chosen completions' summed log-probs as the SFT term reads them, when they differ
+    /// from `policy_chosen` (which LD-DPO weighs, and the SFT term does not); `None` otherwise.
+    pub sft_chosen: Option<Tensor<B, 1>>,
+    /// WPO's weight of each pair's loss (`[pairs]`, no gradient); `None` for none.
+    pub pair_weights: Option<Tensor<B, 1>>,
 }
 
 /// Batch means of TRL's DPO metrics.
@@ -258,7 +263,17 @@ pub fn dpo_loss<B: Backend>(
                 logistic * blend.clone().neg().add_scalar(1.0) + exponential * blend
             }
             DpoLoss::SigmoidNorm => log_sigmoid(per_token_margin().mul_scalar(beta)).neg(),
-            DpoLoss::Sft => chosen_nll(logps.policy_chosen.clone(), logps.chosen_tokens.clone()),
+            DpoLoss::Sft => chosen_nll(
+                logps
+                    .sft_chosen
+                    .clone()
+                    .unwrap_or_else(|| logps.policy_chosen.clone()),
+                logps.chosen_tokens.clone(),
+            ),
+        };
+        let per_pair = match &logps.pair_weights {
+            Some(w) => per_pair * w.clone().detach(),
+            None => per_pair,
         };
         let term = per_pair.mean().mul_scalar(weight);
         loss = Some(match loss {

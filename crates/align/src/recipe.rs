@@ -338,6 +338,13 @@ pub struct DpoSection {
     pub f_alpha_divergence_coef: f64,
     /// Add this times the chosen completions' mean NLL to the loss (RPO; default: none).
     pub rpo_alpha: Option<f64>,
+    /// LD-DPO: the weight in [0, 1] of each completion's log-probs past the length it shares
+    /// with the other completion of its pair (default: none, every token weighs 1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ld_alpha: Option<f64>,
+    /// WPO: weigh each pair's loss by how likely the policy finds its two completions
+    /// (default false).
+    pub use_weighting: bool,
     /// Compute the reference log-probs once before training instead of at every step
     /// (default false; always so for a full fine-tune and with `reference_adapter`).
     pub precompute_ref: bool,
@@ -358,6 +365,8 @@ impl Default for DpoSection {
             f_divergence_type: FDivergenceName::ReverseKl,
             f_alpha_divergence_coef: 0.5,
             rpo_alpha: None,
+            ld_alpha: None,
+            use_weighting: false,
             precompute_ref: false,
             reference_adapter: None,
         }
@@ -488,6 +497,8 @@ impl DpoSection {
                     alpha: self.f_alpha_divergence_coef,
                 },
             },
+            ld_alpha: self.ld_alpha,
+            use_weighting: self.use_weighting,
         }
     }
 
@@ -536,6 +547,32 @@ impl DpoSection {
         }
         if !self.f_alpha_divergence_coef.is_finite() {
             return Err("`dpo.f_alpha_divergence_coef` must be a number".into());
+        }
+        if self.ld_alpha.is_some_and(|a| !(0.0..=1.0).contains(&a)) {
+            return Err(
+                "`dpo.ld_alpha` must be in [0, 1]: 1 weighs every token alike, 0 drops the \
+                 tokens past the shared length"
+                    .into(),
+            );
+        }
+        if self.use_weighting && (names.contains(&DpoLossName::Sft) || self.rpo_alpha.is_some()) {
+            return Err(
+                "`dpo.use_weighting` (WPO) with the `sft` term (or `dpo.rpo_alpha`) is a \
+                 combination TRL 1.16 fails to compute, so burnish cannot check it against TRL: \
+                 drop one of them"
+                    .into(),
+            );
+        }
+        if self.use_weighting
+            && let Some(name) = names
+                .iter()
+                .find(|n| matches!(n, DpoLossName::Aot | DpoLossName::AotUnpaired))
+        {
+            return Err(format!(
+                "`dpo.use_weighting` (WPO) does not apply to the {} loss, which sorts its \
+                 margins across the batch (TRL refuses the pair too)",
+                toml::Value::try_from(name).expect("a loss name serializes")
+            ));
         }
         // The terms follow the names, in order.
         let dpo = self.strategy();
@@ -1558,6 +1595,13 @@ dir = "runs/first"
         // RPO's α is the `sft` term's weight.
         let r = dpo(&["dpo.rpo_alpha=0.5"]).unwrap();
         assert_eq!(r.dpo.strategy().terms[1], (DpoLoss::Sft, 0.5));
+        // LD-DPO and WPO ride along with any loss but the sorting ones.
+        let r = dpo(&["dpo.ld_alpha=0.5", "dpo.use_weighting=true"]).unwrap();
+        let strategy = r.dpo.strategy();
+        assert_eq!(
+            (strategy.ld_alpha, strategy.use_weighting),
+            (Some(0.5), true)
+        );
         for (sets, says) in [
             (
                 &["dpo.loss=[\"sigmoid\", \"sft\"]", "dpo.loss_weights=[1.0]"][..],
@@ -1581,6 +1625,15 @@ dir = "runs/first"
                 "unknown variant `simpo`, expected one of `sigmoid`",
             ),
             (&["dpo.loss=3"], "a DPO loss type or a list of them"),
+            (&["dpo.ld_alpha=1.5"], "`dpo.ld_alpha` must be in [0, 1]"),
+            (
+                &["dpo.loss=\"aot\"", "dpo.use_weighting=true"],
+                "does not apply to the \"aot\" loss",
+            ),
+            (
+                &["dpo.rpo_alpha=0.5", "dpo.use_weighting=true"],
+                "TRL 1.16 fails to compute",
+            ),
         ] {
             let err = dpo(sets).unwrap_err();
             assert!(err.contains(says), "{sets:?}: {err}");

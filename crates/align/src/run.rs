@@ -320,12 +320,13 @@ fn precompute_reference<B: AutodiffBackend>(
     data: &Dataset,
     micro: usize,
     pad_id: u32,
+    ld_alpha: Option<f64>,
     device: &B::Device,
 ) -> Vec<(f32, f32)> {
     pair_batches::<B>(data, micro, pad_id, None, None, device)
         .iter()
         .flat_map(|batch| {
-            let (chosen, rejected) = frozen_logps(model, batch);
+            let (chosen, rejected) = frozen_logps(model, batch, ld_alpha);
             f32_values(chosen)
                 .into_iter()
                 .zip(f32_values(rejected))
@@ -955,7 +956,7 @@ pub fn train<B: AutodiffBackend>(
         reference_model
             .as_ref()
             .filter(|_| precompute_ref)
-            .map(|r| precompute_reference(r, data, micro, pad_id, device))
+            .map(|r| precompute_reference(r, data, micro, pad_id, recipe.dpo.ld_alpha, device))
     };
     let eval_batches = batches(&eval_data, t.seed, reference_of(&eval_data).as_deref());
     let train_reference = reference_of(&train_data);

@@ -10,7 +10,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use burnish_model::{ActivationCheckpoints, Decoder};
 
 use burnish_data::{Batch, Example, LabeledExample, PairExample};
-use burnish_peft::first_value;
+use burnish_peft::{f32_values, first_value};
 
 use crate::cpo::{CpoLoss, cpo_loss};
 use crate::dpo::{DpoLoss, FDivergence, PairLogps, chosen_nll, dpo_loss};
@@ -311,12 +311,87 @@ pub fn reference_logps<B: AutodiffBackend>(
 }
 
 /// The summed completion log-probs of `batch` (chosen, rejected) under `model` as it is, its
-/// adapters included, without gradient tracking: a frozen reference model's.
+/// adapters included, without gradient tracking: a frozen reference model's; weighted as
+/// LD-DPO weighs them when `ld_alpha` is given.
 pub fn frozen_logps<B: AutodiffBackend>(
     model: &Decoder<B>,
     batch: &PairBatch<B>,
+    ld_alpha: Option<f64>,
 ) -> (Tensor<B, 1>, Tensor<B, 1>) {
-    split_pairs(logps_without_gradient(&model.valid(), &batch.both()))
+    let scored = ld_weighted(batch.both(), ld_alpha);
+    split_pairs(logps_without_gradient(&model.valid(), &scored))
+}
+
+/// `both` (chosen rows, then rejected rows) with LD-DPO's weights as its mask when `ld_alpha`
+/// is given: each completion's tokens weigh 1 up to the length it shares with the other
+/// completion of its pair (the shorter one's), `ld_alpha` past it.
+fn ld_weighted<B: Backend>(both: TokenBatch<B>, ld_alpha: Option<f64>) -> TokenBatch<B> {
+    let Some(alpha) = ld_alpha else {
+        return both;
+    };
+    let [rows, n] = both.mask.dims();
+    let mask = f32_values(both.mask.clone());
+    let counts: Vec<usize> = mask
+        .chunks(n)
+        .map(|row| row.iter().filter(|&&m| m > 0.0).count())
+        .collect();
+    let pairs = rows / 2;
+    let mut weights = vec![0.0f32; rows * n];
+    for (r, row) in mask.chunks(n).enumerate() {
+        let shared = counts[r % pairs].min(counts[pairs + r % pairs]);
+        let mut seen = 0;
+        for (t, &m) in row.iter().enumerate() {
+            if m > 0.0 {
+                seen += 1;
+                weights[r * n + t] = if seen <= shared { 1.0 } else { alpha as f32 };
+            }
+        }
+    }
+    let device = both.mask.device();
+    TokenBatch {
+        mask: Tensor::from_data(TensorData::new(weights, [rows, n]), &device),
+        ..both
+    }
+}
+
+/// WPO's weight of each pair (`[pairs]`, no gradient): the product of its two completions'
+/// `exp(mean over the completion of log p(token) - log Σ_v p(v)²)`, from the policy's
+/// `per_token` log-probs (zero where untrained) and its final `hidden` states of `both`.
+fn wpo_weights<B: AutodiffBackend>(
+    model: &Decoder<B>,
+    hidden: Tensor<B, 3>,
+    both: &TokenBatch<B>,
+    per_token: Tensor<B, 2>,
+) -> Tensor<B, 1> {
+    let inner = inner_batch(both);
+    let squares = log_sum_squared_probs(&model.valid(), hidden.inner());
+    let aligned = (per_token.inner() - squares) * inner.mask.clone();
+    let lengths = inner.mask.sum_dim(1).clamp_min(1.0);
+    let weights = (aligned.sum_dim(1) / lengths).exp().squeeze_dim::<1>(1);
+    let (chosen, rejected) = split_pairs(weights);
+    Tensor::from_inner(chosen * rejected)
+}
+
+/// `log Σ_v p(v)²` of `model`'s next-token distribution at every position of `batch`, from its
+/// final `hidden` states, the logits computed a chunk of positions at a time.
+///
+/// # Shapes
+/// - hidden: `[rows, seq, hidden]`
+/// - output: `[rows, seq]`
+fn log_sum_squared_probs<B: Backend>(model: &Decoder<B>, hidden: Tensor<B, 3>) -> Tensor<B, 2> {
+    let [rows, seq, width] = hidden.dims();
+    let positions = rows * seq;
+    let hidden = hidden.reshape([1, positions, width]);
+    let chunk = positions_per_chunk::<B>(model.config.vocab_size, &hidden.device());
+    let mut out = Vec::new();
+    for start in (0..positions).step_by(chunk) {
+        let len = chunk.min(positions - start);
+        let logits = model.head(hidden.clone().narrow(1, start, len));
+        let [_, _, vocab] = logits.dims();
+        let probs = burn::tensor::activation::softmax(logits.reshape([len, vocab]), 1);
+        out.push((probs.clone() * probs).sum_dim(1).log());
+    }
+    Tensor::cat(out, 0).reshape([rows, seq])
 }
 
 /// [`reference_logps`] of a batch already made by [`PairBatch::both`].
@@ -427,6 +502,12 @@ pub struct Dpo {
     pub terms: Vec<(DpoLoss, f64)>,
     pub beta: f64,
     pub divergence: FDivergence,
+    /// LD-DPO's weight of the completion tokens past the length a pair's two completions share
+    /// (policy and reference alike; the SFT term is not weighted); `None` for none.
+    pub ld_alpha: Option<f64>,
+    /// WPO: each pair's loss weighed by the policy's length-normalised probability of its two
+    /// completions, aligned by `Σ p²` at each position (no gradient).
+    pub use_weighting: bool,
 }
 
 impl Dpo {
@@ -441,6 +522,8 @@ impl Dpo {
             )],
             beta,
             divergence: FDivergence::ReverseKl,
+            ld_alpha: None,
+            use_weighting: false,
         }
     }
 }
@@ -483,15 +566,25 @@ impl<B: AutodiffBackend> Strategy<B> for Dpo {
         checkpoints: Option<&mut ActivationCheckpoints<B>>,
     ) -> StepOutput<B> {
         let both = batch.both();
+        // The sums the loss compares: LD-DPO's weights, or the completion mask itself.
+        let scored = ld_weighted(both.clone(), self.ld_alpha);
         let (reference_chosen, reference_rejected) = match &batch.reference {
             Some(precomputed) => precomputed.clone(),
-            None => reference_logps_of(model, &both),
+            None => reference_logps_of(model, &scored),
         };
         let count = |b: &TokenBatch<B>| b.mask.clone().sum_dim(1).squeeze_dim::<1>(1);
         let pairs = batch.pairs();
         let hidden = trained_hidden_states(model, &both, checkpoints);
-        let (policy_chosen, policy_rejected) =
-            split_pairs(sequence_logps(model, hidden, &both, model.trains()));
+        let per_token = token_logprobs(model, hidden.clone(), &both, model.trains());
+        let sums =
+            |weights: Tensor<B, 2>| (per_token.clone() * weights).sum_dim(1).squeeze_dim::<1>(1);
+        let (policy_chosen, policy_rejected) = split_pairs(sums(scored.mask.clone()));
+        let sft_chosen = self
+            .ld_alpha
+            .map(|_| split_pairs(sums(both.mask.clone())).0);
+        let pair_weights = self
+            .use_weighting
+            .then(|| wpo_weights(model, hidden, &both, per_token.clone()));
         let out = dpo_loss(
             &self.terms,
             self.beta,
@@ -503,6 +596,8 @@ impl<B: AutodiffBackend> Strategy<B> for Dpo {
                 reference_rejected,
                 chosen_tokens: count(&batch.chosen),
                 rejected_tokens: count(&batch.rejected),
+                sft_chosen,
+                pair_weights,
             },
         );
         StepOutput {
