@@ -183,6 +183,7 @@ struct AccuracyCase {
     input_ids: Vec<Vec<u32>>,
     labels: Vec<Vec<i64>>,
     accuracy: f64,
+    entropy: f64,
 }
 
 #[derive(Deserialize)]
@@ -279,7 +280,8 @@ fn chunked_logprobs_of_the_hidden_states_equal_transformers_loss() {
     let head = case.model.frozen_head_weight().expect("a frozen head");
     let tokens = scalar(case.mask.clone().sum());
     // 3 positions per chunk: many chunks, the last one short.
-    let logprobs = masked_token_logprobs_chunked(hidden, head, case.targets, case.mask, false, 3);
+    let logprobs =
+        masked_token_logprobs_chunked(hidden, head, case.targets, case.mask, false, 3, None);
     assert_transformers_loss(-scalar(logprobs.sum()) / tokens, case.loss);
 }
 
@@ -338,6 +340,7 @@ fn chunked_logprobs_carry_the_full_logits_gradient() {
                         mask.clone(),
                         true,
                         chunk,
+                        None,
                     )
                 });
                 let bound = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
@@ -626,8 +629,10 @@ fn dpo_variants_equal_trl_through_the_model() {
     }
 }
 
+/// TRL's `mean_token_accuracy` and `entropy`, in training and in evaluation, from the chunked
+/// logits of a frozen head and from the full logits of a trained one.
 #[test]
-fn sft_evaluation_reports_trls_token_accuracy() {
+fn sft_reports_trls_token_accuracy_and_entropy() {
     use burnish_align::{Sft, Strategy, TokenBatch};
     let g = golden().accuracy;
     let device = Default::default();
@@ -641,21 +646,33 @@ fn sft_evaluation_reports_trls_token_accuracy() {
     let segments = vec![1; rows * len];
     let batch =
         TokenBatch::<AD>::from_rows(rows, len, &ids, &trained, &positions, &segments, &device);
-    let accuracy = |model: &burnish_model::Decoder<AD>| {
-        Sft.loss(model, &batch, None)
-            .metrics
-            .iter()
-            .find(|(name, _)| *name == "mean_token_accuracy")
-            .map(|(_, v)| *v)
+    let check = |model: &burnish_model::Decoder<AD>, what: &str| {
+        let metrics = Sft.loss(model, &batch, None).metrics;
+        let metric = |name: &str| {
+            metrics
+                .iter()
+                .find(|(n, _)| *n == name)
+                .unwrap_or_else(|| panic!("{what}: no {name}"))
+                .1
+        };
+        let accuracy = metric("mean_token_accuracy");
+        assert!(
+            (accuracy - g.accuracy).abs() < 1e-6,
+            "{what}: {accuracy} vs TRL {}",
+            g.accuracy
+        );
+        let entropy = metric("entropy");
+        assert!(
+            (entropy - g.entropy).abs() < 1e-5,
+            "{what}: {entropy} vs TRL {}",
+            g.entropy
+        );
     };
-    let ours = accuracy(&model.for_evaluation()).expect("evaluation reports the accuracy");
-    assert!(
-        (ours - g.accuracy).abs() < 1e-6,
-        "{ours} vs TRL {}",
-        g.accuracy
-    );
-    // A training step does not pay for it.
-    let (trained_model, _) = model
+    // Every weight trains: the head's full logits.
+    check(&model, "full fine-tuning");
+    check(&model.for_evaluation(), "evaluation");
+    // A frozen head under a fresh adapter: the chunked logits.
+    let (adapted, _) = model
         .with_lora(
             &burnish_peft::LoraConfig {
                 targets: burnish_peft::Targets::AllLinear,
@@ -664,7 +681,8 @@ fn sft_evaluation_reports_trls_token_accuracy() {
             0,
         )
         .unwrap();
-    assert_eq!(accuracy(&trained_model), None);
+    assert!(adapted.frozen_head_weight().is_some());
+    check(&adapted, "adapter training");
 }
 
 #[test]

@@ -5,9 +5,10 @@
   two-sequence batch on the llama fixture, in float32: the mean over every trained token of the
   batch.
 - `accuracy`: TRL's `mean_token_accuracy` (the fraction of trained targets that are the first
-  most likely token of their position, as its fused head's `is_top1` decides) of two rows on the
-  llama fixture, one of them continued greedily by the model, so that the fraction is neither 0
-  nor 1.
+  most likely token of their position, as its fused head's `is_top1` decides) and `entropy` (the
+  mean entropy of the trained positions' next-token distributions, from its fused head) of two
+  rows on the llama fixture, one of them continued greedily by the model, so that the fraction is
+  neither 0 nor 1.
 - `reward`: TRL 1.16's reward-model loss and metrics (`RewardTrainer.compute_loss` on a stub
   trainer, through TRL's own preference collator) for preference pairs of whole sequences on the
   llama fixture as a one-label sequence classifier with the llama-reward adapter (LoRA plus its
@@ -101,7 +102,16 @@ def accuracy_case() -> dict:
     trained = shifted != -100
     top1 = logits[:, :-1].argmax(-1) == shifted
     accuracy = ((top1 & trained).sum() / trained.sum()).item()
-    return {"model": "llama", "input_ids": ids, "labels": labels, "accuracy": accuracy}
+    # TRL's own fused head gives the same accuracy and the mean entropy SFTTrainer logs.
+    from trl.trainer.utils import add_fused_lm_head
+
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    with torch.no_grad():
+        fused = model(input_ids=torch.tensor(ids), labels=torch.tensor(labels), fused_lm_head=True)
+    valid = fused.label_mask.sum()
+    assert abs((fused.is_top1.sum() / valid).item() - accuracy) < 1e-9
+    entropy = (fused.entropy.sum() / valid).item()
+    return {"model": "llama", "input_ids": ids, "labels": labels, "accuracy": accuracy, "entropy": entropy}
 
 
 def dpo_cases() -> dict:

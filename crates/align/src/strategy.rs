@@ -10,14 +10,14 @@ use burn::tensor::{Int, Tensor, TensorData};
 use burnish_model::{ActivationCheckpoints, Decoder};
 
 use burnish_data::{Batch, Example, LabeledExample, PairExample};
-use burnish_peft::{f32_values, first_value};
+use burnish_peft::f32_values;
 
 use crate::cpo::{CpoLoss, cpo_loss};
 use crate::dpo::{DpoLoss, FDivergence, PairLogps, chosen_nll, dpo_loss};
 use crate::kto::{KtoLoss, LabeledLogps, kl_estimate, kto_loss};
 use crate::orpo::orpo_loss;
 use crate::token_loss::{
-    masked_token_logprobs, masked_token_logprobs_chunked, positions_per_chunk,
+    TokenStats, masked_token_logprobs, masked_token_logprobs_chunked, positions_per_chunk,
 };
 
 /// Token ids with the positions that are trained.
@@ -228,45 +228,38 @@ fn token_logprobs<B: Backend>(
     batch: &TokenBatch<B>,
     gradient: bool,
 ) -> Tensor<B, 2> {
+    token_logprobs_and_stats(model, hidden, batch, gradient, None)
+}
+
+/// [`token_logprobs`], adding the batch's [`TokenStats`] to `stats` when given, from the same
+/// logits.
+fn token_logprobs_and_stats<B: Backend>(
+    model: &Decoder<B>,
+    hidden: Tensor<B, 3>,
+    batch: &TokenBatch<B>,
+    gradient: bool,
+    stats: Option<&mut TokenStats>,
+) -> Tensor<B, 2> {
     let (targets, mask) = (batch.targets.clone(), batch.mask.clone());
     match model.frozen_head_weight() {
         Some(head) => {
             let chunk = positions_per_chunk::<B>(head.dims()[0], &head.device());
-            masked_token_logprobs_chunked(hidden, head, targets, mask, gradient, chunk)
+            masked_token_logprobs_chunked(hidden, head, targets, mask, gradient, chunk, stats)
         }
-        None => masked_token_logprobs(model.head(hidden), targets, mask),
+        None => {
+            let logits = model.head(hidden);
+            if let Some(stats) = stats {
+                let [rows, seq, vocab] = logits.dims();
+                let positions = rows * seq;
+                stats.add(TokenStats::of_logits(
+                    logits.clone().reshape([positions, vocab]),
+                    targets.clone().reshape([positions]),
+                    mask.clone().reshape([positions]),
+                ));
+            }
+            masked_token_logprobs(logits, targets, mask)
+        }
     }
-}
-
-/// The fraction of `batch`'s trained targets that are `model`'s most likely token at their
-/// position (TRL's `mean_token_accuracy`), from its final `hidden` states, the logits computed a
-/// chunk of positions at a time; `None` when nothing is trained.
-fn token_accuracy<B: Backend>(
-    model: &Decoder<B>,
-    hidden: Tensor<B, 3>,
-    batch: &TokenBatch<B>,
-) -> Option<f64> {
-    if batch.trained_tokens == 0 {
-        return None;
-    }
-    let [rows, seq, width] = hidden.dims();
-    let positions = rows * seq;
-    let hidden = hidden.reshape([1, positions, width]);
-    let targets = batch.targets.clone().reshape([positions]);
-    let mask = batch.mask.clone().reshape([positions]);
-    let chunk = positions_per_chunk::<B>(model.config.vocab_size, &hidden.device());
-    let mut correct = 0.0;
-    for start in (0..positions).step_by(chunk) {
-        let len = chunk.min(positions - start);
-        let logits = model.head(hidden.clone().narrow(1, start, len));
-        let predicted: Tensor<B, 1, Int> = logits.argmax(2).reshape([len]);
-        let hits = predicted
-            .equal(targets.clone().narrow(0, start, len))
-            .float()
-            * mask.clone().narrow(0, start, len);
-        correct += first_value(hits.sum());
-    }
-    Some(correct / batch.trained_tokens as f64)
 }
 
 /// Chosen and rejected completions of the same prompts, row for row; the masks cover the
@@ -476,19 +469,15 @@ impl<B: AutodiffBackend> Strategy<B> for Sft {
         checkpoints: Option<&mut ActivationCheckpoints<B>>,
     ) -> StepOutput<B> {
         let hidden = trained_hidden_states(model, batch, checkpoints);
-        let training = model.trains();
-        // Evaluation also reports how often the most likely token is the target.
-        let metrics = match training {
-            true => None,
-            false => token_accuracy(model, hidden.clone(), batch),
-        };
+        // The same logits say how often the target is the most likely token, and how spread
+        // the predictions are.
+        let mut stats = TokenStats::default();
+        let logprobs =
+            token_logprobs_and_stats(model, hidden, batch, model.trains(), Some(&mut stats));
         StepOutput {
-            loss_sum: token_logprobs(model, hidden, batch, training).sum().neg(),
+            loss_sum: logprobs.sum().neg(),
             units: self.units(batch),
-            metrics: metrics
-                .map(|accuracy| ("mean_token_accuracy", accuracy))
-                .into_iter()
-                .collect(),
+            metrics: stats.metrics(),
         }
     }
 }

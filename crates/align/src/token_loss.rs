@@ -5,7 +5,9 @@
 //!
 //! With a frozen LM head the log-probabilities come from the final hidden states a chunk of
 //! positions at a time, so the `[batch, seq, vocab]` logits (1.6 GB in f32 for 8k tokens of a
-//! 49k vocabulary), their log-softmax and their gradients are never held at once.
+//! 49k vocabulary), their log-softmax and their gradients are never held at once. The same pass
+//! can also count how often the target is the most likely token and sum the entropies of the
+//! distributions that predict it ([`TokenStats`]).
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
@@ -28,6 +30,72 @@ pub fn positions_per_chunk<B: Backend>(vocab: usize, device: &B::Device) -> usiz
         f32_per_buffer::<B>(device, LOGITS_PER_GPU_CHUNK)
     };
     (logits / vocab.max(1)).max(1)
+}
+
+/// How a model's next-token distributions fit a batch's trained targets: how many targets there
+/// are, how many are the distribution's most likely token (the first one on ties), and the sum
+/// of the distributions' entropies (in nats). TRL's SFT metrics `mean_token_accuracy` and
+/// `entropy` are their means.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TokenStats {
+    pub targets: f64,
+    pub top1: f64,
+    pub entropy: f64,
+}
+
+impl TokenStats {
+    /// The stats of `logits` (`[positions, vocab]`, any precision; no gradient is kept) for
+    /// `targets` where `mask` (`[positions]`, 1.0 where trained) is set.
+    pub fn of_logits<B: Backend>(
+        logits: Tensor<B, 2>,
+        targets: Tensor<B, 1, Int>,
+        mask: Tensor<B, 1>,
+    ) -> Self {
+        let logits = cast_to(logits.detach(), DType::F32);
+        let (probs, log_total) = softmax_rows(logits.clone());
+        let (top1, entropy) = Self::sums(logits, probs, log_total, targets, mask.clone());
+        Self {
+            targets: first_value(mask.sum()),
+            top1: first_value(top1),
+            entropy: first_value(entropy),
+        }
+    }
+
+    /// The masked sums of top-1 hits and entropies of one chunk of f32 `logits` with their
+    /// softmax `probs` and log-sum-exp `log_total` (`[positions, 1]`), each `[1]`.
+    fn sums<B: Backend>(
+        logits: Tensor<B, 2>,
+        probs: Tensor<B, 2>,
+        log_total: Tensor<B, 2>,
+        targets: Tensor<B, 1, Int>,
+        mask: Tensor<B, 1>,
+    ) -> (Tensor<B, 1>, Tensor<B, 1>) {
+        let positions = targets.dims()[0];
+        let best: Tensor<B, 1, Int> = logits.clone().argmax(1).reshape([positions]);
+        let top1 = best.equal(targets).float() * mask.clone();
+        // H = log Σ e^z − Σ p·z
+        let expected = (probs * logits).sum_dim(1);
+        let entropy = (log_total - expected).reshape([positions]) * mask;
+        (top1.sum(), entropy.sum())
+    }
+
+    /// `other`'s counts added to these.
+    pub fn add(&mut self, other: Self) {
+        self.targets += other.targets;
+        self.top1 += other.top1;
+        self.entropy += other.entropy;
+    }
+
+    /// `mean_token_accuracy` and `entropy`, by TRL's names; none without targets.
+    pub fn metrics(&self) -> Vec<(&'static str, f64)> {
+        if self.targets == 0.0 {
+            return Vec::new();
+        }
+        vec![
+            ("mean_token_accuracy", self.top1 / self.targets),
+            ("entropy", self.entropy / self.targets),
+        ]
+    }
 }
 
 /// The summed negative log-likelihood of a batch and the number of tokens it covers.
@@ -80,7 +148,8 @@ pub fn masked_token_loss<B: Backend>(
 }
 
 /// [`masked_token_logprobs`] of `head`'s logits of `hidden` (`head` a frozen `[vocab, hidden]`
-/// matrix, logits `project(hidden, head)`), computed `chunk` positions at a time.
+/// matrix, logits `project(hidden, head)`), computed `chunk` positions at a time; with `stats`,
+/// the chunks' [`TokenStats`] are added to it.
 ///
 /// Each chunk's logits give the log-probabilities' values and, when `gradient` is set, each
 /// position's slope `∂ log p(y)/∂h = W_y − Σ_j p_j·W_j` (one more product with the head, the
@@ -100,6 +169,7 @@ pub fn masked_token_logprobs_chunked<B: Backend>(
     mask: Tensor<B, 2>,
     gradient: bool,
     chunk: usize,
+    stats: Option<&mut TokenStats>,
 ) -> Tensor<B, 2> {
     let [batch, seq, width] = hidden.dims();
     let positions = batch * seq;
@@ -107,8 +177,10 @@ pub fn masked_token_logprobs_chunked<B: Backend>(
     let tracked = hidden.reshape([positions, width]);
     let frozen = tracked.clone().detach();
     let targets = targets.reshape([positions]);
+    let flat_mask = mask.clone().reshape([positions]);
     let mut values = Vec::new();
     let mut slopes = Vec::new();
+    let mut sums: Option<(Tensor<B, 1>, Tensor<B, 1>)> = None;
     for start in (0..positions).step_by(chunk) {
         let len = chunk.min(positions - start);
         let picked = targets.clone().narrow(0, start, len);
@@ -118,7 +190,22 @@ pub fn masked_token_logprobs_chunked<B: Backend>(
             DType::F32,
         );
         let (probs, log_total) = softmax_rows(logits.clone());
-        let target_logit = logits.gather(1, picked.clone().unsqueeze_dim::<2>(1));
+        let target_logit = logits
+            .clone()
+            .gather(1, picked.clone().unsqueeze_dim::<2>(1));
+        if stats.is_some() {
+            let (top1, entropy) = TokenStats::sums(
+                logits,
+                probs.clone(),
+                log_total.clone(),
+                picked.clone(),
+                flat_mask.clone().narrow(0, start, len),
+            );
+            sums = Some(match sums {
+                Some((t, e)) => (t + top1, e + entropy),
+                None => (top1, entropy),
+            });
+        }
         values.push(target_logit - log_total);
         if gradient {
             // Σ_j p_j·W_j
@@ -134,5 +221,12 @@ pub fn masked_token_logprobs_chunked<B: Backend>(
     } else {
         values
     };
+    if let (Some(stats), Some((top1, entropy))) = (stats, sums) {
+        stats.add(TokenStats {
+            targets: first_value(flat_mask.sum()),
+            top1: first_value(top1),
+            entropy: first_value(entropy),
+        });
+    }
     logprobs.reshape([batch, seq]) * mask
 }
