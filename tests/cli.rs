@@ -1,5 +1,6 @@
 //! The `burnish` binary end to end: `score --json` keeps its interface and agrees with the
-//! golden log-probs; `generate` prints only the continuation; bad arguments are clear errors.
+//! golden log-probs; `generate` prints only the continuation; `bench --json` runs every mode and
+//! keeps its fields; bad arguments are clear errors.
 
 use std::process::Command;
 
@@ -335,4 +336,25 @@ fn chat_streams_replies_and_resets_the_conversation() {
     assert_eq!(replies[0], expected);
     // After /reset the conversation starts over, so the same turn gets the same reply.
     assert_eq!(replies[2], replies[0]);
+}
+
+/// Every mode of `bench` runs on the tiny shape and prints the object the GPU scripts read.
+#[test]
+fn bench_runs_every_mode_and_prints_its_json_fields() {
+    for mode in ["forward", "sft", "dpo", "orpo", "cpo", "kto", "reward"] {
+        let out = burnish(&[
+            "bench", "--shape", "tiny", "--mode", mode, "--batch", "2", "--seq", "16", "--warmup",
+            "0", "--steps", "1", "--device", "cpu", "--json",
+        ]);
+        assert_success(&out);
+        let line = String::from_utf8(out.stdout).unwrap();
+        let report: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+        assert_eq!(report["mode"], mode, "{report}");
+        for key in ["tokens_per_s", "step_ms", "peak_memory_bytes"] {
+            assert!(
+                report[key].as_f64().is_some_and(|v| v > 0.0),
+                "{mode}: {key}: {report}"
+            );
+        }
+    }
 }

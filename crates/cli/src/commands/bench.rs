@@ -12,9 +12,9 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use burnish_align::{
     Activations, AdamW, AdamWConfig, Cpo, CpoLoss, Dpo, Kto, KtoLoss, LabeledBatch, Orpo,
-    PairBatch, Schedule, ScheduleKind, Sft, TokenBatch, optimizer_step,
+    PairBatch, Reward, Schedule, ScheduleKind, ScoredPairs, Sft, TokenBatch, optimizer_step,
 };
-use burnish_model::{BaseDtype, HfConfig, RandomWeights, build_decoder};
+use burnish_model::{BaseDtype, HfConfig, RandomWeights, TensorSource, build_decoder};
 use burnish_peft::{LoraConfig, Targets};
 use clap::{Args, ValueEnum};
 
@@ -83,6 +83,9 @@ enum Mode {
     /// trained pass, and without gradients the policy's and the reference's (adapter off)
     /// passes over the KL rows and the reference's over the trained rows.
     Kto,
+    /// Reward-model steps on the same pairs as `dpo`: the model a one-label classifier whose
+    /// `score` head trains beside the adapter, each sequence scored at its last token.
+    Reward,
 }
 
 /// Configurations of the shapes people tune, as their `config.json` states them.
@@ -179,7 +182,7 @@ impl Job for Bench {
         } else {
             train_steps::<Autodiff<B>>(&a, &config, &ids, &rejected, &device, &mut memory)?
         };
-        let pairs = matches!(a.mode, Mode::Dpo | Mode::Orpo | Mode::Cpo);
+        let pairs = matches!(a.mode, Mode::Dpo | Mode::Orpo | Mode::Cpo | Mode::Reward);
         let tokens = a.batch * a.seq * if pairs { 2 } else { 1 };
         let tokens_per_s = tokens as f64 / step_s;
         let peak = memory.peak_bytes();
@@ -262,7 +265,16 @@ fn train_steps<AD: AutodiffBackend>(
         use_dora: a.dora,
         ..Default::default()
     };
+    let base = match a.mode {
+        Mode::Reward => {
+            let head = RandomWeights { seed: 1, std: 0.02 }
+                .read("score.weight", &[1, config.decoder.hidden_size])?;
+            base.into_classifier(Tensor::from_data(head, device))
+        }
+        _ => base,
+    };
     let (mut model, _) = base.with_lora(&lora, 0)?;
+    model.score = model.score.map(|head| head.set_require_grad(true));
     a.dtype.apply(&mut model);
     let mut model = Some(model);
     // Documents of `length` tokens laid end to end (a row's last one may be shorter), numbered
@@ -303,6 +315,14 @@ fn train_steps<AD: AutodiffBackend>(
         reference: None,
     };
     let dpo = Dpo::sigmoid(0.1);
+    // The chosen rows, then the rejected ones, each scored at its last token.
+    let sequences: Vec<i64> = ids.iter().chain(rejected).map(|&t| i64::from(t)).collect();
+    let scored = [ScoredPairs::<AD> {
+        ids: Tensor::from_data(TensorData::new(sequences, [2 * a.batch, a.seq]), device),
+        positions: vec![a.seq - 1; 2 * a.batch],
+        tokens: 2 * a.batch * a.seq,
+        margins: None,
+    }];
     let schedule = Schedule {
         kind: ScheduleKind::Constant,
         peak_lr: 1e-4,
@@ -351,6 +371,14 @@ fn train_steps<AD: AutodiffBackend>(
                 current,
                 &kto,
                 &labeled,
+                &mut optimizer,
+                &schedule,
+                activations,
+            )?,
+            Mode::Reward => optimizer_step(
+                current,
+                &Reward::default(),
+                &scored,
                 &mut optimizer,
                 &schedule,
                 activations,
