@@ -281,7 +281,7 @@ fn chunked_logprobs_of_the_hidden_states_equal_transformers_loss() {
     let tokens = scalar(case.mask.clone().sum());
     // 3 positions per chunk: many chunks, the last one short.
     let logprobs =
-        masked_token_logprobs_chunked(hidden, head, case.targets, case.mask, false, 3, None);
+        masked_token_logprobs_chunked(hidden, head, case.targets, case.mask, false, 3, false).0;
     assert_transformers_loss(-scalar(logprobs.sum()) / tokens, case.loss);
 }
 
@@ -340,8 +340,9 @@ fn chunked_logprobs_carry_the_full_logits_gradient() {
                         mask.clone(),
                         true,
                         chunk,
-                        None,
+                        false,
                     )
+                    .0
                 });
                 let bound = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
                 assert!(

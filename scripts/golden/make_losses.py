@@ -262,6 +262,11 @@ def orpo_case() -> dict:
     }
 
 
+# Through the model, TRL's DPO also reports the policy's entropy over the completions, its token
+# accuracy on the chosen ones and each side's mean logit.
+THROUGH_MODEL_DPO_METRICS = ("rewards/", "logps/", "entropy", "mean_token_accuracy", "logits/")
+
+
 def dpo_model_cases() -> dict:
     """DPO and its variants through TRL's own DPOTrainer._compute_loss (see trl_dpo_loss)."""
     from peft import PeftModel
@@ -322,7 +327,7 @@ def dpo_model_cases() -> dict:
         for setting in settings:
             setting = {"f_divergence_type": "reverse_kl", "f_alpha_divergence_coef": 0.5, "discopop_tau": 0.05, **setting}
             with torch.no_grad():
-                loss, metrics = trl_dpo_loss(setting, model, None, batch)
+                loss, metrics = trl_dpo_loss(setting, model, None, batch, kept=THROUGH_MODEL_DPO_METRICS)
             cases.append({**setting, "loss": loss, "metrics": metrics})
         return cases
 
@@ -336,9 +341,10 @@ def dpo_model_cases() -> dict:
     }
 
 
-def trl_dpo_loss(setting: dict, model, ref_model, batch: dict) -> tuple[float, dict]:
+def trl_dpo_loss(setting: dict, model, ref_model, batch: dict, kept=("rewards/", "logps/")) -> tuple[float, dict]:
     """TRL's DPOTrainer._compute_loss of `batch` on a trainer built without __init__ (only the
-    attributes that method reads are set): the loss and the reward and log-prob metrics."""
+    attributes that method reads are set): the loss and the metrics whose names start with one of
+    `kept`."""
     from collections import defaultdict
     from types import SimpleNamespace
 
@@ -365,7 +371,6 @@ def trl_dpo_loss(setting: dict, model, ref_model, batch: dict) -> tuple[float, d
         device=torch.device("cpu"), gather_for_metrics=lambda x: x, gather=lambda x: x, unwrap_model=lambda m: m
     )
     loss = trainer._compute_loss(model, batch, return_outputs=False)
-    kept = ("rewards/", "logps/")
     metrics = {k: v[-1] for k, v in trainer._metrics["eval"].items() if k.startswith(kept)}
     return loss.item(), metrics
 

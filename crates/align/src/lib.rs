@@ -47,7 +47,7 @@ pub use strategy::{
     TokenBatch, frozen_logps, reference_logps,
 };
 pub use token_loss::{
-    TokenLoss, TokenStats, masked_token_logprobs, masked_token_logprobs_chunked, masked_token_loss,
-    positions_per_chunk,
+    PositionStats, TokenLoss, TokenStats, masked_token_logprobs, masked_token_logprobs_chunked,
+    masked_token_loss, positions_per_chunk,
 };
 pub use trainer::{Activations, MetricMeans, StepMetrics, optimizer_step};

@@ -17,7 +17,7 @@ use crate::dpo::{DpoLoss, FDivergence, PairLogps, chosen_nll, dpo_loss};
 use crate::kto::{KtoLoss, LabeledLogps, kl_estimate, kto_loss};
 use crate::orpo::orpo_loss;
 use crate::token_loss::{
-    TokenStats, masked_token_logprobs, masked_token_logprobs_chunked, positions_per_chunk,
+    PositionStats, masked_token_logprobs, masked_token_logprobs_chunked, positions_per_chunk,
 };
 
 /// Token ids with the positions that are trained.
@@ -228,18 +228,17 @@ fn token_logprobs<B: Backend>(
     batch: &TokenBatch<B>,
     gradient: bool,
 ) -> Tensor<B, 2> {
-    token_logprobs_and_stats(model, hidden, batch, gradient, None)
+    token_logprobs_and_stats(model, hidden, batch, gradient, false).0
 }
 
-/// [`token_logprobs`], adding the batch's [`TokenStats`] to `stats` when given, from the same
-/// logits.
+/// [`token_logprobs`], and with `stats` the [`PositionStats`] of the same logits.
 fn token_logprobs_and_stats<B: Backend>(
     model: &Decoder<B>,
     hidden: Tensor<B, 3>,
     batch: &TokenBatch<B>,
     gradient: bool,
-    stats: Option<&mut TokenStats>,
-) -> Tensor<B, 2> {
+    stats: bool,
+) -> (Tensor<B, 2>, Option<PositionStats<B>>) {
     let (targets, mask) = (batch.targets.clone(), batch.mask.clone());
     match model.frozen_head_weight() {
         Some(head) => {
@@ -248,16 +247,9 @@ fn token_logprobs_and_stats<B: Backend>(
         }
         None => {
             let logits = model.head(hidden);
-            if let Some(stats) = stats {
-                let [rows, seq, vocab] = logits.dims();
-                let positions = rows * seq;
-                stats.add(TokenStats::of_logits(
-                    logits.clone().reshape([positions, vocab]),
-                    targets.clone().reshape([positions]),
-                    mask.clone().reshape([positions]),
-                ));
-            }
-            masked_token_logprobs(logits, targets, mask)
+            let stats = stats
+                .then(|| PositionStats::of_logits(logits.clone(), targets.clone(), mask.clone()));
+            (masked_token_logprobs(logits, targets, mask), stats)
         }
     }
 }
@@ -471,13 +463,15 @@ impl<B: AutodiffBackend> Strategy<B> for Sft {
         let hidden = trained_hidden_states(model, batch, checkpoints);
         // The same logits say how often the target is the most likely token, and how spread
         // the predictions are.
-        let mut stats = TokenStats::default();
-        let logprobs =
-            token_logprobs_and_stats(model, hidden, batch, model.trains(), Some(&mut stats));
+        let (logprobs, stats) =
+            token_logprobs_and_stats(model, hidden, batch, model.trains(), true);
+        let rows = batch.inputs.dims()[0];
         StepOutput {
             loss_sum: logprobs.sum().neg(),
             units: self.units(batch),
-            metrics: stats.metrics(),
+            metrics: stats
+                .map(|s| s.totals(0..rows).metrics())
+                .unwrap_or_default(),
         }
     }
 }
@@ -564,7 +558,8 @@ impl<B: AutodiffBackend> Strategy<B> for Dpo {
         let count = |b: &TokenBatch<B>| b.mask.clone().sum_dim(1).squeeze_dim::<1>(1);
         let pairs = batch.pairs();
         let hidden = trained_hidden_states(model, &both, checkpoints);
-        let per_token = token_logprobs(model, hidden.clone(), &both, model.trains());
+        let (per_token, stats) =
+            token_logprobs_and_stats(model, hidden.clone(), &both, model.trains(), true);
         let sums =
             |weights: Tensor<B, 2>| (per_token.clone() * weights).sum_dim(1).squeeze_dim::<1>(1);
         let (policy_chosen, policy_rejected) = split_pairs(sums(scored.mask.clone()));
@@ -592,9 +587,40 @@ impl<B: AutodiffBackend> Strategy<B> for Dpo {
         StepOutput {
             loss_sum: out.loss.mul_scalar(pairs as f64),
             units: pairs as f64,
-            metrics: out.metrics.named().to_vec(),
+            metrics: out
+                .metrics
+                .named()
+                .into_iter()
+                .chain(completion_metrics(stats, pairs))
+                .collect(),
         }
     }
+}
+
+/// TRL's DPO metrics of the policy's distributions over a pair batch's completions (`stats` of
+/// the chosen rows, then the rejected ones): `entropy` over both, `mean_token_accuracy` over the
+/// chosen completions, and `logits/chosen` and `logits/rejected`, the mean logit of each side.
+fn completion_metrics<B: Backend>(
+    stats: Option<PositionStats<B>>,
+    pairs: usize,
+) -> Vec<(&'static str, f64)> {
+    let Some(stats) = stats else {
+        return Vec::new();
+    };
+    let (chosen, rejected) = (stats.totals(0..pairs), stats.totals(pairs..2 * pairs));
+    let ratio = |sum: f64, count: f64| if count > 0.0 { sum / count } else { 0.0 };
+    vec![
+        (
+            "entropy",
+            ratio(
+                chosen.entropy + rejected.entropy,
+                chosen.targets + rejected.targets,
+            ),
+        ),
+        ("mean_token_accuracy", ratio(chosen.top1, chosen.targets)),
+        ("logits/chosen", ratio(chosen.logits, chosen.targets)),
+        ("logits/rejected", ratio(rejected.logits, rejected.targets)),
+    ]
 }
 
 /// Odds-ratio preference optimisation: no reference model, the chosen sequences' NLL in the

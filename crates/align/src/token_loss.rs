@@ -32,61 +32,86 @@ pub fn positions_per_chunk<B: Backend>(vocab: usize, device: &B::Device) -> usiz
     (logits / vocab.max(1)).max(1)
 }
 
-/// How a model's next-token distributions fit a batch's trained targets: how many targets there
-/// are, how many are the distribution's most likely token (the first one on ties), and the sum
-/// of the distributions' entropies (in nats). TRL's SFT metrics `mean_token_accuracy` and
-/// `entropy` are their means.
+/// What a model's next-token distributions say at each position of a batch, zero where the
+/// target is not trained: whether the target is the most likely token (the first one on ties),
+/// the distribution's entropy (in nats) and the mean of its logits (TRL's fused head's `is_top1`,
+/// `entropy` and `mean_logits`), with the mask that selects the trained positions. No gradient.
+#[derive(Debug, Clone)]
+pub struct PositionStats<B: Backend> {
+    /// Each `[rows, seq]`.
+    pub top1: Tensor<B, 2>,
+    pub entropy: Tensor<B, 2>,
+    pub mean_logits: Tensor<B, 2>,
+    pub mask: Tensor<B, 2>,
+}
+
+impl<B: Backend> PositionStats<B> {
+    /// The stats of `logits` (`[rows, seq, vocab]`, any precision) for `targets` where `mask`
+    /// (`[rows, seq]`) is set.
+    pub fn of_logits(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>, mask: Tensor<B, 2>) -> Self {
+        let [rows, seq, vocab] = logits.dims();
+        let positions = rows * seq;
+        let logits = cast_to(logits.detach(), DType::F32).reshape([positions, vocab]);
+        let (probs, log_total) = softmax_rows(logits.clone());
+        let [top1, entropy, mean_logits] =
+            chunk_stats(logits, probs, log_total, targets.reshape([positions]));
+        Self::from_flat([top1, entropy, mean_logits], mask)
+    }
+
+    /// The stats from flat per-position values (`[positions]` each), masked by `mask`.
+    fn from_flat(values: [Tensor<B, 1>; 3], mask: Tensor<B, 2>) -> Self {
+        let [rows, seq] = mask.dims();
+        let [top1, entropy, mean_logits] = values.map(|v| v.reshape([rows, seq]) * mask.clone());
+        Self {
+            top1,
+            entropy,
+            mean_logits,
+            mask,
+        }
+    }
+
+    /// The sums over rows `rows`, read back.
+    pub fn totals(&self, rows: std::ops::Range<usize>) -> TokenStats {
+        let sum = |t: &Tensor<B, 2>| first_value(t.clone().slice([rows.clone()]).sum());
+        TokenStats {
+            targets: sum(&self.mask),
+            top1: sum(&self.top1),
+            entropy: sum(&self.entropy),
+            logits: sum(&self.mean_logits),
+        }
+    }
+}
+
+/// Per-position top-1 hits, entropies (`log Σ e^z − Σ p·z`) and mean logits (`[positions]`
+/// each) of one chunk of f32 `logits` (`[positions, vocab]`) with their softmax `probs` and
+/// log-sum-exp `log_total` (`[positions, 1]`).
+fn chunk_stats<B: Backend>(
+    logits: Tensor<B, 2>,
+    probs: Tensor<B, 2>,
+    log_total: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+) -> [Tensor<B, 1>; 3] {
+    let positions = targets.dims()[0];
+    let best: Tensor<B, 1, Int> = logits.clone().argmax(1).reshape([positions]);
+    let top1 = best.equal(targets).float();
+    let mean_logits = logits.clone().mean_dim(1).reshape([positions]);
+    let expected = (probs * logits).sum_dim(1);
+    let entropy = (log_total - expected).reshape([positions]);
+    [top1, entropy, mean_logits]
+}
+
+/// Host sums of [`PositionStats`] over some rows: trained targets, top-1 hits, entropies and
+/// mean logits.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct TokenStats {
     pub targets: f64,
     pub top1: f64,
     pub entropy: f64,
+    pub logits: f64,
 }
 
 impl TokenStats {
-    /// The stats of `logits` (`[positions, vocab]`, any precision; no gradient is kept) for
-    /// `targets` where `mask` (`[positions]`, 1.0 where trained) is set.
-    pub fn of_logits<B: Backend>(
-        logits: Tensor<B, 2>,
-        targets: Tensor<B, 1, Int>,
-        mask: Tensor<B, 1>,
-    ) -> Self {
-        let logits = cast_to(logits.detach(), DType::F32);
-        let (probs, log_total) = softmax_rows(logits.clone());
-        let (top1, entropy) = Self::sums(logits, probs, log_total, targets, mask.clone());
-        Self {
-            targets: first_value(mask.sum()),
-            top1: first_value(top1),
-            entropy: first_value(entropy),
-        }
-    }
-
-    /// The masked sums of top-1 hits and entropies of one chunk of f32 `logits` with their
-    /// softmax `probs` and log-sum-exp `log_total` (`[positions, 1]`), each `[1]`.
-    fn sums<B: Backend>(
-        logits: Tensor<B, 2>,
-        probs: Tensor<B, 2>,
-        log_total: Tensor<B, 2>,
-        targets: Tensor<B, 1, Int>,
-        mask: Tensor<B, 1>,
-    ) -> (Tensor<B, 1>, Tensor<B, 1>) {
-        let positions = targets.dims()[0];
-        let best: Tensor<B, 1, Int> = logits.clone().argmax(1).reshape([positions]);
-        let top1 = best.equal(targets).float() * mask.clone();
-        // H = log Σ e^z − Σ p·z
-        let expected = (probs * logits).sum_dim(1);
-        let entropy = (log_total - expected).reshape([positions]) * mask;
-        (top1.sum(), entropy.sum())
-    }
-
-    /// `other`'s counts added to these.
-    pub fn add(&mut self, other: Self) {
-        self.targets += other.targets;
-        self.top1 += other.top1;
-        self.entropy += other.entropy;
-    }
-
-    /// `mean_token_accuracy` and `entropy`, by TRL's names; none without targets.
+    /// `mean_token_accuracy` and `entropy`, TRL's SFT metrics; none without targets.
     pub fn metrics(&self) -> Vec<(&'static str, f64)> {
         if self.targets == 0.0 {
             return Vec::new();
@@ -149,7 +174,7 @@ pub fn masked_token_loss<B: Backend>(
 
 /// [`masked_token_logprobs`] of `head`'s logits of `hidden` (`head` a frozen `[vocab, hidden]`
 /// matrix, logits `project(hidden, head)`), computed `chunk` positions at a time; with `stats`,
-/// the chunks' [`TokenStats`] are added to it.
+/// also the [`PositionStats`] of the same logits.
 ///
 /// Each chunk's logits give the log-probabilities' values and, when `gradient` is set, each
 /// position's slope `∂ log p(y)/∂h = W_y − Σ_j p_j·W_j` (one more product with the head, the
@@ -169,18 +194,17 @@ pub fn masked_token_logprobs_chunked<B: Backend>(
     mask: Tensor<B, 2>,
     gradient: bool,
     chunk: usize,
-    stats: Option<&mut TokenStats>,
-) -> Tensor<B, 2> {
+    stats: bool,
+) -> (Tensor<B, 2>, Option<PositionStats<B>>) {
     let [batch, seq, width] = hidden.dims();
     let positions = batch * seq;
     let chunk = chunk.max(1);
     let tracked = hidden.reshape([positions, width]);
     let frozen = tracked.clone().detach();
     let targets = targets.reshape([positions]);
-    let flat_mask = mask.clone().reshape([positions]);
     let mut values = Vec::new();
     let mut slopes = Vec::new();
-    let mut sums: Option<(Tensor<B, 1>, Tensor<B, 1>)> = None;
+    let mut stat_chunks: [Vec<Tensor<B, 1>>; 3] = Default::default();
     for start in (0..positions).step_by(chunk) {
         let len = chunk.min(positions - start);
         let picked = targets.clone().narrow(0, start, len);
@@ -193,18 +217,11 @@ pub fn masked_token_logprobs_chunked<B: Backend>(
         let target_logit = logits
             .clone()
             .gather(1, picked.clone().unsqueeze_dim::<2>(1));
-        if stats.is_some() {
-            let (top1, entropy) = TokenStats::sums(
-                logits,
-                probs.clone(),
-                log_total.clone(),
-                picked.clone(),
-                flat_mask.clone().narrow(0, start, len),
-            );
-            sums = Some(match sums {
-                Some((t, e)) => (t + top1, e + entropy),
-                None => (top1, entropy),
-            });
+        if stats {
+            let chunk = chunk_stats(logits, probs.clone(), log_total.clone(), picked.clone());
+            for (all, part) in stat_chunks.iter_mut().zip(chunk) {
+                all.push(part);
+            }
         }
         values.push(target_logit - log_total);
         if gradient {
@@ -221,12 +238,7 @@ pub fn masked_token_logprobs_chunked<B: Backend>(
     } else {
         values
     };
-    if let (Some(stats), Some((top1, entropy))) = (stats, sums) {
-        stats.add(TokenStats {
-            targets: first_value(flat_mask.sum()),
-            top1: first_value(top1),
-            entropy: first_value(entropy),
-        });
-    }
-    logprobs.reshape([batch, seq]) * mask
+    let stats = stats
+        .then(|| PositionStats::from_flat(stat_chunks.map(|c| Tensor::cat(c, 0)), mask.clone()));
+    (logprobs.reshape([batch, seq]) * mask, stats)
 }
