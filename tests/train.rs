@@ -403,6 +403,27 @@ fn reward_models_learn_to_score_the_chosen_reply_higher() {
     let card = std::fs::read_to_string(run.join("README.md")).unwrap();
     assert!(card.contains("pipeline_tag: text-classification"), "{card}");
 
+    // It continues only as a reward model, and is no reference for a language model.
+    let dpo = recipe(
+        work.path(),
+        "[adapter]\nr = 8\nalpha = 16\ndropout = 0.0\ninit_from = \"run\"\n\n[data]\ntrain = \"pairs.jsonl\"\n\n[train]\nstrategy = \"dpo\"\nmax_steps = 1\n",
+    );
+    let out = train(&dpo, &["--set", "output.dir=\"dpo\""]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("a reward model's adapter"), "{err}");
+    let dpo = recipe(
+        work.path(),
+        "[adapter]\nr = 8\n\n[data]\ntrain = \"pairs.jsonl\"\n\n[train]\nstrategy = \"dpo\"\nmax_steps = 1\n\n[dpo]\nreference_adapter = \"run\"\n",
+    );
+    let out = train(&dpo, &["--set", "output.dir=\"dpo\""]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("dpo.reference_adapter") && err.contains("reward model"),
+        "{err}"
+    );
+
     // Merged, it is a sequence-classifier checkpoint, which does not generate.
     let merged = work.path().join("merged");
     let out = burnish(&[

@@ -14,10 +14,7 @@ use burnish_data::{
     Batch, BatchConfig, ChatTemplate, DataConfig, Dataset, Encoder, Example, LabeledExample,
     PairExample, Report, Tokenizer, load, make_batches, pack_best_fit_decreasing, shuffle,
 };
-use burnish_model::{
-    Decoder, HfConfig, ModelError, Pretrained, RandomWeights, TensorSource, linear_module_names,
-    save_decoder,
-};
+use burnish_model::{Decoder, HfConfig, ModelError, Pretrained, linear_module_names, save_decoder};
 use burnish_peft::{
     ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, LoraConfig, LoraInit, SaveDtype, Targets, Task,
     f32_values, first_value, save_adapter, select_targets,
@@ -566,11 +563,7 @@ pub fn train<B: AutodiffBackend>(
 
     // Data next: it is cheap, and its errors should not wait for the model.
     let tokenizer = Tokenizer::from_dir(base)?;
-    let pad_id = [&tokenizer.special.pad_token, &tokenizer.special.eos_token]
-        .into_iter()
-        .flatten()
-        .find_map(|t| tokenizer.token_to_id(t))
-        .unwrap_or(0);
+    let pad_id = tokenizer.pad_id().unwrap_or(0);
     let encoder = Encoder::new(
         tokenizer,
         ChatTemplate::from_dir(base)?,
@@ -700,10 +693,7 @@ pub fn train<B: AutodiffBackend>(
     // head, drawn with the config's `initializer_range` as transformers draws it.
     if reward && !pretrained.model.is_classifier() {
         let std = pretrained.config.initializer_range(&config_path)?;
-        let hidden = hf_config.decoder.hidden_size;
-        let head = RandomWeights { seed: t.seed, std }.read("score.weight", &[1, hidden])?;
-        let model = pretrained.model;
-        pretrained.model = model.into_classifier(Tensor::from_data(head, device));
+        pretrained.model = pretrained.model.into_reward_model(t.seed, std);
     }
     let config = pretrained.config.clone();
     let stop_tokens = pretrained.eos_token_ids();
@@ -754,6 +744,26 @@ pub fn train<B: AutodiffBackend>(
             }
         },
     };
+    // A reward model's adapter continues only as a reward model, and a reward model scores with
+    // one label.
+    match (reward, model.config.classifier_labels) {
+        (false, Some(_)) => {
+            return Err(RunError::Mismatch(format!(
+                "`adapter.init_from` (or the checkpoint resumed) holds a reward model's adapter \
+                 (task_type SEQ_CLS, with a classifier head): only `train.strategy = \"reward\"` \
+                 continues it; strategy \"{}\" needs a language model's adapter",
+                t.strategy.name()
+            )));
+        }
+        (true, Some(labels)) if labels != 1 => {
+            return Err(RunError::Mismatch(format!(
+                "`adapter.init_from` holds a classifier head of {labels} labels, and a reward \
+                 model has one: start from a one-label reward adapter or from a language \
+                 model's adapter"
+            )));
+        }
+        _ => {}
+    }
     if reward {
         // Its head trains whole, and is saved beside the adapter as PEFT saves a SEQ_CLS task's;
         // it scores each row before the pad token the loader pads with, which a saved model's
@@ -772,7 +782,17 @@ pub fn train<B: AutodiffBackend>(
     let reference_model = match (reference_base, recipe.reference_adapter()) {
         (Some(base), adapter) => {
             let mut reference = match adapter {
-                Some((_, dir)) => base.with_adapter(dir)?.0,
+                Some((key, dir)) => {
+                    let reference = base.with_adapter(dir)?.0;
+                    if reference.is_classifier() {
+                        return Err(RunError::Mismatch(format!(
+                            "`{key}` names {}, a reward model's adapter (task_type SEQ_CLS): a \
+                             reference must be a language model's adapter",
+                            dir.display()
+                        )));
+                    }
+                    reference
+                }
                 None => base,
             };
             recipe.model.dtype.apply(&mut reference);

@@ -47,15 +47,28 @@ pub struct PositionStats<B: Backend> {
 
 impl<B: Backend> PositionStats<B> {
     /// The stats of `logits` (`[rows, seq, vocab]`, any precision) for `targets` where `mask`
-    /// (`[rows, seq]`) is set.
+    /// (`[rows, seq]`) is set, a chunk of positions at a time (as the chunked log-probs are),
+    /// so that no other vocabulary-wide tensor than `logits` is held whole.
     pub fn of_logits(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>, mask: Tensor<B, 2>) -> Self {
         let [rows, seq, vocab] = logits.dims();
         let positions = rows * seq;
-        let logits = cast_to(logits.detach(), DType::F32).reshape([positions, vocab]);
-        let (probs, log_total) = softmax_rows(logits.clone());
-        let [top1, entropy, mean_logits] =
-            chunk_stats(logits, probs, log_total, targets.reshape([positions]));
-        Self::from_flat([top1, entropy, mean_logits], mask)
+        let logits = logits.detach().reshape([positions, vocab]);
+        let targets = targets.reshape([positions]);
+        let chunk = positions_per_chunk::<B>(vocab, &logits.device());
+        let mut parts: [Vec<Tensor<B, 1>>; 3] = Default::default();
+        for start in (0..positions).step_by(chunk) {
+            let len = chunk.min(positions - start);
+            let part = cast_to(logits.clone().narrow(0, start, len), DType::F32);
+            let (probs, log_total) = softmax_rows(part.clone());
+            let picked = targets.clone().narrow(0, start, len);
+            for (all, values) in parts
+                .iter_mut()
+                .zip(chunk_stats(part, probs, log_total, picked))
+            {
+                all.push(values);
+            }
+        }
+        Self::from_flat(parts.map(|c| Tensor::cat(c, 0)), mask)
     }
 
     /// The stats from flat per-position values (`[positions]` each), masked by `mask`.

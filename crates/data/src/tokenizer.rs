@@ -124,6 +124,15 @@ impl Tokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// The id batches are padded with: the pad token, else the end-of-sequence token, as TRL
+    /// falls back to it (and a sequence classifier is read before it).
+    pub fn pad_id(&self) -> Option<u32> {
+        [&self.special.pad_token, &self.special.eos_token]
+            .into_iter()
+            .flatten()
+            .find_map(|t| self.token_to_id(t))
+    }
+
     /// Number of tokens, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

@@ -66,9 +66,9 @@ struct RawConfig {
     quantization_config: Option<Value>,
     bos_token_id: Option<TokenIds>,
     eos_token_id: Option<TokenIds>,
-    pad_token_id: Option<TokenIds>,
-    #[serde(default)]
-    architectures: Vec<String>,
+    /// Any JSON: configs write -1 or null for "no pad token".
+    pad_token_id: Option<Value>,
+    architectures: Option<Vec<String>>,
     num_labels: Option<usize>,
     id2label: Option<serde_json::Map<String, Value>>,
 }
@@ -287,6 +287,7 @@ fn resolve(c: RawConfig, path: &Path) -> Result<DecoderConfig> {
     let classifier_labels = c
         .architectures
         .iter()
+        .flatten()
         .any(|a| a.ends_with(CLASSIFIER_SUFFIX))
         .then(|| {
             c.num_labels
@@ -319,10 +320,11 @@ fn resolve(c: RawConfig, path: &Path) -> Result<DecoderConfig> {
             Some(TokenIds::One(id)) => Some(id),
             _ => None,
         },
-        pad_token_id: match c.pad_token_id {
-            Some(TokenIds::One(id)) => Some(id),
-            _ => None,
-        },
+        pad_token_id: c
+            .pad_token_id
+            .as_ref()
+            .and_then(Value::as_u64)
+            .and_then(|id| u32::try_from(id).ok()),
         classifier_labels,
         model_type,
     })
@@ -374,6 +376,34 @@ mod tests {
         assert_eq!(c.decoder.rope_scaling, RopeScaling::Linear { factor: 2.0 });
         assert_eq!(c.decoder.num_kv_heads, 2);
         assert_eq!(c.decoder.head_dim, 4);
+    }
+
+    /// A classifier's labels come from its architecture and label count; "no pad token" may be
+    /// written as null or -1, and a null architecture list is no list.
+    #[test]
+    fn classifiers_and_pad_tokens_are_read_as_transformers_writes_them() {
+        let config = |extra: &str| parse(&format!(r#"{{"model_type": "llama", {BASE}{extra}}}"#));
+        let c = config(r#", "architectures": ["LlamaForSequenceClassification"], "id2label": {"0": "LABEL_0"}, "pad_token_id": 3"#).unwrap();
+        assert_eq!(
+            (c.decoder.classifier_labels, c.decoder.pad_token_id),
+            (Some(1), Some(3))
+        );
+        let c = config(r#", "architectures": ["LlamaForSequenceClassification"]"#).unwrap();
+        assert_eq!(
+            c.decoder.classifier_labels,
+            Some(2),
+            "transformers' default"
+        );
+        for extra in [
+            r#", "architectures": null, "pad_token_id": -1"#,
+            r#", "pad_token_id": null"#,
+        ] {
+            let c = config(extra).unwrap();
+            assert_eq!(
+                (c.decoder.classifier_labels, c.decoder.pad_token_id),
+                (None, None)
+            );
+        }
     }
 
     #[test]

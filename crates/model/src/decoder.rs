@@ -22,6 +22,7 @@ use crate::documents::Documents;
 use crate::mlp::Mlp;
 use crate::norm::RmsNorm;
 use crate::rope::{Rope, Rotations};
+use crate::weights::{RandomWeights, TensorSource};
 
 /// The projections of every layer, in checkpoint order, by their name within the layer.
 pub const LAYER_PROJECTIONS: [&str; 7] = [
@@ -300,6 +301,18 @@ impl<B: Backend> Decoder<B> {
             .collect()
     }
 
+    /// The model as a reward model: a one-label classifier whose fresh `score` head is drawn
+    /// from `seed` with standard deviation `std` (uniformly, as [`RandomWeights`] draws; the
+    /// config's `initializer_range` is what transformers uses).
+    pub fn into_reward_model(self, seed: u64, std: f32) -> Self {
+        let hidden = self.config.hidden_size;
+        let head = RandomWeights { seed, std }
+            .read("score.weight", &[1, hidden])
+            .expect("random weights are drawn, never read");
+        let device = self.embed_tokens.val().device();
+        self.into_classifier(Tensor::from_data(head, &device))
+    }
+
     /// Each row's scores (`[rows, labels]`, in f32) from its final `hidden` states, read at
     /// position `positions[row]` (see [`scored_position`]).
     ///
@@ -415,12 +428,32 @@ impl<B: Backend> Decoder<B> {
     pub fn with_adapter(self, dir: &Path) -> burnish_peft::Result<(Self, LoraConfig)> {
         let mut model = self.no_grad();
         let (config, whole) = load_adapter(dir, &mut model.linears_mut())?;
+        let weights_path = || dir.join(burnish_peft::ADAPTER_WEIGHTS_FILE);
+        if let Some(extra) = whole.get(1) {
+            return Err(burnish_peft::PeftError::UnexpectedTensor {
+                path: weights_path(),
+                name: format!(
+                    "base_model.model.{}.weight (a second classifier head)",
+                    extra.name
+                ),
+            });
+        }
         for module in whole {
+            let [labels, width] = module.weight.dims();
+            let hidden = model.config.hidden_size;
+            if labels == 0 || width != hidden {
+                return Err(burnish_peft::PeftError::ShapeMismatch {
+                    path: weights_path(),
+                    name: format!("base_model.model.{}.weight", module.name),
+                    expected: vec![1, hidden],
+                    found: vec![labels, width],
+                });
+            }
             model = model.into_classifier(module.weight).no_grad();
         }
         if config.task == Task::SequenceClassification && !model.is_classifier() {
             return Err(burnish_peft::PeftError::MissingTensor {
-                path: dir.join(burnish_peft::ADAPTER_WEIGHTS_FILE),
+                path: weights_path(),
                 name: "base_model.model.score.weight (a SEQ_CLS adapter on a causal LM needs \
                        its classifier head)"
                     .into(),

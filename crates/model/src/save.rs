@@ -60,20 +60,29 @@ fn classifier_config(
     pad_token_id: Option<u32>,
 ) {
     use serde_json::{Value, json};
-    let renamed: Vec<Value> = match raw.get("architectures") {
-        Some(Value::Array(names)) => names
-            .iter()
-            .filter_map(Value::as_str)
-            .map(|name| {
-                let family = name.find("For").map_or(name, |at| &name[..at]);
-                json!(format!("{family}{CLASSIFIER_SUFFIX}"))
-            })
-            .collect(),
-        _ => Vec::new(),
+    // The family from the architecture the config names, else from its model type
+    // (`qwen2` → `Qwen2`), so that transformers and burnish load a classifier back.
+    let named = match raw.get("architectures") {
+        Some(Value::Array(names)) => names.first().and_then(Value::as_str).map(String::from),
+        _ => None,
     };
-    if !renamed.is_empty() {
-        raw.insert("architectures".into(), Value::Array(renamed));
-    }
+    let family = match named {
+        Some(name) => name
+            .find("For")
+            .map_or(name.clone(), |at| name[..at].to_string()),
+        None => {
+            let model_type = raw.get("model_type").and_then(Value::as_str).unwrap_or("");
+            let mut chars = model_type.chars();
+            chars
+                .next()
+                .map(|c| c.to_uppercase().chain(chars).collect())
+                .unwrap_or_default()
+        }
+    };
+    raw.insert(
+        "architectures".into(),
+        json!([format!("{family}{CLASSIFIER_SUFFIX}")]),
+    );
     let names: Vec<String> = (0..labels).map(|i| format!("LABEL_{i}")).collect();
     let id2label: serde_json::Map<String, Value> = names
         .iter()
@@ -130,4 +139,36 @@ pub fn save_decoder<B: Backend>(
     let text = serde_json::to_string_pretty(&raw).expect("a JSON map always serializes");
     let config_path = dir.join("config.json");
     write_atomic(&config_path, text.as_bytes()).map_err(|e| ModelError::io(&config_path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A classifier's config names its architecture even when the causal LM's named none.
+    #[test]
+    fn a_classifier_config_names_its_architecture_labels_and_pad() {
+        let mut raw =
+            json!({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "num_labels": 2})
+                .as_object()
+                .cloned()
+                .unwrap();
+        classifier_config(&mut raw, 1, Some(7));
+        assert_eq!(
+            raw["architectures"],
+            json!(["Qwen2ForSequenceClassification"])
+        );
+        assert_eq!(raw["id2label"], json!({"0": "LABEL_0"}));
+        assert_eq!(raw["label2id"], json!({"LABEL_0": 0}));
+        assert_eq!(raw["pad_token_id"], json!(7));
+        assert!(!raw.contains_key("num_labels"));
+
+        let mut raw = json!({"model_type": "llama"}).as_object().cloned().unwrap();
+        classifier_config(&mut raw, 1, None);
+        assert_eq!(
+            raw["architectures"],
+            json!(["LlamaForSequenceClassification"])
+        );
+    }
 }

@@ -14,7 +14,7 @@ use burnish_align::{
     Activations, AdamW, AdamWConfig, Cpo, CpoLoss, Dpo, Kto, KtoLoss, LabeledBatch, Orpo,
     PairBatch, Reward, Schedule, ScheduleKind, ScoredPairs, Sft, TokenBatch, optimizer_step,
 };
-use burnish_model::{BaseDtype, HfConfig, RandomWeights, TensorSource, build_decoder};
+use burnish_model::{BaseDtype, HfConfig, RandomWeights, build_decoder};
 use burnish_peft::{LoraConfig, Targets};
 use clap::{Args, ValueEnum};
 
@@ -266,11 +266,7 @@ fn train_steps<AD: AutodiffBackend>(
         ..Default::default()
     };
     let base = match a.mode {
-        Mode::Reward => {
-            let head = RandomWeights { seed: 1, std: 0.02 }
-                .read("score.weight", &[1, config.decoder.hidden_size])?;
-            base.into_classifier(Tensor::from_data(head, device))
-        }
+        Mode::Reward => base.into_reward_model(0, 0.02),
         _ => base,
     };
     let (mut model, _) = base.with_lora(&lora, 0)?;

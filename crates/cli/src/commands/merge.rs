@@ -245,6 +245,7 @@ pub fn run(mut args: MergeArgs) -> Result<()> {
                     adapter.display()
                 )
             })?;
+        super::pad_as_trained(&mut model, model_dir)?;
         model.model.merge_and_unload()?;
         let dtype = dtype_of(&model);
         write_model_dir(&args.out, model_dir, |dir| {

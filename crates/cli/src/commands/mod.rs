@@ -26,3 +26,19 @@ pub(crate) fn require_lm_head<B: burn::tensor::backend::Backend>(
     }
     Ok(())
 }
+
+/// A reward model made of a base (`dir`) and a reward adapter reads its scores before the token
+/// its training padded with (the tokenizer's pad token, else EOS), which the base's `config.json`
+/// may not name: that token becomes the model's pad token. A classifier checkpoint keeps its own.
+pub(crate) fn pad_as_trained<B: burn::tensor::backend::Backend>(
+    pretrained: &mut burnish_model::Pretrained<B>,
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    let from_adapter =
+        pretrained.model.is_classifier() && pretrained.config.decoder.classifier_labels.is_none();
+    if from_adapter {
+        let tokenizer = burnish_data::Tokenizer::from_dir(dir)?;
+        pretrained.model.config.pad_token_id = tokenizer.pad_id();
+    }
+    Ok(())
+}

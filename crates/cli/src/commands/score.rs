@@ -67,6 +67,7 @@ impl Job for Score {
                 .with_context(|| format!("loading {}", args.model.display()))?;
         base_dtype_for::<B>(args.dtype, &device, true)?.apply(&mut pretrained.model);
         if pretrained.model.is_classifier() {
+            super::pad_as_trained(&mut pretrained, &args.model)?;
             let reward = sequence_scores(&pretrained.model, &ids)?[0];
             match args.json {
                 true => println!(
