@@ -454,20 +454,40 @@ fn reward_models_learn_to_score_the_chosen_reply_higher() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("reward model"), "{err}");
-    // `score` gives its reward of a text instead.
-    let out = burnish(&[
-        "score",
-        "--model",
-        merged.to_str().unwrap(),
-        "--device",
-        "cpu",
-        "--text",
-        "is the cat big? yes, very big",
-        "--json",
-    ]);
-    assert_success(&out);
-    let scored: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(scored["reward"].as_f64().unwrap().is_finite(), "{scored}");
+    // `score` gives its reward of a text instead, the merged model as the base with the adapter.
+    let conversation = |reply: &str| {
+        format!(
+            "<|im_start|>user\nis the cat big?<|im_end|>\n<|im_start|>assistant\n{reply}<|im_end|>\n"
+        )
+    };
+    let (chosen, rejected) = (conversation("yes, very big"), conversation("no"));
+    let reward = |text: &str, extra: &[&str]| {
+        let mut args = vec!["score", "--device", "cpu", "--text", text, "--json"];
+        args.extend_from_slice(extra);
+        let out = burnish(&args);
+        assert_success(&out);
+        let scored: Value = serde_json::from_slice(&out.stdout).unwrap();
+        scored["reward"].as_f64().unwrap()
+    };
+    let merged_reward = reward(&chosen, &["--model", merged.to_str().unwrap()]);
+    let adapter_reward = reward(
+        &chosen,
+        &[
+            "--model",
+            model_dir("llama").to_str().unwrap(),
+            "--adapter",
+            run.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        (merged_reward - adapter_reward).abs() < 1e-4,
+        "{merged_reward} vs {adapter_reward}"
+    );
+    let rejected_reward = reward(&rejected, &["--model", merged.to_str().unwrap()]);
+    assert!(
+        merged_reward > rejected_reward,
+        "the chosen reply scores above the rejected one: {merged_reward} vs {rejected_reward}"
+    );
 
     // Trained in full, with checkpoints, and resumed: the checkpoint is a classifier too.
     let full = recipe(
