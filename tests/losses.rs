@@ -30,7 +30,37 @@ struct Golden {
     cpo: CpoGolden,
     kto: KtoGolden,
     reward: RewardGolden,
+    grpo: GrpoGolden,
     dpo_model: DpoModelGolden,
+}
+
+#[derive(Deserialize)]
+struct GrpoGolden {
+    adapter: String,
+    prompts: Vec<Vec<u32>>,
+    completions: Vec<Vec<u32>>,
+    advantages: Vec<f64>,
+    cases: Vec<GrpoCase>,
+    rewards: Vec<f64>,
+    num_generations: usize,
+    scaled: std::collections::BTreeMap<String, GrpoScaled>,
+}
+
+#[derive(Deserialize)]
+struct GrpoCase {
+    name: String,
+    loss_type: String,
+    beta: f64,
+    temperature: f64,
+    max_completion_length: usize,
+    loss: f64,
+    metrics: std::collections::BTreeMap<String, f64>,
+}
+
+#[derive(Deserialize)]
+struct GrpoScaled {
+    advantages: Vec<f64>,
+    frac_reward_zero_std: f64,
 }
 
 #[derive(Deserialize)]
@@ -804,6 +834,65 @@ fn reward_model_sequences_are_trls_tokenization_of_each_row() {
             pair.rejected().input_ids,
             theirs.rejected_ids,
             "row {i}: rejected"
+        );
+    }
+}
+
+/// GRPO's loss and metrics through the model equal TRL's `GRPOTrainer._compute_loss` for every
+/// loss type, with and without the KL term against the adapter-off reference, at the sampling
+/// temperature; its advantages equal TRL's for every `scale_rewards`.
+#[test]
+fn grpo_losses_and_advantages_equal_trl() {
+    use burnish_align::{Grpo, GrpoLossKind, Rollouts, ScaleRewards, Strategy, advantages};
+    let g = golden().grpo;
+    let device = Default::default();
+    let base = Pretrained::<AD>::load(&model_dir("llama"), &device)
+        .unwrap()
+        .model;
+    let adapter = model_dir("llama").join("../../adapters").join(&g.adapter);
+    let (model, _) = base.with_adapter(&adapter).unwrap();
+    let rows: Vec<(&[u32], &[u32], bool)> = g
+        .completions
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (g.prompts[i / 2].as_slice(), c.as_slice(), true))
+        .collect();
+    let batch = Rollouts::<AD>::new(&rows, &g.advantages, 0, &device);
+    assert_eq!(g.cases.len(), 4);
+    for case in &g.cases {
+        let grpo = Grpo::<AD> {
+            loss: match case.loss_type.as_str() {
+                "dapo" => GrpoLossKind::Dapo,
+                "grpo" => GrpoLossKind::Grpo,
+                _ => GrpoLossKind::DrGrpo,
+            },
+            beta: case.beta,
+            epsilon_low: 0.2,
+            epsilon_high: 0.2,
+            temperature: case.temperature,
+            max_completion_length: case.max_completion_length,
+            reference: None,
+        };
+        let out = grpo.loss(&model, &batch, None);
+        assert_trl_step(&case.name, out, case.loss, &case.metrics);
+    }
+    for (name, scale) in [
+        ("group", ScaleRewards::Group),
+        ("batch", ScaleRewards::Batch),
+        ("none", ScaleRewards::None),
+    ] {
+        let theirs = &g.scaled[name];
+        let (ours, zero) = advantages(&g.rewards, g.num_generations, scale);
+        for (a, b) in ours.iter().zip(&theirs.advantages) {
+            assert!(
+                (a - b).abs() < 1e-5,
+                "{name}: {ours:?} vs TRL {:?}",
+                theirs.advantages
+            );
+        }
+        assert!(
+            (zero - theirs.frac_reward_zero_std).abs() < 1e-6,
+            "{name}: {zero}"
         );
     }
 }

@@ -108,6 +108,44 @@ fn greedy_generation_matches_transformers() {
     }
 }
 
+/// A group sampled side by side is each row sampled alone from its own seed: greedily, every
+/// row is transformers' greedy continuation; sampled, row `i` is `generate` with seed `seed + i`.
+#[test]
+fn group_sampling_equals_sampling_each_row_alone() {
+    use burnish_model::sample_group;
+    let model = Pretrained::<B>::load(&model_dir("llama"), &Default::default()).unwrap();
+    let case = &golden("llama").greedy[0];
+    let greedy = GenerateOptions {
+        max_new_tokens: 32,
+        stop_tokens: model.eos_token_ids(),
+        ..Default::default()
+    };
+    let rows = sample_group(&model.model, &case.prompt_ids, 3, &greedy).unwrap();
+    assert!(rows.iter().all(|row| *row == case.new_ids), "{rows:?}");
+    let sampled = GenerateOptions {
+        temperature: 1.0,
+        top_p: Some(0.95),
+        seed: 11,
+        ..greedy
+    };
+    let rows = sample_group(&model.model, &case.prompt_ids, 4, &sampled).unwrap();
+    for (i, row) in rows.iter().enumerate() {
+        let alone = GenerateOptions {
+            seed: 11 + i as u64,
+            ..sampled.clone()
+        };
+        let ours = generate(&model.model, &case.prompt_ids, &alone, |_| {
+            std::ops::ControlFlow::Continue(())
+        })
+        .unwrap();
+        assert_eq!(*row, ours, "row {i}");
+    }
+    assert!(
+        rows.iter().any(|row| *row != rows[0]),
+        "the rows differ: {rows:?}"
+    );
+}
+
 #[test]
 fn kv_cache_decoding_equals_full_recomputation() {
     for name in MODELS {

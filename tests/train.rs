@@ -518,6 +518,76 @@ fn reward_models_learn_to_score_the_chosen_reply_higher() {
 }
 
 #[test]
+fn grpo_runs_complete_prompts_score_them_and_resume_to_the_same_numbers() {
+    let work = tempfile::tempdir().unwrap();
+    let rows: Vec<Value> = (0..8)
+        .map(|i| json!({"prompt": [{"role": "user", "content": format!("is the {} big?", WORDS[i])}]}))
+        .collect();
+    write_jsonl(&work.path().join("prompts.jsonl"), &rows);
+    let reward_model = model_dir("llama-reward");
+    let body = format!(
+        "[adapter]\nr = 8\nalpha = 16\ndropout = 0.0\n\n[data]\ntrain = \"prompts.jsonl\"\n\n[train]\nstrategy = \"grpo\"\nmax_steps = 3\nmicro_batch_size = 4\ngradient_accumulation = 2\nlr = 1e-2\nschedule = \"constant\"\n\n[grpo]\nreward_models = [\"{}\"]\nnum_generations = 4\nmax_completion_length = 6\nbeta = 0.05\n",
+        reward_model.display()
+    );
+    let path = recipe(work.path(), &body);
+    let out = train(&path, &[]);
+    assert_success(&out);
+    let lines = metrics(&work.path().join("run"));
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    for line in &lines {
+        assert!(line["loss"].as_f64().unwrap().is_finite(), "{line}");
+        for key in [
+            "reward",
+            "reward_std",
+            "entropy",
+            "kl",
+            "rewards/llama-reward/mean",
+        ] {
+            assert!(
+                line[key].as_f64().is_some_and(f64::is_finite),
+                "{key}: {line}"
+            );
+        }
+        let length = line["completions/max_length"].as_f64().unwrap();
+        assert!((1.0..=6.0).contains(&length), "{line}");
+    }
+    assert!(work.path().join("run/adapter_model.safetensors").exists());
+
+    // Completions are drawn from streams fixed by the step: a resumed run draws and learns the
+    // same.
+    let out = train(
+        &path,
+        &[
+            "--set",
+            "output.dir=\"parts\"",
+            "--set",
+            "train.max_steps=2",
+            "--set",
+            "train.save_every=1",
+        ],
+    );
+    assert_success(&out);
+    let out = train(&path, &["--set", "output.dir=\"parts\"", "--resume"]);
+    assert_success(&out);
+    let resumed = metrics(&work.path().join("parts"));
+    for key in ["loss", "reward", "grad_norm"] {
+        assert_eq!(resumed[2][key], lines[2][key], "{key}");
+    }
+
+    // A causal LM is no reward model, and GRPO has no evaluation data.
+    let refused = |setting: &str| {
+        let out = train(&path, &["--set", setting]);
+        assert!(!out.status.success(), "`{setting}` was accepted");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let causal = format!("grpo.reward_models=[\"{}\"]", model_dir("llama").display());
+    let err = refused(&causal);
+    assert!(err.contains("not a one-label sequence classifier"), "{err}");
+    let err = refused("data.eval_ratio=0.5");
+    assert!(err.contains("GRPO evaluation"), "{err}");
+}
+
+#[test]
 fn kto_runs_learn_from_unpaired_labels() {
     let work = tempfile::tempdir().unwrap();
     preference_rows(work.path());

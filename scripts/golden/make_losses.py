@@ -18,6 +18,13 @@
   besides it; and `reward["tokenized"]`, the token ids TRL's `RewardTrainer._prepare_dataset`
   makes of each row of tests/fixtures/data/rows/preference.jsonl with the llama fixture's
   tokenizer (whole conversations through the chat template, text rows with EOS appended).
+- `grpo`: TRL 1.16's GRPO loss and metrics (`GRPOTrainer._compute_loss` on a stub trainer, its
+  own per-token log-probs through the fused head at the sampling temperature) for two prompts of
+  two completions each on the llama fixture with the llama-qv adapter as the policy (the adapter
+  off as the reference for the KL term): the `dapo`, `grpo` and `dr_grpo` losses, with and
+  without `beta`; and the advantages of fixed rewards by the lines of
+  `GRPOTrainer._generate_and_score_completions` (group mean, TRL's `nanstd`, `+ 1e-4`) for each
+  `scale_rewards`.
 - `schedules`: learning rates of transformers' `get_scheduler` (constant with warmup, linear,
   cosine) at every step of a 10-step run with 3 warmup steps.
 - `adamw_steps.*`: three LoRA SFT steps with PEFT + torch AdamW and global-norm clipping from the
@@ -562,6 +569,108 @@ def reward_tokenization(model_dir: Path) -> list:
     return out
 
 
+def grpo_cases() -> dict:
+    """GRPO's loss through TRL's own GRPOTrainer._compute_loss on a stub trainer (only the
+    attributes that method reads are set), one update per generation (old log-probs = current)."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from peft import PeftModel
+    from trl.trainer.grpo_trainer import GRPOTrainer
+    from trl.trainer.utils import add_fused_lm_head, nanstd
+
+    model_dir = REPO_ROOT / "tests" / "fixtures" / "models" / "llama"
+    ids = json.loads((model_dir / "golden.json").read_text())["score"][1]["token_ids"]
+    prompts = [ids[0:6], ids[10:16]]
+    # Two completions per prompt, right-padded with 0; two end with EOS (id 2).
+    completions = [ids[20:23] + [2], ids[30:35], ids[40:42], ids[50:56] + [2]]
+    width = max(len(c) for c in completions)
+    completion_ids = torch.tensor([c + [0] * (width - len(c)) for c in completions])
+    completion_mask = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in completions])
+    prompt_ids = torch.tensor([prompts[0], prompts[0], prompts[1], prompts[1]])
+    prompt_mask = torch.ones_like(prompt_ids)
+    advantages = torch.tensor([0.8, -0.8, 1.3, -0.2])
+    settings = [
+        {"name": "dapo", "loss_type": "dapo", "beta": 0.0, "temperature": 1.0, "max_completion_length": 8},
+        {"name": "grpo_kl", "loss_type": "grpo", "beta": 0.04, "temperature": 0.7, "max_completion_length": 8},
+        {"name": "dr_grpo", "loss_type": "dr_grpo", "beta": 0.0, "temperature": 1.0, "max_completion_length": 8},
+        {"name": "dapo_kl", "loss_type": "dapo", "beta": 0.1, "temperature": 1.3, "max_completion_length": 8},
+    ]
+    cases = []
+    for setting in settings:
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+        add_fused_lm_head(base, temperature=setting["temperature"], outputs=("log_probs", "entropy"))
+        model = PeftModel.from_pretrained(base, REPO_ROOT / "tests" / "fixtures" / "adapters" / "llama-qv").eval()
+        trainer = GRPOTrainer.__new__(GRPOTrainer)
+        trainer.model = model
+        trainer.loss_type = setting["loss_type"]
+        trainer.beta = setting["beta"]
+        trainer.epsilon_low = trainer.epsilon_high = 0.2
+        trainer.importance_sampling_level = "token"
+        trainer.top_entropy_quantile = 1.0
+        trainer.off_policy_mask_threshold = None
+        trainer.use_vllm = False
+        trainer._entropy_bonus_enabled = False
+        trainer.aux_loss_enabled = False
+        trainer.max_completion_length = setting["max_completion_length"]
+        trainer.current_gradient_accumulation_steps = 1
+        trainer.args = SimpleNamespace(delta=None, use_bias_correction_kl=False, steps_per_generation=1)
+        trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        trainer.accelerator = SimpleNamespace(
+            num_processes=1,
+            is_main_process=True,
+            gather=lambda x: x,
+            reduce=lambda x, reduction: x,
+            autocast=lambda: __import__("contextlib").nullcontext(),
+        )
+        inputs = {
+            "prompt_ids": prompt_ids,
+            "prompt_mask": prompt_mask,
+            "completion_ids": completion_ids,
+            "completion_mask": completion_mask,
+            "advantages": advantages,
+            "num_items_in_batch": completion_mask.sum(),
+        }
+        if setting["beta"] != 0.0:
+            input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+            attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+            with torch.no_grad(), model.disable_adapter():
+                inputs["ref_per_token_logps"], _, _ = trainer._get_per_token_logps_and_entropies(
+                    model, input_ids, attention_mask, completion_ids.size(1)
+                )
+        with torch.no_grad():
+            loss = trainer._compute_loss(model, inputs)
+        metrics = {k: v[-1] for k, v in trainer._metrics["eval"].items() if k in ("entropy", "kl")}
+        cases.append({**setting, "loss": loss.item(), "metrics": metrics})
+
+    # Advantages, as _generate_and_score_completions computes them (sum_then_normalize).
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.5, 2.0, -1.0])
+    generations = 2
+    scaled = {}
+    for scale in ["group", "batch", "none"]:
+        mean = torch.nanmean(rewards.view(-1, generations), dim=1).repeat_interleave(generations, dim=0)
+        if scale in ["group", "none"]:
+            std = nanstd(rewards.view(-1, generations), dim=1).repeat_interleave(generations, dim=0)
+        else:
+            std = nanstd(rewards).expand_as(rewards)
+        adv = rewards - mean
+        if scale != "none":
+            adv = adv / (std + 1e-4)
+        zero = torch.isclose(std, torch.zeros_like(std)).float().mean().item()
+        scaled[scale] = {"advantages": adv.tolist(), "frac_reward_zero_std": zero}
+    return {
+        "model": "llama",
+        "adapter": "llama-qv",
+        "prompts": prompts,
+        "completions": completions,
+        "advantages": advantages.tolist(),
+        "cases": cases,
+        "rewards": rewards.tolist(),
+        "num_generations": generations,
+        "scaled": scaled,
+    }
+
+
 def schedules() -> dict:
     """transformers' get_scheduler multipliers over 10 steps with 3 warmup steps, and the warmup
     that warmup_ratio 0.25 of 10 steps gives."""
@@ -598,6 +707,7 @@ def main() -> None:
         "cpo": cpo_cases(orpo),
         "kto": kto_cases(),
         "reward": reward_cases(),
+        "grpo": grpo_cases(),
         "dpo_model": dpo_model_cases(),
         "schedules": schedules(),
     }

@@ -99,12 +99,13 @@ pub fn load_cases(
             .map_err(bad)?;
         let prompt = match &sample {
             Sample::Chat { messages, .. } => last_text(messages, "user"),
-            Sample::Pair { prompt, .. } | Sample::Labeled { prompt, .. } => {
-                last_text(prompt, "user")
-            }
+            Sample::Pair { prompt, .. }
+            | Sample::Labeled { prompt, .. }
+            | Sample::Prompt { prompt, .. } => last_text(prompt, "user"),
             Sample::Text { prompt, .. }
             | Sample::TextPair { prompt, .. }
-            | Sample::TextLabeled { prompt, .. } => prompt.clone(),
+            | Sample::TextLabeled { prompt, .. }
+            | Sample::TextPrompt { prompt } => prompt.clone(),
         };
         let encoder = match sample {
             Sample::Text { .. } => &completion,
@@ -127,6 +128,13 @@ pub fn load_cases(
             }
             Encoded::Pair(pair) => (pair.prompt_ids, pair.chosen_ids, Some(pair.rejected_ids)),
             Encoded::Labeled(l) if l.desirable => (l.prompt_ids, l.completion_ids, None),
+            Encoded::Prompt(_) => {
+                return Err(bad(
+                    "the row is a prompt alone, with no expected answer to check against; give \
+                     check rows with their answer"
+                        .into(),
+                ));
+            }
             Encoded::Labeled(_) => {
                 return Err(bad(
                     "the row's completion is labeled undesirable, so it is no answer to check                      against; give check rows whose completion is desirable"

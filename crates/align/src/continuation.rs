@@ -181,8 +181,8 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// SHA-256 of the examples' token ids and masks, then the pairs' and the labeled completions'
-/// token ids (and labels, and pairs' margins), each sequence preceded by its length so that no
-/// two datasets hash alike by concatenation.
+/// token ids (and labels, and pairs' margins), and the prompts', each sequence preceded by its
+/// length so that no two datasets hash alike by concatenation.
 fn data_digest(data: &Dataset) -> String {
     let mut hasher = Sha256::new();
     let mut ids = |tag: u8, ids: &[u32]| {
@@ -199,6 +199,9 @@ fn data_digest(data: &Dataset) -> String {
         ids(b'p', &pair.prompt_ids);
         ids(b'c', &pair.chosen_ids);
         ids(b'r', &pair.rejected_ids);
+    }
+    for prompt in &data.prompts {
+        ids(b'o', &prompt.prompt_ids);
     }
     for labeled in &data.labeled {
         ids(b'q', &labeled.prompt_ids);

@@ -12,6 +12,7 @@ mod cpo;
 mod cpu_adamw;
 mod dpo;
 mod error;
+mod grpo;
 mod kto;
 mod optimizer;
 mod orpo;
@@ -28,6 +29,9 @@ pub use checkpoint::{Progress, checkpoints, read_checkpoint, save_checkpoint};
 pub use cpo::{CpoLoss, CpoOutput, cpo_loss};
 pub use dpo::{DpoLoss, DpoMetrics, DpoOutput, FDivergence, PairLogps, chosen_nll, dpo_loss};
 pub use error::{RecipeError, RunError, TrainError};
+pub use grpo::{
+    Grpo, GrpoLossKind, RewardModel, Rollouts, Sampling, ScaleRewards, advantages, rollouts,
+};
 pub use kto::{KtoLoss, KtoOutput, LabeledLogps, kl_estimate, kto_loss};
 pub use optimizer::{
     AdamW, AdamWConfig, FlatGradients, SavedMoments, StepReport, flat_gradients, parameter_paths,

@@ -173,6 +173,9 @@ pub enum StrategyKind {
     /// A reward model: the base becomes a sequence classifier with one output, trained to score
     /// the chosen sequence of each preference pair above the rejected one.
     Reward,
+    /// Group relative policy optimisation on prompts alone: the policy completes each prompt
+    /// several times and learns from reward models' scores of its own completions.
+    Grpo,
 }
 
 /// The rows a strategy trains on.
@@ -184,6 +187,8 @@ pub enum Rows {
     Pairs,
     /// Completions labeled desirable or not.
     Labeled,
+    /// Prompts alone, completed by the model as it trains.
+    Prompts,
 }
 
 impl StrategyKind {
@@ -193,6 +198,7 @@ impl StrategyKind {
             Self::Sft | Self::Instruct => Rows::Examples,
             Self::Dpo | Self::Orpo | Self::Cpo | Self::Reward => Rows::Pairs,
             Self::Kto => Rows::Labeled,
+            Self::Grpo => Rows::Prompts,
         }
     }
 
@@ -206,6 +212,7 @@ impl StrategyKind {
             Self::Cpo => "cpo",
             Self::Kto => "kto",
             Self::Reward => "reward",
+            Self::Grpo => "grpo",
         }
     }
 }
@@ -214,7 +221,7 @@ impl StrategyKind {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainSection {
-    /// `sft`, `instruct`, `dpo`, `orpo`, `cpo`, `kto` or `reward` (default `sft`).
+    /// `sft`, `instruct`, `dpo`, `orpo`, `cpo`, `kto`, `reward` or `grpo` (default `sft`).
     pub strategy: StrategyKind,
     /// Passes over the training data (default 1); ignored when `max_steps` is set.
     pub epochs: usize,
@@ -745,6 +752,109 @@ impl RewardSection {
     }
 }
 
+/// `[grpo]`: group relative policy optimisation settings, with TRL's defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpoSection {
+    /// Sequence-classifier checkpoints (one label each, e.g. a merged `train.strategy =
+    /// "reward"` run) whose weighted scores are each completion's reward (required).
+    pub reward_models: Vec<PathBuf>,
+    /// Each reward model's weight (default: 1 each).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reward_weights: Option<Vec<f64>>,
+    /// Completions drawn per prompt (default 8).
+    pub num_generations: usize,
+    /// Longest completion in tokens (default 512).
+    pub max_completion_length: usize,
+    /// Sampling temperature, also that of the trained log-probabilities (default 1).
+    pub temperature: f64,
+    /// Nucleus sampling (default 1: off).
+    pub top_p: f64,
+    /// Keep only the `top_k` most likely tokens (default: all).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<usize>,
+    /// Weight of the KL term against the reference (default 0: no reference pass).
+    pub beta: f64,
+    /// The ratio's clipping range below 1 (and above, unless `epsilon_high`; default 0.2).
+    pub epsilon: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epsilon_high: Option<f64>,
+    /// `dapo`, `grpo` or `dr_grpo` (default `dapo`).
+    pub loss: GrpoLossName,
+    /// `group`, `batch` or `none` (default `group`).
+    pub scale_rewards: ScaleRewardsName,
+    /// Completions cut at `max_completion_length` train on nothing (default false).
+    pub mask_truncated_completions: bool,
+}
+
+impl Default for GrpoSection {
+    fn default() -> Self {
+        Self {
+            reward_models: Vec::new(),
+            reward_weights: None,
+            num_generations: 8,
+            max_completion_length: 512,
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: None,
+            beta: 0.0,
+            epsilon: 0.2,
+            epsilon_high: None,
+            loss: GrpoLossName::Dapo,
+            scale_rewards: ScaleRewardsName::Group,
+            mask_truncated_completions: false,
+        }
+    }
+}
+
+/// GRPO's losses, by TRL's names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrpoLossName {
+    Dapo,
+    Grpo,
+    DrGrpo,
+}
+
+/// `scale_rewards`, by TRL's names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScaleRewardsName {
+    Group,
+    Batch,
+    None,
+}
+
+impl GrpoSection {
+    /// The loss these settings describe (its reference set by the run).
+    pub fn strategy<B: burn::tensor::backend::AutodiffBackend>(&self) -> crate::grpo::Grpo<B> {
+        use crate::grpo::{Grpo, GrpoLossKind};
+        Grpo {
+            loss: match self.loss {
+                GrpoLossName::Dapo => GrpoLossKind::Dapo,
+                GrpoLossName::Grpo => GrpoLossKind::Grpo,
+                GrpoLossName::DrGrpo => GrpoLossKind::DrGrpo,
+            },
+            beta: self.beta,
+            epsilon_low: self.epsilon,
+            epsilon_high: self.epsilon_high.unwrap_or(self.epsilon),
+            temperature: self.temperature,
+            max_completion_length: self.max_completion_length,
+            reference: None,
+        }
+    }
+
+    /// How rewards become advantages.
+    pub fn scale(&self) -> crate::grpo::ScaleRewards {
+        use crate::grpo::ScaleRewards;
+        match self.scale_rewards {
+            ScaleRewardsName::Group => ScaleRewards::Group,
+            ScaleRewardsName::Batch => ScaleRewards::Batch,
+            ScaleRewardsName::None => ScaleRewards::None,
+        }
+    }
+}
+
 /// `[data]`: the files and the data loader's settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DataSection {
@@ -855,6 +965,7 @@ pub struct Recipe {
     pub cpo: CpoSection,
     pub kto: KtoSection,
     pub reward: RewardSection,
+    pub grpo: GrpoSection,
     pub check: Option<CheckSection>,
     pub output: OutputSection,
 }
@@ -873,6 +984,7 @@ struct RecipeFile {
     cpo: Option<CpoSection>,
     kto: Option<KtoSection>,
     reward: Option<RewardSection>,
+    grpo: Option<GrpoSection>,
     check: Option<CheckSection>,
     output: OutputSection,
 }
@@ -1003,6 +1115,7 @@ impl Recipe {
             ("cpo", file.cpo.is_some(), StrategyKind::Cpo),
             ("kto", file.kto.is_some(), StrategyKind::Kto),
             ("reward", file.reward.is_some(), StrategyKind::Reward),
+            ("grpo", file.grpo.is_some(), StrategyKind::Grpo),
         ] {
             if given && file.train.strategy != strategy {
                 return Err(invalid(format!(
@@ -1077,6 +1190,10 @@ impl Recipe {
                 k
             }),
             reward: file.reward.unwrap_or_default(),
+            grpo: file.grpo.map_or_else(Default::default, |mut g| {
+                g.reward_models = g.reward_models.into_iter().map(anchor).collect();
+                g
+            }),
             check: file.check.map(|c| CheckSection {
                 file: anchor(c.file),
                 ..c
@@ -1087,6 +1204,80 @@ impl Recipe {
         };
         recipe.validate().map_err(invalid)?;
         Ok(recipe)
+    }
+
+    /// The checks of a GRPO recipe.
+    fn validate_grpo(&self) -> Result<(), String> {
+        let g = &self.grpo;
+        let t = &self.train;
+        if g.reward_models.is_empty() {
+            return Err(
+                "`grpo.reward_models` is empty: name at least one sequence-classifier checkpoint \
+                 (a reward model, e.g. a `train.strategy = \"reward\"` run merged with `burnish \
+                 merge`)"
+                    .into(),
+            );
+        }
+        if let Some(w) = &g.reward_weights {
+            if w.len() != g.reward_models.len() {
+                return Err(format!(
+                    "`grpo.reward_weights` has {} weights for {} reward models",
+                    w.len(),
+                    g.reward_models.len()
+                ));
+            }
+            if w.iter().any(|w| !w.is_finite()) {
+                return Err("`grpo.reward_weights` must all be numbers".into());
+            }
+        }
+        if g.num_generations < 2 {
+            return Err(
+                "`grpo.num_generations` must be at least 2: advantages compare a prompt's \
+                 completions with each other"
+                    .into(),
+            );
+        }
+        let completions = t.micro_batch_size * t.gradient_accumulation;
+        if !completions.is_multiple_of(g.num_generations) {
+            return Err(format!(
+                "`train.micro_batch_size × train.gradient_accumulation` ({completions}) counts \
+                 the completions of an optimizer step and must be a multiple of \
+                 `grpo.num_generations` ({}), as in TRL",
+                g.num_generations
+            ));
+        }
+        if g.max_completion_length == 0 {
+            return Err("`grpo.max_completion_length` must be at least 1".into());
+        }
+        if !(g.temperature.is_finite() && g.temperature > 0.0) {
+            return Err("`grpo.temperature` must be a positive number".into());
+        }
+        if !(g.top_p > 0.0 && g.top_p <= 1.0) {
+            return Err("`grpo.top_p` must be in (0, 1]".into());
+        }
+        if g.top_k == Some(0) {
+            return Err("`grpo.top_k` must be at least 1".into());
+        }
+        if !(g.beta.is_finite() && g.beta >= 0.0) {
+            return Err("`grpo.beta` must be a number >= 0".into());
+        }
+        for (key, e) in [
+            ("grpo.epsilon", Some(g.epsilon)),
+            ("grpo.epsilon_high", g.epsilon_high),
+        ] {
+            if e.is_some_and(|e| !(e.is_finite() && e > 0.0)) {
+                return Err(format!("`{key}` must be a positive number"));
+            }
+        }
+        if !self.data.eval.is_empty() || self.data.loader.eval_ratio > 0.0 {
+            return Err(
+                "GRPO evaluation (completions drawn for held-out prompts) is not implemented: \
+                 remove `data.eval` and `data.eval_ratio`; `[check]` compares generated answers \
+                 before and after training"
+                    .into(),
+            );
+        }
+        Ok(())
     }
 
     /// The checks of a reward model's recipe.
@@ -1220,6 +1411,9 @@ impl Recipe {
         if t.strategy == StrategyKind::Reward {
             self.validate_reward()?;
         }
+        if t.strategy == StrategyKind::Grpo {
+            self.validate_grpo()?;
+        }
         if self.model.init == ModelInit::Random && self.adapter.is_some() {
             return Err(
                 "`model.init = \"random\"` trains the whole model from scratch: remove `[adapter]`"
@@ -1348,6 +1542,7 @@ impl Recipe {
             StrategyKind::Cpo => doc.insert("cpo".into(), section(&self.cpo)),
             StrategyKind::Kto => doc.insert("kto".into(), section(&self.kto)),
             StrategyKind::Reward => doc.insert("reward".into(), section(&self.reward)),
+            StrategyKind::Grpo => doc.insert("grpo".into(), section(&self.grpo)),
             StrategyKind::Sft | StrategyKind::Instruct => None,
         };
         if let Some(c) = &self.check {
@@ -1545,6 +1740,48 @@ dir = "runs/first"
             }
             let err = parse(MINIMAL, &sets).unwrap_err();
             assert!(err.contains(key), "{set}: {err}");
+        }
+    }
+
+    /// GRPO needs reward models, groups of at least two completions that fill its steps, and no
+    /// evaluation data; each refusal names its key.
+    #[test]
+    fn grpo_recipes_name_what_they_miss() {
+        let grpo = |sets: &[&str]| {
+            let mut all = vec![
+                "train.strategy=grpo",
+                "grpo.reward_models=[\"rm\"]",
+                "train.micro_batch_size=8",
+            ];
+            all.extend_from_slice(sets);
+            parse(MINIMAL, &all)
+        };
+        let r = grpo(&["grpo.epsilon_high=0.28"]).unwrap();
+        let strategy = r
+            .grpo
+            .strategy::<burn::backend::Autodiff<burn::backend::Flex>>();
+        assert_eq!((strategy.epsilon_low, strategy.epsilon_high), (0.2, 0.28));
+        assert!(r.grpo.reward_models[0].ends_with("rm"));
+        for (sets, says) in [
+            (
+                &["grpo.reward_models=[]"][..],
+                "`grpo.reward_models` is empty",
+            ),
+            (&["grpo.num_generations=1"], "`grpo.num_generations`"),
+            (
+                &["train.micro_batch_size=3"],
+                "multiple of `grpo.num_generations`",
+            ),
+            (&["grpo.temperature=0"], "`grpo.temperature`"),
+            (
+                &["grpo.reward_weights=[1.0, 2.0]"],
+                "`grpo.reward_weights` has 2 weights",
+            ),
+            (&["data.eval_ratio=0.1"], "GRPO evaluation"),
+            (&["grpo.loss=\"bnpo\""], "unknown variant `bnpo`"),
+        ] {
+            let err = grpo(sets).unwrap_err();
+            assert!(err.contains(says), "{sets:?}: {err}");
         }
     }
 

@@ -12,9 +12,12 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};
 use burnish_data::{
     Batch, BatchConfig, ChatTemplate, DataConfig, Dataset, Encoder, Example, LabeledExample,
-    PairExample, Report, Tokenizer, load, make_batches, pack_best_fit_decreasing, shuffle,
+    PairExample, PromptExample, Report, Tokenizer, TrainOn, load, make_batches,
+    pack_best_fit_decreasing, shuffle,
 };
-use burnish_model::{Decoder, HfConfig, ModelError, Pretrained, linear_module_names, save_decoder};
+use burnish_model::{
+    Decoder, GenerateOptions, HfConfig, ModelError, Pretrained, linear_module_names, save_decoder,
+};
 use burnish_peft::{
     ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, LoraConfig, LoraInit, SaveDtype, Targets, Task,
     f32_values, first_value, save_adapter, select_targets,
@@ -28,10 +31,11 @@ use crate::checkpoint::{
 };
 use crate::continuation::{RunIdentity, check_init_from};
 use crate::error::{RunError, TrainError};
+use crate::grpo::{Grpo, RewardModel, Rollouts, Sampling, rollouts};
 use crate::optimizer::{AdamW, AdamWConfig};
 use crate::recipe::{
-    AdapterInit, AdapterSection, KtoSection, ModelInit, OnNonFinite, Recipe, Rows, StrategyKind,
-    TargetModules,
+    AdapterInit, AdapterSection, GrpoSection, KtoSection, ModelInit, OnNonFinite, Recipe, Rows,
+    StrategyKind, TargetModules,
 };
 use crate::reward::ScoredPairs;
 use crate::schedule::Schedule;
@@ -191,7 +195,12 @@ fn check_vocabulary(data: &Dataset, vocab_size: usize, base: &Path) -> Result<()
         .flat_map(|(l, source)| {
             [&l.prompt_ids, &l.completion_ids].map(|ids| (ids.as_slice(), source))
         });
-    for (ids, source) in examples.chain(pairs).chain(labeled) {
+    let prompts = data
+        .prompts
+        .iter()
+        .map(|p| p.prompt_ids.as_slice())
+        .zip(&data.prompt_sources);
+    for (ids, source) in examples.chain(pairs).chain(labeled).chain(prompts) {
         if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab_size) {
             return Err(RunError::Mismatch(format!(
                 "{}:{}: token id {id} is outside the model's vocabulary (`vocab_size` = \
@@ -332,12 +341,53 @@ fn precompute_reference<B: AutodiffBackend>(
         .collect()
 }
 
+/// GRPO's reward models, each a one-label sequence classifier read with its own tokenizer and
+/// chat template, before the pad token its config names (else its tokenizer's pad, else EOS).
+fn load_reward_models<B: burn::tensor::backend::Backend>(
+    section: &GrpoSection,
+    device: &B::Device,
+) -> Result<Vec<RewardModel<B>>, RunError> {
+    let mut out = Vec::new();
+    for (i, dir) in section.reward_models.iter().enumerate() {
+        let mut loaded = Pretrained::<B>::load(dir, device)?;
+        if loaded.model.config.classifier_labels != Some(1) {
+            return Err(RunError::Mismatch(format!(
+                "`grpo.reward_models` names {}, which is not a one-label sequence classifier \
+                 (its config.json's `architectures` should end in ForSequenceClassification): \
+                 train one with `train.strategy = \"reward\"` and fold its adapter in with \
+                 `burnish merge`",
+                dir.display()
+            )));
+        }
+        let tokenizer = Tokenizer::from_dir(dir)?;
+        if loaded.model.config.pad_token_id.is_none() {
+            loaded.model.config.pad_token_id = tokenizer.pad_id();
+        }
+        let encoder = Encoder::new(tokenizer, ChatTemplate::from_dir(dir)?, TrainOn::default());
+        let stem = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| format!("model{i}"));
+        // Metric names live as long as the process: a few bytes per reward model.
+        let name: &'static str = Box::leak(format!("rewards/{stem}/mean").into_boxed_str());
+        out.push(RewardModel {
+            name,
+            model: loaded.model,
+            encoder,
+            weight: section.reward_weights.as_ref().map_or(1.0, |w| w[i]),
+        });
+    }
+    Ok(out)
+}
+
 /// One pass of micro-batches over a dataset, of the strategy's kind of row.
 enum Batches<B: AutodiffBackend> {
     Tokens(Vec<TokenBatch<B>>),
     Pairs(Vec<PairBatch<B>>),
     Labeled(Vec<LabeledBatch<B>>),
     Scored(Vec<ScoredPairs<B>>),
+    /// The prompts of each optimizer step (indices), completed when the step comes.
+    Prompts(Vec<Vec<usize>>),
 }
 
 impl<B: AutodiffBackend> Batches<B> {
@@ -347,6 +397,7 @@ impl<B: AutodiffBackend> Batches<B> {
             Self::Pairs(b) => b.len(),
             Self::Labeled(b) => b.len(),
             Self::Scored(b) => b.len(),
+            Self::Prompts(b) => b.len(),
         }
     }
 
@@ -401,6 +452,17 @@ impl<B: AutodiffBackend> Counted for ScoredPairs<B> {
 
     fn trained_tokens(&self) -> usize {
         self.tokens
+    }
+}
+
+/// GRPO's completions count their prompts too; only the completions train.
+impl<B: AutodiffBackend> Counted for Rollouts<B> {
+    fn tokens(&self) -> usize {
+        self.tokens.tokens
+    }
+
+    fn trained_tokens(&self) -> usize {
+        self.tokens.trained_tokens
     }
 }
 
@@ -601,7 +663,7 @@ pub fn train<B: AutodiffBackend>(
     let rows = t.strategy.rows();
     let (train_data, eval_data) = match rows {
         Rows::Labeled => (train_data.unpaired(), eval_data.unpaired()),
-        Rows::Examples | Rows::Pairs => (train_data, eval_data),
+        Rows::Examples | Rows::Pairs | Rows::Prompts => (train_data, eval_data),
     };
     for data in [&train_data, &eval_data] {
         check_vocabulary(data, hf_config.decoder.vocab_size, base)?;
@@ -630,6 +692,7 @@ pub fn train<B: AutodiffBackend>(
         Rows::Examples => data.examples.len(),
         Rows::Pairs => data.pairs.len(),
         Rows::Labeled => data.labeled.len(),
+        Rows::Prompts => data.prompts.len(),
     };
     let count = count_of(&train_data);
     if count == 0 {
@@ -637,15 +700,17 @@ pub fn train<B: AutodiffBackend>(
             Rows::Examples => "examples",
             Rows::Pairs => "preference pairs",
             Rows::Labeled => "labeled completions (or preference pairs)",
+            Rows::Prompts => "prompts alone (rows with a `prompt` and nothing to answer it)",
         };
         return Err(RunError::Mismatch(format!(
             "`train.strategy = \"{}\"` needs {want}, but the training files hold none ({} \
-             examples, {} preference pairs, {} labeled completions); check `train.strategy` \
-             and `data.format`",
+             examples, {} preference pairs, {} labeled completions, {} prompts); check \
+             `train.strategy` and `data.format`",
             t.strategy.name(),
             train_data.examples.len(),
             train_data.pairs.len(),
             train_data.labeled.len(),
+            train_data.prompts.len(),
         )));
     }
     let kto_uses_kl = t.strategy == StrategyKind::Kto && recipe.kto.loss().uses_kl;
@@ -716,7 +781,9 @@ pub fn train<B: AutodiffBackend>(
     // resumed run gets the same), with that adapter on it. DPO computes their log-probs once
     // before training; KTO keeps the copy, since its mismatched rows change with every batch.
     let dpo = t.strategy == StrategyKind::Dpo;
-    let separate_reference = matches!(t.strategy, StrategyKind::Dpo | StrategyKind::Kto)
+    let grpo_kl = t.strategy == StrategyKind::Grpo && recipe.grpo.beta != 0.0;
+    let separate_reference = (matches!(t.strategy, StrategyKind::Dpo | StrategyKind::Kto)
+        || grpo_kl)
         && (recipe.adapter.is_none() || recipe.reference_adapter().is_some());
     let precompute_ref = dpo && (recipe.dpo.precompute_ref || separate_reference);
     let reference_base = separate_reference.then(|| pretrained.model.clone());
@@ -810,6 +877,9 @@ pub fn train<B: AutodiffBackend>(
     };
 
     let micro = t.micro_batch_size;
+    // GRPO: the completions of an optimizer step are its prompts' groups.
+    let prompts_per_step =
+        (micro * t.gradient_accumulation / recipe.grpo.num_generations.max(1)).max(1);
     // Packed rows, not examples, make the micro-batches of a packed epoch.
     let batches_per_epoch = match (rows, t.pack, recipe.data.loader.max_length) {
         (Rows::Examples, true, Some(capacity)) => {
@@ -819,6 +889,8 @@ pub fn train<B: AutodiffBackend>(
                 .div_ceil(micro)
         }
         (Rows::Labeled, ..) => labeled_batch_count(count, micro),
+        // An optimizer step's prompts make all its micro-batches of completions.
+        (Rows::Prompts, ..) => count.div_ceil(prompts_per_step) * t.gradient_accumulation,
         _ => count.div_ceil(micro),
     };
     let steps_per_epoch = batches_per_epoch.div_ceil(t.gradient_accumulation);
@@ -945,6 +1017,16 @@ pub fn train<B: AutodiffBackend>(
         Rows::Pairs if reward => {
             Batches::Scored(scored_batches::<B>(data, micro, pad_id, seed, device))
         }
+        Rows::Prompts => {
+            let mut order: Vec<usize> = (0..data.prompts.len()).collect();
+            shuffle(&mut order, seed);
+            Batches::Prompts(
+                order
+                    .chunks(prompts_per_step)
+                    .map(<[usize]>::to_vec)
+                    .collect(),
+            )
+        }
         Rows::Pairs => Batches::Pairs(pair_batches::<B>(
             data,
             micro,
@@ -981,11 +1063,41 @@ pub fn train<B: AutodiffBackend>(
     let eval_batches = batches(&eval_data, t.seed, reference_of(&eval_data).as_deref());
     let train_reference = reference_of(&train_data);
     // KTO keeps its separate reference for the run; DPO's is done with.
+    // KTO and GRPO keep their separate reference for the run; DPO's is done with.
+    let (kto_reference, grpo_reference) = match t.strategy {
+        StrategyKind::Kto => (reference_model.map(|r| r.valid()), None),
+        StrategyKind::Grpo => (None, reference_model.map(|r| r.valid())),
+        _ => (None, None),
+    };
     let kto = Kto {
         loss: recipe.kto.loss(),
-        reference: reference_model
-            .filter(|_| t.strategy == StrategyKind::Kto)
-            .map(|r| r.valid()),
+        reference: kto_reference,
+    };
+    let grpo = Grpo {
+        reference: grpo_reference,
+        ..recipe.grpo.strategy::<B>()
+    };
+    let reward_models = match t.strategy {
+        StrategyKind::Grpo => {
+            let inner_device = model.embed_tokens.val().inner().device();
+            load_reward_models(&recipe.grpo, &inner_device)?
+        }
+        _ => Vec::new(),
+    };
+    let sampling = Sampling {
+        num_generations: recipe.grpo.num_generations,
+        options: GenerateOptions {
+            max_new_tokens: recipe.grpo.max_completion_length,
+            temperature: recipe.grpo.temperature as f32,
+            top_k: recipe.grpo.top_k,
+            top_p: (recipe.grpo.top_p < 1.0).then_some(recipe.grpo.top_p as f32),
+            seed: 0,
+            stop_tokens: stop_tokens.clone(),
+        },
+        scale: recipe.grpo.scale(),
+        mask_truncated: recipe.grpo.mask_truncated_completions,
+        micro,
+        pad_id,
     };
     let run_eval = |model: &Decoder<B>| -> Option<(f64, Vec<(&'static str, f64)>)> {
         let model = &model.for_evaluation();
@@ -995,6 +1107,8 @@ pub fn train<B: AutodiffBackend>(
             Batches::Pairs(b) => Some(evaluate(model, &preference, b)),
             Batches::Labeled(b) => Some(evaluate(model, &kto, b)),
             Batches::Scored(b) => Some(evaluate(model, &reward_strategy, b)),
+            // GRPO recipes hold no evaluation data (refused when the recipe is read).
+            Batches::Prompts(_) => None,
         }
     };
 
@@ -1009,7 +1123,10 @@ pub fn train<B: AutodiffBackend>(
         let seed = t.seed.wrapping_add(epoch);
         // One epoch of micro-batches, grouped into optimizer steps.
         let epoch_batches = batches(&train_data, seed, train_reference.as_deref());
-        let groups = epoch_batches.len().div_ceil(t.gradient_accumulation);
+        let groups = match &epoch_batches {
+            Batches::Prompts(steps) => steps.len(),
+            other => other.len().div_ceil(t.gradient_accumulation),
+        };
         if groups == 0 {
             return Err(RunError::Mismatch(
                 "no training batch holds two tokens, the fewest a next-token loss needs; \
@@ -1026,7 +1143,42 @@ pub fn train<B: AutodiffBackend>(
             let range = g * t.gradient_accumulation..((g + 1) * t.gradient_accumulation);
             let started = Instant::now();
             let backup = model.clone();
+            let mut generation_metrics = Vec::new();
             let (result, tokens) = match &epoch_batches {
+                Batches::Prompts(steps) => {
+                    let prompts: Vec<&PromptExample> =
+                        steps[g].iter().map(|&i| &train_data.prompts[i]).collect();
+                    let (rollouts, metrics) = rollouts(
+                        &model,
+                        &prompts,
+                        &encoder.tokenizer,
+                        &reward_models,
+                        &sampling,
+                        t.seed.wrapping_add((step + skipped) as u64),
+                        device,
+                    )?;
+                    generation_metrics = metrics;
+                    let n = rollouts.len();
+                    if rollouts.iter().all(|r| r.tokens.trained_tokens == 0) {
+                        // Every completion was cut and masked: nothing to learn from.
+                        skipped += 1;
+                        metrics_log.write(json!({
+                            "skipped_step": step + 1,
+                            "reason": "every completion reached `grpo.max_completion_length` \
+                                       and `grpo.mask_truncated_completions` masks them all",
+                        }))?;
+                        continue;
+                    }
+                    counted_step(
+                        model,
+                        &grpo,
+                        &rollouts,
+                        0..n,
+                        &mut optimizer,
+                        &schedule,
+                        activations,
+                    )
+                }
                 Batches::Tokens(b) => counted_step(
                     model,
                     &Sft,
@@ -1094,6 +1246,8 @@ pub fn train<B: AutodiffBackend>(
                 "tokens_per_s": tokens_per_s,
                 "step_seconds": seconds,
             });
+            let mut metrics = metrics;
+            metrics.metrics.extend(generation_metrics);
             line.as_object_mut()
                 .expect("a JSON object")
                 .extend(metric_map(&metrics.metrics));
@@ -1214,6 +1368,7 @@ fn model_card(
         (false, StrategyKind::Cpo) => "CPO",
         (false, StrategyKind::Kto) => "KTO",
         (false, StrategyKind::Reward) => "Reward modelling",
+        (false, StrategyKind::Grpo) => "GRPO",
     };
     let mut front = String::from("---\n");
     if !scratch {

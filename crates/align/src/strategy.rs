@@ -190,7 +190,7 @@ impl<B: Backend> TokenBatch<B> {
 }
 
 /// The final hidden states of `batch` under `model`, packed rows kept apart.
-fn hidden_states<B: Backend>(model: &Decoder<B>, batch: &TokenBatch<B>) -> Tensor<B, 3> {
+pub(crate) fn hidden_states<B: Backend>(model: &Decoder<B>, batch: &TokenBatch<B>) -> Tensor<B, 3> {
     match &batch.packing {
         Some((positions, segments)) => {
             model.hidden_states_packed(batch.inputs.clone(), positions, segments)
@@ -201,7 +201,7 @@ fn hidden_states<B: Backend>(model: &Decoder<B>, batch: &TokenBatch<B>) -> Tenso
 
 /// [`hidden_states`] for a loss to train on: through `checkpoints` when given (activation
 /// checkpointing: the layers' activations are recomputed in the backward pass).
-fn trained_hidden_states<B: AutodiffBackend>(
+pub(crate) fn trained_hidden_states<B: AutodiffBackend>(
     model: &Decoder<B>,
     batch: &TokenBatch<B>,
     checkpoints: Option<&mut ActivationCheckpoints<B>>,
@@ -222,7 +222,7 @@ fn trained_hidden_states<B: AutodiffBackend>(
 /// zero where untrained. With a frozen head the logits are computed a chunk of positions at a
 /// time and never held whole; `gradient` says whether the result must carry gradients to the
 /// model.
-fn token_logprobs<B: Backend>(
+pub(crate) fn token_logprobs<B: Backend>(
     model: &Decoder<B>,
     hidden: Tensor<B, 3>,
     batch: &TokenBatch<B>,
@@ -232,7 +232,7 @@ fn token_logprobs<B: Backend>(
 }
 
 /// [`token_logprobs`], and with `stats` the [`PositionStats`] of the same logits.
-fn token_logprobs_and_stats<B: Backend>(
+pub(crate) fn token_logprobs_and_stats<B: Backend>(
     model: &Decoder<B>,
     hidden: Tensor<B, 3>,
     batch: &TokenBatch<B>,
@@ -523,7 +523,9 @@ fn sequence_logps<B: Backend>(
         .squeeze_dim::<1>(1)
 }
 
-fn inner_batch<B: AutodiffBackend>(batch: &TokenBatch<B>) -> TokenBatch<B::InnerBackend> {
+pub(crate) fn inner_batch<B: AutodiffBackend>(
+    batch: &TokenBatch<B>,
+) -> TokenBatch<B::InnerBackend> {
     TokenBatch {
         inputs: batch.inputs.clone().inner(),
         targets: batch.targets.clone().inner(),

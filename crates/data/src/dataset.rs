@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 use crate::batch::{shuffle, split_eval};
 use crate::error::{DataError, Result};
 use crate::example::{
-    Encoded, Encoder, Example, LabeledExample, PairExample, TrainOn, check_labeled, check_pair,
+    Encoded, Encoder, Example, LabeledExample, PairExample, PromptExample, TrainOn, check_labeled,
+    check_pair,
 };
 use crate::format::{AlpacaStyle, Fields, RowFormat, parse_row, with_margin};
 use crate::reader::read_rows;
@@ -132,7 +133,8 @@ pub struct Source {
 
 /// Examples of a dataset and what loading them did: `examples[i]` came from
 /// `example_sources[i]`, `pairs[i]` from `pair_sources[i]`, `labeled[i]` from
-/// `labeled_sources[i]`. A loaded dataset holds one kind of row.
+/// `labeled_sources[i]`, `prompts[i]` from `prompt_sources[i]`. A loaded dataset holds one kind
+/// of row.
 #[derive(Debug, Clone, Default)]
 pub struct Dataset {
     pub examples: Vec<Example>,
@@ -141,6 +143,8 @@ pub struct Dataset {
     pub pair_sources: Vec<Source>,
     pub labeled: Vec<LabeledExample>,
     pub labeled_sources: Vec<Source>,
+    pub prompts: Vec<PromptExample>,
+    pub prompt_sources: Vec<Source>,
     pub report: Report,
 }
 
@@ -170,6 +174,10 @@ impl Dataset {
             (labeled, labeled_sources),
             (eval_labeled, eval_labeled_sources),
         ] = part(self.labeled, self.labeled_sources, eval_ratio, seed);
+        let [
+            (prompts, prompt_sources),
+            (eval_prompts, eval_prompt_sources),
+        ] = part(self.prompts, self.prompt_sources, eval_ratio, seed);
         (
             Dataset {
                 examples,
@@ -178,6 +186,8 @@ impl Dataset {
                 pair_sources,
                 labeled,
                 labeled_sources,
+                prompts,
+                prompt_sources,
                 report: self.report,
             },
             Dataset {
@@ -187,6 +197,8 @@ impl Dataset {
                 pair_sources: eval_pair_sources,
                 labeled: eval_labeled,
                 labeled_sources: eval_labeled_sources,
+                prompts: eval_prompts,
+                prompt_sources: eval_prompt_sources,
                 report: Report::default(),
             },
         )
@@ -293,6 +305,11 @@ pub fn load(paths: &[&Path], encoder: &Encoder, config: &DataConfig) -> Result<D
                         ds.labeled.push(l);
                         ds.labeled_sources.push(source);
                     }
+                    Encoded::Prompt(p) => {
+                        ds.report.tokens += p.prompt_ids.len();
+                        ds.prompts.push(p);
+                        ds.prompt_sources.push(source);
+                    }
                 }
             }
             Err(reason) => match config.on_bad_row {
@@ -323,6 +340,7 @@ enum RowKind {
     Single,
     Pair,
     Labeled,
+    Prompt,
 }
 
 impl RowKind {
@@ -331,6 +349,7 @@ impl RowKind {
             Encoded::Single(_) => Self::Single,
             Encoded::Pair(_) => Self::Pair,
             Encoded::Labeled(_) => Self::Labeled,
+            Encoded::Prompt(_) => Self::Prompt,
         }
     }
 
@@ -339,6 +358,7 @@ impl RowKind {
             Self::Single => "a single sequence",
             Self::Pair => "a preference pair",
             Self::Labeled => "a labeled completion",
+            Self::Prompt => "a prompt alone",
         }
     }
 
@@ -347,6 +367,7 @@ impl RowKind {
             Self::Single => "single sequences",
             Self::Pair => "preference pairs",
             Self::Labeled => "labeled completions",
+            Self::Prompt => "prompts alone",
         }
     }
 }
@@ -356,7 +377,7 @@ impl RowKind {
 fn majority_kind(results: &[RowOutcome]) -> RowKind {
     let kind = |r: &RowOutcome| r.0.as_ref().ok().map(|(e, _)| RowKind::of(e));
     // Counted once, indexed by the kind's discriminant: the tie-break looks counts up.
-    let mut counts = [0usize; 3];
+    let mut counts = [0usize; 4];
     for k in results.iter().filter_map(kind) {
         counts[k as usize] += 1;
     }
@@ -377,9 +398,17 @@ fn limit(encoded: Encoded, config: &DataConfig) -> std::result::Result<(Encoded,
         Encoded::Single(e) => e.len(),
         Encoded::Pair(p) => p.prompt_ids.len() + p.chosen_ids.len().max(p.rejected_ids.len()),
         Encoded::Labeled(l) => l.prompt_ids.len() + l.completion_ids.len(),
+        Encoded::Prompt(p) => p.prompt_ids.len(),
     };
     if len <= max {
         return Ok((encoded, false));
+    }
+    if let Encoded::Prompt(_) = encoded {
+        // A cut prompt would be completed where it was cut, whatever `truncation` says.
+        return Err(format!(
+            "the prompt has {len} tokens, more than max_length = {max}; completions follow whole \
+             prompts: raise data.max_length or leave the row out"
+        ));
     }
     if config.truncation == Truncation::Drop {
         return Err(format!(
@@ -415,6 +444,7 @@ fn limit(encoded: Encoded, config: &DataConfig) -> std::result::Result<(Encoded,
             check_labeled(&l)?;
             Encoded::Labeled(l)
         }
+        Encoded::Prompt(p) => Encoded::Prompt(p),
     };
     Ok((encoded, true))
 }

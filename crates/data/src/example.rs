@@ -100,6 +100,46 @@ impl LabeledExample {
     }
 }
 
+/// A prompt to be completed (GRPO's rows): its ids (the conversation rendered with the
+/// generation prompt, or the text), and what a reward model re-reads with a completion.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptExample {
+    pub prompt_ids: Vec<u32>,
+    pub source: PromptSource,
+}
+
+/// A prompt as its row gave it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PromptSource {
+    /// Messages (and the row's tools), to which a completion is one more assistant turn.
+    Chat {
+        messages: Vec<Message>,
+        tools: Option<Vec<Value>>,
+    },
+    /// Plain text, which a completion continues.
+    Text(String),
+}
+
+impl Encoder {
+    /// The text of `prompt` followed by `completion` (decoded), as a reward model reads it: the
+    /// conversation with the completion as an assistant turn, through the template without the
+    /// generation prompt, or the prompt's text with the completion's appended (TRL's GRPO).
+    pub fn completed_text(
+        &self,
+        prompt: &PromptSource,
+        completion: &str,
+    ) -> Result<String, String> {
+        match prompt {
+            PromptSource::Chat { messages, tools } => {
+                let mut all = messages.clone();
+                all.push(Message::new("assistant", completion));
+                Ok(self.render(&all, tools.as_deref(), false)?.text)
+            }
+            PromptSource::Text(text) => Ok(format!("{text}{completion}")),
+        }
+    }
+}
+
 fn join(prompt: &[u32], completion: &[u32]) -> Example {
     Example {
         input_ids: prompt.iter().chain(completion).copied().collect(),
@@ -115,6 +155,7 @@ pub enum Encoded {
     Single(Example),
     Pair(PairExample),
     Labeled(LabeledExample),
+    Prompt(PromptExample),
 }
 
 /// Renders and tokenizes samples; cheap to share across threads.
@@ -187,6 +228,20 @@ impl Encoder {
                 check_labeled(&labeled)?;
                 Ok(Encoded::Labeled(labeled))
             }
+            Sample::Prompt { prompt, tools } => {
+                let text = self.render(prompt, tools.as_deref(), true)?.text;
+                Ok(Encoded::Prompt(PromptExample {
+                    prompt_ids: self.tokenize(&text)?.0,
+                    source: PromptSource::Chat {
+                        messages: prompt.clone(),
+                        tools: tools.clone(),
+                    },
+                }))
+            }
+            Sample::TextPrompt { prompt } => Ok(Encoded::Prompt(PromptExample {
+                prompt_ids: self.tokenize(prompt)?.0,
+                source: PromptSource::Text(prompt.clone()),
+            })),
             Sample::TextLabeled {
                 prompt,
                 completion,

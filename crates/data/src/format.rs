@@ -20,7 +20,7 @@ use crate::message::{Content, ContentPart, Message, ROLES};
 #[serde(rename_all = "kebab-case")]
 pub enum RowFormat {
     /// Decided per row from the fields present and not null (preference, unpaired, messages,
-    /// ShareGPT, Alpaca, prompt/completion, text, in that order).
+    /// ShareGPT, Alpaca, prompt/completion, text, prompt alone, in that order).
     #[default]
     Auto,
     Messages,
@@ -34,6 +34,8 @@ pub enum RowFormat {
     /// A plain document in one field (`text`), no template, every token trained (language
     /// modelling, as TRL's `text` datasets).
     Text,
+    /// A `prompt` alone, as text or messages: what GRPO completes (TRL's prompt-only rows).
+    Prompt,
 }
 
 /// How Alpaca rows are rendered.
@@ -140,6 +142,13 @@ pub enum Sample {
         completion: String,
         desirable: bool,
     },
+    /// A conversation's prompt messages alone, to be completed.
+    Prompt {
+        prompt: Vec<Message>,
+        tools: Option<Vec<Value>>,
+    },
+    /// A plain-text prompt alone, to be completed.
+    TextPrompt { prompt: String },
 }
 
 /// The Stanford Alpaca preambles.
@@ -170,6 +179,7 @@ pub fn parse_row(
             RowFormat::PromptCompletion
         }
         RowFormat::Auto if has(&fields.text) => RowFormat::Text,
+        RowFormat::Auto if has(&fields.prompt) => RowFormat::Prompt,
         RowFormat::Auto => {
             return Err(format!(
                 "cannot tell the row's shape from its fields ({}); set `format`",
@@ -290,6 +300,23 @@ pub fn parse_row(
             prompt: String::new(),
             completion: text(field(&fields.text)?, &fields.text)?,
         },
+        RowFormat::Prompt => match field(&fields.prompt)? {
+            Value::String(p) if p.is_empty() => {
+                return Err(format!(
+                    "`{}` is empty: there is nothing to complete",
+                    fields.prompt
+                ));
+            }
+            Value::String(p) => Sample::TextPrompt { prompt: p.clone() },
+            p => {
+                let prompt = turns(p, &fields.prompt, fields)?;
+                nonempty(&prompt, &fields.prompt)?;
+                Sample::Prompt {
+                    prompt,
+                    tools: None,
+                }
+            }
+        },
         RowFormat::Auto => unreachable!("resolved above"),
     };
     with_tools(sample, row_tools, &fields.tools)
@@ -325,17 +352,24 @@ fn with_tools(
     key: &str,
 ) -> Result<Sample, String> {
     match &mut sample {
-        Sample::Chat { tools, .. } | Sample::Pair { tools, .. } | Sample::Labeled { tools, .. } => {
-            *tools = row_tools
-        }
-        Sample::Text { .. } | Sample::TextPair { .. } | Sample::TextLabeled { .. }
+        Sample::Chat { tools, .. }
+        | Sample::Pair { tools, .. }
+        | Sample::Labeled { tools, .. }
+        | Sample::Prompt { tools, .. } => *tools = row_tools,
+        Sample::Text { .. }
+        | Sample::TextPair { .. }
+        | Sample::TextLabeled { .. }
+        | Sample::TextPrompt { .. }
             if row_tools.is_some() =>
         {
             return Err(format!(
                 "the row has `{key}`, but it is plain text, which no chat template renders, so the tools would be lost; give the row as messages or remove `{key}`"
             ));
         }
-        Sample::Text { .. } | Sample::TextPair { .. } | Sample::TextLabeled { .. } => {}
+        Sample::Text { .. }
+        | Sample::TextPair { .. }
+        | Sample::TextLabeled { .. }
+        | Sample::TextPrompt { .. } => {}
     }
     Ok(sample)
 }
@@ -679,6 +713,26 @@ mod tests {
         assert!(err.contains("`margin` must be a number"), "{err}");
         let err = margin(json!({"margin": 1e300})).unwrap_err();
         assert!(err.contains("finite"), "{err}");
+    }
+
+    /// A `prompt` alone is a prompt to complete, as text or messages; an empty one is refused.
+    #[test]
+    fn prompt_only_rows_are_prompts() {
+        assert_eq!(
+            parse(json!({"prompt": "Once upon a time"})).unwrap(),
+            Sample::TextPrompt {
+                prompt: "Once upon a time".into()
+            }
+        );
+        let chat = parse(json!({"prompt": [{"role": "user", "content": "hi"}], "answer": "42"}));
+        assert!(matches!(chat, Ok(Sample::Prompt { ref prompt, .. }) if prompt.len() == 1));
+        // A completion makes it a prompt/completion row.
+        assert!(matches!(
+            parse(json!({"prompt": "p", "completion": "c"})),
+            Ok(Sample::Text { .. })
+        ));
+        let err = parse(json!({"prompt": ""})).unwrap_err();
+        assert!(err.contains("nothing to complete"), "{err}");
     }
 
     #[test]

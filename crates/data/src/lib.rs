@@ -47,7 +47,8 @@ pub use builtin::BUILTIN_TEMPLATES;
 pub use dataset::{DataConfig, Dataset, OnBadRow, Rejection, Report, Source, Truncation, load};
 pub use error::{DataError, Result};
 pub use example::{
-    Encoded, Encoder, Example, LabeledExample, PairExample, TrainOn, mask_from_spans,
+    Encoded, Encoder, Example, LabeledExample, PairExample, PromptExample, PromptSource, TrainOn,
+    mask_from_spans,
 };
 pub use format::{AlpacaStyle, Fields, RowFormat, Sample, parse_row};
 pub use jinja::SOURCE_DATE_EPOCH;

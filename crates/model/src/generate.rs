@@ -100,6 +100,59 @@ pub fn generate<B: Backend>(
     Ok(out)
 }
 
+/// `count` completions of `prompt` sampled side by side in one batch (a GRPO group): row `i`
+/// draws from its own stream, seeded with `options.seed + i`, and stops on a stop token (which
+/// it keeps) or at `max_new_tokens`; rows that stopped ride along until every row has.
+pub fn sample_group<B: Backend>(
+    model: &Decoder<B>,
+    prompt: &[u32],
+    count: usize,
+    options: &GenerateOptions,
+) -> Result<Vec<Vec<u32>>> {
+    options.validate()?;
+    if prompt.is_empty() {
+        return Err(ModelError::Input("the prompt has no tokens".into()));
+    }
+    let vocab = model.config.vocab_size;
+    if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
+        return Err(ModelError::Input(format!(
+            "prompt token {bad} is outside the vocabulary (size {vocab})"
+        )));
+    }
+    let device = model.embed_tokens.val().device();
+    let mut rngs: Vec<StdRng> = (0..count)
+        .map(|i| StdRng::seed_from_u64(options.seed.wrapping_add(i as u64)))
+        .collect();
+    let mut cache = KvCache::new(model.layers.len());
+    let mut input: Vec<u32> = prompt.repeat(count);
+    let mut width = prompt.len();
+    let mut out: Vec<Vec<u32>> = vec![Vec::new(); count];
+    let mut done = vec![false; count];
+    for _ in 0..options.max_new_tokens {
+        if done.iter().all(|&d| d) {
+            break;
+        }
+        let ids = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(input.iter().map(|&t| t as i64).collect(), [count, width]),
+            &device,
+        );
+        let logits = model.forward_cached(ids, &mut cache);
+        let [_, seq, _] = logits.dims();
+        let last = f32_values(logits.narrow(1, seq - 1, 1));
+        input.clear();
+        for (row, logits) in last.chunks(vocab).enumerate() {
+            let token = choose(logits, options, &mut rngs[row]);
+            if !done[row] {
+                out[row].push(token);
+                done[row] = options.stop_tokens.contains(&token);
+            }
+            input.push(token);
+        }
+        width = 1;
+    }
+    Ok(out)
+}
+
 /// Picks the next token from one position's logits.
 fn choose(logits: &[f32], options: &GenerateOptions, rng: &mut StdRng) -> u32 {
     if options.temperature == 0.0 {

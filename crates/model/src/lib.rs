@@ -39,7 +39,7 @@ pub use decoder::{
 };
 pub use documents::Documents;
 pub use error::{ModelError, Result};
-pub use generate::{GenerateOptions, argmax, generate};
+pub use generate::{GenerateOptions, argmax, generate, sample_group};
 pub use generation_config::GenerationConfig;
 pub use merge::{InMemoryWeights, MergeMethod, MergeOptions, NamedWeights, merge_weights};
 pub use mlp::Mlp;

@@ -131,7 +131,8 @@ pub fn mark_trained(tokenizer: &Tokenizer, example: &Example) -> Result<String> 
 }
 
 /// The preview text: `n` examples (pairs shown as chosen and rejected sequences, labeled
-/// completions with their label), then statistics.
+/// completions with their label, prompts alone as the model will continue them), then
+/// statistics.
 pub fn preview(tokenizer: &Tokenizer, ds: &Dataset, n: usize) -> Result<String> {
     let mut out = String::new();
     let mut shown = 0;
@@ -169,6 +170,18 @@ pub fn preview(tokenizer: &Tokenizer, ds: &Dataset, n: usize) -> Result<String> 
             path.display()
         )?;
         writeln!(out, "{}", mark_trained(tokenizer, &l.example())?)?;
+        shown += 1;
+    }
+    for (i, p) in ds.prompts.iter().take(n.saturating_sub(shown)).enumerate() {
+        let burnish_data::Source { path, line } = &ds.prompt_sources[i];
+        writeln!(
+            out,
+            "── prompt {} ({}:{line}, {} tokens)",
+            i + 1,
+            path.display(),
+            p.prompt_ids.len()
+        )?;
+        writeln!(out, "{}", tokenizer.decode(&p.prompt_ids, false)?)?;
     }
     let r = &ds.report;
     writeln!(out, "── statistics")?;
@@ -176,7 +189,7 @@ pub fn preview(tokenizer: &Tokenizer, ds: &Dataset, n: usize) -> Result<String> 
     writeln!(
         out,
         "examples:       {}",
-        ds.examples.len() + ds.pairs.len() + ds.labeled.len()
+        ds.examples.len() + ds.pairs.len() + ds.labeled.len() + ds.prompts.len()
     )?;
     writeln!(out, "tokens:         {}", r.tokens)?;
     writeln!(out, "trained tokens: {}", r.trained_tokens)?;

@@ -1,0 +1,358 @@
+//! Group relative policy optimisation (TRL's `GRPOTrainer`, one policy update per generation):
+//! every prompt is completed `num_generations` times by the policy itself; reward models score
+//! each completion; a completion's advantage is its reward less its group's mean, divided by the
+//! group's (or the whole batch's) standard deviation; and the loss raises the log-probability of
+//! each completion token in proportion to its advantage, PPO's clipped ratio `π/π_old` being 1
+//! since the completions were just drawn from the policy being trained. With `beta > 0` a
+//! per-token KL estimate against the reference (the base with the adapter off, or a kept copy
+//! for a full fine-tune), `exp(ref − logp) − (ref − logp) − 1`, is added. Log-probabilities are
+//! those of the sampling distribution: logits divided by the sampling temperature.
+//!
+//! The losses, by TRL's names: `dapo` (every completion token of the optimizer step weighs the
+//! same), `grpo` (each completion's mean over its tokens, then the mean over completions) and
+//! `dr_grpo` (token sums over completions × `max_completion_length`).
+
+use burn::module::AutodiffModule;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Tensor, TensorData};
+use burnish_data::{Batch, Encoder, Example, PromptExample, Tokenizer};
+use burnish_model::{
+    ActivationCheckpoints, Decoder, GenerateOptions, sample_group, sequence_scores,
+};
+
+use crate::error::RunError;
+use crate::strategy::{
+    StepOutput, Strategy, TokenBatch, adapters_off, hidden_states, inner_batch, token_logprobs,
+    token_logprobs_and_stats, trained_hidden_states,
+};
+
+/// How GRPO's per-token losses are averaged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrpoLossKind {
+    /// Over every completion token of the optimizer step (TRL's default).
+    Dapo,
+    /// Over each completion's tokens, then over completions.
+    Grpo,
+    /// Token sums over completions × `max_completion_length` (Dr. GRPO).
+    DrGrpo,
+}
+
+/// What rewards are divided by to make advantages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScaleRewards {
+    /// The standard deviation of the completion's group (TRL's default).
+    Group,
+    /// The standard deviation of the whole generation batch.
+    Batch,
+    /// Nothing: advantages are rewards less their group's mean.
+    None,
+}
+
+/// The unbiased standard deviation of `values` (TRL's `nanstd` without NaNs).
+fn std_dev(values: &[f64]) -> f64 {
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let variance = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+    (variance * n / (n - 1.0)).sqrt()
+}
+
+/// The advantage of each completion (`rewards` in groups of `group` consecutive completions of
+/// one prompt), as TRL computes them: the reward less its group's mean, divided by the group's
+/// (or the batch's) standard deviation plus 1e-4 unless `scale` is `None`; and the fraction of
+/// completions whose standard deviation is zero (their group taught nothing).
+pub fn advantages(rewards: &[f64], group: usize, scale: ScaleRewards) -> (Vec<f64>, f64) {
+    let batch_std = std_dev(rewards);
+    let mut out = Vec::with_capacity(rewards.len());
+    let mut zero = 0usize;
+    for chunk in rewards.chunks(group) {
+        let mean = chunk.iter().sum::<f64>() / chunk.len() as f64;
+        let std = match scale {
+            ScaleRewards::Batch => batch_std,
+            ScaleRewards::Group | ScaleRewards::None => std_dev(chunk),
+        };
+        // torch.isclose(std, 0): |std| ≤ 1e-8.
+        if std.abs() <= 1e-8 {
+            zero += chunk.len();
+        }
+        out.extend(chunk.iter().map(|r| match scale {
+            ScaleRewards::None => r - mean,
+            _ => (r - mean) / (std + 1e-4),
+        }));
+    }
+    (out, zero as f64 / rewards.len().max(1) as f64)
+}
+
+/// Completions of one micro-batch, each after its prompt, with their advantages.
+#[derive(Debug, Clone)]
+pub struct Rollouts<B: Backend> {
+    /// Prompt then completion per row; the completion's tokens are the trained ones.
+    pub tokens: TokenBatch<B>,
+    /// `[rows]`
+    pub advantages: Tensor<B, 1>,
+}
+
+impl<B: Backend> Rollouts<B> {
+    /// Rows of `prompt + completion` (each completion's tokens trained, none when
+    /// `trained[i]` is false), padded with `pad_id`.
+    pub fn new(
+        rows: &[(&[u32], &[u32], bool)],
+        advantages: &[f64],
+        pad_id: u32,
+        device: &B::Device,
+    ) -> Self {
+        let examples: Vec<Example> = rows
+            .iter()
+            .map(|(prompt, completion, trained)| Example {
+                input_ids: prompt.iter().chain(completion.iter()).copied().collect(),
+                labels_mask: std::iter::repeat_n(false, prompt.len())
+                    .chain(std::iter::repeat_n(*trained, completion.len()))
+                    .collect(),
+            })
+            .collect();
+        let refs: Vec<&Example> = examples.iter().collect();
+        let values: Vec<f32> = advantages.iter().map(|&a| a as f32).collect();
+        Self {
+            tokens: TokenBatch::from_batch(&Batch::padded(&refs, pad_id), device),
+            advantages: Tensor::from_data(TensorData::new(values, [rows.len()]), device),
+        }
+    }
+}
+
+/// GRPO's objective (see the module documentation).
+#[derive(Debug, Clone)]
+pub struct Grpo<B: AutodiffBackend> {
+    pub loss: GrpoLossKind,
+    /// Weight of the KL term (0: no reference pass).
+    pub beta: f64,
+    /// The ratio is clipped to `[1 − epsilon_low, 1 + epsilon_high]`.
+    pub epsilon_low: f64,
+    pub epsilon_high: f64,
+    /// The sampling temperature the log-probabilities are taken at.
+    pub temperature: f64,
+    pub max_completion_length: usize,
+    /// A reference of its own (a full fine-tune's starting model); `None` for the trained
+    /// model with its adapters off.
+    pub reference: Option<Decoder<B::InnerBackend>>,
+}
+
+impl<B: AutodiffBackend> Strategy<B> for Grpo<B> {
+    type Batch = Rollouts<B>;
+
+    fn units(&self, batch: &Rollouts<B>) -> f64 {
+        match self.loss {
+            GrpoLossKind::Dapo => batch.tokens.trained_tokens as f64,
+            GrpoLossKind::Grpo | GrpoLossKind::DrGrpo => batch.tokens.inputs.dims()[0] as f64,
+        }
+    }
+
+    fn loss(
+        &self,
+        model: &Decoder<B>,
+        batch: &Rollouts<B>,
+        checkpoints: Option<&mut ActivationCheckpoints<B>>,
+    ) -> StepOutput<B> {
+        let tokens = &batch.tokens;
+        let mask = tokens.mask.clone();
+        // Logits at the sampling temperature: the head is linear, so the hidden states scale.
+        let hidden = trained_hidden_states(model, tokens, checkpoints).div_scalar(self.temperature);
+        let (logps, stats) = token_logprobs_and_stats(model, hidden, tokens, model.trains(), true);
+        let advantages = batch.advantages.clone().unsqueeze_dim::<2>(1);
+        // π/π_old, 1 in value, with the policy's gradient.
+        let ratio = (logps.clone() - logps.clone().detach()).exp();
+        let clipped = ratio
+            .clone()
+            .clamp(1.0 - self.epsilon_low, 1.0 + self.epsilon_high);
+        let mut per_token = (ratio * advantages.clone())
+            .min_pair(clipped * advantages)
+            .neg();
+        let mut metrics = Vec::new();
+        if self.beta != 0.0 {
+            let reference = self.reference_logps(model, tokens);
+            let gap = reference - logps.clone();
+            let kl = gap.clone().exp() - gap - 1.0;
+            let count = burnish_peft::first_value(mask.clone().sum()).max(1.0);
+            metrics.push((
+                "kl",
+                burnish_peft::first_value((kl.clone() * mask.clone()).sum()) / count,
+            ));
+            per_token = per_token + kl.mul_scalar(self.beta);
+        }
+        let masked = per_token * mask.clone();
+        let rows = tokens.inputs.dims()[0];
+        let loss_sum = match self.loss {
+            GrpoLossKind::Dapo => masked.sum(),
+            GrpoLossKind::Grpo => (masked.sum_dim(1) / mask.sum_dim(1).clamp_min(1.0)).sum(),
+            GrpoLossKind::DrGrpo => masked.sum().div_scalar(self.max_completion_length as f64),
+        };
+        if let Some(stats) = stats {
+            let totals = stats.totals(0..rows);
+            if totals.targets > 0.0 {
+                metrics.push(("entropy", totals.entropy / totals.targets));
+            }
+        }
+        StepOutput {
+            loss_sum,
+            units: self.units(batch),
+            metrics,
+        }
+    }
+}
+
+impl<B: AutodiffBackend> Grpo<B> {
+    /// The reference's per-token log-probabilities of `tokens` at the sampling temperature,
+    /// without gradient tracking.
+    fn reference_logps(&self, model: &Decoder<B>, tokens: &TokenBatch<B>) -> Tensor<B, 2> {
+        let inner = inner_batch(tokens);
+        let values = |reference: &Decoder<B::InnerBackend>| {
+            let hidden = hidden_states(reference, &inner).div_scalar(self.temperature);
+            token_logprobs(reference, hidden, &inner, false)
+        };
+        let logps = match &self.reference {
+            Some(reference) => values(reference),
+            None => values(&adapters_off(model.valid())),
+        };
+        Tensor::from_inner(logps)
+    }
+}
+
+/// A frozen sequence classifier that scores completions, with what reads them to it.
+#[derive(Debug)]
+pub struct RewardModel<B: Backend> {
+    /// Metric names: `rewards/<name>/mean`.
+    pub name: &'static str,
+    pub model: Decoder<B>,
+    pub encoder: Encoder,
+    pub weight: f64,
+}
+
+/// How completions are drawn and made into micro-batches.
+#[derive(Debug, Clone)]
+pub struct Sampling {
+    pub num_generations: usize,
+    pub options: GenerateOptions,
+    pub scale: ScaleRewards,
+    /// Completions cut at `max_new_tokens` train on nothing.
+    pub mask_truncated: bool,
+    /// Completions per micro-batch.
+    pub micro: usize,
+    pub pad_id: u32,
+}
+
+/// The micro-batches of one optimizer step: `num_generations` completions of each of `prompts`
+/// drawn from `model` (group `i` seeded with `seed` and `i`), scored by `rewards`, with their
+/// advantages; and the step's generation metrics under TRL's names.
+#[allow(clippy::type_complexity)]
+pub fn rollouts<B: AutodiffBackend>(
+    model: &Decoder<B>,
+    prompts: &[&PromptExample],
+    tokenizer: &Tokenizer,
+    rewards: &[RewardModel<B::InnerBackend>],
+    sampling: &Sampling,
+    seed: u64,
+    device: &B::Device,
+) -> Result<(Vec<Rollouts<B>>, Vec<(&'static str, f64)>), RunError> {
+    let policy = model.valid();
+    let g = sampling.num_generations;
+    let mut rows: Vec<(&[u32], Vec<u32>, bool)> = Vec::with_capacity(prompts.len() * g);
+    let mut per_model: Vec<Vec<f64>> = vec![Vec::new(); rewards.len()];
+    for (i, prompt) in prompts.iter().enumerate() {
+        let options = GenerateOptions {
+            seed: seed
+                .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                .wrapping_add((i * g) as u64),
+            ..sampling.options.clone()
+        };
+        for completion in sample_group(&policy, &prompt.prompt_ids, g, &options)? {
+            let text = tokenizer.decode(&completion, true)?;
+            for (scores, reward) in per_model.iter_mut().zip(rewards) {
+                let full = reward
+                    .encoder
+                    .completed_text(&prompt.source, &text)
+                    .map_err(RunError::Mismatch)?;
+                let ids = reward.encoder.tokenizer.encode(&full, false)?;
+                scores.push(f64::from(sequence_scores(&reward.model, &ids)?[0]));
+            }
+            let stopped = completion
+                .last()
+                .is_some_and(|t| sampling.options.stop_tokens.contains(t));
+            let truncated = !stopped && completion.len() >= sampling.options.max_new_tokens;
+            rows.push((
+                &prompt.prompt_ids,
+                completion,
+                !(truncated && sampling.mask_truncated),
+            ));
+        }
+    }
+    let total: Vec<f64> = (0..rows.len())
+        .map(|r| {
+            per_model
+                .iter()
+                .zip(rewards)
+                .map(|(scores, reward)| scores[r] * reward.weight)
+                .sum()
+        })
+        .collect();
+    let (advantages, zero_std) = advantages(&total, g, sampling.scale);
+    let lengths: Vec<f64> = rows.iter().map(|r| r.1.len() as f64).collect();
+    let clipped = rows
+        .iter()
+        .filter(|r| {
+            !r.1.last()
+                .is_some_and(|t| sampling.options.stop_tokens.contains(t))
+        })
+        .count();
+    let count = rows.len().max(1) as f64;
+    let mut metrics = vec![
+        ("reward", total.iter().sum::<f64>() / count),
+        (
+            "reward_std",
+            if total.len() > 1 {
+                std_dev(&total)
+            } else {
+                0.0
+            },
+        ),
+        ("frac_reward_zero_std", zero_std),
+        (
+            "completions/mean_length",
+            lengths.iter().sum::<f64>() / count,
+        ),
+        (
+            "completions/min_length",
+            lengths.iter().copied().fold(f64::INFINITY, f64::min),
+        ),
+        (
+            "completions/max_length",
+            lengths.iter().copied().fold(0.0, f64::max),
+        ),
+        ("completions/clipped_ratio", clipped as f64 / count),
+    ];
+    for (scores, reward) in per_model.iter().zip(rewards) {
+        metrics.push((reward.name, scores.iter().sum::<f64>() / count));
+    }
+    let batches = rows
+        .chunks(sampling.micro)
+        .zip(advantages.chunks(sampling.micro))
+        .map(|(chunk, advantages)| {
+            let view: Vec<(&[u32], &[u32], bool)> = chunk
+                .iter()
+                .map(|(p, c, t)| (*p, c.as_slice(), *t))
+                .collect();
+            Rollouts::new(&view, advantages, sampling.pad_id, device)
+        })
+        .collect();
+    Ok((batches, metrics))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_group_whose_rewards_agree_has_no_advantage() {
+        let (adv, zero) = advantages(&[1.0, 1.0, 0.0, 2.0], 2, ScaleRewards::Group);
+        assert_eq!(&adv[..2], &[0.0, 0.0]);
+        assert!(adv[2] < 0.0 && adv[3] > 0.0 && (adv[2] + adv[3]).abs() < 1e-12);
+        assert_eq!(zero, 0.5);
+    }
+}
