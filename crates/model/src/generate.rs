@@ -158,6 +158,23 @@ fn choose(logits: &[f32], options: &GenerateOptions, rng: &mut StdRng) -> u32 {
     if options.temperature == 0.0 {
         return argmax(logits);
     }
+    if options.top_k.is_none() && options.top_p.is_none() {
+        // The whole distribution: one pass in token order, no sort of the vocabulary.
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let weights: Vec<f32> = logits
+            .iter()
+            .map(|&l| ((l - max) / options.temperature).exp())
+            .collect();
+        let total: f32 = weights.iter().sum();
+        let mut draw = rng.random::<f32>() * total;
+        for (i, w) in weights.iter().enumerate() {
+            if draw < *w {
+                return i as u32;
+            }
+            draw -= w;
+        }
+        return argmax(logits);
+    }
     // (token, scaled logit), most likely first; ties keep the lower id first.
     let mut ranked: Vec<(u32, f32)> = logits
         .iter()
@@ -232,6 +249,29 @@ mod tests {
                 .iter()
                 .all(|&t| t == 1)
         );
+    }
+
+    /// Without top-k or top-p, tokens are drawn in proportion to `softmax(logits / T)`.
+    #[test]
+    fn plain_sampling_follows_the_softmax() {
+        let options = GenerateOptions {
+            temperature: 2.0,
+            ..Default::default()
+        };
+        let logits = [2.0f32, 1.0, 0.0];
+        let weights: Vec<f32> = logits.iter().map(|l| (l / 2.0f32).exp()).collect();
+        let total: f32 = weights.iter().sum();
+        let draws = 20_000;
+        let drawn = sample(&options, &logits, draws);
+        for (token, w) in weights.iter().enumerate() {
+            let share =
+                drawn.iter().filter(|&&t| t as usize == token).count() as f32 / draws as f32;
+            assert!(
+                (share - w / total).abs() < 0.015,
+                "token {token}: {share} vs {}",
+                w / total
+            );
+        }
     }
 
     #[test]
