@@ -574,6 +574,24 @@ fn grpo_runs_complete_prompts_score_them_and_resume_to_the_same_numbers() {
         assert_eq!(resumed[2][key], lines[2][key], "{key}");
     }
 
+    // Continuing the adapter with itself as the KL term's reference: the first step's KL is 0.
+    let out = train(
+        &path,
+        &[
+            "--set",
+            "output.dir=\"continued\"",
+            "--set",
+            "adapter.init_from=\"run\"",
+            "--set",
+            "grpo.reference_adapter=\"run\"",
+            "--set",
+            "train.max_steps=1",
+        ],
+    );
+    assert_success(&out);
+    let first = &metrics(&work.path().join("continued"))[0];
+    assert!(first["kl"].as_f64().unwrap().abs() < 1e-6, "{first}");
+
     // A causal LM is no reward model, and GRPO has no evaluation data.
     let refused = |setting: &str| {
         let out = train(&path, &["--set", setting]);

@@ -47,6 +47,7 @@ const BINDING: &[&str] = &[
     "train.gradient_accumulation",
     "train.pack",
     "train.seed",
+    "grpo.num_generations",
 ];
 
 /// Keys whose change leaves the trained numbers as they are: not worth a word.

@@ -154,7 +154,10 @@ impl<B: AutodiffBackend> Strategy<B> for Grpo<B> {
         let tokens = &batch.tokens;
         let mask = tokens.mask.clone();
         // Logits at the sampling temperature: the head is linear, so the hidden states scale.
-        let hidden = trained_hidden_states(model, tokens, checkpoints).div_scalar(self.temperature);
+        let hidden = at_temperature(
+            trained_hidden_states(model, tokens, checkpoints),
+            self.temperature,
+        );
         let (logps, stats) = token_logprobs_and_stats(model, hidden, tokens, model.trains(), true);
         let advantages = batch.advantages.clone().unsqueeze_dim::<2>(1);
         // π/π_old, 1 in value, with the policy's gradient.
@@ -204,7 +207,7 @@ impl<B: AutodiffBackend> Grpo<B> {
     fn reference_logps(&self, model: &Decoder<B>, tokens: &TokenBatch<B>) -> Tensor<B, 2> {
         let inner = inner_batch(tokens);
         let values = |reference: &Decoder<B::InnerBackend>| {
-            let hidden = hidden_states(reference, &inner).div_scalar(self.temperature);
+            let hidden = at_temperature(hidden_states(reference, &inner), self.temperature);
             token_logprobs(reference, hidden, &inner, false)
         };
         let logps = match &self.reference {
@@ -212,6 +215,15 @@ impl<B: AutodiffBackend> Grpo<B> {
             None => values(&adapters_off(model.valid())),
         };
         Tensor::from_inner(logps)
+    }
+}
+
+/// Final hidden states whose logits are those at `temperature` (left as they are at 1).
+fn at_temperature<B: Backend>(hidden: Tensor<B, 3>, temperature: f64) -> Tensor<B, 3> {
+    if temperature == 1.0 {
+        hidden
+    } else {
+        hidden.div_scalar(temperature)
     }
 }
 
@@ -265,12 +277,24 @@ pub fn rollouts<B: AutodiffBackend>(
         for completion in sample_group(&policy, &prompt.prompt_ids, g, &options)? {
             let text = tokenizer.decode(&completion, true)?;
             for (scores, reward) in per_model.iter_mut().zip(rewards) {
+                let failed = |detail: String| {
+                    RunError::Mismatch(format!(
+                        "{} (a reward model) cannot score a completion: {detail}",
+                        reward.name
+                    ))
+                };
                 let full = reward
                     .encoder
                     .completed_text(&prompt.source, &text)
-                    .map_err(RunError::Mismatch)?;
-                let ids = reward.encoder.tokenizer.encode(&full, false)?;
-                scores.push(f64::from(sequence_scores(&reward.model, &ids)?[0]));
+                    .map_err(failed)?;
+                let ids = reward
+                    .encoder
+                    .tokenizer
+                    .encode(&full, false)
+                    .map_err(|e| failed(e.to_string()))?;
+                let score =
+                    sequence_scores(&reward.model, &ids).map_err(|e| failed(e.to_string()))?;
+                scores.push(f64::from(score[0]));
             }
             let stopped = completion
                 .last()

@@ -781,6 +781,10 @@ pub struct GrpoSection {
     pub epsilon_high: Option<f64>,
     /// `dapo`, `grpo` or `dr_grpo` (default `dapo`).
     pub loss: GrpoLossName,
+    /// A PEFT-format adapter that, on the base, makes the KL term's reference instead of the
+    /// bare base (e.g. the SFT adapter the run continues; default: none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reference_adapter: Option<PathBuf>,
     /// `group`, `batch` or `none` (default `group`).
     pub scale_rewards: ScaleRewardsName,
     /// Completions cut at `max_completion_length` train on nothing (default false).
@@ -801,6 +805,7 @@ impl Default for GrpoSection {
             epsilon: 0.2,
             epsilon_high: None,
             loss: GrpoLossName::Dapo,
+            reference_adapter: None,
             scale_rewards: ScaleRewardsName::Group,
             mask_truncated_completions: false,
         }
@@ -1192,6 +1197,7 @@ impl Recipe {
             reward: file.reward.unwrap_or_default(),
             grpo: file.grpo.map_or_else(Default::default, |mut g| {
                 g.reward_models = g.reward_models.into_iter().map(anchor).collect();
+                g.reference_adapter = g.reference_adapter.take().map(anchor);
                 g
             }),
             check: file.check.map(|c| CheckSection {
@@ -1474,7 +1480,9 @@ impl Recipe {
             .chain(&self.data.eval)
             .chain(self.check.iter().map(|c| &c.file))
             .chain(&self.dpo.reference_adapter)
-            .chain(&self.kto.reference_adapter);
+            .chain(&self.kto.reference_adapter)
+            .chain(&self.grpo.reference_adapter)
+            .chain(&self.grpo.reward_models);
         for path in paths {
             if path.to_str().is_none() {
                 return Err(format!(
@@ -1494,6 +1502,7 @@ impl Recipe {
         let (key, path) = match self.train.strategy {
             StrategyKind::Dpo => ("dpo.reference_adapter", &self.dpo.reference_adapter),
             StrategyKind::Kto => ("kto.reference_adapter", &self.kto.reference_adapter),
+            StrategyKind::Grpo => ("grpo.reference_adapter", &self.grpo.reference_adapter),
             _ => return None,
         };
         path.as_deref().map(|p| (key, p))

@@ -31,7 +31,7 @@ use crate::checkpoint::{
 };
 use crate::continuation::{RunIdentity, check_init_from};
 use crate::error::{RunError, TrainError};
-use crate::grpo::{Grpo, RewardModel, Rollouts, Sampling, rollouts};
+use crate::grpo::{Grpo, GrpoLossKind, RewardModel, Rollouts, Sampling, rollouts};
 use crate::optimizer::{AdamW, AdamWConfig};
 use crate::recipe::{
     AdapterInit, AdapterSection, GrpoSection, KtoSection, ModelInit, OnNonFinite, Recipe, Rows,
@@ -359,15 +359,22 @@ fn load_reward_models<B: burn::tensor::backend::Backend>(
                 dir.display()
             )));
         }
+        // As TRL reads a reward model: before its tokenizer's pad token (else EOS).
         let tokenizer = Tokenizer::from_dir(dir)?;
-        if loaded.model.config.pad_token_id.is_none() {
-            loaded.model.config.pad_token_id = tokenizer.pad_id();
+        if let Some(pad) = tokenizer.pad_id() {
+            loaded.model.config.pad_token_id = Some(pad);
         }
         let encoder = Encoder::new(tokenizer, ChatTemplate::from_dir(dir)?, TrainOn::default());
-        let stem = dir
+        let mut stem = dir
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| format!("model{i}"));
+        let clashes = section.reward_models[..i]
+            .iter()
+            .any(|other| other.file_name() == dir.file_name());
+        if clashes {
+            stem = format!("{stem}-{i}");
+        }
         // Metric names live as long as the process: a few bytes per reward model.
         let name: &'static str = Box::leak(format!("rewards/{stem}/mean").into_boxed_str());
         out.push(RewardModel {
@@ -782,6 +789,13 @@ pub fn train<B: AutodiffBackend>(
     // before training; KTO keeps the copy, since its mismatched rows change with every batch.
     let dpo = t.strategy == StrategyKind::Dpo;
     let grpo_kl = t.strategy == StrategyKind::Grpo && recipe.grpo.beta != 0.0;
+    if t.strategy == StrategyKind::Grpo && !grpo_kl && recipe.grpo.reference_adapter.is_some() {
+        return Err(RunError::Mismatch(
+            "`grpo.reference_adapter` is the KL term's reference, and `grpo.beta` is 0: set \
+             `grpo.beta` or remove the reference adapter"
+                .into(),
+        ));
+    }
     let separate_reference = (matches!(t.strategy, StrategyKind::Dpo | StrategyKind::Kto)
         || grpo_kl)
         && (recipe.adapter.is_none() || recipe.reference_adapter().is_some());
@@ -1092,7 +1106,19 @@ pub fn train<B: AutodiffBackend>(
             top_k: recipe.grpo.top_k,
             top_p: (recipe.grpo.top_p < 1.0).then_some(recipe.grpo.top_p as f32),
             seed: 0,
-            stop_tokens: stop_tokens.clone(),
+            // The model's end tokens and its tokenizer's, as TRL stops on both.
+            stop_tokens: stop_tokens
+                .iter()
+                .copied()
+                .chain(
+                    encoder
+                        .tokenizer
+                        .special
+                        .eos_token
+                        .as_deref()
+                        .and_then(|t| encoder.tokenizer.token_to_id(t)),
+                )
+                .collect(),
         },
         scale: recipe.grpo.scale(),
         mask_truncated: recipe.grpo.mask_truncated_completions,
@@ -1159,7 +1185,8 @@ pub fn train<B: AutodiffBackend>(
                     )?;
                     generation_metrics = metrics;
                     let n = rollouts.len();
-                    if rollouts.iter().all(|r| r.tokens.trained_tokens == 0) {
+                    let nothing_trains = rollouts.iter().all(|r| r.tokens.trained_tokens == 0);
+                    if grpo.loss == GrpoLossKind::Dapo && nothing_trains {
                         // Every completion was cut and masked: nothing to learn from.
                         skipped += 1;
                         metrics_log.write(json!({

@@ -161,19 +161,23 @@ fn choose(logits: &[f32], options: &GenerateOptions, rng: &mut StdRng) -> u32 {
     if options.top_k.is_none() && options.top_p.is_none() {
         // The whole distribution: one pass in token order, no sort of the vocabulary.
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let weights: Vec<f32> = logits
+        let weights: Vec<f64> = logits
             .iter()
-            .map(|&l| ((l - max) / options.temperature).exp())
+            .map(|&l| f64::from((l - max) / options.temperature).exp())
             .collect();
-        let total: f32 = weights.iter().sum();
-        let mut draw = rng.random::<f32>() * total;
+        let total: f64 = weights.iter().sum();
+        let mut draw = f64::from(rng.random::<f32>()) * total;
+        let mut last = argmax(logits);
         for (i, w) in weights.iter().enumerate() {
-            if draw < *w {
-                return i as u32;
+            if *w > 0.0 {
+                if draw < *w {
+                    return i as u32;
+                }
+                last = i as u32;
             }
             draw -= w;
         }
-        return argmax(logits);
+        return last;
     }
     // (token, scaled logit), most likely first; ties keep the lower id first.
     let mut ranked: Vec<(u32, f32)> = logits
