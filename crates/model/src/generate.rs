@@ -68,15 +68,7 @@ pub fn generate<B: Backend>(
     mut on_token: impl FnMut(u32) -> ControlFlow<()>,
 ) -> Result<Vec<u32>> {
     options.validate()?;
-    if prompt.is_empty() {
-        return Err(ModelError::Input("the prompt has no tokens".into()));
-    }
-    let vocab = model.config.vocab_size;
-    if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
-        return Err(ModelError::Input(format!(
-            "prompt token {bad} is outside the vocabulary (size {vocab})"
-        )));
-    }
+    check_prompt(model, prompt)?;
     let device = model.embed_tokens.val().device();
     let mut rng = StdRng::seed_from_u64(options.seed);
     let mut cache = KvCache::new(model.layers.len());
@@ -110,15 +102,7 @@ pub fn sample_group<B: Backend>(
     options: &GenerateOptions,
 ) -> Result<Vec<Vec<u32>>> {
     options.validate()?;
-    if prompt.is_empty() {
-        return Err(ModelError::Input("the prompt has no tokens".into()));
-    }
-    let vocab = model.config.vocab_size;
-    if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
-        return Err(ModelError::Input(format!(
-            "prompt token {bad} is outside the vocabulary (size {vocab})"
-        )));
-    }
+    check_prompt(model, prompt)?;
     let device = model.embed_tokens.val().device();
     let mut rngs: Vec<StdRng> = (0..count)
         .map(|i| StdRng::seed_from_u64(options.seed.wrapping_add(i as u64)))
@@ -140,7 +124,7 @@ pub fn sample_group<B: Backend>(
         let [_, seq, _] = logits.dims();
         let last = f32_values(logits.narrow(1, seq - 1, 1));
         input.clear();
-        for (row, logits) in last.chunks(vocab).enumerate() {
+        for (row, logits) in last.chunks(model.config.vocab_size).enumerate() {
             let token = choose(logits, options, &mut rngs[row]);
             if !done[row] {
                 out[row].push(token);
@@ -151,6 +135,20 @@ pub fn sample_group<B: Backend>(
         width = 1;
     }
     Ok(out)
+}
+
+/// Refuses an empty prompt and tokens outside `model`'s vocabulary.
+fn check_prompt<B: Backend>(model: &Decoder<B>, prompt: &[u32]) -> Result<()> {
+    if prompt.is_empty() {
+        return Err(ModelError::Input("the prompt has no tokens".into()));
+    }
+    let vocab = model.config.vocab_size;
+    match prompt.iter().find(|&&t| t as usize >= vocab) {
+        Some(&bad) => Err(ModelError::Input(format!(
+            "prompt token {bad} is outside the vocabulary (size {vocab})"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Picks the next token from one position's logits.
