@@ -44,6 +44,17 @@ struct GrpoGolden {
     rewards: Vec<f64>,
     num_generations: usize,
     scaled: std::collections::BTreeMap<String, GrpoScaled>,
+    functions: GrpoFunctions,
+}
+
+#[derive(Deserialize)]
+struct GrpoFunctions {
+    texts: Vec<String>,
+    think_format: Vec<f64>,
+    lengths: Vec<usize>,
+    max_completion_len: usize,
+    soft_punish_cache: usize,
+    soft_overlong: Vec<f64>,
 }
 
 #[derive(Deserialize)]
@@ -893,6 +904,26 @@ fn grpo_losses_and_advantages_equal_trl() {
         assert!(
             (zero - theirs.frac_reward_zero_std).abs() < 1e-6,
             "{name}: {zero}"
+        );
+    }
+
+    // TRL's own reward functions.
+    use burnish_align::RewardFunction;
+    let f = &g.functions;
+    let none = serde_json::Map::new();
+    for (text, theirs) in f.texts.iter().zip(&f.think_format) {
+        let ours = RewardFunction::ThinkFormat.score(text, 0, &none);
+        assert_eq!(ours, Some(*theirs), "think_format({text:?})");
+    }
+    let overlong = RewardFunction::SoftOverlong {
+        max: f.max_completion_len,
+        cache: f.soft_punish_cache,
+    };
+    for (length, theirs) in f.lengths.iter().zip(&f.soft_overlong) {
+        let ours = overlong.score("", *length, &none).unwrap();
+        assert!(
+            (ours - theirs).abs() < 1e-12,
+            "soft_overlong({length}): {ours} vs {theirs}"
         );
     }
 }

@@ -592,6 +592,61 @@ fn grpo_runs_complete_prompts_score_them_and_resume_to_the_same_numbers() {
     let first = &metrics(&work.path().join("continued"))[0];
     assert!(first["kl"].as_f64().unwrap().abs() < 1e-6, "{first}");
 
+    // Reward functions alone: the row's `answer` column, and TRL's format reward.
+    let rows: Vec<Value> = (0..8)
+        .map(|i| {
+            json!({
+                "prompt": [{"role": "user", "content": format!("is the {} big?", WORDS[i])}],
+                "answer": if i % 2 == 0 { "yes" } else { "no" },
+            })
+        })
+        .collect();
+    write_jsonl(&work.path().join("answers.jsonl"), &rows);
+    let functions = "grpo.reward_functions=[{kind = \"contains\", field = \"answer\"}, {kind = \"think_format\", weight = 0.5}]";
+    let out = train(
+        &path,
+        &[
+            "--set",
+            "data.train=\"answers.jsonl\"",
+            "--set",
+            "grpo.reward_models=[]",
+            "--set",
+            functions,
+            "--set",
+            "output.dir=\"functions\"",
+            "--set",
+            "train.max_steps=2",
+        ],
+    );
+    assert_success(&out);
+    for line in metrics(&work.path().join("functions")) {
+        for key in [
+            "rewards/contains_answer/mean",
+            "rewards/think_format_reward/mean",
+        ] {
+            let mean = line[key].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&mean), "{key}: {line}");
+        }
+    }
+    // A row without the column is named.
+    let out = train(
+        &path,
+        &[
+            "--set",
+            "grpo.reward_models=[]",
+            "--set",
+            functions,
+            "--set",
+            "output.dir=\"missing\"",
+        ],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("prompts.jsonl:1") && err.contains("no `answer`"),
+        "{err}"
+    );
+
     // A causal LM is no reward model, and GRPO has no evaluation data.
     let refused = |setting: &str| {
         let out = train(&path, &["--set", setting]);

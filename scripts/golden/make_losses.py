@@ -24,7 +24,8 @@
   off as the reference for the KL term): the `dapo`, `grpo` and `dr_grpo` losses, with and
   without `beta`; and the advantages of fixed rewards by the lines of
   `GRPOTrainer._generate_and_score_completions` (group mean, TRL's `nanstd`, `+ 1e-4`) for each
-  `scale_rewards`.
+  `scale_rewards`; and `grpo["functions"]`, TRL's `think_format_reward` and
+  `get_soft_overlong_punishment` on fixed completions.
 - `schedules`: learning rates of transformers' `get_scheduler` (constant with warmup, linear,
   cosine) at every step of a 10-step run with 3 warmup steps.
 - `adamw_steps.*`: three LoRA SFT steps with PEFT + torch AdamW and global-norm clipping from the
@@ -658,9 +659,29 @@ def grpo_cases() -> dict:
             adv = adv / (std + 1e-4)
         zero = torch.isclose(std, torch.zeros_like(std)).float().mean().item()
         scaled[scale] = {"advantages": adv.tolist(), "frac_reward_zero_std": zero}
+    from trl.rewards import get_soft_overlong_punishment, think_format_reward
+
+    texts = [
+        "<think>\nreasoning\n</think>\nanswer",
+        "<think>reasoning, no close",
+        "answer first <think>x</think>",
+        "<think>a</think><think>b</think>",
+        "<think></think>",
+        "",
+    ]
+    lengths = [10, 79, 80, 81, 90, 100, 101, 130]
+    functions = {
+        "texts": texts,
+        "think_format": think_format_reward([[{"content": t}] for t in texts]),
+        "lengths": lengths,
+        "max_completion_len": 100,
+        "soft_punish_cache": 20,
+        "soft_overlong": get_soft_overlong_punishment(100, 20)([[1] * n for n in lengths]),
+    }
     return {
         "model": "llama",
         "adapter": "llama-qv",
+        "functions": functions,
         "prompts": prompts,
         "completions": completions,
         "advantages": advantages.tolist(),

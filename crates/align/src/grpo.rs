@@ -237,6 +237,80 @@ pub struct RewardModel<B: Backend> {
     pub weight: f64,
 }
 
+/// A rule that scores a completion without a model: TRL's `trl.rewards` functions, and a check
+/// against the prompt row's own columns.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RewardFunction {
+    /// TRL's `think_format_reward`: 1 when the completion opens with `<think>`, holds no other
+    /// `<think>` and closes it with `</think>`, else 0.
+    ThinkFormat,
+    /// TRL's `get_soft_overlong_punishment(max, cache)`: 0 up to `max − cache` tokens, then
+    /// `(max − cache − length) / cache` down to −1 at `max`, −1 beyond.
+    SoftOverlong { max: usize, cache: usize },
+    /// 1 when the completion's text contains the row's `field` (its text, or its number as
+    /// written), trimmed, else 0.
+    Contains { field: String },
+}
+
+impl RewardFunction {
+    /// The reward of a completion of `length` tokens decoded as `text`, for a prompt whose row
+    /// holds `columns`; `None` when the row lacks the column this function reads.
+    pub fn score(
+        &self,
+        text: &str,
+        length: usize,
+        columns: &serde_json::Map<String, serde_json::Value>,
+    ) -> Option<f64> {
+        match self {
+            Self::ThinkFormat => {
+                let well_formed = text
+                    .strip_prefix("<think>")
+                    .is_some_and(|rest| !rest.contains("<think>") && rest.contains("</think>"));
+                Some(if well_formed { 1.0 } else { 0.0 })
+            }
+            Self::SoftOverlong { max, cache } => {
+                let free = max.saturating_sub(*cache);
+                Some(if length <= free {
+                    0.0
+                } else if length <= *max {
+                    (free as f64 - length as f64) / *cache as f64
+                } else {
+                    -1.0
+                })
+            }
+            Self::Contains { field } => {
+                let expected = match columns.get(field)? {
+                    serde_json::Value::String(s) => s.trim().to_string(),
+                    serde_json::Value::Number(n) => n.to_string(),
+                    _ => return None,
+                };
+                Some(if !expected.is_empty() && text.contains(&expected) {
+                    1.0
+                } else {
+                    0.0
+                })
+            }
+        }
+    }
+
+    /// Its metric name, as TRL names its functions: `rewards/<name>/mean`.
+    pub fn metric(&self) -> String {
+        match self {
+            Self::ThinkFormat => "rewards/think_format_reward/mean".into(),
+            Self::SoftOverlong { .. } => "rewards/soft_overlong_punishment_reward/mean".into(),
+            Self::Contains { field } => format!("rewards/contains_{field}/mean"),
+        }
+    }
+}
+
+/// What scores completions: reward models and reward functions, each weighted.
+#[derive(Debug)]
+pub struct Rewards<B: Backend> {
+    pub models: Vec<RewardModel<B>>,
+    /// With their metric names and weights.
+    pub functions: Vec<(RewardFunction, &'static str, f64)>,
+}
+
 /// How completions are drawn and made into micro-batches.
 #[derive(Debug, Clone)]
 pub struct Sampling {
@@ -258,7 +332,7 @@ pub fn rollouts<B: AutodiffBackend>(
     model: &Decoder<B>,
     prompts: &[&PromptExample],
     tokenizer: &Tokenizer,
-    rewards: &[RewardModel<B::InnerBackend>],
+    rewards: &Rewards<B::InnerBackend>,
     sampling: &Sampling,
     seed: u64,
     device: &B::Device,
@@ -266,7 +340,8 @@ pub fn rollouts<B: AutodiffBackend>(
     let policy = model.valid();
     let g = sampling.num_generations;
     let mut rows: Vec<(&[u32], Vec<u32>, bool)> = Vec::with_capacity(prompts.len() * g);
-    let mut per_model: Vec<Vec<f64>> = vec![Vec::new(); rewards.len()];
+    let mut per_model: Vec<Vec<f64>> = vec![Vec::new(); rewards.models.len()];
+    let mut per_function: Vec<Vec<f64>> = vec![Vec::new(); rewards.functions.len()];
     for (i, prompt) in prompts.iter().enumerate() {
         let options = GenerateOptions {
             seed: seed
@@ -276,7 +351,22 @@ pub fn rollouts<B: AutodiffBackend>(
         };
         for completion in sample_group(&policy, &prompt.prompt_ids, g, &options)? {
             let text = tokenizer.decode(&completion, true)?;
-            for (scores, reward) in per_model.iter_mut().zip(rewards) {
+            for (scores, (function, name, _)) in per_function.iter_mut().zip(&rewards.functions) {
+                let score = function
+                    .score(&text, completion.len(), &prompt.columns)
+                    .ok_or_else(|| {
+                        RunError::Mismatch(format!(
+                            "{name}: a prompt row has no `{}` to compare completions with; give \
+                             every row that column",
+                            match function {
+                                RewardFunction::Contains { field } => field.as_str(),
+                                _ => "",
+                            }
+                        ))
+                    })?;
+                scores.push(score);
+            }
+            for (scores, reward) in per_model.iter_mut().zip(&rewards.models) {
                 let failed = |detail: String| {
                     RunError::Mismatch(format!(
                         "{} (a reward model) cannot score a completion: {detail}",
@@ -307,14 +397,20 @@ pub fn rollouts<B: AutodiffBackend>(
             ));
         }
     }
-    let total: Vec<f64> = (0..rows.len())
-        .map(|r| {
-            per_model
+    // Each scorer's scores with its name and weight.
+    let scorers: Vec<(&Vec<f64>, &'static str, f64)> = per_model
+        .iter()
+        .zip(&rewards.models)
+        .map(|(scores, m)| (scores, m.name, m.weight))
+        .chain(
+            per_function
                 .iter()
-                .zip(rewards)
-                .map(|(scores, reward)| scores[r] * reward.weight)
-                .sum()
-        })
+                .zip(&rewards.functions)
+                .map(|(scores, (_, name, weight))| (scores, *name, *weight)),
+        )
+        .collect();
+    let total: Vec<f64> = (0..rows.len())
+        .map(|r| scorers.iter().map(|(scores, _, w)| scores[r] * w).sum())
         .collect();
     let (advantages, zero_std) = advantages(&total, g, sampling.scale);
     let lengths: Vec<f64> = rows.iter().map(|r| r.1.len() as f64).collect();
@@ -351,8 +447,8 @@ pub fn rollouts<B: AutodiffBackend>(
         ),
         ("completions/clipped_ratio", clipped as f64 / count),
     ];
-    for (scores, reward) in per_model.iter().zip(rewards) {
-        metrics.push((reward.name, scores.iter().sum::<f64>() / count));
+    for (scores, name, _) in &scorers {
+        metrics.push((*name, scores.iter().sum::<f64>() / count));
     }
     let batches = rows
         .chunks(sampling.micro)
@@ -371,6 +467,32 @@ pub fn rollouts<B: AutodiffBackend>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The column check reads text and numbers, trimmed, and says when the row lacks it.
+    #[test]
+    fn contains_compares_with_the_rows_column() {
+        let check = RewardFunction::Contains {
+            field: "answer".into(),
+        };
+        let row = |v: serde_json::Value| v.as_object().cloned().unwrap();
+        assert_eq!(
+            check.score("so it is 42.", 3, &row(serde_json::json!({"answer": 42}))),
+            Some(1.0)
+        );
+        assert_eq!(
+            check.score("Paris", 1, &row(serde_json::json!({"answer": " Paris "}))),
+            Some(1.0)
+        );
+        assert_eq!(
+            check.score("Lyon", 1, &row(serde_json::json!({"answer": "Paris"}))),
+            Some(0.0)
+        );
+        assert_eq!(
+            check.score("", 0, &row(serde_json::json!({"answer": ""}))),
+            Some(0.0)
+        );
+        assert_eq!(check.score("x", 1, &row(serde_json::json!({}))), None);
+    }
 
     #[test]
     fn a_group_whose_rewards_agree_has_no_advantage() {

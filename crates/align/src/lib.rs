@@ -30,7 +30,8 @@ pub use cpo::{CpoLoss, CpoOutput, cpo_loss};
 pub use dpo::{DpoLoss, DpoMetrics, DpoOutput, FDivergence, PairLogps, chosen_nll, dpo_loss};
 pub use error::{RecipeError, RunError, TrainError};
 pub use grpo::{
-    Grpo, GrpoLossKind, RewardModel, Rollouts, Sampling, ScaleRewards, advantages, rollouts,
+    Grpo, GrpoLossKind, RewardFunction, RewardModel, Rewards, Rollouts, Sampling, ScaleRewards,
+    advantages, rollouts,
 };
 pub use kto::{KtoLoss, KtoOutput, LabeledLogps, kl_estimate, kto_loss};
 pub use optimizer::{
@@ -40,8 +41,9 @@ pub use orpo::{OrpoOutput, log1mexp, orpo_loss};
 pub use recipe::{
     AdapterInit, AdapterSection, CheckSection, CpoLossName, CpoSection, DataSection, DpoLossName,
     DpoLosses, DpoSection, FDivergenceName, HF_DATASETS, HubDataset, KtoLossName, KtoSection,
-    ModelInit, ModelSection, OnNonFinite, OrpoSection, OutputSection, Recipe, RewardSection, Rows,
-    ScheduleName, StrategyKind, TargetModules, TrainSection,
+    ModelInit, ModelSection, OnNonFinite, OrpoSection, OutputSection, Recipe, RewardFunctionKind,
+    RewardFunctionSection, RewardSection, Rows, ScheduleName, StrategyKind, TargetModules,
+    TrainSection,
 };
 pub use reward::{Reward, RewardOutput, ScoredPairs, reward_loss};
 pub use run::{RunEvent, RunSummary, lora_config, train};

@@ -757,11 +757,15 @@ impl RewardSection {
 #[serde(deny_unknown_fields, default)]
 pub struct GrpoSection {
     /// Sequence-classifier checkpoints (one label each, e.g. a merged `train.strategy =
-    /// "reward"` run) whose weighted scores are each completion's reward (required).
+    /// "reward"` run) whose weighted scores count in each completion's reward.
     pub reward_models: Vec<PathBuf>,
     /// Each reward model's weight (default: 1 each).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reward_weights: Option<Vec<f64>>,
+    /// Rules that count in the reward too (`[[grpo.reward_functions]]`); at least one reward
+    /// model or function is required.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reward_functions: Vec<RewardFunctionSection>,
     /// Completions drawn per prompt (default 8).
     pub num_generations: usize,
     /// Longest completion in tokens (default 512).
@@ -796,6 +800,7 @@ impl Default for GrpoSection {
         Self {
             reward_models: Vec::new(),
             reward_weights: None,
+            reward_functions: Vec::new(),
             num_generations: 8,
             max_completion_length: 512,
             temperature: 1.0,
@@ -808,6 +813,93 @@ impl Default for GrpoSection {
             reference_adapter: None,
             scale_rewards: ScaleRewardsName::Group,
             mask_truncated_completions: false,
+        }
+    }
+}
+
+/// `[[grpo.reward_functions]]`: one rule that scores completions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RewardFunctionSection {
+    /// `think_format`, `soft_overlong` or `contains`.
+    pub kind: RewardFunctionKind,
+    /// Its weight in the reward (default 1).
+    #[serde(default = "unit_weight")]
+    pub weight: f64,
+    /// `soft_overlong`: the length from which the penalty is −1 (TRL's `max_completion_len`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_completion_len: Option<usize>,
+    /// `soft_overlong`: the length over which the penalty grows (TRL's `soft_punish_cache`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub soft_punish_cache: Option<usize>,
+    /// `contains`: the prompt row's column a completion must contain.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+fn unit_weight() -> f64 {
+    1.0
+}
+
+/// The reward functions, by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RewardFunctionKind {
+    ThinkFormat,
+    SoftOverlong,
+    Contains,
+}
+
+impl RewardFunctionSection {
+    /// The rule, or why these keys do not describe one.
+    pub fn function(&self) -> Result<crate::grpo::RewardFunction, String> {
+        use crate::grpo::RewardFunction;
+        let name = toml::Value::try_from(self.kind).expect("a kind serializes");
+        let only = |allowed: &[&str]| -> Result<(), String> {
+            let given = [
+                ("max_completion_len", self.max_completion_len.is_some()),
+                ("soft_punish_cache", self.soft_punish_cache.is_some()),
+                ("field", self.field.is_some()),
+            ];
+            match given.iter().find(|(k, set)| *set && !allowed.contains(k)) {
+                Some((key, _)) => Err(format!(
+                    "`grpo.reward_functions`: `{key}` does not apply to kind {name}"
+                )),
+                None => Ok(()),
+            }
+        };
+        if !self.weight.is_finite() {
+            return Err("`grpo.reward_functions`: `weight` must be a number".into());
+        }
+        match self.kind {
+            RewardFunctionKind::ThinkFormat => {
+                only(&[])?;
+                Ok(RewardFunction::ThinkFormat)
+            }
+            RewardFunctionKind::SoftOverlong => {
+                only(&["max_completion_len", "soft_punish_cache"])?;
+                match (self.max_completion_len, self.soft_punish_cache) {
+                    (Some(max), Some(cache)) if cache <= max => {
+                        Ok(RewardFunction::SoftOverlong { max, cache })
+                    }
+                    _ => Err("`grpo.reward_functions`: kind \"soft_overlong\" needs \
+                         `max_completion_len` and a `soft_punish_cache` no larger than it"
+                        .into()),
+                }
+            }
+            RewardFunctionKind::Contains => {
+                only(&["field"])?;
+                match &self.field {
+                    Some(field) if !field.is_empty() => Ok(RewardFunction::Contains {
+                        field: field.clone(),
+                    }),
+                    _ => Err(
+                        "`grpo.reward_functions`: kind \"contains\" needs `field`, the prompt \
+                         rows' column to look for"
+                            .into(),
+                    ),
+                }
+            }
         }
     }
 }
@@ -1216,13 +1308,16 @@ impl Recipe {
     fn validate_grpo(&self) -> Result<(), String> {
         let g = &self.grpo;
         let t = &self.train;
-        if g.reward_models.is_empty() {
+        if g.reward_models.is_empty() && g.reward_functions.is_empty() {
             return Err(
-                "`grpo.reward_models` is empty: name at least one sequence-classifier checkpoint \
-                 (a reward model, e.g. a `train.strategy = \"reward\"` run merged with `burnish \
-                 merge`)"
+                "`grpo.reward_models` and `grpo.reward_functions` are both empty: name at least \
+                 one sequence-classifier checkpoint (a reward model, e.g. a `train.strategy = \
+                 \"reward\"` run merged with `burnish merge`) or one `[[grpo.reward_functions]]`"
                     .into(),
             );
+        }
+        for function in &g.reward_functions {
+            function.function()?;
         }
         if let Some(w) = &g.reward_weights {
             if w.len() != g.reward_models.len() {
@@ -1771,10 +1866,30 @@ dir = "runs/first"
             .strategy::<burn::backend::Autodiff<burn::backend::Flex>>();
         assert_eq!((strategy.epsilon_low, strategy.epsilon_high), (0.2, 0.28));
         assert!(r.grpo.reward_models[0].ends_with("rm"));
+        // Reward functions alone will do, and read back from the written recipe.
+        let r = grpo(&[
+            "grpo.reward_models=[]",
+            "grpo.reward_functions=[{kind = \"contains\", field = \"answer\", weight = 2.0}]",
+        ])
+        .unwrap();
+        let again = Recipe::from_toml(&r.to_toml(), &[], Path::new("r.toml")).unwrap();
+        assert_eq!(again.grpo.reward_functions, r.grpo.reward_functions);
+        assert_eq!(r.grpo.reward_functions[0].weight, 2.0);
         for (sets, says) in [
+            (&["grpo.reward_models=[]"][..], "are both empty"),
             (
-                &["grpo.reward_models=[]"][..],
-                "`grpo.reward_models` is empty",
+                &["grpo.reward_functions=[{kind = \"contains\"}]"],
+                "needs `field`",
+            ),
+            (
+                &["grpo.reward_functions=[{kind = \"think_format\", field = \"x\"}]"],
+                "`field` does not apply",
+            ),
+            (
+                &[
+                    "grpo.reward_functions=[{kind = \"soft_overlong\", max_completion_len = 10, soft_punish_cache = 20}]",
+                ],
+                "no larger than it",
             ),
             (&["grpo.num_generations=1"], "`grpo.num_generations`"),
             (

@@ -31,7 +31,9 @@ use crate::checkpoint::{
 };
 use crate::continuation::{RunIdentity, check_init_from};
 use crate::error::{RunError, TrainError};
-use crate::grpo::{Grpo, GrpoLossKind, RewardModel, Rollouts, Sampling, rollouts};
+use crate::grpo::{
+    Grpo, GrpoLossKind, RewardFunction, RewardModel, Rewards, Rollouts, Sampling, rollouts,
+};
 use crate::optimizer::{AdamW, AdamWConfig};
 use crate::recipe::{
     AdapterInit, AdapterSection, GrpoSection, KtoSection, ModelInit, OnNonFinite, Recipe, Rows,
@@ -339,6 +341,36 @@ fn precompute_reference<B: AutodiffBackend>(
                 .collect::<Vec<_>>()
         })
         .collect()
+}
+
+/// GRPO's reward functions with their metric names and weights; every prompt row must hold the
+/// columns they read.
+fn reward_functions(
+    section: &GrpoSection,
+    data: &Dataset,
+) -> Result<Vec<(RewardFunction, &'static str, f64)>, RunError> {
+    let mut out = Vec::new();
+    for spec in &section.reward_functions {
+        let function = spec.function().map_err(RunError::Mismatch)?;
+        if let RewardFunction::Contains { field } = &function
+            && let Some((_, source)) = data
+                .prompts
+                .iter()
+                .zip(&data.prompt_sources)
+                .find(|(p, _)| function.score("", 0, &p.columns).is_none())
+        {
+            return Err(RunError::Mismatch(format!(
+                "{}:{}: the row has no `{field}` (text or number), which a `contains` reward \
+                 function compares completions with; give every prompt row that column",
+                source.path.display(),
+                source.line
+            )));
+        }
+        // Metric names live as long as the process: a few bytes per function.
+        let name: &'static str = Box::leak(function.metric().into_boxed_str());
+        out.push((function, name, spec.weight));
+    }
+    Ok(out)
 }
 
 /// GRPO's reward models, each a one-label sequence classifier read with its own tokenizer and
@@ -1091,12 +1123,15 @@ pub fn train<B: AutodiffBackend>(
         reference: grpo_reference,
         ..recipe.grpo.strategy::<B>()
     };
-    let reward_models = match t.strategy {
-        StrategyKind::Grpo => {
-            let inner_device = model.embed_tokens.val().inner().device();
-            load_reward_models(&recipe.grpo, &inner_device)?
-        }
-        _ => Vec::new(),
+    let rewards = Rewards {
+        models: match t.strategy {
+            StrategyKind::Grpo => {
+                let inner_device = model.embed_tokens.val().inner().device();
+                load_reward_models(&recipe.grpo, &inner_device)?
+            }
+            _ => Vec::new(),
+        },
+        functions: reward_functions(&recipe.grpo, &train_data)?,
     };
     let sampling = Sampling {
         num_generations: recipe.grpo.num_generations,
@@ -1178,7 +1213,7 @@ pub fn train<B: AutodiffBackend>(
                         &model,
                         &prompts,
                         &encoder.tokenizer,
-                        &reward_models,
+                        &rewards,
                         &sampling,
                         t.seed.wrapping_add((step + skipped) as u64),
                         device,

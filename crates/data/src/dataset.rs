@@ -14,7 +14,7 @@ use crate::example::{
     Encoded, Encoder, Example, LabeledExample, PairExample, PromptExample, TrainOn, check_labeled,
     check_pair,
 };
-use crate::format::{AlpacaStyle, Fields, RowFormat, parse_row, with_margin};
+use crate::format::{AlpacaStyle, Fields, RowFormat, parse_row, with_row_fields};
 use crate::reader::read_rows;
 
 /// What to do with a row that cannot become an example.
@@ -250,7 +250,7 @@ pub fn load(paths: &[&Path], encoder: &Encoder, config: &DataConfig) -> Result<D
                 .parse()
                 .and_then(|v| {
                     let sample = parse_row(&v, config.format, &config.fields, config.alpaca_style)?;
-                    with_margin(encoder.encode(&sample)?, &v, &config.fields)
+                    with_row_fields(encoder.encode(&sample)?, &v, &config.fields)
                 })
                 .and_then(|e| limit(e, config));
             (out, &row.path, row.line)

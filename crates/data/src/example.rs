@@ -106,6 +106,8 @@ impl LabeledExample {
 pub struct PromptExample {
     pub prompt_ids: Vec<u32>,
     pub source: PromptSource,
+    /// The row's other fields (an `answer` a reward function compares completions with, ...).
+    pub columns: serde_json::Map<String, Value>,
 }
 
 /// A prompt as its row gave it.
@@ -236,11 +238,13 @@ impl Encoder {
                         messages: prompt.clone(),
                         tools: tools.clone(),
                     },
+                    columns: Default::default(),
                 }))
             }
             Sample::TextPrompt { prompt } => Ok(Encoded::Prompt(PromptExample {
                 prompt_ids: self.tokenize(prompt)?.0,
                 source: PromptSource::Text(prompt.clone()),
+                columns: Default::default(),
             })),
             Sample::TextLabeled {
                 prompt,

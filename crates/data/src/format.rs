@@ -322,9 +322,20 @@ pub fn parse_row(
     with_tools(sample, row_tools, &fields.tools)
 }
 
-/// `encoded` with its row's margin when it is a preference pair: a finite number, or absent (or
-/// null) for none.
-pub fn with_margin(encoded: Encoded, row: &Value, fields: &Fields) -> Result<Encoded, String> {
+/// `encoded` with what else its row holds that a trainer reads: a preference pair's margin (a
+/// finite number, or absent or null for none), a prompt's other columns (for reward functions
+/// that compare a completion with them).
+pub fn with_row_fields(encoded: Encoded, row: &Value, fields: &Fields) -> Result<Encoded, String> {
+    if let Encoded::Prompt(mut prompt) = encoded {
+        if let Some(obj) = row.as_object() {
+            prompt.columns = obj
+                .iter()
+                .filter(|(k, _)| **k != fields.prompt && **k != fields.tools)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+        }
+        return Ok(Encoded::Prompt(prompt));
+    }
     let Encoded::Pair(mut pair) = encoded else {
         return Ok(encoded);
     };
@@ -700,7 +711,7 @@ mod tests {
                 margin: None,
             })
         };
-        let margin = |row: Value| match with_margin(pair(), &row, &Fields::default()) {
+        let margin = |row: Value| match with_row_fields(pair(), &row, &Fields::default()) {
             Ok(Encoded::Pair(p)) => Ok(p.margin),
             Ok(other) => panic!("{other:?}"),
             Err(e) => Err(e),
