@@ -387,6 +387,10 @@ fn reward_adapters_reproduce_peft_and_merge_into_a_transformers_classifier() {
     };
     let ours = rewards_of(&model, &golden.rewards);
     assert!(close(&ours, 1e-5), "{ours:?} vs PEFT {theirs:?}");
+    // Rows of different lengths padded into one batch score as each alone.
+    let rows: Vec<Vec<u32>> = golden.rewards.iter().map(|c| c.token_ids.clone()).collect();
+    let batched = burnish_model::batch_rewards(&model, &rows).unwrap();
+    assert!(close(&batched, 1e-5), "{batched:?} vs PEFT {theirs:?}");
     let head = model.score.as_ref().unwrap().val().dims()[1];
     assert_eq!(
         trainable_parameters(&model.linears()) + head,

@@ -16,9 +16,7 @@ use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 use burnish_data::{Batch, Encoder, Example, PromptExample, Tokenizer};
-use burnish_model::{
-    ActivationCheckpoints, Decoder, GenerateOptions, sample_group, sequence_scores,
-};
+use burnish_model::{ActivationCheckpoints, Decoder, GenerateOptions, batch_rewards, sample_group};
 
 use crate::error::RunError;
 use crate::strategy::{
@@ -311,6 +309,14 @@ pub struct Rewards<B: Backend> {
     pub functions: Vec<(RewardFunction, &'static str, f64)>,
 }
 
+/// A reward model's failure to score a completion, naming the model.
+fn model_failed<B: Backend>(reward: &RewardModel<B>, detail: String) -> RunError {
+    RunError::Mismatch(format!(
+        "{} (a reward model) cannot score a completion: {detail}",
+        reward.name
+    ))
+}
+
 /// How completions are drawn and made into micro-batches.
 #[derive(Debug, Clone)]
 pub struct Sampling {
@@ -340,7 +346,7 @@ pub fn rollouts<B: AutodiffBackend>(
     let policy = model.valid();
     let g = sampling.num_generations;
     let mut rows: Vec<(&[u32], Vec<u32>, bool)> = Vec::with_capacity(prompts.len() * g);
-    let mut per_model: Vec<Vec<f64>> = vec![Vec::new(); rewards.models.len()];
+    let mut model_inputs: Vec<Vec<Vec<u32>>> = vec![Vec::new(); rewards.models.len()];
     let mut per_function: Vec<Vec<f64>> = vec![Vec::new(); rewards.functions.len()];
     for (i, prompt) in prompts.iter().enumerate() {
         let options = GenerateOptions {
@@ -366,25 +372,18 @@ pub fn rollouts<B: AutodiffBackend>(
                     })?;
                 scores.push(score);
             }
-            for (scores, reward) in per_model.iter_mut().zip(&rewards.models) {
-                let failed = |detail: String| {
-                    RunError::Mismatch(format!(
-                        "{} (a reward model) cannot score a completion: {detail}",
-                        reward.name
-                    ))
-                };
+            // What each reward model reads, scored below in batches.
+            for (inputs, reward) in model_inputs.iter_mut().zip(&rewards.models) {
                 let full = reward
                     .encoder
                     .completed_text(&prompt.source, &text)
-                    .map_err(failed)?;
+                    .map_err(|detail| model_failed(reward, detail))?;
                 let ids = reward
                     .encoder
                     .tokenizer
                     .encode(&full, false)
-                    .map_err(|e| failed(e.to_string()))?;
-                let score =
-                    sequence_scores(&reward.model, &ids).map_err(|e| failed(e.to_string()))?;
-                scores.push(f64::from(score[0]));
+                    .map_err(|e| model_failed(reward, e.to_string()))?;
+                inputs.push(ids);
             }
             let stopped = completion
                 .last()
@@ -396,6 +395,16 @@ pub fn rollouts<B: AutodiffBackend>(
                 !(truncated && sampling.mask_truncated),
             ));
         }
+    }
+    let mut per_model: Vec<Vec<f64>> = Vec::with_capacity(rewards.models.len());
+    for (inputs, reward) in model_inputs.iter().zip(&rewards.models) {
+        let mut scores = Vec::with_capacity(inputs.len());
+        for chunk in inputs.chunks(sampling.micro.max(1)) {
+            let batch = batch_rewards(&reward.model, chunk)
+                .map_err(|e| model_failed(reward, e.to_string()))?;
+            scores.extend(batch.into_iter().map(f64::from));
+        }
+        per_model.push(scores);
     }
     // Each scorer's scores with its name and weight.
     let scorers: Vec<(&Vec<f64>, &'static str, f64)> = per_model

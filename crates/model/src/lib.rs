@@ -48,5 +48,5 @@ pub use pretrained::Pretrained;
 pub use rope::{Rope, RopeScaling, Rotation, Rotations};
 pub use row_softmax::softmax_rows;
 pub use save::{named_weights, save_decoder};
-pub use score::{sequence_scores, token_logprobs};
+pub use score::{batch_rewards, sequence_scores, token_logprobs};
 pub use weights::{RandomWeights, TensorSource, Weights};
