@@ -12,7 +12,7 @@ use burn::tensor::activation::log_sigmoid;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use burnish_data::PairExample;
-use burnish_model::{ActivationCheckpoints, Decoder, scored_position};
+use burnish_model::{ActivationCheckpoints, Decoder, scoring_batch};
 use burnish_peft::f32_values;
 
 use crate::strategy::{StepOutput, Strategy};
@@ -45,23 +45,15 @@ impl<B: Backend> ScoredPairs<B> {
             .map(|p| p.chosen().input_ids)
             .chain(pairs.iter().map(|p| p.rejected().input_ids))
             .collect();
-        let len = rows.iter().map(Vec::len).max().unwrap_or(0).max(1);
-        let mut ids = Vec::with_capacity(rows.len() * len);
-        for row in &rows {
-            ids.extend(row.iter().map(|&t| i64::from(t)));
-            ids.extend(std::iter::repeat_n(i64::from(pad_id), len - row.len()));
-        }
+        let (ids, positions) = scoring_batch(&rows, Some(pad_id), device);
         let margins = pairs
             .iter()
             .any(|p| p.margin.is_some())
             .then(|| pairs.iter().map(|p| p.margin.unwrap_or(0.0)).collect());
         Self {
-            ids: Tensor::from_data(TensorData::new(ids, [rows.len(), len]), device),
+            ids,
             margins,
-            positions: rows
-                .iter()
-                .map(|r| scored_position(r, Some(pad_id)))
-                .collect(),
+            positions,
             tokens: rows.iter().map(Vec::len).sum(),
         }
     }

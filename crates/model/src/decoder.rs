@@ -61,6 +61,29 @@ pub fn scored_position(row: &[u32], pad: Option<u32>) -> usize {
     }
 }
 
+/// `rows` padded at the end with `pad` (0 without one) into one batch, and the position each
+/// row is scored at ([`scored_position`]): what a sequence classifier reads, in training and in
+/// scoring alike.
+pub fn scoring_batch<B: Backend>(
+    rows: &[Vec<u32>],
+    pad: Option<u32>,
+    device: &B::Device,
+) -> (Tensor<B, 2, Int>, Vec<usize>) {
+    let width = rows.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    let fill = i64::from(pad.unwrap_or(0));
+    let mut ids = Vec::with_capacity(rows.len() * width);
+    for row in rows {
+        ids.extend(row.iter().map(|&t| i64::from(t)));
+        ids.extend(std::iter::repeat_n(fill, width - row.len()));
+    }
+    let positions = rows.iter().map(|r| scored_position(r, pad)).collect();
+    let ids = Tensor::from_data(
+        burn::tensor::TensorData::new(ids, [rows.len(), width]),
+        device,
+    );
+    (ids, positions)
+}
+
 /// One transformer block: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
 #[derive(Module, Debug)]
 pub struct DecoderLayer<B: Backend> {

@@ -36,6 +36,7 @@ pub use checkpointing::ActivationCheckpoints;
 pub use config::{DecoderConfig, HfConfig, SUPPORTED_MODEL_TYPES, TokenIds};
 pub use decoder::{
     Decoder, DecoderLayer, KvCache, LAYER_PROJECTIONS, linear_module_names, scored_position,
+    scoring_batch,
 };
 pub use documents::Documents;
 pub use error::{ModelError, Result};
@@ -48,5 +49,5 @@ pub use pretrained::Pretrained;
 pub use rope::{Rope, RopeScaling, Rotation, Rotations};
 pub use row_softmax::softmax_rows;
 pub use save::{named_weights, save_decoder};
-pub use score::{batch_rewards, sequence_scores, token_logprobs};
+pub use score::{batch_rewards, token_logprobs};
 pub use weights::{RandomWeights, TensorSource, Weights};

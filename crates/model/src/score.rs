@@ -1,6 +1,6 @@
 //! Per-token log-likelihood: `log p(ids[i+1] | ids[..=i])` for every position of a sequence.
 //! This is the parity probe behind `burnish score`, and the quantity DPO sums. For a sequence
-//! classifier (a reward model), a sequence's scores instead.
+//! classifier (a reward model), sequences' rewards instead.
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
@@ -8,7 +8,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 
 use burnish_peft::f32_values;
 
-use crate::decoder::{Decoder, scored_position};
+use crate::decoder::{Decoder, scoring_batch};
 use crate::error::{ModelError, Result};
 
 /// `ids` as a one-row batch for `model`, refused if a token is outside its vocabulary.
@@ -36,7 +36,7 @@ pub fn token_logprobs<B: Backend>(model: &Decoder<B>, ids: &[u32]) -> Result<Vec
     if model.is_classifier() {
         return Err(ModelError::Input(
             "the model is a sequence classifier (a reward model), which has no LM head to give \
-             token log-probabilities; use `sequence_scores`"
+             token log-probabilities; use `batch_rewards`"
                 .into(),
         ));
     }
@@ -49,8 +49,9 @@ pub fn token_logprobs<B: Backend>(model: &Decoder<B>, ids: &[u32]) -> Result<Vec
     Ok(f32_values(logprobs.gather(2, targets)))
 }
 
-/// The first label's score (a reward model's reward) of each of `rows`, padded at the end with
-/// the model's pad token into one batch, each read where [`sequence_scores`] reads it alone.
+/// The first label's score (a reward model's reward) of each of `rows`, read at each row's last
+/// token that is not the pad token, as transformers reads it; the rows are padded at the end
+/// with the model's pad token into one batch.
 pub fn batch_rewards<B: Backend>(model: &Decoder<B>, rows: &[Vec<u32>]) -> Result<Vec<f32>> {
     if !model.is_classifier() {
         return Err(ModelError::Input(
@@ -63,41 +64,15 @@ pub fn batch_rewards<B: Backend>(model: &Decoder<B>, rows: &[Vec<u32>]) -> Resul
     if rows.is_empty() {
         return Ok(Vec::new());
     }
-    let pad = model.config.pad_token_id;
-    let width = rows.iter().map(Vec::len).max().unwrap_or(1);
-    let mut ids = Vec::with_capacity(rows.len() * width);
-    for row in rows {
-        ids.extend_from_slice(row);
-        ids.extend(std::iter::repeat_n(pad.unwrap_or(0), width - row.len()));
-    }
     let vocab = model.config.vocab_size;
-    if let Some(&bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+    if let Some(&bad) = rows.iter().flatten().find(|&&t| t as usize >= vocab) {
         return Err(ModelError::Input(format!(
             "token {bad} is outside the vocabulary (size {vocab})"
         )));
     }
-    let batch = Tensor::<B, 2, Int>::from_data(
-        TensorData::new(ids.iter().map(|&t| t as i64).collect(), [rows.len(), width]),
-        &model.embed_tokens.val().device(),
-    );
-    let positions: Vec<usize> = rows.iter().map(|r| scored_position(r, pad)).collect();
-    let scores = model.scores(model.hidden_states(batch), &positions);
+    let device = model.embed_tokens.val().device();
+    let (ids, positions) = scoring_batch::<B>(rows, model.config.pad_token_id, &device);
+    let scores = model.scores(model.hidden_states(ids), &positions);
     let labels = scores.dims()[1];
     Ok(f32_values(scores).into_iter().step_by(labels).collect())
-}
-
-/// A sequence classifier's scores of `ids` (one per label; a reward model's reward), read at
-/// its last token that is not the pad token, as transformers reads it.
-pub fn sequence_scores<B: Backend>(model: &Decoder<B>, ids: &[u32]) -> Result<Vec<f32>> {
-    if !model.is_classifier() {
-        return Err(ModelError::Input(
-            "the model is a causal LM, not a sequence classifier: it has no scores".into(),
-        ));
-    }
-    if ids.is_empty() {
-        return Err(ModelError::Input("scoring needs at least one token".into()));
-    }
-    let hidden = model.hidden_states(one_row(model, ids)?);
-    let at = scored_position(ids, model.config.pad_token_id);
-    Ok(f32_values(model.scores(hidden, &[at])))
 }

@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::backend::Backend;
 use burnish_data::Tokenizer;
 use burnish_hub::resolve_model;
-use burnish_model::{BaseDtype, Pretrained, sequence_scores, token_logprobs};
+use burnish_model::{BaseDtype, Pretrained, batch_rewards, token_logprobs};
 use clap::Args;
 
 use crate::device::{DeviceArg, Job, base_dtype_for, run_on};
@@ -68,7 +68,7 @@ impl Job for Score {
         base_dtype_for::<B>(args.dtype, &device, true)?.apply(&mut pretrained.model);
         if pretrained.model.is_classifier() {
             super::pad_as_trained(&mut pretrained, &args.model)?;
-            let reward = sequence_scores(&pretrained.model, &ids)?[0];
+            let reward = batch_rewards(&pretrained.model, std::slice::from_ref(&ids))?[0];
             match args.json {
                 true => println!(
                     "{}",
