@@ -345,6 +345,7 @@ pub fn rollouts<B: AutodiffBackend>(
 ) -> Result<(Vec<Rollouts<B>>, Vec<(&'static str, f64)>), RunError> {
     let policy = model.valid();
     let g = sampling.num_generations;
+    // Prompt, completion, and whether it was cut at `max_new_tokens`.
     let mut rows: Vec<(&[u32], Vec<u32>, bool)> = Vec::with_capacity(prompts.len() * g);
     let mut model_inputs: Vec<Vec<Vec<u32>>> = vec![Vec::new(); rewards.models.len()];
     let mut per_function: Vec<Vec<f64>> = vec![Vec::new(); rewards.functions.len()];
@@ -389,11 +390,7 @@ pub fn rollouts<B: AutodiffBackend>(
                 .last()
                 .is_some_and(|t| sampling.options.stop_tokens.contains(t));
             let truncated = !stopped && completion.len() >= sampling.options.max_new_tokens;
-            rows.push((
-                &prompt.prompt_ids,
-                completion,
-                !(truncated && sampling.mask_truncated),
-            ));
+            rows.push((&prompt.prompt_ids, completion, truncated));
         }
     }
     let mut per_model: Vec<Vec<f64>> = Vec::with_capacity(rewards.models.len());
@@ -423,13 +420,7 @@ pub fn rollouts<B: AutodiffBackend>(
         .collect();
     let (advantages, zero_std) = advantages(&total, g, sampling.scale);
     let lengths: Vec<f64> = rows.iter().map(|r| r.1.len() as f64).collect();
-    let clipped = rows
-        .iter()
-        .filter(|r| {
-            !r.1.last()
-                .is_some_and(|t| sampling.options.stop_tokens.contains(t))
-        })
-        .count();
+    let clipped = rows.iter().filter(|(_, _, truncated)| *truncated).count();
     let count = rows.len().max(1) as f64;
     let mut metrics = vec![
         ("reward", total.iter().sum::<f64>() / count),
@@ -465,7 +456,9 @@ pub fn rollouts<B: AutodiffBackend>(
         .map(|(chunk, advantages)| {
             let view: Vec<(&[u32], &[u32], bool)> = chunk
                 .iter()
-                .map(|(p, c, t)| (*p, c.as_slice(), *t))
+                .map(|(p, c, truncated)| {
+                    (*p, c.as_slice(), !(*truncated && sampling.mask_truncated))
+                })
                 .collect();
             Rollouts::new(&view, advantages, sampling.pad_id, device)
         })

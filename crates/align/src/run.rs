@@ -494,14 +494,14 @@ impl<B: AutodiffBackend> Counted for ScoredPairs<B> {
     }
 }
 
-/// GRPO's completions count their prompts too; only the completions train.
+/// GRPO's completions count as their rows of prompt and completion do.
 impl<B: AutodiffBackend> Counted for Rollouts<B> {
     fn tokens(&self) -> usize {
-        self.tokens.tokens
+        self.tokens.tokens()
     }
 
     fn trained_tokens(&self) -> usize {
-        self.tokens.trained_tokens
+        self.tokens.trained_tokens()
     }
 }
 
@@ -889,6 +889,17 @@ pub fn train<B: AutodiffBackend>(
     }
     recipe.model.dtype.apply(&mut model);
     model.neftune_noise_alpha = t.neftune_noise_alpha;
+    // GRPO's scorers, loaded and checked against the data before anything is written.
+    let rewards = Rewards {
+        models: match t.strategy {
+            StrategyKind::Grpo => {
+                let inner_device = model.embed_tokens.val().inner().device();
+                load_reward_models(&recipe.grpo, &inner_device)?
+            }
+            _ => Vec::new(),
+        },
+        functions: reward_functions(&recipe.grpo, &train_data)?,
+    };
     // The reference model: the separate one (DPO precomputes its log-probs, KTO keeps it), or,
     // for DPO's precomputed log-probs, the trained model with its adapter off (a copy sharing
     // its weights).
@@ -1122,16 +1133,6 @@ pub fn train<B: AutodiffBackend>(
     let grpo = Grpo {
         reference: grpo_reference,
         ..recipe.grpo.strategy::<B>()
-    };
-    let rewards = Rewards {
-        models: match t.strategy {
-            StrategyKind::Grpo => {
-                let inner_device = model.embed_tokens.val().inner().device();
-                load_reward_models(&recipe.grpo, &inner_device)?
-            }
-            _ => Vec::new(),
-        },
-        functions: reward_functions(&recipe.grpo, &train_data)?,
     };
     let sampling = Sampling {
         num_generations: recipe.grpo.num_generations,
