@@ -453,15 +453,29 @@ fn dpo_losses_and_metrics_equal_trl() {
     }
 }
 
+/// The llama fixture, every weight tracked.
+fn llama() -> burnish_model::Decoder<AD> {
+    Pretrained::<AD>::load(&model_dir("llama"), &Default::default())
+        .unwrap()
+        .model
+}
+
+/// `base` with the adapter fixture `name` on it (frozen base).
+fn with_fixture_adapter(
+    base: burnish_model::Decoder<AD>,
+    name: &str,
+) -> burnish_model::Decoder<AD> {
+    let dir = model_dir("llama").join("../../adapters").join(name);
+    base.with_adapter(&dir).unwrap().0
+}
+
 /// The llama fixture under autodiff and `pairs` as one padded batch.
 fn preference_case(
     pairs: &[OrpoPair],
 ) -> (burnish_model::Decoder<AD>, burnish_align::PairBatch<AD>) {
     use burnish_data::PairExample;
     let device = Default::default();
-    let model = Pretrained::<AD>::load(&model_dir("llama"), &device)
-        .unwrap()
-        .model;
+    let model = llama();
     let pairs: Vec<PairExample> = pairs
         .iter()
         .map(|p| PairExample {
@@ -566,8 +580,7 @@ fn ld_dpo_and_wpo_equal_trl_through_the_model() {
     use burnish_align::{DpoLosses, DpoSection, Strategy, frozen_logps};
     let g = golden().dpo_model;
     let (base, batch) = preference_case(&g.pairs);
-    let adapter = model_dir("llama").join("../../adapters").join(&g.adapter);
-    let (model, _) = base.clone().with_adapter(&adapter).unwrap();
+    let model = with_fixture_adapter(base.clone(), &g.adapter);
     assert_eq!(g.weighted.len(), 4);
     for case in &g.weighted {
         let section = DpoSection {
@@ -601,8 +614,7 @@ fn dpo_variants_equal_trl_through_the_model() {
     use burnish_align::{Dpo, DpoLosses, DpoSection, Strategy};
     let g = golden().dpo_model;
     let (base, batch) = preference_case(&g.pairs);
-    let adapter = model_dir("llama").join("../../adapters").join(&g.adapter);
-    let (model, _) = base.with_adapter(&adapter).unwrap();
+    let model = with_fixture_adapter(base, &g.adapter);
     assert_eq!(g.cases.len(), 20);
     // Read by the recipe's names, as a `[dpo]` section gives them.
     fn parse<T: serde::de::DeserializeOwned>(name: &str) -> T {
@@ -678,9 +690,7 @@ fn sft_reports_trls_token_accuracy_and_entropy() {
     use burnish_align::{Sft, Strategy, TokenBatch};
     let g = golden().accuracy;
     let device = Default::default();
-    let model = Pretrained::<AD>::load(&model_dir("llama"), &device)
-        .unwrap()
-        .model;
+    let model = llama();
     let (rows, len) = (g.input_ids.len(), g.input_ids[0].len());
     let ids: Vec<u32> = g.input_ids.iter().flatten().copied().collect();
     let trained: Vec<bool> = g.labels.iter().flatten().map(|&l| l != -100).collect();
@@ -733,11 +743,7 @@ fn kto_losses_and_metrics_equal_trl_through_the_model() {
     use burnish_data::LabeledExample;
     let g = golden().kto;
     let device = Default::default();
-    let base = Pretrained::<AD>::load(&model_dir("llama"), &device)
-        .unwrap()
-        .model;
-    let adapter = model_dir("llama").join("../../adapters").join(&g.adapter);
-    let (model, _) = base.with_adapter(&adapter).unwrap();
+    let model = with_fixture_adapter(llama(), &g.adapter);
     assert_eq!(g.cases.len(), 3);
     for case in &g.cases {
         let rows: Vec<LabeledExample> = case
@@ -777,11 +783,7 @@ fn reward_model_losses_and_metrics_equal_trl_through_the_model() {
     use burnish_data::PairExample;
     let g = golden().reward;
     let device = Default::default();
-    let base = Pretrained::<AD>::load(&model_dir("llama"), &device)
-        .unwrap()
-        .model;
-    let adapter = model_dir("llama").join("../../adapters").join(&g.adapter);
-    let (model, _) = base.with_adapter(&adapter).unwrap();
+    let model = with_fixture_adapter(llama(), &g.adapter);
     assert!(model.is_classifier() && model.lm_head.is_none());
     assert_eq!(g.cases.len(), 3);
     for case in &g.cases {
@@ -857,11 +859,7 @@ fn grpo_losses_and_advantages_equal_trl() {
     use burnish_align::{Grpo, GrpoLossKind, Rollouts, ScaleRewards, Strategy, advantages};
     let g = golden().grpo;
     let device = Default::default();
-    let base = Pretrained::<AD>::load(&model_dir("llama"), &device)
-        .unwrap()
-        .model;
-    let adapter = model_dir("llama").join("../../adapters").join(&g.adapter);
-    let (model, _) = base.with_adapter(&adapter).unwrap();
+    let model = with_fixture_adapter(llama(), &g.adapter);
     let rows: Vec<(&[u32], &[u32], bool)> = g
         .completions
         .iter()
@@ -964,10 +962,7 @@ fn three_adamw_steps(checkpointing: bool) {
             .unwrap();
     let sft = golden().sft;
     let device = Default::default();
-    let base = Pretrained::<AD>::load(&model_dir("llama"), &device)
-        .unwrap()
-        .model;
-    let (mut model, _) = base.with_adapter(&dir.join("adapters/llama-qv")).unwrap();
+    let mut model = with_fixture_adapter(llama(), "llama-qv");
 
     let (rows, len) = (sft.input_ids.len(), sft.input_ids[0].len());
     let flat: Vec<i64> = sft.input_ids.iter().flatten().copied().collect();

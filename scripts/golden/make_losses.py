@@ -75,6 +75,33 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 OUT = REPO_ROOT / "tests" / "fixtures" / "losses"
 
 
+def stub_trainer(cls, **attributes):
+    """A `cls` trainer built without __init__ (no dataset, no training arguments), holding only
+    what the trainer methods these goldens call read: `attributes`, empty metrics, and an
+    accelerator of one CPU process whose gathers and reductions return their input."""
+    from collections import defaultdict
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    trainer = cls.__new__(cls)
+    trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+    trainer._total_train_tokens = 0
+    trainer._tp_size = 1
+    trainer.accelerator = SimpleNamespace(
+        device=torch.device("cpu"),
+        num_processes=1,
+        is_main_process=True,
+        gather=lambda x: x,
+        gather_for_metrics=lambda x: x,
+        reduce=lambda x, reduction: x,
+        unwrap_model=lambda m: m,
+        autocast=nullcontext,
+    )
+    for key, value in attributes.items():
+        setattr(trainer, key, value)
+    return trainer
+
+
 def sft_case() -> dict:
     model_dir = REPO_ROOT / "tests" / "fixtures" / "models" / "llama"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
@@ -197,8 +224,6 @@ def padded_pairs(pairs: list, pad: int) -> dict:
 
 def cpo_cases(orpo: dict) -> dict:
     """CPO and SimPO through TRL's own CPOTrainer methods on ORPO's pairs."""
-    from types import SimpleNamespace
-
     from trl.experimental.cpo.cpo_trainer import CPOTrainer
 
     model_dir = REPO_ROOT / "tests" / "fixtures" / "models" / "llama"
@@ -215,15 +240,15 @@ def cpo_cases(orpo: dict) -> dict:
     ]
     cases = []
     for setting in settings:
-        trainer = CPOTrainer.__new__(CPOTrainer)
-        for key in ["loss_type", "beta", "label_smoothing", "cpo_alpha"]:
-            setattr(trainer, key, setting[key])
-        trainer.simpo_gamma = setting.get("simpo_gamma", 0.5)
-        trainer.alpha = setting.get("alpha", 0.0)
-        trainer.is_encoder_decoder = False
-        trainer.pad_token_id = 0
-        trainer.aux_loss_enabled = False
-        trainer.accelerator = SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x)
+        trainer = stub_trainer(
+            CPOTrainer,
+            **{key: setting[key] for key in ["loss_type", "beta", "label_smoothing", "cpo_alpha"]},
+            simpo_gamma=setting.get("simpo_gamma", 0.5),
+            alpha=setting.get("alpha", 0.0),
+            is_encoder_decoder=False,
+            pad_token_id=0,
+            aux_loss_enabled=False,
+        )
         with torch.no_grad():
             loss, metrics = trainer.get_batch_loss_metrics(model, padded_pairs(orpo["pairs"], 0))
         metrics = {k: float(v) for k, v in metrics.items() if not k.startswith("logits/")}
@@ -237,7 +262,6 @@ def orpo_case() -> dict:
     """ORPO on the llama fixture through TRL's own ORPOTrainer methods. The trainer is built
     without __init__ (no dataset, no training arguments): only the attributes those methods read
     are set."""
-    from types import SimpleNamespace
 
     from trl.experimental.orpo.orpo_trainer import ORPOTrainer, log1mexp
 
@@ -251,12 +275,7 @@ def orpo_case() -> dict:
     ]
     beta = 0.25
 
-    trainer = ORPOTrainer.__new__(ORPOTrainer)
-    trainer.beta = beta
-    trainer.is_encoder_decoder = False
-    trainer.padding_value = pad
-    trainer.aux_loss_enabled = False
-    trainer.accelerator = SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x)
+    trainer = stub_trainer(ORPOTrainer, beta=beta, is_encoder_decoder=False, padding_value=pad, aux_loss_enabled=False)
     with torch.no_grad():
         loss, metrics = trainer.get_batch_loss_metrics(model, padded_pairs(pairs, pad))
     points = [-20.0, -3.0, -0.7, -0.6931, -0.5, -0.1, -1e-3, -1e-6]
@@ -353,30 +372,25 @@ def trl_dpo_loss(setting: dict, model, ref_model, batch: dict, kept=("rewards/",
     """TRL's DPOTrainer._compute_loss of `batch` on a trainer built without __init__ (only the
     attributes that method reads are set): the loss and the metrics whose names start with one of
     `kept`."""
-    from collections import defaultdict
     from types import SimpleNamespace
 
     from trl.trainer.dpo_trainer import DPOTrainer
 
-    trainer = DPOTrainer.__new__(DPOTrainer)
-    trainer.model = model
-    trainer.ref_model = ref_model
-    trainer.beta = setting["beta"]
-    trainer.loss_types = setting["loss_type"]
-    trainer.loss_weights = setting["loss_weights"]
-    trainer.label_smoothing = setting["label_smoothing"]
-    trainer.f_divergence_type = setting["f_divergence_type"]
-    trainer.f_alpha_divergence_coef = setting["f_alpha_divergence_coef"]
-    trainer.ld_alpha = setting.get("ld_alpha")
-    trainer.use_weighting = setting.get("use_weighting", False)
-    trainer.precompute_ref_logps = False
-    trainer.aux_loss_enabled = False
-    trainer.args = SimpleNamespace(gradient_checkpointing_kwargs=None, discopop_tau=setting["discopop_tau"])
-    trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-    trainer._total_train_tokens = 0
-    trainer._tp_size = 1
-    trainer.accelerator = SimpleNamespace(
-        device=torch.device("cpu"), gather_for_metrics=lambda x: x, gather=lambda x: x, unwrap_model=lambda m: m
+    trainer = stub_trainer(
+        DPOTrainer,
+        model=model,
+        ref_model=ref_model,
+        beta=setting["beta"],
+        loss_types=setting["loss_type"],
+        loss_weights=setting["loss_weights"],
+        label_smoothing=setting["label_smoothing"],
+        f_divergence_type=setting["f_divergence_type"],
+        f_alpha_divergence_coef=setting["f_alpha_divergence_coef"],
+        ld_alpha=setting.get("ld_alpha"),
+        use_weighting=setting.get("use_weighting", False),
+        precompute_ref_logps=False,
+        aux_loss_enabled=False,
+        args=SimpleNamespace(gradient_checkpointing_kwargs=None, discopop_tau=setting["discopop_tau"]),
     )
     loss = trainer._compute_loss(model, batch, return_outputs=False)
     metrics = {k: v[-1] for k, v in trainer._metrics["eval"].items() if k.startswith(kept)}
@@ -434,7 +448,6 @@ def kto_cases() -> dict:
     """KTO through TRL's own KTOTrainer._compute_loss. The trainer is built without __init__:
     only the attributes that method reads are set. Each batch is TRL's collator output for rows
     whose KL completion is the previous row's (the first row takes the last's)."""
-    from collections import defaultdict
     from types import SimpleNamespace
 
     from peft import PeftModel
@@ -469,22 +482,18 @@ def kto_cases() -> dict:
             examples.append(example)
         batch = DataCollatorForUnpairedPreference(pad_token_id=0, max_length=setting["max_length"])(examples)
 
-        trainer = KTOTrainer.__new__(KTOTrainer)
-        trainer.model = model
-        trainer.ref_model = None
-        trainer.loss_type = setting["loss_type"]
-        trainer.beta = setting["beta"]
-        trainer.desirable_weight = setting["desirable_weight"]
-        trainer.undesirable_weight = setting["undesirable_weight"]
-        trainer.calculate_KL = calculate_kl
-        trainer.precompute_ref_logps = False
-        trainer.aux_loss_enabled = False
-        trainer.args = SimpleNamespace(gradient_checkpointing_kwargs=None)
-        trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-        trainer._total_train_tokens = 0
-        trainer._tp_size = 1
-        trainer.accelerator = SimpleNamespace(
-            device=torch.device("cpu"), gather_for_metrics=lambda x: x, unwrap_model=lambda m: m
+        trainer = stub_trainer(
+            KTOTrainer,
+            model=model,
+            ref_model=None,
+            loss_type=setting["loss_type"],
+            beta=setting["beta"],
+            desirable_weight=setting["desirable_weight"],
+            undesirable_weight=setting["undesirable_weight"],
+            calculate_KL=calculate_kl,
+            precompute_ref_logps=False,
+            aux_loss_enabled=False,
+            args=SimpleNamespace(gradient_checkpointing_kwargs=None),
         )
         with torch.no_grad():
             loss = trainer._compute_loss(model, batch, return_outputs=False)
@@ -497,7 +506,6 @@ def kto_cases() -> dict:
 def reward_cases() -> dict:
     """Reward modelling through TRL's own RewardTrainer.compute_loss on a stub trainer (only the
     attributes that method reads are set), on TRL's collator output."""
-    from collections import defaultdict
     from types import SimpleNamespace
 
     from peft import PeftModel
@@ -528,13 +536,11 @@ def reward_cases() -> dict:
             for example, margin in zip(examples, setting["margins"]):
                 example["margin"] = margin
         batch = DataCollatorForPreference(pad_token_id=pad)(examples)
-        trainer = RewardTrainer.__new__(RewardTrainer)
-        trainer.model = model
-        trainer.args = SimpleNamespace(center_rewards_coefficient=setting["center_rewards_coefficient"])
-        trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-        trainer._total_train_tokens = 0
-        trainer._tp_size = 1
-        trainer.accelerator = SimpleNamespace(gather_for_metrics=lambda x: x, gather=lambda x: x)
+        trainer = stub_trainer(
+            RewardTrainer,
+            model=model,
+            args=SimpleNamespace(center_rewards_coefficient=setting["center_rewards_coefficient"]),
+        )
         with torch.no_grad():
             loss, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True)
         metrics = {k: v[-1] for k, v in trainer._metrics["eval"].items() if k != "num_tokens"}
@@ -573,7 +579,6 @@ def reward_tokenization(model_dir: Path) -> list:
 def grpo_cases() -> dict:
     """GRPO's loss through TRL's own GRPOTrainer._compute_loss on a stub trainer (only the
     attributes that method reads are set), one update per generation (old log-probs = current)."""
-    from collections import defaultdict
     from types import SimpleNamespace
 
     from peft import PeftModel
@@ -602,27 +607,22 @@ def grpo_cases() -> dict:
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
         add_fused_lm_head(base, temperature=setting["temperature"], outputs=("log_probs", "entropy"))
         model = PeftModel.from_pretrained(base, REPO_ROOT / "tests" / "fixtures" / "adapters" / "llama-qv").eval()
-        trainer = GRPOTrainer.__new__(GRPOTrainer)
-        trainer.model = model
-        trainer.loss_type = setting["loss_type"]
-        trainer.beta = setting["beta"]
-        trainer.epsilon_low = trainer.epsilon_high = 0.2
-        trainer.importance_sampling_level = "token"
-        trainer.top_entropy_quantile = 1.0
-        trainer.off_policy_mask_threshold = None
-        trainer.use_vllm = False
-        trainer._entropy_bonus_enabled = False
-        trainer.aux_loss_enabled = False
-        trainer.max_completion_length = setting["max_completion_length"]
-        trainer.current_gradient_accumulation_steps = 1
-        trainer.args = SimpleNamespace(delta=None, use_bias_correction_kl=False, steps_per_generation=1)
-        trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-        trainer.accelerator = SimpleNamespace(
-            num_processes=1,
-            is_main_process=True,
-            gather=lambda x: x,
-            reduce=lambda x, reduction: x,
-            autocast=lambda: __import__("contextlib").nullcontext(),
+        trainer = stub_trainer(
+            GRPOTrainer,
+            model=model,
+            loss_type=setting["loss_type"],
+            beta=setting["beta"],
+            epsilon_low=0.2,
+            epsilon_high=0.2,
+            importance_sampling_level="token",
+            top_entropy_quantile=1.0,
+            off_policy_mask_threshold=None,
+            use_vllm=False,
+            _entropy_bonus_enabled=False,
+            aux_loss_enabled=False,
+            max_completion_length=setting["max_completion_length"],
+            current_gradient_accumulation_steps=1,
+            args=SimpleNamespace(delta=None, use_bias_correction_kl=False, steps_per_generation=1),
         )
         inputs = {
             "prompt_ids": prompt_ids,
