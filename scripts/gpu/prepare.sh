@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds what a GPU run needs into gpu-bin/ (git-ignored), on the development machine: the GPU
-# machine has no Rust toolchain. The CUDA binary; the same with burn's fusion backend (the
-# `fusion` feature), measured side by side with the first; with TUNED=1 also one with fusion and
-# cubecl's autotuning (`autotune`: off by default since its first SmolLM2 row did not finish in
+# machine has no Rust toolchain. The CUDA binary; with FUSION=1 the same with burn's fusion
+# backend (the `fusion` feature: off by default since on an H100 it timed within 0.3% of the
+# plain build on the SmolLM2-135M rows, 2026-11-28, and costs a second build and carry); with
+# TUNED=1 also one with fusion and cubecl's autotuning (`autotune`: off by default since its first SmolLM2 row did not finish in
 # 150 s at `minimal` on an H100, 2026-11-27, a tenth of a run's device time); the test binaries
 # holding the cuBLAS checks and the GPU kernels'; and the peer script, all stripped and gzipped
 # so that together they fit a device run's 64 MiB carry.
@@ -13,7 +14,8 @@ cd "$(dirname "$0")/../.."
 rm -rf gpu-bin && mkdir gpu-bin
 # name=features: gpu-bin/burnish-<name> (gpu-bin/burnish for the plain build, built last so that
 # target/release/burnish stays the plain CUDA build).
-builds=(fusion=cuda,fusion plain=cuda)
+builds=(plain=cuda)
+[ "${FUSION:-0}" = 1 ] && builds=(fusion=cuda,fusion "${builds[@]}")
 [ "${TUNED:-0}" = 1 ] && builds=(tuned=cuda,fusion,autotune "${builds[@]}")
 for build in "${builds[@]}"; do
   name=${build%%=*}
