@@ -35,7 +35,8 @@ for line in sys.stdin:
 }
 strip -o gpu-bin/peft-tests "$(test_binary burnish-peft)"
 strip -o gpu-bin/model-tests "$(test_binary burnish-model)"
-gzip -9 gpu-bin/burnish gpu-bin/burnish-* gpu-bin/*-tests
+# Only binaries are in gpu-bin/ so far.
+gzip -9 gpu-bin/*
 cp ../shared/bench/peer_lora.py gpu-bin/
 # The commit built (with "-dirty" for uncommitted changes), which side_by_side.sh records.
 git describe --always --dirty >gpu-bin/commit
