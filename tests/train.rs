@@ -542,6 +542,7 @@ fn grpo_runs_complete_prompts_score_them_and_resume_to_the_same_numbers() {
             "entropy",
             "kl",
             "rewards/llama-reward/mean",
+            "rewards/llama-reward/std",
         ] {
             assert!(
                 line[key].as_f64().is_some_and(f64::is_finite),
@@ -550,6 +551,12 @@ fn grpo_runs_complete_prompts_score_them_and_resume_to_the_same_numbers() {
         }
         let length = line["completions/max_length"].as_f64().unwrap();
         assert!((1.0..=6.0).contains(&length), "{line}");
+        // Completions that ended with an end token are no longer than the limit, and none at
+        // all (every one cut) logs 0s.
+        let terminated = line["completions/max_terminated_length"].as_f64().unwrap();
+        let cut = line["completions/clipped_ratio"].as_f64().unwrap();
+        assert!(terminated <= length, "{line}");
+        assert_eq!(terminated == 0.0, cut == 1.0, "{line}");
     }
     assert!(work.path().join("run/adapter_model.safetensors").exists());
 
@@ -567,7 +574,40 @@ fn grpo_runs_complete_prompts_score_them_and_resume_to_the_same_numbers() {
         ],
     );
     assert_success(&out);
-    let out = train(&path, &["--set", "output.dir=\"parts\"", "--resume"]);
+    // Under a reward model whose weights changed, the run would score otherwise: refused. The
+    // same model at another path continues.
+    let judge = |name: &str, changed: bool| {
+        let dir = work.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        for entry in std::fs::read_dir(&reward_model).unwrap() {
+            let from = entry.unwrap().path();
+            std::fs::copy(&from, dir.join(from.file_name().unwrap())).unwrap();
+        }
+        if changed {
+            let weights = dir.join("model.safetensors");
+            let mut bytes = std::fs::read(&weights).unwrap();
+            *bytes.last_mut().unwrap() ^= 1;
+            std::fs::write(&weights, bytes).unwrap();
+        }
+        format!("grpo.reward_models=[\"{name}\"]")
+    };
+    let resume = |reward_models: &str| {
+        train(
+            &path,
+            &[
+                "--set",
+                "output.dir=\"parts\"",
+                "--set",
+                reward_models,
+                "--resume",
+            ],
+        )
+    };
+    let out = resume(&judge("changed", true));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the reward models (`grpo.reward_models`"), "{err}");
+    let out = resume(&judge("moved", false));
     assert_success(&out);
     let resumed = metrics(&work.path().join("parts"));
     for key in ["loss", "reward", "grad_norm"] {

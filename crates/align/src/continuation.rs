@@ -1,8 +1,9 @@
 //! What a run continues, checked against its recipe before anything trains.
 //!
 //! `--resume` continues a checkpoint. Each checkpoint holds the identity of the run that wrote
-//! it (`identity.json`): the recipe's settings as run, and digests of the base's `config.json`
-//! and of the training data as tokens. A recipe that would make the checkpoint continue another
+//! it (`identity.json`): the recipe's settings as run, and digests of the base's `config.json`,
+//! of the training data as tokens, of the reference adapter's weights and of GRPO's reward
+//! models. A recipe that would make the checkpoint continue another
 //! run (another base, training data, strategy, batching, seed or adapter) is refused, naming
 //! each difference; other changes (the run's length, the learning rate and its schedule, the
 //! optimizer's and DPO's settings, evaluation) are allowed and reported.
@@ -11,7 +12,7 @@
 //! says otherwise (another rank, alpha, dropout or set of modules) is refused.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use burnish_data::Dataset;
 use burnish_peft::{LoraConfig, select_targets};
@@ -29,6 +30,8 @@ const PATHS: &[&str] = &[
     "adapter.init_from",
     "dpo.reference_adapter",
     "kto.reference_adapter",
+    "grpo.reference_adapter",
+    "grpo.reward_models",
     "data.train",
     "data.eval",
     "check.file",
@@ -75,10 +78,14 @@ pub struct RunIdentity {
     pub base_config: String,
     /// SHA-256 of the training rows as token ids and loss masks, in the order they were read.
     pub train_data: String,
-    /// SHA-256 of the reference adapter's weights (`dpo.reference_adapter` or
-    /// `kto.reference_adapter`), when there is one.
+    /// SHA-256 of the reference adapter's weights (`dpo.reference_adapter`,
+    /// `kto.reference_adapter` or `grpo.reference_adapter`), when there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference_adapter: Option<String>,
+    /// SHA-256 of GRPO's reward models (`grpo.reward_models`), when there are any: what
+    /// scores the completions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reward_models: Option<String>,
     /// Every recipe setting but the paths: dotted key → TOML value.
     pub settings: BTreeMap<String, String>,
 }
@@ -86,11 +93,13 @@ pub struct RunIdentity {
 impl RunIdentity {
     /// The identity of `recipe`'s run, whose base has `base_config` (the bytes of its
     /// `config.json`), whose reference adapter has the weights `reference_adapter` (the
-    /// bytes of its safetensors file) if any, and which trains on `train_data`.
+    /// bytes of its safetensors file) if any, whose reward models' files have the digest
+    /// `reward_models` (`model_files_digest`) if any, and which trains on `train_data`.
     pub fn of(
         recipe: &Recipe,
         base_config: &[u8],
         reference_adapter: Option<&[u8]>,
+        reward_models: Option<String>,
         train_data: &Dataset,
     ) -> Self {
         let mut settings = BTreeMap::new();
@@ -100,6 +109,7 @@ impl RunIdentity {
             base_config: hex(&Sha256::digest(base_config)),
             train_data: data_digest(train_data),
             reference_adapter: reference_adapter.map(|bytes| hex(&Sha256::digest(bytes))),
+            reward_models,
             settings,
         }
     }
@@ -112,9 +122,12 @@ impl RunIdentity {
             refused.push("the base model's `config.json`".to_string());
         }
         if self.reference_adapter != now.reference_adapter {
+            refused.push("the reference adapter's weights (`*.reference_adapter`)".to_string());
+        }
+        if self.reward_models != now.reward_models {
             refused.push(
-                "the reference adapter's weights (`dpo.reference_adapter` or \
-                 `kto.reference_adapter`)"
+                "the reward models (`grpo.reward_models`: their weights, configs or \
+                 tokenizers)"
                     .to_string(),
             );
         }
@@ -175,6 +188,44 @@ fn flatten(prefix: &str, table: &toml::Table, out: &mut BTreeMap<String, String>
             }
         }
     }
+}
+
+/// SHA-256 over the model directories `dirs`, in order: every file loading one reads (its
+/// configs, tokenizer and chat template, `.json` and `.jinja`, and its `.safetensors` weights),
+/// by name, size and content, streamed. `key` names the recipe key in errors.
+pub fn model_files_digest(dirs: &[PathBuf], key: &str) -> Result<String, RunError> {
+    let unreadable = |path: &Path, source: std::io::Error| {
+        RunError::Mismatch(format!("`{key}`: cannot read {}: {source}", path.display()))
+    };
+    let mut hasher = Sha256::new();
+    for dir in dirs {
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(|e| unreadable(dir, e))? {
+            let path = entry.map_err(|e| unreadable(dir, e))?.path();
+            let read = path
+                .extension()
+                .is_some_and(|e| e == "json" || e == "jinja" || e == "safetensors");
+            if read && path.is_file() {
+                files.push(path);
+            }
+        }
+        files.sort();
+        hasher.update([b'd']);
+        hasher.update((files.len() as u64).to_le_bytes());
+        for path in files {
+            let mut file = std::fs::File::open(&path).map_err(|e| unreadable(&path, e))?;
+            let name = path
+                .file_name()
+                .map(|n| n.as_encoded_bytes())
+                .unwrap_or_default();
+            hasher.update((name.len() as u64).to_le_bytes());
+            hasher.update(name);
+            let size = file.metadata().map_err(|e| unreadable(&path, e))?.len();
+            hasher.update(size.to_le_bytes());
+            std::io::copy(&mut file, &mut hasher).map_err(|e| unreadable(&path, e))?;
+        }
+    }
+    Ok(hex(&hasher.finalize()))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -323,6 +374,7 @@ mod tests {
             base_config: "c".into(),
             train_data: "d".into(),
             reference_adapter: None,
+            reward_models: None,
             settings: settings
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -362,17 +414,53 @@ mod tests {
         ]);
         other.train_data = "e".into();
         other.reference_adapter = Some("f".into());
+        other.reward_models = Some("g".into());
         let err = then.compare(&other, path).unwrap_err().to_string();
         for part in [
             "step-000002",
             "`train.micro_batch_size` 4 → 8",
             "`adapter.r` 8 → (not set)",
             "training data",
-            "`dpo.reference_adapter`",
+            "`*.reference_adapter`",
+            "`grpo.reward_models`",
         ] {
             assert!(err.contains(part), "{part}: {err}");
         }
         assert!(!err.contains("config.json"), "{err}");
+    }
+
+    /// The reward models' digest sees a changed weight file and the order of the models, and
+    /// names an unreadable directory.
+    #[test]
+    fn the_model_files_digest_sees_contents_and_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = |name: &str, weights: &[u8]| {
+            let path = dir.path().join(name);
+            std::fs::create_dir(&path).unwrap();
+            std::fs::write(path.join("config.json"), b"{}").unwrap();
+            std::fs::write(path.join("model.safetensors"), weights).unwrap();
+            std::fs::write(path.join("README.md"), name).unwrap();
+            path
+        };
+        let (a, b) = (model("a", b"1234"), model("b", b"1234"));
+        let digest = |dirs: &[PathBuf]| model_files_digest(dirs, "grpo.reward_models").unwrap();
+        let both = digest(&[a.clone(), b.clone()]);
+        // The same files elsewhere (the README, which loading does not read, aside).
+        assert_eq!(
+            digest(std::slice::from_ref(&a)),
+            digest(std::slice::from_ref(&b))
+        );
+        assert_ne!(both, digest(std::slice::from_ref(&a)));
+        std::fs::write(b.join("model.safetensors"), b"1235").unwrap();
+        assert_ne!(both, digest(&[a.clone(), b.clone()]));
+        assert_ne!(digest(&[a.clone(), b.clone()]), digest(&[b.clone(), a]));
+        let err = model_files_digest(&[dir.path().join("gone")], "grpo.reward_models")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("grpo.reward_models") && err.contains("gone"),
+            "{err}"
+        );
     }
 
     #[test]

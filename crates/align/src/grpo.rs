@@ -225,11 +225,31 @@ fn at_temperature<B: Backend>(hidden: Tensor<B, 3>, temperature: f64) -> Tensor<
     }
 }
 
+/// A scorer's name and the metric names TRL logs for it: `rewards/<name>/mean` and `/std`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RewardNames {
+    pub scorer: &'static str,
+    pub mean: &'static str,
+    pub std: &'static str,
+}
+
+impl RewardNames {
+    /// The names of the scorer called `scorer`. Metric names live as long as the process: they
+    /// are made once per run, a few bytes per scorer.
+    pub fn of(scorer: &str) -> Self {
+        let keep = |name: String| -> &'static str { Box::leak(name.into_boxed_str()) };
+        Self {
+            scorer: keep(scorer.to_string()),
+            mean: keep(format!("rewards/{scorer}/mean")),
+            std: keep(format!("rewards/{scorer}/std")),
+        }
+    }
+}
+
 /// A frozen sequence classifier that scores completions, with what reads them to it.
 #[derive(Debug)]
 pub struct RewardModel<B: Backend> {
-    /// Metric names: `rewards/<name>/mean`.
-    pub name: &'static str,
+    pub names: RewardNames,
     pub model: Decoder<B>,
     pub encoder: Encoder,
     pub weight: f64,
@@ -291,12 +311,12 @@ impl RewardFunction {
         }
     }
 
-    /// Its metric name, as TRL names its functions: `rewards/<name>/mean`.
-    pub fn metric(&self) -> String {
+    /// Its name in the metrics, as TRL names its functions.
+    pub fn name(&self) -> String {
         match self {
-            Self::ThinkFormat => "rewards/think_format_reward/mean".into(),
-            Self::SoftOverlong { .. } => "rewards/soft_overlong_punishment_reward/mean".into(),
-            Self::Contains { field } => format!("rewards/contains_{field}/mean"),
+            Self::ThinkFormat => "think_format_reward".into(),
+            Self::SoftOverlong { .. } => "soft_overlong_punishment_reward".into(),
+            Self::Contains { field } => format!("contains_{field}"),
         }
     }
 }
@@ -305,15 +325,15 @@ impl RewardFunction {
 #[derive(Debug)]
 pub struct Rewards<B: Backend> {
     pub models: Vec<RewardModel<B>>,
-    /// With their metric names and weights.
-    pub functions: Vec<(RewardFunction, &'static str, f64)>,
+    /// With their names and weights.
+    pub functions: Vec<(RewardFunction, RewardNames, f64)>,
 }
 
 /// A reward model's failure to score a completion, naming the model.
 fn model_failed<B: Backend>(reward: &RewardModel<B>, detail: String) -> RunError {
     RunError::Mismatch(format!(
         "{} (a reward model) cannot score a completion: {detail}",
-        reward.name
+        reward.names.scorer
     ))
 }
 
@@ -358,13 +378,14 @@ pub fn rollouts<B: AutodiffBackend>(
         };
         for completion in sample_group(&policy, &prompt.prompt_ids, g, &options)? {
             let text = tokenizer.decode(&completion, true)?;
-            for (scores, (function, name, _)) in per_function.iter_mut().zip(&rewards.functions) {
+            for (scores, (function, names, _)) in per_function.iter_mut().zip(&rewards.functions) {
                 let score = function
                     .score(&text, completion.len(), &prompt.columns)
                     .ok_or_else(|| {
                         RunError::Mismatch(format!(
-                            "{name}: a prompt row has no `{}` to compare completions with; give \
+                            "{}: a prompt row has no `{}` to compare completions with; give \
                              every row that column",
+                            names.scorer,
                             match function {
                                 RewardFunction::Contains { field } => field.as_str(),
                                 _ => "",
@@ -403,53 +424,25 @@ pub fn rollouts<B: AutodiffBackend>(
         }
         per_model.push(scores);
     }
-    // Each scorer's scores with its name and weight.
-    let scorers: Vec<(&Vec<f64>, &'static str, f64)> = per_model
+    // Each scorer's scores with its names and weight.
+    let scorers: Vec<(&[f64], RewardNames, f64)> = per_model
         .iter()
         .zip(&rewards.models)
-        .map(|(scores, m)| (scores, m.name, m.weight))
+        .map(|(scores, m)| (scores.as_slice(), m.names, m.weight))
         .chain(
             per_function
                 .iter()
                 .zip(&rewards.functions)
-                .map(|(scores, (_, name, weight))| (scores, *name, *weight)),
+                .map(|(scores, (_, names, weight))| (scores.as_slice(), *names, *weight)),
         )
         .collect();
     let total: Vec<f64> = (0..rows.len())
         .map(|r| scorers.iter().map(|(scores, _, w)| scores[r] * w).sum())
         .collect();
     let (advantages, zero_std) = advantages(&total, g, sampling.scale);
-    let lengths: Vec<f64> = rows.iter().map(|r| r.1.len() as f64).collect();
-    let clipped = rows.iter().filter(|(_, _, truncated)| *truncated).count();
-    let count = rows.len().max(1) as f64;
-    let mut metrics = vec![
-        ("reward", total.iter().sum::<f64>() / count),
-        (
-            "reward_std",
-            if total.len() > 1 {
-                std_dev(&total)
-            } else {
-                0.0
-            },
-        ),
-        ("frac_reward_zero_std", zero_std),
-        (
-            "completions/mean_length",
-            lengths.iter().sum::<f64>() / count,
-        ),
-        (
-            "completions/min_length",
-            lengths.iter().copied().fold(f64::INFINITY, f64::min),
-        ),
-        (
-            "completions/max_length",
-            lengths.iter().copied().fold(0.0, f64::max),
-        ),
-        ("completions/clipped_ratio", clipped as f64 / count),
-    ];
-    for (scores, name, _) in &scorers {
-        metrics.push((*name, scores.iter().sum::<f64>() / count));
-    }
+    let completions: Vec<(usize, bool)> = rows.iter().map(|r| (r.1.len(), r.2)).collect();
+    let mut metrics = generation_metrics(&total, &scorers, &completions);
+    metrics.push(("frac_reward_zero_std", zero_std));
     let batches = rows
         .chunks(sampling.micro)
         .zip(advantages.chunks(sampling.micro))
@@ -464,6 +457,69 @@ pub fn rollouts<B: AutodiffBackend>(
         })
         .collect();
     Ok((batches, metrics))
+}
+
+/// The mean, min and max of `values` (0s for none).
+fn mean_min_max(values: &[f64]) -> [f64; 3] {
+    if values.is_empty() {
+        return [0.0; 3];
+    }
+    [
+        values.iter().sum::<f64>() / values.len() as f64,
+        values.iter().copied().fold(f64::INFINITY, f64::min),
+        values.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+    ]
+}
+
+/// The unbiased standard deviation of `values`, 0 for fewer than two (where TRL's is NaN).
+fn spread(values: &[f64]) -> f64 {
+    if values.len() > 1 {
+        std_dev(values)
+    } else {
+        0.0
+    }
+}
+
+/// A step's generation metrics under TRL's names, from its completions' weighted rewards
+/// (`total`), each scorer's own rewards (with its names and weight), and each completion's length and whether it was cut at
+/// the length limit: the rewards' mean and standard deviation, overall and per scorer; the
+/// lengths of all completions and of those that ended with an end token (0s when none did, as
+/// TRL logs them); the fraction cut.
+fn generation_metrics(
+    total: &[f64],
+    scorers: &[(&[f64], RewardNames, f64)],
+    completions: &[(usize, bool)],
+) -> Vec<(&'static str, f64)> {
+    let mut metrics = vec![
+        ("reward", mean_min_max(total)[0]),
+        ("reward_std", spread(total)),
+    ];
+    for (scores, names, _) in scorers {
+        metrics.push((names.mean, mean_min_max(scores)[0]));
+        metrics.push((names.std, spread(scores)));
+    }
+    let lengths: Vec<f64> = completions.iter().map(|c| c.0 as f64).collect();
+    let terminated: Vec<f64> = completions
+        .iter()
+        .filter(|c| !c.1)
+        .map(|c| c.0 as f64)
+        .collect();
+    let [mean, min, max] = mean_min_max(&lengths);
+    let [t_mean, t_min, t_max] = mean_min_max(&terminated);
+    let cut = completions.len() - terminated.len();
+    metrics.extend([
+        ("completions/mean_length", mean),
+        ("completions/min_length", min),
+        ("completions/max_length", max),
+        ("completions/mean_terminated_length", t_mean),
+        ("completions/min_terminated_length", t_min),
+        ("completions/max_terminated_length", t_max),
+        (
+            "completions/clipped_ratio",
+            cut as f64 / completions.len().max(1) as f64,
+        ),
+    ]);
+    metrics
 }
 
 #[cfg(test)]
@@ -494,6 +550,40 @@ mod tests {
             Some(0.0)
         );
         assert_eq!(check.score("x", 1, &row(serde_json::json!({}))), None);
+    }
+
+    /// TRL's generation metrics: unbiased standard deviations, and the terminated lengths
+    /// leaving out the cut completions (0s when every one was cut).
+    #[test]
+    fn generation_metrics_are_trls() {
+        let names = RewardNames::of("judge");
+        let judge = [1.0, 2.0, 4.0];
+        let total = [0.5, 1.0, 2.0];
+        let got = |completions: &[(usize, bool)]| -> std::collections::HashMap<_, _> {
+            generation_metrics(&total, &[(&judge, names, 2.0)], completions)
+                .into_iter()
+                .collect()
+        };
+        let m = got(&[(3, false), (8, true), (5, false)]);
+        let close = |key: &str, want: f64| {
+            assert!((m[key] - want).abs() < 1e-12, "{key}: {} != {want}", m[key]);
+        };
+        close("reward", 3.5 / 3.0);
+        // torch.tensor([0.5, 1.0, 2.0]).std() and ([1.0, 2.0, 4.0]).std()
+        close("reward_std", 0.763_762_615_825_973_3);
+        close("rewards/judge/mean", 7.0 / 3.0);
+        close("rewards/judge/std", 1.527_525_231_651_946_7);
+        close("completions/mean_length", 16.0 / 3.0);
+        close("completions/min_length", 3.0);
+        close("completions/max_length", 8.0);
+        close("completions/mean_terminated_length", 4.0);
+        close("completions/min_terminated_length", 3.0);
+        close("completions/max_terminated_length", 5.0);
+        close("completions/clipped_ratio", 1.0 / 3.0);
+        let all_cut = got(&[(8, true), (8, true), (8, true)]);
+        assert_eq!(all_cut["completions/mean_terminated_length"], 0.0);
+        assert_eq!(all_cut["completions/max_terminated_length"], 0.0);
+        assert_eq!(all_cut["completions/clipped_ratio"], 1.0);
     }
 
     #[test]

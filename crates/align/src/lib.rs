@@ -30,8 +30,8 @@ pub use cpo::{CpoLoss, CpoOutput, cpo_loss};
 pub use dpo::{DpoLoss, DpoMetrics, DpoOutput, FDivergence, PairLogps, chosen_nll, dpo_loss};
 pub use error::{RecipeError, RunError, TrainError};
 pub use grpo::{
-    Grpo, GrpoLossKind, RewardFunction, RewardModel, Rewards, Rollouts, Sampling, ScaleRewards,
-    advantages, rollouts,
+    Grpo, GrpoLossKind, RewardFunction, RewardModel, RewardNames, Rewards, Rollouts, Sampling,
+    ScaleRewards, advantages, rollouts,
 };
 pub use kto::{KtoLoss, KtoOutput, LabeledLogps, kl_estimate, kto_loss};
 pub use optimizer::{

@@ -29,10 +29,11 @@ use crate::checkpoint::{
     Progress, checkpoints, read_checkpoint, read_identity, remove_partial_checkpoints,
     save_checkpoint,
 };
-use crate::continuation::{RunIdentity, check_init_from};
+use crate::continuation::{RunIdentity, check_init_from, model_files_digest};
 use crate::error::{RunError, TrainError};
 use crate::grpo::{
-    Grpo, GrpoLossKind, RewardFunction, RewardModel, Rewards, Rollouts, Sampling, rollouts,
+    Grpo, GrpoLossKind, RewardFunction, RewardModel, RewardNames, Rewards, Rollouts, Sampling,
+    rollouts,
 };
 use crate::optimizer::{AdamW, AdamWConfig};
 use crate::recipe::{
@@ -343,12 +344,12 @@ fn precompute_reference<B: AutodiffBackend>(
         .collect()
 }
 
-/// GRPO's reward functions with their metric names and weights; every prompt row must hold the
+/// GRPO's reward functions with their names and weights; every prompt row must hold the
 /// columns they read.
 fn reward_functions(
     section: &GrpoSection,
     data: &Dataset,
-) -> Result<Vec<(RewardFunction, &'static str, f64)>, RunError> {
+) -> Result<Vec<(RewardFunction, RewardNames, f64)>, RunError> {
     let mut out = Vec::new();
     for spec in &section.reward_functions {
         let function = spec.function().map_err(RunError::Mismatch)?;
@@ -366,9 +367,8 @@ fn reward_functions(
                 source.line
             )));
         }
-        // Metric names live as long as the process: a few bytes per function.
-        let name: &'static str = Box::leak(function.metric().into_boxed_str());
-        out.push((function, name, spec.weight));
+        let names = RewardNames::of(&function.name());
+        out.push((function, names, spec.weight));
     }
     Ok(out)
 }
@@ -407,10 +407,8 @@ fn load_reward_models<B: burn::tensor::backend::Backend>(
         if clashes {
             stem = format!("{stem}-{i}");
         }
-        // Metric names live as long as the process: a few bytes per reward model.
-        let name: &'static str = Box::leak(format!("rewards/{stem}/mean").into_boxed_str());
         out.push(RewardModel {
-            name,
+            names: RewardNames::of(&stem),
             model: loaded.model,
             encoder,
             weight: section.reward_weights.as_ref().map_or(1.0, |w| w[i]),
@@ -720,10 +718,15 @@ pub fn train<B: AutodiffBackend>(
         }
         None => None,
     };
+    let reward_models = match recipe.grpo.reward_models.as_slice() {
+        [] => None,
+        dirs => Some(model_files_digest(dirs, "grpo.reward_models")?),
+    };
     let identity = RunIdentity::of(
         recipe,
         config_text.as_bytes(),
         reference_weights.as_deref(),
+        reward_models,
         &train_data,
     );
     drop(reference_weights);
