@@ -606,7 +606,10 @@ fn grpo_runs_complete_prompts_score_them_and_resume_to_the_same_numbers() {
     let out = resume(&judge("changed", true));
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("the reward models (`grpo.reward_models`"), "{err}");
+    assert!(
+        err.contains("the reward models (`grpo.reward_models`"),
+        "{err}"
+    );
     let out = resume(&judge("moved", false));
     assert_success(&out);
     let resumed = metrics(&work.path().join("parts"));

@@ -42,7 +42,8 @@
   TRL's own unpaired-preference collator and fused LM head) for labeled completions on the llama
   fixture with the llama-qv adapter as the policy and the adapter switched off as the reference:
   the `kto` loss with its KL term (completions rotated by one row within the batch, some of those
-  rows cut at `max_length`), with desirable/undesirable weights, and `apo_zero_unpaired`.
+  rows cut at `max_length`), with desirable/undesirable weights, and `apo_zero_unpaired`; with
+  its metrics, entropy and the mean logits of each side included.
 - `dpo_model`: TRL 1.16's DPO loss and metrics (`DPOTrainer._compute_loss` on a stub trainer,
   through TRL's own preference collator and fused LM head) for three pairs on the llama fixture
   with the llama-qv adapter as the policy and the adapter switched off as the reference: every
@@ -497,7 +498,7 @@ def kto_cases() -> dict:
         )
         with torch.no_grad():
             loss = trainer._compute_loss(model, batch, return_outputs=False)
-        kept = ("kl", "rewards/", "logps/")
+        kept = ("kl", "rewards/", "logps/", "entropy", "logits/")
         metrics = {k: v[-1] for k, v in trainer._metrics["eval"].items() if k.startswith(kept)}
         cases.append({**setting, "rows": picked, "loss": loss.item(), "metrics": metrics})
     return {"model": "llama", "adapter": "llama-qv", "cases": cases}

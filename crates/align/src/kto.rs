@@ -12,7 +12,8 @@
 //! their mean over completions. The metrics keep TRL's names: `kl` (`z`), `rewards/chosen` and
 //! `rewards/rejected` (mean `β·r` of the desirable and the undesirable completions, present only
 //! when the batch has some), `logps/chosen` and `logps/rejected` (their mean summed log-probs),
-//! and `rewards/margins` (their difference, when the batch has both).
+//! and `rewards/margins` (their difference, when the batch has both). The policy's `entropy` and
+//! `logits/*` come from its token distributions (see the KTO strategy).
 
 use burn::tensor::activation::sigmoid;
 use burn::tensor::backend::Backend;

@@ -17,7 +17,8 @@ use crate::dpo::{DpoLoss, FDivergence, PairLogps, chosen_nll, dpo_loss};
 use crate::kto::{KtoLoss, LabeledLogps, kl_estimate, kto_loss};
 use crate::orpo::orpo_loss;
 use crate::token_loss::{
-    PositionStats, masked_token_logprobs, masked_token_logprobs_chunked, positions_per_chunk,
+    PositionStats, TokenStats, masked_token_logprobs, masked_token_logprobs_chunked,
+    positions_per_chunk,
 };
 
 /// Token ids with the positions that are trained.
@@ -625,6 +626,32 @@ fn completion_metrics<B: Backend>(
     ]
 }
 
+/// TRL's KTO metrics of the policy's distributions over labeled completions (each row's sums,
+/// and whether it is desirable): `entropy` over every completion token, and `logits/chosen` and
+/// `logits/rejected`, the mean logit over the desirable and over the undesirable completions'
+/// tokens (each only when there are some).
+fn labeled_metrics(rows: &[TokenStats], desirable: &[bool]) -> Vec<(&'static str, f64)> {
+    let side = |want: bool| {
+        rows.iter()
+            .zip(desirable)
+            .filter(|(_, d)| **d == want)
+            .fold(TokenStats::default(), |sum, (row, _)| sum + *row)
+    };
+    let (chosen, rejected) = (side(true), side(false));
+    let all = chosen + rejected;
+    let mut metrics = Vec::new();
+    if all.targets > 0.0 {
+        metrics.push(("entropy", all.entropy / all.targets));
+    }
+    if chosen.targets > 0.0 {
+        metrics.push(("logits/chosen", chosen.logits / chosen.targets));
+    }
+    if rejected.targets > 0.0 {
+        metrics.push(("logits/rejected", rejected.logits / rejected.targets));
+    }
+    metrics
+}
+
 /// Odds-ratio preference optimisation: no reference model, the chosen sequences' NLL in the
 /// loss (see [`crate::orpo`]).
 #[derive(Debug, Clone, Copy)]
@@ -864,8 +891,10 @@ impl<B: AutodiffBackend> Strategy<B> for Kto<B> {
             None => 0.0,
         };
         let hidden = trained_hidden_states(model, &batch.matched, checkpoints);
-        let policy = sequence_logps(model, hidden, &batch.matched, model.trains());
-        let out = kto_loss(
+        let (logps, stats) =
+            token_logprobs_and_stats(model, hidden, &batch.matched, model.trains(), true);
+        let policy = logps.sum_dim(1).squeeze_dim::<1>(1);
+        let mut out = kto_loss(
             self.loss,
             LabeledLogps {
                 policy,
@@ -874,6 +903,10 @@ impl<B: AutodiffBackend> Strategy<B> for Kto<B> {
             },
             kl,
         );
+        if let Some(stats) = stats {
+            out.metrics
+                .extend(labeled_metrics(&stats.row_totals(), &batch.desirable));
+        }
         StepOutput {
             loss_sum: out.loss.mul_scalar(rows as f64),
             units: rows as f64,

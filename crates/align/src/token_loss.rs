@@ -13,7 +13,7 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor};
 use burnish_model::softmax_rows;
-use burnish_peft::{cast_to, f32_per_buffer, first_value, on_cpu, project, unproject};
+use burnish_peft::{cast_to, f32_per_buffer, f32_values, first_value, on_cpu, project, unproject};
 
 /// Logits held at once by [`masked_token_logprobs_chunked`] on the CPU (64 MiB in f32).
 const LOGITS_PER_CHUNK: usize = 1 << 24;
@@ -83,6 +83,21 @@ impl<B: Backend> PositionStats<B> {
         }
     }
 
+    /// The sums over each row, read back.
+    pub fn row_totals(&self) -> Vec<TokenStats> {
+        let per_row = |t: &Tensor<B, 2>| f32_values(t.clone().sum_dim(1));
+        let [targets, top1, entropy, logits] =
+            [&self.mask, &self.top1, &self.entropy, &self.mean_logits].map(per_row);
+        (0..targets.len())
+            .map(|r| TokenStats {
+                targets: f64::from(targets[r]),
+                top1: f64::from(top1[r]),
+                entropy: f64::from(entropy[r]),
+                logits: f64::from(logits[r]),
+            })
+            .collect()
+    }
+
     /// The sums over rows `rows`, read back.
     pub fn totals(&self, rows: std::ops::Range<usize>) -> TokenStats {
         let sum = |t: &Tensor<B, 2>| first_value(t.clone().slice([rows.clone()]).sum());
@@ -121,6 +136,19 @@ pub struct TokenStats {
     pub top1: f64,
     pub entropy: f64,
     pub logits: f64,
+}
+
+impl std::ops::Add for TokenStats {
+    type Output = Self;
+
+    fn add(self, other: Self) -> Self {
+        Self {
+            targets: self.targets + other.targets,
+            top1: self.top1 + other.top1,
+            entropy: self.entropy + other.entropy,
+            logits: self.logits + other.logits,
+        }
+    }
 }
 
 impl TokenStats {
