@@ -22,7 +22,7 @@ use crate::fixtures::{B, golden, max_abs_diff, model_dir};
 
 const ADAPTERS: &[&str] = &["llama-qv", "qwen2-all", "mistral-layer1", "llama-dora"];
 
-fn adapter_dir(name: &str) -> PathBuf {
+pub(crate) fn adapter_dir(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/fixtures/adapters")
         .join(name)
@@ -47,7 +47,7 @@ fn adapter_golden(name: &str) -> AdapterGolden {
     serde_json::from_str(&text).unwrap()
 }
 
-fn read_tensors(path: &std::path::Path) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+pub(crate) fn read_tensors(path: &std::path::Path) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
     let bytes = std::fs::read(path).unwrap();
     let file = SafeTensors::deserialize(&bytes).unwrap();
     file.tensors()

@@ -11,6 +11,7 @@ mod hub;
 mod losses;
 mod merges;
 mod parity;
+mod qlora;
 mod quickstart;
 mod roundtrip;
 mod train;

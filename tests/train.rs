@@ -133,6 +133,27 @@ fn sft_run_learns_and_writes_a_peft_adapter() {
         "bf16 base: eval loss {eval_bf16} did not fall well below the first step's {first}"
     );
 
+    // QLoRA: the same over a 4-bit NF4 base; `score --dtype nf4` reads the base the same way.
+    let out = train(
+        &path,
+        &[
+            "--set",
+            "model.dtype=\"nf4\"",
+            "--set",
+            "output.dir=\"run-nf4\"",
+        ],
+    );
+    assert_success(&out);
+    let nf4 = work.path().join("run-nf4");
+    let eval_nf4 = first_eval_loss(&metrics(&nf4));
+    assert!(
+        eval_nf4 < 0.5 * first,
+        "NF4 base: eval loss {eval_nf4} did not fall well below the first step's {first}"
+    );
+    let nf4_adapter = ["--adapter", nf4.to_str().unwrap(), "--dtype", "nf4"];
+    assert_ne!(score(&nf4_adapter), score(&["--dtype", "nf4"]));
+    assert_ne!(score(&["--dtype", "nf4"]), score(&[]));
+
     // NEFTune's noisy embeddings: the first step's loss moves, and the run still learns.
     let out = train(
         &path,
@@ -909,12 +930,14 @@ fn recipe_and_data_mismatches_are_errors_naming_the_key() {
     assert!(refused("train.micro_batch_size=0").contains("train.micro_batch_size"));
     assert!(refused("trian.lr=1").contains("trian"));
     assert!(refused("train.schedul=linear").contains("did you mean `schedule`?"));
-    // A bf16 base is frozen: it needs an adapter to train.
-    let err = refused("model.dtype=\"bf16\"");
-    assert!(
-        err.contains("model.dtype") && err.contains("[adapter]"),
-        "{err}"
-    );
+    // A bf16 or NF4 base is frozen: it needs an adapter to train.
+    for dtype in ["bf16", "nf4"] {
+        let err = refused(&format!("model.dtype=\"{dtype}\""));
+        assert!(
+            err.contains(&format!("model.dtype = \"{dtype}\"")) && err.contains("[adapter]"),
+            "{err}"
+        );
+    }
 
     // A data file that is not there is named with the key and where paths are anchored.
     let err = refused("data.train=\"missing.jsonl\"");

@@ -6,9 +6,10 @@
 # of what passed (the stream-ordered route, burnish's kernels) and the transformers + PEFT peer
 # (peer_lora.py, run by peer_reserved.py to add torch's reserved memory) side by side on the
 # card: the first rows, the CUDA build's scores against the CPU's on the fixture models, the
-# larger shapes; each of the first SFT row's alternatives on its own (the other cuBLAS
-# ordering, checked or not unless its check hung; burn's ops in place of burnish's kernels;
-# rows packed with four documents, as the SFT recipes pack them); a kernel profile of the
+# larger shapes; QLoRA's NF4 base (checked against the CPU, then the first rows over it); each
+# of the first SFT row's alternatives on its own (the other cuBLAS ordering, checked or not
+# unless its check hung; burn's ops in place of burnish's kernels; rows packed with four
+# documents, as the SFT recipes pack them); a kernel profile of the
 # first row; the quickstart recipe trained end to end; the first row with f32 activations
 # under the bf16 base, and on burn's matmul alone (the cuBLAS route's gain); the same rows and
 # scores from the build with burn's fusion backend and, when prepare.sh made it (TUNED=1), with
@@ -184,6 +185,17 @@ done
 
 log "burnish bench, larger shapes"
 for row in "${rest[@]}"; do bench $ROUTE $row 120; done
+
+# QLoRA's 4-bit base: its products and gradients against the CPU's, then the first rows over
+# it (the peer's rows hold a bf16 base; compare with ours above for what NF4 saves and costs).
+if [ "$DEVICE" = cuda ]; then
+  log "NF4 products and gradients against the CPU's (burnish-peft's tests)"
+  step 60 "nf4 tests" "$TESTS" --ignored nf4_on_cuda --test-threads 1 >"$OUT/nf4-tests.txt" 2>&1
+  echo "exit $?" >>"$OUT/nf4-tests.txt"
+  tail -n 3 "$OUT/nf4-tests.txt"
+  log "burnish bench, the first rows over a 4-bit NF4 base"
+  for row in "${first[@]}"; do DTYPE=nf4 bench $ROUTE $row 150; done
+fi
 
 # The first SFT row's alternatives, one at a time: the cuBLAS ordering the rows do not take,
 # and burn's ops in place of burnish's GPU kernels.

@@ -52,7 +52,7 @@ if card and "device" in card[0]:
     print(f"\ncard: {card[0]['device']}, torch {card[0]['torch']}, "
           f"bf16 matmul {card[0]['matmul_bf16_tflops']} TFLOP/s")
 
-for checks in ["cublas-host", "cublas-stream", "wide-row-reduction", "gpu-kernels"]:
+for checks in ["cublas-host", "cublas-stream", "wide-row-reduction", "gpu-kernels", "nf4"]:
     tests = out / f"{checks}-tests.txt"
     if tests.exists():
         results = [l for l in tests.read_text().splitlines()
@@ -70,6 +70,8 @@ def row(key, o, p):
     matmul += f"+packed{o['documents']}" if o.get("documents", 1) > 1 else ""
     # A bf16 base whose activations were kept in f32 (BURNISH_ACTIVATIONS=f32).
     matmul += "+f32act" if o.get("dtype") == "bf16" and o.get("activations") == "f32" else ""
+    # QLoRA's 4-bit base (bench --dtype nf4).
+    matmul += "+nf4" if o.get("dtype") == "nf4" else ""
     # burnish's own GPU kernels in place of burn's ops (on CUDA: BURNISH_GPU_KERNELS=all).
     matmul += "+gpukernels" if o.get("gpu_kernels") else ""
     # cubek's routines for long rows in place of burn's default reductions (the default on

@@ -1453,12 +1453,12 @@ impl Recipe {
                     .into(),
             );
         }
-        if self.model.dtype == BaseDtype::Bf16 && self.adapter.is_none() {
-            return Err(
-                "`model.dtype = \"bf16\"` holds a frozen base, which needs an \
-                 `[adapter]` section: without one every weight trains, in f32"
-                    .into(),
-            );
+        if matches!(self.model.dtype, BaseDtype::Bf16 | BaseDtype::Nf4) && self.adapter.is_none() {
+            return Err(format!(
+                "`model.dtype = \"{}\"` holds a frozen base, which needs an `[adapter]` \
+                 section: without one every weight trains, in f32",
+                self.model.dtype
+            ));
         }
         if t.pack && self.data.loader.max_length.is_none() {
             return Err("`train.pack` needs `data.max_length` (the packed row length)".into());

@@ -102,10 +102,11 @@ pub fn base_dtype_for<B: Backend>(
 ) -> Result<BaseDtype> {
     let bf16 = B::supports_dtype(device, DType::BF16);
     let resolved = dtype.resolve(!burnish_peft::on_cpu::<B>() && bf16, frozen);
-    if resolved == BaseDtype::Bf16 && !bf16 {
+    let computes_in_bf16 = resolved == BaseDtype::Nf4 && !burnish_peft::on_cpu::<B>();
+    if (resolved == BaseDtype::Bf16 || computes_in_bf16) && !bf16 {
         bail!(
-            "this device ({}) cannot compute in bf16; use --dtype f32 (`model.dtype = \"f32\"` \
-             in a recipe)",
+            "this device ({}) cannot compute in bf16, which a {resolved} base computes in here; \
+             use --dtype f32 (`model.dtype = \"f32\"` in a recipe)",
             B::name(device)
         );
     }

@@ -1,6 +1,7 @@
 //! The precision a model's frozen base weights are held in (`model.dtype` in recipes, `--dtype`
 //! on the command line), and on GPUs the activations' too. Adapters, optimizer state and losses
-//! stay f32. The default, `auto`, is bf16 on a GPU when the base is frozen and f32 otherwise.
+//! stay f32. The default, `auto`, is bf16 on a GPU when the base is frozen and f32 otherwise;
+//! `nf4` holds the layers' projections as 4-bit NormalFloat codes (QLoRA).
 
 use std::fmt;
 use std::str::FromStr;
@@ -26,6 +27,11 @@ pub enum BaseDtype {
     /// bfloat16: half the memory. On GPUs the activations are bf16 too; on the CPU each
     /// product takes bf16 weights and returns f32 activations.
     Bf16,
+    /// QLoRA's 4-bit base: every decoder layer's projections held as NF4 codes, quantized as
+    /// bitsandbytes quantizes them and read back in the activations' precision for each
+    /// product (bf16 on GPUs, f32 on the CPU); the embedding and LM head stay as for `bf16` on
+    /// GPUs and in f32 on the CPU, as transformers leaves them unquantized.
+    Nf4,
 }
 
 impl BaseDtype {
@@ -46,17 +52,26 @@ impl BaseDtype {
     /// transformers does with a model loaded in bf16 (the CPU's kernels take f32 activations).
     /// For inference and adapter training only: a weight held this way is never updated.
     pub fn apply<B: Backend>(self, model: &mut Decoder<B>) {
-        if self == Self::Bf16 {
-            model.hold_base_in(FloatDType::BF16);
+        let activations = self.activations::<B>();
+        match self {
+            Self::Bf16 => model.hold_base_in(FloatDType::BF16),
+            Self::Nf4 => {
+                model.hold_base_in_nf4();
+                if activations == FloatDType::BF16 {
+                    model.hold_base_in(FloatDType::BF16);
+                }
+            }
+            Self::Auto | Self::F32 => {}
         }
-        model.compute_in(self.activations::<B>());
+        model.compute_in(activations);
     }
 
     /// The precision the activations run in over a base held in this precision on backend
-    /// `B`: bf16 with a bf16 base on a GPU (unless [`ACTIVATIONS_ENV`] is `f32`), f32
+    /// `B`: bf16 with a bf16 or NF4 base on a GPU (unless [`ACTIVATIONS_ENV`] is `f32`), f32
     /// otherwise.
     pub fn activations<B: Backend>(self) -> FloatDType {
-        if self == Self::Bf16 && !on_cpu::<B>() && !f32_activations_asked() {
+        let sixteen_bit = matches!(self, Self::Bf16 | Self::Nf4);
+        if sixteen_bit && !on_cpu::<B>() && !f32_activations_asked() {
             FloatDType::BF16
         } else {
             FloatDType::F32
@@ -90,7 +105,10 @@ impl FromStr for BaseDtype {
             "auto" => Ok(Self::Auto),
             "f32" => Ok(Self::F32),
             "bf16" => Ok(Self::Bf16),
-            other => Err(format!("unknown dtype `{other}`: use auto, f32 or bf16")),
+            "nf4" => Ok(Self::Nf4),
+            other => Err(format!(
+                "unknown dtype `{other}`: use auto, f32, bf16 or nf4"
+            )),
         }
     }
 }
@@ -101,6 +119,7 @@ impl fmt::Display for BaseDtype {
             Self::Auto => "auto",
             Self::F32 => "f32",
             Self::Bf16 => "bf16",
+            Self::Nf4 => "nf4",
         })
     }
 }
@@ -114,7 +133,7 @@ mod tests {
         assert_eq!(BaseDtype::Auto.resolve(true, true), BaseDtype::Bf16);
         assert_eq!(BaseDtype::Auto.resolve(true, false), BaseDtype::F32);
         assert_eq!(BaseDtype::Auto.resolve(false, true), BaseDtype::F32);
-        for concrete in [BaseDtype::F32, BaseDtype::Bf16] {
+        for concrete in [BaseDtype::F32, BaseDtype::Bf16, BaseDtype::Nf4] {
             assert_eq!(concrete.resolve(true, true), concrete);
             assert_eq!(concrete.resolve(false, false), concrete);
         }
@@ -123,7 +142,7 @@ mod tests {
     #[test]
     fn the_cpu_keeps_f32_activations_under_a_bf16_base() {
         use burn::backend::{Autodiff, Flex};
-        for dtype in [BaseDtype::F32, BaseDtype::Bf16] {
+        for dtype in [BaseDtype::F32, BaseDtype::Bf16, BaseDtype::Nf4] {
             assert_eq!(dtype.activations::<Flex>(), FloatDType::F32);
             assert_eq!(dtype.activations::<Autodiff<Flex>>(), FloatDType::F32);
         }
@@ -131,7 +150,12 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for dtype in [BaseDtype::Auto, BaseDtype::F32, BaseDtype::Bf16] {
+        for dtype in [
+            BaseDtype::Auto,
+            BaseDtype::F32,
+            BaseDtype::Bf16,
+            BaseDtype::Nf4,
+        ] {
             assert_eq!(dtype.to_string().parse(), Ok(dtype));
         }
         assert!(

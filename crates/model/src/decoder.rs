@@ -12,8 +12,8 @@ use burn::tensor::{DType, Distribution, ElementConversion, FloatDType, Int, Tens
 use std::path::Path;
 
 use burnish_peft::{
-    AdaptableLinear, LoraConfig, Selected, Task, WholeModule, attach_lora, cast_to, load_adapter,
-    project,
+    AdaptableLinear, LM_HEAD, LoraConfig, Selected, Task, WholeModule, attach_lora, cast_to,
+    load_adapter, project,
 };
 
 use crate::attention::{Attention, LayerCache};
@@ -496,6 +496,16 @@ impl<B: Backend> Decoder<B> {
         let embedding = self.embed_tokens.val();
         if self.lm_head.is_none() && !embedding.is_require_grad() {
             self.embed_tokens = Param::from_tensor(embedding.cast(dtype)).set_require_grad(false);
+        }
+    }
+
+    /// Holds every decoder layer's projections as NF4 codes, frozen (QLoRA's 4-bit base); the
+    /// LM head and the embedding stay as they are, as transformers leaves them unquantized.
+    pub fn hold_base_in_nf4(&mut self) {
+        for (name, linear) in self.linears_mut() {
+            if name != LM_HEAD {
+                linear.hold_base_in_nf4();
+            }
         }
     }
 

@@ -3,7 +3,8 @@
 //! is frozen (no gradient, so no optimizer state); the adapter can be switched off, which turns
 //! the same model into its own DPO reference, and merged into the base or unmerged again. With a
 //! DoRA adapter the layer computes `m/‖W + s·B·A‖ ⊙ (x·Wᵀ + s·x·Aᵀ·Bᵀ) + b`, the row norms held
-//! constant in the backward pass, exactly as PEFT's DoRA layer does.
+//! constant in the backward pass, exactly as PEFT's DoRA layer does. A frozen base weight can
+//! be held as NF4 codes instead (QLoRA; see [`Nf4Weight`]).
 
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
@@ -11,15 +12,72 @@ use burn::tensor::{DType, ElementConversion, FloatDType, Tensor, TensorData};
 
 use crate::error::{PeftError, Result};
 use crate::lora::Lora;
+use crate::nf4::Nf4Weight;
 use crate::rebrand::on_cpu;
 use crate::tensor_io::f32_values;
 
-/// A linear projection `y = x·Wᵀ + b (+ LoRA)` whose weight is stored as `[out, in]`, exactly
-/// as the checkpoint holds it, so loading and saving need no transposes.
+/// A linear layer's base weight `[out, in]`, exactly as the checkpoint holds it (so loading and
+/// saving need no transposes), or frozen as NF4 codes.
+#[derive(Module, Debug)]
+pub enum BaseWeight<B: Backend> {
+    Dense(Param<Tensor<B, 2>>),
+    Nf4(Nf4Weight<B>),
+}
+
+impl<B: Backend> BaseWeight<B> {
+    /// A weight `[out, in]` that trains unless frozen later.
+    pub fn dense(weight: Tensor<B, 2>) -> Self {
+        Self::Dense(Param::from_tensor(weight))
+    }
+
+    /// A weight `[out, in]` that never trains.
+    pub fn frozen(weight: Tensor<B, 2>) -> Self {
+        Self::Dense(Param::from_tensor(weight).set_require_grad(false))
+    }
+
+    /// `[out, in]`.
+    pub fn dims(&self) -> [usize; 2] {
+        match self {
+            Self::Dense(weight) => weight.shape().dims(),
+            Self::Nf4(weight) => weight.dims(),
+        }
+    }
+
+    pub fn device(&self) -> B::Device {
+        match self {
+            Self::Dense(weight) => weight.device(),
+            Self::Nf4(weight) => weight.absmax.device(),
+        }
+    }
+
+    /// The weight `[out, in]`: the parameter itself (tracked if it trains), or the NF4 codes
+    /// read back in f32.
+    pub fn val(&self) -> Tensor<B, 2> {
+        match self {
+            Self::Dense(weight) => weight.val(),
+            Self::Nf4(weight) => weight.dequantize(),
+        }
+    }
+
+    /// `x·Wᵀ` (see [`project`]); for NF4 codes one node that keeps the codes, not the
+    /// dequantized weight, for the backward pass.
+    pub fn project<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        match self {
+            Self::Dense(weight) => project(x, weight.val()),
+            Self::Nf4(weight) => weight.project(x),
+        }
+    }
+
+    /// Whether the weight is held as NF4 codes.
+    pub fn is_quantized(&self) -> bool {
+        matches!(self, Self::Nf4(_))
+    }
+}
+
+/// A linear projection `y = x·Wᵀ + b (+ LoRA)`.
 #[derive(Module, Debug)]
 pub struct AdaptableLinear<B: Backend> {
-    /// `[out, in]`
-    pub weight: Param<Tensor<B, 2>>,
+    pub weight: BaseWeight<B>,
     /// `[out]`
     pub bias: Option<Param<Tensor<B, 1>>>,
     pub lora: Option<Lora<B>>,
@@ -39,7 +97,7 @@ impl<B: Backend> AdaptableLinear<B> {
     /// Wraps a weight `[out, in]` and an optional bias `[out]`.
     pub fn new(weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Self {
         Self {
-            weight: Param::from_tensor(weight),
+            weight: BaseWeight::dense(weight),
             bias: bias.map(Param::from_tensor),
             lora: None,
             adapter_enabled: true,
@@ -50,17 +108,19 @@ impl<B: Backend> AdaptableLinear<B> {
 
     /// Input features.
     pub fn d_in(&self) -> usize {
-        self.weight.shape().dims::<2>()[1]
+        self.weight.dims()[1]
     }
 
     /// Output features.
     pub fn d_out(&self) -> usize {
-        self.weight.shape().dims::<2>()[0]
+        self.weight.dims()[0]
     }
 
     /// Attaches `lora` and freezes the base weight and bias.
     pub fn attach(&mut self, mut lora: Lora<B>) {
-        self.weight = Param::from_tensor(self.weight.val()).set_require_grad(false);
+        if !self.weight.is_quantized() {
+            self.weight = BaseWeight::frozen(self.weight.val());
+        }
         self.bias = self
             .bias
             .take()
@@ -75,8 +135,29 @@ impl<B: Backend> AdaptableLinear<B> {
     /// own precision. Only for inference and adapter training: a weight held this way is never
     /// updated.
     pub fn hold_base_in(&mut self, dtype: FloatDType) {
-        let weight = self.weight.val().cast(dtype);
-        self.weight = Param::from_tensor(weight).set_require_grad(false);
+        if self.weight.is_quantized() {
+            return;
+        }
+        self.weight = BaseWeight::frozen(self.weight.val().cast(dtype));
+        if let Some(lora) = &mut self.lora {
+            lora.remember_base(self.weight.val());
+        }
+    }
+
+    /// Holds the base weight as NF4 codes (QLoRA's 4-bit base, quantized as bitsandbytes
+    /// does), frozen; its products then run in the activations' precision. The bias and any
+    /// adapter keep theirs. Only for inference and adapter training.
+    pub fn hold_base_in_nf4(&mut self) {
+        if self.weight.is_quantized() {
+            return;
+        }
+        let values = f32_values(self.weight.val());
+        let device = self.weight.device();
+        self.weight = BaseWeight::Nf4(Nf4Weight::quantize(&values, self.weight.dims(), &device));
+        self.bias = self
+            .bias
+            .take()
+            .map(|b| Param::from_tensor(b.val()).set_require_grad(false));
         if let Some(lora) = &mut self.lora {
             lora.remember_base(self.weight.val());
         }
@@ -105,13 +186,13 @@ impl<B: Backend> AdaptableLinear<B> {
         magnitude: Tensor<B, 1>,
         input: Tensor<B, D>,
     ) -> Tensor<B, D> {
-        let projected = project(input.clone(), self.weight.val());
+        let projected = self.weight.project(input.clone());
         let dtype = projected.dtype();
         let norms = lora.row_norms(self.weight.val());
         let scale = cast_to((magnitude / norms).unsqueeze::<D>(), dtype);
         let output = if B::ad_enabled(&input.device()) && lora.dropout.prob > 0.0 {
             let dropped = lora.dropout.forward(input);
-            let dropped_projected = project(dropped.clone(), self.weight.val());
+            let dropped_projected = self.weight.project(dropped.clone());
             let adapted = (dropped_projected.clone() + lora.update(dropped)) * scale;
             projected + adapted - dropped_projected
         } else {
@@ -163,7 +244,7 @@ impl<B: Backend> AdaptableLinear<B> {
 
     /// The base projection, bias included (in the activations' precision).
     fn forward_base<const D: usize>(&self, input: Tensor<B, D>) -> Tensor<B, D> {
-        let base = project(input, self.weight.val());
+        let base = self.weight.project(input);
         match &self.bias {
             Some(bias) => {
                 let bias = cast_to(bias.val(), base.dtype());
@@ -240,7 +321,7 @@ impl<B: Backend> AdaptableLinear<B> {
 
     /// Installs a weight computed by [`AdaptableLinear::merged_weight`].
     pub fn set_merged_weight(&mut self, weight: Tensor<B, 2>) {
-        self.weight = Param::from_tensor(weight).set_require_grad(false);
+        self.weight = BaseWeight::frozen(weight);
         self.merged = true;
     }
 
@@ -255,7 +336,7 @@ impl<B: Backend> AdaptableLinear<B> {
                     Tensor::<B, 1>::from_data(TensorData::new(scale, [rows]), &delta.device());
                 weight = weight / scale.unsqueeze_dim(1);
             }
-            self.weight = Param::from_tensor(weight - delta).set_require_grad(false);
+            self.weight = BaseWeight::frozen(weight - delta);
             self.merged = false;
         }
     }

@@ -46,7 +46,8 @@ pub struct BenchArgs {
     #[arg(long, default_value = "auto")]
     device: DeviceArg,
     /// Precision the frozen base weights are held in: f32, bf16 (half the memory; on a GPU the
-    /// activations are bf16 too), or auto (bf16 on a GPU, f32 on the CPU).
+    /// activations are bf16 too), nf4 (QLoRA's 4-bit codes for the layers' projections), or
+    /// auto (bf16 on a GPU, f32 on the CPU).
     #[arg(long, default_value = "auto")]
     dtype: BaseDtype,
     /// Recompute each layer's activations in the backward pass (training modes): what
@@ -162,6 +163,7 @@ impl Job for Bench {
                 &device,
             )?;
             a.dtype.apply(&mut model);
+            memory.model_built();
             let input = Tensor::<B, 2, Int>::from_data(
                 TensorData::new(
                     ids.iter().map(|&t| i64::from(t)).collect(),
@@ -272,6 +274,7 @@ fn train_steps<AD: AutodiffBackend>(
     let (mut model, _) = base.with_lora(&lora, 0)?;
     model.score = model.score.map(|head| head.set_require_grad(true));
     a.dtype.apply(&mut model);
+    memory.model_built();
     let mut model = Some(model);
     // Documents of `length` tokens laid end to end (a row's last one may be shorter), numbered
     // from 1 (0 is padding).

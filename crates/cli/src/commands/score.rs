@@ -36,7 +36,8 @@ pub struct ScoreArgs {
     #[arg(long, default_value = "auto")]
     device: DeviceArg,
     /// Precision the base weights are held in: f32, bf16 (half the memory; on a GPU the
-    /// activations are bf16 too), or auto (bf16 on a GPU, f32 on the CPU).
+    /// activations are bf16 too), nf4 (QLoRA's 4-bit codes for the layers' projections), or
+    /// auto (bf16 on a GPU, f32 on the CPU).
     #[arg(long, default_value = "auto")]
     dtype: BaseDtype,
     /// Print one JSON object instead of a table.
