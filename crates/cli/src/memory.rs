@@ -1,8 +1,6 @@
-//! The peak memory a `burnish bench` run takes: the process's peak resident set on the CPU from
-//! the moment the model was built as the run holds it (the kernel's peak is reset there, so that
-//! a base built in f32 and then held in bf16 or 4 bits counts as held), and on a CUDA device the
-//! driver's count of device memory in use, sampled after every step, less what was in use
-//! before the run built anything.
+//! The peak memory a `burnish bench` run takes: the process's peak resident set on the CPU, and
+//! on a CUDA device the driver's count of device memory in use, sampled after every step, less
+//! what was in use before the run built anything.
 
 /// Follows one run's memory on the device it runs on.
 pub enum MemoryGauge {
@@ -37,15 +35,6 @@ impl MemoryGauge {
         Self::Host
     }
 
-    /// Marks the model built as the run holds it: on the CPU the peak resident set counts from
-    /// here (what the process holds now, then its growth), when the kernel lets it be reset.
-    pub fn model_built(&mut self) {
-        if let Self::Host = self {
-            // Linux: writing 5 to clear_refs resets the peak resident set to the current one.
-            let _ = std::fs::write("/proc/self/clear_refs", "5");
-        }
-    }
-
     /// Takes a sample (after a step, when the run's buffers are all allocated).
     pub fn sample(&mut self) {
         #[cfg(feature = "cuda")]
@@ -68,7 +57,7 @@ impl MemoryGauge {
     /// What [`peak_bytes`](Self::peak_bytes) counts, for reports.
     pub fn describe(&self) -> &'static str {
         match self {
-            Self::Host => "peak resident set of the process once the model was built",
+            Self::Host => "peak resident set of the process",
             #[cfg(feature = "cuda")]
             Self::Cuda { .. } => {
                 "peak device memory in use (driver count, sampled after each step) less what was \

@@ -371,6 +371,21 @@ impl<B: Backend> Decoder<B> {
         trains(self)
     }
 
+    /// The bytes the model's parameters hold as it holds them (a base in bf16 or as NF4 codes,
+    /// adapters, norms and embeddings), whatever memory allocators keep besides.
+    pub fn parameter_bytes(&self) -> u64 {
+        struct Bytes(u64);
+        impl<B: Backend> ModuleVisitor<B> for Bytes {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+                let t = param.val();
+                self.0 += (t.shape().num_elements() * t.dtype().size()) as u64;
+            }
+        }
+        let mut bytes = Bytes(0);
+        self.visit(&mut bytes);
+        bytes.0
+    }
+
     /// The head's weight `[vocab, hidden]` when the head is a plain frozen matrix (tied to an
     /// embedding that gets no gradient, or an `lm_head` without bias, active adapter or
     /// gradient): then `head(h)` is `project(h, weight)`, and a loss may compute it its own way.

@@ -18,6 +18,8 @@ use crate::tensor_io::f32_values;
 
 /// A linear layer's base weight `[out, in]`, exactly as the checkpoint holds it (so loading and
 /// saving need no transposes), or frozen as NF4 codes.
+// One per linear layer: the variants' size difference (three tensor handles) costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum BaseWeight<B: Backend> {
     Dense(Param<Tensor<B, 2>>),

@@ -156,6 +156,7 @@ impl Job for Bench {
             .collect();
 
         let mut memory = MemoryGauge::start(&device);
+        let mut weights = 0;
         let step_s = if a.mode == Mode::Forward {
             let mut model = build_decoder::<B>(
                 &config.decoder,
@@ -163,7 +164,7 @@ impl Job for Bench {
                 &device,
             )?;
             a.dtype.apply(&mut model);
-            memory.model_built();
+            weights = model.parameter_bytes();
             let input = Tensor::<B, 2, Int>::from_data(
                 TensorData::new(
                     ids.iter().map(|&t| i64::from(t)).collect(),
@@ -182,7 +183,15 @@ impl Job for Bench {
                 Ok(())
             })?
         } else {
-            train_steps::<Autodiff<B>>(&a, &config, &ids, &rejected, &device, &mut memory)?
+            train_steps::<Autodiff<B>>(
+                &a,
+                &config,
+                &ids,
+                &rejected,
+                &device,
+                &mut memory,
+                &mut weights,
+            )?
         };
         let pairs = matches!(a.mode, Mode::Dpo | Mode::Orpo | Mode::Cpo | Mode::Reward);
         let tokens = a.batch * a.seq * if pairs { 2 } else { 1 };
@@ -196,6 +205,7 @@ impl Job for Bench {
                 "activations": format!("{:?}", a.dtype.activations::<B>()).to_lowercase(),
                 "tokens_per_s": tokens_per_s, "step_ms": step_s * 1e3,
                 "peak_memory_bytes": peak, "memory": memory.describe(),
+                "parameter_bytes": weights,
                 "matmul": product_route::<B>(a.dtype), "backend": B::name(&device),
                 "autotune": cfg!(feature = "autotune"),
                 "gpu_kernels": own_gpu_kernels::<B>(),
@@ -207,7 +217,7 @@ impl Job for Bench {
             println!("{out}");
         } else {
             println!(
-                "{} {:?} batch {} x seq {}, base in {}{}{}: {:.1} ms/step, {:.0} tokens/s, peak memory {} ({})",
+                "{} {:?} batch {} x seq {}, base in {}{}{}: {:.1} ms/step, {:.0} tokens/s, peak memory {} ({}), parameters {:.2} GiB",
                 a.shape,
                 a.mode,
                 a.batch,
@@ -228,6 +238,7 @@ impl Job for Bench {
                 peak.map(|b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64))
                     .unwrap_or_else(|| "n/a".into()),
                 memory.describe(),
+                weights as f64 / (1u64 << 30) as f64,
             );
         }
         Ok(())
@@ -246,7 +257,8 @@ fn time_steps(warmup: usize, steps: usize, mut step: impl FnMut() -> Result<()>)
     Ok(start.elapsed().as_secs_f64() / steps as f64)
 }
 
-/// Seconds per LoRA training step (forward, backward, AdamW) in `a.mode`.
+/// Seconds per LoRA training step (forward, backward, AdamW) in `a.mode`; the bytes the model's
+/// parameters hold into `weights`.
 fn train_steps<AD: AutodiffBackend>(
     a: &BenchArgs,
     config: &HfConfig,
@@ -254,6 +266,7 @@ fn train_steps<AD: AutodiffBackend>(
     rejected: &[u32],
     device: &AD::Device,
     memory: &mut MemoryGauge,
+    weights: &mut u64,
 ) -> Result<f64> {
     let base = build_decoder::<AD>(
         &config.decoder,
@@ -274,7 +287,7 @@ fn train_steps<AD: AutodiffBackend>(
     let (mut model, _) = base.with_lora(&lora, 0)?;
     model.score = model.score.map(|head| head.set_require_grad(true));
     a.dtype.apply(&mut model);
-    memory.model_built();
+    *weights = model.parameter_bytes();
     let mut model = Some(model);
     // Documents of `length` tokens laid end to end (a row's last one may be shorter), numbered
     // from 1 (0 is padding).
