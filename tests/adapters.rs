@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use burn::backend::Autodiff;
 use burn::tensor::{Int, Tensor, TensorData};
-use burnish_model::{Pretrained, token_logprobs};
+use burnish_model::{Decoder, Pretrained, token_logprobs};
 use burnish_peft::{
     LoraConfig, Targets, decode_f32, load_adapter, save_adapter, trainable_parameters,
 };
@@ -232,6 +232,64 @@ fn only_adapter_tensors_receive_gradients() {
 
 /// DoRA's gradients (A, B and the magnitudes; the row norms held constant) equal PEFT's for
 /// the first score case's mean negative log-prob.
+/// The mean negative log-prob of `ids` (each token after the first) under `model`.
+pub(crate) fn mean_nll(model: &Decoder<Autodiff<B>>, ids: &[u32]) -> Tensor<Autodiff<B>, 1> {
+    let device = Default::default();
+    let ids: Vec<i64> = ids.iter().map(|&id| i64::from(id)).collect();
+    let n = ids.len();
+    let input =
+        Tensor::<Autodiff<B>, 2, Int>::from_data(TensorData::new(ids.clone(), [1, n]), &device);
+    let targets = Tensor::<Autodiff<B>, 2, Int>::from_data(
+        TensorData::new(ids[1..].to_vec(), [n - 1, 1]),
+        &device,
+    );
+    let logits: Tensor<Autodiff<B>, 2> = model.forward(input).squeeze_dim(0).narrow(0, 0, n - 1);
+    let logprobs = burn::tensor::activation::log_softmax(logits, 1);
+    logprobs.gather(1, targets).mean().neg()
+}
+
+/// Checks every adapter tensor's gradient in `grads` (LoRA's A and B, DoRA's magnitudes)
+/// against `expected`, keyed `{prefix}base_model.model.<module>.<tensor>` as PEFT names them, to
+/// 1e-4 of each tensor's largest value; asserts the frozen base weights got none. Returns how
+/// many tensors it checked.
+pub(crate) fn assert_adapter_gradients(
+    model: &Decoder<Autodiff<B>>,
+    grads: &<Autodiff<B> as burn::tensor::backend::AutodiffBackend>::Gradients,
+    expected: &BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    prefix: &str,
+) -> usize {
+    let mut seen = 0;
+    for (module, linear) in model.linears() {
+        assert!(
+            linear.weight.val().grad(grads).is_none(),
+            "{module}: the frozen base got a gradient"
+        );
+        let Some(lora) = &linear.lora else { continue };
+        let mut tensors = vec![
+            ("lora_A.weight", lora.lora_a.val().grad(grads)),
+            ("lora_B.weight", lora.lora_b.val().grad(grads)),
+        ];
+        if let Some(magnitude) = &lora.magnitude {
+            let grad = magnitude.val().grad(grads).map(|g| g.unsqueeze::<2>());
+            tensors.push(("lora_magnitude_vector", grad));
+        }
+        for (tensor, grad) in tensors {
+            let key = format!("{prefix}base_model.model.{module}.{tensor}");
+            let ours = grad.unwrap_or_else(|| panic!("{key}: no gradient"));
+            let ours = ours.into_data().to_vec::<f32>().unwrap();
+            let (_, theirs) = &expected[&key];
+            let scale = theirs.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+            let worst = max_abs_diff(&ours, theirs);
+            assert!(
+                worst <= 1e-4 * scale,
+                "{key}: max |Δ| = {worst:e} (largest {scale:e})"
+            );
+            seen += 1;
+        }
+    }
+    seen
+}
+
 #[test]
 fn dora_gradients_match_peft() {
     type AD = Autodiff<B>;
@@ -246,18 +304,7 @@ fn dora_gradients_match_peft() {
         .model;
     let (model, config) = base.with_adapter(&adapter_dir(name)).unwrap();
     assert!(config.use_dora);
-    let ids: Vec<i64> = adapter_golden(name).score[0]
-        .token_ids
-        .iter()
-        .map(|&id| i64::from(id))
-        .collect();
-    let n = ids.len();
-    let input = Tensor::<AD, 2, Int>::from_data(TensorData::new(ids.clone(), [1, n]), &device);
-    let targets =
-        Tensor::<AD, 2, Int>::from_data(TensorData::new(ids[1..].to_vec(), [n - 1, 1]), &device);
-    let logits: Tensor<AD, 2> = model.forward(input).squeeze_dim(0).narrow(0, 0, n - 1);
-    let logprobs = burn::tensor::activation::log_softmax(logits, 1);
-    let loss = logprobs.gather(1, targets).mean().neg();
+    let loss = mean_nll(&model, &adapter_golden(name).score[0].token_ids);
     let ours = loss.clone().into_scalar();
     let theirs = golden["loss"].as_f64().unwrap() as f32;
     assert!(
@@ -266,36 +313,7 @@ fn dora_gradients_match_peft() {
     );
     let grads = loss.backward();
     let expected = read_tensors(&adapter_dir(name).join("grads.safetensors"));
-    let mut seen = 0;
-    for (module, linear) in model.linears() {
-        let Some(lora) = &linear.lora else { continue };
-        let magnitude = lora.magnitude.as_ref().expect("a DoRA adapter").val();
-        for (key, grad) in [
-            (
-                format!("base_model.model.{module}.lora_A.weight"),
-                lora.lora_a.val().grad(&grads),
-            ),
-            (
-                format!("base_model.model.{module}.lora_B.weight"),
-                lora.lora_b.val().grad(&grads),
-            ),
-            (
-                format!("base_model.model.{module}.lora_magnitude_vector"),
-                magnitude.grad(&grads).map(|g| g.unsqueeze::<2>()),
-            ),
-        ] {
-            let grad = grad.unwrap_or_else(|| panic!("{key}: no gradient"));
-            let ours = grad.into_data().to_vec::<f32>().unwrap();
-            let (_, theirs) = &expected[&key];
-            let scale = theirs.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
-            let worst = max_abs_diff(&ours, theirs);
-            assert!(
-                worst <= 1e-4 * scale,
-                "{key}: max |Δ| = {worst:e} (largest {scale:e})"
-            );
-            seen += 1;
-        }
-    }
+    let seen = assert_adapter_gradients(&model, &grads, &expected, "");
     assert_eq!(seen, expected.len());
 }
 

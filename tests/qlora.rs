@@ -6,13 +6,12 @@
 use std::path::PathBuf;
 
 use burn::backend::Autodiff;
-use burn::tensor::{Int, Tensor, TensorData};
 use burnish_model::{BaseDtype, Pretrained, token_logprobs};
 use burnish_peft::{f32_values, nf4_codes};
 use safetensors::SafeTensors;
 use serde::Deserialize;
 
-use crate::adapters::{adapter_dir, read_tensors};
+use crate::adapters::{adapter_dir, assert_adapter_gradients, mean_nll, read_tensors};
 use crate::fixtures::{B, max_abs_diff, model_dir};
 
 fn qlora_dir() -> PathBuf {
@@ -88,20 +87,7 @@ fn qlora_logprobs_and_gradients_equal_peft_on_bitsandbytes() {
         let base = Pretrained::<AD>::load(&model_dir("llama"), &device).unwrap();
         let (mut model, _) = base.model.with_adapter(&adapter_dir(adapter)).unwrap();
         BaseDtype::Nf4.apply(&mut model);
-        let ids: Vec<i64> = golden.score[0]
-            .token_ids
-            .iter()
-            .map(|&id| i64::from(id))
-            .collect();
-        let n = ids.len();
-        let input = Tensor::<AD, 2, Int>::from_data(TensorData::new(ids.clone(), [1, n]), &device);
-        let targets = Tensor::<AD, 2, Int>::from_data(
-            TensorData::new(ids[1..].to_vec(), [n - 1, 1]),
-            &device,
-        );
-        let logits: Tensor<AD, 2> = model.forward(input).squeeze_dim(0).narrow(0, 0, n - 1);
-        let logprobs = burn::tensor::activation::log_softmax(logits, 1);
-        let loss = logprobs.gather(1, targets).mean().neg();
+        let loss = mean_nll(&model, &golden.score[0].token_ids);
         let ours = loss.clone().into_scalar();
         assert!(
             (ours - golden.loss).abs() <= 1e-5,
@@ -109,34 +95,7 @@ fn qlora_logprobs_and_gradients_equal_peft_on_bitsandbytes() {
             golden.loss
         );
         let grads = loss.backward();
-        for (module, linear) in model.linears() {
-            assert!(
-                linear.weight.val().grad(&grads).is_none(),
-                "{module}: the base trained"
-            );
-            let Some(lora) = &linear.lora else { continue };
-            let mut tensors = vec![
-                ("lora_A.weight", lora.lora_a.val().grad(&grads)),
-                ("lora_B.weight", lora.lora_b.val().grad(&grads)),
-            ];
-            if let Some(magnitude) = &lora.magnitude {
-                let grad = magnitude.val().grad(&grads).map(|g| g.unsqueeze::<2>());
-                tensors.push(("lora_magnitude_vector", grad));
-            }
-            for (tensor, grad) in tensors {
-                let key = format!("{adapter}/base_model.model.{module}.{tensor}");
-                let ours = grad.unwrap_or_else(|| panic!("{key}: no gradient"));
-                let ours = ours.into_data().to_vec::<f32>().unwrap();
-                let (_, theirs) = &expected[&key];
-                let scale = theirs.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
-                let worst = max_abs_diff(&ours, theirs);
-                assert!(
-                    worst <= 1e-4 * scale,
-                    "{key}: max |Δ| = {worst:e} (largest {scale:e})"
-                );
-                seen += 1;
-            }
-        }
+        seen += assert_adapter_gradients(&model, &grads, &expected, &format!("{adapter}/"));
     }
     assert_eq!(seen, expected.len());
 }

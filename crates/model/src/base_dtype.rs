@@ -162,7 +162,7 @@ mod tests {
             "fp16"
                 .parse::<BaseDtype>()
                 .unwrap_err()
-                .contains("auto, f32 or bf16")
+                .contains("auto, f32, bf16 or nf4")
         );
     }
 }
