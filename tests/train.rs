@@ -597,21 +597,13 @@ fn grpo_runs_complete_prompts_score_them_and_resume_to_the_same_numbers() {
     assert_success(&out);
     // Under a reward model whose weights changed, the run would score otherwise: refused. The
     // same model at another path continues.
-    let judge = |name: &str, changed: bool| {
-        let dir = work.path().join(name);
-        std::fs::create_dir(&dir).unwrap();
-        for entry in std::fs::read_dir(&reward_model).unwrap() {
-            let from = entry.unwrap().path();
-            std::fs::copy(&from, dir.join(from.file_name().unwrap())).unwrap();
-        }
-        if changed {
-            let weights = dir.join("model.safetensors");
-            let mut bytes = std::fs::read(&weights).unwrap();
-            *bytes.last_mut().unwrap() ^= 1;
-            std::fs::write(&weights, bytes).unwrap();
-        }
-        format!("grpo.reward_models=[\"{name}\"]")
-    };
+    let (changed, moved) = (copy_fixture("llama-reward"), copy_fixture("llama-reward"));
+    let weights = changed.path().join("model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    *bytes.last_mut().unwrap() ^= 1;
+    std::fs::write(&weights, bytes).unwrap();
+    let judge =
+        |dir: &tempfile::TempDir| format!("grpo.reward_models=[\"{}\"]", dir.path().display());
     let resume = |reward_models: &str| {
         train(
             &path,
@@ -624,14 +616,14 @@ fn grpo_runs_complete_prompts_score_them_and_resume_to_the_same_numbers() {
             ],
         )
     };
-    let out = resume(&judge("changed", true));
+    let out = resume(&judge(&changed));
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("the reward models (`grpo.reward_models`"),
         "{err}"
     );
-    let out = resume(&judge("moved", false));
+    let out = resume(&judge(&moved));
     assert_success(&out);
     let resumed = metrics(&work.path().join("parts"));
     for key in ["loss", "reward", "grad_norm"] {

@@ -179,14 +179,13 @@ impl<B: AutodiffBackend> Strategy<B> for Grpo<B> {
             per_token = per_token + kl.mul_scalar(self.beta);
         }
         let masked = per_token * mask.clone();
-        let rows = tokens.inputs.dims()[0];
         let loss_sum = match self.loss {
             GrpoLossKind::Dapo => masked.sum(),
             GrpoLossKind::Grpo => (masked.sum_dim(1) / mask.sum_dim(1).clamp_min(1.0)).sum(),
             GrpoLossKind::DrGrpo => masked.sum().div_scalar(self.max_completion_length as f64),
         };
         if let Some(stats) = stats {
-            let totals = stats.totals(0..rows);
+            let totals = stats.total();
             if totals.targets > 0.0 {
                 metrics.push(("entropy", totals.entropy / totals.targets));
             }
@@ -311,6 +310,14 @@ impl RewardFunction {
         }
     }
 
+    /// The prompt rows' column it reads, if any.
+    pub fn column(&self) -> Option<&str> {
+        match self {
+            Self::Contains { field } => Some(field),
+            Self::ThinkFormat | Self::SoftOverlong { .. } => None,
+        }
+    }
+
     /// Its name in the metrics, as TRL names its functions.
     pub fn name(&self) -> String {
         match self {
@@ -386,10 +393,7 @@ pub fn rollouts<B: AutodiffBackend>(
                             "{}: a prompt row has no `{}` to compare completions with; give \
                              every row that column",
                             names.scorer,
-                            match function {
-                                RewardFunction::Contains { field } => field.as_str(),
-                                _ => "",
-                            }
+                            function.column().unwrap_or_default()
                         ))
                     })?;
                 scores.push(score);
@@ -459,13 +463,18 @@ pub fn rollouts<B: AutodiffBackend>(
     Ok((batches, metrics))
 }
 
+/// The mean of `values` (0 for none).
+fn mean(values: &[f64]) -> f64 {
+    values.iter().sum::<f64>() / values.len().max(1) as f64
+}
+
 /// The mean, min and max of `values` (0s for none).
 fn mean_min_max(values: &[f64]) -> [f64; 3] {
     if values.is_empty() {
         return [0.0; 3];
     }
     [
-        values.iter().sum::<f64>() / values.len() as f64,
+        mean(values),
         values.iter().copied().fold(f64::INFINITY, f64::min),
         values.iter().copied().fold(f64::NEG_INFINITY, f64::max),
     ]
@@ -481,21 +490,18 @@ fn spread(values: &[f64]) -> f64 {
 }
 
 /// A step's generation metrics under TRL's names, from its completions' weighted rewards
-/// (`total`), each scorer's own rewards (with its names and weight), and each completion's length and whether it was cut at
-/// the length limit: the rewards' mean and standard deviation, overall and per scorer; the
-/// lengths of all completions and of those that ended with an end token (0s when none did, as
-/// TRL logs them); the fraction cut.
+/// (`total`), each scorer's own rewards (with its names and weight), and each completion's
+/// length and whether it was cut at the length limit: the rewards' mean and standard deviation,
+/// overall and per scorer; the lengths of all completions and of those that ended with an end
+/// token (0s when none did, as TRL logs them); the fraction cut.
 fn generation_metrics(
     total: &[f64],
     scorers: &[(&[f64], RewardNames, f64)],
     completions: &[(usize, bool)],
 ) -> Vec<(&'static str, f64)> {
-    let mut metrics = vec![
-        ("reward", mean_min_max(total)[0]),
-        ("reward_std", spread(total)),
-    ];
+    let mut metrics = vec![("reward", mean(total)), ("reward_std", spread(total))];
     for (scores, names, _) in scorers {
-        metrics.push((names.mean, mean_min_max(scores)[0]));
+        metrics.push((names.mean, mean(scores)));
         metrics.push((names.std, spread(scores)));
     }
     let lengths: Vec<f64> = completions.iter().map(|c| c.0 as f64).collect();

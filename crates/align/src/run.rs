@@ -353,7 +353,7 @@ fn reward_functions(
     let mut out = Vec::new();
     for spec in &section.reward_functions {
         let function = spec.function().map_err(RunError::Mismatch)?;
-        if let RewardFunction::Contains { field } = &function
+        if let Some(field) = function.column()
             && let Some((_, source)) = data
                 .prompts
                 .iter()

@@ -466,13 +466,10 @@ impl<B: AutodiffBackend> Strategy<B> for Sft {
         // the predictions are.
         let (logprobs, stats) =
             token_logprobs_and_stats(model, hidden, batch, model.trains(), true);
-        let rows = batch.inputs.dims()[0];
         StepOutput {
             loss_sum: logprobs.sum().neg(),
             units: self.units(batch),
-            metrics: stats
-                .map(|s| s.totals(0..rows).metrics())
-                .unwrap_or_default(),
+            metrics: stats.map(|s| s.total().metrics()).unwrap_or_default(),
         }
     }
 }
@@ -610,7 +607,9 @@ fn completion_metrics<B: Backend>(
     let Some(stats) = stats else {
         return Vec::new();
     };
-    let (chosen, rejected) = (stats.totals(0..pairs), stats.totals(pairs..2 * pairs));
+    let rows = stats.row_totals();
+    let chosen: TokenStats = rows[..pairs].iter().copied().sum();
+    let rejected: TokenStats = rows[pairs..].iter().copied().sum();
     let ratio = |sum: f64, count: f64| if count > 0.0 { sum / count } else { 0.0 };
     vec![
         (
@@ -631,11 +630,12 @@ fn completion_metrics<B: Backend>(
 /// `logits/rejected`, the mean logit over the desirable and over the undesirable completions'
 /// tokens (each only when there are some).
 fn labeled_metrics(rows: &[TokenStats], desirable: &[bool]) -> Vec<(&'static str, f64)> {
-    let side = |want: bool| {
+    let side = |want: bool| -> TokenStats {
         rows.iter()
             .zip(desirable)
             .filter(|(_, d)| **d == want)
-            .fold(TokenStats::default(), |sum, (row, _)| sum + *row)
+            .map(|(row, _)| *row)
+            .sum()
     };
     let (chosen, rejected) = (side(true), side(false));
     let all = chosen + rejected;

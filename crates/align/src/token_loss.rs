@@ -98,15 +98,9 @@ impl<B: Backend> PositionStats<B> {
             .collect()
     }
 
-    /// The sums over rows `rows`, read back.
-    pub fn totals(&self, rows: std::ops::Range<usize>) -> TokenStats {
-        let sum = |t: &Tensor<B, 2>| first_value(t.clone().slice([rows.clone()]).sum());
-        TokenStats {
-            targets: sum(&self.mask),
-            top1: sum(&self.top1),
-            entropy: sum(&self.entropy),
-            logits: sum(&self.mean_logits),
-        }
+    /// The sums over every row, read back.
+    pub fn total(&self) -> TokenStats {
+        self.row_totals().into_iter().sum()
     }
 }
 
@@ -148,6 +142,12 @@ impl std::ops::Add for TokenStats {
             entropy: self.entropy + other.entropy,
             logits: self.logits + other.logits,
         }
+    }
+}
+
+impl std::iter::Sum for TokenStats {
+    fn sum<I: Iterator<Item = Self>>(stats: I) -> Self {
+        stats.fold(Self::default(), |sum, s| sum + s)
     }
 }
 

@@ -11,6 +11,7 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use crate::decoder::{Decoder, KvCache};
 use crate::error::{ModelError, Result};
+use crate::score::check_vocabulary;
 
 /// How the next token is chosen and when generation stops.
 #[derive(Debug, Clone, PartialEq)]
@@ -142,13 +143,7 @@ fn check_prompt<B: Backend>(model: &Decoder<B>, prompt: &[u32]) -> Result<()> {
     if prompt.is_empty() {
         return Err(ModelError::Input("the prompt has no tokens".into()));
     }
-    let vocab = model.config.vocab_size;
-    match prompt.iter().find(|&&t| t as usize >= vocab) {
-        Some(&bad) => Err(ModelError::Input(format!(
-            "prompt token {bad} is outside the vocabulary (size {vocab})"
-        ))),
-        None => Ok(()),
-    }
+    check_vocabulary(model, prompt, "prompt token")
 }
 
 /// Picks the next token from one position's logits.

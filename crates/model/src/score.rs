@@ -11,14 +11,25 @@ use burnish_peft::f32_values;
 use crate::decoder::{Decoder, scoring_batch};
 use crate::error::{ModelError, Result};
 
+/// Refuses a token of `ids` outside `model`'s vocabulary, naming it as a `what` ("token",
+/// "prompt token").
+pub(crate) fn check_vocabulary<'a, B: Backend>(
+    model: &Decoder<B>,
+    ids: impl IntoIterator<Item = &'a u32>,
+    what: &str,
+) -> Result<()> {
+    let vocab = model.config.vocab_size;
+    match ids.into_iter().find(|&&t| t as usize >= vocab) {
+        Some(bad) => Err(ModelError::Input(format!(
+            "{what} {bad} is outside the vocabulary (size {vocab})"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// `ids` as a one-row batch for `model`, refused if a token is outside its vocabulary.
 fn one_row<B: Backend>(model: &Decoder<B>, ids: &[u32]) -> Result<Tensor<B, 2, Int>> {
-    let vocab = model.config.vocab_size;
-    if let Some(&bad) = ids.iter().find(|&&t| t as usize >= vocab) {
-        return Err(ModelError::Input(format!(
-            "token {bad} is outside the vocabulary (size {vocab})"
-        )));
-    }
+    check_vocabulary(model, ids, "token")?;
     Ok(Tensor::from_data(
         TensorData::new(ids.iter().map(|&t| t as i64).collect(), [1, ids.len()]),
         &model.embed_tokens.val().device(),
@@ -64,12 +75,7 @@ pub fn batch_rewards<B: Backend>(model: &Decoder<B>, rows: &[Vec<u32>]) -> Resul
     if rows.is_empty() {
         return Ok(Vec::new());
     }
-    let vocab = model.config.vocab_size;
-    if let Some(&bad) = rows.iter().flatten().find(|&&t| t as usize >= vocab) {
-        return Err(ModelError::Input(format!(
-            "token {bad} is outside the vocabulary (size {vocab})"
-        )));
-    }
+    check_vocabulary(model, rows.iter().flatten(), "token")?;
     let device = model.embed_tokens.val().device();
     let (ids, positions) = scoring_batch::<B>(rows, model.config.pad_token_id, &device);
     let scores = model.scores(model.hidden_states(ids), &positions);

@@ -156,10 +156,6 @@ impl<B: Backend> AdaptableLinear<B> {
         let values = f32_values(self.weight.val());
         let device = self.weight.device();
         self.weight = BaseWeight::Nf4(Nf4Weight::quantize(&values, self.weight.dims(), &device));
-        self.bias = self
-            .bias
-            .take()
-            .map(|b| Param::from_tensor(b.val()).set_require_grad(false));
         if let Some(lora) = &mut self.lora {
             lora.remember_base(self.weight.val());
         }

@@ -18,7 +18,7 @@ use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
 
 use crate::composed_op::{self, ComposedOp};
-use crate::cpu_tensors::{self, from_values, values_of};
+use crate::cpu_tensors::{self, PARALLEL_CHUNK, from_values, values_of};
 use crate::linear::{cast_to, project, unproject};
 
 /// The sixteen NF4 levels, bitsandbytes' (`create_normal_map`), as f32.
@@ -207,10 +207,10 @@ fn dequantize_with_ops<B: Backend>(
 /// codes `packed` holds, in row-major order.
 fn dequantize_on_host(packed: &[f32], absmax: &[f32], dims: [usize; 2]) -> Vec<f32> {
     let mut out = vec![0f32; dims[0] * dims[1]];
-    out.par_chunks_mut(NF4_BLOCK * 64)
+    out.par_chunks_mut(PARALLEL_CHUNK)
         .enumerate()
         .for_each(|(chunk, values)| {
-            let first = chunk * NF4_BLOCK * 64;
+            let first = chunk * PARALLEL_CHUNK;
             for (i, value) in values.iter_mut().enumerate() {
                 let index = first + i;
                 let word = packed[index / CODES_PER_VALUE] as u32;
