@@ -6,7 +6,7 @@ use std::process::Command;
 
 use crate::fixtures::{assert_success, golden, max_abs_diff, model_dir};
 
-fn burnish(args: &[&str]) -> std::process::Output {
+pub(crate) fn burnish(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_burnish"))
         .args(args)
         .output()
@@ -136,7 +136,7 @@ fn bad_arguments_are_clear_errors() {
 }
 
 /// `burnish score --json` on `model` (plus `extra` arguments): the log-probs.
-fn score_logprobs(model: &std::path::Path, ids: &[u32], extra: &[&str]) -> Vec<f32> {
+pub(crate) fn score_logprobs(model: &std::path::Path, ids: &[u32], extra: &[&str]) -> Vec<f32> {
     let ids = ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
     let mut args = vec![
         "score",

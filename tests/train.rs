@@ -154,6 +154,20 @@ fn sft_run_learns_and_writes_a_peft_adapter() {
     assert_ne!(score(&nf4_adapter), score(&["--dtype", "nf4"]));
     assert_ne!(score(&["--dtype", "nf4"]), score(&[]));
 
+    // A checkpoint saved in 4 bits trains as QLoRA over its stored codes, `model.dtype` left
+    // `auto`.
+    let stored = format!("model.base=\"{}\"", model_dir("llama-bnb-4bit").display());
+    let out = train(
+        &path,
+        &["--set", &stored, "--set", "output.dir=\"run-bnb\""],
+    );
+    assert_success(&out);
+    let eval_stored = first_eval_loss(&metrics(&work.path().join("run-bnb")));
+    assert!(
+        eval_stored < 0.5 * first,
+        "4-bit checkpoint: eval loss {eval_stored} did not fall well below the first step's {first}"
+    );
+
     // NEFTune's noisy embeddings: the first step's loss moves, and the run still learns.
     let out = train(
         &path,

@@ -1453,7 +1453,8 @@ impl Recipe {
                     .into(),
             );
         }
-        if matches!(self.model.dtype, BaseDtype::Bf16 | BaseDtype::Nf4) && self.adapter.is_none() {
+        let dtype = self.model.dtype;
+        if (dtype == BaseDtype::Bf16 || dtype.is_nf4()) && self.adapter.is_none() {
             return Err(format!(
                 "`model.dtype = \"{}\"` holds a frozen base, which needs an `[adapter]` \
                  section: without one every weight trains, in f32",

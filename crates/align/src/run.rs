@@ -793,8 +793,8 @@ pub fn train<B: AutodiffBackend>(
         None
     };
     let mut pretrained = match recipe.model.init {
-        ModelInit::Pretrained => Pretrained::<B>::load(base, device)?,
-        ModelInit::Random => Pretrained::<B>::random(base, t.seed, device)?,
+        ModelInit::Pretrained => Pretrained::<B>::load_in(base, recipe.model.dtype, device)?,
+        ModelInit::Random => Pretrained::<B>::random_in(base, t.seed, recipe.model.dtype, device)?,
     };
     // A reward model starts from the base as a one-label classifier: a causal LM gets a fresh
     // head, drawn with the config's `initializer_range` as transformers draws it.
@@ -840,7 +840,7 @@ pub fn train<B: AutodiffBackend>(
     let resumed_from = checkpoint.as_ref().map(|(path, ..)| path.as_path());
     let mut model = match (&recipe.adapter, resumed_from) {
         (None, None) => pretrained.model,
-        (None, Some(path)) => Pretrained::<B>::load(path, device)?.model,
+        (None, Some(path)) => Pretrained::<B>::load_in(path, recipe.model.dtype, device)?.model,
         (Some(_), Some(path)) => {
             let (model, loaded) = pretrained.model.with_adapter(path)?;
             adapter_config = Some(loaded);
@@ -890,7 +890,6 @@ pub fn train<B: AutodiffBackend>(
             lora.task = Task::SequenceClassification;
         }
     }
-    recipe.model.dtype.apply(&mut model);
     model.neftune_noise_alpha = t.neftune_noise_alpha;
     // GRPO's scorers, loaded and checked against the data before anything is written.
     let rewards = Rewards {
@@ -908,7 +907,7 @@ pub fn train<B: AutodiffBackend>(
     // its weights).
     let reference_model = match (reference_base, recipe.reference_adapter()) {
         (Some(base), adapter) => {
-            let mut reference = match adapter {
+            let reference = match adapter {
                 Some((key, dir)) => {
                     let reference = base.with_adapter(dir)?.0;
                     if reference.is_classifier() {
@@ -922,7 +921,6 @@ pub fn train<B: AutodiffBackend>(
                 }
                 None => base,
             };
-            recipe.model.dtype.apply(&mut reference);
             Some(reference)
         }
         (None, _) => precompute_ref.then(|| adapters_off(model.clone())),

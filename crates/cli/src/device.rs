@@ -2,12 +2,13 @@
 //! backend that device needs. The CPU backend is always compiled in; CUDA and wgpu only with the
 //! `cuda` and `wgpu` cargo features. This is the only place in burnish that picks a backend.
 
+use std::path::Path;
 use std::str::FromStr;
 
 use anyhow::{Result, bail};
 use burn::tensor::DType;
 use burn::tensor::backend::Backend;
-use burnish_model::BaseDtype;
+use burnish_model::{BaseDtype, HfConfig};
 
 /// The CPU backend (see the README for why this one).
 pub type Cpu = burn::backend::Flex;
@@ -92,6 +93,29 @@ fn run_cuda<J: Job>(index: usize, job: J) -> Result<J::Output> {
     output
 }
 
+/// `dtype` for the checkpoint in `model_dir` as a base that stays frozen or trains: `auto` is
+/// nf4 for a checkpoint saved in 4 bits (a `*-bnb-4bit` model), whose codes are then held as
+/// they are; an NF4 base that would train is an error.
+pub fn checkpoint_dtype(dtype: BaseDtype, model_dir: &Path, frozen: bool) -> Result<BaseDtype> {
+    let config_path = model_dir.join("config.json");
+    let stored_in_nf4 = HfConfig::from_file(&config_path)?.stored_in_nf4();
+    let dtype = match dtype {
+        BaseDtype::Auto if stored_in_nf4 => BaseDtype::Nf4,
+        other => other,
+    };
+    if dtype.is_nf4() && !frozen {
+        let what = match stored_in_nf4 {
+            true => format!("{} is a 4-bit checkpoint", model_dir.display()),
+            false => "an nf4 base".to_string(),
+        };
+        bail!(
+            "{what}, whose weights cannot train: add an `[adapter]` section (QLoRA), or read \
+             the weights back to floats with `model.dtype = \"f32\"` to train every one"
+        );
+    }
+    Ok(dtype)
+}
+
 /// `dtype` made concrete for backend `B` on `device`, for a base that stays frozen or trains:
 /// `auto` is bf16 for a frozen base on a GPU that computes in bf16 (CUDA; not wgpu, whose shaders
 /// have no bf16), f32 otherwise; an explicit bf16 that the device cannot compute in is an error.
@@ -102,7 +126,7 @@ pub fn base_dtype_for<B: Backend>(
 ) -> Result<BaseDtype> {
     let bf16 = B::supports_dtype(device, DType::BF16);
     let resolved = dtype.resolve(!burnish_peft::on_cpu::<B>() && bf16, frozen);
-    let computes_in_bf16 = resolved == BaseDtype::Nf4 && !burnish_peft::on_cpu::<B>();
+    let computes_in_bf16 = resolved.is_nf4() && !burnish_peft::on_cpu::<B>();
     if (resolved == BaseDtype::Bf16 || computes_in_bf16) && !bf16 {
         bail!(
             "this device ({}) cannot compute in bf16, which a {resolved} base computes in here; \

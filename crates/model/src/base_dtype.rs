@@ -1,7 +1,8 @@
 //! The precision a model's frozen base weights are held in (`model.dtype` in recipes, `--dtype`
 //! on the command line), and on GPUs the activations' too. Adapters, optimizer state and losses
 //! stay f32. The default, `auto`, is bf16 on a GPU when the base is frozen and f32 otherwise;
-//! `nf4` holds the layers' projections as 4-bit NormalFloat codes (QLoRA).
+//! `nf4` holds the layers' projections as 4-bit NormalFloat codes (QLoRA), their block maxima
+//! double-quantized, and `nf4-plain` the same with the maxima as they are.
 
 use std::fmt;
 use std::str::FromStr;
@@ -28,10 +29,15 @@ pub enum BaseDtype {
     /// product takes bf16 weights and returns f32 activations.
     Bf16,
     /// QLoRA's 4-bit base: every decoder layer's projections held as NF4 codes, quantized as
-    /// bitsandbytes quantizes them and read back in the activations' precision for each
-    /// product (bf16 on GPUs, f32 on the CPU); the embedding and LM head stay as for `bf16` on
-    /// GPUs and in f32 on the CPU, as transformers leaves them unquantized.
+    /// bitsandbytes quantizes them, their block maxima double-quantized (bitsandbytes'
+    /// `bnb_4bit_use_double_quant`, as the QLoRA paper, Axolotl and Unsloth quantize), and read
+    /// back in the activations' precision for each product (bf16 on GPUs, f32 on the CPU); the
+    /// embedding and LM head stay as for `bf16` on GPUs and in f32 on the CPU, as transformers
+    /// leaves them unquantized.
     Nf4,
+    /// [`Nf4`](Self::Nf4) with each block's maximum as it is (`BitsAndBytesConfig`'s default,
+    /// TRL's without `use_bnb_nested_quant`).
+    Nf4Plain,
 }
 
 impl BaseDtype {
@@ -47,30 +53,42 @@ impl BaseDtype {
         }
     }
 
-    /// Holds `model`'s linear base weights in this precision, frozen (nothing to do for f32;
-    /// an unresolved `auto` counts as f32), and on GPUs runs the activations in it too, as
-    /// transformers does with a model loaded in bf16 (the CPU's kernels take f32 activations).
-    /// For inference and adapter training only: a weight held this way is never updated.
-    pub fn apply<B: Backend>(self, model: &mut Decoder<B>) {
-        let activations = self.activations::<B>();
-        match self {
-            Self::Bf16 => model.hold_base_in(FloatDType::BF16),
-            Self::Nf4 => {
-                model.hold_base_in_nf4();
-                if activations == FloatDType::BF16 {
-                    model.hold_base_in(FloatDType::BF16);
-                }
-            }
-            Self::Auto | Self::F32 => {}
+    /// Whether the layers' projections are held as NF4 codes.
+    pub fn is_nf4(self) -> bool {
+        matches!(self, Self::Nf4 | Self::Nf4Plain)
+    }
+
+    /// Holds `model`'s weights that are not NF4 codes, frozen, in
+    /// [`dense_weights`](Self::dense_weights) (nothing to do for f32; an unresolved `auto`
+    /// counts as f32), and runs the activations in [`activations`](Self::activations): on GPUs
+    /// in the base's precision, as transformers does with a model loaded in bf16 (the CPU's
+    /// kernels take f32 activations). [`Pretrained::load_in`](crate::Pretrained::load_in) holds
+    /// the layers' projections as it reads them, then calls this for the rest. For inference
+    /// and adapter training only: a weight held this way is never updated.
+    pub(crate) fn hold_dense<B: Backend>(self, model: &mut Decoder<B>) {
+        let dense = self.dense_weights::<B>();
+        if dense != FloatDType::F32 {
+            model.hold_base_in(dense);
         }
-        model.compute_in(activations);
+        model.compute_in(self.activations::<B>());
+    }
+
+    /// The precision of the frozen weights not held as NF4 codes on backend `B`: bf16 for a
+    /// bf16 base, and for an NF4 base's unquantized weights the activations' precision (as
+    /// transformers holds them in its compute dtype); f32 otherwise.
+    pub fn dense_weights<B: Backend>(self) -> FloatDType {
+        match self {
+            Self::Bf16 => FloatDType::BF16,
+            Self::Nf4 | Self::Nf4Plain => self.activations::<B>(),
+            Self::Auto | Self::F32 => FloatDType::F32,
+        }
     }
 
     /// The precision the activations run in over a base held in this precision on backend
     /// `B`: bf16 with a bf16 or NF4 base on a GPU (unless [`ACTIVATIONS_ENV`] is `f32`), f32
     /// otherwise.
     pub fn activations<B: Backend>(self) -> FloatDType {
-        let sixteen_bit = matches!(self, Self::Bf16 | Self::Nf4);
+        let sixteen_bit = self == Self::Bf16 || self.is_nf4();
         if sixteen_bit && !on_cpu::<B>() && !f32_activations_asked() {
             FloatDType::BF16
         } else {
@@ -106,8 +124,9 @@ impl FromStr for BaseDtype {
             "f32" => Ok(Self::F32),
             "bf16" => Ok(Self::Bf16),
             "nf4" => Ok(Self::Nf4),
+            "nf4-plain" => Ok(Self::Nf4Plain),
             other => Err(format!(
-                "unknown dtype `{other}`: use auto, f32, bf16 or nf4"
+                "unknown dtype `{other}`: use auto, f32, bf16, nf4 or nf4-plain"
             )),
         }
     }
@@ -120,6 +139,7 @@ impl fmt::Display for BaseDtype {
             Self::F32 => "f32",
             Self::Bf16 => "bf16",
             Self::Nf4 => "nf4",
+            Self::Nf4Plain => "nf4-plain",
         })
     }
 }
@@ -133,7 +153,12 @@ mod tests {
         assert_eq!(BaseDtype::Auto.resolve(true, true), BaseDtype::Bf16);
         assert_eq!(BaseDtype::Auto.resolve(true, false), BaseDtype::F32);
         assert_eq!(BaseDtype::Auto.resolve(false, true), BaseDtype::F32);
-        for concrete in [BaseDtype::F32, BaseDtype::Bf16, BaseDtype::Nf4] {
+        for concrete in [
+            BaseDtype::F32,
+            BaseDtype::Bf16,
+            BaseDtype::Nf4,
+            BaseDtype::Nf4Plain,
+        ] {
             assert_eq!(concrete.resolve(true, true), concrete);
             assert_eq!(concrete.resolve(false, false), concrete);
         }
@@ -142,7 +167,12 @@ mod tests {
     #[test]
     fn the_cpu_keeps_f32_activations_under_a_bf16_base() {
         use burn::backend::{Autodiff, Flex};
-        for dtype in [BaseDtype::F32, BaseDtype::Bf16, BaseDtype::Nf4] {
+        for dtype in [
+            BaseDtype::F32,
+            BaseDtype::Bf16,
+            BaseDtype::Nf4,
+            BaseDtype::Nf4Plain,
+        ] {
             assert_eq!(dtype.activations::<Flex>(), FloatDType::F32);
             assert_eq!(dtype.activations::<Autodiff<Flex>>(), FloatDType::F32);
         }
@@ -155,6 +185,7 @@ mod tests {
             BaseDtype::F32,
             BaseDtype::Bf16,
             BaseDtype::Nf4,
+            BaseDtype::Nf4Plain,
         ] {
             assert_eq!(dtype.to_string().parse(), Ok(dtype));
         }
@@ -162,7 +193,7 @@ mod tests {
             "fp16"
                 .parse::<BaseDtype>()
                 .unwrap_err()
-                .contains("auto, f32, bf16 or nf4")
+                .contains("auto, f32, bf16, nf4 or nf4-plain")
         );
     }
 }

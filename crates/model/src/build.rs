@@ -1,14 +1,17 @@
-//! Assembling a [`Decoder`] from a config and a [`TensorSource`], under Hugging Face key names.
+//! Assembling a [`Decoder`] from a config and a [`TensorSource`], under Hugging Face key names,
+//! each layer's projections held in the base's precision as they are read, so that no more than
+//! one f32 weight is on the device beside the held model.
 
 use burn::module::Param;
 use burn::tensor::backend::Backend;
 use burn::tensor::{FloatDType, Tensor};
-use burnish_peft::AdaptableLinear;
+use burnish_peft::{AdaptableLinear, BaseWeight, Nf4Weight};
 
 use crate::attention::Attention;
+use crate::base_dtype::BaseDtype;
 use crate::config::DecoderConfig;
 use crate::decoder::{Decoder, DecoderLayer};
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 use crate::mlp::Mlp;
 use crate::norm::RmsNorm;
 use crate::rope::Rope;
@@ -23,15 +26,56 @@ fn tensor<B: Backend, const D: usize>(
     Ok(Tensor::from_data(source.read(name, &shape)?, device))
 }
 
+/// The projection under `prefix`, its weight held as `hold` says (resolved): in f32 as read
+/// (trainable), in bf16 (frozen), or as NF4 codes (frozen): the codes a pre-quantized checkpoint
+/// stores, or the weight quantized here; a pre-quantized checkpoint's projections stored in
+/// floats stay unquantized, held as a dense weight is under an NF4 base.
 fn linear<B: Backend>(
     source: &dyn TensorSource,
     prefix: &str,
-    d_in: usize,
-    d_out: usize,
+    [d_in, d_out]: [usize; 2],
     bias: bool,
+    hold: BaseDtype,
     device: &B::Device,
 ) -> Result<AdaptableLinear<B>> {
-    let weight = tensor(source, &format!("{prefix}.weight"), [d_out, d_in], device)?;
+    let name = format!("{prefix}.weight");
+    let dims = [d_out, d_in];
+    let stored = match hold.is_nf4() {
+        true => source.read_nf4(&name, &dims)?,
+        false => None,
+    };
+    let weight = match stored {
+        Some(stored) if !stored.has_held_blocks() => {
+            return Err(ModelError::Input(format!(
+                "tensor `{name}` is stored in 4-bit blocks of {} values, and NF4 weights are \
+                 held in blocks of {}: load the checkpoint with `model.dtype = \"bf16\"` (read \
+                 back to bf16) or use the unquantized model",
+                stored.block,
+                burnish_peft::NF4_BLOCK
+            )));
+        }
+        Some(stored) => BaseWeight::Nf4(Nf4Weight::from_codes(
+            &stored.codes,
+            stored.maxima,
+            dims,
+            device,
+        )),
+        None if hold.is_nf4() && !source.stores_nf4() => {
+            let values = source
+                .read(&name, &dims)?
+                .to_vec::<f32>()
+                .expect("f32 values");
+            let double_quant = hold == BaseDtype::Nf4;
+            BaseWeight::Nf4(Nf4Weight::quantize(&values, dims, double_quant, device))
+        }
+        None => {
+            let weight = tensor(source, &name, dims, device)?;
+            match hold.dense_weights::<B>() {
+                FloatDType::F32 if !hold.is_nf4() => BaseWeight::dense(weight),
+                dtype => BaseWeight::frozen(weight.cast(dtype)),
+            }
+        }
+    };
     let bias_name = format!("{prefix}.bias");
     // A bias is used when the config asks for one (then it must exist) or the weights hold one.
     let bias = if bias || source.contains(&bias_name) {
@@ -39,13 +83,15 @@ fn linear<B: Backend>(
     } else {
         None
     };
-    Ok(AdaptableLinear::new(weight, bias))
+    Ok(AdaptableLinear::from_base(weight, bias))
 }
 
-/// Builds the decoder described by `config` from `weights`, on `device`.
+/// Builds the decoder described by `config` from `weights`, on `device`, its base held in
+/// `hold` (resolved: f32, bf16 or nf4; see [`BaseDtype`]).
 pub fn build_decoder<B: Backend>(
     c: &DecoderConfig,
     weights: &dyn TensorSource,
+    hold: BaseDtype,
     device: &B::Device,
 ) -> Result<Decoder<B>> {
     let hidden = c.hidden_size;
@@ -62,7 +108,14 @@ pub fn build_decoder<B: Backend>(
     for i in 0..c.num_layers {
         let p = format!("model.layers.{i}");
         let lin = |name: &str, d_in, d_out, bias| {
-            linear(weights, &format!("{p}.{name}"), d_in, d_out, bias, device)
+            linear(
+                weights,
+                &format!("{p}.{name}"),
+                [d_in, d_out],
+                bias,
+                hold,
+                device,
+            )
         };
         layers.push(DecoderLayer {
             input_layernorm: norm(&format!("{p}.input_layernorm.weight"))?,
@@ -98,16 +151,21 @@ pub fn build_decoder<B: Backend>(
     let lm_head = if c.tie_word_embeddings || score.is_some() {
         None
     } else {
+        // Never quantized, as transformers leaves it.
+        let head_hold = match hold.is_nf4() {
+            true => BaseDtype::F32,
+            false => hold,
+        };
         Some(linear(
             weights,
             "lm_head",
-            hidden,
-            c.vocab_size,
+            [hidden, c.vocab_size],
             false,
+            head_hold,
             device,
         )?)
     };
-    Ok(Decoder {
+    let mut decoder = Decoder {
         embed_tokens: Param::from_tensor(tensor(
             weights,
             "model.embed_tokens.weight",
@@ -122,5 +180,9 @@ pub fn build_decoder<B: Backend>(
         config: c.clone(),
         activations: FloatDType::F32,
         neftune_noise_alpha: None,
-    })
+    };
+    // The LM head (or the embedding serving as one) in the dense precision; the layers are
+    // held already.
+    hold.hold_dense(&mut decoder);
+    Ok(decoder)
 }

@@ -7,6 +7,7 @@ use std::path::Path;
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::bnb_4bit::stored_in_nf4;
 use crate::error::{ModelError, Result};
 use crate::rope::RopeScaling;
 
@@ -141,6 +142,12 @@ impl HfConfig {
         Ok(Self { decoder, raw })
     }
 
+    /// Whether the checkpoint was saved quantized to 4 bits by bitsandbytes (NF4): a
+    /// `*-bnb-4bit` model, its projections stored as codes.
+    pub fn stored_in_nf4(&self) -> bool {
+        stored_in_nf4(self.raw.get("quantization_config")) == Ok(true)
+    }
+
     /// The standard deviation transformers initialises weights with (`initializer_range`, 0.02
     /// when absent); `path` is used in errors.
     pub fn initializer_range(&self, path: &Path) -> Result<f32> {
@@ -193,11 +200,8 @@ fn resolve(c: RawConfig, path: &Path) -> Result<DecoderConfig> {
             format!("`{}`; only `silu` (SwiGLU) is implemented", c.hidden_act),
         ));
     }
-    if c.quantization_config.is_some() {
-        return Err(unsupported(
-            "quantization_config",
-            "quantized checkpoints cannot be loaded; use the unquantized model".into(),
-        ));
+    if let Err(why) = stored_in_nf4(c.quantization_config.as_ref()) {
+        return Err(unsupported("quantization_config", why));
     }
     if let Some(f) = c.partial_rotary_factor
         && f != 1.0

@@ -12,8 +12,8 @@ use burn::tensor::{DType, Distribution, ElementConversion, FloatDType, Int, Tens
 use std::path::Path;
 
 use burnish_peft::{
-    AdaptableLinear, LM_HEAD, LoraConfig, Selected, Task, WholeModule, attach_lora, cast_to,
-    load_adapter, project,
+    AdaptableLinear, LoraConfig, Selected, Task, WholeModule, attach_lora, cast_to, load_adapter,
+    project,
 };
 
 use crate::attention::{Attention, LayerCache};
@@ -514,20 +514,10 @@ impl<B: Backend> Decoder<B> {
         }
     }
 
-    /// Holds every decoder layer's projections as NF4 codes, frozen (QLoRA's 4-bit base); the
-    /// LM head and the embedding stay as they are, as transformers leaves them unquantized.
-    pub fn hold_base_in_nf4(&mut self) {
-        for (name, linear) in self.linears_mut() {
-            if name != LM_HEAD {
-                linear.hold_base_in_nf4();
-            }
-        }
-    }
-
     /// Runs the activations between the layers' ops in `dtype` (bf16 halves their memory and
     /// the traffic of the element-wise ops, as transformers does for a model loaded in bf16);
     /// RMSNorm, attention scores and softmax, adapters and logits still compute in f32. Meant
-    /// for a frozen base held in `dtype` on a GPU ([`BaseDtype::apply`](crate::BaseDtype::apply)
+    /// for a frozen base held in `dtype` on a GPU ([`Pretrained::load_in`](crate::Pretrained::load_in)
     /// decides); on the CPU, whose kernels take f32, the layers fall back to burn's ops.
     pub fn compute_in(&mut self, dtype: FloatDType) {
         self.activations = dtype;
@@ -648,6 +638,7 @@ impl<B: Backend> Decoder<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::base_dtype::BaseDtype;
     use crate::build::build_decoder;
     use crate::config::HfConfig;
     use crate::weights::RandomWeights;
@@ -671,6 +662,7 @@ mod tests {
         let mut model: Decoder<AD> = build_decoder(
             &config.decoder,
             &RandomWeights { seed: 0, std: 0.02 },
+            BaseDtype::F32,
             &device,
         )
         .unwrap();

@@ -53,6 +53,15 @@ pub enum ModelError {
         name: String,
         dtype: String,
     },
+    #[error(
+        "{path}: 4-bit tensor `{name}`: {detail}; the checkpoint is not one bitsandbytes wrote, or \
+         it is damaged: download it again, or use the unquantized model"
+    )]
+    Quantized {
+        path: PathBuf,
+        name: String,
+        detail: String,
+    },
     #[error("{path}: tensor `{name}` holds non-finite values; refusing to write it")]
     NonFinite { path: PathBuf, name: String },
     #[error("adapter: {0}")]

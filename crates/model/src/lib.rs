@@ -5,6 +5,7 @@
 
 mod attention;
 mod base_dtype;
+mod bnb_4bit;
 mod build;
 mod checkpointing;
 mod chunked_attention;
@@ -31,6 +32,7 @@ mod weights;
 
 pub use attention::{Attention, LayerCache};
 pub use base_dtype::{ACTIVATIONS_ENV, BaseDtype};
+pub use bnb_4bit::StoredNf4;
 pub use build::build_decoder;
 pub use checkpointing::ActivationCheckpoints;
 pub use config::{DecoderConfig, HfConfig, SUPPORTED_MODEL_TYPES, TokenIds};

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use burn::tensor::backend::Backend;
 use burnish_peft::SaveDtype;
 
+use crate::base_dtype::BaseDtype;
 use crate::build::build_decoder;
 use crate::config::HfConfig;
 use crate::decoder::Decoder;
@@ -23,13 +24,21 @@ pub struct Pretrained<B: Backend> {
 
 impl<B: Backend> Pretrained<B> {
     /// Loads `config.json`, `generation_config.json` (if any) and the safetensors weights of
-    /// `dir` onto `device`.
+    /// `dir` onto `device`, in f32 (a 4-bit checkpoint's projections read back to f32).
     pub fn load(dir: &Path, device: &B::Device) -> Result<Self> {
+        Self::load_in(dir, BaseDtype::F32, device)
+    }
+
+    /// [`load`](Self::load) with the base held in `dtype` (resolved: f32, bf16 or nf4; see
+    /// [`BaseDtype`]), each layer converted as it is read, so the device never holds the
+    /// whole model in f32. Under `nf4` a pre-quantized checkpoint's stored codes are held as
+    /// they are.
+    pub fn load_in(dir: &Path, dtype: BaseDtype, device: &B::Device) -> Result<Self> {
         let config = HfConfig::from_file(&dir.join("config.json"))?;
         let generation =
             GenerationConfig::from_file_or_default(&dir.join("generation_config.json"))?;
         let weights = Weights::open(dir)?;
-        let model = build_decoder(&config.decoder, &weights, device)?;
+        let model = build_decoder(&config.decoder, &weights, dtype, device)?;
         tracing::debug!(dir = %dir.display(), model_type = %config.decoder.model_type, "loaded checkpoint");
         Ok(Self {
             model,
@@ -43,12 +52,18 @@ impl<B: Backend> Pretrained<B> {
     /// `seed`, with the config's `initializer_range` as standard deviation (0.02 when absent):
     /// the start of pre-training from scratch. No weight file is read.
     pub fn random(dir: &Path, seed: u64, device: &B::Device) -> Result<Self> {
+        Self::random_in(dir, seed, BaseDtype::F32, device)
+    }
+
+    /// [`random`](Self::random) with the base held in `dtype`, as [`load_in`](Self::load_in)
+    /// holds it.
+    pub fn random_in(dir: &Path, seed: u64, dtype: BaseDtype, device: &B::Device) -> Result<Self> {
         let config_path = dir.join("config.json");
         let config = HfConfig::from_file(&config_path)?;
         let generation =
             GenerationConfig::from_file_or_default(&dir.join("generation_config.json"))?;
         let std = config.initializer_range(&config_path)?;
-        let model = build_decoder(&config.decoder, &RandomWeights { seed, std }, device)?;
+        let model = build_decoder(&config.decoder, &RandomWeights { seed, std }, dtype, device)?;
         Ok(Self {
             model,
             config,
@@ -57,14 +72,16 @@ impl<B: Backend> Pretrained<B> {
         })
     }
 
-    /// Loads the base model in `dir` and, when given, the PEFT-format adapter in `adapter` on
-    /// top of it (the base is then frozen).
+    /// Loads the base model in `dir`, held in `dtype` as [`load_in`](Self::load_in) holds it,
+    /// and, when given, the PEFT-format adapter in `adapter` on top of it (the base is then
+    /// frozen).
     pub fn load_with_adapter(
         dir: &Path,
         adapter: Option<&Path>,
+        dtype: BaseDtype,
         device: &B::Device,
     ) -> Result<Self> {
-        let mut loaded = Self::load(dir, device)?;
+        let mut loaded = Self::load_in(dir, dtype, device)?;
         if let Some(adapter) = adapter {
             let (model, _) = loaded.model.with_adapter(adapter)?;
             loaded.model = model;

@@ -133,6 +133,8 @@ pub fn save_decoder<B: Backend>(
         "dtype"
     };
     raw.insert(key.into(), dtype.torch_name().into());
+    // The weights are written in floats, whatever precision they were read or held in.
+    raw.remove("quantization_config");
     if let Some(labels) = model.config.classifier_labels {
         classifier_config(&mut raw, labels, model.config.pad_token_id);
     }

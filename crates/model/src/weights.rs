@@ -1,16 +1,19 @@
 //! Where a decoder's weights come from: a Hugging Face checkpoint (`model.safetensors` or a
-//! sharded `model.safetensors.index.json`, in F32, BF16 or F16, converted to f32) or a seeded
+//! sharded `model.safetensors.index.json`, in F32, BF16 or F16, converted to f32; projections
+//! bitsandbytes stored as 4-bit NF4 codes are read as codes or read back to f32) or a seeded
 //! random source for benchmarks. Every tensor is checked against the shape the config implies.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use burn::tensor::TensorData;
-use burnish_peft::decode_f32;
+use burnish_peft::{NF4_LEVELS, decode_f32};
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use safetensors::SafeTensors;
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
 use serde::Deserialize;
 
+use crate::bnb_4bit::{NF4_STATE, QuantState, StoredNf4, nested_maxima, unpack_codes};
 use crate::error::{ModelError, Result};
 
 pub(crate) const SINGLE_FILE: &str = "model.safetensors";
@@ -22,6 +25,16 @@ pub trait TensorSource {
     fn contains(&self, name: &str) -> bool;
     /// Tensor `name`, which must have exactly `shape`.
     fn read(&self, name: &str, shape: &[usize]) -> Result<TensorData>;
+    /// Tensor `name`'s 4-bit codes and block maxima when the source stores it quantized (a
+    /// bitsandbytes NF4 checkpoint), `None` when it stores it in floats.
+    fn read_nf4(&self, _name: &str, _shape: &[usize]) -> Result<Option<StoredNf4>> {
+        Ok(None)
+    }
+    /// Whether the source was quantized before it was saved: then the projections it stores
+    /// in floats were left unquantized on purpose, and stay so.
+    fn stores_nf4(&self) -> bool {
+        false
+    }
 }
 
 /// The safetensors files of a checkpoint, read into memory, with the file that holds each key.
@@ -29,6 +42,8 @@ pub struct Weights {
     files: Vec<(PathBuf, Vec<u8>)>,
     /// tensor name -> index into `files`
     location: HashMap<String, usize>,
+    /// Whether any tensor is stored as 4-bit NF4 codes.
+    stores_nf4: bool,
 }
 
 #[derive(Deserialize)]
@@ -79,7 +94,48 @@ impl Weights {
             }
             files.push((path, bytes));
         }
-        Ok(Self { files, location })
+        let stores_nf4 = location.keys().any(|name| name.ends_with(NF4_STATE));
+        Ok(Self {
+            files,
+            location,
+            stores_nf4,
+        })
+    }
+
+    /// Tensor `name` and the file that holds it.
+    fn view(&self, name: &str) -> Result<(&Path, TensorView<'_>)> {
+        let &i = self
+            .location
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                path: self.blame(name),
+                name: name.to_string(),
+            })?;
+        let (path, bytes) = &self.files[i];
+        let malformed = |e: safetensors::SafeTensorError| ModelError::Safetensors {
+            path: path.clone(),
+            detail: e.to_string(),
+        };
+        let view = SafeTensors::deserialize(bytes)
+            .map_err(malformed)?
+            .tensor(name)
+            .map_err(malformed)?;
+        Ok((path, view))
+    }
+
+    /// Tensor `name`'s `count` values as f32, whatever its shape: a 4-bit weight's statistics.
+    fn statistics(&self, weight: &str, name: &str, count: usize) -> Result<Vec<f32>> {
+        let (path, view) = self.view(name)?;
+        let values = decode_f32(&view).ok().filter(|v| v.len() == count);
+        values.ok_or_else(|| ModelError::Quantized {
+            path: path.to_path_buf(),
+            name: weight.to_string(),
+            detail: format!(
+                "`{name}` should hold {count} floats, and holds {:?} {:?}",
+                view.dtype(),
+                view.shape()
+            ),
+        })
     }
 
     /// The file a missing or malformed tensor is reported against.
@@ -102,24 +158,14 @@ impl TensorSource for Weights {
         self.location.contains_key(name)
     }
 
-    /// Reads tensor `name` as f32, checking it has exactly `shape`.
+    /// Reads tensor `name` as f32, checking it has exactly `shape`; a 4-bit weight is read back
+    /// as bitsandbytes dequantizes it.
     fn read(&self, name: &str, shape: &[usize]) -> Result<TensorData> {
-        let &i = self
-            .location
-            .get(name)
-            .ok_or_else(|| ModelError::MissingTensor {
-                path: self.blame(name),
-                name: name.to_string(),
-            })?;
-        let (path, bytes) = &self.files[i];
-        let st = SafeTensors::deserialize(bytes).map_err(|e| ModelError::Safetensors {
-            path: path.clone(),
-            detail: e.to_string(),
-        })?;
-        let view = st.tensor(name).map_err(|e| ModelError::Safetensors {
-            path: path.clone(),
-            detail: e.to_string(),
-        })?;
+        if let Some(stored) = self.read_nf4(name, shape)? {
+            return Ok(TensorData::new(stored.dequantize(), shape.to_vec()));
+        }
+        let (path, view) = self.view(name)?;
+        let path = path.to_path_buf();
         if view.shape() != shape {
             return Err(ModelError::ShapeMismatch {
                 path: path.clone(),
@@ -134,6 +180,98 @@ impl TensorSource for Weights {
             dtype: format!("{dtype:?}"),
         })?;
         Ok(TensorData::new(values, shape.to_vec()))
+    }
+
+    fn read_nf4(&self, name: &str, shape: &[usize]) -> Result<Option<StoredNf4>> {
+        let state_name = format!("{name}{NF4_STATE}");
+        if !self.location.contains_key(&state_name) {
+            return Ok(None);
+        }
+        let (path, state) = self.view(&state_name)?;
+        let malformed = |detail: String| ModelError::Quantized {
+            path: path.to_path_buf(),
+            name: name.to_string(),
+            detail,
+        };
+        let state: QuantState = serde_json::from_slice(state.data()).map_err(|e| {
+            malformed(format!(
+                "its quantization state is not the JSON bitsandbytes writes ({e})"
+            ))
+        })?;
+        if state.quant_type != "nf4" {
+            return Err(malformed(format!(
+                "codes of type `{}`; only NF4 is implemented",
+                state.quant_type
+            )));
+        }
+        if state.shape != shape {
+            return Err(ModelError::ShapeMismatch {
+                path: path.to_path_buf(),
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found: state.shape,
+            });
+        }
+        if state.blocksize == 0 || state.nested_blocksize == Some(0) {
+            return Err(malformed("a block size of 0".into()));
+        }
+        let count: usize = shape.iter().product();
+        let blocks = count.div_ceil(state.blocksize);
+        let (_, packed) = self.view(name)?;
+        if packed.data().len() != count.div_ceil(2) {
+            return Err(malformed(format!(
+                "{} bytes of codes for {count} values (two to a byte)",
+                packed.data().len()
+            )));
+        }
+        let levels = self.statistics(name, &format!("{name}.quant_map"), NF4_LEVELS.len())?;
+        if levels != NF4_LEVELS {
+            return Err(malformed(
+                "its `quant_map` is not NF4's sixteen levels".into(),
+            ));
+        }
+        let absmax = format!("{name}.absmax");
+        let maxima = match (state.nested_blocksize, state.nested_offset) {
+            (Some(nested_block), Some(offset)) => {
+                let (_, codes) = self.view(&absmax)?;
+                if codes.dtype() != Dtype::U8 || codes.data().len() != blocks {
+                    return Err(malformed(format!(
+                        "`{absmax}` should hold {blocks} 8-bit codes (double quantization), and \
+                         holds {:?} {:?}",
+                        codes.dtype(),
+                        codes.shape()
+                    )));
+                }
+                let nested_absmax = self.statistics(
+                    name,
+                    &format!("{name}.nested_absmax"),
+                    blocks.div_ceil(nested_block),
+                )?;
+                let map = self.statistics(name, &format!("{name}.nested_quant_map"), 256)?;
+                nested_maxima(
+                    codes.data(),
+                    &nested_absmax,
+                    &map,
+                    nested_block,
+                    offset as f32,
+                )
+            }
+            (None, None) => self.statistics(name, &absmax, blocks)?,
+            _ => {
+                return Err(malformed(
+                    "its state has a nested block size or an offset without the other".into(),
+                ));
+            }
+        };
+        Ok(Some(StoredNf4 {
+            codes: unpack_codes(packed.data(), count),
+            maxima,
+            block: state.blocksize,
+        }))
+    }
+
+    fn stores_nf4(&self) -> bool {
+        self.stores_nf4
     }
 }
 

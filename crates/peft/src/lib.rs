@@ -45,7 +45,10 @@ pub use device_limits::f32_per_buffer;
 pub use error::{PeftError, Result};
 pub use linear::{AdaptableLinear, BaseWeight, cast_to, matmul, project, unproject};
 pub use lora::Lora;
-pub use nf4::{NF4_BLOCK, NF4_LEVELS, Nf4Weight, nf4_codes};
+pub use nf4::{
+    NESTED_BLOCK, NF4_BLOCK, NF4_LEVELS, Nf4Weight, blockwise_codes, double_quantized, dynamic_map,
+    nf4_codes,
+};
 pub use rebrand::{cpu_values, on_cpu, rebrand};
 pub use row_reduction::{RowReduction, reduce_rows};
 pub use target::{LM_HEAD, Selected, Targets, resolved_target_names, select_targets};

@@ -98,8 +98,13 @@ pub struct AdaptableLinear<B: Backend> {
 impl<B: Backend> AdaptableLinear<B> {
     /// Wraps a weight `[out, in]` and an optional bias `[out]`.
     pub fn new(weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Self {
+        Self::from_base(BaseWeight::dense(weight), bias)
+    }
+
+    /// A projection over `weight` as it is held (dense or NF4 codes), without an adapter.
+    pub fn from_base(weight: BaseWeight<B>, bias: Option<Tensor<B, 1>>) -> Self {
         Self {
-            weight: BaseWeight::dense(weight),
+            weight,
             bias: bias.map(Param::from_tensor),
             lora: None,
             adapter_enabled: true,
@@ -141,21 +146,6 @@ impl<B: Backend> AdaptableLinear<B> {
             return;
         }
         self.weight = BaseWeight::frozen(self.weight.val().cast(dtype));
-        if let Some(lora) = &mut self.lora {
-            lora.remember_base(self.weight.val());
-        }
-    }
-
-    /// Holds the base weight as NF4 codes (QLoRA's 4-bit base, quantized as bitsandbytes
-    /// does), frozen; its products then run in the activations' precision. The bias and any
-    /// adapter keep theirs. Only for inference and adapter training.
-    pub fn hold_base_in_nf4(&mut self) {
-        if self.weight.is_quantized() {
-            return;
-        }
-        let values = f32_values(self.weight.val());
-        let device = self.weight.device();
-        self.weight = BaseWeight::Nf4(Nf4Weight::quantize(&values, self.weight.dims(), &device));
         if let Some(lora) = &mut self.lora {
             lora.remember_base(self.weight.val());
         }

@@ -1,9 +1,14 @@
 //! Frozen base weights held as 4-bit NormalFloat (NF4) codes, QLoRA's format, quantized as
 //! bitsandbytes quantizes them (`quantize_4bit` with `quant_type="nf4"`, blocks of 64 values,
-//! one f32 absolute maximum per block, no double quantization): each block's values are
-//! multiplied by the reciprocal of their largest magnitude and each is given the index of the
-//! nearest of the sixteen NF4 levels (a value exactly between two takes the lower); a weight is
-//! read back as `level[code] · absmax` in f32, then cast to the activations' precision.
+//! one absolute maximum per block): each block's values are multiplied by the reciprocal of
+//! their largest magnitude and each is given the index of the nearest of the sixteen NF4 levels
+//! (a value exactly between two takes the lower); a weight is read back as
+//! `level[code] · absmax` in f32, then cast to the activations' precision.
+//!
+//! With double quantization (bitsandbytes' `compress_statistics`, QLoRA's default) the maxima
+//! themselves are quantized, less their mean, to 8-bit codes of bitsandbytes' dynamic map in
+//! blocks of 256 (the same nearest-level rule), and the weight reads back through the maxima
+//! those codes give; they are held read back, in f32.
 //!
 //! The codes are packed six to an f32 value (`Σ code_k · 16^k`, below 2^24, so exact in f32 and
 //! unpacked with exact float ops on every backend): 0.67 bytes a weight, plus 4 bytes per block
@@ -44,6 +49,12 @@ pub const NF4_LEVELS: [f32; 16] = [
 /// Values per block, each block with its own absolute maximum (bitsandbytes' default).
 pub const NF4_BLOCK: usize = 64;
 
+/// Maxima per block of their double quantization (bitsandbytes' `quantize_blockwise` default).
+pub const NESTED_BLOCK: usize = 256;
+
+/// The code of [`NF4_LEVELS`]' zero.
+const ZERO_CODE: u8 = 7;
+
 /// Codes per packed f32 value.
 const CODES_PER_VALUE: usize = 6;
 
@@ -62,15 +73,46 @@ pub struct Nf4Weight<B: Backend> {
 }
 
 impl<B: Backend> Nf4Weight<B> {
-    /// `values` (`[out, in]` in row-major order, as `dims` says) quantized on the host and
-    /// held on `device`.
-    pub fn quantize(values: &[f32], dims: [usize; 2], device: &B::Device) -> Self {
+    /// `values` (`[out, in]` in row-major order, as `dims` says) quantized on the host, the
+    /// maxima double-quantized when `double_quant`, and held on `device`.
+    pub fn quantize(
+        values: &[f32],
+        dims: [usize; 2],
+        double_quant: bool,
+        device: &B::Device,
+    ) -> Self {
         assert_eq!(
             values.len(),
             dims[0] * dims[1],
             "values of a weight of {dims:?}"
         );
         let (codes, absmax) = nf4_codes(values);
+        let absmax = match double_quant {
+            true => double_quantized(&absmax),
+            false => absmax,
+        };
+        Self::from_codes(&codes, absmax, dims, device)
+    }
+
+    /// A weight of `dims` whose values' NF4 codes (one per value, row-major, at least
+    /// `dims[0] · dims[1]` of them) and blocks' maxima (one per [`NF4_BLOCK`] values) are given,
+    /// as a pre-quantized checkpoint stores them, held on `device`.
+    pub fn from_codes(
+        codes: &[u8],
+        absmax: Vec<f32>,
+        dims: [usize; 2],
+        device: &B::Device,
+    ) -> Self {
+        let count = dims[0] * dims[1];
+        assert!(codes.len() >= count, "codes of a weight of {dims:?}");
+        assert_eq!(
+            absmax.len(),
+            count.div_ceil(NF4_BLOCK),
+            "maxima of a weight of {dims:?}"
+        );
+        let mut codes = codes[..count].to_vec();
+        // Whole blocks, padded with zero's code, as [`dequantize_with_ops`] reads them.
+        codes.resize(absmax.len() * NF4_BLOCK, ZERO_CODE);
         let packed = pack(&codes);
         let frozen = |data: Vec<f32>| {
             let rows = data.len();
@@ -222,22 +264,66 @@ fn dequantize_on_host(packed: &[f32], absmax: &[f32], dims: [usize; 2]) -> Vec<f
 }
 
 /// The NF4 codes of `values` (padded with zeros' code to whole blocks) and each block's absolute
-/// maximum, as bitsandbytes computes them: a whole block's values are multiplied by the f32
-/// reciprocal of its maximum (at least 1e-38), a last partial block's divided by it (its stored
-/// maximum then at least 1e-38), clamped to [-1, 1], and given the number of level midpoints
-/// (f32) below them.
+/// maximum, as bitsandbytes computes them (see [`blockwise_codes`]).
 pub fn nf4_codes(values: &[f32]) -> (Vec<u8>, Vec<f32>) {
-    let midpoints: Vec<f32> = NF4_LEVELS.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
+    blockwise_codes(values, &NF4_LEVELS, NF4_BLOCK)
+}
+
+/// `maxima` through bitsandbytes' double quantization and read back: less their mean (f32),
+/// coded by [`blockwise_codes`] over [`dynamic_map`] in blocks of [`NESTED_BLOCK`], then
+/// `map[code] · block maximum + mean`, each step rounded to f32 as bitsandbytes rounds it.
+pub fn double_quantized(maxima: &[f32]) -> Vec<f32> {
+    let mean = (maxima.iter().map(|&m| f64::from(m)).sum::<f64>() / maxima.len() as f64) as f32;
+    let centred: Vec<f32> = maxima.iter().map(|&m| m - mean).collect();
+    let map = dynamic_map();
+    let (codes, nested) = blockwise_codes(&centred, &map, NESTED_BLOCK);
+    (0..maxima.len())
+        .map(|i| map[usize::from(codes[i])] * nested[i / NESTED_BLOCK] + mean)
+        .collect()
+}
+
+/// bitsandbytes' signed 8-bit dynamic map (`create_dynamic_map()`), sorted: for each decade
+/// `10^e`, e from −6 to 0, the `2^(e+6)` midpoints of an even f32 split of [0.1, 1] scaled by
+/// `10^e` in f32, and their negatives; then 0 and 1. The split is `torch.linspace`'s on the
+/// CPU: the first half of the points from 0.1 up, the rest from 1 down, each one fused
+/// multiply-add of the f32 step.
+pub fn dynamic_map() -> Vec<f32> {
+    let mut map = vec![0.0f32, 1.0];
+    for i in 0..7i32 {
+        let steps = (1usize << i) + 1;
+        let (start, end) = (0.1f32, 1.0f32);
+        let step = (end - start) / (steps - 1) as f32;
+        let point = |k: usize| match k < steps / 2 {
+            true => step.mul_add(k as f32, start),
+            false => (-step).mul_add((steps - k - 1) as f32, end),
+        };
+        let decade: f32 = format!("1e{}", i - 6).parse().expect("a decimal power");
+        for k in 0..steps - 1 {
+            let mean = (point(k) + point(k + 1)) / 2.0;
+            map.extend([decade * mean, -(decade * mean)]);
+        }
+    }
+    map.sort_by(f32::total_cmp);
+    map
+}
+
+/// The codes of `values` over `levels` (sorted; padded with zero's code to whole blocks) and
+/// each block's absolute maximum, as bitsandbytes' portable kernels (and its CUDA ones) compute
+/// them: a whole block's values are multiplied by the f32 reciprocal of its maximum (at least
+/// 1e-38), a last partial block's divided by it (its stored maximum then at least 1e-38),
+/// clamped to [-1, 1], and given the number of level midpoints (f32) below them.
+pub fn blockwise_codes(values: &[f32], levels: &[f32], block_size: usize) -> (Vec<u8>, Vec<f32>) {
+    let midpoints: Vec<f32> = levels.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
     let code = |scaled: f32| {
         let scaled = scaled.clamp(-1.0, 1.0);
-        midpoints.iter().filter(|&&m| m < scaled).count() as u8
+        midpoints.partition_point(|&m| m < scaled) as u8
     };
-    let blocks = values.len().div_ceil(NF4_BLOCK);
-    let mut codes = Vec::with_capacity(blocks * NF4_BLOCK);
+    let blocks = values.len().div_ceil(block_size);
+    let mut codes = Vec::with_capacity(blocks * block_size);
     let mut maxima = Vec::with_capacity(blocks);
-    for block in values.chunks(NF4_BLOCK) {
+    for block in values.chunks(block_size) {
         let largest = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-        if block.len() == NF4_BLOCK {
+        if block.len() == block_size {
             let reciprocal = 1.0 / largest.max(1e-38);
             codes.extend(block.iter().map(|v| code(v * reciprocal)));
             maxima.push(largest);
@@ -247,7 +333,7 @@ pub fn nf4_codes(values: &[f32]) -> (Vec<u8>, Vec<f32>) {
             maxima.push(largest);
         }
     }
-    codes.resize(blocks * NF4_BLOCK, code(0.0));
+    codes.resize(blocks * block_size, code(0.0));
     (codes, maxima)
 }
 
@@ -304,7 +390,7 @@ mod tests {
         for dims in [[5, 40], [64, 160]] {
             let n = dims[0] * dims[1];
             let values = values(n);
-            let weight = Nf4Weight::<B>::quantize(&values, dims, &Default::default());
+            let weight = Nf4Weight::<B>::quantize(&values, dims, false, &Default::default());
             let (codes, maxima) = nf4_codes(&values);
             let expected: Vec<f32> = (0..n)
                 .map(|i| NF4_LEVELS[codes[i] as usize] * maxima[i / NF4_BLOCK])
@@ -339,8 +425,8 @@ mod tests {
         type A<G> = Autodiff<G>;
         let device = Default::default();
         let dims = [24, 100];
-        let weight = Nf4Weight::<A<G>>::quantize(&values(2400), dims, &device);
-        let cpu = Nf4Weight::<Flex>::quantize(&values(2400), dims, &Default::default());
+        let weight = Nf4Weight::<A<G>>::quantize(&values(2400), dims, true, &device);
+        let cpu = Nf4Weight::<Flex>::quantize(&values(2400), dims, true, &Default::default());
         assert_eq!(
             weight.dequantize().into_data().to_vec::<f32>().unwrap(),
             cpu.dequantize().into_data().to_vec::<f32>().unwrap()

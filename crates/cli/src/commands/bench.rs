@@ -46,8 +46,9 @@ pub struct BenchArgs {
     #[arg(long, default_value = "auto")]
     device: DeviceArg,
     /// Precision the frozen base weights are held in: f32, bf16 (half the memory; on a GPU the
-    /// activations are bf16 too), nf4 (QLoRA's 4-bit codes for the layers' projections), or
-    /// auto (bf16 on a GPU, f32 on the CPU).
+    /// activations are bf16 too), nf4 (QLoRA's 4-bit codes for the layers' projections, their
+    /// block maxima double-quantized), nf4-plain (maxima as they are), or auto (bf16 on a GPU,
+    /// f32 on the CPU).
     #[arg(long, default_value = "auto")]
     dtype: BaseDtype,
     /// Recompute each layer's activations in the backward pass (training modes): what
@@ -158,12 +159,12 @@ impl Job for Bench {
         let mut memory = MemoryGauge::start(&device);
         let mut weights = 0;
         let step_s = if a.mode == Mode::Forward {
-            let mut model = build_decoder::<B>(
+            let model = build_decoder::<B>(
                 &config.decoder,
                 &RandomWeights { seed: 0, std: 0.02 },
+                a.dtype,
                 &device,
             )?;
-            a.dtype.apply(&mut model);
             weights = model.parameter_bytes();
             let input = Tensor::<B, 2, Int>::from_data(
                 TensorData::new(
@@ -271,6 +272,7 @@ fn train_steps<AD: AutodiffBackend>(
     let base = build_decoder::<AD>(
         &config.decoder,
         &RandomWeights { seed: 0, std: 0.02 },
+        a.dtype,
         device,
     )?;
     let lora = LoraConfig {
@@ -286,7 +288,6 @@ fn train_steps<AD: AutodiffBackend>(
     };
     let (mut model, _) = base.with_lora(&lora, 0)?;
     model.score = model.score.map(|head| head.set_require_grad(true));
-    a.dtype.apply(&mut model);
     *weights = model.parameter_bytes();
     let mut model = Some(model);
     // Documents of `length` tokens laid end to end (a row's last one may be shorter), numbered

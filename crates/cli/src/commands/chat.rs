@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use burn::tensor::backend::Backend;
 use burnish_data::{ChatTemplate, Message, Tokenizer};
 use burnish_hub::resolve_model;
-use burnish_model::Pretrained;
+use burnish_model::{BaseDtype, Pretrained};
 use clap::Args;
 
 use crate::commands::stream::{SamplingArgs, generate_to_stdout};
@@ -48,9 +48,13 @@ impl Job for Chat {
         let args = self.args;
         let tokenizer = Tokenizer::from_dir(&args.model)?;
         let template = ChatTemplate::from_dir(&args.model)?;
-        let pretrained =
-            Pretrained::<B>::load_with_adapter(&args.model, args.adapter.as_deref(), &device)
-                .with_context(|| format!("loading {}", args.model.display()))?;
+        let pretrained = Pretrained::<B>::load_with_adapter(
+            &args.model,
+            args.adapter.as_deref(),
+            BaseDtype::F32,
+            &device,
+        )
+        .with_context(|| format!("loading {}", args.model.display()))?;
         super::require_lm_head(&pretrained.model, &args.model)?;
         let options = args.sampling.options(&pretrained, &tokenizer);
         let opening: Vec<Message> = args

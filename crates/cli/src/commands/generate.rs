@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use burn::tensor::backend::Backend;
 use burnish_data::{ChatTemplate, Message, Tokenizer};
 use burnish_hub::resolve_model;
-use burnish_model::Pretrained;
+use burnish_model::{BaseDtype, Pretrained};
 use clap::Args;
 
 use crate::commands::stream::{SamplingArgs, generate_to_stdout};
@@ -59,9 +59,13 @@ impl Job for Generate {
         } else {
             tokenizer.encode(&args.prompt, true)?
         };
-        let pretrained =
-            Pretrained::<B>::load_with_adapter(&args.model, args.adapter.as_deref(), &device)
-                .with_context(|| format!("loading {}", args.model.display()))?;
+        let pretrained = Pretrained::<B>::load_with_adapter(
+            &args.model,
+            args.adapter.as_deref(),
+            BaseDtype::F32,
+            &device,
+        )
+        .with_context(|| format!("loading {}", args.model.display()))?;
         super::require_lm_head(&pretrained.model, &args.model)?;
 
         let options = args.sampling.options(&pretrained, &tokenizer);

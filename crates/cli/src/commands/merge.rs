@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail, ensure};
 use burnish_hub::resolve_model;
 use burnish_model::{
-    InMemoryWeights, MergeMethod, MergeOptions, NamedWeights, Pretrained, build_decoder,
+    BaseDtype, InMemoryWeights, MergeMethod, MergeOptions, NamedWeights, Pretrained, build_decoder,
     merge_weights, named_weights, save_decoder,
 };
 use burnish_peft::merge_methods::SignMethod;
@@ -108,8 +108,9 @@ fn parse_input(spec: &str) -> Result<(PathBuf, f32)> {
 fn input_weights(base_dir: &Path, input: &Path, base: &Pretrained<Cpu>) -> Result<NamedWeights> {
     let device = Default::default();
     if input.join(ADAPTER_CONFIG_FILE).exists() {
-        let mut model = Pretrained::<Cpu>::load_with_adapter(base_dir, Some(input), &device)
-            .with_context(|| format!("applying adapter {}", input.display()))?;
+        let mut model =
+            Pretrained::<Cpu>::load_with_adapter(base_dir, Some(input), BaseDtype::F32, &device)
+                .with_context(|| format!("applying adapter {}", input.display()))?;
         ensure!(
             !model.model.is_classifier(),
             "{}: a reward model's adapter; --method merges language models only (fold a \
@@ -227,6 +228,7 @@ pub fn run(mut args: MergeArgs) -> Result<()> {
         let model = build_decoder::<Cpu>(
             &base.config.decoder,
             &InMemoryWeights::from(merged),
+            BaseDtype::F32,
             &device,
         )?;
         let dtype = dtype_of(&base);
@@ -237,14 +239,15 @@ pub fn run(mut args: MergeArgs) -> Result<()> {
         let (Some(model_dir), Some(adapter)) = (&args.model, &args.adapter) else {
             bail!("give --model DIR --adapter DIR, or --method M --base DIR --inputs ...");
         };
-        let mut model = Pretrained::<Cpu>::load_with_adapter(model_dir, Some(adapter), &device)
-            .with_context(|| {
-                format!(
-                    "loading {} with adapter {}",
-                    model_dir.display(),
-                    adapter.display()
-                )
-            })?;
+        let mut model =
+            Pretrained::<Cpu>::load_with_adapter(model_dir, Some(adapter), BaseDtype::F32, &device)
+                .with_context(|| {
+                    format!(
+                        "loading {} with adapter {}",
+                        model_dir.display(),
+                        adapter.display()
+                    )
+                })?;
         super::pad_as_trained(&mut model, model_dir)?;
         model.model.merge_and_unload()?;
         let dtype = dtype_of(&model);

@@ -13,7 +13,7 @@ use burnish_hub::resolve_model;
 use burnish_model::{BaseDtype, Pretrained, batch_rewards, token_logprobs};
 use clap::Args;
 
-use crate::device::{DeviceArg, Job, base_dtype_for, run_on};
+use crate::device::{DeviceArg, Job, base_dtype_for, checkpoint_dtype, run_on};
 
 #[derive(Debug, Args)]
 pub struct ScoreArgs {
@@ -36,8 +36,9 @@ pub struct ScoreArgs {
     #[arg(long, default_value = "auto")]
     device: DeviceArg,
     /// Precision the base weights are held in: f32, bf16 (half the memory; on a GPU the
-    /// activations are bf16 too), nf4 (QLoRA's 4-bit codes for the layers' projections), or
-    /// auto (bf16 on a GPU, f32 on the CPU).
+    /// activations are bf16 too), nf4 (QLoRA's 4-bit codes for the layers' projections, their
+    /// block maxima double-quantized), nf4-plain (the same, maxima as they are), or auto (nf4
+    /// for a checkpoint saved in 4 bits, else bf16 on a GPU, f32 on the CPU).
     #[arg(long, default_value = "auto")]
     dtype: BaseDtype,
     /// Print one JSON object instead of a table.
@@ -63,10 +64,15 @@ impl Job for Score {
             (_, _, Some(ids)) => ids,
             _ => bail!("give --text or --ids"),
         };
-        let mut pretrained =
-            Pretrained::<B>::load_with_adapter(&args.model, args.adapter.as_deref(), &device)
-                .with_context(|| format!("loading {}", args.model.display()))?;
-        base_dtype_for::<B>(args.dtype, &device, true)?.apply(&mut pretrained.model);
+        let dtype = checkpoint_dtype(args.dtype, &args.model, true)?;
+        let dtype = base_dtype_for::<B>(dtype, &device, true)?;
+        let mut pretrained = Pretrained::<B>::load_with_adapter(
+            &args.model,
+            args.adapter.as_deref(),
+            dtype,
+            &device,
+        )
+        .with_context(|| format!("loading {}", args.model.display()))?;
         if pretrained.model.is_classifier() {
             super::pad_as_trained(&mut pretrained, &args.model)?;
             let reward = batch_rewards(&pretrained.model, std::slice::from_ref(&ids))?[0];

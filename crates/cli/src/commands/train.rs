@@ -10,12 +10,12 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
-use burnish_align::{CheckReport, Recipe, RunEvent, train};
+use burnish_align::{CheckReport, ModelInit, Recipe, RunEvent, train};
 use burnish_hub::Hub;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::device::{DeviceArg, Job, base_dtype_for, run_on};
+use crate::device::{DeviceArg, Job, base_dtype_for, checkpoint_dtype, run_on};
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
@@ -42,7 +42,13 @@ impl Job for Train {
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
         let mut recipe = self.recipe;
         let frozen_base = recipe.adapter.is_some();
-        recipe.model.dtype = base_dtype_for::<B>(recipe.model.dtype, &device, frozen_base)?;
+        let dtype = match recipe.model.init {
+            ModelInit::Pretrained => {
+                checkpoint_dtype(recipe.model.dtype, recipe.model.dir(), frozen_base)?
+            }
+            ModelInit::Random => recipe.model.dtype,
+        };
+        recipe.model.dtype = base_dtype_for::<B>(dtype, &device, frozen_base)?;
         let mut progress = Progress::new();
         let summary =
             train::<Autodiff<B>>(&recipe, &device, self.resume, |event| progress.show(event))?;
