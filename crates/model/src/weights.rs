@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::TensorData;
 use burnish_peft::{NF4_LEVELS, decode_f32};
+use memmap2::Mmap;
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use safetensors::tensor::TensorView;
+use safetensors::tensor::{Metadata, TensorView};
 use safetensors::{Dtype, SafeTensors};
 use serde::Deserialize;
 
@@ -37,13 +38,23 @@ pub trait TensorSource {
     }
 }
 
-/// The safetensors files of a checkpoint, read into memory, with the file that holds each key.
+/// The safetensors files of a checkpoint, mapped into memory (the system reads the pages a
+/// tensor needs as it is read, and may drop them again), with the file that holds each key.
 pub struct Weights {
-    files: Vec<(PathBuf, Vec<u8>)>,
+    files: Vec<Shard>,
     /// tensor name -> index into `files`
     location: HashMap<String, usize>,
     /// Whether any tensor is stored as 4-bit NF4 codes.
     stores_nf4: bool,
+}
+
+/// One safetensors file, mapped, and its parsed header.
+struct Shard {
+    path: PathBuf,
+    bytes: Mmap,
+    /// Where the tensors' bytes start: after the length and the header.
+    data_start: usize,
+    metadata: Metadata,
 }
 
 #[derive(Deserialize)]
@@ -79,20 +90,24 @@ impl Weights {
         let mut files = Vec::with_capacity(paths.len());
         let mut location = HashMap::new();
         for (i, path) in paths.into_iter().enumerate() {
-            let bytes = std::fs::read(&path).map_err(|e| ModelError::io(&path, e))?;
-            let names = SafeTensors::deserialize(&bytes)
-                .map_err(|e| ModelError::Safetensors {
+            let file = std::fs::File::open(&path).map_err(|e| ModelError::io(&path, e))?;
+            // SAFETY: the map is read-only and lives as long as `Weights`; as with any reader of
+            // a checkpoint, rewriting the file while it is read gives undefined contents.
+            let bytes = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(&path, e))?;
+            let (header, metadata) =
+                SafeTensors::read_metadata(&bytes).map_err(|e| ModelError::Safetensors {
                     path: path.clone(),
                     detail: e.to_string(),
-                })?
-                .names()
-                .into_iter()
-                .map(String::from)
-                .collect::<Vec<_>>();
-            for name in names {
+                })?;
+            for name in metadata.tensors().into_keys() {
                 location.insert(name, i);
             }
-            files.push((path, bytes));
+            files.push(Shard {
+                path,
+                bytes,
+                data_start: 8 + header,
+                metadata,
+            });
         }
         let stores_nf4 = location.keys().any(|name| name.ends_with(NF4_STATE));
         Ok(Self {
@@ -111,16 +126,19 @@ impl Weights {
                 path: self.blame(name),
                 name: name.to_string(),
             })?;
-        let (path, bytes) = &self.files[i];
-        let malformed = |e: safetensors::SafeTensorError| ModelError::Safetensors {
-            path: path.clone(),
-            detail: e.to_string(),
-        };
-        let view = SafeTensors::deserialize(bytes)
-            .map_err(malformed)?
-            .tensor(name)
-            .map_err(malformed)?;
-        Ok((path, view))
+        let shard = &self.files[i];
+        let info = shard.metadata.info(name).expect("located in this file");
+        let (start, end) = info.data_offsets;
+        let data = &shard.bytes[shard.data_start + start..shard.data_start + end];
+        // The header was validated when the file was opened: offsets within the file, sizes
+        // that match dtypes and shapes.
+        let view = TensorView::new(info.dtype, info.shape.clone(), data).map_err(|e| {
+            ModelError::Safetensors {
+                path: shard.path.clone(),
+                detail: e.to_string(),
+            }
+        })?;
+        Ok((&shard.path, view))
     }
 
     /// Tensor `name`'s `count` values as f32, whatever its shape: a 4-bit weight's statistics.
@@ -141,10 +159,10 @@ impl Weights {
     /// The file a missing or malformed tensor is reported against.
     fn blame(&self, name: &str) -> PathBuf {
         match self.location.get(name) {
-            Some(&i) => self.files[i].0.clone(),
-            None if self.files.len() == 1 => self.files[0].0.clone(),
+            Some(&i) => self.files[i].path.clone(),
+            None if self.files.len() == 1 => self.files[0].path.clone(),
             None => self.files[0]
-                .0
+                .path
                 .parent()
                 .map(|d| d.join(INDEX_FILE))
                 .unwrap_or_default(),
