@@ -165,13 +165,17 @@ pub fn build_decoder<B: Backend>(
             device,
         )?)
     };
+    // A base held in less than f32 is frozen whole; the embedding then follows the LM head it
+    // may be (tied).
+    let frozen = !matches!(hold, BaseDtype::F32 | BaseDtype::Auto);
     let mut decoder = Decoder {
         embed_tokens: Param::from_tensor(tensor(
             weights,
             "model.embed_tokens.weight",
             [c.vocab_size, hidden],
             device,
-        )?),
+        )?)
+        .set_require_grad(!frozen),
         layers,
         norm: norm("model.norm.weight")?,
         lm_head,
@@ -185,4 +189,56 @@ pub fn build_decoder<B: Backend>(
     // held already.
     hold.hold_dense(&mut decoder);
     Ok(decoder)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use burn::backend::{Autodiff, Flex};
+    use burn::tensor::DType;
+
+    use super::*;
+    use crate::config::HfConfig;
+    use crate::weights::RandomWeights;
+
+    /// The projections are held as the base says while the model is built: f32 and trainable,
+    /// bf16 and frozen, or NF4 codes; a tied embedding (the LM head) follows the dense weights,
+    /// bf16 under a bf16 base and f32 under an NF4 one on the CPU, frozen with them.
+    #[test]
+    fn bases_are_built_in_the_precision_they_are_held_in() {
+        let config = HfConfig::from_json_str(
+            r#"{"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "tie_word_embeddings": true}"#,
+            Path::new("config.json"),
+        )
+        .unwrap();
+        let build = |hold| {
+            let weights = RandomWeights { seed: 0, std: 0.02 };
+            build_decoder::<Autodiff<Flex>>(&config.decoder, &weights, hold, &Default::default())
+                .unwrap()
+        };
+        for (hold, dense, quantized) in [
+            (BaseDtype::F32, DType::F32, false),
+            (BaseDtype::Bf16, DType::BF16, false),
+            (BaseDtype::Nf4, DType::F32, true),
+            (BaseDtype::Nf4Plain, DType::F32, true),
+        ] {
+            let model = build(hold);
+            let embedding = model.embed_tokens.val();
+            assert_eq!(embedding.dtype(), dense, "{hold}");
+            assert_eq!(
+                embedding.is_require_grad(),
+                hold == BaseDtype::F32,
+                "{hold}"
+            );
+            for (name, linear) in model.linears() {
+                assert_eq!(linear.weight.is_quantized(), quantized, "{hold}: {name}");
+                if !quantized {
+                    assert_eq!(linear.weight.val().dtype(), dense, "{hold}: {name}");
+                }
+            }
+        }
+    }
 }
