@@ -189,8 +189,8 @@ fn qlora_logprobs_and_gradients_equal_peft_on_bitsandbytes() {
     assert_eq!(seen, expected.len());
 }
 
-/// `score` holds a 4-bit checkpoint's codes by default and reads them back to f32 on request,
-/// to the same log-probs; `merge` folds an adapter into the weights read back and writes an
+/// `score` and `generate` hold a 4-bit checkpoint's codes by default and read them back to f32
+/// on request, to the same log-probs and the same greedy tokens; `merge` folds an adapter into the weights read back and writes an
 /// unquantized model; training every weight of it is refused with what to do instead.
 #[test]
 fn stored_4bit_checkpoints_score_merge_and_refuse_full_training() {
@@ -203,6 +203,20 @@ fn stored_4bit_checkpoints_score_merge_and_refuse_full_training() {
     read_back.extend(["--dtype", "f32"]);
     let read_back = score_logprobs(&model_dir(STORED), &golden.token_ids, &read_back);
     assert!(max_abs_diff(&read_back, &held) <= 1e-5);
+    let generate = |dtype: &str| {
+        let model = model_dir(STORED);
+        let args = [
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "one two",
+        ];
+        let out = burnish(&[&args[..], &["--max-new-tokens", "8", "--dtype", dtype]].concat());
+        assert_success(&out);
+        out.stdout
+    };
+    assert_eq!(generate("auto"), generate("f32"));
 
     let work = tempfile::tempdir().unwrap();
     let folded = work.path().join("folded");

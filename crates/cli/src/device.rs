@@ -9,6 +9,7 @@ use anyhow::{Result, bail};
 use burn::tensor::DType;
 use burn::tensor::backend::Backend;
 use burnish_model::{BaseDtype, HfConfig};
+use clap::Args;
 
 /// The CPU backend (see the README for why this one).
 pub type Cpu = burn::backend::Flex;
@@ -91,6 +92,25 @@ fn run_cuda<J: Job>(index: usize, job: J) -> Result<J::Output> {
     // a call into it.
     let _ = <burn::backend::Cuda as Backend>::sync(&device);
     output
+}
+
+/// `--dtype` of the commands that run a model without training it (`score`, `generate`, `chat`).
+#[derive(Debug, Clone, Args)]
+pub struct FrozenDtype {
+    /// Precision the base weights are held in: f32, bf16 (half the memory; on a GPU the
+    /// activations are bf16 too), nf4 (QLoRA's 4-bit codes for the layers' projections, their
+    /// block maxima double-quantized), nf4-plain (the same, maxima as they are), or auto (nf4
+    /// for a checkpoint saved in 4 bits, else bf16 on a GPU, f32 on the CPU).
+    #[arg(long, default_value = "auto")]
+    pub dtype: BaseDtype,
+}
+
+impl FrozenDtype {
+    /// The precision to hold the checkpoint in `model_dir` in on `device`, resolved.
+    pub fn resolve<B: Backend>(&self, model_dir: &Path, device: &B::Device) -> Result<BaseDtype> {
+        let dtype = checkpoint_dtype(self.dtype, model_dir, true)?;
+        base_dtype_for::<B>(dtype, device, true)
+    }
 }
 
 /// `dtype` for the checkpoint in `model_dir` as a base that stays frozen or trains: `auto` is

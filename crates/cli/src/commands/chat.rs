@@ -10,11 +10,11 @@ use anyhow::{Context, Result};
 use burn::tensor::backend::Backend;
 use burnish_data::{ChatTemplate, Message, Tokenizer};
 use burnish_hub::resolve_model;
-use burnish_model::{BaseDtype, Pretrained};
+use burnish_model::Pretrained;
 use clap::Args;
 
 use crate::commands::stream::{SamplingArgs, generate_to_stdout};
-use crate::device::{DeviceArg, Job, run_on};
+use crate::device::{DeviceArg, FrozenDtype, Job, run_on};
 
 #[derive(Debug, Args)]
 pub struct ChatArgs {
@@ -33,6 +33,8 @@ pub struct ChatArgs {
     system: Option<String>,
     #[command(flatten)]
     sampling: SamplingArgs,
+    #[command(flatten)]
+    dtype: FrozenDtype,
     #[arg(long, default_value = "auto")]
     device: DeviceArg,
 }
@@ -48,10 +50,11 @@ impl Job for Chat {
         let args = self.args;
         let tokenizer = Tokenizer::from_dir(&args.model)?;
         let template = ChatTemplate::from_dir(&args.model)?;
+        let dtype = args.dtype.resolve::<B>(&args.model, &device)?;
         let pretrained = Pretrained::<B>::load_with_adapter(
             &args.model,
             args.adapter.as_deref(),
-            BaseDtype::F32,
+            dtype,
             &device,
         )
         .with_context(|| format!("loading {}", args.model.display()))?;

@@ -7,11 +7,11 @@ use anyhow::{Context, Result};
 use burn::tensor::backend::Backend;
 use burnish_data::{ChatTemplate, Message, Tokenizer};
 use burnish_hub::resolve_model;
-use burnish_model::{BaseDtype, Pretrained};
+use burnish_model::Pretrained;
 use clap::Args;
 
 use crate::commands::stream::{SamplingArgs, generate_to_stdout};
-use crate::device::{DeviceArg, Job, run_on};
+use crate::device::{DeviceArg, FrozenDtype, Job, run_on};
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
@@ -33,6 +33,8 @@ pub struct GenerateArgs {
     /// A LoRA adapter directory in PEFT's format to apply on top of the model.
     #[arg(long)]
     adapter: Option<PathBuf>,
+    #[command(flatten)]
+    dtype: FrozenDtype,
     #[arg(long, default_value = "auto")]
     device: DeviceArg,
 }
@@ -59,10 +61,11 @@ impl Job for Generate {
         } else {
             tokenizer.encode(&args.prompt, true)?
         };
+        let dtype = args.dtype.resolve::<B>(&args.model, &device)?;
         let pretrained = Pretrained::<B>::load_with_adapter(
             &args.model,
             args.adapter.as_deref(),
-            BaseDtype::F32,
+            dtype,
             &device,
         )
         .with_context(|| format!("loading {}", args.model.display()))?;

@@ -10,10 +10,10 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::backend::Backend;
 use burnish_data::Tokenizer;
 use burnish_hub::resolve_model;
-use burnish_model::{BaseDtype, Pretrained, batch_rewards, token_logprobs};
+use burnish_model::{Pretrained, batch_rewards, token_logprobs};
 use clap::Args;
 
-use crate::device::{DeviceArg, Job, base_dtype_for, checkpoint_dtype, run_on};
+use crate::device::{DeviceArg, FrozenDtype, Job, run_on};
 
 #[derive(Debug, Args)]
 pub struct ScoreArgs {
@@ -35,12 +35,8 @@ pub struct ScoreArgs {
     adapter: Option<PathBuf>,
     #[arg(long, default_value = "auto")]
     device: DeviceArg,
-    /// Precision the base weights are held in: f32, bf16 (half the memory; on a GPU the
-    /// activations are bf16 too), nf4 (QLoRA's 4-bit codes for the layers' projections, their
-    /// block maxima double-quantized), nf4-plain (the same, maxima as they are), or auto (nf4
-    /// for a checkpoint saved in 4 bits, else bf16 on a GPU, f32 on the CPU).
-    #[arg(long, default_value = "auto")]
-    dtype: BaseDtype,
+    #[command(flatten)]
+    dtype: FrozenDtype,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -64,8 +60,7 @@ impl Job for Score {
             (_, _, Some(ids)) => ids,
             _ => bail!("give --text or --ids"),
         };
-        let dtype = checkpoint_dtype(args.dtype, &args.model, true)?;
-        let dtype = base_dtype_for::<B>(dtype, &device, true)?;
+        let dtype = args.dtype.resolve::<B>(&args.model, &device)?;
         let mut pretrained = Pretrained::<B>::load_with_adapter(
             &args.model,
             args.adapter.as_deref(),
