@@ -269,9 +269,11 @@ pub fn nf4_codes(values: &[f32]) -> (Vec<u8>, Vec<f32>) {
     blockwise_codes(values, &NF4_LEVELS, NF4_BLOCK)
 }
 
-/// `maxima` through bitsandbytes' double quantization and read back: less their mean (f32),
-/// coded by [`blockwise_codes`] over [`dynamic_map`] in blocks of [`NESTED_BLOCK`], then
-/// `map[code] · block maximum + mean`, each step rounded to f32 as bitsandbytes rounds it.
+/// `maxima` through bitsandbytes' double quantization and read back: less their mean, coded by
+/// [`blockwise_codes`] over [`dynamic_map`] in blocks of [`NESTED_BLOCK`], then
+/// `map[code] · block maximum + mean`, each step rounded to f32 as bitsandbytes rounds it. The
+/// mean is summed in f64 and rounded once; torch sums it in f32 lanes, which can differ in the
+/// last place.
 pub fn double_quantized(maxima: &[f32]) -> Vec<f32> {
     let mean = (maxima.iter().map(|&m| f64::from(m)).sum::<f64>() / maxima.len() as f64) as f32;
     let centred: Vec<f32> = maxima.iter().map(|&m| m - mean).collect();
@@ -319,21 +321,28 @@ pub fn blockwise_codes(values: &[f32], levels: &[f32], block_size: usize) -> (Ve
         midpoints.partition_point(|&m| m < scaled) as u8
     };
     let blocks = values.len().div_ceil(block_size);
-    let mut codes = Vec::with_capacity(blocks * block_size);
-    let mut maxima = Vec::with_capacity(blocks);
-    for block in values.chunks(block_size) {
-        let largest = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-        if block.len() == block_size {
-            let reciprocal = 1.0 / largest.max(1e-38);
-            codes.extend(block.iter().map(|v| code(v * reciprocal)));
-            maxima.push(largest);
-        } else {
-            let largest = largest.max(1e-38);
-            codes.extend(block.iter().map(|v| code(v / largest)));
-            maxima.push(largest);
-        }
-    }
-    codes.resize(blocks * block_size, code(0.0));
+    let mut codes = vec![code(0.0); blocks * block_size];
+    let mut maxima = vec![0f32; blocks];
+    codes
+        .par_chunks_mut(block_size)
+        .zip(maxima.par_iter_mut())
+        .zip(values.par_chunks(block_size))
+        .for_each(|((codes, maximum), block)| {
+            let largest = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            if block.len() == block_size {
+                let reciprocal = 1.0 / largest.max(1e-38);
+                for (code_of, v) in codes.iter_mut().zip(block) {
+                    *code_of = code(v * reciprocal);
+                }
+                *maximum = largest;
+            } else {
+                let largest = largest.max(1e-38);
+                for (code_of, v) in codes.iter_mut().zip(block) {
+                    *code_of = code(v / largest);
+                }
+                *maximum = largest;
+            }
+        });
     (codes, maxima)
 }
 
