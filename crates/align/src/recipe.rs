@@ -1370,14 +1370,6 @@ impl Recipe {
                 return Err(format!("`{key}` must be a positive number"));
             }
         }
-        if !self.data.eval.is_empty() || self.data.loader.eval_ratio > 0.0 {
-            return Err(
-                "GRPO evaluation (completions drawn for held-out prompts) is not implemented: \
-                 remove `data.eval` and `data.eval_ratio`; `[check]` compares generated answers \
-                 before and after training"
-                    .into(),
-            );
-        }
         Ok(())
     }
 
@@ -1902,7 +1894,6 @@ dir = "runs/first"
                 &["grpo.reward_weights=[1.0, 2.0]"],
                 "`grpo.reward_weights` has 2 weights",
             ),
-            (&["data.eval_ratio=0.1"], "GRPO evaluation"),
             (&["grpo.loss=\"bnpo\""], "unknown variant `bnpo`"),
         ] {
             let err = grpo(sets).unwrap_err();

@@ -48,6 +48,10 @@ use crate::strategy::{
 };
 use crate::trainer::{Activations, MetricMeans, StepMetrics, optimizer_step};
 
+/// Added to `train.seed` for the draws of GRPO's evaluation, far from the training steps'
+/// (`train.seed` plus the step).
+const EVAL_SEEDS: u64 = 1 << 40;
+
 /// Files a model directory carries besides weights and config.
 const TOKENIZER_FILES: &[&str] = &[
     "tokenizer.json",
@@ -1162,17 +1166,42 @@ pub fn train<B: AutodiffBackend>(
         micro,
         pad_id,
     };
-    let run_eval = |model: &Decoder<B>| -> Option<(f64, Vec<(&'static str, f64)>)> {
+    type Evaluation = Option<(f64, Vec<(&'static str, f64)>)>;
+    let run_eval = |model: &Decoder<B>| -> Result<Evaluation, RunError> {
         let model = &model.for_evaluation();
-        match &eval_batches {
+        Ok(match &eval_batches {
             _ if eval_batches.is_empty() => None,
             Batches::Tokens(b) => Some(evaluate(model, &Sft, b)),
             Batches::Pairs(b) => Some(evaluate(model, &preference, b)),
             Batches::Labeled(b) => Some(evaluate(model, &kto, b)),
             Batches::Scored(b) => Some(evaluate(model, &reward_strategy, b)),
-            // GRPO recipes hold no evaluation data (refused when the recipe is read).
-            Batches::Prompts(_) => None,
-        }
+            // As TRL evaluates GRPO: completions drawn for the held-out prompts (the same draws
+            // at every evaluation, from seeds of their own), scored, and the loss and
+            // generation metrics of each step's worth averaged.
+            Batches::Prompts(steps) => {
+                let mut sum = 0.0;
+                let mut metrics = MetricMeans::default();
+                for (s, indices) in steps.iter().enumerate() {
+                    let prompts: Vec<&PromptExample> =
+                        indices.iter().map(|&i| &eval_data.prompts[i]).collect();
+                    let seed = t.seed.wrapping_add(EVAL_SEEDS).wrapping_add(s as u64);
+                    let (batches, generated) = rollouts(
+                        model,
+                        &prompts,
+                        &encoder.tokenizer,
+                        &rewards,
+                        &sampling,
+                        seed,
+                        device,
+                    )?;
+                    let (loss, loss_metrics) = evaluate(model, &grpo, &batches);
+                    sum += loss;
+                    metrics.add(loss_metrics);
+                    metrics.add(generated);
+                }
+                Some((sum / steps.len() as f64, metrics.means()))
+            }
+        })
     };
 
     let mut step = progress.step;
@@ -1323,7 +1352,11 @@ pub fn train<B: AutodiffBackend>(
 
             let last = step + skipped == total_steps;
             let due = (t.eval_every > 0 && step.is_multiple_of(t.eval_every)) || last;
-            if let Some((loss, m)) = due.then(|| run_eval(&model)).flatten() {
+            let evaluation = match due {
+                true => run_eval(&model)?,
+                false => None,
+            };
+            if let Some((loss, m)) = evaluation {
                 let mut line = json!({"eval_step": step, "eval_loss": loss});
                 line.as_object_mut()
                     .expect("a JSON object")
