@@ -66,6 +66,8 @@ struct GrpoCase {
     max_completion_length: usize,
     loss: f64,
     metrics: std::collections::BTreeMap<String, f64>,
+    /// `[completion, token]`: the log-probabilities a reused completion was drawn with.
+    old_per_token_logps: Option<Vec<Vec<f32>>>,
 }
 
 #[derive(Deserialize)]
@@ -853,7 +855,9 @@ fn reward_model_sequences_are_trls_tokenization_of_each_row() {
 
 /// GRPO's loss and metrics through the model equal TRL's `GRPOTrainer._compute_loss` for every
 /// loss type, with and without the KL term against the adapter-off reference, at the sampling
-/// temperature; its advantages equal TRL's for every `scale_rewards`.
+/// temperature, on the update that drew the completions and on one that reuses them (their old
+/// log-probabilities given: the ratios clip, and the clipping metrics are TRL's); its advantages
+/// equal TRL's for every `scale_rewards`.
 #[test]
 fn grpo_losses_and_advantages_equal_trl() {
     use burnish_align::{Grpo, GrpoLossKind, Rollouts, ScaleRewards, Strategy, advantages};
@@ -866,9 +870,24 @@ fn grpo_losses_and_advantages_equal_trl() {
         .enumerate()
         .map(|(i, c)| (g.prompts[i / 2].as_slice(), c.as_slice(), true))
         .collect();
-    let batch = Rollouts::<AD>::new(&rows, &g.advantages, 0, &device);
-    assert_eq!(g.cases.len(), 4);
+    let drawn = Rollouts::<AD>::new(&rows, &g.advantages, 0, &device);
+    assert_eq!(g.cases.len(), 6);
     for case in &g.cases {
+        // Old log-probabilities in the trained ones' layout: position `t` predicts token
+        // `t + 1`, so a completion's `k`-th token is predicted at its prompt's length + k − 1.
+        let mut batch = drawn.clone();
+        if let Some(old) = &case.old_per_token_logps {
+            let [rows, width] = batch.tokens.mask.dims();
+            let mut values = vec![0f32; rows * width];
+            for (i, old) in old.iter().enumerate() {
+                let start = g.prompts[i / 2].len() - 1;
+                for (k, value) in old.iter().take(g.completions[i].len()).enumerate() {
+                    values[i * width + start + k] = *value;
+                }
+            }
+            let old = Tensor::<AD, 2>::from_data(TensorData::new(values, [rows, width]), &device);
+            batch.old_logps = Some(old);
+        }
         let grpo = Grpo::<AD> {
             loss: match case.loss_type.as_str() {
                 "dapo" => GrpoLossKind::Dapo,

@@ -644,6 +644,51 @@ fn grpo_runs_complete_prompts_score_them_and_resume_to_the_same_numbers() {
         assert_eq!(resumed[2][key], lines[2][key], "{key}");
     }
 
+    // Two updates per draw (TRL's `num_iterations`): the second reuses the first's completions,
+    // its ratios taken against the log-probabilities they were drawn with; a run resumed where
+    // a draw begins learns the same.
+    let reused = |dir: &str, extra: &[&str]| {
+        let mut args = vec![
+            "--set",
+            "grpo.num_iterations=2",
+            "--set",
+            "train.max_steps=4",
+            "--set",
+            dir,
+        ];
+        args.extend_from_slice(extra);
+        let out = train(&path, &args);
+        assert_success(&out);
+    };
+    reused("output.dir=\"reused\"", &[]);
+    let steps: Vec<Value> = metrics(&work.path().join("reused"))
+        .into_iter()
+        .filter(|l| l.get("step").is_some())
+        .collect();
+    assert_eq!(steps.len(), 4);
+    for (i, line) in steps.iter().enumerate() {
+        assert_eq!(
+            line.get("reward").is_some(),
+            i % 2 == 0,
+            "drawn on odd steps: {line}"
+        );
+        let clipped = line["clip_ratio/region_mean"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&clipped), "{line}");
+    }
+    assert_eq!(steps[0]["clip_ratio/region_mean"], 0.0);
+    reused(
+        "output.dir=\"reused-parts\"",
+        &["--set", "train.max_steps=3", "--set", "train.save_every=2"],
+    );
+    reused("output.dir=\"reused-parts\"", &["--resume"]);
+    let resumed: Vec<Value> = metrics(&work.path().join("reused-parts"))
+        .into_iter()
+        .filter(|l| l.get("step").is_some())
+        .collect();
+    for key in ["loss", "grad_norm", "clip_ratio/region_mean"] {
+        assert_eq!(resumed[3][key], steps[3][key], "{key}");
+    }
+
     // Continuing the adapter with itself as the KL term's reference: the first step's KL is 0.
     let out = train(
         &path,

@@ -22,7 +22,8 @@
   own per-token log-probs through the fused head at the sampling temperature) for two prompts of
   two completions each on the llama fixture with the llama-qv adapter as the policy (the adapter
   off as the reference for the KL term): the `dapo`, `grpo` and `dr_grpo` losses, with and
-  without `beta`; and the advantages of fixed rewards by the lines of
+  without `beta`, on the update that drew the completions and (`*_reused`) on a later one given
+  their old log-probabilities, with TRL's clipping metrics; and the advantages of fixed rewards by the lines of
   `GRPOTrainer._generate_and_score_completions` (group mean, TRL's `nanstd`, `+ 1e-4`) for each
   `scale_rewards`; and `grpo["functions"]`, TRL's `think_format_reward` and
   `get_soft_overlong_punishment` on fixed completions.
@@ -579,7 +580,10 @@ def reward_tokenization(model_dir: Path) -> list:
 
 def grpo_cases() -> dict:
     """GRPO's loss through TRL's own GRPOTrainer._compute_loss on a stub trainer (only the
-    attributes that method reads are set), one update per generation (old log-probs = current)."""
+    attributes that method reads are set): on the update that drew the completions (old
+    log-probs = current), and, for the `*_reused` cases, on a later update that reuses them
+    (`num_iterations` > 1: old log-probs given, the current ones moved by fixed offsets so that
+    ratios fall on both sides of the clipping range)."""
     from types import SimpleNamespace
 
     from peft import PeftModel
@@ -602,6 +606,8 @@ def grpo_cases() -> dict:
         {"name": "grpo_kl", "loss_type": "grpo", "beta": 0.04, "temperature": 0.7, "max_completion_length": 8},
         {"name": "dr_grpo", "loss_type": "dr_grpo", "beta": 0.0, "temperature": 1.0, "max_completion_length": 8},
         {"name": "dapo_kl", "loss_type": "dapo", "beta": 0.1, "temperature": 1.3, "max_completion_length": 8},
+        {"name": "dapo_reused", "loss_type": "dapo", "beta": 0.0, "temperature": 1.0, "max_completion_length": 8},
+        {"name": "grpo_kl_reused", "loss_type": "grpo", "beta": 0.04, "temperature": 0.7, "max_completion_length": 8},
     ]
     cases = []
     for setting in settings:
@@ -633,17 +639,32 @@ def grpo_cases() -> dict:
             "advantages": advantages,
             "num_items_in_batch": completion_mask.sum(),
         }
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
         if setting["beta"] != 0.0:
-            input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-            attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
             with torch.no_grad(), model.disable_adapter():
                 inputs["ref_per_token_logps"], _, _ = trainer._get_per_token_logps_and_entropies(
                     model, input_ids, attention_mask, completion_ids.size(1)
                 )
+        old = None
+        if setting["name"].endswith("_reused"):
+            with torch.no_grad():
+                current, _, _ = trainer._get_per_token_logps_and_entropies(
+                    model, input_ids, attention_mask, completion_ids.size(1)
+                )
+            rows, width = current.shape
+            k = torch.arange(width, dtype=torch.float32)
+            offsets = torch.stack([0.35 * torch.sin(1.7 * i + 0.9 * k) for i in range(rows)])
+            old = (current + offsets) * completion_mask
+            inputs["old_per_token_logps"] = old
         with torch.no_grad():
             loss = trainer._compute_loss(model, inputs)
-        metrics = {k: v[-1] for k, v in trainer._metrics["eval"].items() if k in ("entropy", "kl")}
-        cases.append({**setting, "loss": loss.item(), "metrics": metrics})
+        kept = ("entropy", "kl") + tuple(k for k in trainer._metrics["eval"] if k.startswith("clip_ratio/"))
+        metrics = {k: v[-1] for k, v in trainer._metrics["eval"].items() if k in kept}
+        case = {**setting, "loss": loss.item(), "metrics": metrics}
+        if old is not None:
+            case["old_per_token_logps"] = old.tolist()
+        cases.append(case)
 
     # Advantages, as _generate_and_score_completions computes them (sum_then_normalize).
     rewards = torch.tensor([1.0, 0.0, 0.5, 0.5, 2.0, -1.0])

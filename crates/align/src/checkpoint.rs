@@ -31,7 +31,8 @@ pub struct Progress {
     pub skipped: usize,
     /// The epoch the next step belongs to.
     pub epoch: u64,
-    /// The index, within that epoch, of the next group of micro-batches.
+    /// The index, within that epoch, of the next group of micro-batches (for GRPO with
+    /// `num_iterations` above 1, of the next of the optimizer steps those groups make).
     pub next_group: usize,
     /// Trained tokens so far.
     pub trained_tokens: usize,

@@ -1,9 +1,10 @@
-//! Group relative policy optimisation (TRL's `GRPOTrainer`, one policy update per generation):
-//! every prompt is completed `num_generations` times by the policy itself; reward models score
-//! each completion; a completion's advantage is its reward less its group's mean, divided by the
-//! group's (or the whole batch's) standard deviation; and the loss raises the log-probability of
-//! each completion token in proportion to its advantage, PPO's clipped ratio `π/π_old` being 1
-//! since the completions were just drawn from the policy being trained. With `beta > 0` a
+//! Group relative policy optimisation (TRL's `GRPOTrainer`): every prompt is completed
+//! `num_generations` times by the policy itself; reward models score each completion; a
+//! completion's advantage is its reward less its group's mean, divided by the group's (or the
+//! whole batch's) standard deviation; and the loss raises the log-probability of each completion
+//! token in proportion to its advantage, through PPO's clipped ratio `π/π_old`: 1 in value on
+//! the first update after the completions were drawn, and against the log-probabilities they
+//! were drawn with on the further `num_iterations` updates that reuse them. With `beta > 0` a
 //! per-token KL estimate against the reference (the base with the adapter off, or a kept copy
 //! for a full fine-tune), `exp(ref − logp) − (ref − logp) − 1`, is added. Log-probabilities are
 //! those of the sampling distribution: logits divided by the sampling temperature.
@@ -17,6 +18,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 use burnish_data::{Batch, Encoder, Example, PromptExample, Tokenizer};
 use burnish_model::{ActivationCheckpoints, Decoder, GenerateOptions, batch_rewards, sample_group};
+use burnish_peft::f32_values;
 
 use crate::error::RunError;
 use crate::strategy::{
@@ -87,6 +89,10 @@ pub struct Rollouts<B: Backend> {
     pub tokens: TokenBatch<B>,
     /// `[rows]`
     pub advantages: Tensor<B, 1>,
+    /// The log-probabilities the completions were drawn with, laid out as the trained ones
+    /// (`[rows, positions − 1]`), when an update after the first reuses them; `None` when the
+    /// policy being trained drew them.
+    pub old_logps: Option<Tensor<B, 2>>,
 }
 
 impl<B: Backend> Rollouts<B> {
@@ -112,6 +118,7 @@ impl<B: Backend> Rollouts<B> {
         Self {
             tokens: TokenBatch::from_batch(&Batch::padded(&refs, pad_id), device),
             advantages: Tensor::from_data(TensorData::new(values, [rows.len()]), device),
+            old_logps: None,
         }
     }
 }
@@ -158,15 +165,24 @@ impl<B: AutodiffBackend> Strategy<B> for Grpo<B> {
         );
         let (logps, stats) = token_logprobs_and_stats(model, hidden, tokens, model.trains(), true);
         let advantages = batch.advantages.clone().unsqueeze_dim::<2>(1);
-        // π/π_old, 1 in value, with the policy's gradient.
-        let ratio = (logps.clone() - logps.clone().detach()).exp();
+        // π/π_old with the policy's gradient: 1 in value unless the completions are reused.
+        let old = match &batch.old_logps {
+            Some(old) => old.clone(),
+            None => logps.clone().detach(),
+        };
+        let ratio = (logps.clone() - old).exp();
+        let mut metrics = clip_ratios(
+            &f32_values(ratio.clone().detach()),
+            &f32_values(mask.clone()),
+            &f32_values(batch.advantages.clone()),
+            [self.epsilon_low, self.epsilon_high],
+        );
         let clipped = ratio
             .clone()
             .clamp(1.0 - self.epsilon_low, 1.0 + self.epsilon_high);
         let mut per_token = (ratio * advantages.clone())
             .min_pair(clipped * advantages)
             .neg();
-        let mut metrics = Vec::new();
         if self.beta != 0.0 {
             let reference = self.reference_logps(model, tokens);
             let gap = reference - logps.clone();
@@ -199,6 +215,15 @@ impl<B: AutodiffBackend> Strategy<B> for Grpo<B> {
 }
 
 impl<B: AutodiffBackend> Grpo<B> {
+    /// `model`'s per-token log-probabilities of `tokens` at the sampling temperature as it is
+    /// now, without gradient tracking: `π_old` for the updates that reuse these completions.
+    pub fn sampling_logps(&self, model: &Decoder<B>, tokens: &TokenBatch<B>) -> Tensor<B, 2> {
+        let inner = inner_batch(tokens);
+        let policy = model.valid();
+        let hidden = at_temperature(hidden_states(&policy, &inner), self.temperature);
+        Tensor::from_inner(token_logprobs(&policy, hidden, &inner, false))
+    }
+
     /// The reference's per-token log-probabilities of `tokens` at the sampling temperature,
     /// without gradient tracking.
     fn reference_logps(&self, model: &Decoder<B>, tokens: &TokenBatch<B>) -> Tensor<B, 2> {
@@ -213,6 +238,49 @@ impl<B: AutodiffBackend> Grpo<B> {
         };
         Tensor::from_inner(logps)
     }
+}
+
+/// TRL's clipping metrics of a micro-batch from its ratios `π/π_old` and trained-token mask
+/// (`[rows, positions]`, row-major) and its rows' advantages, for the clipping range
+/// `[1 − low, 1 + high]`: the fractions of trained tokens clipped below (a ratio under the range
+/// where the advantage is negative), above (over it where positive) and either; the fewest
+/// clipped below and the most clipped above in one row (rows with no trained token left out).
+fn clip_ratios(
+    ratios: &[f32],
+    mask: &[f32],
+    advantages: &[f32],
+    [low, high]: [f64; 2],
+) -> Vec<(&'static str, f64)> {
+    let width = ratios.len() / advantages.len().max(1);
+    let (mut low_sum, mut high_sum, mut count) = (0.0, 0.0, 0.0);
+    let (mut low_min, mut high_max) = (f64::INFINITY, f64::NEG_INFINITY);
+    for (row, &advantage) in advantages.iter().enumerate() {
+        let (mut row_low, mut row_high, mut row_count) = (0.0, 0.0, 0.0);
+        for j in row * width..(row + 1) * width {
+            let (ratio, weight) = (f64::from(ratios[j]), f64::from(mask[j]));
+            if ratio < 1.0 - low && advantage < 0.0 {
+                row_low += weight;
+            }
+            if ratio > 1.0 + high && advantage > 0.0 {
+                row_high += weight;
+            }
+            row_count += weight;
+        }
+        if row_count > 0.0 {
+            low_min = low_min.min(row_low / row_count);
+            high_max = high_max.max(row_high / row_count);
+        }
+        (low_sum, high_sum, count) = (low_sum + row_low, high_sum + row_high, count + row_count);
+    }
+    let count = f64::max(count, 1.0);
+    let seen = |v: f64| if v.is_finite() { v } else { 0.0 };
+    vec![
+        ("clip_ratio/low_mean", low_sum / count),
+        ("clip_ratio/low_min", seen(low_min)),
+        ("clip_ratio/high_mean", high_sum / count),
+        ("clip_ratio/high_max", seen(high_max)),
+        ("clip_ratio/region_mean", (low_sum + high_sum) / count),
+    ]
 }
 
 /// Final hidden states whose logits are those at `temperature` (left as they are at 1).

@@ -768,6 +768,9 @@ pub struct GrpoSection {
     pub reward_functions: Vec<RewardFunctionSection>,
     /// Completions drawn per prompt (default 8).
     pub num_generations: usize,
+    /// Optimizer steps taken on each step's completions (TRL's μ, default 1): after the first,
+    /// the ratio `π/π_old` is taken against the log-probabilities they were drawn with.
+    pub num_iterations: usize,
     /// Longest completion in tokens (default 512).
     pub max_completion_length: usize,
     /// Sampling temperature, also that of the trained log-probabilities (default 1).
@@ -802,6 +805,7 @@ impl Default for GrpoSection {
             reward_weights: None,
             reward_functions: Vec::new(),
             num_generations: 8,
+            num_iterations: 1,
             max_completion_length: 512,
             temperature: 1.0,
             top_p: 1.0,
@@ -1337,6 +1341,17 @@ impl Recipe {
                  completions with each other"
                     .into(),
             );
+        }
+        if g.num_iterations == 0 {
+            return Err("`grpo.num_iterations` must be at least 1".into());
+        }
+        if !t.save_every.is_multiple_of(g.num_iterations) {
+            return Err(format!(
+                "`train.save_every` ({}) must be a multiple of `grpo.num_iterations` ({}): a \
+                 checkpoint between the steps that reuse one draw of completions could not draw \
+                 them again when resumed",
+                t.save_every, g.num_iterations
+            ));
         }
         let completions = t.micro_batch_size * t.gradient_accumulation;
         if !completions.is_multiple_of(g.num_generations) {
@@ -1885,6 +1900,11 @@ dir = "runs/first"
                 "no larger than it",
             ),
             (&["grpo.num_generations=1"], "`grpo.num_generations`"),
+            (&["grpo.num_iterations=0"], "`grpo.num_iterations`"),
+            (
+                &["grpo.num_iterations=2", "train.save_every=3"],
+                "multiple of `grpo.num_iterations`",
+            ),
             (
                 &["train.micro_batch_size=3"],
                 "multiple of `grpo.num_generations`",

@@ -952,7 +952,11 @@ pub fn train<B: AutodiffBackend>(
         }
         (Rows::Labeled, ..) => labeled_batch_count(count, micro),
         // An optimizer step's prompts make all its micro-batches of completions.
-        (Rows::Prompts, ..) => count.div_ceil(prompts_per_step) * t.gradient_accumulation,
+        // An optimizer step's prompts make all its micro-batches of completions, and those make
+        // `num_iterations` steps.
+        (Rows::Prompts, ..) => {
+            count.div_ceil(prompts_per_step) * t.gradient_accumulation * recipe.grpo.num_iterations
+        }
         _ => count.div_ceil(micro),
     };
     let steps_per_epoch = batches_per_epoch.div_ceil(t.gradient_accumulation);
@@ -1219,6 +1223,14 @@ pub fn train<B: AutodiffBackend>(
             Batches::Prompts(steps) => steps.len(),
             other => other.len().div_ceil(t.gradient_accumulation),
         };
+        // Optimizer steps per group of batches: GRPO's completions serve `num_iterations`.
+        let iterations = match &epoch_batches {
+            Batches::Prompts(_) => recipe.grpo.num_iterations,
+            _ => 1,
+        };
+        let units = groups * iterations;
+        // The group whose completions were drawn last, and those completions.
+        let mut drawn: Option<(usize, Vec<Rollouts<B>>)> = None;
         if groups == 0 {
             return Err(RunError::Mismatch(
                 "no training batch holds two tokens, the fewest a next-token loss needs; \
@@ -1226,7 +1238,8 @@ pub fn train<B: AutodiffBackend>(
                     .into(),
             ));
         }
-        for g in std::mem::take(&mut first_group)..groups {
+        for unit in std::mem::take(&mut first_group)..units {
+            let g = unit / iterations;
             if step + skipped >= total_steps {
                 break 'epochs;
             }
@@ -1238,18 +1251,27 @@ pub fn train<B: AutodiffBackend>(
             let mut generation_metrics = Vec::new();
             let (result, tokens) = match &epoch_batches {
                 Batches::Prompts(steps) => {
-                    let prompts: Vec<&PromptExample> =
-                        steps[g].iter().map(|&i| &train_data.prompts[i]).collect();
-                    let (rollouts, metrics) = rollouts(
-                        &model,
-                        &prompts,
-                        &encoder.tokenizer,
-                        &rewards,
-                        &sampling,
-                        t.seed.wrapping_add((step + skipped) as u64),
-                        device,
-                    )?;
-                    generation_metrics = metrics;
+                    if drawn.as_ref().is_none_or(|(group, _)| *group != g) {
+                        let prompts: Vec<&PromptExample> =
+                            steps[g].iter().map(|&i| &train_data.prompts[i]).collect();
+                        let (mut rollouts, metrics) = rollouts(
+                            &model,
+                            &prompts,
+                            &encoder.tokenizer,
+                            &rewards,
+                            &sampling,
+                            t.seed.wrapping_add((step + skipped) as u64),
+                            device,
+                        )?;
+                        if iterations > 1 {
+                            for batch in &mut rollouts {
+                                batch.old_logps = Some(grpo.sampling_logps(&model, &batch.tokens));
+                            }
+                        }
+                        generation_metrics = metrics;
+                        drawn = Some((g, rollouts));
+                    }
+                    let rollouts = &drawn.as_ref().expect("drawn above").1;
                     let n = rollouts.len();
                     let nothing_trains = rollouts.iter().all(|r| r.tokens.trained_tokens == 0);
                     if grpo.loss == GrpoLossKind::Dapo && nothing_trains {
@@ -1265,7 +1287,7 @@ pub fn train<B: AutodiffBackend>(
                     counted_step(
                         model,
                         &grpo,
-                        &rollouts,
+                        rollouts,
                         0..n,
                         &mut optimizer,
                         &schedule,
@@ -1331,7 +1353,7 @@ pub fn train<B: AutodiffBackend>(
             let tokens_per_s = tokens as f64 / seconds;
             let mut line = json!({
                 "step": step,
-                "epoch": epoch as f64 + (g + 1) as f64 / groups as f64,
+                "epoch": epoch as f64 + (unit + 1) as f64 / units as f64,
                 "loss": metrics.loss,
                 "lr": metrics.lr,
                 "grad_norm": metrics.grad_norm,
@@ -1369,12 +1391,15 @@ pub fn train<B: AutodiffBackend>(
                 });
                 eval_result = Some((loss, m));
             }
-            if t.save_every > 0 && step.is_multiple_of(t.save_every) && !last {
+            // Never between the steps that reuse one draw of completions: a resumed run could
+            // not draw them again.
+            let between_draws = (unit + 1).is_multiple_of(iterations);
+            if t.save_every > 0 && step.is_multiple_of(t.save_every) && !last && between_draws {
                 let at = Progress {
                     step,
                     skipped,
                     epoch,
-                    next_group: g + 1,
+                    next_group: unit + 1,
                     trained_tokens,
                     metrics_lines: metrics_log.lines,
                 };
