@@ -186,15 +186,30 @@ done
 log "burnish bench, larger shapes"
 for row in "${rest[@]}"; do bench $ROUTE $row 120; done
 
-# QLoRA's 4-bit base: its products and gradients against the CPU's, then the first rows over
-# it (the peer's rows hold a bf16 base; compare with ours above for what NF4 saves and costs).
+# QLoRA's 4-bit base: its products and gradients against the CPU's, its weights read back by
+# burnish's kernel (Nf4Dequantize), then the first rows over it, taking that kernel where it
+# passed (the peer's rows hold a bf16 base; compare with ours above for what NF4 saves and
+# costs).
 if [ "$DEVICE" = cuda ]; then
-  log "NF4 products and gradients against the CPU's (burnish-peft's tests)"
-  step 60 "nf4 tests" "$TESTS" --ignored nf4_on_cuda --test-threads 1 >"$OUT/nf4-tests.txt" 2>&1
-  echo "exit $?" >>"$OUT/nf4-tests.txt"
+  log "NF4 products and gradients against the CPU's (burnish-peft's tests), with its kernel"
+  BURNISH_GPU_KERNELS=Nf4Dequantize step 60 "nf4 tests" "$TESTS" --ignored nf4_on_cuda \
+    --test-threads 1 >"$OUT/nf4-tests.txt" 2>&1
+  status=$?
+  echo "exit $status" >>"$OUT/nf4-tests.txt"
   tail -n 3 "$OUT/nf4-tests.txt"
-  log "burnish bench, the first rows over a 4-bit NF4 base"
-  for row in "${first[@]}"; do DTYPE=nf4 bench $ROUTE $row 150; done
+  nf4_kernels=${BURNISH_GPU_KERNELS:-}
+  if [ "$status" = 0 ]; then
+    case "$nf4_kernels" in
+      all) ;;
+      "") nf4_kernels=WideRowReduction,Nf4Dequantize ;;
+      burn) nf4_kernels=Nf4Dequantize ;;
+      *) nf4_kernels=$nf4_kernels,Nf4Dequantize ;;
+    esac
+  fi
+  log "burnish bench, the first rows over a 4-bit NF4 base (kernels: ${nf4_kernels:-default})"
+  for row in "${first[@]}"; do
+    BURNISH_GPU_KERNELS=$nf4_kernels DTYPE=nf4 bench $ROUTE $row 150
+  done
 fi
 
 # The first SFT row's alternatives, one at a time: the cuBLAS ordering the rows do not take,

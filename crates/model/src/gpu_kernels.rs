@@ -9,9 +9,9 @@
 
 use burn::tensor::DType;
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
-use burnish_peft::gpu_kernel::{CubeRuntime, CubeTensor, GpuKernel};
-use cubecl::calculate_cube_count_elemwise;
+use burnish_peft::gpu_kernel::{
+    CubeRuntime, CubeTensor, GpuKernel, dims, elementwise, empty, float,
+};
 use cubecl::prelude::*;
 use cubecl::server::CubeCountSelection;
 
@@ -20,38 +20,6 @@ use cubecl::server::CubeCountSelection;
 const ROW_UNITS: usize = 256;
 
 /// Whether the kernels take tensors of `dtype`.
-fn float(dtype: DType) -> bool {
-    matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
-}
-
-/// A fresh tensor of `like`'s device and `shape`, laid out row after row with no gap: the
-/// kernels index their outputs linearly. (burn's `empty_device_dtype` may pad each row to an
-/// aligned pitch, as it does on CUDA: a kernel writing linearly there fills the padding and
-/// leaves every row after the first wrong, which is how these kernels failed on a card.)
-fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: [usize; 2], dtype: DType) -> CubeTensor<R> {
-    empty_device_contiguous_dtype(
-        like.client.clone(),
-        like.device.clone(),
-        shape.into(),
-        dtype,
-    )
-}
-
-/// The `[rows, width]` of a matrix.
-fn dims<R: CubeRuntime>(t: &CubeTensor<R>) -> [usize; 2] {
-    t.meta.shape().dims::<2>()
-}
-
-/// One unit per element.
-fn elementwise<R: CubeRuntime>(like: &CubeTensor<R>) -> (CubeCount, CubeDim) {
-    let elements = like.meta.num_elements();
-    let cube_dim = CubeDim::new(&like.client, elements);
-    let cube_count = calculate_cube_count_elemwise(&like.client, elements, cube_dim);
-    (cube_count, cube_dim)
-}
-
-/// One cube of [`ROW_UNITS`] units per row (the count may exceed the rows; the extra cubes
-/// leave at once).
 fn per_row<R: CubeRuntime>(like: &CubeTensor<R>, rows: usize) -> (CubeCount, CubeDim) {
     let cubes = u32::try_from(rows).expect("a GPU kernel's rows fit in u32");
     let cube_count = CubeCountSelection::new(&like.client, cubes).cube_count();

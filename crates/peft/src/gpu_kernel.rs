@@ -19,10 +19,13 @@ use std::sync::OnceLock;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Tensor, TensorPrimitive};
+use burn::tensor::{DType, Tensor, TensorPrimitive};
 use burn_cubecl::CubeBackend;
 pub use burn_cubecl::CubeRuntime;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 pub use burn_cubecl::tensor::CubeTensor;
+use cubecl::calculate_cube_count_elemwise;
+use cubecl::prelude::{CubeCount, CubeDim};
 
 use crate::rebrand::rebrand;
 
@@ -32,6 +35,41 @@ pub trait GpuKernel<const N: usize, const M: usize> {
     /// written for), for the caller's burn ops to compute instead. [`launch`] hands over no
     /// empty input.
     fn launch<R: CubeRuntime>(&self, inputs: &[CubeTensor<R>; N]) -> Option<[CubeTensor<R>; M]>;
+}
+
+/// Whether a kernel written for floats takes `dtype`.
+pub fn float(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
+}
+
+/// A fresh tensor of `like`'s device and `shape`, laid out row after row with no gap: the
+/// kernels index their outputs linearly. (burn's `empty_device_dtype` may pad each row to an
+/// aligned pitch, as it does on CUDA: a kernel writing linearly there fills the padding and
+/// leaves every row after the first wrong, which is how burnish's kernels failed on a card.)
+pub fn empty<R: CubeRuntime>(
+    like: &CubeTensor<R>,
+    shape: [usize; 2],
+    dtype: DType,
+) -> CubeTensor<R> {
+    empty_device_contiguous_dtype(
+        like.client.clone(),
+        like.device.clone(),
+        shape.into(),
+        dtype,
+    )
+}
+
+/// The `[rows, width]` of a matrix.
+pub fn dims<R: CubeRuntime>(t: &CubeTensor<R>) -> [usize; 2] {
+    t.meta.shape().dims::<2>()
+}
+
+/// One unit per element of `like`.
+pub fn elementwise<R: CubeRuntime>(like: &CubeTensor<R>) -> (CubeCount, CubeDim) {
+    let elements = like.meta.num_elements();
+    let cube_dim = CubeDim::new(&like.client, elements);
+    let cube_count = calculate_cube_count_elemwise(&like.client, elements, cube_dim);
+    (cube_count, cube_dim)
 }
 
 /// The environment variable that picks the kernels (and [`WIDE_ROW_REDUCTION`]): unset, those

@@ -27,6 +27,8 @@ mod linear;
 mod lora;
 pub mod merge_methods;
 mod nf4;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+mod nf4_kernel;
 mod rebrand;
 mod row_reduction;
 mod shared_output;

@@ -18,7 +18,7 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{DType, Tensor, TensorData};
 
 use rayon::prelude::*;
 
@@ -56,7 +56,7 @@ pub const NESTED_BLOCK: usize = 256;
 const ZERO_CODE: u8 = 7;
 
 /// Codes per packed f32 value.
-const CODES_PER_VALUE: usize = 6;
+pub(crate) const CODES_PER_VALUE: usize = 6;
 
 /// A frozen weight `[out, in]` as NF4 codes and per-block maxima.
 #[derive(Module, Debug)]
@@ -139,6 +139,7 @@ impl<B: Backend> Nf4Weight<B> {
             self.absmax.val(),
             self.levels.val(),
             self.dims,
+            DType::F32,
         )
     }
 
@@ -176,7 +177,7 @@ impl Nf4Product {
         [packed, absmax, levels]: [Tensor<I, 2>; 3],
         x: &Tensor<I, 2>,
     ) -> Tensor<I, 2> {
-        cast_to(dequantize(packed, absmax, levels, self.dims), x.dtype())
+        dequantize(packed, absmax, levels, self.dims, x.dtype())
     }
 }
 
@@ -204,20 +205,31 @@ impl ComposedOp<4> for Nf4Product {
     }
 }
 
-/// `level[code] · absmax` of every value of a weight of `dims`, in f32: on the CPU one parallel
-/// pass over the codes, elsewhere burn's ops (a handful of element-wise passes).
+/// `level[code] · absmax` of every value of a weight of `dims`, computed in f32 and held in
+/// `dtype`: on the CPU one parallel pass over the codes; on the plain GPU backends one kernel
+/// ([`Nf4Dequantize`](crate::nf4_kernel::Nf4Dequantize)) where it is on; elsewhere burn's ops
+/// (a handful of element-wise passes).
 fn dequantize<B: Backend>(
     packed: Tensor<B, 2>,
     absmax: Tensor<B, 2>,
     levels: Tensor<B, 2>,
     dims: [usize; 2],
+    dtype: DType,
 ) -> Tensor<B, 2> {
     if let (Some(packed), Some(absmax)) = (values_of(&packed), values_of(&absmax)) {
         let (packed, absmax) = (cpu_tensors::values(&packed), cpu_tensors::values(&absmax));
         let values = dequantize_on_host(packed, absmax, dims);
-        return from_values(cpu_tensors::tensor(values, dims.into()));
+        return cast_to(from_values(cpu_tensors::tensor(values, dims.into())), dtype);
     }
-    dequantize_with_ops(packed, absmax, levels, dims)
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    {
+        let kernel = crate::nf4_kernel::Nf4Dequantize { dims, dtype };
+        let inputs = [packed.clone(), absmax.clone(), levels.clone()];
+        if let Some([weight]) = crate::gpu_kernel::launch(&kernel, &inputs) {
+            return weight;
+        }
+    }
+    cast_to(dequantize_with_ops(packed, absmax, levels, dims), dtype)
 }
 
 /// [`dequantize`] in burn's ops, on any backend.
@@ -436,9 +448,16 @@ mod tests {
         let dims = [24, 100];
         let weight = Nf4Weight::<A<G>>::quantize(&values(2400), dims, true, &device);
         let cpu = Nf4Weight::<Flex>::quantize(&values(2400), dims, true, &Default::default());
+        let cpu_values = cpu.dequantize().into_data().to_vec::<f32>().unwrap();
         assert_eq!(
             weight.dequantize().into_data().to_vec::<f32>().unwrap(),
-            cpu.dequantize().into_data().to_vec::<f32>().unwrap()
+            cpu_values
+        );
+        // Without autodiff the GPU backends read the weight back by a kernel of their own.
+        let plain = Nf4Weight::<G>::quantize(&values(2400), dims, true, &device);
+        assert_eq!(
+            plain.dequantize().into_data().to_vec::<f32>().unwrap(),
+            cpu_values
         );
         let x_values = values(3 * 100);
         let x = || {
