@@ -14,6 +14,7 @@
 //! `nested_quant_map[q] · nested_absmax[block] + offset`; a value is `level[code] · maximum`.
 
 use burnish_peft::{NF4_BLOCK, NF4_LEVELS};
+use rayon::prelude::*;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -78,7 +79,7 @@ impl StoredNf4 {
     /// The weight's values as bitsandbytes dequantizes them: `level[code] · maximum`, in f32.
     pub fn dequantize(&self) -> Vec<f32> {
         self.codes
-            .iter()
+            .par_iter()
             .enumerate()
             .map(|(i, &code)| NF4_LEVELS[usize::from(code)] * self.maxima[i / self.block])
             .collect()
@@ -92,11 +93,12 @@ impl StoredNf4 {
 
 /// The first `count` codes of `packed`, two to a byte with the first in the high four bits.
 pub(crate) fn unpack_codes(packed: &[u8], count: usize) -> Vec<u8> {
-    packed
-        .iter()
-        .flat_map(|byte| [byte >> 4, byte & 0xF])
-        .take(count)
-        .collect()
+    let mut codes: Vec<u8> = packed
+        .par_iter()
+        .flat_map_iter(|byte| [byte >> 4, byte & 0xF])
+        .collect();
+    codes.truncate(count);
+    codes
 }
 
 /// Double-quantized maxima read back: `map[code] · nested_absmax[i / block] + offset`, with

@@ -362,7 +362,7 @@ pub fn blockwise_codes(values: &[f32], levels: &[f32], block_size: usize) -> (Ve
 /// zeros.
 fn pack(codes: &[u8]) -> Vec<f32> {
     codes
-        .chunks(CODES_PER_VALUE)
+        .par_chunks(CODES_PER_VALUE)
         .map(|group| {
             let word = group
                 .iter()
