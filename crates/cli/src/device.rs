@@ -5,10 +5,10 @@
 use std::path::Path;
 use std::str::FromStr;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use burn::tensor::DType;
 use burn::tensor::backend::Backend;
-use burnish_model::{BaseDtype, HfConfig};
+use burnish_model::{BaseDtype, HfConfig, Pretrained};
 use clap::Args;
 
 /// The CPU backend (see the README for why this one).
@@ -106,10 +106,18 @@ pub struct FrozenDtype {
 }
 
 impl FrozenDtype {
-    /// The precision to hold the checkpoint in `model_dir` in on `device`, resolved.
-    pub fn resolve<B: Backend>(&self, model_dir: &Path, device: &B::Device) -> Result<BaseDtype> {
+    /// The checkpoint in `model_dir`, with the PEFT-format `adapter` on it when given, held on
+    /// `device` in the precision this asks for, resolved.
+    pub fn load<B: Backend>(
+        &self,
+        model_dir: &Path,
+        adapter: Option<&Path>,
+        device: &B::Device,
+    ) -> Result<Pretrained<B>> {
         let dtype = checkpoint_dtype(self.dtype, model_dir, true)?;
-        base_dtype_for::<B>(dtype, device, true)
+        let dtype = base_dtype_for::<B>(dtype, device, true)?;
+        Pretrained::<B>::load_with_adapter(model_dir, adapter, dtype, device)
+            .with_context(|| format!("loading {}", model_dir.display()))
     }
 }
 

@@ -6,11 +6,10 @@
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use burn::tensor::backend::Backend;
 use burnish_data::{ChatTemplate, Message, Tokenizer};
 use burnish_hub::resolve_model;
-use burnish_model::Pretrained;
 use clap::Args;
 
 use crate::commands::stream::{SamplingArgs, generate_to_stdout};
@@ -50,14 +49,9 @@ impl Job for Chat {
         let args = self.args;
         let tokenizer = Tokenizer::from_dir(&args.model)?;
         let template = ChatTemplate::from_dir(&args.model)?;
-        let dtype = args.dtype.resolve::<B>(&args.model, &device)?;
-        let pretrained = Pretrained::<B>::load_with_adapter(
-            &args.model,
-            args.adapter.as_deref(),
-            dtype,
-            &device,
-        )
-        .with_context(|| format!("loading {}", args.model.display()))?;
+        let pretrained = args
+            .dtype
+            .load::<B>(&args.model, args.adapter.as_deref(), &device)?;
         super::require_lm_head(&pretrained.model, &args.model)?;
         let options = args.sampling.options(&pretrained, &tokenizer);
         let opening: Vec<Message> = args

@@ -3,11 +3,10 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use burn::tensor::backend::Backend;
 use burnish_data::{ChatTemplate, Message, Tokenizer};
 use burnish_hub::resolve_model;
-use burnish_model::Pretrained;
 use clap::Args;
 
 use crate::commands::stream::{SamplingArgs, generate_to_stdout};
@@ -61,14 +60,9 @@ impl Job for Generate {
         } else {
             tokenizer.encode(&args.prompt, true)?
         };
-        let dtype = args.dtype.resolve::<B>(&args.model, &device)?;
-        let pretrained = Pretrained::<B>::load_with_adapter(
-            &args.model,
-            args.adapter.as_deref(),
-            dtype,
-            &device,
-        )
-        .with_context(|| format!("loading {}", args.model.display()))?;
+        let pretrained = args
+            .dtype
+            .load::<B>(&args.model, args.adapter.as_deref(), &device)?;
         super::require_lm_head(&pretrained.model, &args.model)?;
 
         let options = args.sampling.options(&pretrained, &tokenizer);

@@ -6,11 +6,11 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use burn::tensor::backend::Backend;
 use burnish_data::Tokenizer;
 use burnish_hub::resolve_model;
-use burnish_model::{Pretrained, batch_rewards, token_logprobs};
+use burnish_model::{batch_rewards, token_logprobs};
 use clap::Args;
 
 use crate::device::{DeviceArg, FrozenDtype, Job, run_on};
@@ -60,14 +60,9 @@ impl Job for Score {
             (_, _, Some(ids)) => ids,
             _ => bail!("give --text or --ids"),
         };
-        let dtype = args.dtype.resolve::<B>(&args.model, &device)?;
-        let mut pretrained = Pretrained::<B>::load_with_adapter(
-            &args.model,
-            args.adapter.as_deref(),
-            dtype,
-            &device,
-        )
-        .with_context(|| format!("loading {}", args.model.display()))?;
+        let mut pretrained = args
+            .dtype
+            .load::<B>(&args.model, args.adapter.as_deref(), &device)?;
         if pretrained.model.is_classifier() {
             super::pad_as_trained(&mut pretrained, &args.model)?;
             let reward = batch_rewards(&pretrained.model, std::slice::from_ref(&ids))?[0];
