@@ -951,7 +951,6 @@ pub fn train<B: AutodiffBackend>(
                 .div_ceil(micro)
         }
         (Rows::Labeled, ..) => labeled_batch_count(count, micro),
-        // An optimizer step's prompts make all its micro-batches of completions.
         // An optimizer step's prompts make all its micro-batches of completions, and those make
         // `num_iterations` steps.
         (Rows::Prompts, ..) => {
