@@ -101,25 +101,10 @@ pub(crate) fn unpack_codes(packed: &[u8], count: usize) -> Vec<u8> {
     codes
 }
 
-/// Double-quantized maxima read back: `map[code] · nested_absmax[i / block] + offset`, with
-/// bitsandbytes' f32 rounding (the product, then the sum).
-pub(crate) fn nested_maxima(
-    codes: &[u8],
-    nested_absmax: &[f32],
-    map: &[f32],
-    block: usize,
-    offset: f32,
-) -> Vec<f32> {
-    codes
-        .iter()
-        .enumerate()
-        .map(|(i, &code)| map[usize::from(code)] * nested_absmax[i / block] + offset)
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use burnish_peft::nested_maxima;
     use serde_json::json;
 
     #[test]

@@ -7,14 +7,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use burn::tensor::TensorData;
-use burnish_peft::{NF4_LEVELS, decode_f32};
+use burnish_peft::{NF4_LEVELS, decode_f32, nested_maxima};
 use memmap2::Mmap;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use safetensors::tensor::{Metadata, TensorView};
 use safetensors::{Dtype, SafeTensors};
 use serde::Deserialize;
 
-use crate::bnb_4bit::{NF4_STATE, QuantState, StoredNf4, nested_maxima, unpack_codes};
+use crate::bnb_4bit::{NF4_STATE, QuantState, StoredNf4, unpack_codes};
 use crate::error::{ModelError, Result};
 
 pub(crate) const SINGLE_FILE: &str = "model.safetensors";

@@ -49,7 +49,7 @@ pub use linear::{AdaptableLinear, BaseWeight, cast_to, matmul, project, unprojec
 pub use lora::Lora;
 pub use nf4::{
     NESTED_BLOCK, NF4_BLOCK, NF4_LEVELS, Nf4Weight, blockwise_codes, double_quantized, dynamic_map,
-    nf4_codes,
+    nested_maxima, nf4_codes,
 };
 pub use rebrand::{cpu_values, on_cpu, rebrand};
 pub use row_reduction::{RowReduction, reduce_rows};

@@ -291,8 +291,23 @@ pub fn double_quantized(maxima: &[f32]) -> Vec<f32> {
     let centred: Vec<f32> = maxima.iter().map(|&m| m - mean).collect();
     let map = dynamic_map();
     let (codes, nested) = blockwise_codes(&centred, &map, NESTED_BLOCK);
-    (0..maxima.len())
-        .map(|i| map[usize::from(codes[i])] * nested[i / NESTED_BLOCK] + mean)
+    nested_maxima(&codes[..maxima.len()], &nested, &map, NESTED_BLOCK, mean)
+}
+
+/// Double-quantized maxima read back, as bitsandbytes reads them (its own or a checkpoint's):
+/// `map[code] · nested_absmax[i / block] + offset`, with its f32 rounding (the product, then
+/// the sum).
+pub fn nested_maxima(
+    codes: &[u8],
+    nested_absmax: &[f32],
+    map: &[f32],
+    block: usize,
+    offset: f32,
+) -> Vec<f32> {
+    codes
+        .iter()
+        .enumerate()
+        .map(|(i, &code)| map[usize::from(code)] * nested_absmax[i / block] + offset)
         .collect()
 }
 
