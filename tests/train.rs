@@ -115,41 +115,28 @@ fn sft_run_learns_and_writes_a_peft_adapter() {
     };
     assert_ne!(score(&["--adapter", run.to_str().unwrap()]), score(&[]));
 
-    // The same run over a base held in bf16 learns as well.
-    let out = train(
-        &path,
-        &[
-            "--set",
-            "model.dtype=\"bf16\"",
-            "--set",
-            "output.dir=\"run-bf16\"",
-        ],
-    );
-    assert_success(&out);
-    let lines = metrics(&work.path().join("run-bf16"));
-    let eval_bf16 = first_eval_loss(&lines);
-    assert!(
-        eval_bf16 < 0.5 * first,
-        "bf16 base: eval loss {eval_bf16} did not fall well below the first step's {first}"
-    );
+    // The same run under other settings, into `run-<name>`, learns as well: its metrics.
+    let learns = |name: &str, sets: &[&str]| -> Vec<Value> {
+        let dir = format!("output.dir=\"run-{name}\"");
+        let mut args: Vec<&str> = sets.iter().flat_map(|s| ["--set", s]).collect();
+        args.extend(["--set", &dir]);
+        let out = train(&path, &args);
+        assert_success(&out);
+        let lines = metrics(&work.path().join(format!("run-{name}")));
+        let eval = first_eval_loss(&lines);
+        assert!(
+            eval < 0.5 * first,
+            "{name}: eval loss {eval} did not fall well below the first step's {first}"
+        );
+        lines
+    };
+
+    // A base held in bf16.
+    learns("bf16", &["model.dtype=\"bf16\""]);
 
     // QLoRA: the same over a 4-bit NF4 base; `score --dtype nf4` reads the base the same way.
-    let out = train(
-        &path,
-        &[
-            "--set",
-            "model.dtype=\"nf4\"",
-            "--set",
-            "output.dir=\"run-nf4\"",
-        ],
-    );
-    assert_success(&out);
+    learns("nf4", &["model.dtype=\"nf4\""]);
     let nf4 = work.path().join("run-nf4");
-    let eval_nf4 = first_eval_loss(&metrics(&nf4));
-    assert!(
-        eval_nf4 < 0.5 * first,
-        "NF4 base: eval loss {eval_nf4} did not fall well below the first step's {first}"
-    );
     let nf4_adapter = ["--adapter", nf4.to_str().unwrap(), "--dtype", "nf4"];
     assert_ne!(score(&nf4_adapter), score(&["--dtype", "nf4"]));
     assert_ne!(score(&["--dtype", "nf4"]), score(&[]));
@@ -157,59 +144,19 @@ fn sft_run_learns_and_writes_a_peft_adapter() {
     // A checkpoint saved in 4 bits trains as QLoRA over its stored codes, `model.dtype` left
     // `auto`.
     let stored = format!("model.base=\"{}\"", model_dir("llama-bnb-4bit").display());
-    let out = train(
-        &path,
-        &["--set", &stored, "--set", "output.dir=\"run-bnb\""],
-    );
-    assert_success(&out);
-    let eval_stored = first_eval_loss(&metrics(&work.path().join("run-bnb")));
-    assert!(
-        eval_stored < 0.5 * first,
-        "4-bit checkpoint: eval loss {eval_stored} did not fall well below the first step's {first}"
-    );
+    learns("bnb", &[&stored]);
 
     // NEFTune's noisy embeddings: the first step's loss moves, and the run still learns.
-    let out = train(
-        &path,
-        &[
-            "--set",
-            "train.neftune_noise_alpha=5.0",
-            "--set",
-            "output.dir=\"run-neftune\"",
-        ],
-    );
-    assert_success(&out);
-    let lines = metrics(&work.path().join("run-neftune"));
+    let lines = learns("neftune", &["train.neftune_noise_alpha=5.0"]);
     let noisy_first = lines[0]["loss"].as_f64().unwrap();
     assert!(
         (noisy_first - first).abs() > 1e-6,
         "{noisy_first} vs {first}"
     );
-    let eval_neftune = first_eval_loss(&lines);
-    assert!(
-        eval_neftune < 0.5 * first,
-        "NEFTune: eval loss {eval_neftune} did not fall well below the first step's {first}"
-    );
 
     // DoRA, with adapter dropout drawing: learns as well, and writes PEFT's DoRA adapter.
-    let out = train(
-        &path,
-        &[
-            "--set",
-            "adapter.use_dora=true",
-            "--set",
-            "adapter.dropout=0.1",
-            "--set",
-            "output.dir=\"run-dora\"",
-        ],
-    );
-    assert_success(&out);
+    learns("dora", &["adapter.use_dora=true", "adapter.dropout=0.1"]);
     let dora = work.path().join("run-dora");
-    let eval_dora = first_eval_loss(&metrics(&dora));
-    assert!(
-        eval_dora < 0.5 * first,
-        "DoRA: eval loss {eval_dora} did not fall well below the first step's {first}"
-    );
     let config: Value =
         serde_json::from_slice(&std::fs::read(dora.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(config["use_dora"], true);
