@@ -171,12 +171,17 @@ impl<B: AutodiffBackend> Strategy<B> for Grpo<B> {
             None => logps.clone().detach(),
         };
         let ratio = (logps.clone() - old).exp();
-        let mut metrics = clip_ratios(
-            &f32_values(ratio.clone().detach()),
-            &f32_values(mask.clone()),
-            &f32_values(batch.advantages.clone()),
-            [self.epsilon_low, self.epsilon_high],
-        );
+        let mut metrics = match batch.old_logps.is_some() {
+            true => clip_ratios(
+                &f32_values(ratio.clone().detach()),
+                &f32_values(mask.clone()),
+                &f32_values(batch.advantages.clone()),
+                [self.epsilon_low, self.epsilon_high],
+            ),
+            // Drawn by the policy being trained, the ratio is exactly 1: nothing is clipped,
+            // and nothing need be read back to tell.
+            false => CLIP_RATIOS.map(|name| (name, 0.0)).to_vec(),
+        };
         let clipped = ratio
             .clone()
             .clamp(1.0 - self.epsilon_low, 1.0 + self.epsilon_high);
@@ -240,6 +245,15 @@ impl<B: AutodiffBackend> Grpo<B> {
     }
 }
 
+/// TRL's names of [`clip_ratios`]' metrics, in their order.
+const CLIP_RATIOS: [&str; 5] = [
+    "clip_ratio/low_mean",
+    "clip_ratio/low_min",
+    "clip_ratio/high_mean",
+    "clip_ratio/high_max",
+    "clip_ratio/region_mean",
+];
+
 /// TRL's clipping metrics of a micro-batch from its ratios `π/π_old` and trained-token mask
 /// (`[rows, positions]`, row-major) and its rows' advantages, for the clipping range
 /// `[1 − low, 1 + high]`: the fractions of trained tokens clipped below (a ratio under the range
@@ -274,13 +288,14 @@ fn clip_ratios(
     }
     let count = f64::max(count, 1.0);
     let seen = |v: f64| if v.is_finite() { v } else { 0.0 };
-    vec![
-        ("clip_ratio/low_mean", low_sum / count),
-        ("clip_ratio/low_min", seen(low_min)),
-        ("clip_ratio/high_mean", high_sum / count),
-        ("clip_ratio/high_max", seen(high_max)),
-        ("clip_ratio/region_mean", (low_sum + high_sum) / count),
-    ]
+    let values = [
+        low_sum / count,
+        seen(low_min),
+        high_sum / count,
+        seen(high_max),
+        (low_sum + high_sum) / count,
+    ];
+    CLIP_RATIOS.into_iter().zip(values).collect()
 }
 
 /// Final hidden states whose logits are those at `temperature` (left as they are at 1).
