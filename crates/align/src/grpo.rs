@@ -166,21 +166,23 @@ impl<B: AutodiffBackend> Strategy<B> for Grpo<B> {
         let (logps, stats) = token_logprobs_and_stats(model, hidden, tokens, model.trains(), true);
         let advantages = batch.advantages.clone().unsqueeze_dim::<2>(1);
         // π/π_old with the policy's gradient: 1 in value unless the completions are reused.
-        let old = match &batch.old_logps {
-            Some(old) => old.clone(),
-            None => logps.clone().detach(),
-        };
-        let ratio = (logps.clone() - old).exp();
-        let mut metrics = match batch.old_logps.is_some() {
-            true => clip_ratios(
-                &f32_values(ratio.clone().detach()),
-                &f32_values(mask.clone()),
-                &f32_values(batch.advantages.clone()),
-                [self.epsilon_low, self.epsilon_high],
-            ),
+        let (ratio, mut metrics) = match &batch.old_logps {
+            Some(old) => {
+                let ratio = (logps.clone() - old.clone()).exp();
+                let metrics = clip_ratios(
+                    &f32_values(ratio.clone().detach()),
+                    &f32_values(mask.clone()),
+                    &f32_values(batch.advantages.clone()),
+                    [self.epsilon_low, self.epsilon_high],
+                );
+                (ratio, metrics)
+            }
             // Drawn by the policy being trained, the ratio is exactly 1: nothing is clipped,
             // and nothing need be read back to tell.
-            false => CLIP_RATIOS.map(|name| (name, 0.0)).to_vec(),
+            None => (
+                (logps.clone() - logps.clone().detach()).exp(),
+                CLIP_RATIOS.map(|name| (name, 0.0)).to_vec(),
+            ),
         };
         let clipped = ratio
             .clone()
