@@ -55,7 +55,7 @@ fn linear<B: Backend>(
             )));
         }
         Some(stored) => BaseWeight::Nf4(Nf4Weight::from_codes(
-            &stored.codes,
+            stored.codes,
             stored.maxima,
             dims,
             device,

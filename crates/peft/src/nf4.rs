@@ -91,14 +91,14 @@ impl<B: Backend> Nf4Weight<B> {
             true => double_quantized(&absmax),
             false => absmax,
         };
-        Self::from_codes(&codes, absmax, dims, device)
+        Self::from_codes(codes, absmax, dims, device)
     }
 
     /// A weight of `dims` whose values' NF4 codes (one per value, row-major, at least
     /// `dims[0] · dims[1]` of them) and blocks' maxima (one per [`NF4_BLOCK`] values) are given,
     /// as a pre-quantized checkpoint stores them, held on `device`.
     pub fn from_codes(
-        codes: &[u8],
+        mut codes: Vec<u8>,
         absmax: Vec<f32>,
         dims: [usize; 2],
         device: &B::Device,
@@ -110,8 +110,8 @@ impl<B: Backend> Nf4Weight<B> {
             count.div_ceil(NF4_BLOCK),
             "maxima of a weight of {dims:?}"
         );
-        let mut codes = codes[..count].to_vec();
         // Whole blocks, padded with zero's code, as [`dequantize_with_ops`] reads them.
+        codes.truncate(count);
         codes.resize(absmax.len() * NF4_BLOCK, ZERO_CODE);
         let packed = pack(&codes);
         let frozen = |data: Vec<f32>| {
