@@ -53,6 +53,9 @@ pub enum RunError {
         line: usize,
         detail: String,
     },
+    /// A GRPO reward program that could not be started or did not answer as expected.
+    #[error("reward program `{name}`: {detail}")]
+    RewardProgram { name: String, detail: String },
     /// The recipe and the data do not fit together.
     #[error("{0}")]
     Mismatch(String),

@@ -16,11 +16,12 @@
 use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
-use burnish_data::{Batch, Encoder, Example, PromptExample, Tokenizer};
+use burnish_data::{Batch, Encoder, Example, PromptExample, PromptSource, Tokenizer};
 use burnish_model::{ActivationCheckpoints, Decoder, GenerateOptions, batch_rewards, sample_group};
 use burnish_peft::f32_values;
 
 use crate::error::RunError;
+use crate::reward_program::RewardProgram;
 use crate::strategy::{
     StepOutput, Strategy, TokenBatch, adapters_off, hidden_states, inner_batch, token_logprobs,
     token_logprobs_and_stats, trained_hidden_states,
@@ -413,12 +414,58 @@ impl RewardFunction {
     }
 }
 
-/// What scores completions: reward models and reward functions, each weighted.
+/// What scores completions: reward models, reward functions and reward programs, each
+/// weighted.
 #[derive(Debug)]
 pub struct Rewards<B: Backend> {
     pub models: Vec<RewardModel<B>>,
     /// With their names and weights.
     pub functions: Vec<(RewardFunction, RewardNames, f64)>,
+    pub programs: Vec<RewardProgram>,
+}
+
+/// What a reward program is asked about a batch of completions: the keyword arguments TRL
+/// passes a reward function. `prompts` and `completions` are messages for a conversation (a
+/// completion as one assistant message) and text otherwise; `completion_ids` the completions'
+/// tokens; and each of the prompt rows' other columns, one value per completion (`null` where
+/// a row lacks it). `rows` holds each completion's prompt, text and tokens.
+fn program_request(rows: &[(&PromptExample, &str, &[u32])]) -> serde_json::Value {
+    use serde_json::{Value, json};
+    const ARGUMENTS: [&str; 3] = ["prompts", "completions", "completion_ids"];
+    let mut prompts = Vec::with_capacity(rows.len());
+    let mut completions = Vec::with_capacity(rows.len());
+    let mut ids = Vec::with_capacity(rows.len());
+    let mut columns: Vec<&str> = Vec::new();
+    for (prompt, text, tokens) in rows {
+        match &prompt.source {
+            PromptSource::Chat { messages, .. } => {
+                prompts.push(json!(messages));
+                completions.push(json!([{"role": "assistant", "content": text}]));
+            }
+            PromptSource::Text(prompt) => {
+                prompts.push(json!(prompt));
+                completions.push(json!(text));
+            }
+        }
+        ids.push(json!(tokens));
+        for key in prompt.columns.keys() {
+            if !columns.contains(&key.as_str()) && !ARGUMENTS.contains(&key.as_str()) {
+                columns.push(key);
+            }
+        }
+    }
+    let mut request = serde_json::Map::new();
+    request.insert(ARGUMENTS[0].into(), Value::Array(prompts));
+    request.insert(ARGUMENTS[1].into(), Value::Array(completions));
+    request.insert(ARGUMENTS[2].into(), Value::Array(ids));
+    for key in columns {
+        let values = rows
+            .iter()
+            .map(|(prompt, ..)| prompt.columns.get(key).cloned().unwrap_or(Value::Null))
+            .collect();
+        request.insert(key.into(), Value::Array(values));
+    }
+    Value::Object(request)
 }
 
 /// A reward model's failure to score a completion, naming the model.
@@ -461,6 +508,8 @@ pub fn rollouts<B: AutodiffBackend>(
     let mut rows: Vec<(&[u32], Vec<u32>, bool)> = Vec::with_capacity(prompts.len() * g);
     let mut model_inputs: Vec<Vec<Vec<u32>>> = vec![Vec::new(); rewards.models.len()];
     let mut per_function: Vec<Vec<f64>> = vec![Vec::new(); rewards.functions.len()];
+    // Each completion's prompt and text, for the reward programs.
+    let mut texts: Vec<(&PromptExample, String)> = Vec::new();
     for (i, prompt) in prompts.iter().enumerate() {
         let options = GenerateOptions {
             seed: seed
@@ -501,6 +550,21 @@ pub fn rollouts<B: AutodiffBackend>(
                 .is_some_and(|t| sampling.options.stop_tokens.contains(t));
             let truncated = !stopped && completion.len() >= sampling.options.max_new_tokens;
             rows.push((&prompt.prompt_ids, completion, truncated));
+            if !rewards.programs.is_empty() {
+                texts.push((*prompt, text));
+            }
+        }
+    }
+    let mut per_program: Vec<Vec<f64>> = Vec::with_capacity(rewards.programs.len());
+    if !rewards.programs.is_empty() {
+        let asked: Vec<(&PromptExample, &str, &[u32])> = texts
+            .iter()
+            .zip(&rows)
+            .map(|((prompt, text), row)| (*prompt, text.as_str(), row.1.as_slice()))
+            .collect();
+        let request = program_request(&asked);
+        for program in &rewards.programs {
+            per_program.push(program.score(&request, rows.len())?);
         }
     }
     let mut per_model: Vec<Vec<f64>> = Vec::with_capacity(rewards.models.len());
@@ -524,9 +588,22 @@ pub fn rollouts<B: AutodiffBackend>(
                 .zip(&rewards.functions)
                 .map(|(scores, (_, names, weight))| (scores.as_slice(), *names, *weight)),
         )
+        .chain(
+            per_program
+                .iter()
+                .zip(&rewards.programs)
+                .map(|(scores, p)| (scores.as_slice(), p.names, p.weight)),
+        )
         .collect();
+    // A program's `null` (NaN) counts for nothing, as TRL's `nansum`.
     let total: Vec<f64> = (0..rows.len())
-        .map(|r| scorers.iter().map(|(scores, _, w)| scores[r] * w).sum())
+        .map(|r| {
+            scorers
+                .iter()
+                .map(|(scores, _, w)| scores[r] * w)
+                .filter(|v| !v.is_nan())
+                .sum()
+        })
         .collect();
     let (advantages, zero_std) = advantages(&total, g, sampling.scale);
     let completions: Vec<(usize, bool)> = rows.iter().map(|r| (r.1.len(), r.2)).collect();
@@ -575,7 +652,8 @@ fn spread(values: &[f64]) -> f64 {
 }
 
 /// A step's generation metrics under TRL's names, from its completions' weighted rewards
-/// (`total`), each scorer's own rewards (with its names and weight), and each completion's
+/// (`total`), each scorer's own rewards (with its names and weight; NaN where a program gave
+/// none, left out of its mean and deviation, 0s when it gave none at all), and each completion's
 /// length and whether it was cut at the length limit: the rewards' mean and standard deviation,
 /// overall and per scorer; the lengths of all completions and of those that ended with an end
 /// token (0s when none did, as TRL logs them); the fraction cut.
@@ -586,8 +664,10 @@ fn generation_metrics(
 ) -> Vec<(&'static str, f64)> {
     let mut metrics = vec![("reward", mean(total)), ("reward_std", spread(total))];
     for (scores, names, _) in scorers {
-        metrics.push((names.mean, mean(scores)));
-        metrics.push((names.std, spread(scores)));
+        // Over the completions a scorer gave a reward (TRL's `nanmean`, `nanstd`).
+        let given: Vec<f64> = scores.iter().copied().filter(|s| !s.is_nan()).collect();
+        metrics.push((names.mean, mean(&given)));
+        metrics.push((names.std, spread(&given)));
     }
     let lengths: Vec<f64> = completions.iter().map(|c| c.0 as f64).collect();
     let terminated: Vec<f64> = completions
@@ -671,6 +751,22 @@ mod tests {
         close("completions/min_terminated_length", 3.0);
         close("completions/max_terminated_length", 5.0);
         close("completions/clipped_ratio", 1.0 / 3.0);
+        // A program's `null`s (NaN) are left out of its mean and deviation, as TRL's
+        // `nanmean`/`nanstd` leave them; none given at all reads 0.
+        let (sparse, silent) = (RewardNames::of("sparse"), RewardNames::of("silent"));
+        let given = [1.0, f64::NAN, 3.0];
+        let none = [f64::NAN; 3];
+        let m: std::collections::HashMap<_, _> = generation_metrics(
+            &total,
+            &[(&given, sparse, 1.0), (&none, silent, 1.0)],
+            &[(3, false), (8, true), (5, false)],
+        )
+        .into_iter()
+        .collect();
+        assert_eq!(m["rewards/sparse/mean"], 2.0);
+        assert_eq!(m["rewards/sparse/std"], std::f64::consts::SQRT_2);
+        assert_eq!(m["rewards/silent/mean"], 0.0);
+        assert_eq!(m["rewards/silent/std"], 0.0);
         let all_cut = got(&[(8, true), (8, true), (8, true)]);
         assert_eq!(all_cut["completions/mean_terminated_length"], 0.0);
         assert_eq!(all_cut["completions/max_terminated_length"], 0.0);

@@ -18,6 +18,7 @@ mod optimizer;
 mod orpo;
 mod recipe;
 mod reward;
+mod reward_program;
 mod run;
 mod schedule;
 mod strategy;
@@ -42,10 +43,11 @@ pub use recipe::{
     AdapterInit, AdapterSection, CheckSection, CpoLossName, CpoSection, DataSection, DpoLossName,
     DpoLosses, DpoSection, FDivergenceName, HF_DATASETS, HubDataset, KtoLossName, KtoSection,
     ModelInit, ModelSection, OnNonFinite, OrpoSection, OutputSection, Recipe, RewardFunctionKind,
-    RewardFunctionSection, RewardSection, Rows, ScheduleName, StrategyKind, TargetModules,
-    TrainSection,
+    RewardFunctionSection, RewardSection, RewardSpec, Rows, ScheduleName, StrategyKind,
+    TargetModules, TrainSection,
 };
 pub use reward::{Reward, RewardOutput, ScoredPairs, reward_loss};
+pub use reward_program::RewardProgram;
 pub use run::{RunEvent, RunSummary, lora_config, train};
 pub use schedule::{Schedule, ScheduleKind};
 pub use strategy::{

@@ -762,8 +762,8 @@ pub struct GrpoSection {
     /// Each reward model's weight (default: 1 each).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reward_weights: Option<Vec<f64>>,
-    /// Rules that count in the reward too (`[[grpo.reward_functions]]`); at least one reward
-    /// model or function is required.
+    /// Rules and programs that count in the reward too (`[[grpo.reward_functions]]`); at
+    /// least one reward model or function is required.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub reward_functions: Vec<RewardFunctionSection>,
     /// Completions drawn per prompt (default 8).
@@ -821,11 +821,11 @@ impl Default for GrpoSection {
     }
 }
 
-/// `[[grpo.reward_functions]]`: one rule that scores completions.
+/// `[[grpo.reward_functions]]`: one rule or program that scores completions.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RewardFunctionSection {
-    /// `think_format`, `soft_overlong` or `contains`.
+    /// `think_format`, `soft_overlong`, `contains` or `program`.
     pub kind: RewardFunctionKind,
     /// Its weight in the reward (default 1).
     #[serde(default = "unit_weight")]
@@ -839,6 +839,29 @@ pub struct RewardFunctionSection {
     /// `contains`: the prompt row's column a completion must contain.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
+    /// `program`: the program and its arguments (see `RewardProgram`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// `program`: the reward's name in the metrics (`rewards/<name>/mean`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// `program`: the directory it runs in (default: the recipe's, so that its relative paths
+    /// are read as the recipe's are).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+}
+
+/// A reward function as its section describes it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RewardSpec {
+    /// A rule computed here.
+    Rule(crate::grpo::RewardFunction),
+    /// A program of the user's, started with `command` in `dir`.
+    Program {
+        name: String,
+        command: Vec<String>,
+        dir: PathBuf,
+    },
 }
 
 fn unit_weight() -> f64 {
@@ -852,11 +875,12 @@ pub enum RewardFunctionKind {
     ThinkFormat,
     SoftOverlong,
     Contains,
+    Program,
 }
 
 impl RewardFunctionSection {
-    /// The rule, or why these keys do not describe one.
-    pub fn function(&self) -> Result<crate::grpo::RewardFunction, String> {
+    /// The rule or program, or why these keys do not describe one.
+    pub fn function(&self) -> Result<RewardSpec, String> {
         use crate::grpo::RewardFunction;
         let name = toml::Value::try_from(self.kind).expect("a kind serializes");
         let only = |allowed: &[&str]| -> Result<(), String> {
@@ -864,6 +888,9 @@ impl RewardFunctionSection {
                 ("max_completion_len", self.max_completion_len.is_some()),
                 ("soft_punish_cache", self.soft_punish_cache.is_some()),
                 ("field", self.field.is_some()),
+                ("command", self.command.is_some()),
+                ("name", self.name.is_some()),
+                ("dir", self.dir.is_some()),
             ];
             match given.iter().find(|(k, set)| *set && !allowed.contains(k)) {
                 Some((key, _)) => Err(format!(
@@ -878,13 +905,16 @@ impl RewardFunctionSection {
         match self.kind {
             RewardFunctionKind::ThinkFormat => {
                 only(&[])?;
-                Ok(RewardFunction::ThinkFormat)
+                Ok(RewardSpec::Rule(RewardFunction::ThinkFormat))
             }
             RewardFunctionKind::SoftOverlong => {
                 only(&["max_completion_len", "soft_punish_cache"])?;
                 match (self.max_completion_len, self.soft_punish_cache) {
                     (Some(max), Some(cache)) if cache <= max => {
-                        Ok(RewardFunction::SoftOverlong { max, cache })
+                        Ok(RewardSpec::Rule(RewardFunction::SoftOverlong {
+                            max,
+                            cache,
+                        }))
                     }
                     _ => Err("`grpo.reward_functions`: kind \"soft_overlong\" needs \
                          `max_completion_len` and a `soft_punish_cache` no larger than it"
@@ -894,9 +924,11 @@ impl RewardFunctionSection {
             RewardFunctionKind::Contains => {
                 only(&["field"])?;
                 match &self.field {
-                    Some(field) if !field.is_empty() => Ok(RewardFunction::Contains {
-                        field: field.clone(),
-                    }),
+                    Some(field) if !field.is_empty() => {
+                        Ok(RewardSpec::Rule(RewardFunction::Contains {
+                            field: field.clone(),
+                        }))
+                    }
                     _ => Err(
                         "`grpo.reward_functions`: kind \"contains\" needs `field`, the prompt \
                          rows' column to look for"
@@ -904,6 +936,39 @@ impl RewardFunctionSection {
                     ),
                 }
             }
+            RewardFunctionKind::Program => {
+                only(&["command", "name", "dir"])?;
+                let name = match &self.name {
+                    Some(name) if !name.trim().is_empty() => name.clone(),
+                    _ => {
+                        return Err("`grpo.reward_functions`: kind \"program\" needs `name`, \
+                                    the reward's name in the metrics"
+                            .into());
+                    }
+                };
+                match &self.command {
+                    Some(command) if !command.is_empty() => Ok(RewardSpec::Program {
+                        name,
+                        command: command.clone(),
+                        dir: self.dir.clone().unwrap_or_else(|| PathBuf::from(".")),
+                    }),
+                    _ => Err(format!(
+                        "`grpo.reward_functions`: kind \"program\" ({name}) needs `command`, \
+                         the program and its arguments, e.g. `command = [\"python3\", \
+                         \"rewards.py\"]`"
+                    )),
+                }
+            }
+        }
+    }
+}
+
+impl RewardSpec {
+    /// Its name in the metrics.
+    pub fn name(&self) -> String {
+        match self {
+            Self::Rule(rule) => rule.name(),
+            Self::Program { name, .. } => name.clone(),
         }
     }
 }
@@ -1294,6 +1359,12 @@ impl Recipe {
             grpo: file.grpo.map_or_else(Default::default, |mut g| {
                 g.reward_models = g.reward_models.into_iter().map(anchor).collect();
                 g.reference_adapter = g.reference_adapter.take().map(anchor);
+                for function in &mut g.reward_functions {
+                    if function.kind == RewardFunctionKind::Program {
+                        let dir = function.dir.take().unwrap_or_else(|| PathBuf::from("."));
+                        function.dir = Some(anchor(dir));
+                    }
+                }
                 g
             }),
             check: file.check.map(|c| CheckSection {
@@ -1320,8 +1391,16 @@ impl Recipe {
                     .into(),
             );
         }
+        let mut names = Vec::new();
         for function in &g.reward_functions {
-            function.function()?;
+            let name = function.function()?.name();
+            if names.contains(&name) {
+                return Err(format!(
+                    "`grpo.reward_functions`: two reward functions are named `{name}`; their \
+                     metrics would be one: give each its own"
+                ));
+            }
+            names.push(name);
         }
         if let Some(w) = &g.reward_weights {
             if w.len() != g.reward_models.len() {
@@ -1883,6 +1962,24 @@ dir = "runs/first"
         let again = Recipe::from_toml(&r.to_toml(), &[], Path::new("r.toml")).unwrap();
         assert_eq!(again.grpo.reward_functions, r.grpo.reward_functions);
         assert_eq!(r.grpo.reward_functions[0].weight, 2.0);
+        // A program runs in the recipe's directory unless told otherwise.
+        let program = |dir: &str| {
+            let functions = format!(
+                "grpo.reward_functions=[{{kind = \"program\", name = \"judge\", command = [\"python3\", \"judge.py\"]{dir}}}]"
+            );
+            let r = grpo(&["grpo.reward_models=[]", &functions]).unwrap();
+            r.grpo.reward_functions[0].function().unwrap()
+        };
+        for (dir, runs_in) in [("", "recipes/."), (", dir = \"/tmp\"", "/tmp")] {
+            assert_eq!(
+                program(dir),
+                RewardSpec::Program {
+                    name: "judge".into(),
+                    command: vec!["python3".into(), "judge.py".into()],
+                    dir: PathBuf::from(runs_in),
+                }
+            );
+        }
         for (sets, says) in [
             (&["grpo.reward_models=[]"][..], "are both empty"),
             (
@@ -1915,6 +2012,24 @@ dir = "runs/first"
                 "`grpo.reward_weights` has 2 weights",
             ),
             (&["grpo.loss=\"bnpo\""], "unknown variant `bnpo`"),
+            (
+                &["grpo.reward_functions=[{kind = \"program\", command = [\"x\"]}]"],
+                "needs `name`",
+            ),
+            (
+                &["grpo.reward_functions=[{kind = \"program\", name = \"x\", command = []}]"],
+                "needs `command`",
+            ),
+            (
+                &["grpo.reward_functions=[{kind = \"contains\", field = \"a\", dir = \"x\"}]"],
+                "`dir` does not apply",
+            ),
+            (
+                &[
+                    "grpo.reward_functions=[{kind = \"program\", name = \"think_format_reward\", command = [\"x\"]}, {kind = \"think_format\"}]",
+                ],
+                "two reward functions are named `think_format_reward`",
+            ),
         ] {
             let err = grpo(sets).unwrap_err();
             assert!(err.contains(says), "{sets:?}: {err}");

@@ -37,10 +37,11 @@ use crate::grpo::{
 };
 use crate::optimizer::{AdamW, AdamWConfig};
 use crate::recipe::{
-    AdapterInit, AdapterSection, GrpoSection, KtoSection, ModelInit, OnNonFinite, Recipe, Rows,
-    StrategyKind, TargetModules,
+    AdapterInit, AdapterSection, GrpoSection, KtoSection, ModelInit, OnNonFinite, Recipe,
+    RewardSpec, Rows, StrategyKind, TargetModules,
 };
 use crate::reward::ScoredPairs;
+use crate::reward_program::RewardProgram;
 use crate::schedule::Schedule;
 use crate::strategy::{
     Kto, LabeledBatch, Orpo, PairBatch, Preference, Sft, Strategy, TokenBatch, adapters_off,
@@ -348,15 +349,22 @@ fn precompute_reference<B: AutodiffBackend>(
         .collect()
 }
 
-/// GRPO's reward functions with their names and weights; every prompt row must hold the
-/// columns they read.
+/// GRPO's reward functions with their names and weights, every prompt row holding the columns
+/// they read; and its reward programs, started.
+#[allow(clippy::type_complexity)]
 fn reward_functions(
     section: &GrpoSection,
     data: &Dataset,
-) -> Result<Vec<(RewardFunction, RewardNames, f64)>, RunError> {
-    let mut out = Vec::new();
+) -> Result<(Vec<(RewardFunction, RewardNames, f64)>, Vec<RewardProgram>), RunError> {
+    let (mut out, mut programs) = (Vec::new(), Vec::new());
     for spec in &section.reward_functions {
-        let function = spec.function().map_err(RunError::Mismatch)?;
+        let function = match spec.function().map_err(RunError::Mismatch)? {
+            RewardSpec::Rule(function) => function,
+            RewardSpec::Program { name, command, dir } => {
+                programs.push(RewardProgram::start(&command, &dir, &name, spec.weight)?);
+                continue;
+            }
+        };
         if let Some(field) = function.column()
             && let Some((_, source)) = data
                 .prompts
@@ -374,7 +382,7 @@ fn reward_functions(
         let names = RewardNames::of(&function.name());
         out.push((function, names, spec.weight));
     }
-    Ok(out)
+    Ok((out, programs))
 }
 
 /// GRPO's reward models, each a one-label sequence classifier read with its own tokenizer and
@@ -896,6 +904,10 @@ pub fn train<B: AutodiffBackend>(
     }
     model.neftune_noise_alpha = t.neftune_noise_alpha;
     // GRPO's scorers, loaded and checked against the data before anything is written.
+    let (functions, programs) = match t.strategy {
+        StrategyKind::Grpo => reward_functions(&recipe.grpo, &train_data)?,
+        _ => (Vec::new(), Vec::new()),
+    };
     let rewards = Rewards {
         models: match t.strategy {
             StrategyKind::Grpo => {
@@ -904,7 +916,8 @@ pub fn train<B: AutodiffBackend>(
             }
             _ => Vec::new(),
         },
-        functions: reward_functions(&recipe.grpo, &train_data)?,
+        functions,
+        programs,
     };
     // The reference model: the separate one (DPO precomputes its log-probs, KTO keeps it), or,
     // for DPO's precomputed log-probs, the trained model with its adapter off (a copy sharing
