@@ -952,8 +952,29 @@ struct AdamWGolden {
     eps: f64,
     weight_decay: f64,
     max_grad_norm: f64,
+    #[serde(default)]
+    loraplus_lr_ratio: Option<f64>,
+    #[serde(flatten)]
+    run: AdamWRun,
+    /// `adamw_groups`: the runs by case.
+    #[serde(flatten)]
+    cases: std::collections::HashMap<String, serde_json::Value>,
+}
+
+/// Losses and gradient norms of three steps.
+#[derive(Deserialize, Default)]
+struct AdamWRun {
+    #[serde(default)]
     losses: Vec<f64>,
+    #[serde(default)]
     grad_norms: Vec<f64>,
+}
+
+fn adamw_golden(name: &str) -> AdamWGolden {
+    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/losses")
+        .join(name);
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
 }
 
 #[test]
@@ -969,32 +990,64 @@ fn three_adamw_steps_with_recomputed_layers_reproduce_peft_and_torch() {
 /// PEFT's three AdamW steps on the fixture, the layers' activations kept or, with
 /// `checkpointing`, recomputed in the backward pass.
 fn three_adamw_steps(checkpointing: bool) {
-    use burn::backend::Autodiff;
-    use burn::optim::GradientsParams;
-    use burnish_align::{AdamW, AdamWConfig};
-    use burnish_model::ActivationCheckpoints;
-    type AD = Autodiff<B>;
-
-    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
-    let g: AdamWGolden =
-        serde_json::from_slice(&std::fs::read(dir.join("losses/adamw_steps.json")).unwrap())
-            .unwrap();
-    let sft = golden().sft;
-    let device = Default::default();
-    let mut model = with_fixture_adapter(llama(), "llama-qv");
-
-    let (rows, len) = (sft.input_ids.len(), sft.input_ids[0].len());
-    let flat: Vec<i64> = sft.input_ids.iter().flatten().copied().collect();
-    let ids = Tensor::<AD, 2, Int>::from_data(TensorData::new(flat, [rows, len]), &device);
-    let mask = shifted_mask::<AD>(&sft.labels, &device);
-
-    let mut optimizer = AdamW::<AD>::new(AdamWConfig {
+    let g = adamw_golden("adamw_steps.json");
+    let config = burnish_align::AdamWConfig {
         beta1: g.betas.0,
         beta2: g.betas.1,
         eps: g.eps,
         weight_decay: g.weight_decay,
         max_grad_norm: Some(g.max_grad_norm),
-    });
+        loraplus_lr_ratio: None,
+    };
+    let (model, tracked) = three_steps("llama-qv", config, g.lr, &g.run, checkpointing);
+    assert_eq!(tracked, 8, "state for the 8 adapter matrices only");
+    assert_adapter_equals(&model, "adamw_steps.safetensors", "");
+}
+
+/// The DoRA adapter's three steps under the parameter groups of transformers' `Trainer` (DoRA's
+/// magnitudes decayed) and of PEFT's LoRA+ (the B factors and magnitudes at a larger rate).
+#[test]
+fn adamw_groups_reproduce_the_trainer_and_loraplus() {
+    let g = adamw_golden("adamw_groups.json");
+    for (case, ratio) in [("trainer", None), ("loraplus", g.loraplus_lr_ratio)] {
+        let run: AdamWRun = serde_json::from_value(g.cases[case].clone()).unwrap();
+        let config = burnish_align::AdamWConfig {
+            beta1: g.betas.0,
+            beta2: g.betas.1,
+            eps: g.eps,
+            weight_decay: g.weight_decay,
+            max_grad_norm: Some(g.max_grad_norm),
+            loraplus_lr_ratio: ratio,
+        };
+        let (model, tracked) = three_steps("llama-dora", config, g.lr, &run, false);
+        assert_eq!(tracked, 18, "A, B and the magnitude of six projections");
+        assert_adapter_equals(&model, "adamw_groups.safetensors", &format!("{case}/"));
+    }
+}
+
+/// Three optimizer steps from the fixture `adapter` on the `sft` batch, each step's loss and
+/// gradient norm checked against `run`'s: the model after them and how many parameters hold
+/// optimizer state.
+fn three_steps(
+    adapter: &str,
+    config: burnish_align::AdamWConfig,
+    lr: f64,
+    run: &AdamWRun,
+    checkpointing: bool,
+) -> (burnish_model::Decoder<AD>, usize) {
+    use burn::optim::GradientsParams;
+    use burnish_align::AdamW;
+    use burnish_model::ActivationCheckpoints;
+
+    let sft = golden().sft;
+    let device = Default::default();
+    let mut model = with_fixture_adapter(llama(), adapter);
+    let (rows, len) = (sft.input_ids.len(), sft.input_ids[0].len());
+    let flat: Vec<i64> = sft.input_ids.iter().flatten().copied().collect();
+    let ids = Tensor::<AD, 2, Int>::from_data(TensorData::new(flat, [rows, len]), &device);
+    let mask = shifted_mask::<AD>(&sft.labels, &device);
+
+    let mut optimizer = AdamW::<AD>::new(config);
     for step in 0..3 {
         let mut checkpoints = checkpointing.then(ActivationCheckpoints::default);
         let hidden = match checkpoints.as_mut() {
@@ -1006,44 +1059,56 @@ fn three_adamw_steps(checkpointing: bool) {
             masked_token_loss(logits, ids.clone().narrow(1, 1, len - 1), mask.clone()).mean();
         let value = loss.clone().into_scalar() as f64;
         assert!(
-            (value - g.losses[step]).abs() <= 1e-5,
+            (value - run.losses[step]).abs() <= 1e-5,
             "step {step}: loss {value} vs torch {}",
-            g.losses[step]
+            run.losses[step]
         );
         let grads = match checkpoints {
             Some(checkpoints) => checkpoints.backward(&model, loss),
             None => GradientsParams::from_grads(loss.backward(), &model),
         };
-        let (next, report) = optimizer.step(g.lr, model, &grads);
+        let (next, report) = optimizer.step(lr, model, &grads);
         model = next;
-        let reference = g.grad_norms[step];
+        let reference = run.grad_norms[step];
         assert!(
             (report.grad_norm - reference).abs() <= 1e-4 * reference,
             "step {step}: grad norm {} vs {reference}",
             report.grad_norm
         );
     }
-    assert_eq!(
-        optimizer.tracked_parameters(),
-        8,
-        "state for the 8 adapter matrices only"
-    );
+    let tracked = optimizer.tracked_parameters();
+    (model, tracked)
+}
 
-    let bytes = std::fs::read(dir.join("losses/adamw_steps.safetensors")).unwrap();
+/// Every adapter tensor of `model` (A, B and DoRA's magnitudes) within 1e-5 of the one under
+/// `prefix` in the fixture `file`.
+fn assert_adapter_equals(model: &burnish_model::Decoder<AD>, file: &str, prefix: &str) {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    let bytes = std::fs::read(dir.join("losses").join(file)).unwrap();
     let expected = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut compared = 0;
     for (name, linear) in model.linears() {
         let Some(lora) = &linear.lora else { continue };
-        for (matrix, tensor) in [("lora_A", lora.lora_a.val()), ("lora_B", lora.lora_b.val())] {
-            let key = format!("{name}.{matrix}.weight");
+        let values = |t: Tensor<AD, 2>| t.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+        let mut tensors = vec![
+            ("lora_A", values(lora.lora_a.val())),
+            ("lora_B", values(lora.lora_b.val())),
+        ];
+        if let Some(m) = &lora.magnitude {
+            tensors.push(("lora_magnitude_vector", values(m.val().unsqueeze())));
+        }
+        for (matrix, ours) in tensors {
+            let key = format!("{prefix}{name}.{matrix}.weight");
             let theirs = burnish_peft::decode_f32(&expected.tensor(&key).unwrap()).unwrap();
-            let ours = tensor.into_data().convert::<f32>().to_vec::<f32>().unwrap();
             let worst = max_abs_diff(&ours, &theirs);
             assert!(
                 worst <= 1e-5,
                 "{key}: max |Δ| = {worst:e} after three steps"
             );
+            compared += 1;
         }
     }
+    assert!(compared >= 6, "{compared} tensors compared");
 }
 
 #[test]

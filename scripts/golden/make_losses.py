@@ -31,6 +31,11 @@
   cosine) at every step of a 10-step run with 3 warmup steps.
 - `adamw_steps.*`: three LoRA SFT steps with PEFT + torch AdamW and global-norm clipping from the
   llama-qv adapter on the `sft` batch: the adapter after the third step, losses and gradient norms.
+- `adamw_groups.*`: the same three steps from the llama-dora adapter with the parameter groups
+  the trainers make: transformers' `Trainer` (weight decay on every parameter but biases and
+  norms, so on DoRA's magnitudes too) and PEFT's `create_loraplus_optimizer` (LoRA+: the B
+  factors and the magnitudes at `loraplus_lr_ratio` times the learning rate); the adapter after
+  the third step of each (keys prefixed `trainer/` and `loraplus/`), losses and gradient norms.
 - `orpo`: TRL 1.16's ORPO loss and metrics (`experimental.orpo.ORPOTrainer.get_batch_loss_metrics`,
   the trainer's own code run on a stub trainer) for two preference pairs of different prompt and
   completion lengths, padded, on the llama fixture in float32; and TRL's `log1mexp` at points on
@@ -795,6 +800,63 @@ def adamw_steps() -> None:
     print("adamw: losses", losses, "grad norms", grad_norms)
 
 
+def adamw_groups() -> None:
+    """`adamw_steps` from the DoRA adapter, under the Trainer's and LoRA+'s parameter groups."""
+    from peft import PeftModel
+    from peft.optimizers import create_loraplus_optimizer
+    from safetensors.torch import save_file
+    from transformers import Trainer
+
+    settings = {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.1, "max_grad_norm": 1.0}
+    settings["loraplus_lr_ratio"] = 4.0
+    golden = json.loads((OUT / "golden.json").read_text())["sft"]
+    ids, labels = torch.tensor(golden["input_ids"]), torch.tensor(golden["labels"])
+    state, cases = {}, {}
+    for case in ["trainer", "loraplus"]:
+        base = AutoModelForCausalLM.from_pretrained(
+            REPO_ROOT / "tests/fixtures/models/llama", dtype=torch.float32, attn_implementation="eager"
+        )
+        model = PeftModel.from_pretrained(base, REPO_ROOT / "tests/fixtures/adapters/llama-dora", is_trainable=True)
+        model.train()
+        adam = {"betas": settings["betas"], "eps": settings["eps"]}
+        if case == "trainer":
+            # Trainer.create_optimizer's two groups (the method reads nothing of the trainer).
+            decayed = set(Trainer.get_decay_parameter_names(None, model))
+            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            groups = [
+                {"params": [p for n, p in named if n in decayed], "weight_decay": settings["weight_decay"]},
+                {"params": [p for n, p in named if n not in decayed], "weight_decay": 0.0},
+            ]
+            assert any("magnitude" in n for n, _ in named if n in decayed)
+            optimizer = torch.optim.AdamW(groups, lr=settings["lr"], **adam)
+        else:
+            optimizer = create_loraplus_optimizer(
+                model,
+                torch.optim.AdamW,
+                lr=settings["lr"],
+                loraplus_lr_ratio=settings["loraplus_lr_ratio"],
+                loraplus_weight_decay=settings["weight_decay"],
+                **adam,
+            )
+        params = [p for p in model.parameters() if p.requires_grad]
+        losses, grad_norms = [], []
+        for _ in range(3):
+            loss = model(input_ids=ids, labels=labels).loss
+            loss.backward()
+            grad_norms.append(torch.nn.utils.clip_grad_norm_(params, settings["max_grad_norm"]).item())
+            losses.append(loss.item())
+            optimizer.step()
+            optimizer.zero_grad()
+        cases[case] = {"losses": losses, "grad_norms": grad_norms}
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                state[f"{case}/" + n.replace("base_model.model.", "").replace(".default", "")] = p.detach().contiguous()
+    save_file(state, OUT / "adamw_groups.safetensors")
+    (OUT / "adamw_groups.json").write_text(json.dumps({**settings, **cases}, indent=1) + "\n")
+    print("adamw groups:", cases)
+
+
 if __name__ == "__main__":
     main()
     adamw_steps()
+    adamw_groups()

@@ -1,8 +1,10 @@
 //! AdamW as PyTorch defines it (decoupled weight decay, bias-corrected moments, `eps` added to
 //! the root of the corrected second moment), with gradient clipping by the global norm over all
-//! trainable tensors (`torch.nn.utils.clip_grad_norm_`). Weight decay applies to matrices only,
-//! never to biases or norm scales. Only parameters that received a gradient are touched, so a
-//! frozen base gets neither updates nor optimizer state.
+//! trainable tensors (`torch.nn.utils.clip_grad_norm_`). Parameters are grouped as the trainers
+//! group them: weight decay applies to matrices and DoRA's magnitudes, never to biases or norm
+//! scales (transformers' `Trainer`); under LoRA+ the B factors and DoRA's magnitudes take a
+//! larger learning rate (PEFT's `create_loraplus_optimizer`). Only parameters that received a
+//! gradient are touched, so a frozen base gets neither updates nor optimizer state.
 
 use std::collections::{HashMap, HashSet};
 
@@ -23,6 +25,8 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
     /// Clip the global gradient norm to this value; `None` disables clipping.
     pub max_grad_norm: Option<f64>,
+    /// LoRA+: the B factors and DoRA's magnitudes learn at this many times the learning rate.
+    pub loraplus_lr_ratio: Option<f64>,
 }
 
 impl Default for AdamWConfig {
@@ -33,6 +37,7 @@ impl Default for AdamWConfig {
             eps: 1e-8,
             weight_decay: 0.0,
             max_grad_norm: Some(1.0),
+            loraplus_lr_ratio: None,
         }
     }
 }
@@ -45,10 +50,39 @@ struct Slot {
     len: usize,
 }
 
-/// Which update a parameter takes: matrices are decayed, biases and norm scales
-/// (one-dimensional) are not.
-fn decayed(rank: usize) -> bool {
-    rank >= 2
+/// Which update a parameter takes, told by its field name and rank: transformers' `Trainer`
+/// decays every parameter but biases and norm scales, so matrices and DoRA's magnitudes; PEFT's
+/// LoRA+ gives the B factors and every one-dimensional trainable (the magnitudes) its larger
+/// learning rate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Treatment {
+    decayed: bool,
+    /// Learns at `loraplus_lr_ratio` times the learning rate under LoRA+.
+    b_side: bool,
+}
+
+impl Treatment {
+    /// Every treatment, at its index.
+    const ALL: [Self; 4] = [
+        Self::new(false, false),
+        Self::new(true, false),
+        Self::new(false, true),
+        Self::new(true, true),
+    ];
+
+    const fn new(decayed: bool, b_side: bool) -> Self {
+        Self { decayed, b_side }
+    }
+
+    /// The treatment of a parameter called `name` (its field) of `rank` dimensions.
+    fn of(name: &str, rank: usize) -> Self {
+        let magnitude = name == "magnitude";
+        Self::new(rank >= 2 || magnitude, magnitude || name == "lora_b")
+    }
+
+    fn index(self) -> usize {
+        usize::from(self.decayed) | (usize::from(self.b_side) << 1)
+    }
 }
 
 /// The moments of the parameters updated together, each flattened and laid end to end in
@@ -57,7 +91,7 @@ fn decayed(rank: usize) -> bool {
 /// of 30 layers has 420 parameters).
 #[derive(Debug, Clone)]
 struct Group<B: Backend> {
-    decayed: bool,
+    treatment: Treatment,
     slots: Vec<Slot>,
     m: Tensor<B, 1>,
     v: Tensor<B, 1>,
@@ -143,7 +177,7 @@ pub struct FlatGradients<B: Backend> {
 /// One group's gradients, laid end to end in `slots` order.
 #[derive(Debug, Clone)]
 struct FlatGroup<B: Backend> {
-    decayed: bool,
+    treatment: Treatment,
     slots: Vec<Slot>,
     grad: Tensor<B, 1>,
 }
@@ -181,14 +215,25 @@ impl<B: Backend> FlatGradients<B> {
 /// Collects every parameter's gradient (in the module's order), flattened, per group.
 struct GradientsByGroup<'a, B: AutodiffBackend> {
     grads: &'a GradientsParams,
-    /// Per group: not decayed, decayed.
-    groups: [Pieces<B::InnerBackend>; 2],
+    /// The field names down to the one visited.
+    names: Vec<String>,
+    /// Per treatment, at its index.
+    groups: [Pieces<B::InnerBackend>; 4],
 }
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for GradientsByGroup<'_, B> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.names.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.names.pop();
+    }
+
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         if let Some(grad) = self.grads.get::<B::InnerBackend, D>(param.id) {
-            let pieces = &mut self.groups[usize::from(decayed(D))];
+            let name = self.names.last().map_or("", String::as_str);
+            let pieces = &mut self.groups[Treatment::of(name, D).index()];
             let offset = pieces.slots.last().map_or(0, |s| s.offset + s.len);
             let len = grad.shape().num_elements();
             pieces.slots.push(Slot {
@@ -208,16 +253,17 @@ pub fn flat_gradients<B: AutodiffBackend, M: AutodiffModule<B>>(
 ) -> FlatGradients<B::InnerBackend> {
     let mut visitor = GradientsByGroup::<B> {
         grads,
+        names: Vec::new(),
         groups: Default::default(),
     };
     module.visit(&mut visitor);
     let groups = visitor
         .groups
         .into_iter()
-        .zip([false, true])
+        .zip(Treatment::ALL)
         .filter(|(pieces, _)| !pieces.slots.is_empty())
-        .map(|(pieces, decayed)| FlatGroup {
-            decayed,
+        .map(|(pieces, treatment)| FlatGroup {
+            treatment,
             slots: pieces.slots,
             grad: Tensor::cat(pieces.grads, 0),
         })
@@ -333,7 +379,7 @@ impl<B: AutodiffBackend> AdamW<B> {
         let values = Values::<B>::of(&module, &grads.groups).found;
         for (
             FlatGroup {
-                decayed,
+                treatment,
                 slots,
                 grad,
             },
@@ -347,7 +393,12 @@ impl<B: AutodiffBackend> AdamW<B> {
                     .collect(),
                 0,
             );
-            let (m, v) = self.moments_for(decayed, &slots, &grad);
+            let (m, v) = self.moments_for(treatment, &slots, &grad);
+            // torch decays by the group's own learning rate.
+            let lr = match (treatment.b_side, c.loraplus_lr_ratio) {
+                (true, Some(ratio)) => lr * ratio,
+                _ => lr,
+            };
             let update = Update {
                 lr,
                 grad_scale,
@@ -356,7 +407,8 @@ impl<B: AutodiffBackend> AdamW<B> {
                 eps: c.eps,
                 bias1: 1.0 - c.beta1.powi(step),
                 bias2: 1.0 - c.beta2.powi(step),
-                decay: (decayed && c.weight_decay > 0.0).then_some(1.0 - lr * c.weight_decay),
+                decay: (treatment.decayed && c.weight_decay > 0.0)
+                    .then_some(1.0 - lr * c.weight_decay),
             };
             let (value, m, v) = match cpu_adamw::update(&update, &value, &grad, &m, &v) {
                 Some(updated) => updated,
@@ -366,7 +418,7 @@ impl<B: AutodiffBackend> AdamW<B> {
                 updated.insert(slot.id, value.clone().narrow(0, slot.offset, slot.len));
             }
             groups.push(Group {
-                decayed,
+                treatment,
                 slots,
                 m,
                 v,
@@ -391,11 +443,11 @@ impl<B: AutodiffBackend> AdamW<B> {
     /// (every step after the first), else gathered per parameter, zero for a parameter without.
     fn moments_for(
         &self,
-        decayed: bool,
+        treatment: Treatment,
         slots: &[Slot],
         grad: &Tensor<B::InnerBackend, 1>,
     ) -> (Tensor<B::InnerBackend, 1>, Tensor<B::InnerBackend, 1>) {
-        let held = self.groups.iter().find(|g| g.decayed == decayed);
+        let held = self.groups.iter().find(|g| g.treatment == treatment);
         if let Some(group) = held
             && group.slots == slots
         {
@@ -503,8 +555,8 @@ impl<B: AutodiffBackend> AdamW<B> {
             .iter()
             .map(|(id, path)| (path.as_str(), *id))
             .collect();
-        // Per group (not decayed, decayed): slots and the moments laid end to end.
-        let mut groups: [(Vec<Slot>, Vec<f32>, Vec<f32>); 2] = Default::default();
+        // Per treatment: slots and the moments laid end to end.
+        let mut groups: [(Vec<Slot>, Vec<f32>, Vec<f32>); 4] = Default::default();
         for s in saved {
             let id = *by_path.get(s.path.as_str()).ok_or_else(|| {
                 format!(
@@ -512,7 +564,8 @@ impl<B: AutodiffBackend> AdamW<B> {
                     s.path
                 )
             })?;
-            let (slots, m, v) = &mut groups[usize::from(decayed(params.ranks[&id]))];
+            let name = s.path.rsplit('.').next().unwrap_or_default();
+            let (slots, m, v) = &mut groups[Treatment::of(name, params.ranks[&id]).index()];
             slots.push(Slot {
                 id,
                 offset: m.len(),
@@ -527,10 +580,10 @@ impl<B: AutodiffBackend> AdamW<B> {
         };
         self.groups = groups
             .into_iter()
-            .zip([false, true])
+            .zip(Treatment::ALL)
             .filter(|((slots, _, _), _)| !slots.is_empty())
-            .map(|((slots, m, v), decayed)| Group {
-                decayed,
+            .map(|((slots, m, v), treatment)| Group {
+                treatment,
                 slots,
                 m: tensor(m),
                 v: tensor(v),

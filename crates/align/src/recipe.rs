@@ -239,8 +239,11 @@ pub struct TrainSection {
     pub warmup_steps: Option<usize>,
     /// Warmup as a fraction of all steps, rounded up (default 0).
     pub warmup_ratio: Option<f64>,
-    /// AdamW decoupled weight decay on matrices (default 0).
+    /// AdamW decoupled weight decay on matrices and DoRA's magnitudes (default 0).
     pub weight_decay: f64,
+    /// LoRA+: the adapters' B factors (and DoRA's magnitudes) learn at this many times `lr`
+    /// (default: none, the same rate).
+    pub loraplus_lr_ratio: Option<f64>,
     /// AdamW betas (default 0.9, 0.999).
     pub betas: (f64, f64),
     /// AdamW epsilon (default 1e-8).
@@ -289,6 +292,7 @@ impl Default for TrainSection {
             warmup_steps: None,
             warmup_ratio: None,
             weight_decay: 0.0,
+            loraplus_lr_ratio: None,
             betas: (0.9, 0.999),
             eps: 1e-8,
             max_grad_norm: 1.0,
@@ -1539,6 +1543,20 @@ impl Recipe {
                     .into(),
             );
         }
+        if let Some(ratio) = t.loraplus_lr_ratio {
+            if !(ratio.is_finite() && ratio > 0.0) {
+                return Err("`train.loraplus_lr_ratio` must be a number > 0 (LoRA+'s \
+                            authors suggest 16)"
+                    .into());
+            }
+            if self.adapter.is_none() {
+                return Err(
+                    "`train.loraplus_lr_ratio` sets the learning rate of LoRA's B \
+                            factors, and this recipe trains every weight (no `[adapter]`)"
+                        .into(),
+                );
+            }
+        }
         let dtype = self.model.dtype;
         if (dtype == BaseDtype::Bf16 || dtype.is_nf4()) && self.adapter.is_none() {
             return Err(format!(
@@ -1904,6 +1922,7 @@ dir = "runs/first"
             ("train.eps=nan", "train.eps"),
             ("train.max_grad_norm=nan", "train.max_grad_norm"),
             ("train.weight_decay=inf", "train.weight_decay"),
+            ("train.loraplus_lr_ratio=0", "train.loraplus_lr_ratio"),
             ("dpo.beta=nan", "dpo.beta"),
             ("dpo.beta=inf", "dpo.beta"),
             ("orpo.beta=0", "orpo.beta"),

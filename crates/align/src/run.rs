@@ -999,6 +999,7 @@ pub fn train<B: AutodiffBackend>(
         eps: t.eps,
         weight_decay: t.weight_decay,
         max_grad_norm: (t.max_grad_norm > 0.0).then_some(t.max_grad_norm),
+        loraplus_lr_ratio: t.loraplus_lr_ratio,
     });
     let mut notices = Vec::new();
     if let Some((_, saved, moments, changed)) = checkpoint {
