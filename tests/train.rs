@@ -1298,7 +1298,8 @@ fn resuming_from_a_checkpoint_equals_an_uninterrupted_run() {
         "[adapter]\nr = 4\nalpha = 8\ndropout = 0.1\n\n[data]\ntrain = \"train.jsonl\"\n\n[train]\nmax_steps = 6\nmicro_batch_size = 2\ngradient_accumulation = 2\nlr = 1e-2\nwarmup_steps = 2\nsave_every = 2\nkeep_checkpoints = 5\n",
     );
     let run = work.path().join("run");
-    let out = train(&path, &[]);
+    let tensorboard = ["--set", "output.tensorboard=true"];
+    let out = train(&path, &tensorboard);
     assert_success(&out);
     let uninterrupted = std::fs::read(run.join("adapter_model.safetensors")).unwrap();
     let uninterrupted_metrics = metrics_without_timing(&run);
@@ -1306,8 +1307,27 @@ fn resuming_from_a_checkpoint_equals_an_uninterrupted_run() {
     // As if the run had died after its step-2 checkpoint.
     std::fs::remove_dir_all(run.join("checkpoints/step-000004")).unwrap();
     std::fs::remove_file(run.join("adapter_model.safetensors")).unwrap();
-    let out = train(&path, &["--resume"]);
+    let out = train(&path, &[&tensorboard[..], &["--resume"]].concat());
     assert_success(&out);
+    // Each session wrote TensorBoard events of its own steps; the resumed one opens with a
+    // session start at step 3, from which TensorBoard drops the first session's points.
+    let mut sessions: Vec<Vec<u8>> = std::fs::read_dir(run.join("tensorboard"))
+        .unwrap()
+        .map(|entry| std::fs::read(entry.unwrap().path()).unwrap())
+        .collect();
+    sessions.sort_by_key(|bytes| bytes.len());
+    let count =
+        |bytes: &[u8], what: &[u8]| bytes.windows(what.len()).filter(|w| *w == what).count();
+    let [resumed, first] = &sessions[..] else {
+        panic!("{} event files", sessions.len())
+    };
+    assert_eq!(count(first, b"train/loss"), 6);
+    assert_eq!(count(resumed, b"train/loss"), 4);
+    assert_eq!(
+        count(resumed, &[0x10, 3, 0x3a, 2, 0x08, 1]),
+        1,
+        "session start at 3"
+    );
     assert_eq!(
         std::fs::read(run.join("adapter_model.safetensors")).unwrap(),
         uninterrupted,

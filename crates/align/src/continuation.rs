@@ -56,6 +56,7 @@ const BINDING: &[&str] = &[
 /// Keys whose change leaves the trained numbers as they are: not worth a word.
 const NEUTRAL: &[&str] = &[
     "check.",
+    "output.tensorboard",
     "train.eval_every",
     "train.gradient_checkpointing",
     "train.keep_checkpoints",

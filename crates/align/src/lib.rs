@@ -22,6 +22,7 @@ mod reward_program;
 mod run;
 mod schedule;
 mod strategy;
+mod tensorboard;
 mod token_loss;
 mod trainer;
 

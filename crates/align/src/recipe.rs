@@ -1121,6 +1121,10 @@ fn default_check_show() -> usize {
 pub struct OutputSection {
     /// The run directory (required).
     pub dir: PathBuf,
+    /// Also write the metrics as TensorBoard event files under `dir/tensorboard` (default
+    /// false).
+    #[serde(default)]
+    pub tensorboard: bool,
 }
 
 /// A complete, validated recipe.
@@ -1377,6 +1381,7 @@ impl Recipe {
             }),
             output: OutputSection {
                 dir: anchor(file.output.dir),
+                ..file.output
             },
         };
         recipe.validate().map_err(invalid)?;

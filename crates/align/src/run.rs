@@ -47,6 +47,7 @@ use crate::strategy::{
     Kto, LabeledBatch, Orpo, PairBatch, Preference, Sft, Strategy, TokenBatch, adapters_off,
     frozen_logps,
 };
+use crate::tensorboard::{EventFile, tagged_scalars};
 use crate::trainer::{Activations, MetricMeans, StepMetrics, optimizer_step};
 
 /// Added to `train.seed` for the draws of GRPO's evaluation, far from the training steps'
@@ -566,17 +567,25 @@ fn evaluate<B: AutodiffBackend, S: Strategy<B>>(
     (sum / units.max(1.0), metrics.means())
 }
 
-/// `metrics.jsonl`, one JSON object per line, counting what it has written.
+/// `metrics.jsonl`, one JSON object per line, counting what it has written; and the same
+/// values as TensorBoard scalars when the recipe asks for them.
 struct MetricsLog {
     file: std::fs::File,
     path: PathBuf,
     lines: usize,
+    tensorboard: Option<EventFile>,
 }
 
 impl MetricsLog {
     fn write(&mut self, line: serde_json::Value) -> Result<(), RunError> {
         writeln!(self.file, "{line}").map_err(io_err(&self.path))?;
         self.lines += 1;
+        if let Some(events) = &mut self.tensorboard
+            && let Some((step, values)) = tagged_scalars(&line)
+        {
+            let path = events.path().to_path_buf();
+            events.scalars(step, &values).map_err(io_err(&path))?;
+        }
         Ok(())
     }
 }
@@ -1058,10 +1067,21 @@ pub fn train<B: AutodiffBackend>(
         .append(true)
         .open(&metrics_path)
         .map_err(io_err(&metrics_path))?;
+    // A session's own event file, which drops what earlier files hold from the step it starts
+    // at: the points past a resumed checkpoint, or every point of an earlier run in this folder.
+    let tensorboard = match recipe.output.tensorboard {
+        true => {
+            let events = dir.join("tensorboard");
+            let from = if resume { progress.step as u64 + 1 } else { 0 };
+            Some(EventFile::create(&events, from).map_err(io_err(&events))?)
+        }
+        false => None,
+    };
     let mut metrics_log = MetricsLog {
         file: metrics_file,
         path: metrics_path,
         lines: progress.metrics_lines,
+        tensorboard,
     };
     if let Some(report) = &check_before {
         log_check(
