@@ -7,6 +7,7 @@ mod bad_checkpoints;
 mod checkpointing;
 mod cli;
 mod fixtures;
+mod gguf;
 mod hub;
 mod losses;
 mod merges;

@@ -61,6 +61,11 @@ Type a message and press Enter; /reset starts over, /exit leaves.")]
   burnish merge --model quickstart/base --adapter runs/quickstart --out merged/quickstart
   burnish merge --method ties --base quickstart/base --inputs runs/a:1.0 runs/b:0.5 --density 0.5 --out merged/ab")]
     Merge(commands::merge::MergeArgs),
+    /// Write a model (with an adapter folded in) as one GGUF file for llama.cpp and Ollama.
+    #[command(after_help = "Examples:
+  burnish export --model quickstart/base --adapter runs/quickstart --pre-tokenizer gpt-2 --out quickstart.gguf
+  burnish export --model HuggingFaceTB/SmolLM2-135M-Instruct --adapter runs/smollm2-chat --type q8_0 --out smollm2-chat.gguf")]
+    Export(commands::export::ExportArgs),
     /// Upload a finished run (adapter or model, model card, recipe) to the Hub in one commit.
     Push(commands::push::PushArgs),
     /// Measure speed and memory on a random-weight model of a real shape.
@@ -118,6 +123,7 @@ fn dispatch(command: Command) -> Result<()> {
         Command::Generate(args) => commands::generate::run(args),
         Command::Chat(args) => commands::chat::run(args),
         Command::Merge(args) => commands::merge::run(args),
+        Command::Export(args) => commands::export::run(args),
         Command::Push(args) => commands::push::run(args),
         Command::Bench(args) => commands::bench::run(args),
         Command::Template(cmd) => commands::template::run(cmd),

@@ -17,6 +17,7 @@ mod documents;
 mod error;
 mod generate;
 mod generation_config;
+mod gguf;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod gpu_kernels;
 mod merge;
@@ -44,6 +45,7 @@ pub use documents::Documents;
 pub use error::{ModelError, Result};
 pub use generate::{GenerateOptions, argmax, generate, sample_group};
 pub use generation_config::GenerationConfig;
+pub use gguf::{GgufModel, GgufType, export_gguf};
 pub use merge::{InMemoryWeights, MergeMethod, MergeOptions, NamedWeights, merge_weights};
 pub use mlp::Mlp;
 pub use norm::RmsNorm;

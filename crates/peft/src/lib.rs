@@ -56,5 +56,5 @@ pub use row_reduction::{RowReduction, reduce_rows};
 pub use target::{LM_HEAD, Selected, Targets, resolved_target_names, select_targets};
 pub use tensor_io::{
     SaveDtype, decode_f32, f32_values, first_non_finite, first_value, serialize, write_atomic,
-    write_atomic_together,
+    write_atomic_together, write_atomic_with,
 };

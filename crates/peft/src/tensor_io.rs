@@ -113,6 +113,25 @@ pub fn write_atomic_together(files: &[(&Path, &[u8])]) -> Result<(), (PathBuf, s
     Ok(())
 }
 
+/// Writes `path` through `write`, streamed to its temporary name and renamed into place once
+/// complete: a failed or interrupted write leaves no file at `path`.
+pub fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let tmp = temporary_name(path);
+    let result = (|| {
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        write(&mut out)?;
+        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
 /// The hidden name in `path`'s directory that a file is written under before its rename.
 fn temporary_name(path: &Path) -> PathBuf {
     let file_name = path

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod chat;
 pub mod data;
+pub mod export;
 pub mod generate;
 pub mod merge;
 pub mod push;
