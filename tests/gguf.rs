@@ -162,34 +162,60 @@ fn assert_equals_conversion(ours: Gguf, theirs: &Value, name: &str, label: &str)
     }
 }
 
+/// The llama fixture with the tokenizer files of `tests/fixtures/gguf/<variant>/`, exported in
+/// f32 with `extra` arguments.
+fn export_variant(variant: &str, extra: &[&str]) -> Gguf {
+    let model = copy_fixture("llama");
+    let files = model_dir("llama").join("../../gguf").join(variant);
+    for entry in std::fs::read_dir(&files).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), model.path().join(entry.file_name())).unwrap();
+    }
+    if variant == "llama-bos" {
+        // Its chat template is in its tokenizer config.
+        std::fs::remove_file(model.path().join("chat_template.jinja")).unwrap();
+    }
+    let out = model.path().join("out.gguf");
+    let mut args = vec![
+        "export",
+        "--model",
+        model.path().to_str().unwrap(),
+        "--type",
+        "f32",
+        "--name",
+        variant,
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    assert_success(&burnish(&args));
+    read_gguf(&std::fs::read(&out).unwrap())
+}
+
 /// A tokenizer that adds its BOS token to every input (as Llama 3's does), with its chat
 /// template in its config: the flags and template llama.cpp's converter writes.
 #[test]
 fn a_tokenizer_adding_bos_exports_as_llama_cpp_converts_it() {
-    let model = copy_fixture("llama");
-    let files = model_dir("llama").join("../../gguf/llama-bos");
-    std::fs::remove_file(model.path().join("chat_template.jinja")).unwrap();
-    for name in ["tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(files.join(name), model.path().join(name)).unwrap();
-    }
-    let out = model.path().join("out.gguf");
-    let done = burnish(&[
-        "export",
-        "--model",
-        model.path().to_str().unwrap(),
-        "--pre-tokenizer",
-        "gpt-2",
-        "--type",
-        "f32",
-        "--name",
-        "llama-bos",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert_success(&done);
-    let ours = read_gguf(&std::fs::read(&out).unwrap());
+    let ours = export_variant("llama-bos", &["--pre-tokenizer", "gpt-2"]);
     assert_eq!(ours.metadata["tokenizer.ggml.add_bos_token"], json!(true));
     assert_equals_conversion(ours, &fixture("llama-bos"), "llama-bos", "llama-bos");
+}
+
+/// A SentencePiece vocabulary (Llama 2's, TinyLlama's, Mistral 7B's kind) goes in from its
+/// `tokenizer.model`, with scores, byte tokens and the padding up to the config's size, as
+/// llama.cpp's converter writes it; no pre-tokenizer is asked for.
+#[test]
+fn a_sentencepiece_vocabulary_exports_as_llama_cpp_converts_it() {
+    let ours = export_variant("llama-spm", &[]);
+    assert_eq!(ours.metadata["tokenizer.ggml.model"], json!("llama"));
+    let kinds = ours.metadata["tokenizer.ggml.token_type"]
+        .as_array()
+        .unwrap();
+    assert!(
+        kinds.contains(&json!(6)) && kinds.contains(&json!(5)),
+        "bytes and padding"
+    );
+    assert_equals_conversion(ours, &fixture("llama-spm"), "llama-spm", "llama-spm");
 }
 
 /// The pre-tokenizer is told by llama.cpp's hash of the tokenizer's ids of a fixed text: the

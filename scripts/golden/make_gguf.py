@@ -22,7 +22,11 @@ architecture attends to every earlier token).
 `llama-bos` is the llama fixture with a tokenizer that adds its BOS token to every input (a
 post-processor as Llama 3's), whose config names the chat template and the prefix-space rule:
 its two tokenizer files are written to tests/fixtures/gguf/llama-bos/, and the converter's f32
-file of the model with them is summarised in llama-bos.json.
+file of the model with them is summarised in llama-bos.json. `llama-spm` is the llama fixture
+with a SentencePiece vocabulary (as Llama 2's, TinyLlama's and Mistral 7B's: BPE with byte
+fallback, trained here on a synthetic corpus; `tokenizer.model` and transformers' files of it),
+likewise. For every model, llama.cpp's tokenization of a text with burnish's export (the
+vocabulary alone) must equal transformers'.
 
 Needs `pip install llama-cpp-python gguf sentencepiece` besides transformers and torch.
 """
@@ -153,6 +157,60 @@ def llama_cpp_distance(path: Path, model: str) -> float:
     return worst
 
 
+def spm_variant(llama_cpp: Path, burnish: Path) -> None:
+    """The llama fixture with a SentencePiece vocabulary of its own."""
+    import io
+    import random
+    import shutil
+
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    files = OUT / "llama-spm"
+    files.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    words = "red blue green cat dog bird sun moon tree fish one two three hello world the a is big small".split()
+    lines = [" ".join(rng.choice(words) for _ in range(8)) + rng.choice(".?!") for _ in range(2000)]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=390, model_type="bpe", byte_fallback=True,
+        hard_vocab_limit=False, character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=-1, num_threads=1,
+        minloglevel=2, normalization_rule_name="identity",
+    )
+    (files / "tokenizer.model").write_bytes(model.getvalue())
+    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+              "add_bos_token": True, "add_eos_token": False, "legacy": False}
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "source"
+        source.mkdir()
+        shutil.copy(files / "tokenizer.model", source)
+        (source / "tokenizer_config.json").write_text(json.dumps(config))
+        AutoTokenizer.from_pretrained(source).save_pretrained(files)
+        model_dir = Path(tmp) / "llama-spm"
+        shutil.copytree(MODELS / "llama", model_dir)
+        for name in ["tokenizer.model", "tokenizer.json", "tokenizer_config.json"]:
+            shutil.copy(files / name, model_dir / name)
+        out = Path(tmp) / "theirs.gguf"
+        convert(llama_cpp, model_dir, "f32", out)
+        record = summary(out)
+        ours = Path(tmp) / "ours.gguf"
+        subprocess.run([burnish, "export", "--model", model_dir, "--type", "f32", "--out", ours], check=True)
+        tokenization_check(ours, model_dir, "the big cat is hello world. two moons!")
+    (OUT / "llama-spm.json").write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
+    print("llama-spm", record["metadata"]["tokenizer.ggml.model"])
+
+
+def tokenization_check(path: Path, model_dir: Path, text: str) -> None:
+    """llama.cpp's ids of `text` with the vocabulary in `path` equal transformers' of the
+    tokenizer in `model_dir`."""
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+
+    theirs = AutoTokenizer.from_pretrained(model_dir).encode(text)
+    ours = Llama(model_path=str(path), vocab_only=True, verbose=False).tokenize(text.encode(), add_bos=True)
+    assert ours == theirs, (model_dir.name, ours, theirs)
+
+
 def main() -> None:
     llama_cpp, burnish = Path(sys.argv[1]).resolve(), Path(sys.argv[2]).resolve()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -168,11 +226,14 @@ def main() -> None:
                     check=True,
                 )
                 distance = llama_cpp_distance(ours, model)
+                golden = json.loads((MODELS / model / "golden.json").read_text())
+                tokenization_check(ours, MODELS / model, golden["score"][1]["text"])
                 assert distance <= BOUNDS[out_type], (model, out_type, distance)
                 record["llama_cpp_on_burnish"][out_type] = distance
         (OUT / f"{model}.json").write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
         print(model, record["llama_cpp_on_burnish"])
     bos_variant(llama_cpp)
+    spm_variant(llama_cpp, burnish)
 
 
 if __name__ == "__main__":

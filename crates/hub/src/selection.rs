@@ -11,6 +11,9 @@ pub(crate) const MODEL_FILES: &[&str] = &[
     "tokenizer_config.json",
     "special_tokens_map.json",
     "chat_template.jinja",
+    // A SentencePiece vocabulary's model, which GGUF export writes as llama.cpp reads it.
+    "tokenizer.model",
+    "added_tokens.json",
 ];
 
 /// The index of sharded safetensors weights.

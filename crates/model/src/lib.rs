@@ -45,7 +45,7 @@ pub use documents::Documents;
 pub use error::{ModelError, Result};
 pub use generate::{GenerateOptions, argmax, generate, sample_group};
 pub use generation_config::GenerationConfig;
-pub use gguf::{GgufModel, GgufType, export_gguf};
+pub use gguf::{GgufModel, GgufType, export_gguf, uses_sentencepiece};
 pub use merge::{InMemoryWeights, MergeMethod, MergeOptions, NamedWeights, merge_weights};
 pub use mlp::Mlp;
 pub use norm::RmsNorm;

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail, ensure};
 use burnish_data::Tokenizer;
 use burnish_hub::resolve_model;
-use burnish_model::{BaseDtype, GgufModel, GgufType, Pretrained, export_gguf, named_weights};
+use burnish_model::{
+    BaseDtype, GgufModel, GgufType, Pretrained, export_gguf, named_weights, uses_sentencepiece,
+};
 use clap::{Args, ValueEnum};
 use sha2::{Digest, Sha256};
 
@@ -110,6 +112,7 @@ pub fn run(args: ExportArgs) -> Result<()> {
     }
     let pre = match args.pre_tokenizer {
         Some(name) => name,
+        None if uses_sentencepiece(&model_dir) => "default".into(),
         None => pre_tokenizer(&model_dir)?,
     };
     let kind = match args.out_type {

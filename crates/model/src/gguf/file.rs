@@ -18,6 +18,8 @@ pub enum Value {
     Str(String),
     /// An array of strings.
     Strs(Vec<String>),
+    /// An array of 32-bit floats.
+    F32s(Vec<f32>),
     /// An array of 32-bit integers.
     I32s(Vec<i32>),
 }
@@ -30,7 +32,7 @@ impl Value {
             Self::F32(_) => 6,
             Self::Bool(_) => 7,
             Self::Str(_) => 8,
-            Self::Strs(_) | Self::I32s(_) => 9,
+            Self::Strs(_) | Self::F32s(_) | Self::I32s(_) => 9,
         }
     }
 }
@@ -70,6 +72,13 @@ fn put_value(out: &mut Vec<u8>, value: &Value) {
             out.extend_from_slice(&(items.len() as u64).to_le_bytes());
             for s in items {
                 put_str(out, s);
+            }
+        }
+        Value::F32s(items) => {
+            out.extend_from_slice(&6u32.to_le_bytes());
+            out.extend_from_slice(&(items.len() as u64).to_le_bytes());
+            for v in items {
+                out.extend_from_slice(&v.to_le_bytes());
             }
         }
         Value::I32s(items) => {

@@ -6,6 +6,7 @@
 
 mod encoding;
 mod file;
+mod sentencepiece;
 mod vocab;
 
 use std::path::Path;
@@ -51,13 +52,16 @@ impl GgufType {
     }
 }
 
+pub use vocab::uses_sentencepiece;
+
 /// What the file says about itself and its model beyond the weights.
 #[derive(Debug, Clone)]
 pub struct GgufModel<'a> {
     pub config: &'a HfConfig,
     /// Where the tokenizer files are (`tokenizer.json`, `tokenizer_config.json`, ...).
     pub tokenizer_dir: &'a Path,
-    /// llama.cpp's name of the tokenizer's pre-tokenizer (`llama-bpe`, `qwen2`, `smollm`, ...).
+    /// llama.cpp's name of a BPE tokenizer's pre-tokenizer (`llama-bpe`, `qwen2`, `smollm`,
+    /// ...); a SentencePiece vocabulary has none.
     pub pre_tokenizer: &'a str,
     /// `general.name`.
     pub name: &'a str,

@@ -1,20 +1,22 @@
-//! A byte-level BPE tokenizer (`tokenizer.json`) as GGUF metadata, as llama.cpp's converter
-//! writes it: the tokens by id with their kinds, the merges, the special tokens' ids and whether
-//! they are added to every input, and the chat template. Tokenizers of another kind
-//! (SentencePiece vocabularies with byte fallback, WordPiece, ...) are refused.
+//! A tokenizer as GGUF metadata, as llama.cpp's converter writes it: a SentencePiece model
+//! (`tokenizer.model`, see `sentencepiece`) when the model has one, else a byte-level BPE
+//! tokenizer (`tokenizer.json`: the tokens by id with their kinds, and the merges); then the
+//! special tokens' ids and whether they are added to every input, and the chat template.
+//! Tokenizers of another kind (WordPiece, Unigram, ...) are refused.
 
 use std::path::Path;
 
 use serde_json::{Map, Value as Json};
 
 use super::file::Value;
+use super::sentencepiece;
 use crate::error::{ModelError, Result};
 
 /// llama.cpp's token kinds.
-const NORMAL: i32 = 1;
-const CONTROL: i32 = 3;
-const USER_DEFINED: i32 = 4;
-const UNUSED: i32 = 5;
+pub(super) const NORMAL: i32 = 1;
+pub(super) const CONTROL: i32 = 3;
+pub(super) const USER_DEFINED: i32 = 4;
+pub(super) const UNUSED: i32 = 5;
 
 /// The special tokens a converter looks for, with the GGUF key each id is written under (`None`
 /// where llama.cpp has none).
@@ -28,7 +30,8 @@ const SPECIAL: [(&str, Option<&str>); 7] = [
     ("mask", Some("tokenizer.ggml.mask_token_id")),
 ];
 
-fn read_json(path: &Path) -> Result<Option<Map<String, Json>>> {
+/// A JSON object file, `None` when there is no such file.
+pub(super) fn read_json(path: &Path) -> Result<Option<Map<String, Json>>> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -43,18 +46,46 @@ fn read_json(path: &Path) -> Result<Option<Map<String, Json>>> {
 }
 
 /// Whether an added token that is not marked special looks like one all the same.
-fn looks_special(token: &str) -> bool {
+pub(super) fn looks_special(token: &str) -> bool {
     matches!(token, "<pad>" | "<mask>" | "<2mass>" | "[@BOS@]")
         || (token.starts_with("<|") && token.ends_with("|>"))
         || (token.starts_with("<｜") && token.ends_with("｜>"))
         || (token.starts_with("<unused") && token.ends_with('>'))
 }
 
+/// Whether the model in `dir` is exported with its SentencePiece vocabulary (it has one).
+pub fn uses_sentencepiece(dir: &Path) -> bool {
+    dir.join(sentencepiece::MODEL_FILE).is_file()
+}
+
 /// The tokenizer metadata of the model in `dir` whose config names `vocab_size` tokens, for
-/// llama.cpp's pre-tokenizer `pre`; `config` is its `config.json`.
+/// llama.cpp's pre-tokenizer `pre` (of a BPE tokenizer); `config` is its `config.json`.
 pub fn metadata(
     dir: &Path,
     config: &Map<String, Json>,
+    vocab_size: usize,
+    pre: &str,
+) -> Result<Vec<(String, Value)>> {
+    let path = dir.join("tokenizer.json");
+    let tokenizer = read_json(&path)?.unwrap_or_default();
+    let added: Vec<&Map<String, Json>> = tokenizer
+        .get("added_tokens")
+        .and_then(Json::as_array)
+        .map(|list| list.iter().filter_map(Json::as_object).collect())
+        .unwrap_or_default();
+    let mut out = match uses_sentencepiece(dir) {
+        true => sentencepiece::metadata(dir, vocab_size)?,
+        false => bpe(dir, &tokenizer, &added, vocab_size, pre)?,
+    };
+    out.extend(special_tokens(dir, &tokenizer, &added, config, vocab_size)?);
+    Ok(out)
+}
+
+/// The tokens, kinds and merges of the byte-level BPE tokenizer `tokenizer` (read from `dir`).
+fn bpe(
+    dir: &Path,
+    tokenizer: &Map<String, Json>,
+    added: &[&Map<String, Json>],
     vocab_size: usize,
     pre: &str,
 ) -> Result<Vec<(String, Value)>> {
@@ -64,12 +95,12 @@ pub fn metadata(
         key: "model".into(),
         detail,
     };
-    let tokenizer = read_json(&path)?.ok_or_else(|| {
-        ModelError::Input(format!(
-            "{}: no tokenizer.json; GGUF export needs the model's fast tokenizer",
+    if tokenizer.is_empty() {
+        return Err(ModelError::Input(format!(
+            "{}: no tokenizer.json (nor tokenizer.model); GGUF export needs the model's tokenizer",
             dir.display()
-        ))
-    })?;
+        )));
+    }
     let model = tokenizer
         .get("model")
         .and_then(Json::as_object)
@@ -79,20 +110,15 @@ pub fn metadata(
     if kind != "BPE" || byte_fallback {
         return Err(unsupported(format!(
             "a {kind} tokenizer{}: GGUF export writes byte-level BPE vocabularies (Llama 3, \
-             Qwen2, SmolLM2, ...); for SentencePiece ones, `burnish merge` the model and convert \
-             it with llama.cpp's convert_hf_to_gguf.py",
+             Qwen2, SmolLM2, ...) and SentencePiece ones from their {}",
             if byte_fallback {
-                " with byte fallback (a SentencePiece vocabulary)"
+                " with byte fallback, a SentencePiece vocabulary without its model file"
             } else {
                 ""
-            }
+            },
+            sentencepiece::MODEL_FILE
         )));
     }
-    let added: Vec<&Map<String, Json>> = tokenizer
-        .get("added_tokens")
-        .and_then(Json::as_array)
-        .map(|list| list.iter().filter_map(Json::as_object).collect())
-        .unwrap_or_default();
     let mut by_id: Vec<Option<(String, i32)>> = vec![None; vocab_size];
     if let Some(vocab) = model.get("vocab").and_then(Json::as_object) {
         for (token, id) in vocab {
@@ -101,7 +127,7 @@ pub fn metadata(
             }
         }
     }
-    for token in &added {
+    for token in added {
         let (Some(id), Some(content)) = (
             token.get("id").and_then(Json::as_u64),
             token.get("content").and_then(Json::as_str),
@@ -130,16 +156,13 @@ pub fn metadata(
         .map(|(i, entry)| entry.unwrap_or_else(|| (format!("[PAD{i}]"), UNUSED)))
         .unzip();
     let merges = merges(model).map_err(unsupported)?;
-
-    let mut out = vec![
+    Ok(vec![
         ("tokenizer.ggml.model".into(), Value::Str("gpt2".into())),
         ("tokenizer.ggml.pre".into(), Value::Str(pre.into())),
         ("tokenizer.ggml.tokens".into(), Value::Strs(tokens)),
         ("tokenizer.ggml.token_type".into(), Value::I32s(kinds)),
         ("tokenizer.ggml.merges".into(), Value::Strs(merges)),
-    ];
-    out.extend(special_tokens(dir, &tokenizer, &added, config, vocab_size)?);
-    Ok(out)
+    ])
 }
 
 /// The merges as `"left right"` strings (spaces within a part written as U+0120).
