@@ -8,7 +8,7 @@ use serde::Deserialize;
 pub type B = burn::backend::Flex;
 
 /// Every fixture model directory under `tests/fixtures/models/`.
-pub const MODELS: &[&str] = &["llama", "mistral", "qwen2", "llama-linear"];
+pub const MODELS: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "llama-linear"];
 
 pub fn model_dir(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

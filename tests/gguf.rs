@@ -112,7 +112,7 @@ fn fixture(model: &str) -> Value {
 #[test]
 fn exports_equal_llama_cpps_conversions() {
     let work = tempfile::tempdir().unwrap();
-    for model in ["llama", "mistral", "qwen2"] {
+    for model in ["llama", "mistral", "qwen2", "qwen3"] {
         let expected = fixture(model);
         let dir = model_dir(model);
         for (kind, theirs) in expected["types"].as_object().unwrap() {

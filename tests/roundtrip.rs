@@ -93,6 +93,7 @@ fn save_then_load_is_bit_exact_and_keeps_hf_keys() {
 fn saving_in_the_checkpoint_dtype_reproduces_its_bytes() {
     for (name, dtype) in [
         ("qwen2", SaveDtype::BF16),
+        ("qwen3", SaveDtype::BF16),
         ("mistral", SaveDtype::F16),
         ("llama", SaveDtype::F32),
     ] {

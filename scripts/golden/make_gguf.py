@@ -5,8 +5,8 @@ and how llama.cpp runs burnish's exports: tests/fixtures/gguf/<model>.json.
     make_gguf.py LLAMA_CPP_DIR BURNISH_BIN
 
 LLAMA_CPP_DIR is a llama.cpp source tree (its `convert_hf_to_gguf.py` and `gguf-py`; the one
-vendored in llama-cpp-python's sdist will do). For each of the llama, mistral and qwen2 fixtures
-and each of f32, f16, bf16 and q8_0, the converter writes a GGUF file; its metadata (but the
+vendored in llama-cpp-python's sdist will do). For each of the llama, mistral, qwen2 and qwen3
+fixtures and each of f32, f16, bf16 and q8_0, the converter writes a GGUF file; its metadata (but the
 names it makes up: `general.name`, `general.size_label`) and its tensors (name, type, dimensions,
 SHA-256 of the data) go into the JSON. The fixtures' tokenizer is unknown to llama.cpp's table of
 pre-tokenizers, so the converter is told its split, GPT-2's, which is what the fixtures use; the
@@ -214,7 +214,7 @@ def tokenization_check(path: Path, model_dir: Path, text: str) -> None:
 def main() -> None:
     llama_cpp, burnish = Path(sys.argv[1]).resolve(), Path(sys.argv[2]).resolve()
     OUT.mkdir(parents=True, exist_ok=True)
-    for model in ["llama", "mistral", "qwen2"]:
+    for model in ["llama", "mistral", "qwen2", "qwen3"]:
         record = {"pre_tokenizer_hash": pre_tokenizer_hash(llama_cpp, model), "types": {}, "llama_cpp_on_burnish": {}}
         with tempfile.TemporaryDirectory() as tmp:
             for out_type in TYPES:

@@ -34,6 +34,8 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -191,6 +193,24 @@ def model_specs(vocab_size: int) -> list[dict]:
                 num_key_value_heads=2,
                 intermediate_size=128,
                 tie_word_embeddings=True,
+                use_sliding_window=False,
+            ),
+            dtype=torch.bfloat16,
+            eos_token_id=IM_END_ID,
+            save_kwargs={},
+        ),
+        dict(
+            name="qwen3",
+            seed=5,
+            cls=Qwen3ForCausalLM,
+            config=Qwen3Config(
+                **common,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=24,  # not hidden_size / num_heads = 16, as in Qwen3's own configs
+                intermediate_size=128,
+                tie_word_embeddings=True,
+                rope_theta=1000000.0,
                 use_sliding_window=False,
             ),
             dtype=torch.bfloat16,

@@ -1,5 +1,6 @@
-//! Grouped-query self-attention with rotary embeddings, an optional sliding window, and the
-//! key/value cache used for incremental decoding.
+//! Grouped-query self-attention with rotary embeddings (after Qwen3's per-head query and key
+//! norms, where the model has them), an optional sliding window, and the key/value cache used
+//! for incremental decoding.
 
 use burn::module::Module;
 use burn::tensor::backend::Backend;
@@ -10,6 +11,7 @@ use burnish_peft::{AdaptableLinear, cast_to};
 
 use crate::chunked_attention::chunked_causal_attention;
 use crate::documents::{Documents, window_first_keys, window_mask};
+use crate::norm::RmsNorm;
 use crate::rope::Rotations;
 
 /// Keys and values of one layer for the positions seen so far, before the GQA head repeat.
@@ -28,6 +30,10 @@ pub struct Attention<B: Backend> {
     pub k_proj: AdaptableLinear<B>,
     pub v_proj: AdaptableLinear<B>,
     pub o_proj: AdaptableLinear<B>,
+    /// Qwen3's RMS norms of each query and key head (`[head_dim]` weights), applied before the
+    /// rotation; `None` for the other families.
+    pub q_norm: Option<RmsNorm<B>>,
+    pub k_norm: Option<RmsNorm<B>>,
     #[module(skip)]
     pub num_heads: usize,
     #[module(skip)]
@@ -57,16 +63,21 @@ impl<B: Backend> Attention<B> {
         let [batch, seq, _] = x.dims();
         // [batch, seq, n * head_dim] -> [batch, seq, n, head_dim]
         let split = |t: Tensor<B, 3>, n: usize| t.reshape([batch, seq, n, self.head_dim]);
+        // Each head normalised over its own dimensions, where the model has the norms.
+        let normed = |t: Tensor<B, 3>, n: usize, norm: &Option<RmsNorm<B>>| match norm {
+            Some(norm) => split(norm.forward(t.reshape([batch, seq * n, self.head_dim])), n),
+            None => split(t, n),
+        };
         let [q, k, v] =
             AdaptableLinear::forward_shared([&self.q_proj, &self.k_proj, &self.v_proj], x);
         // Rotated as the projections leave them, then viewed as [batch, n, seq, head_dim].
         let q = rotations
             .queries
-            .apply(split(q, self.num_heads))
+            .apply(normed(q, self.num_heads, &self.q_norm))
             .swap_dims(1, 2);
         let k = rotations
             .keys
-            .apply(split(k, self.num_kv_heads))
+            .apply(normed(k, self.num_kv_heads, &self.k_norm))
             .swap_dims(1, 2);
         let v = split(v, self.num_kv_heads).swap_dims(1, 2);
 

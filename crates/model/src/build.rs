@@ -97,11 +97,16 @@ pub fn build_decoder<B: Backend>(
     let hidden = c.hidden_size;
     let q_dim = c.num_heads * c.head_dim;
     let kv_dim = c.num_kv_heads * c.head_dim;
-    let norm = |name: &str| -> Result<RmsNorm<B>> {
+    let norm_of = |name: &str, width: usize| -> Result<RmsNorm<B>> {
         Ok(RmsNorm::new(
-            tensor(weights, name, [hidden], device)?,
+            tensor(weights, name, [width], device)?,
             c.rms_norm_eps,
         ))
+    };
+    let norm = |name: &str| norm_of(name, hidden);
+    // Qwen3's per-head norms of the queries and keys.
+    let head_norm = |name: String| -> Result<Option<RmsNorm<B>>> {
+        c.qk_norm.then(|| norm_of(&name, c.head_dim)).transpose()
     };
 
     let mut layers = Vec::with_capacity(c.num_layers);
@@ -124,6 +129,8 @@ pub fn build_decoder<B: Backend>(
                 k_proj: lin("self_attn.k_proj", hidden, kv_dim, c.qkv_bias)?,
                 v_proj: lin("self_attn.v_proj", hidden, kv_dim, c.qkv_bias)?,
                 o_proj: lin("self_attn.o_proj", q_dim, hidden, c.o_bias)?,
+                q_norm: head_norm(format!("{p}.self_attn.q_norm.weight"))?,
+                k_norm: head_norm(format!("{p}.self_attn.k_norm.weight"))?,
                 num_heads: c.num_heads,
                 num_kv_heads: c.num_kv_heads,
                 head_dim: c.head_dim,

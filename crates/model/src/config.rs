@@ -15,7 +15,7 @@ use crate::rope::RopeScaling;
 pub const CLASSIFIER_SUFFIX: &str = "ForSequenceClassification";
 
 /// The architectures this decoder implements exactly.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "qwen3"];
 
 /// One integer or a list of them, as `eos_token_id` is written in HF configs.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -103,6 +103,9 @@ pub struct DecoderConfig {
     pub o_bias: bool,
     /// Biases on gate/up/down (Llama's `mlp_bias`).
     pub mlp_bias: bool,
+    /// Queries and keys RMS-normalised per head before the rotation (Qwen3's `q_norm`,
+    /// `k_norm`).
+    pub qk_norm: bool,
     /// Each query attends to at most this many keys, itself included (Mistral).
     pub sliding_window: Option<usize>,
     pub eos_token_ids: Vec<u32>,
@@ -256,7 +259,7 @@ fn resolve(c: RawConfig, path: &Path) -> Result<DecoderConfig> {
 
     let sliding_window = match model_type.as_str() {
         "mistral" => c.sliding_window,
-        "qwen2" => {
+        "qwen2" | "qwen3" => {
             let sliding_layers = c
                 .layer_types
                 .iter()
@@ -265,7 +268,7 @@ fn resolve(c: RawConfig, path: &Path) -> Result<DecoderConfig> {
             if c.use_sliding_window == Some(true) || sliding_layers {
                 return Err(unsupported(
                     "use_sliding_window",
-                    "Qwen2 sliding-window layers are not implemented".into(),
+                    "Qwen2 and Qwen3 sliding-window layers are not implemented".into(),
                 ));
             }
             None
@@ -318,6 +321,7 @@ fn resolve(c: RawConfig, path: &Path) -> Result<DecoderConfig> {
         qkv_bias,
         o_bias: attention_bias,
         mlp_bias: c.mlp_bias.unwrap_or(false),
+        qk_norm: model_type == "qwen3",
         sliding_window,
         eos_token_ids: c.eos_token_id.map(|e| e.to_vec()).unwrap_or_default(),
         bos_token_id: match c.bos_token_id {

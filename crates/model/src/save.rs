@@ -36,6 +36,15 @@ pub fn named_weights<B: Backend>(model: &Decoder<B>) -> Vec<(String, Vec<usize>,
             format!("{p}.post_attention_layernorm.weight"),
             layer.post_attention_layernorm.weight.val(),
         ));
+        let attention = &layer.self_attn;
+        for (name, norm) in [("q_norm", &attention.q_norm), ("k_norm", &attention.k_norm)] {
+            if let Some(norm) = norm {
+                out.push(values(
+                    format!("{p}.self_attn.{name}.weight"),
+                    norm.weight.val(),
+                ));
+            }
+        }
     }
     out.push(values("model.norm.weight".into(), model.norm.weight.val()));
     if let Some(score) = &model.score {

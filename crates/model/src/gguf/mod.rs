@@ -1,8 +1,8 @@
 //! GGUF export: a model's weights, hyper-parameters and tokenizer in the single file llama.cpp
 //! (and Ollama, LM Studio, ...) runs, written as llama.cpp's own `convert_hf_to_gguf.py` writes
 //! it: Llama and Mistral as the `llama` architecture (the query and key projections' rows
-//! permuted to llama.cpp's rotary layout), Qwen2 as `qwen2`; Llama 3's rope scaling as a
-//! `rope_freqs` tensor; norms and biases in f32, matrices in the chosen type.
+//! permuted to llama.cpp's rotary layout), Qwen2 as `qwen2`, Qwen3 as `qwen3`; Llama 3's rope
+//! scaling as a `rope_freqs` tensor; norms and biases in f32, matrices in the chosen type.
 
 mod encoding;
 mod file;
@@ -72,6 +72,7 @@ fn architecture(model_type: &str) -> Option<&'static str> {
     match model_type {
         "llama" | "mistral" => Some("llama"),
         "qwen2" => Some("qwen2"),
+        "qwen3" => Some("qwen3"),
         _ => None,
     }
 }
@@ -102,7 +103,7 @@ fn metadata(model: &GgufModel, kind: GgufType) -> Result<Vec<(String, Value)>> {
     let raw = &model.config.raw;
     let arch = architecture(&c.model_type).ok_or_else(|| {
         ModelError::Input(format!(
-            "GGUF export knows the llama, mistral and qwen2 model types, not {}",
+            "GGUF export knows the llama, mistral, qwen2 and qwen3 model types, not {}",
             c.model_type
         ))
     })?;
@@ -194,6 +195,8 @@ fn gguf_name(name: &str) -> Option<String> {
         "self_attn.k_proj" => "attn_k",
         "self_attn.v_proj" => "attn_v",
         "self_attn.o_proj" => "attn_output",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
         "mlp.gate_proj" => "ffn_gate",
         "mlp.up_proj" => "ffn_up",
         "mlp.down_proj" => "ffn_down",
