@@ -1,7 +1,8 @@
 //! Pushing a finished run to a model repo: which files of the run directory go up (the adapter
-//! or the full model, the model card, the recipe, the metrics and any tokenizer files; never
-//! checkpoints), the checks that the directory is a finished run whose card names its base
-//! model, and the push itself: create the repo if needed, then one commit with every file.
+//! or the full model, the model card, the recipe, the metrics, any tokenizer files and GGUF
+//! exports; never checkpoints), the checks that the directory is a finished run whose card
+//! names its base model, and the push itself: create the repo if needed, then one commit with
+//! every file.
 
 use std::path::{Path, PathBuf};
 
@@ -31,6 +32,20 @@ const OPTIONAL_FILES: &[&str] = &[
     "chat_template.jinja",
     "tokenizer.model",
 ];
+
+/// The GGUF files `burnish export` wrote into the run directory (`*.gguf` at its top), which
+/// llama.cpp and Ollama pull from the repo.
+fn gguf_files(dir: &Path) -> Result<Vec<String>, HubError> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
+        let entry = entry.map_err(io_err(dir))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".gguf") && !name.starts_with('.') && entry.path().is_file() {
+            out.push(name);
+        }
+    }
+    Ok(out)
+}
 
 /// What a run directory holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,6 +158,7 @@ impl PushPlan {
                 .filter(|f| has(f))
                 .map(|f| f.to_string()),
         );
+        names.extend(gguf_files(dir)?);
         names.sort();
         names.dedup();
         let mut files = Vec::with_capacity(names.len());
@@ -334,12 +350,15 @@ mod tests {
             "recipe.toml",
             "metrics.jsonl",
             "notes.txt",
+            "chat-q8_0.gguf",
+            ".chat-f16.gguf.tmp-7",
         ] {
             write(d, f, "x");
         }
         write(d, "README.md", CARD);
         std::fs::create_dir(d.join("checkpoints")).unwrap();
         write(&d.join("checkpoints"), "adapter_model.safetensors", "y");
+        write(&d.join("checkpoints"), "old.gguf", "y");
         let plan = PushPlan::from_run_dir(d).unwrap();
         assert_eq!(plan.kind, RunKind::Adapter);
         assert_eq!(plan.base_model, "org/tiny");
@@ -351,11 +370,12 @@ mod tests {
                 "README.md",
                 "adapter_config.json",
                 "adapter_model.safetensors",
+                "chat-q8_0.gguf",
                 "metrics.jsonl",
                 "recipe.toml"
             ]
         );
-        assert_eq!(plan.total_size(), 4 + CARD.len() as u64);
+        assert_eq!(plan.total_size(), 5 + CARD.len() as u64);
     }
 
     #[test]
