@@ -1491,3 +1491,80 @@ fn every_shipped_recipe_validates_and_the_fixture_recipes_run() {
         );
     }
 }
+
+/// `data.chat_template` trains through a template of the recipe's choice instead of the
+/// model's own: a multi-turn conversation that Qwen3's template cannot mask (it renders earlier
+/// turns differently once later ones follow) trains through its training variant with
+/// `{% generation %}` blocks, and the run directory keeps the template it was trained with.
+#[test]
+fn a_recipe_chooses_the_chat_template() {
+    let model = copy_fixture("llama");
+    let templates = model_dir("llama").join("../../data/templates");
+    std::fs::copy(
+        templates.join("qwen3.jinja"),
+        model.path().join("chat_template.jinja"),
+    )
+    .unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let rows: Vec<Value> = (0..4)
+        .map(|i| {
+            json!({"messages": [
+                {"role": "user", "content": WORDS[i]},
+                {"role": "assistant", "content": WORDS[i + 1]},
+                {"role": "user", "content": WORDS[i + 2]},
+                {"role": "assistant", "content": WORDS[i + 3]},
+            ]})
+        })
+        .collect();
+    write_jsonl(&work.path().join("train.jsonl"), &rows);
+    let path = work.path().join("recipe.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[model]\nbase = \"{}\"\n\n[adapter]\nr = 4\n\n[data]\ntrain = \"train.jsonl\"\n\n[train]\nmax_steps = 2\nmicro_batch_size = 2\n\n[output]\ndir = \"run\"\n",
+            model.path().display()
+        ),
+    )
+    .unwrap();
+    let out = train(&path, &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("differently once later messages follow")
+            && err.contains("data.chat_template"),
+        "{err}"
+    );
+    let training = templates.join("qwen3_training.jinja");
+    let set = format!("data.chat_template=\"{}\"", training.display());
+    let out = train(&path, &["--set", &set]);
+    assert_success(&out);
+    let kept = std::fs::read_to_string(work.path().join("run/chat_template.jinja")).unwrap();
+    assert_eq!(kept, std::fs::read_to_string(&training).unwrap());
+    assert!(!work.path().join("run/checkpoints").exists());
+
+    // A built-in by name.
+    let out = train(
+        &path,
+        &[
+            "--set",
+            "data.chat_template=\"chatml\"",
+            "--set",
+            "output.dir=\"builtin\"",
+        ],
+    );
+    assert_success(&out);
+    let kept = std::fs::read_to_string(work.path().join("builtin/chat_template.jinja")).unwrap();
+    assert!(kept.contains("<|im_start|>") && kept.contains("generation"));
+    // A file that is not there is named.
+    let out = train(
+        &path,
+        &[
+            "--set",
+            "data.chat_template=\"missing.jinja\"",
+            "--set",
+            "output.dir=\"missing\"",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.jinja"));
+}

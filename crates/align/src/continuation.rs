@@ -45,6 +45,7 @@ const BINDING: &[&str] = &[
     "adapter.",
     "model.init",
     "data.max_length",
+    "data.chat_template",
     "train.strategy",
     "train.micro_batch_size",
     "train.gradient_accumulation",

@@ -1032,6 +1032,8 @@ pub struct DataSection {
     pub train: Vec<PathBuf>,
     /// Evaluation files (default: none; see `eval_ratio`).
     pub eval: Vec<PathBuf>,
+    /// The chat template to train with instead of the base model's own (default: the model's).
+    pub chat_template: Option<TemplateChoice>,
     /// The loader's own settings (`format`, `train_on`, `max_length`, ...).
     pub loader: DataConfig,
     /// The entries of `train` and `eval` that name Hub datasets (decided when the recipe is
@@ -1039,6 +1041,33 @@ pub struct DataSection {
     pub hub: std::collections::BTreeSet<PathBuf>,
     /// The local files of each Hub dataset entry (set by the caller that resolved them).
     pub local: std::collections::BTreeMap<PathBuf, Vec<PathBuf>>,
+}
+
+/// `data.chat_template`: a named built-in template, or a Jinja file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TemplateChoice {
+    /// One of `burnish_data::BUILTIN_TEMPLATES`.
+    Builtin(String),
+    /// A Jinja file (relative paths are the recipe's).
+    File(PathBuf),
+}
+
+impl TemplateChoice {
+    /// The value as a recipe writes it: a built-in's name or the file's path.
+    fn written(&self) -> String {
+        match self {
+            Self::Builtin(name) => name.clone(),
+            Self::File(path) => path.display().to_string(),
+        }
+    }
+
+    /// The template, loaded.
+    pub fn load(&self) -> Result<burnish_data::ChatTemplate, burnish_data::DataError> {
+        match self {
+            Self::Builtin(name) => burnish_data::ChatTemplate::builtin(name),
+            Self::File(path) => burnish_data::ChatTemplate::from_file(path),
+        }
+    }
 }
 
 /// The prefix of an explicit Hub dataset entry (`hf://datasets/owner/name/path/in/repo`), as
@@ -1302,6 +1331,17 @@ impl Recipe {
         let mut data = file.data;
         let train = paths(data.remove("train"), "train").map_err(invalid)?;
         let eval = paths(data.remove("eval"), "eval").map_err(invalid)?;
+        let chat_template = match data.remove("chat_template") {
+            None => None,
+            Some(toml::Value::String(s)) => Some(s),
+            Some(other) => {
+                return Err(invalid(format!(
+                    "`data.chat_template` must be a built-in template's name ({}) or a Jinja \
+                     file's path, found {other}",
+                    burnish_data::BUILTIN_TEMPLATES.join(", ")
+                )));
+            }
+        };
         let loader: DataConfig = toml::Value::Table(data)
             .try_into()
             .map_err(|e: toml::de::Error| invalid(with_suggestion(&format!("[data]: {e}"))))?;
@@ -1348,6 +1388,13 @@ impl Recipe {
             data: DataSection {
                 train,
                 eval,
+                chat_template: chat_template.map(|spec| {
+                    if burnish_data::BUILTIN_TEMPLATES.contains(&spec.as_str()) {
+                        TemplateChoice::Builtin(spec)
+                    } else {
+                        TemplateChoice::File(anchor(PathBuf::from(spec)))
+                    }
+                }),
                 loader,
                 hub,
                 local: Default::default(),
@@ -1748,6 +1795,9 @@ impl Recipe {
         };
         data.insert("train".into(), list(&self.data.train));
         data.insert("eval".into(), list(&self.data.eval));
+        if let Some(template) = &self.data.chat_template {
+            data.insert("chat_template".into(), template.written().into());
+        }
         doc.insert("data".into(), toml::Value::Table(data));
         doc.insert("train".into(), section(&self.train));
         match self.train.strategy {

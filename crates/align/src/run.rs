@@ -54,6 +54,9 @@ use crate::trainer::{Activations, MetricMeans, StepMetrics, optimizer_step};
 /// (`train.seed` plus the step).
 const EVAL_SEEDS: u64 = 1 << 40;
 
+/// Where a run directory keeps the chat template it was trained with, when the recipe chose one.
+const CHAT_TEMPLATE_FILE: &str = "chat_template.jinja";
+
 /// Files a model directory carries besides weights and config.
 const TOKENIZER_FILES: &[&str] = &[
     "tokenizer.json",
@@ -684,11 +687,11 @@ pub fn train<B: AutodiffBackend>(
     // Data next: it is cheap, and its errors should not wait for the model.
     let tokenizer = Tokenizer::from_dir(base)?;
     let pad_id = tokenizer.pad_id().unwrap_or(0);
-    let encoder = Encoder::new(
-        tokenizer,
-        ChatTemplate::from_dir(base)?,
-        recipe.data.loader.train_on,
-    );
+    let template = match &recipe.data.chat_template {
+        Some(choice) => choice.load()?,
+        None => ChatTemplate::from_dir(base)?,
+    };
+    let encoder = Encoder::new(tokenizer, template, recipe.data.loader.train_on);
     let train_files = recipe.data.files(&recipe.data.train);
     let eval_files = recipe.data.files(&recipe.data.eval);
     let checked = recipe.check.iter().map(|c| ("check.file", &c.file));
@@ -1457,7 +1460,8 @@ pub fn train<B: AutodiffBackend>(
         log_check(&mut metrics_log, &mut on_event, true, step, report)?;
     }
 
-    // Outputs: the adapter (or the whole model), tokenizer files, and a model card.
+    // Outputs: the adapter (or the whole model), tokenizer files, and a model card; a template
+    // of the recipe's own goes with them, as `chat_template.jinja`.
     match &adapter_config {
         Some(lora) => save_adapter(dir, lora, &model.linears(), &model.whole_modules())?,
         None => {
@@ -1471,6 +1475,11 @@ pub fn train<B: AutodiffBackend>(
                 }
             }
         }
+    }
+    if recipe.data.chat_template.is_some() {
+        let to = dir.join(CHAT_TEMPLATE_FILE);
+        burnish_peft::write_atomic(&to, encoder.template.source().as_bytes())
+            .map_err(io_err(&to))?;
     }
     let (eval_loss, eval_metrics) = match eval_result {
         Some((l, m)) => (Some(l), m),

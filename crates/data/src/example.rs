@@ -335,7 +335,7 @@ impl Encoder {
             let upto = self.render(&messages[..=i], tools, false)?.text;
             if !upto.starts_with(&before) || !full.starts_with(&upto) {
                 return Err(format!(
-                    "the chat template renders message {i} differently once later messages follow, so its assistant tokens cannot be found; use a template with {{% generation %}} blocks or train_on = \"all\""
+                    "the chat template renders message {i} differently once later messages follow, so its assistant tokens cannot be found; use a template with {{% generation %}} blocks (`data.chat_template`; TRL ships such training templates) or train_on = \"all\""
                 ));
             }
             spans.push(before.len()..upto.len());

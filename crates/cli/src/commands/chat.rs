@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use burn::tensor::backend::Backend;
-use burnish_data::{ChatTemplate, Message, Tokenizer};
+use burnish_data::{Message, Tokenizer};
 use burnish_hub::resolve_model;
 use clap::Args;
 
@@ -48,7 +48,7 @@ impl Job for Chat {
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
         let args = self.args;
         let tokenizer = Tokenizer::from_dir(&args.model)?;
-        let template = ChatTemplate::from_dir(&args.model)?;
+        let template = super::chat_template(&args.model, args.adapter.as_deref())?;
         let pretrained = args
             .dtype
             .load::<B>(&args.model, args.adapter.as_deref(), &device)?;

@@ -141,11 +141,24 @@ pub fn run(args: ExportArgs) -> Result<()> {
         );
     }
     let weights = named_weights(&loaded.model);
+    // The template the adapter's run was trained with, when its recipe chose one.
+    let template_file = args
+        .adapter
+        .as_deref()
+        .map(|dir| dir.join("chat_template.jinja"))
+        .filter(|file| file.is_file());
+    let chat_template = match &template_file {
+        Some(file) => Some(
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?,
+        ),
+        None => None,
+    };
     let gguf = GgufModel {
         config: &loaded.config,
         tokenizer_dir: &model_dir,
         pre_tokenizer: &pre,
         name: &name,
+        chat_template: chat_template.as_deref(),
     };
     export_gguf(&gguf, weights, kind, &args.out)?;
     eprintln!(

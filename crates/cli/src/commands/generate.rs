@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use burn::tensor::backend::Backend;
-use burnish_data::{ChatTemplate, Message, Tokenizer};
+use burnish_data::{Message, Tokenizer};
 use burnish_hub::resolve_model;
 use clap::Args;
 
@@ -49,7 +49,7 @@ impl Job for Generate {
         let args = self.args;
         let tokenizer = Tokenizer::from_dir(&args.model)?;
         let prompt_ids = if args.chat {
-            let template = ChatTemplate::from_dir(&args.model)?;
+            let template = super::chat_template(&args.model, args.adapter.as_deref())?;
             let text = template.render(
                 &[Message::new("user", &args.prompt)],
                 true,

@@ -12,6 +12,21 @@ pub mod stream;
 pub mod template;
 pub mod train;
 
+/// The chat template to talk to `model` with: the one an adapter's run was trained with (its
+/// `chat_template.jinja`, written when the recipe chose a template), else the model's own.
+pub(crate) fn chat_template(
+    model: &std::path::Path,
+    adapter: Option<&std::path::Path>,
+) -> anyhow::Result<burnish_data::ChatTemplate> {
+    if let Some(file) = adapter
+        .map(|dir| dir.join("chat_template.jinja"))
+        .filter(|file| file.is_file())
+    {
+        return Ok(burnish_data::ChatTemplate::from_file(&file)?);
+    }
+    Ok(burnish_data::ChatTemplate::from_dir(model)?)
+}
+
 /// Refuses a sequence classifier (a reward model) loaded from `dir` where a command needs an LM
 /// head to generate with.
 pub(crate) fn require_lm_head<B: burn::tensor::backend::Backend>(

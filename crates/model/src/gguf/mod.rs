@@ -65,6 +65,38 @@ pub struct GgufModel<'a> {
     pub pre_tokenizer: &'a str,
     /// `general.name`.
     pub name: &'a str,
+    /// A chat template to write instead of the tokenizer's own (an adapter's run's).
+    pub chat_template: Option<&'a str>,
+}
+
+/// The metadata key of the chat template.
+const CHAT_TEMPLATE_KEY: &str = "tokenizer.chat_template";
+
+/// `template` without its `{% generation %}` tags, which only training reads and llama.cpp's
+/// Jinja does not know: each becomes an `if true` block with the same whitespace control.
+fn inference_template(template: &str) -> String {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(start) = rest.find("{%") {
+        out.push_str(&rest[..start]);
+        let Some(len) = rest[start..].find("%}") else {
+            break;
+        };
+        let tag = &rest[start..start + len + 2];
+        let inner = tag[2..tag.len() - 2].trim_matches('-').trim();
+        let (open, close) = (
+            if tag.starts_with("{%-") { "{%-" } else { "{%" },
+            if tag.ends_with("-%}") { "-%}" } else { "%}" },
+        );
+        match inner {
+            "generation" => out.push_str(&format!("{open} if true {close}")),
+            "endgeneration" => out.push_str(&format!("{open} endif {close}")),
+            _ => out.push_str(tag),
+        }
+        rest = &rest[start + len + 2..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// llama.cpp's architecture for a model type.
@@ -171,6 +203,13 @@ fn metadata(model: &GgufModel, kind: GgufType) -> Result<Vec<(String, Value)>> {
         c.vocab_size,
         model.pre_tokenizer,
     )?);
+    if let Some(template) = model.chat_template {
+        out.retain(|(key, _)| key != CHAT_TEMPLATE_KEY);
+        out.push((
+            CHAT_TEMPLATE_KEY.into(),
+            Value::Str(inference_template(template)),
+        ));
+    }
     Ok(out)
 }
 
@@ -327,6 +366,17 @@ mod tests {
             assert_eq!(gguf_name(hf).as_deref(), Some(gguf), "{hf}");
         }
         assert_eq!(gguf_name("score.weight"), None);
+    }
+
+    #[test]
+    fn generation_tags_become_plain_blocks() {
+        let template = "{%- for m in messages -%}{%- generation -%}{{ m.content }}\
+                        {%- endgeneration -%}{% generation %}x{% endgeneration %}{%- endfor %}";
+        assert_eq!(
+            inference_template(template),
+            "{%- for m in messages -%}{%- if true -%}{{ m.content }}{%- endif -%}\
+             {% if true %}x{% endif %}{%- endfor %}"
+        );
     }
 
     /// One head of four rows: rows (0, 1 | 2, 3) become (0, 2, 1, 3).
