@@ -17,6 +17,8 @@ use crate::fixtures::{assert_success, copy_fixture, model_dir};
 struct Gguf {
     metadata: BTreeMap<String, Value>,
     tensors: BTreeMap<String, Value>,
+    /// Each tensor's data.
+    data: BTreeMap<String, Vec<u8>>,
 }
 
 /// Reads a GGUF file (version 3, the value and tensor types burnish writes).
@@ -71,6 +73,7 @@ fn read_gguf(bytes: &[u8]) -> Gguf {
         infos.push((name, dims, kind, offset));
     }
     let data_start = at.next_multiple_of(32);
+    let mut raw = BTreeMap::new();
     let tensors = infos
         .into_iter()
         .map(|(name, dims, kind, offset)| {
@@ -89,10 +92,15 @@ fn read_gguf(bytes: &[u8]) -> Gguf {
                 .map(|b| format!("{b:02x}"))
                 .collect();
             let info = json!({"type": type_name, "dims": dims, "sha256": digest});
+            raw.insert(name.clone(), data.to_vec());
             (name, info)
         })
         .collect();
-    Gguf { metadata, tensors }
+    Gguf {
+        metadata,
+        tensors,
+        data: raw,
+    }
 }
 
 fn burnish(args: &[&str]) -> std::process::Output {
@@ -281,6 +289,55 @@ fn export_tells_the_pre_tokenizer_and_folds_adapters() {
         assert_eq!(changed, adapted_kind, "{name}");
     }
     assert_eq!(adapted.metadata["general.name"], json!("llama-qv"));
+
+    // Over a bf16 checkpoint (held as stored), each adapted projection is folded in f32 as it
+    // is written: the weights equal PEFT's merge_and_unload of the f32 base.
+    let qwen2 = model_dir("qwen2");
+    let out = work.path().join("qwen2-all.gguf");
+    let adapter = qwen2.join("../../adapters/qwen2-all");
+    let args = [
+        "export",
+        "--model",
+        qwen2.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--pre-tokenizer",
+        "gpt-2",
+        "--type",
+        "f32",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    assert_success(&burnish(&args));
+    let ours = read_gguf(&std::fs::read(&out).unwrap());
+    let bytes = std::fs::read(adapter.join("merged.safetensors")).unwrap();
+    let merged = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut compared = 0;
+    for (name, view) in merged.tensors() {
+        let theirs = burnish_peft::decode_f32(&view).unwrap();
+        let (layer, module) = name
+            .strip_prefix("model.layers.")
+            .and_then(|rest| rest.split_once('.'))
+            .unwrap();
+        let short = match module.trim_end_matches(".weight") {
+            "self_attn.q_proj" => "attn_q",
+            "self_attn.k_proj" => "attn_k",
+            "self_attn.v_proj" => "attn_v",
+            "self_attn.o_proj" => "attn_output",
+            "mlp.gate_proj" => "ffn_gate",
+            "mlp.up_proj" => "ffn_up",
+            "mlp.down_proj" => "ffn_down",
+            other => panic!("{other}"),
+        };
+        let ours: Vec<f32> = ours.data[&format!("blk.{layer}.{short}.weight")]
+            .chunks(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        let worst = crate::fixtures::max_abs_diff(&ours, &theirs);
+        assert!(worst <= 1e-6, "{name}: max |Δ| {worst:e} from PEFT's merge");
+        compared += 1;
+    }
+    assert_eq!(compared, 14);
     let again = export(&work.path().join("plain.gguf"), None);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));

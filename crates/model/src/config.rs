@@ -145,6 +145,23 @@ impl HfConfig {
         Ok(Self { decoder, raw })
     }
 
+    /// The dtype the config declares for the weights (`dtype` or `torch_dtype`), if it is one
+    /// burnish writes.
+    pub fn declared_dtype(&self) -> Option<burnish_peft::SaveDtype> {
+        use burnish_peft::SaveDtype;
+        match self
+            .raw
+            .get("dtype")
+            .or_else(|| self.raw.get("torch_dtype"))
+            .and_then(Value::as_str)
+        {
+            Some("float32") => Some(SaveDtype::F32),
+            Some("bfloat16") => Some(SaveDtype::BF16),
+            Some("float16") => Some(SaveDtype::F16),
+            _ => None,
+        }
+    }
+
     /// Whether the checkpoint was saved quantized to 4 bits by bitsandbytes (NF4): a
     /// `*-bnb-4bit` model, its projections stored as codes.
     pub fn stored_in_nf4(&self) -> bool {

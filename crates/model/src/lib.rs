@@ -52,6 +52,6 @@ pub use norm::RmsNorm;
 pub use pretrained::Pretrained;
 pub use rope::{Rope, RopeScaling, Rotation, Rotations};
 pub use row_softmax::softmax_rows;
-pub use save::{named_weights, save_decoder};
+pub use save::{LazyWeight, lazy_weights, named_weights, save_decoder};
 pub use score::{batch_rewards, token_logprobs};
 pub use weights::{RandomWeights, TensorSource, Weights};

@@ -89,20 +89,9 @@ impl<B: Backend> Pretrained<B> {
         Ok(loaded)
     }
 
-    /// The dtype `config.json` declares for the weights (`dtype` or `torch_dtype`), if it is one
-    /// burnish writes.
+    /// The dtype `config.json` declares for the weights (see [`HfConfig::declared_dtype`]).
     pub fn declared_dtype(&self) -> Option<SaveDtype> {
-        let raw = &self.config.raw;
-        match raw
-            .get("dtype")
-            .or_else(|| raw.get("torch_dtype"))
-            .and_then(|v| v.as_str())
-        {
-            Some("float32") => Some(SaveDtype::F32),
-            Some("bfloat16") => Some(SaveDtype::BF16),
-            Some("float16") => Some(SaveDtype::F16),
-            _ => None,
-        }
+        self.config.declared_dtype()
     }
 
     /// The tokens that end generation: `generation_config.json`'s `eos_token_id`, else

@@ -6,7 +6,9 @@ use std::path::Path;
 
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use burnish_peft::{SaveDtype, f32_values, first_non_finite, serialize, write_atomic};
+use burnish_peft::{
+    SaveDtype, StreamedWriteError, f32_values, write_atomic, write_safetensors_streamed,
+};
 
 use crate::config::{CLASSIFIER_SUFFIX, HfConfig};
 use crate::decoder::Decoder;
@@ -16,47 +18,98 @@ use crate::weights::SINGLE_FILE;
 /// Every base weight of `model` under its Hugging Face key name, as `(name, shape, f32 values)`.
 /// Adapters are not included; merge them first to save them into the weights.
 pub fn named_weights<B: Backend>(model: &Decoder<B>) -> Vec<(String, Vec<usize>, Vec<f32>)> {
-    fn values<B: Backend, const D: usize>(
+    lazy_weights(model, false)
+        .into_iter()
+        .map(|w| {
+            let values = w.read().expect("an unmerged weight reads as it is held");
+            (w.name, w.shape, values)
+        })
+        .collect()
+}
+
+/// A weight of a model under its Hugging Face key name and shape, its f32 values read (and,
+/// for a merged projection, computed) only when asked for: a whole model is written one
+/// tensor at a time.
+pub struct LazyWeight<'a> {
+    pub name: String,
+    pub shape: Vec<usize>,
+    read: Box<dyn Fn() -> burnish_peft::Result<Vec<f32>> + 'a>,
+}
+
+impl<'a> LazyWeight<'a> {
+    /// A weight whose values `read` gives.
+    pub fn new(
         name: String,
-        t: Tensor<B, D>,
-    ) -> (String, Vec<usize>, Vec<f32>) {
-        (name, t.dims().to_vec(), f32_values(t))
+        shape: Vec<usize>,
+        read: impl Fn() -> burnish_peft::Result<Vec<f32>> + 'a,
+    ) -> Self {
+        Self {
+            name,
+            shape,
+            read: Box::new(read),
+        }
     }
-    let mut out = vec![values(
+
+    /// The values, in f32.
+    pub fn read(&self) -> burnish_peft::Result<Vec<f32>> {
+        (self.read)()
+    }
+}
+
+/// Every base weight of `model`, sorted by name, to be read one at a time; with `merged`, each
+/// projection with an unmerged adapter reads as its merged weight (`W + s·B·A`, DoRA's rows
+/// scaled), as [`Decoder::merge_and_unload`] would leave it.
+pub fn lazy_weights<B: Backend>(model: &Decoder<B>, merged: bool) -> Vec<LazyWeight<'_>> {
+    fn plain<'a, B: Backend, const D: usize>(name: String, t: Tensor<B, D>) -> LazyWeight<'a> {
+        let shape = t.dims().to_vec();
+        LazyWeight::new(name, shape, move || Ok(f32_values(t.clone())))
+    }
+    let mut out = vec![plain(
         "model.embed_tokens.weight".into(),
         model.embed_tokens.val(),
     )];
     for (i, layer) in model.layers.iter().enumerate() {
         let p = format!("model.layers.{i}");
-        out.push(values(
+        out.push(plain(
             format!("{p}.input_layernorm.weight"),
             layer.input_layernorm.weight.val(),
         ));
-        out.push(values(
+        out.push(plain(
             format!("{p}.post_attention_layernorm.weight"),
             layer.post_attention_layernorm.weight.val(),
         ));
         let attention = &layer.self_attn;
         for (name, norm) in [("q_norm", &attention.q_norm), ("k_norm", &attention.k_norm)] {
             if let Some(norm) = norm {
-                out.push(values(
+                out.push(plain(
                     format!("{p}.self_attn.{name}.weight"),
                     norm.weight.val(),
                 ));
             }
         }
     }
-    out.push(values("model.norm.weight".into(), model.norm.weight.val()));
+    out.push(plain("model.norm.weight".into(), model.norm.weight.val()));
     if let Some(score) = &model.score {
-        out.push(values("score.weight".into(), score.val()));
+        out.push(plain("score.weight".into(), score.val()));
     }
     for (name, linear) in model.linears() {
-        out.push(values(format!("{name}.weight"), linear.weight.val()));
+        let weight = linear.weight.val();
+        let shape = weight.dims().to_vec();
+        let key = format!("{name}.weight");
         if let Some(bias) = &linear.bias {
-            out.push(values(format!("{name}.bias"), bias.val()));
+            out.push(plain(format!("{name}.bias"), bias.val()));
         }
+        let read = move || match merged {
+            true => Ok(f32_values(
+                linear
+                    .merged_weight(&name)?
+                    .unwrap_or_else(|| weight.clone()),
+            )),
+            false => Ok(f32_values(weight.clone())),
+        };
+        out.push(LazyWeight::new(key, shape, read));
     }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out.sort_by(|a, b| a.name.cmp(&b.name));
     out
 }
 
@@ -112,8 +165,11 @@ fn classifier_config(
 }
 
 /// Writes `model` into `dir` as `model.safetensors` plus `config.json` (the original config
-/// with its dtype updated), so transformers loads it with `from_pretrained`. Refuses to write
-/// non-finite weights. Each file is written to a temporary name and renamed into place.
+/// with its dtype updated), so transformers loads it with `from_pretrained`. An adapter still
+/// attached is folded into its projection as that tensor is written (as
+/// [`Decoder::merge_and_unload`] would), and the weights are written one at a time, so no
+/// second copy of the model is held. Refuses to write non-finite weights. Each file is written
+/// to a temporary name and renamed into place.
 pub fn save_decoder<B: Backend>(
     model: &Decoder<B>,
     config: &HfConfig,
@@ -122,18 +178,25 @@ pub fn save_decoder<B: Backend>(
 ) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
     let weights_path = dir.join(SINGLE_FILE);
-    let named = named_weights(model);
-    if let Some(name) = first_non_finite(&named) {
-        return Err(ModelError::NonFinite {
-            path: weights_path,
-            name: name.to_string(),
-        });
-    }
-    let bytes = serialize(&named, dtype).map_err(|e| ModelError::Safetensors {
-        path: weights_path.clone(),
-        detail: e.to_string(),
+    let weights = lazy_weights(model, true);
+    let names: Vec<(String, Vec<usize>)> = weights
+        .iter()
+        .map(|w| (w.name.clone(), w.shape.clone()))
+        .collect();
+    let read = |i: usize| -> Result<Vec<f32>> {
+        let values = weights[i].read()?;
+        if values.iter().any(|v| !v.is_finite()) {
+            return Err(ModelError::NonFinite {
+                path: weights_path.clone(),
+                name: weights[i].name.clone(),
+            });
+        }
+        Ok(values)
+    };
+    write_safetensors_streamed(&weights_path, &names, dtype, read).map_err(|e| match e {
+        StreamedWriteError::Read(e) => e,
+        StreamedWriteError::Write(e) => ModelError::io(&weights_path, e),
     })?;
-    write_atomic(&weights_path, &bytes).map_err(|e| ModelError::io(&weights_path, e))?;
 
     let mut raw = config.raw.clone();
     let key = if raw.contains_key("torch_dtype") {

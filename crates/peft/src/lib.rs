@@ -55,6 +55,6 @@ pub use rebrand::{cpu_values, on_cpu, rebrand};
 pub use row_reduction::{RowReduction, reduce_rows};
 pub use target::{LM_HEAD, Selected, Targets, resolved_target_names, select_targets};
 pub use tensor_io::{
-    SaveDtype, decode_f32, f32_values, first_non_finite, first_value, serialize, write_atomic,
-    write_atomic_together, write_atomic_with,
+    SaveDtype, StreamedWriteError, decode_f32, f32_values, first_non_finite, first_value,
+    serialize, write_atomic, write_atomic_together, write_atomic_with, write_safetensors_streamed,
 };

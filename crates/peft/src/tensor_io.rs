@@ -132,6 +132,98 @@ pub fn write_atomic_with(
     result
 }
 
+/// Writes the named tensors `(name, shape)` to the safetensors file `path` in `dtype`, one at a
+/// time: `read(i)` gives the `i`-th tensor's f32 values as it is written, so no more than one is
+/// held. Written under a temporary name and renamed into place; a failed read (its error is
+/// returned) or write leaves no file at `path`.
+pub fn write_safetensors_streamed<E>(
+    path: &Path,
+    tensors: &[(String, Vec<usize>)],
+    dtype: SaveDtype,
+    read: impl Fn(usize) -> Result<Vec<f32>, E>,
+) -> Result<(), StreamedWriteError<E>> {
+    let failure = std::cell::RefCell::new(None);
+    let views = tensors.iter().enumerate().map(|(index, (name, shape))| {
+        let view = LazyView {
+            index,
+            shape,
+            dtype,
+            read: &read,
+            failure: &failure,
+        };
+        (name.clone(), view)
+    });
+    let metadata = Some(std::collections::HashMap::from([(
+        "format".to_string(),
+        "pt".to_string(),
+    )]));
+    let tmp = temporary_name(path);
+    let serialized = safetensors::serialize_to_file(views, metadata, &tmp);
+    let result = match (failure.into_inner(), serialized) {
+        (Some(e), _) => Err(StreamedWriteError::Read(e)),
+        (None, Err(e)) => Err(StreamedWriteError::Write(std::io::Error::other(e))),
+        (None, Ok(())) => std::fs::rename(&tmp, path).map_err(StreamedWriteError::Write),
+    };
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Why [`write_safetensors_streamed`] wrote nothing.
+#[derive(Debug)]
+pub enum StreamedWriteError<E> {
+    /// A tensor could not be read.
+    Read(E),
+    /// The file could not be written.
+    Write(std::io::Error),
+}
+
+/// A tensor whose bytes are read and encoded when the writer asks for them; a failed read is
+/// kept in `failure` (and zeros written, the file then discarded).
+struct LazyView<'a, E> {
+    index: usize,
+    shape: &'a [usize],
+    dtype: SaveDtype,
+    read: &'a dyn Fn(usize) -> Result<Vec<f32>, E>,
+    failure: &'a std::cell::RefCell<Option<E>>,
+}
+
+impl<E> safetensors::View for LazyView<'_, E> {
+    fn dtype(&self) -> Dtype {
+        self.dtype.encode(&[]).0
+    }
+
+    fn shape(&self) -> &[usize] {
+        self.shape
+    }
+
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        let failed = self.failure.borrow().is_some();
+        let values = match failed {
+            true => Err(None),
+            false => (self.read)(self.index).map_err(Some),
+        };
+        match values {
+            Ok(values) => std::borrow::Cow::Owned(self.dtype.encode(&values).1),
+            Err(e) => {
+                if let Some(e) = e {
+                    *self.failure.borrow_mut() = Some(e);
+                }
+                std::borrow::Cow::Owned(vec![0; self.data_len()])
+            }
+        }
+    }
+
+    fn data_len(&self) -> usize {
+        let bytes = match self.dtype {
+            SaveDtype::F32 => 4,
+            SaveDtype::BF16 | SaveDtype::F16 => 2,
+        };
+        self.shape.iter().product::<usize>() * bytes
+    }
+}
+
 /// The hidden name in `path`'s directory that a file is written under before its rename.
 fn temporary_name(path: &Path) -> PathBuf {
     let file_name = path
@@ -169,4 +261,42 @@ pub fn serialize(
         "pt".to_string(),
     )]));
     safetensors::serialize(views, metadata)
+}
+
+#[cfg(test)]
+mod tests {
+    use safetensors::SafeTensors;
+
+    use super::*;
+
+    /// Tensors go in one at a time and read back as written; a failed read leaves no file.
+    #[test]
+    fn streamed_files_are_whole_or_absent() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        let tensors = vec![("a".to_string(), vec![2, 2]), ("b".to_string(), vec![3])];
+        let values = |i: usize| -> Result<Vec<f32>, String> {
+            Ok((0..[4, 3][i]).map(|v| (v + 10 * i) as f32).collect())
+        };
+        write_safetensors_streamed(&path, &tensors, SaveDtype::F32, values).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let file = SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(
+            decode_f32(&file.tensor("b").unwrap()).unwrap(),
+            [10.0, 11.0, 12.0]
+        );
+        std::fs::remove_file(&path).unwrap();
+        let failing = |i: usize| match i {
+            0 => Ok(vec![0.0; 4]),
+            _ => Err("tensor b is not finite".to_string()),
+        };
+        let err = write_safetensors_streamed(&path, &tensors, SaveDtype::BF16, failing);
+        assert!(matches!(err, Err(StreamedWriteError::Read(e)) if e.contains("tensor b")));
+        assert!(!path.exists());
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "no temporary left"
+        );
+    }
 }

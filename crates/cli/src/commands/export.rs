@@ -9,8 +9,10 @@ use anyhow::{Context, Result, bail, ensure};
 use burnish_data::Tokenizer;
 use burnish_hub::resolve_model;
 use burnish_model::{
-    BaseDtype, GgufModel, GgufType, Pretrained, export_gguf, named_weights, uses_sentencepiece,
+    BaseDtype, GgufModel, GgufType, HfConfig, Pretrained, export_gguf, lazy_weights,
+    uses_sentencepiece,
 };
+use burnish_peft::SaveDtype;
 use clap::{Args, ValueEnum};
 use sha2::{Digest, Sha256};
 
@@ -95,21 +97,21 @@ pub fn run(args: ExportArgs) -> Result<()> {
     );
     let model_dir = resolve_model(&args.model, args.revision.as_deref(), |f| eprintln!("{f}"))?;
     let device = Default::default();
-    let mut loaded = Pretrained::<Cpu>::load_with_adapter(
-        &model_dir,
-        args.adapter.as_deref(),
-        BaseDtype::F32,
-        &device,
-    )
-    .with_context(|| format!("loading {}", model_dir.display()))?;
+    // A bf16 checkpoint is held as it is stored (half the memory of f32, nothing lost); the
+    // adapter is folded into each projection in f32 as that tensor is written.
+    let declared = HfConfig::from_file(&model_dir.join("config.json"))?.declared_dtype();
+    let hold = match declared {
+        Some(SaveDtype::BF16) => BaseDtype::Bf16,
+        _ => BaseDtype::F32,
+    };
+    let loaded =
+        Pretrained::<Cpu>::load_with_adapter(&model_dir, args.adapter.as_deref(), hold, &device)
+            .with_context(|| format!("loading {}", model_dir.display()))?;
     ensure!(
         !loaded.model.is_classifier(),
         "{}: a sequence classifier (a reward model); GGUF export writes language models",
         args.adapter.as_deref().unwrap_or(&model_dir).display()
     );
-    if args.adapter.is_some() {
-        loaded.model.merge_and_unload()?;
-    }
     let pre = match args.pre_tokenizer {
         Some(name) => name,
         None if uses_sentencepiece(&model_dir) => "default".into(),
@@ -120,8 +122,8 @@ pub fn run(args: ExportArgs) -> Result<()> {
         OutType::F16 => GgufType::F16,
         OutType::Bf16 => GgufType::Bf16,
         OutType::Q8_0 => GgufType::Q8_0,
-        OutType::Auto => match loaded.declared_dtype() {
-            Some(burnish_peft::SaveDtype::BF16) => GgufType::Bf16,
+        OutType::Auto => match declared {
+            Some(SaveDtype::BF16) => GgufType::Bf16,
             _ => GgufType::F16,
         },
     };
@@ -140,7 +142,7 @@ pub fn run(args: ExportArgs) -> Result<()> {
              outputs differ from this model's past {window} tokens (its sliding_window)"
         );
     }
-    let weights = named_weights(&loaded.model);
+    let weights = lazy_weights(&loaded.model, true);
     // The template the adapter's run was trained with, when its recipe chose one.
     let template_file = args
         .adapter

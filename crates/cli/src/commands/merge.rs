@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail, ensure};
 use burnish_hub::resolve_model;
 use burnish_model::{
-    BaseDtype, InMemoryWeights, MergeMethod, MergeOptions, NamedWeights, Pretrained, build_decoder,
-    merge_weights, named_weights, save_decoder,
+    BaseDtype, HfConfig, InMemoryWeights, MergeMethod, MergeOptions, NamedWeights, Pretrained,
+    build_decoder, merge_weights, named_weights, save_decoder,
 };
 use burnish_peft::merge_methods::SignMethod;
 use burnish_peft::{ADAPTER_CONFIG_FILE, SaveDtype};
@@ -239,8 +239,14 @@ pub fn run(mut args: MergeArgs) -> Result<()> {
         let (Some(model_dir), Some(adapter)) = (&args.model, &args.adapter) else {
             bail!("give --model DIR --adapter DIR, or --method M --base DIR --inputs ...");
         };
+        // A bf16 checkpoint is held as it is stored (half f32's memory, nothing lost); each
+        // projection is folded with the adapter in f32 as it is written.
+        let hold = match HfConfig::from_file(&model_dir.join("config.json"))?.declared_dtype() {
+            Some(SaveDtype::BF16) => BaseDtype::Bf16,
+            _ => BaseDtype::F32,
+        };
         let mut model =
-            Pretrained::<Cpu>::load_with_adapter(model_dir, Some(adapter), BaseDtype::F32, &device)
+            Pretrained::<Cpu>::load_with_adapter(model_dir, Some(adapter), hold, &device)
                 .with_context(|| {
                     format!(
                         "loading {} with adapter {}",
@@ -249,7 +255,6 @@ pub fn run(mut args: MergeArgs) -> Result<()> {
                     )
                 })?;
         super::pad_as_trained(&mut model, model_dir)?;
-        model.model.merge_and_unload()?;
         let dtype = dtype_of(&model);
         write_model_dir(&args.out, model_dir, |dir| {
             Ok(save_decoder(&model.model, &model.config, dir, dtype)?)

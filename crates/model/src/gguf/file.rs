@@ -46,14 +46,19 @@ pub enum TensorType {
     BF16 = 30,
 }
 
-/// A tensor as it goes into the file: its values, encoded in `kind` as it is written.
+/// A tensor as the file lists it; its values are asked for as it is written.
 #[derive(Debug, Clone)]
 pub struct TensorEntry {
     pub name: String,
     /// The shape as PyTorch gives it (outermost first).
     pub shape: Vec<usize>,
     pub kind: TensorType,
-    pub values: Vec<f32>,
+}
+
+impl TensorEntry {
+    fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
@@ -97,20 +102,22 @@ fn padding(len: usize) -> Vec<u8> {
 }
 
 /// Writes the whole file to `out`: `metadata` in its order, then `tensors` in theirs, each
-/// tensor encoded as it is written.
-pub fn write(
+/// tensor's values (`values(i)` for the `i`-th, f32, as many as its shape holds) encoded as it
+/// is written.
+pub fn write<E: From<std::io::Error>>(
     out: &mut impl Write,
     metadata: &[(String, Value)],
     tensors: &[TensorEntry],
-) -> std::io::Result<()> {
+    mut values: impl FnMut(usize) -> Result<Vec<f32>, E>,
+) -> Result<(), E> {
     let sizes: Vec<usize> = tensors
         .iter()
-        .map(|t| encoded_len(t.kind, t.values.len()))
+        .map(|t| encoded_len(t.kind, t.len()))
         .collect();
     out.write_all(&header(metadata, tensors, &sizes))?;
-    for (tensor, size) in tensors.iter().zip(sizes) {
-        let data = encode(tensor.kind, &tensor.values);
-        debug_assert_eq!(data.len(), size);
+    for (i, (tensor, size)) in tensors.iter().zip(sizes).enumerate() {
+        let data = encode(tensor.kind, &values(i)?);
+        assert_eq!(data.len(), size, "{}: values of another size", tensor.name);
         out.write_all(&data)?;
         out.write_all(&padding(size))?;
     }

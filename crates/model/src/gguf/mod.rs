@@ -17,8 +17,8 @@ use file::{TensorEntry, TensorType, Value};
 
 use crate::config::HfConfig;
 use crate::error::{ModelError, Result};
-use crate::merge::NamedWeights;
 use crate::rope::RopeScaling;
+use crate::save::LazyWeight;
 
 /// What the matrices are written in: llama.cpp's `--outtype`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,24 +109,71 @@ fn architecture(model_type: &str) -> Option<&'static str> {
     }
 }
 
-/// Writes `weights` (under their Hugging Face names, f32) of `model` as the GGUF file `path`,
-/// through a temporary file renamed into place when complete. Refuses non-finite weights.
+/// Writes `weights` (under their Hugging Face names) of `model` as the GGUF file `path`, one
+/// tensor at a time, through a temporary file renamed into place when complete. Refuses
+/// non-finite weights.
 pub fn export_gguf(
     model: &GgufModel,
-    weights: NamedWeights,
+    weights: Vec<LazyWeight>,
     kind: GgufType,
     path: &Path,
 ) -> Result<()> {
-    if let Some(name) = burnish_peft::first_non_finite(&weights) {
-        return Err(ModelError::NonFinite {
-            path: path.to_path_buf(),
-            name: name.to_string(),
-        });
-    }
     let metadata = metadata(model, kind)?;
     let tensors = tensors(model.config, weights, kind)?;
-    burnish_peft::write_atomic_with(path, |out| file::write(out, &metadata, &tensors))
-        .map_err(|e| ModelError::io(path, e))
+    let entries: Vec<TensorEntry> = tensors.iter().map(|(entry, _)| entry.clone()).collect();
+    let values = |i: usize| -> Result<Vec<f32>> {
+        let (entry, source) = &tensors[i];
+        let values = source.values()?;
+        if values.iter().any(|v| !v.is_finite()) {
+            return Err(ModelError::NonFinite {
+                path: path.to_path_buf(),
+                name: entry.name.clone(),
+            });
+        }
+        Ok(values)
+    };
+    let mut failure = None;
+    let written = burnish_peft::write_atomic_with(path, |out| {
+        file::write(out, &metadata, &entries, |i| {
+            values(i).map_err(|e| {
+                failure = Some(e);
+                std::io::Error::other("a tensor could not be read")
+            })
+        })
+    });
+    match (written, failure) {
+        (_, Some(e)) => Err(e),
+        (Err(e), None) => Err(ModelError::io(path, e)),
+        (Ok(()), None) => Ok(()),
+    }
+}
+
+/// Where a tensor's values come from: a weight of the model (its rows permuted to llama.cpp's
+/// rotary layout for `heads` heads, for a llama query or key projection), or values made here.
+enum Source<'a> {
+    Weight {
+        weight: LazyWeight<'a>,
+        permuted_heads: Option<usize>,
+    },
+    Made(Vec<f32>),
+}
+
+impl Source<'_> {
+    fn values(&self) -> Result<Vec<f32>> {
+        match self {
+            Self::Weight {
+                weight,
+                permuted_heads,
+            } => {
+                let values = weight.read()?;
+                Ok(match permuted_heads {
+                    Some(heads) => permute_rows(&values, weight.shape[0], *heads),
+                    None => values,
+                })
+            }
+            Self::Made(values) => Ok(values.clone()),
+        }
+    }
 }
 
 /// The metadata key/values, as llama.cpp's converter sets them.
@@ -300,44 +347,54 @@ fn llama3_rope_factors(scaling: &RopeScaling, theta: f64, head_dim: usize) -> Op
     Some(factors)
 }
 
-/// The tensors under llama.cpp's names, in the order its converter writes them (the extra
-/// `rope_freqs` first, then the Hugging Face names' order).
-fn tensors(config: &HfConfig, weights: NamedWeights, kind: GgufType) -> Result<Vec<TensorEntry>> {
+/// The tensors under llama.cpp's names with where their values come from, in the order its
+/// converter writes them (the extra `rope_freqs` first, then the Hugging Face names' order).
+fn tensors<'a>(
+    config: &HfConfig,
+    weights: Vec<LazyWeight<'a>>,
+    kind: GgufType,
+) -> Result<Vec<(TensorEntry, Source<'a>)>> {
     let c = &config.decoder;
     let permuted = architecture(&c.model_type) == Some("llama");
     let mut out = Vec::with_capacity(weights.len() + 1);
     if let Some(factors) = llama3_rope_factors(&c.rope_scaling, c.rope_theta, c.head_dim) {
-        out.push(TensorEntry {
+        let entry = TensorEntry {
             name: "rope_freqs.weight".into(),
             shape: vec![factors.len()],
             kind: TensorType::F32,
-            values: factors,
-        });
+        };
+        out.push((entry, Source::Made(factors)));
     }
     let mut weights = weights;
-    weights.sort_by(|a, b| a.0.cmp(&b.0));
-    for (name, shape, values) in weights {
-        let gguf = gguf_name(&name).ok_or_else(|| {
+    weights.sort_by(|a, b| a.name.cmp(&b.name));
+    for weight in weights {
+        let gguf = gguf_name(&weight.name).ok_or_else(|| {
             ModelError::Input(format!(
-                "tensor `{name}` has no place in llama.cpp's {} architecture",
-                c.model_type
+                "tensor `{}` has no place in llama.cpp's {} architecture",
+                weight.name, c.model_type
             ))
         })?;
-        let values = match (permuted, gguf.split('.').nth(2)) {
-            (true, Some("attn_q")) => permute_rows(&values, shape[0], c.num_heads),
-            (true, Some("attn_k")) => permute_rows(&values, shape[0], c.num_kv_heads),
-            _ => values,
+        let permuted_heads = match (permuted, gguf.split('.').nth(2)) {
+            (true, Some("attn_q")) => Some(c.num_heads),
+            (true, Some("attn_k")) => Some(c.num_kv_heads),
+            _ => None,
         };
-        let kind = match shape.as_slice() {
+        let kind = match weight.shape.as_slice() {
             [_, row] => kind.matrix(*row),
             _ => TensorType::F32,
         };
-        out.push(TensorEntry {
+        let entry = TensorEntry {
             name: gguf,
-            shape,
+            shape: weight.shape.clone(),
             kind,
-            values,
-        });
+        };
+        out.push((
+            entry,
+            Source::Weight {
+                weight,
+                permuted_heads,
+            },
+        ));
     }
     Ok(out)
 }
