@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::TensorData;
 use burnish_peft::{NF4_LEVELS, decode_f32, nested_maxima};
-use memmap2::Mmap;
+use memmap2::{Mmap, UncheckedAdvice};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use safetensors::tensor::{Metadata, TensorView};
 use safetensors::{Dtype, SafeTensors};
@@ -141,6 +141,31 @@ impl Weights {
         Ok((&shard.path, view))
     }
 
+    /// Lets the pages of tensor `name` go from this process's memory once its values are copied
+    /// out: a mapped checkpoint then does not stay resident beside the model built from it. The
+    /// pages are read from the file again if the tensor is read again.
+    fn release(&self, name: &str) {
+        let Some(&i) = self.location.get(name) else {
+            return;
+        };
+        let shard = &self.files[i];
+        let Some(info) = shard.metadata.info(name) else {
+            return;
+        };
+        let (start, end) = info.data_offsets;
+        // SAFETY: the map is read-only and of a file nothing writes; no slice of these pages
+        // outlives this call (every reader copies the values out first), and dropped pages of
+        // a file mapping are read from the file again when next touched. Advice only: a
+        // failure changes nothing.
+        let _ = unsafe {
+            shard.bytes.unchecked_advise_range(
+                UncheckedAdvice::DontNeed,
+                shard.data_start + start,
+                end - start,
+            )
+        };
+    }
+
     /// Tensor `name`'s `count` values as f32, whatever its shape: a 4-bit weight's statistics.
     fn statistics(&self, weight: &str, name: &str, count: usize) -> Result<Vec<f32>> {
         let (path, view) = self.view(name)?;
@@ -197,6 +222,7 @@ impl TensorSource for Weights {
             name: name.to_string(),
             dtype: format!("{dtype:?}"),
         })?;
+        self.release(name);
         Ok(TensorData::new(values, shape.to_vec()))
     }
 
@@ -281,8 +307,10 @@ impl TensorSource for Weights {
                 ));
             }
         };
+        let codes = unpack_codes(packed.data(), count);
+        self.release(name);
         Ok(Some(StoredNf4 {
-            codes: unpack_codes(packed.data(), count),
+            codes,
             maxima,
             block: state.blocksize,
         }))

@@ -123,7 +123,7 @@ pub fn write_atomic_with(
     let result = (|| {
         let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
         write(&mut out)?;
-        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        std::io::Write::flush(&mut out)?;
         std::fs::rename(&tmp, path)
     })();
     if result.is_err() {
