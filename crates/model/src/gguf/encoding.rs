@@ -19,8 +19,22 @@ pub fn encoded_len(kind: TensorType, n: usize) -> usize {
     }
 }
 
-/// `values` encoded in `kind`.
+/// Values encoded per task when a tensor is split over the thread pool (a multiple of
+/// [`Q8_0_BLOCK`]).
+const CHUNK: usize = 1 << 16;
+
+/// `values` encoded in `kind`, chunks of them on the thread pool's threads.
 pub fn encode(kind: TensorType, values: &[f32]) -> Vec<u8> {
+    use rayon::prelude::*;
+    let chunks: Vec<Vec<u8>> = values
+        .par_chunks(CHUNK)
+        .map(|chunk| encode_chunk(kind, chunk))
+        .collect();
+    chunks.concat()
+}
+
+/// `values` encoded in `kind` on this thread.
+fn encode_chunk(kind: TensorType, values: &[f32]) -> Vec<u8> {
     match kind {
         TensorType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
         TensorType::F16 => values
@@ -60,11 +74,14 @@ fn q8_0_block(block: &[f32]) -> Vec<u8> {
     out
 }
 
-/// Rounds half away from zero, as ggml's `roundf`.
+/// Rounds `x` (within ±127.5, as a value over its block's scale is) half away from zero, as
+/// ggml's `roundf`: the whole part plus one when the fraction is at least a half, with
+/// truncating casts (for magnitudes these are floors) rather than a library call per value.
 fn round_half_away(x: f32) -> f32 {
     let a = x.abs();
-    let floor = a.floor();
-    (floor + (2.0 * (a - floor)).floor()).copysign(x)
+    let whole = a as i32;
+    let fraction = a - whole as f32;
+    ((whole + (2.0 * fraction) as i32) as f32).copysign(x)
 }
 
 #[cfg(test)]
@@ -77,6 +94,22 @@ mod tests {
         assert_eq!(bf16_bits(1.0 + 2f32.powi(-8)), 0x3f80);
         assert_eq!(bf16_bits(1.0 + 3.0 * 2f32.powi(-8)), 0x3f82);
         assert_eq!(bf16_bits(-2.0), 0xc000);
+    }
+
+    /// Halves go away from zero; the largest float below a half goes to zero (where adding a
+    /// half would round up to 1).
+    #[test]
+    fn rounding_is_ggmls() {
+        let below_half = 0.5f32.next_down();
+        for (x, rounded) in [
+            (2.5, 3.0),
+            (-2.5, -3.0),
+            (1.49, 1.0),
+            (below_half, 0.0),
+            (-127.0, -127.0),
+        ] {
+            assert_eq!(round_half_away(x), rounded, "{x}");
+        }
     }
 
     #[test]
