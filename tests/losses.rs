@@ -970,6 +970,20 @@ struct AdamWRun {
     grad_norms: Vec<f64>,
 }
 
+impl AdamWGolden {
+    /// The optimizer these steps were taken with, LoRA+ at `loraplus_lr_ratio`.
+    fn config(&self, loraplus_lr_ratio: Option<f64>) -> burnish_align::AdamWConfig {
+        burnish_align::AdamWConfig {
+            beta1: self.betas.0,
+            beta2: self.betas.1,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+            max_grad_norm: Some(self.max_grad_norm),
+            loraplus_lr_ratio,
+        }
+    }
+}
+
 fn adamw_golden(name: &str) -> AdamWGolden {
     let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/fixtures/losses")
@@ -991,15 +1005,7 @@ fn three_adamw_steps_with_recomputed_layers_reproduce_peft_and_torch() {
 /// `checkpointing`, recomputed in the backward pass.
 fn three_adamw_steps(checkpointing: bool) {
     let g = adamw_golden("adamw_steps.json");
-    let config = burnish_align::AdamWConfig {
-        beta1: g.betas.0,
-        beta2: g.betas.1,
-        eps: g.eps,
-        weight_decay: g.weight_decay,
-        max_grad_norm: Some(g.max_grad_norm),
-        loraplus_lr_ratio: None,
-    };
-    let (model, tracked) = three_steps("llama-qv", config, g.lr, &g.run, checkpointing);
+    let (model, tracked) = three_steps("llama-qv", g.config(None), g.lr, &g.run, checkpointing);
     assert_eq!(tracked, 8, "state for the 8 adapter matrices only");
     assert_adapter_equals(&model, "adamw_steps.safetensors", "");
 }
@@ -1011,15 +1017,7 @@ fn adamw_groups_reproduce_the_trainer_and_loraplus() {
     let g = adamw_golden("adamw_groups.json");
     for (case, ratio) in [("trainer", None), ("loraplus", g.loraplus_lr_ratio)] {
         let run: AdamWRun = serde_json::from_value(g.cases[case].clone()).unwrap();
-        let config = burnish_align::AdamWConfig {
-            beta1: g.betas.0,
-            beta2: g.betas.1,
-            eps: g.eps,
-            weight_decay: g.weight_decay,
-            max_grad_norm: Some(g.max_grad_norm),
-            loraplus_lr_ratio: ratio,
-        };
-        let (model, tracked) = three_steps("llama-dora", config, g.lr, &run, false);
+        let (model, tracked) = three_steps("llama-dora", g.config(ratio), g.lr, &run, false);
         assert_eq!(tracked, 18, "A, B and the magnitude of six projections");
         assert_adapter_equals(&model, "adamw_groups.safetensors", &format!("{case}/"));
     }

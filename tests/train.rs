@@ -665,9 +665,10 @@ fn grpo_runs_complete_prompts_score_them_and_resume_to_the_same_numbers() {
         .collect();
     write_jsonl(&work.path().join("answers.jsonl"), &rows);
     let functions = "grpo.reward_functions=[{kind = \"contains\", field = \"answer\"}, {kind = \"think_format\", weight = 0.5}]";
-    let out = train(
-        &path,
-        &[
+    // Two steps on the answer rows, scored by `functions` alone, into `dir`.
+    let scored_by = |functions: &str, dir: &str| {
+        let dir = format!("output.dir=\"{dir}\"");
+        let args = [
             "--set",
             "data.train=\"answers.jsonl\"",
             "--set",
@@ -675,12 +676,13 @@ fn grpo_runs_complete_prompts_score_them_and_resume_to_the_same_numbers() {
             "--set",
             functions,
             "--set",
-            "output.dir=\"functions\"",
+            &dir,
             "--set",
             "train.max_steps=2",
-        ],
-    );
-    assert_success(&out);
+        ];
+        train(&path, &args)
+    };
+    assert_success(&scored_by(functions, "functions"));
     for line in metrics(&work.path().join("functions")) {
         for key in [
             "rewards/contains_answer/mean",
@@ -699,22 +701,7 @@ fn grpo_runs_complete_prompts_score_them_and_resume_to_the_same_numbers() {
         root.join("tests/fixtures/rewards/contains_answer.py")
             .display(),
     );
-    let out = train(
-        &path,
-        &[
-            "--set",
-            "data.train=\"answers.jsonl\"",
-            "--set",
-            "grpo.reward_models=[]",
-            "--set",
-            &program,
-            "--set",
-            "output.dir=\"program\"",
-            "--set",
-            "train.max_steps=2",
-        ],
-    );
-    assert_success(&out);
+    assert_success(&scored_by(&program, "program"));
     let (rule, served) = (
         metrics_without_timing(&work.path().join("functions")),
         metrics_without_timing(&work.path().join("program")),
@@ -722,19 +709,7 @@ fn grpo_runs_complete_prompts_score_them_and_resume_to_the_same_numbers() {
     assert_eq!(served, rule);
     // A program that stops answering is named, with what it said on its way out.
     let broken = program.replace(":contains_answer", ":no_such_function");
-    let out = train(
-        &path,
-        &[
-            "--set",
-            "data.train=\"answers.jsonl\"",
-            "--set",
-            "grpo.reward_models=[]",
-            "--set",
-            &broken,
-            "--set",
-            "output.dir=\"broken\"",
-        ],
-    );
+    let out = scored_by(&broken, "broken");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -763,6 +763,30 @@ def main() -> None:
     print("sft loss", golden["sft"]["loss"], "| dpo", golden["dpo"]["losses"])
 
 
+def three_steps(model, optimizer, ids, labels, max_grad_norm: float) -> tuple[list[float], list[float]]:
+    """Three optimizer steps on one batch with global-norm clipping: each step's loss and
+    gradient norm before clipping."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    losses, grad_norms = [], []
+    for _ in range(3):
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        grad_norms.append(torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item())
+        losses.append(loss.item())
+        optimizer.step()
+        optimizer.zero_grad()
+    return losses, grad_norms
+
+
+def trained_state(model, prefix: str = "") -> dict:
+    """The trained parameters under the adapter's own names (`model.layers.0...lora_A.weight`)."""
+    return {
+        prefix + n.replace("base_model.model.", "").replace(".default", ""): p.detach().contiguous()
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+
 def adamw_steps() -> None:
     """Three LoRA SFT steps with PEFT + torch AdamW and global-norm clipping, from the llama-qv
     adapter, on the `sft` batch: the adapter after each step and the gradient norms."""
@@ -780,20 +804,8 @@ def adamw_steps() -> None:
     optimizer = torch.optim.AdamW(
         params, lr=settings["lr"], betas=settings["betas"], eps=settings["eps"], weight_decay=settings["weight_decay"]
     )
-    grad_norms, losses = [], []
-    for _ in range(3):
-        loss = model(input_ids=ids, labels=labels).loss
-        loss.backward()
-        grad_norms.append(torch.nn.utils.clip_grad_norm_(params, settings["max_grad_norm"]).item())
-        losses.append(loss.item())
-        optimizer.step()
-        optimizer.zero_grad()
-    state = {
-        n.replace("base_model.model.", "").replace(".default", ""): p.detach().contiguous()
-        for n, p in model.named_parameters()
-        if p.requires_grad
-    }
-    save_file(state, OUT / "adamw_steps.safetensors")
+    losses, grad_norms = three_steps(model, optimizer, ids, labels, settings["max_grad_norm"])
+    save_file(trained_state(model), OUT / "adamw_steps.safetensors")
     (OUT / "adamw_steps.json").write_text(
         json.dumps({**settings, "losses": losses, "grad_norms": grad_norms}, indent=1) + "\n"
     )
@@ -838,19 +850,9 @@ def adamw_groups() -> None:
                 loraplus_weight_decay=settings["weight_decay"],
                 **adam,
             )
-        params = [p for p in model.parameters() if p.requires_grad]
-        losses, grad_norms = [], []
-        for _ in range(3):
-            loss = model(input_ids=ids, labels=labels).loss
-            loss.backward()
-            grad_norms.append(torch.nn.utils.clip_grad_norm_(params, settings["max_grad_norm"]).item())
-            losses.append(loss.item())
-            optimizer.step()
-            optimizer.zero_grad()
+        losses, grad_norms = three_steps(model, optimizer, ids, labels, settings["max_grad_norm"])
         cases[case] = {"losses": losses, "grad_norms": grad_norms}
-        for n, p in model.named_parameters():
-            if p.requires_grad:
-                state[f"{case}/" + n.replace("base_model.model.", "").replace(".default", "")] = p.detach().contiguous()
+        state.update(trained_state(model, f"{case}/"))
     save_file(state, OUT / "adamw_groups.safetensors")
     (OUT / "adamw_groups.json").write_text(json.dumps({**settings, **cases}, indent=1) + "\n")
     print("adamw groups:", cases)
