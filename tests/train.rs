@@ -1516,6 +1516,40 @@ fn a_recipe_chooses_the_chat_template() {
     let kept = std::fs::read_to_string(work.path().join("run/chat_template.jinja")).unwrap();
     assert_eq!(kept, std::fs::read_to_string(&training).unwrap());
     assert!(!work.path().join("run/checkpoints").exists());
+    // The template goes with the adapter: merged into a model directory as it is, and into a
+    // GGUF file without the generation tags llama.cpp does not read.
+    let (base, run) = (model.path().to_str().unwrap(), work.path().join("run"));
+    let merged = work.path().join("merged");
+    let out = burnish(&[
+        "merge",
+        "--model",
+        base,
+        "--adapter",
+        run.to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    assert_success(&out);
+    assert_eq!(
+        std::fs::read_to_string(merged.join("chat_template.jinja")).unwrap(),
+        kept
+    );
+    let gguf = work.path().join("run.gguf");
+    let out = burnish(&[
+        "export",
+        "--model",
+        base,
+        "--adapter",
+        run.to_str().unwrap(),
+        "--pre-tokenizer",
+        "gpt-2",
+        "--out",
+        gguf.to_str().unwrap(),
+    ]);
+    assert_success(&out);
+    let bytes = std::fs::read(&gguf).unwrap();
+    let holds = |text: &str| bytes.windows(text.len()).any(|w| w == text.as_bytes());
+    assert!(holds("{%- if true %}") && !holds("generation %}"));
 
     // A built-in by name.
     let out = train(

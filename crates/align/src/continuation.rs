@@ -34,6 +34,7 @@ const PATHS: &[&str] = &[
     "grpo.reward_models",
     "data.train",
     "data.eval",
+    "data.chat_template",
     "check.file",
     "output.dir",
 ];
@@ -45,7 +46,6 @@ const BINDING: &[&str] = &[
     "adapter.",
     "model.init",
     "data.max_length",
-    "data.chat_template",
     "train.strategy",
     "train.micro_batch_size",
     "train.gradient_accumulation",

@@ -1331,17 +1331,7 @@ impl Recipe {
         let mut data = file.data;
         let train = paths(data.remove("train"), "train").map_err(invalid)?;
         let eval = paths(data.remove("eval"), "eval").map_err(invalid)?;
-        let chat_template = match data.remove("chat_template") {
-            None => None,
-            Some(toml::Value::String(s)) => Some(s),
-            Some(other) => {
-                return Err(invalid(format!(
-                    "`data.chat_template` must be a built-in template's name ({}) or a Jinja \
-                     file's path, found {other}",
-                    burnish_data::BUILTIN_TEMPLATES.join(", ")
-                )));
-            }
-        };
+        let chat_template = data.remove("chat_template");
         let loader: DataConfig = toml::Value::Table(data)
             .try_into()
             .map_err(|e: toml::de::Error| invalid(with_suggestion(&format!("[data]: {e}"))))?;
@@ -1349,6 +1339,32 @@ impl Recipe {
         // Relative paths are relative to the recipe file.
         let base = path.parent().unwrap_or(Path::new(""));
         let anchor = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        let builtins = burnish_data::BUILTIN_TEMPLATES.join(", ");
+        let chat_template = match chat_template {
+            None => None,
+            Some(toml::Value::String(s))
+                if burnish_data::BUILTIN_TEMPLATES.contains(&s.as_str()) =>
+            {
+                Some(TemplateChoice::Builtin(s))
+            }
+            Some(toml::Value::String(s)) => {
+                let file = anchor(PathBuf::from(&s));
+                if !file.is_file() {
+                    return Err(invalid(format!(
+                        "`data.chat_template = \"{s}\"` is neither a built-in template \
+                         ({builtins}) nor a file ({} does not exist)",
+                        file.display()
+                    )));
+                }
+                Some(TemplateChoice::File(file))
+            }
+            Some(other) => {
+                return Err(invalid(format!(
+                    "`data.chat_template` must be a built-in template's name ({builtins}) or a \
+                     Jinja file's path, found {other}"
+                )));
+            }
+        };
         // A Hub id stays as written unless a local path of that name exists.
         let anchor_or_hub = |p: PathBuf| {
             let local = anchor(p.clone());
@@ -1388,13 +1404,7 @@ impl Recipe {
             data: DataSection {
                 train,
                 eval,
-                chat_template: chat_template.map(|spec| {
-                    if burnish_data::BUILTIN_TEMPLATES.contains(&spec.as_str()) {
-                        TemplateChoice::Builtin(spec)
-                    } else {
-                        TemplateChoice::File(anchor(PathBuf::from(spec)))
-                    }
-                }),
+                chat_template,
                 loader,
                 hub,
                 local: Default::default(),
@@ -1447,13 +1457,21 @@ impl Recipe {
                     .into(),
             );
         }
-        let mut names = Vec::new();
+        // Reward models are named by their directories, reward functions by their kinds.
+        let mut names: Vec<String> = g
+            .reward_models
+            .iter()
+            .filter_map(|dir| dir.file_name())
+            .map(|name| name.to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names.dedup();
         for function in &g.reward_functions {
             let name = function.function()?.name();
             if names.contains(&name) {
                 return Err(format!(
-                    "`grpo.reward_functions`: two reward functions are named `{name}`; their \
-                     metrics would be one: give each its own"
+                    "`grpo.reward_functions`: two rewards are named `{name}`; their metrics \
+                     would be one: give each its own"
                 ));
             }
             names.push(name);
@@ -2102,7 +2120,11 @@ dir = "runs/first"
                 &[
                     "grpo.reward_functions=[{kind = \"program\", name = \"think_format_reward\", command = [\"x\"]}, {kind = \"think_format\"}]",
                 ],
-                "two reward functions are named `think_format_reward`",
+                "two rewards are named `think_format_reward`",
+            ),
+            (
+                &["grpo.reward_functions=[{kind = \"program\", name = \"rm\", command = [\"x\"]}]"],
+                "two rewards are named `rm`",
             ),
         ] {
             let err = grpo(sets).unwrap_err();

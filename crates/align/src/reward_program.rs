@@ -103,21 +103,25 @@ impl RewardProgram {
             None => Err(std::io::ErrorKind::BrokenPipe.into()),
         };
         let mut answer = String::new();
+        // A closed input is a program that has ended, as is an output at its end.
         let read = match sent {
             Ok(()) => pipes.output.read_line(&mut answer),
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(0),
             Err(e) => Err(e),
         };
         match read {
-            Ok(0) | Err(_) => {
-                pipes.input = None;
-                let status = pipes
-                    .child
-                    .wait()
-                    .map(|s| s.to_string())
-                    .unwrap_or_else(|e| format!("not known ({e})"));
+            Ok(0) => {
+                let status = pipes.close();
                 Err(self.failed(format!(
                     "the program ended ({status}) without answering a batch of {count} \
                      completions; its error output, above, should say why"
+                )))
+            }
+            Err(e) => {
+                let status = pipes.close();
+                Err(self.failed(format!(
+                    "a batch of {count} completions could not be sent to it or its answer read \
+                     ({e}); it was stopped ({status})"
                 )))
             }
             Ok(_) => self.rewards(answer.trim_end(), count),
@@ -173,21 +177,31 @@ impl RewardProgram {
     }
 }
 
-impl Drop for RewardProgram {
+impl Pipes {
     /// Closes the program's input, so it can finish as at the end of a file; kills it if it has
-    /// not exited within [`EXIT_GRACE`].
-    fn drop(&mut self) {
-        let pipes = self.pipes.get_mut().unwrap_or_else(|e| e.into_inner());
-        pipes.input = None;
+    /// not exited within [`EXIT_GRACE`]. How it ended, for messages.
+    fn close(&mut self) -> String {
+        self.input = None;
         let start = Instant::now();
         while start.elapsed() < EXIT_GRACE {
-            match pipes.child.try_wait() {
-                Ok(Some(_)) | Err(_) => return,
+            match self.child.try_wait() {
+                Ok(Some(status)) => return status.to_string(),
+                Err(e) => return format!("status not known: {e}"),
                 Ok(None) => std::thread::sleep(Duration::from_millis(10)),
             }
         }
-        let _ = pipes.child.kill();
-        let _ = pipes.child.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        format!("killed after {} s", EXIT_GRACE.as_secs())
+    }
+}
+
+impl Drop for RewardProgram {
+    fn drop(&mut self) {
+        self.pipes
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .close();
     }
 }
 

@@ -153,10 +153,10 @@ impl Weights {
             return;
         };
         let (start, end) = info.data_offsets;
-        // SAFETY: the map is read-only and of a file nothing writes; no slice of these pages
-        // outlives this call (every reader copies the values out first), and dropped pages of
-        // a file mapping are read from the file again when next touched. Advice only: a
-        // failure changes nothing.
+        // SAFETY: the map is read-only and of a file nothing writes, and every reader has copied
+        // the values out before this call: a view still borrowing these bytes is not read
+        // again, and if it were, dropped pages of a file mapping are read from the file again,
+        // the same bytes. Advice only: a failure changes nothing.
         let _ = unsafe {
             shard.bytes.unchecked_advise_range(
                 UncheckedAdvice::DontNeed,

@@ -180,7 +180,7 @@ pub enum StreamedWriteError<E> {
 }
 
 /// A tensor whose bytes are read and encoded when the writer asks for them; a failed read is
-/// kept in `failure` (and zeros written, the file then discarded).
+/// kept in `failure`, and the file is discarded.
 struct LazyView<'a, E> {
     index: usize,
     shape: &'a [usize],
@@ -198,19 +198,25 @@ impl<E> safetensors::View for LazyView<'_, E> {
         self.shape
     }
 
+    /// The tensor's bytes; nothing once a read has failed (the file is discarded then).
     fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        let failed = self.failure.borrow().is_some();
-        let values = match failed {
-            true => Err(None),
-            false => (self.read)(self.index).map_err(Some),
-        };
-        match values {
-            Ok(values) => std::borrow::Cow::Owned(self.dtype.encode(&values).1),
+        if self.failure.borrow().is_some() {
+            return std::borrow::Cow::Borrowed(&[]);
+        }
+        match (self.read)(self.index) {
+            Ok(values) => {
+                let bytes = self.dtype.encode(&values).1;
+                assert_eq!(
+                    bytes.len(),
+                    self.data_len(),
+                    "tensor {}: values of another size than its shape",
+                    self.index
+                );
+                std::borrow::Cow::Owned(bytes)
+            }
             Err(e) => {
-                if let Some(e) = e {
-                    *self.failure.borrow_mut() = Some(e);
-                }
-                std::borrow::Cow::Owned(vec![0; self.data_len()])
+                *self.failure.borrow_mut() = Some(e);
+                std::borrow::Cow::Borrowed(&[])
             }
         }
     }

@@ -112,10 +112,17 @@ pub fn run(args: ExportArgs) -> Result<()> {
         "{}: a sequence classifier (a reward model); GGUF export writes language models",
         args.adapter.as_deref().unwrap_or(&model_dir).display()
     );
-    let pre = match args.pre_tokenizer {
-        Some(name) => name,
-        None if uses_sentencepiece(&model_dir) => "default".into(),
-        None => pre_tokenizer(&model_dir)?,
+    let pre = match (args.pre_tokenizer, uses_sentencepiece(&model_dir)) {
+        (Some(_), true) => {
+            eprintln!(
+                "note: --pre-tokenizer is for byte-level BPE vocabularies; this model's \
+                 SentencePiece vocabulary has none, and it is not used"
+            );
+            "default".into()
+        }
+        (None, true) => "default".into(),
+        (Some(name), false) => name,
+        (None, false) => pre_tokenizer(&model_dir)?,
     };
     let kind = match args.out_type {
         OutType::F32 => GgufType::F32,
@@ -143,12 +150,14 @@ pub fn run(args: ExportArgs) -> Result<()> {
         );
     }
     let weights = lazy_weights(&loaded.model, true);
-    // The template the adapter's run was trained with, when its recipe chose one.
-    let template_file = args
-        .adapter
-        .as_deref()
+    // The template the adapter's run was trained with, when its recipe chose one, else the
+    // model's own `chat_template.jinja` (which transformers and burnish read before
+    // tokenizer_config.json's, as a full fine-tune's run directory may hold both).
+    let template_file = [args.adapter.as_deref(), Some(model_dir.as_path())]
+        .into_iter()
+        .flatten()
         .map(|dir| dir.join("chat_template.jinja"))
-        .filter(|file| file.is_file());
+        .find(|file| file.is_file());
     let chat_template = match &template_file {
         Some(file) => Some(
             std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?,

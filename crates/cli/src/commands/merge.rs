@@ -157,7 +157,7 @@ fn write_model_dir(
     let tmp = out.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
     let result = (|| {
         std::fs::create_dir_all(&tmp)?;
-        write(&tmp)?;
+        // The source's companions first: what `write` writes replaces them.
         for file in COMPANION_FILES {
             let from = source_dir.join(file);
             if from.exists() {
@@ -165,6 +165,7 @@ fn write_model_dir(
                     .with_context(|| format!("copying {}", from.display()))?;
             }
         }
+        write(&tmp)?;
         if out.exists() {
             std::fs::remove_dir(out)?;
         }
@@ -256,8 +257,16 @@ pub fn run(mut args: MergeArgs) -> Result<()> {
                 })?;
         super::pad_as_trained(&mut model, model_dir)?;
         let dtype = dtype_of(&model);
+        // The template the adapter's run was trained with, when its recipe chose one, replaces
+        // the base's.
+        let template = adapter.join("chat_template.jinja");
         write_model_dir(&args.out, model_dir, |dir| {
-            Ok(save_decoder(&model.model, &model.config, dir, dtype)?)
+            save_decoder(&model.model, &model.config, dir, dtype)?;
+            if template.is_file() {
+                std::fs::copy(&template, dir.join("chat_template.jinja"))
+                    .with_context(|| format!("copying {}", template.display()))?;
+            }
+            Ok(())
         })?;
     }
     eprintln!("wrote {}", args.out.display());

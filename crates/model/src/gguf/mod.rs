@@ -78,11 +78,11 @@ fn inference_template(template: &str) -> String {
     let mut out = String::with_capacity(template.len());
     let mut rest = template;
     while let Some(start) = rest.find("{%") {
-        out.push_str(&rest[..start]);
-        let Some(len) = rest[start..].find("%}") else {
+        let Some(len) = rest[start + 2..].find("%}").map(|end| end + 4) else {
             break;
         };
-        let tag = &rest[start..start + len + 2];
+        out.push_str(&rest[..start]);
+        let tag = &rest[start..start + len];
         let inner = tag[2..tag.len() - 2].trim_matches('-').trim();
         let (open, close) = (
             if tag.starts_with("{%-") { "{%-" } else { "{%" },
@@ -93,7 +93,7 @@ fn inference_template(template: &str) -> String {
             "endgeneration" => out.push_str(&format!("{open} endif {close}")),
             _ => out.push_str(tag),
         }
-        rest = &rest[start + len + 2..];
+        rest = &rest[start + len..];
     }
     out.push_str(rest);
     out
@@ -434,6 +434,9 @@ mod tests {
             "{%- for m in messages -%}{%- if true -%}{{ m.content }}{%- endif -%}\
              {% if true %}x{% endif %}{%- endfor %}"
         );
+        // Malformed tags are left as they are, never repeated.
+        assert_eq!(inference_template("a{%}b"), "a{%}b");
+        assert_eq!(inference_template("a{% generation"), "a{% generation");
     }
 
     /// One head of four rows: rows (0, 1 | 2, 3) become (0, 2, 1, 3).

@@ -63,13 +63,15 @@ fn fields(bytes: &[u8]) -> Option<Vec<Field<'_>>> {
             0 => (&bytes[at..at], varint(bytes, &mut at)?),
             1 | 5 => {
                 let len = if wire == 1 { 8 } else { 4 };
+                let payload = bytes.get(at..at.checked_add(len)?)?;
                 at += len;
-                (bytes.get(at - len..at)?, 0)
+                (payload, 0)
             }
             2 => {
-                let len = varint(bytes, &mut at)? as usize;
+                let len = usize::try_from(varint(bytes, &mut at)?).ok()?;
+                let payload = bytes.get(at..at.checked_add(len)?)?;
                 at += len;
-                (bytes.get(at - len..at)?, 0)
+                (payload, 0)
             }
             _ => return None,
         };
@@ -211,5 +213,9 @@ mod tests {
         }
         assert_eq!(read.len(), 4);
         assert_eq!(pieces(&[0x0a, 9, 1]), None, "a truncated message");
+        let huge = [
+            0x0a, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01,
+        ];
+        assert_eq!(pieces(&huge), None, "a length past any file");
     }
 }
