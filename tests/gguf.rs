@@ -5,11 +5,11 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Command;
 
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
+use crate::cli::burnish;
 use crate::fixtures::{assert_success, copy_fixture, model_dir};
 
 /// A GGUF file as the fixtures describe one: metadata, and per tensor its type, dimensions
@@ -101,13 +101,6 @@ fn read_gguf(bytes: &[u8]) -> Gguf {
         tensors,
         data: raw,
     }
-}
-
-fn burnish(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_burnish"))
-        .args(args)
-        .output()
-        .unwrap()
 }
 
 fn fixture(model: &str) -> Value {

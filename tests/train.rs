@@ -7,18 +7,12 @@ use std::process::Command;
 
 use serde_json::{Value, json};
 
+use crate::cli::burnish;
 use crate::fixtures::{assert_success, copy_fixture, edit_config, model_dir};
 
 const WORDS: &[&str] = &[
     "red", "blue", "green", "cat", "dog", "bird", "sun", "moon", "tree", "fish",
 ];
-
-fn burnish(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_burnish"))
-        .args(args)
-        .output()
-        .unwrap()
-}
 
 /// `burnish train RECIPE --device cpu EXTRA...`.
 pub(crate) fn train(recipe: &Path, extra: &[&str]) -> std::process::Output {

@@ -56,11 +56,6 @@ impl RewardProgram {
         let (program, args) = command
             .split_first()
             .ok_or_else(|| fail("`command` is empty: name the program and its arguments".into()))?;
-        let dir = if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
-        };
         let mut child = Command::new(program)
             .args(args)
             .current_dir(dir)

@@ -916,20 +916,22 @@ pub fn train<B: AutodiffBackend>(
     }
     model.neftune_noise_alpha = t.neftune_noise_alpha;
     // GRPO's scorers, loaded and checked against the data before anything is written.
-    let (functions, programs) = match t.strategy {
-        StrategyKind::Grpo => reward_functions(&recipe.grpo, &train_data)?,
-        _ => (Vec::new(), Vec::new()),
-    };
-    let rewards = Rewards {
-        models: match t.strategy {
-            StrategyKind::Grpo => {
-                let inner_device = model.embed_tokens.val().inner().device();
-                load_reward_models(&recipe.grpo, &inner_device)?
+    let rewards = match t.strategy {
+        StrategyKind::Grpo => {
+            let inner_device = model.embed_tokens.val().inner().device();
+            let models = load_reward_models(&recipe.grpo, &inner_device)?;
+            let (functions, programs) = reward_functions(&recipe.grpo, &train_data)?;
+            Rewards {
+                models,
+                functions,
+                programs,
             }
-            _ => Vec::new(),
+        }
+        _ => Rewards {
+            models: Vec::new(),
+            functions: Vec::new(),
+            programs: Vec::new(),
         },
-        functions,
-        programs,
     };
     // The reference model: the separate one (DPO precomputes its log-probs, KTO keeps it), or,
     // for DPO's precomputed log-probs, the trained model with its adapter off (a copy sharing

@@ -6,9 +6,7 @@ use std::path::Path;
 
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use burnish_peft::{
-    SaveDtype, StreamedWriteError, f32_values, write_atomic, write_safetensors_streamed,
-};
+use burnish_peft::{SaveDtype, f32_values, write_atomic, write_safetensors_streamed};
 
 use crate::config::{CLASSIFIER_SUFFIX, HfConfig};
 use crate::decoder::Decoder;
@@ -53,6 +51,19 @@ impl<'a> LazyWeight<'a> {
     /// The values, in f32.
     pub fn read(&self) -> burnish_peft::Result<Vec<f32>> {
         (self.read)()
+    }
+
+    /// The values, refused (naming the weight and the file `path` it was going to) unless all
+    /// are finite: what may be written as weights.
+    pub fn read_finite(&self, path: &Path) -> Result<Vec<f32>> {
+        let values = self.read()?;
+        if values.iter().any(|v| !v.is_finite()) {
+            return Err(ModelError::NonFinite {
+                path: path.to_path_buf(),
+                name: self.name.clone(),
+            });
+        }
+        Ok(values)
     }
 }
 
@@ -183,20 +194,9 @@ pub fn save_decoder<B: Backend>(
         .iter()
         .map(|w| (w.name.clone(), w.shape.clone()))
         .collect();
-    let read = |i: usize| -> Result<Vec<f32>> {
-        let values = weights[i].read()?;
-        if values.iter().any(|v| !v.is_finite()) {
-            return Err(ModelError::NonFinite {
-                path: weights_path.clone(),
-                name: weights[i].name.clone(),
-            });
-        }
-        Ok(values)
-    };
-    write_safetensors_streamed(&weights_path, &names, dtype, read).map_err(|e| match e {
-        StreamedWriteError::Read(e) => e,
-        StreamedWriteError::Write(e) => ModelError::io(&weights_path, e),
-    })?;
+    let read = |i: usize| weights[i].read_finite(&weights_path);
+    write_safetensors_streamed(&weights_path, &names, dtype, read)
+        .map_err(|e| e.into_error(|e| ModelError::io(&weights_path, e)))?;
 
     let mut raw = config.raw.clone();
     let key = if raw.contains_key("torch_dtype") {

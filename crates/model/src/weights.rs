@@ -10,7 +10,7 @@ use burn::tensor::TensorData;
 use burnish_peft::{NF4_LEVELS, decode_f32, nested_maxima};
 use memmap2::{Mmap, UncheckedAdvice};
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use safetensors::tensor::{Metadata, TensorView};
+use safetensors::tensor::{Metadata, TensorInfo, TensorView};
 use safetensors::{Dtype, SafeTensors};
 use serde::Deserialize;
 
@@ -119,17 +119,11 @@ impl Weights {
 
     /// Tensor `name` and the file that holds it.
     fn view(&self, name: &str) -> Result<(&Path, TensorView<'_>)> {
-        let &i = self
-            .location
-            .get(name)
-            .ok_or_else(|| ModelError::MissingTensor {
-                path: self.blame(name),
-                name: name.to_string(),
-            })?;
-        let shard = &self.files[i];
-        let info = shard.metadata.info(name).expect("located in this file");
-        let (start, end) = info.data_offsets;
-        let data = &shard.bytes[shard.data_start + start..shard.data_start + end];
+        let (shard, info, bytes) = self.locate(name).ok_or_else(|| ModelError::MissingTensor {
+            path: self.blame(name),
+            name: name.to_string(),
+        })?;
+        let data = &shard.bytes[bytes];
         // The header was validated when the file was opened: offsets within the file, sizes
         // that match dtypes and shapes.
         let view = TensorView::new(info.dtype, info.shape.clone(), data).map_err(|e| {
@@ -141,28 +135,34 @@ impl Weights {
         Ok((&shard.path, view))
     }
 
+    /// The shard holding tensor `name`, its header entry, and where its bytes lie in the
+    /// shard's map.
+    fn locate(&self, name: &str) -> Option<(&Shard, &TensorInfo, std::ops::Range<usize>)> {
+        let shard = &self.files[*self.location.get(name)?];
+        let info = shard.metadata.info(name)?;
+        let (start, end) = info.data_offsets;
+        Some((
+            shard,
+            info,
+            shard.data_start + start..shard.data_start + end,
+        ))
+    }
+
     /// Lets the pages of tensor `name` go from this process's memory once its values are copied
     /// out: a mapped checkpoint then does not stay resident beside the model built from it. The
     /// pages are read from the file again if the tensor is read again.
     fn release(&self, name: &str) {
-        let Some(&i) = self.location.get(name) else {
+        let Some((shard, _, bytes)) = self.locate(name) else {
             return;
         };
-        let shard = &self.files[i];
-        let Some(info) = shard.metadata.info(name) else {
-            return;
-        };
-        let (start, end) = info.data_offsets;
         // SAFETY: the map is read-only and of a file nothing writes, and every reader has copied
         // the values out before this call: a view still borrowing these bytes is not read
         // again, and if it were, dropped pages of a file mapping are read from the file again,
         // the same bytes. Advice only: a failure changes nothing.
         let _ = unsafe {
-            shard.bytes.unchecked_advise_range(
-                UncheckedAdvice::DontNeed,
-                shard.data_start + start,
-                end - start,
-            )
+            shard
+                .bytes
+                .unchecked_advise_range(UncheckedAdvice::DontNeed, bytes.start, bytes.len())
         };
     }
 

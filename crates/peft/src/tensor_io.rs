@@ -27,28 +27,29 @@ impl SaveDtype {
         }
     }
 
+    /// The safetensors element type.
+    pub fn dtype(self) -> Dtype {
+        match self {
+            Self::F32 => Dtype::F32,
+            Self::BF16 => Dtype::BF16,
+            Self::F16 => Dtype::F16,
+        }
+    }
+
     /// Little-endian bytes of `values` in this type.
     pub fn encode(self, values: &[f32]) -> (Dtype, Vec<u8>) {
-        match self {
-            Self::F32 => (
-                Dtype::F32,
-                values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            ),
-            Self::BF16 => (
-                Dtype::BF16,
-                values
-                    .iter()
-                    .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
-                    .collect(),
-            ),
-            Self::F16 => (
-                Dtype::F16,
-                values
-                    .iter()
-                    .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-                    .collect(),
-            ),
-        }
+        let bytes = match self {
+            Self::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            Self::BF16 => values
+                .iter()
+                .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                .collect(),
+            Self::F16 => values
+                .iter()
+                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                .collect(),
+        };
+        (self.dtype(), bytes)
     }
 }
 
@@ -114,17 +115,18 @@ pub fn write_atomic_together(files: &[(&Path, &[u8])]) -> Result<(), (PathBuf, s
 }
 
 /// Writes `path` through `write`, streamed to its temporary name and renamed into place once
-/// complete: a failed or interrupted write leaves no file at `path`.
-pub fn write_atomic_with(
+/// complete: a failed or interrupted write, or a value `write` could not read, leaves no file
+/// at `path`.
+pub fn write_atomic_with<E>(
     path: &Path,
-    write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>,
-) -> std::io::Result<()> {
+    write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<(), StreamedWriteError<E>>,
+) -> Result<(), StreamedWriteError<E>> {
     let tmp = temporary_name(path);
     let result = (|| {
         let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
         write(&mut out)?;
         std::io::Write::flush(&mut out)?;
-        std::fs::rename(&tmp, path)
+        Ok(std::fs::rename(&tmp, path)?)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -153,12 +155,8 @@ pub fn write_safetensors_streamed<E>(
         };
         (name.clone(), view)
     });
-    let metadata = Some(std::collections::HashMap::from([(
-        "format".to_string(),
-        "pt".to_string(),
-    )]));
     let tmp = temporary_name(path);
-    let serialized = safetensors::serialize_to_file(views, metadata, &tmp);
+    let serialized = safetensors::serialize_to_file(views, pytorch_metadata(), &tmp);
     let result = match (failure.into_inner(), serialized) {
         (Some(e), _) => Err(StreamedWriteError::Read(e)),
         (None, Err(e)) => Err(StreamedWriteError::Write(std::io::Error::other(e))),
@@ -170,13 +168,37 @@ pub fn write_safetensors_streamed<E>(
     result
 }
 
-/// Why [`write_safetensors_streamed`] wrote nothing.
+/// Why a streamed write ([`write_atomic_with`], [`write_safetensors_streamed`]) wrote nothing.
 #[derive(Debug)]
 pub enum StreamedWriteError<E> {
-    /// A tensor could not be read.
+    /// A value to write could not be read.
     Read(E),
     /// The file could not be written.
     Write(std::io::Error),
+}
+
+impl<E> From<std::io::Error> for StreamedWriteError<E> {
+    fn from(e: std::io::Error) -> Self {
+        Self::Write(e)
+    }
+}
+
+impl<E> StreamedWriteError<E> {
+    /// The read's own error, or a write's made one by `written`.
+    pub fn into_error(self, written: impl FnOnce(std::io::Error) -> E) -> E {
+        match self {
+            Self::Read(e) => e,
+            Self::Write(e) => written(e),
+        }
+    }
+}
+
+/// The metadata transformers expects of a safetensors file: `{"format": "pt"}`.
+fn pytorch_metadata() -> Option<std::collections::HashMap<String, String>> {
+    Some(std::collections::HashMap::from([(
+        "format".to_string(),
+        "pt".to_string(),
+    )]))
 }
 
 /// A tensor whose bytes are read and encoded when the writer asks for them; a failed read is
@@ -191,7 +213,7 @@ struct LazyView<'a, E> {
 
 impl<E> safetensors::View for LazyView<'_, E> {
     fn dtype(&self) -> Dtype {
-        self.dtype.encode(&[]).0
+        self.dtype.dtype()
     }
 
     fn shape(&self) -> &[usize] {
@@ -222,11 +244,7 @@ impl<E> safetensors::View for LazyView<'_, E> {
     }
 
     fn data_len(&self) -> usize {
-        let bytes = match self.dtype {
-            SaveDtype::F32 => 4,
-            SaveDtype::BF16 | SaveDtype::F16 => 2,
-        };
-        self.shape.iter().product::<usize>() * bytes
+        self.shape.iter().product::<usize>() * self.dtype.dtype().bitsize() / 8
     }
 }
 
@@ -262,11 +280,7 @@ pub fn serialize(
             TensorView::new(*dt, shape.clone(), bytes).map(|v| (name.clone(), v))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let metadata = Some(std::collections::HashMap::from([(
-        "format".to_string(),
-        "pt".to_string(),
-    )]));
-    safetensors::serialize(views, metadata)
+    safetensors::serialize(views, pytorch_metadata())
 }
 
 #[cfg(test)]

@@ -9,8 +9,7 @@ use anyhow::{Context, Result, bail, ensure};
 use burnish_data::Tokenizer;
 use burnish_hub::resolve_model;
 use burnish_model::{
-    BaseDtype, GgufModel, GgufType, HfConfig, Pretrained, export_gguf, lazy_weights,
-    uses_sentencepiece,
+    GgufModel, GgufType, Pretrained, export_gguf, lazy_weights, uses_sentencepiece,
 };
 use burnish_peft::SaveDtype;
 use clap::{Args, ValueEnum};
@@ -97,13 +96,8 @@ pub fn run(args: ExportArgs) -> Result<()> {
     );
     let model_dir = resolve_model(&args.model, args.revision.as_deref(), |f| eprintln!("{f}"))?;
     let device = Default::default();
-    // A bf16 checkpoint is held as it is stored (half the memory of f32, nothing lost); the
-    // adapter is folded into each projection in f32 as that tensor is written.
-    let declared = HfConfig::from_file(&model_dir.join("config.json"))?.declared_dtype();
-    let hold = match declared {
-        Some(SaveDtype::BF16) => BaseDtype::Bf16,
-        _ => BaseDtype::F32,
-    };
+    // The adapter is folded into each projection in f32 as that tensor is written.
+    let (hold, declared) = super::held_as_stored(&model_dir)?;
     let loaded =
         Pretrained::<Cpu>::load_with_adapter(&model_dir, args.adapter.as_deref(), hold, &device)
             .with_context(|| format!("loading {}", model_dir.display()))?;
@@ -156,8 +150,7 @@ pub fn run(args: ExportArgs) -> Result<()> {
     let template_file = [args.adapter.as_deref(), Some(model_dir.as_path())]
         .into_iter()
         .flatten()
-        .map(|dir| dir.join("chat_template.jinja"))
-        .find(|file| file.is_file());
+        .find_map(super::template_file);
     let chat_template = match &template_file {
         Some(file) => Some(
             std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?,

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail, ensure};
 use burnish_hub::resolve_model;
 use burnish_model::{
-    BaseDtype, HfConfig, InMemoryWeights, MergeMethod, MergeOptions, NamedWeights, Pretrained,
-    build_decoder, merge_weights, named_weights, save_decoder,
+    BaseDtype, InMemoryWeights, MergeMethod, MergeOptions, NamedWeights, Pretrained, build_decoder,
+    merge_weights, named_weights, save_decoder,
 };
 use burnish_peft::merge_methods::SignMethod;
 use burnish_peft::{ADAPTER_CONFIG_FILE, SaveDtype};
@@ -240,12 +240,8 @@ pub fn run(mut args: MergeArgs) -> Result<()> {
         let (Some(model_dir), Some(adapter)) = (&args.model, &args.adapter) else {
             bail!("give --model DIR --adapter DIR, or --method M --base DIR --inputs ...");
         };
-        // A bf16 checkpoint is held as it is stored (half f32's memory, nothing lost); each
-        // projection is folded with the adapter in f32 as it is written.
-        let hold = match HfConfig::from_file(&model_dir.join("config.json"))?.declared_dtype() {
-            Some(SaveDtype::BF16) => BaseDtype::Bf16,
-            _ => BaseDtype::F32,
-        };
+        // Each projection is folded with the adapter in f32 as it is written.
+        let (hold, _) = super::held_as_stored(model_dir)?;
         let mut model =
             Pretrained::<Cpu>::load_with_adapter(model_dir, Some(adapter), hold, &device)
                 .with_context(|| {
@@ -259,11 +255,11 @@ pub fn run(mut args: MergeArgs) -> Result<()> {
         let dtype = dtype_of(&model);
         // The template the adapter's run was trained with, when its recipe chose one, replaces
         // the base's.
-        let template = adapter.join("chat_template.jinja");
+        let template = super::template_file(adapter);
         write_model_dir(&args.out, model_dir, |dir| {
             save_decoder(&model.model, &model.config, dir, dtype)?;
-            if template.is_file() {
-                std::fs::copy(&template, dir.join("chat_template.jinja"))
+            if let Some(template) = &template {
+                std::fs::copy(template, dir.join("chat_template.jinja"))
                     .with_context(|| format!("copying {}", template.display()))?;
             }
             Ok(())

@@ -12,19 +12,37 @@ pub mod stream;
 pub mod template;
 pub mod train;
 
-/// The chat template to talk to `model` with: the one an adapter's run was trained with (its
-/// `chat_template.jinja`, written when the recipe chose a template), else the model's own.
+/// The file a directory keeps its chat template in (transformers 5's, and a run's whose recipe
+/// chose a template), if it has one.
+pub(crate) fn template_file(dir: &std::path::Path) -> Option<std::path::PathBuf> {
+    Some(dir.join("chat_template.jinja")).filter(|file| file.is_file())
+}
+
+/// The chat template to talk to `model` with: the one an adapter's run was trained with, else
+/// the model's own.
 pub(crate) fn chat_template(
     model: &std::path::Path,
     adapter: Option<&std::path::Path>,
 ) -> anyhow::Result<burnish_data::ChatTemplate> {
-    if let Some(file) = adapter
-        .map(|dir| dir.join("chat_template.jinja"))
-        .filter(|file| file.is_file())
-    {
-        return Ok(burnish_data::ChatTemplate::from_file(&file)?);
+    match adapter.and_then(template_file) {
+        Some(file) => Ok(burnish_data::ChatTemplate::from_file(&file)?),
+        None => Ok(burnish_data::ChatTemplate::from_dir(model)?),
     }
-    Ok(burnish_data::ChatTemplate::from_dir(model)?)
+}
+
+/// How to hold the checkpoint in `model_dir` while its weights are written out again: a bf16
+/// checkpoint in bf16 (half f32's memory, nothing lost), any other in f32; and the dtype its
+/// config declares.
+pub(crate) fn held_as_stored(
+    model_dir: &std::path::Path,
+) -> anyhow::Result<(burnish_model::BaseDtype, Option<burnish_peft::SaveDtype>)> {
+    let declared =
+        burnish_model::HfConfig::from_file(&model_dir.join("config.json"))?.declared_dtype();
+    let hold = match declared {
+        Some(burnish_peft::SaveDtype::BF16) => burnish_model::BaseDtype::Bf16,
+        _ => burnish_model::BaseDtype::F32,
+    };
+    Ok((hold, declared))
 }
 
 /// Refuses a sequence classifier (a reward model) loaded from `dir` where a command needs an LM

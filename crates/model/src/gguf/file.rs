@@ -47,7 +47,7 @@ pub enum TensorType {
 }
 
 /// A tensor as the file lists it; its values are asked for as it is written.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct TensorEntry {
     pub name: String,
     /// The shape as PyTorch gives it (outermost first).

@@ -15,6 +15,8 @@ use serde_json::Value as Json;
 
 use file::{TensorEntry, TensorType, Value};
 
+use burnish_peft::StreamedWriteError;
+
 use crate::config::HfConfig;
 use crate::error::{ModelError, Result};
 use crate::rope::RopeScaling;
@@ -119,33 +121,10 @@ pub fn export_gguf(
     path: &Path,
 ) -> Result<()> {
     let metadata = metadata(model, kind)?;
-    let tensors = tensors(model.config, weights, kind)?;
-    let entries: Vec<TensorEntry> = tensors.iter().map(|(entry, _)| entry.clone()).collect();
-    let values = |i: usize| -> Result<Vec<f32>> {
-        let (entry, source) = &tensors[i];
-        let values = source.values()?;
-        if values.iter().any(|v| !v.is_finite()) {
-            return Err(ModelError::NonFinite {
-                path: path.to_path_buf(),
-                name: entry.name.clone(),
-            });
-        }
-        Ok(values)
-    };
-    let mut failure = None;
-    let written = burnish_peft::write_atomic_with(path, |out| {
-        file::write(out, &metadata, &entries, |i| {
-            values(i).map_err(|e| {
-                failure = Some(e);
-                std::io::Error::other("a tensor could not be read")
-            })
-        })
-    });
-    match (written, failure) {
-        (_, Some(e)) => Err(e),
-        (Err(e), None) => Err(ModelError::io(path, e)),
-        (Ok(()), None) => Ok(()),
-    }
+    let (entries, sources) = tensors(model.config, weights, kind)?;
+    let values = |i: usize| sources[i].values(path).map_err(StreamedWriteError::Read);
+    burnish_peft::write_atomic_with(path, |out| file::write(out, &metadata, &entries, values))
+        .map_err(|e| e.into_error(|e| ModelError::io(path, e)))
 }
 
 /// Where a tensor's values come from: a weight of the model (its rows permuted to llama.cpp's
@@ -159,13 +138,14 @@ enum Source<'a> {
 }
 
 impl Source<'_> {
-    fn values(&self) -> Result<Vec<f32>> {
+    /// The values, those of a weight refused unless finite (for the file `path`).
+    fn values(&self, path: &Path) -> Result<Vec<f32>> {
         match self {
             Self::Weight {
                 weight,
                 permuted_heads,
             } => {
-                let values = weight.read()?;
+                let values = weight.read_finite(path)?;
                 Ok(match permuted_heads {
                     Some(heads) => permute_rows(&values, weight.shape[0], *heads),
                     None => values,
@@ -233,9 +213,7 @@ fn metadata(model: &GgufModel, kind: GgufType) -> Result<Vec<(String, Value)>> {
     out.push(("general.quantization_version".into(), Value::U32(2)));
     if arch == "llama" {
         let tokenizer_config = model.tokenizer_dir.join("tokenizer_config.json");
-        let prefix_space = std::fs::read_to_string(&tokenizer_config)
-            .ok()
-            .and_then(|text| serde_json::from_str::<Json>(&text).ok())
+        let prefix_space = vocab::read_json(&tokenizer_config)?
             .and_then(|tc| tc.get("add_prefix_space").and_then(Json::as_bool));
         if let Some(prefix_space) = prefix_space {
             out.push((
@@ -353,7 +331,7 @@ fn tensors<'a>(
     config: &HfConfig,
     weights: Vec<LazyWeight<'a>>,
     kind: GgufType,
-) -> Result<Vec<(TensorEntry, Source<'a>)>> {
+) -> Result<(Vec<TensorEntry>, Vec<Source<'a>>)> {
     let c = &config.decoder;
     let permuted = architecture(&c.model_type) == Some("llama");
     let mut out = Vec::with_capacity(weights.len() + 1);
@@ -396,7 +374,7 @@ fn tensors<'a>(
             },
         ));
     }
-    Ok(out)
+    Ok(out.into_iter().unzip())
 }
 
 #[cfg(test)]
